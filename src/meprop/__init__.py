@@ -1,0 +1,22 @@
+"""meprop: minimal effort back propagation (meProp, meSimp, meAct) for PyTorch.
+
+Sun et al., "meProp: Sparsified Back Propagation for Accelerated Deep Learning with Reduced
+Overfitting" (ICML 2017) and "Training Simplification and Model Simplification for Deep
+Learning: A Minimal Effort Back Propagation Method" (TKDE).
+"""
+
+from .config import MePropConfig
+from .convert import densify_, hidden_layers, sparsify_
+from .nn import SparseLinear
+from .ops import sparse_linear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MePropConfig",
+    "SparseLinear",
+    "sparsify_",
+    "densify_",
+    "hidden_layers",
+    "sparse_linear",
+]

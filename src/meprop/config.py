@@ -1,0 +1,73 @@
+"""Frozen, validated settings for meProp.
+
+A config is a value: it is hashable, printable and checked once, when it is made, so a bad
+setting fails where it was written rather than in the middle of a backward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = ["MODES", "BACKENDS", "MePropConfig"]
+
+# per_example: top-k of each row of the output gradient (the original meProp).
+# unified:     one set of k columns per call, ranked by the sum of |g| over the rows.
+# random:      k columns drawn uniformly per row (the paper's control).
+MODES = ("per_example", "unified", "random")
+
+# auto:  compiled CPU kernels where they apply (float32/float64 on CPU), PyTorch ops elsewhere.
+# torch: PyTorch ops only.  numba: require the compiled kernels (error where they do not apply).
+BACKENDS = ("auto", "torch", "numba")
+
+
+def _check_type(name: str, value: Any, expected: type) -> None:
+    # bool is a subclass of int: k=True must not pass as k=1.
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise TypeError(f"{name} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+
+
+@dataclass(frozen=True)
+class MePropConfig:
+    """How a layer sparsifies its backward pass.
+
+    Args:
+        k: number of output-gradient entries kept per row (``per_example``, ``random``) or
+            columns kept per call (``unified``). Layers narrower than k keep everything, which
+            is exactly the dense gradient.
+        mode: ``"per_example"``, ``"unified"`` or ``"random"``.
+        sparse_bias: compute the bias gradient from the sparsified output gradient. The default
+            (False) uses the full gradient, as the authors' code does.
+        sparse_grad: give the weight a row-sparse ``.grad`` (a sparse COO tensor holding only
+            the touched rows, as ``nn.Embedding(sparse=True)`` does), for optimizers that take
+            sparse gradients (SGD, Adagrad, SparseAdam).
+        backend: ``"auto"``, ``"torch"`` or ``"numba"``: which implementation runs the sparse
+            backward products (see ``meprop.ops``).
+
+    Example:
+        >>> MePropConfig(k=20, mode="unified")
+        MePropConfig(k=20, mode='unified', sparse_bias=False, sparse_grad=False, backend='auto')
+    """
+
+    k: int
+    mode: str = "per_example"
+    sparse_bias: bool = False
+    sparse_grad: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_type("k", self.k, int)
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        _check_type("mode", self.mode, str)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        _check_type("sparse_bias", self.sparse_bias, bool)
+        _check_type("sparse_grad", self.sparse_grad, bool)
+        _check_type("backend", self.backend, str)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (for checkpoints and logs)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}

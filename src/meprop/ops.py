@@ -1,0 +1,321 @@
+"""meProp's sparsified linear map: forward as usual, backward through the top-k of the gradient.
+
+Sun et al., "meProp: Sparsified Back Propagation for Accelerated Deep Learning with Reduced
+Overfitting" (ICML 2017). For ``z = x W^T + b`` with ``x`` (M, in), ``W`` (n, in) and the output
+gradient ``g = dL/dz`` (M, n), backward keeps only k entries of ``g``:
+
+    g~ = topk(g)        dL/dx ~= g~ W        dL/dW ~= g~^T x        (only rows of g~'s support)
+
+so both products cost about k/n of the dense ones. Leading dimensions of ``x`` (batch, time,
+...) are flattened: each row of the (M, in) view is one "example".
+
+Selection (see ``MODES`` in ``meprop.config``):
+
+* ``per_example``: the k largest |g| of each row; index/value form ``idx, vals`` (M, k).
+* ``unified``: one column set ``cols`` (k,) per call, the k largest column sums of |g|; the
+  products are then compacted dense GEMMs on ``g[:, cols]`` and ``W[cols]``.
+* ``random``: k distinct columns per row, uniformly (the paper's control).
+
+NaN and inf count as the largest magnitudes, so they propagate as they would in dense backward.
+
+``reference_backward`` is the obviously-right version (mask ``g``, then the dense formulas):
+the fast paths are tested against it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import MODES, MePropConfig
+
+__all__ = [
+    "sparse_linear",
+    "apply_config",
+    "select_rows",
+    "select_columns",
+    "reference_backward",
+    "kernels_available",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Selection
+
+
+def select_rows(g: Tensor, k: int, mode: str, use_kernels: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-row selection of ``g`` (M, n): returns ``idx`` (M, k) int64 and ``vals = g[i, idx]``."""
+    if mode == "random":
+        # k distinct columns per row: the k smallest of M*n uniform keys. Uses the global RNG,
+        # so torch.manual_seed makes it reproducible.
+        idx = torch.rand(g.shape, device=g.device).topk(k, dim=1, sorted=False).indices
+        return idx, g.gather(1, idx)
+    if use_kernels:
+        return torch.ops.meprop.topk_rows(g, k)
+    # torch.topk orders NaN above every number, so NaN gradients are always kept.
+    idx = g.abs().topk(k, dim=1, sorted=False).indices
+    return idx, g.gather(1, idx)
+
+
+def select_columns(g: Tensor, k: int) -> Tensor:
+    """Unified selection: the k columns of ``g`` (M, n) with the largest sum of |g|; (k,) sorted."""
+    # A NaN anywhere in a column makes its score NaN, which topk ranks highest.
+    return g.abs().sum(0).topk(k, sorted=False).indices.sort().values
+
+
+# --------------------------------------------------------------------------------------------
+# Backward products
+
+
+def kernels_available(t: Tensor) -> bool:
+    """Whether the compiled CPU kernels can run on tensors like ``t``."""
+    try:
+        from .kernels import cpu
+    except ImportError:  # pragma: no cover - numba is a core dependency
+        return False
+    return cpu.available() and cpu.supports(t)
+
+
+def _use_kernels(backend: str, t: Tensor) -> bool:
+    if backend == "torch":
+        return False
+    ok = kernels_available(t)
+    if backend == "numba" and not ok:
+        raise RuntimeError(
+            f"backend='numba' needs float32/float64 CPU tensors and numba, got {t.dtype} on "
+            f"{t.device}; use backend='auto' to fall back to PyTorch ops"
+        )
+    return ok
+
+
+def _compact_products(
+    gc: Tensor, rows: Tensor, weight: Tensor, x: Tensor, need_dx: bool, need_dw: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Products from a column-compacted gradient: ``gc`` (M, R) holds the columns ``rows`` (R,).
+
+    dx = gc @ W[rows] (M, in) and dW[rows] = gc^T @ x (R, in): dense GEMMs of size R, not n.
+    """
+    dx = gc @ weight.index_select(0, rows) if need_dx else None
+    dw_rows = gc.t() @ x if need_dw else None
+    return dx, dw_rows
+
+
+def _weight_grad(rows: Tensor, dw_rows: Tensor, n: int, sparse: bool) -> Tensor:
+    """dW (n, in) from its non-zero rows: row-sparse COO, or a dense tensor with zero rows."""
+    if sparse:
+        # rows are sorted and distinct, so the tensor is already coalesced.
+        return torch.sparse_coo_tensor(
+            rows.unsqueeze(0),
+            dw_rows,
+            (n, dw_rows.shape[1]),
+            is_coalesced=True,
+            check_invariants=False,
+        )
+    dw = dw_rows.new_zeros(n, dw_rows.shape[1])
+    return dw.index_copy_(0, rows, dw_rows)
+
+
+def _bias_grad(g: Tensor, sel: tuple, sparse: bool) -> Tensor:
+    """db (n,): from the full gradient (default) or the sparsified one."""
+    if not sparse or sel[0] == "dense":
+        return g.sum(0)
+    db = g.new_zeros(g.shape[1])
+    if sel[0] == "cols":
+        return db.index_copy_(0, sel[1], sel[2].sum(0))
+    return db.index_add_(0, sel[1].flatten(), sel[2].flatten())
+
+
+def _record(counts: Tensor | None, selections: Tensor | None, sel: tuple, m: int) -> None:
+    """Add this call's selections to a usage record (meSimp): no host sync, no Python loop."""
+    if counts is None:
+        return
+    kind = sel[0]
+    if kind == "dense":
+        counts.add_(m)
+    elif kind == "cols":  # the same k columns serve each of the m rows
+        counts.index_add_(0, sel[1], torch.full_like(sel[1], m, dtype=counts.dtype))
+    else:
+        idx = sel[1].flatten()
+        counts.index_add_(0, idx, torch.ones_like(idx, dtype=counts.dtype))
+    if selections is not None:
+        selections.add_(m)
+
+
+class _SparseLinearFn(torch.autograd.Function):
+    """F.linear forward; backward through the top-k of the output gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, k, mode, sparse_bias, sparse_grad, backend, counts, sel_n):
+        ctx.save_for_backward(x, weight)
+        ctx.opts = (k, mode, sparse_bias, sparse_grad, backend, counts, sel_n)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        k, mode, sparse_bias, sparse_grad, backend, counts, sel_n = ctx.opts
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        n, d_in = weight.shape
+        g = grad_out.reshape(-1, n)  # (M, n): leading dimensions flattened
+        x2 = x.reshape(-1, d_in)  # (M, in)
+        m = g.shape[0]
+        dx = dw = db = None
+
+        if k >= n:  # everything is kept: the dense gradient
+            sel = ("dense",)
+            dx = g @ weight if need_dx else None
+            dw = g.t() @ x2 if need_dw else None
+            if need_dw and sparse_grad:
+                dw = _weight_grad(torch.arange(n, device=g.device), dw, n, True)
+        elif mode == "unified":
+            cols = select_columns(g, k)
+            gc = g.index_select(1, cols)  # (M, k)
+            sel = ("cols", cols, gc)
+            dx, dw_rows = _compact_products(gc, cols, weight, x2, need_dx, need_dw)
+            dw = _weight_grad(cols, dw_rows, n, sparse_grad) if need_dw else None
+        else:
+            kern = _use_kernels(backend, g)
+            g = g.contiguous()
+            idx, vals = select_rows(g, k, mode, use_kernels=kern)  # (M, k) each
+            sel = ("rows", idx, vals)
+            if kern:
+                if need_dx:
+                    dx = torch.ops.meprop.rows_matmul(idx, vals, weight.contiguous())
+                if need_dw:
+                    rows, dw_rows = torch.ops.meprop.rows_outer(idx, vals, x2.contiguous(), n)
+            else:
+                # Compact to the union of the selected columns (R <= min(n, M*k)).
+                rows = idx.flatten().unique()  # sorted
+                gm = torch.zeros_like(g).scatter_(1, idx, vals)  # g~ (M, n)
+                dx, dw_rows = _compact_products(
+                    gm.index_select(1, rows), rows, weight, x2, need_dx, need_dw
+                )
+            if need_dw:
+                dw = _weight_grad(rows, dw_rows, n, sparse_grad)
+
+        if need_db:
+            db = _bias_grad(g, sel, sparse_bias)
+        _record(counts, sel_n, sel, m)
+        if dx is not None:
+            dx = dx.reshape(x.shape)
+        return dx, dw, db, None, None, None, None, None, None, None
+
+
+def sparse_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    k: int = 20,
+    mode: str = "per_example",
+    *,
+    sparse_bias: bool = False,
+    sparse_grad: bool = False,
+    backend: str = "auto",
+    counts: Tensor | None = None,
+    selections: Tensor | None = None,
+) -> Tensor:
+    """``F.linear(x, weight, bias)`` whose backward keeps only the top-k output-gradient entries.
+
+    Args:
+        x: input (*, in_features).
+        weight: (out_features, in_features).
+        bias: (out_features,) or None.
+        k: entries kept per row (``per_example``, ``random``) or columns per call (``unified``).
+            ``k >= out_features`` gives exactly the dense gradients.
+        mode: ``"per_example"``, ``"unified"`` or ``"random"``.
+        sparse_bias: bias gradient from the sparsified gradient instead of the full one.
+        sparse_grad: return the weight gradient as a row-sparse COO tensor.
+        backend: ``"auto"``, ``"torch"`` or ``"numba"``.
+        counts: optional (out_features,) tensor; backward adds, per output unit, how many rows
+            selected it (the meSimp usage record).
+        selections: optional one-element tensor; backward adds the number of selections made.
+
+    Example:
+        >>> x = torch.randn(8, 50, requires_grad=True)
+        >>> w = torch.randn(30, 50, requires_grad=True)
+        >>> sparse_linear(x, w, None, k=5).sum().backward()
+        >>> int((w.grad != 0).any(1).sum()) <= 8 * 5
+        True
+    """
+    cfg = MePropConfig(
+        k=k, mode=mode, sparse_bias=sparse_bias, sparse_grad=sparse_grad, backend=backend
+    )
+    return apply_config(x, weight, bias, cfg, counts, selections)
+
+
+def apply_config(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    cfg: MePropConfig,
+    counts: Tensor | None = None,
+    selections: Tensor | None = None,
+) -> Tensor:
+    """``sparse_linear`` with an already validated config (the modules' hot path)."""
+    if counts is None and cfg.k >= weight.shape[0] and not cfg.sparse_grad:
+        return F.linear(x, weight, bias)  # keeps everything: plain autograd, bit-exact
+    return _SparseLinearFn.apply(
+        x,
+        weight,
+        bias,
+        cfg.k,
+        cfg.mode,
+        cfg.sparse_bias,
+        cfg.sparse_grad,
+        cfg.backend,
+        counts,
+        selections,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Reference
+
+
+def mask_gradient(g: Tensor, k: int, mode: str, cols_or_idx: Tensor | None = None) -> Tensor:
+    """``g`` (M, n) with everything but the selected entries set to zero.
+
+    For ``random`` the selection must be passed in (``cols_or_idx``: the (M, k) indices), since
+    it cannot be recomputed.
+    """
+    n = g.shape[1]
+    if k >= n:
+        return g.clone()
+    if mode == "unified":
+        cols = select_columns(g, k) if cols_or_idx is None else cols_or_idx
+        mask = torch.zeros(n, dtype=torch.bool, device=g.device)
+        mask[cols] = True
+        return g * mask
+    if mode == "per_example":
+        idx = g.abs().topk(k, dim=1).indices if cols_or_idx is None else cols_or_idx
+    elif mode == "random":
+        if cols_or_idx is None:
+            raise ValueError("mode='random' needs the drawn indices (cols_or_idx)")
+        idx = cols_or_idx
+    else:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return torch.zeros_like(g).scatter_(1, idx, g.gather(1, idx))
+
+
+def reference_backward(
+    x: Tensor,
+    weight: Tensor,
+    grad_out: Tensor,
+    k: int,
+    mode: str,
+    sparse_bias: bool = False,
+    selection: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The obviously-right meProp backward: mask g, then the dense formulas.
+
+    Returns (dx shaped like x, dW (n, in), db (n,)).
+    """
+    n, d_in = weight.shape
+    g = grad_out.reshape(-1, n)
+    gs = mask_gradient(g, k, mode, selection)
+    dx = (gs @ weight).reshape(x.shape)
+    dw = gs.t() @ x.reshape(-1, d_in)
+    db = (gs if sparse_bias else g).sum(0)
+    return dx, dw, db

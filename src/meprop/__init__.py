@@ -5,10 +5,12 @@ Overfitting" (ICML 2017) and "Training Simplification and Model Simplification f
 Learning: A Minimal Effort Back Propagation Method" (TKDE).
 """
 
-from .config import MePropConfig
+from .checkpoint import load, save
+from .config import MePropConfig, MeSimpConfig
 from .convert import densify_, hidden_layers, sparsify_
 from .nn import SparseLinear
 from .ops import sparse_linear
+from .simplify import Pair, Simplifier
 
 __version__ = "0.1.0"
 
@@ -19,4 +21,9 @@ __all__ = [
     "densify_",
     "hidden_layers",
     "sparse_linear",
+    "MeSimpConfig",
+    "Simplifier",
+    "Pair",
+    "save",
+    "load",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["MODES", "BACKENDS", "MePropConfig"]
+__all__ = ["MODES", "BACKENDS", "MePropConfig", "MeSimpConfig"]
 
 # per_example: top-k of each row of the output gradient (the original meProp).
 # unified:     one set of k columns per call, ranked by the sum of |g| over the rows.
@@ -67,6 +67,68 @@ class MePropConfig:
         _check_type("backend", self.backend, str)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (for checkpoints and logs)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class MeSimpConfig:
+    """How meSimp shrinks a network from its top-k record.
+
+    Args:
+        prune_rate: a unit is removed when it was selected in fewer than
+            ``prune_rate * selections`` of the top-k selections since the last pruning
+            (the official default is 0.1).
+        interval: prune every ``interval`` calls of ``Simplifier.step()`` (or every
+            ``interval`` examples with ``unit="examples"``, passed as ``step(examples=n)``).
+        unit: ``"steps"`` or ``"examples"``.
+        min_units: never shrink a layer below this width.
+        optimizer: ``"slice"`` keeps the optimizer's state for the kept units (moments, step
+            counts, Adagrad sums); ``"reset"`` clears all of it after each pruning.
+        cycle: ``None`` (simplify all the time), or ``(simplify_steps, normal_steps)``: training
+            alternates a period with simplification and a period of plain meProp training, and
+            the optimizer's history is reset at the start of every period (the paper's cycle
+            mechanism). Counted in ``step()`` calls.
+
+    Example:
+        >>> MeSimpConfig(prune_rate=0.1, interval=600, cycle=(1200, 600)).cycle
+        (1200, 600)
+    """
+
+    prune_rate: float = 0.1
+    interval: int = 100
+    unit: str = "steps"
+    min_units: int = 1
+    optimizer: str = "slice"
+    cycle: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prune_rate, bool) or not isinstance(self.prune_rate, int | float):
+            raise TypeError(f"prune_rate must be a number, got {self.prune_rate!r}")
+        if not 0.0 <= self.prune_rate <= 1.0:
+            raise ValueError(f"prune_rate must be in [0, 1], got {self.prune_rate}")
+        _check_type("interval", self.interval, int)
+        if self.interval < 1:
+            raise ValueError(f"interval must be >= 1, got {self.interval}")
+        if self.unit not in ("steps", "examples"):
+            raise ValueError(f"unit must be 'steps' or 'examples', got {self.unit!r}")
+        _check_type("min_units", self.min_units, int)
+        if self.min_units < 1:
+            raise ValueError(f"min_units must be >= 1, got {self.min_units}")
+        if self.optimizer not in ("slice", "reset"):
+            raise ValueError(f"optimizer must be 'slice' or 'reset', got {self.optimizer!r}")
+        if self.cycle is not None:
+            cycle = tuple(self.cycle)
+            ok = len(cycle) == 2 and all(
+                isinstance(c, int) and not isinstance(c, bool) for c in cycle
+            )
+            if not ok or cycle[0] < 1 or cycle[1] < 0:
+                raise ValueError(
+                    f"cycle must be (simplify_steps >= 1, normal_steps >= 0), got {self.cycle!r}"
+                )
+            object.__setattr__(self, "cycle", cycle)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (for checkpoints and logs)."""

@@ -1,0 +1,290 @@
+"""meSimp: shrink a network during training from its top-k record.
+
+Sun et al., "Training Simplification and Model Simplification for Deep Learning: A Minimal
+Effort Back Propagation Method" (TKDE). Each sparsified layer counts how often each of its
+units is in a top-k selection during back propagation. Every ``interval`` steps, the units
+selected in fewer than ``prune_rate`` of the selections are removed, physically: their rows of
+the producer's weight and bias, and their input columns in the consumer (the next layer). One
+threshold for the whole network, and each layer settles at its own width.
+
+One line in an ordinary loop::
+
+    simp = Simplifier(model, MeSimpConfig(prune_rate=0.1, interval=600), optimizer)
+    for x, y in data:
+        loss_fn(model(x), y).backward(); simp.optimizer.step(); simp.optimizer.zero_grad()
+        simp.step()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .config import MeSimpConfig
+from .nn import SparseLinear
+from .prune import (
+    Cut,
+    prune_in_,
+    prune_norm_,
+    prune_out_,
+    reset_optimizer_state_,
+    slice_optimizer_state_,
+)
+
+__all__ = ["Pair", "find_pairs", "Simplifier"]
+
+# Modules that pass a unit through to the same position of their output.
+ELEMENTWISE = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
+    nn.Softsign, nn.Tanhshrink, nn.Dropout, nn.AlphaDropout, nn.Identity,
+)  # fmt: skip
+NORMS = (nn.LayerNorm, nn.BatchNorm1d)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A shrinkable producer, the modules that read its outputs, and norms in between.
+
+    All are qualified module names (as ``model.named_modules()`` gives them).
+    """
+
+    producer: str
+    consumers: tuple[str, ...]
+    norms: tuple[str, ...] = ()
+
+
+def _flatten(seq: nn.Sequential, prefix: str) -> list[tuple[str, nn.Module]]:
+    out = []
+    for name, child in seq.named_children():
+        full = f"{prefix}.{name}" if prefix else name
+        out += _flatten(child, full) if isinstance(child, nn.Sequential) else [(full, child)]
+    return out
+
+
+def find_pairs(model: nn.Module) -> list[Pair]:
+    """Producer -> consumer pairs of every ``SparseLinear`` in ``model``.
+
+    A model may declare them with a ``simplify_pairs()`` method returning ``Pair`` objects.
+    Otherwise they are read off ``nn.Sequential`` chains: a SparseLinear, then any elementwise
+    modules (activations, dropout) and LayerNorm/BatchNorm1d, then the consuming Linear. A
+    SparseLinear whose consumer cannot be determined is an error, never a guess.
+    """
+    if hasattr(model, "simplify_pairs"):
+        return [p if isinstance(p, Pair) else Pair(*p) for p in model.simplify_pairs()]
+    seqs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Sequential)}
+    inner = {f"{n}.{c}" if n else c for n, m in seqs.items() for c, _ in m.named_children()}
+    pairs, placed = [], set()
+    for seq_name, seq in seqs.items():
+        if seq_name in inner:  # flattened into its parent chain
+            continue
+        chain = _flatten(seq, seq_name)
+        for i, (name, module) in enumerate(chain):
+            if not isinstance(module, SparseLinear):
+                continue
+            placed.add(name)
+            norms, j = [], i + 1
+            while j < len(chain) and isinstance(chain[j][1], ELEMENTWISE + NORMS):
+                if isinstance(chain[j][1], NORMS):
+                    norms.append(chain[j][0])
+                j += 1
+            if j == len(chain):
+                raise ValueError(
+                    f"SparseLinear {name!r} ends its nn.Sequential, so nothing consumes its "
+                    "units: keep output layers dense (sparsify_(..., filter_fn=hidden_layers("
+                    "model))) or declare pairs (Simplifier(..., pairs=[Pair(...)]))"
+                )
+            nxt_name, nxt = chain[j]
+            if not isinstance(nxt, nn.Linear):
+                raise TypeError(
+                    f"cannot shrink {name!r}: its output goes through {nxt_name!r} "
+                    f"({type(nxt).__name__}), which meSimp does not know how to slice; "
+                    "declare the pairs with model.simplify_pairs() or pairs=[...]"
+                )
+            pairs.append(Pair(name, (nxt_name,), tuple(norms)))
+    stray = [n for n, m in model.named_modules() if isinstance(m, SparseLinear) and n not in placed]
+    if stray:
+        raise ValueError(
+            f"cannot tell which modules consume {stray} (not in an nn.Sequential chain): "
+            "define model.simplify_pairs() or pass pairs=[Pair(producer, consumers)]"
+        )
+    if not pairs:
+        raise ValueError("no SparseLinear layer to simplify: call sparsify_(model, ...) first")
+    return pairs
+
+
+class Simplifier:
+    """Records top-k usage and shrinks the model every ``interval`` steps.
+
+    Args:
+        model: a model whose layers to shrink are ``SparseLinear`` (see ``sparsify_``).
+        config: a ``MeSimpConfig``.
+        optimizer: the optimizer over ``model.parameters()``; its state follows the shrinking
+            (sliced or reset, per ``config.optimizer``). Parameter objects are kept, so it
+            goes on holding exactly the model's parameters.
+        pairs: producer -> consumer ``Pair``s; found with ``find_pairs`` when omitted.
+
+    Example:
+        >>> from meprop import MePropConfig, sparsify_, hidden_layers
+        >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+        >>> _ = sparsify_(model, MePropConfig(k=4), filter_fn=hidden_layers(model))
+        >>> simp = Simplifier(model, MeSimpConfig(interval=10))
+        >>> simp.sizes()
+        {'0': 32}
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: MeSimpConfig,
+        optimizer: torch.optim.Optimizer | None = None,
+        pairs: Iterable[Pair] | None = None,
+    ) -> None:
+        if not isinstance(config, MeSimpConfig):
+            raise TypeError(f"config must be a MeSimpConfig, got {type(config).__name__}")
+        self.model, self.config, self.optimizer = model, config, optimizer
+        self.pairs = list(pairs) if pairs is not None else find_pairs(model)
+        modules = dict(model.named_modules())
+        for pair in self.pairs:
+            for name in (pair.producer, *pair.consumers, *pair.norms):
+                if name not in modules:
+                    raise ValueError(f"no module named {name!r} in the model")
+            if not isinstance(modules[pair.producer], SparseLinear):
+                raise TypeError(
+                    f"producer {pair.producer!r} is {type(modules[pair.producer]).__name__}, "
+                    "not a SparseLinear: only sparsified layers have a top-k record"
+                )
+            for name in pair.consumers:
+                if not isinstance(modules[name], nn.Linear):
+                    raise TypeError(f"consumer {name!r} is not a Linear: cannot slice its inputs")
+        self._modules = modules
+        self.steps = 0  # Simplifier.step() calls so far
+        self.since = 0  # steps or examples since the last pruning
+        self.history: list[tuple[int, dict[str, int]]] = [(0, self.sizes())]
+        self._recording = False
+        self._record(True)
+
+    # -- the usage record ------------------------------------------------------------------
+
+    def _layer(self, name: str) -> SparseLinear:
+        return self._modules[name]
+
+    def _record(self, on: bool) -> None:
+        """Attach fresh zeroed counters to every producer (on), or detach them (off)."""
+        for pair in self.pairs:
+            layer = self._layer(pair.producer)
+            if on:
+                dev = layer.weight.device
+                layer.usage = (
+                    torch.zeros(layer.out_features, dtype=torch.int64, device=dev),
+                    torch.zeros(1, dtype=torch.int64, device=dev),
+                )
+            else:
+                layer.usage = None
+        self._recording = on
+
+    def sizes(self) -> dict[str, int]:
+        """Current width of every shrinkable layer, by name."""
+        return {p.producer: self._layer(p.producer).out_features for p in self.pairs}
+
+    # -- the schedule ----------------------------------------------------------------------
+
+    def simplifying(self, step: int | None = None) -> bool:
+        """Whether step number ``step`` (0-based; default: the next one) is in a simplify period."""
+        step = self.steps if step is None else step
+        if self.config.cycle is None:
+            return True
+        a, b = self.config.cycle
+        return step % (a + b) < a
+
+    def step(self, examples: int | None = None) -> bool:
+        """Advance by one optimizer step (``examples``: its batch size, for ``unit="examples"``).
+
+        Returns True when the model was shrunk.
+        """
+        if self.config.unit == "examples" and examples is None:
+            raise ValueError("MeSimpConfig(unit='examples') needs step(examples=batch_size)")
+        shrunk = False
+        was_simplifying = self.simplifying(self.steps)
+        self.steps += 1
+        if was_simplifying:
+            self.since += examples if self.config.unit == "examples" else 1
+            if self.since >= self.config.interval:
+                shrunk = self.prune()
+        if self.config.cycle is not None:
+            now, before = self.simplifying(), self.simplifying(self.steps - 1)
+            a, b = self.config.cycle
+            if now != before or (b == 0 and self.steps % a == 0):  # a new period starts
+                self.since = 0
+                self._record(now)
+                if self.optimizer is not None:
+                    reset_optimizer_state_(self.optimizer)
+        return shrunk
+
+    # -- pruning ---------------------------------------------------------------------------
+
+    def keep_indices(self, name: str) -> Tensor:
+        """Units of layer ``name`` to keep: selected in at least prune_rate of the selections."""
+        counts, selections = self._layer(name).usage
+        threshold = self.config.prune_rate * selections.double()
+        keep = (counts.double() >= threshold).nonzero().flatten()
+        floor = min(self.config.min_units, counts.numel())
+        if keep.numel() < floor:  # the floor: the most-selected units survive
+            keep = counts.topk(floor).indices.sort().values
+        return keep
+
+    def prune(self) -> bool:
+        """Remove the seldom-selected units now, then clear the counts. True if any was removed."""
+        self.since = 0
+        cuts: list[Cut] = []
+        for pair in self.pairs:
+            layer = self._layer(pair.producer)
+            keep = self.keep_indices(pair.producer)
+            if keep.numel() == layer.out_features:
+                continue
+            cuts += prune_out_(layer, keep)
+            for name in pair.norms:
+                cuts += prune_norm_(self._modules[name], keep)
+            for name in pair.consumers:
+                cuts += prune_in_(self._modules[name], keep)
+        if cuts and self.optimizer is not None:
+            if self.config.optimizer == "slice":
+                slice_optimizer_state_(self.optimizer, cuts)
+            else:
+                reset_optimizer_state_(self.optimizer)
+        self._record(self._recording)
+        if cuts:
+            self.history.append((self.steps, self.sizes()))
+        return bool(cuts)
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        usage = {p.producer: self._layer(p.producer).usage for p in self.pairs}
+        return {
+            "config": self.config.to_dict(),
+            "steps": self.steps,
+            "since": self.since,
+            "recording": self._recording,
+            "history": [(s, dict(w)) for s, w in self.history],
+            "usage": {n: None if u is None else [t.clone() for t in u] for n, u in usage.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore counters and schedule position (after the model has its saved widths)."""
+        self.steps, self.since = state["steps"], state["since"]
+        self.history = [(s, dict(w)) for s, w in state["history"]]
+        self._record(state["recording"])
+        for name, usage in state["usage"].items():
+            layer = self._layer(name)
+            if usage is not None:
+                if usage[0].shape != (layer.out_features,):
+                    raise ValueError(
+                        f"saved usage of {name!r} has {usage[0].shape[0]} units but the layer "
+                        f"has {layer.out_features}: load the model's weights first"
+                    )
+                dev = layer.weight.device
+                layer.usage = tuple(t.to(dev) for t in usage)

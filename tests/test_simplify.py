@@ -129,7 +129,7 @@ def test_shrinks_on_a_task_only_some_units_solve():
     model = mlp(10, 64, 2, k=4)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     simp = Simplifier(model, MeSimpConfig(prune_rate=0.1, interval=50), opt)
-    for step in range(400):
+    for _ in range(400):
         i = torch.randint(0, 2000, (32,))
         nn.functional.cross_entropy(model(x[i]), y[i]).backward()
         opt.step()

@@ -96,10 +96,12 @@ def test_optimizer_follows_and_adam_state_is_sliced():
     assert {id(p) for p in model.parameters()} == {
         id(p) for g in opt.param_groups for p in g["params"]
     }
-    torch.testing.assert_close(opt.state[w0]["exp_avg"], old[w0]["exp_avg"][keep])
-    torch.testing.assert_close(opt.state[w0]["exp_avg_sq"], old[w0]["exp_avg_sq"][keep])
-    torch.testing.assert_close(opt.state[w1]["exp_avg"], old[w1]["exp_avg"][:, keep])
-    assert torch.equal(opt.state[w0]["step"], old[w0]["step"])
+    n0, n1 = model[0].weight, model[2].weight
+    assert n0 is not w0 and w0 not in opt.state
+    torch.testing.assert_close(opt.state[n0]["exp_avg"], old[w0]["exp_avg"][keep])
+    torch.testing.assert_close(opt.state[n0]["exp_avg_sq"], old[w0]["exp_avg_sq"][keep])
+    torch.testing.assert_close(opt.state[n1]["exp_avg"], old[w1]["exp_avg"][:, keep])
+    assert torch.equal(opt.state[n0]["step"], old[w0]["step"])
     model(torch.randn(8, 5)).sum().backward()
     opt.step()  # shapes all agree: the step works
     assert model[0].weight.shape == (4, 5)
@@ -293,3 +295,24 @@ def test_load_rejects_other_files(tmp_path):
         meprop.load(tmp_path / "x.pt", nn.Linear(2, 2))
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         meprop.load(tmp_path / "missing.pt", nn.Linear(2, 2))
+
+
+def test_middle_layer_cut_twice_and_hooks_do_not_break_backward():
+    # The middle weight loses rows (as producer) and columns (as consumer) in one pruning;
+    # a hook on the old weight keeps its gradient accumulator alive.
+    model = mlp(4, 8, 6, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model[2].weight.register_post_accumulate_grad_hook(lambda p: None)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    old_state = opt.state[model[2].weight]["exp_avg"].clone()
+    simp = Simplifier(model, MeSimpConfig(prune_rate=0.5), opt)
+    set_usage(model[0], [1, 0] * 4, 1)
+    set_usage(model[2], [1, 1, 0, 0, 1, 1], 1)
+    simp.prune()
+    w = model[2].weight
+    assert w.shape == (4, 4)
+    torch.testing.assert_close(opt.state[w]["exp_avg"], old_state[[0, 1, 4, 5]][:, [0, 2, 4, 6]])
+    assert len(opt.state) == len(list(model.parameters()))
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()

@@ -1,9 +1,11 @@
 """Physical removal of units: a producer loses output rows, its consumers lose input columns.
 
-Each function replaces the *data* of the module's Parameters (``p.data = p.data[keep]``), so the
-Parameter objects survive: an optimizer keeps holding exactly the model's parameters, and
-``slice_optimizer_state_`` (or a reset) brings its per-parameter state to the new shapes.
-Module attributes (``out_features``, ``normalized_shape``, ...) follow the new shapes.
+Each function puts new, smaller Parameters on the module and returns the "cuts" it made
+(old Parameter, new Parameter, dimension, kept indices). ``update_optimizer_`` then swaps the
+new Parameters into the optimizer and slices (or resets) their state, so the optimizer holds
+exactly the model's parameters again. New Parameter objects, rather than a new ``.data`` on the
+old ones, because autograd caches a leaf's shape in its gradient accumulator, which hooks
+(DDP's among them) keep alive. Module attributes (``out_features``, ...) follow the new shapes.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ __all__ = [
     "prune_out_",
     "prune_in_",
     "prune_norm_",
-    "slice_optimizer_state_",
+    "update_optimizer_",
     "reset_optimizer_state_",
     "sync_shapes_",
 ]
 
-# (parameter, dim, kept indices) for every tensor a pruning touched: optimizer state follows.
-Cut = tuple[nn.Parameter, int, Tensor]
+# (old parameter, new parameter, dim, kept indices) for every tensor a pruning touched.
+Cut = tuple[nn.Parameter, nn.Parameter, int, Tensor]
 
 
 def _check_keep(keep: Tensor, size: int, what: str) -> Tensor:
@@ -35,18 +37,20 @@ def _check_keep(keep: Tensor, size: int, what: str) -> Tensor:
     return keep
 
 
-def _slice_param(p: nn.Parameter, dim: int, keep: Tensor) -> Cut:
-    p.data = p.data.index_select(dim, keep.to(p.device))
-    p.grad = None  # a gradient of the old shape would break the next step
-    return (p, dim, keep)
+def _slice_param(module: nn.Module, name: str, dim: int, keep: Tensor) -> Cut:
+    old = getattr(module, name)
+    keep = keep.to(old.device)
+    new = nn.Parameter(old.detach().index_select(dim, keep), requires_grad=old.requires_grad)
+    setattr(module, name, new)
+    return (old, new, dim, keep)
 
 
 def prune_out_(layer: nn.Linear, keep: Tensor) -> list[Cut]:
     """Keep only the output units ``keep`` of a Linear: rows of its weight and bias."""
     keep = _check_keep(keep, layer.out_features, f"{type(layer).__name__} outputs")
-    cuts = [_slice_param(layer.weight, 0, keep)]
+    cuts = [_slice_param(layer, "weight", 0, keep)]
     if layer.bias is not None:
-        cuts.append(_slice_param(layer.bias, 0, keep))
+        cuts.append(_slice_param(layer, "bias", 0, keep))
     layer.out_features = keep.numel()
     return cuts
 
@@ -55,7 +59,7 @@ def prune_in_(layer: nn.Linear, keep: Tensor) -> list[Cut]:
     """Keep only the input columns ``keep`` of a Linear's weight."""
     keep = _check_keep(keep, layer.in_features, f"{type(layer).__name__} inputs")
     layer.in_features = keep.numel()
-    return [_slice_param(layer.weight, 1, keep)]
+    return [_slice_param(layer, "weight", 1, keep)]
 
 
 def prune_norm_(norm: nn.Module, keep: Tensor) -> list[Cut]:
@@ -69,7 +73,9 @@ def prune_norm_(norm: nn.Module, keep: Tensor) -> list[Cut]:
     else:
         raise TypeError(f"cannot slice {type(norm).__name__}: only LayerNorm and BatchNorm1d")
     keep = _check_keep(keep, size, type(norm).__name__)
-    cuts = [_slice_param(p, 0, keep) for p in (norm.weight, norm.bias) if p is not None]
+    cuts = [
+        _slice_param(norm, n, 0, keep) for n in ("weight", "bias") if getattr(norm, n) is not None
+    ]
     if isinstance(norm, nn.LayerNorm):
         norm.normalized_shape = (keep.numel(),)
     else:
@@ -81,19 +87,26 @@ def prune_norm_(norm: nn.Module, keep: Tensor) -> list[Cut]:
     return cuts
 
 
-def slice_optimizer_state_(optimizer: torch.optim.Optimizer, cuts: list[Cut]) -> None:
-    """Slice each per-parameter state tensor (moments, sums, buffers) like its parameter.
+def update_optimizer_(optimizer: torch.optim.Optimizer, cuts: list[Cut], slice_state: bool) -> None:
+    """Put the new Parameters in the optimizer in place of the old ones; carry their state.
 
-    Scalars such as Adam's ``step`` are kept, so the update continues where it was. Works for
-    any optimizer whose per-parameter state tensors have the parameter's shape.
+    With ``slice_state``, each per-parameter state tensor (moments, sums, momentum buffers) is
+    sliced like its parameter and scalars such as Adam's ``step`` are kept, so the update goes on
+    where it was; this works for any optimizer whose state tensors have the parameter's shape.
+    Otherwise all state is cleared (``reset_optimizer_state_``). Cuts are applied in order, so
+    a weight cut twice (rows, then columns) ends with the last Parameter.
     """
-    for p, dim, keep in cuts:
-        state = optimizer.state.get(p)
-        if not state:
-            continue
-        for key, value in state.items():
-            if isinstance(value, Tensor) and value.dim() > dim and value.dim() == p.dim():
-                state[key] = value.index_select(dim, keep.to(value.device))
+    for old, new, dim, keep in cuts:
+        for group in optimizer.param_groups:
+            group["params"] = [new if p is old else p for p in group["params"]]
+        state = optimizer.state.pop(old, None)
+        if state and slice_state:
+            for key, value in state.items():
+                if isinstance(value, Tensor) and value.dim() == old.dim() and value.dim() > dim:
+                    state[key] = value.index_select(dim, keep.to(value.device))
+            optimizer.state[new] = state
+    if not slice_state:
+        reset_optimizer_state_(optimizer)
 
 
 def reset_optimizer_state_(optimizer: torch.optim.Optimizer) -> None:

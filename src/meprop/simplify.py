@@ -31,7 +31,7 @@ from .prune import (
     prune_norm_,
     prune_out_,
     reset_optimizer_state_,
-    slice_optimizer_state_,
+    update_optimizer_,
 )
 
 __all__ = ["Pair", "find_pairs", "Simplifier"]
@@ -122,9 +122,10 @@ class Simplifier:
     Args:
         model: a model whose layers to shrink are ``SparseLinear`` (see ``sparsify_``).
         config: a ``MeSimpConfig``.
-        optimizer: the optimizer over ``model.parameters()``; its state follows the shrinking
-            (sliced or reset, per ``config.optimizer``). Parameter objects are kept, so it
-            goes on holding exactly the model's parameters.
+        optimizer: the optimizer over ``model.parameters()``. Shrinking gives the layers new
+            Parameter objects; the optimizer is updated to hold exactly the model's parameters,
+            with its state sliced or reset per ``config.optimizer``. Anything else that holds
+            Parameters (a DDP wrapper, hooks) must be rebuilt when ``step()`` returns True.
         pairs: producer -> consumer ``Pair``s; found with ``find_pairs`` when omitted.
 
     Example:
@@ -251,10 +252,7 @@ class Simplifier:
             for name in pair.consumers:
                 cuts += prune_in_(self._modules[name], keep)
         if cuts and self.optimizer is not None:
-            if self.config.optimizer == "slice":
-                slice_optimizer_state_(self.optimizer, cuts)
-            else:
-                reset_optimizer_state_(self.optimizer)
+            update_optimizer_(self.optimizer, cuts, slice_state=self.config.optimizer == "slice")
         self._record(self._recording)
         if cuts:
             self.history.append((self.steps, self.sizes()))

@@ -19,3 +19,55 @@ def pytest_configure(config):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def write_idx(path: Path, array) -> None:
+    """An IDX file (gzipped) of a uint8 numpy array."""
+    import gzip
+    import struct
+
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path, monkeypatch):
+    """A data root with a tiny learnable 'MNIST' (28x28, 10 classes), registered checksums.
+
+    Class c lights up a 4x4 patch at a position of its own, plus noise: a few steps suffice.
+    200 training images (the first 50 are the dev set) and 60 test images.
+    """
+    import hashlib
+
+    import numpy as np
+
+    from meprop.data import DATASETS
+    from meprop.data.download import Dataset, RemoteFile
+    from meprop.tasks.mnist import MnistTask
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "data" / "mnist"
+    folder.mkdir(parents=True)
+
+    def make(n):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            r, col = 2 + 6 * (c // 4), 2 + 6 * (c % 4)
+            images[i, r : r + 4, col : col + 4] = 255
+        return images, labels
+
+    files = {}
+    for prefix, n in (("train", 200), ("t10k", 60)):
+        images, labels = make(n)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    for p in folder.iterdir():
+        blob = p.read_bytes()
+        files[p.name] = RemoteFile(hashlib.sha256(blob).hexdigest(), len(blob))
+    monkeypatch.setitem(DATASETS, "mnist", Dataset("mnist", "http://127.0.0.1:9/", files))
+    monkeypatch.setattr(MnistTask, "dev_size", 50)
+    return folder.parent

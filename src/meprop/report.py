@@ -1,0 +1,321 @@
+"""``meprop report RUN_DIR...``: tables and plots from finished runs.
+
+Reads each run's ``config.json``, ``summary.json``, ``log.jsonl`` and (if present) ``row.json``,
+and writes ``report.md`` and PNG plots. Times are per training step and ratios are taken
+against the dense run with the same optimizer, depth and dropout from the same set of runs,
+so they compare measurements made on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Run", "load_runs", "build_report"]
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    summary: dict
+    log: list[dict]
+    group: str
+    label: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.config["method"]
+
+    def per_step_ms(self, key: str) -> float:
+        return 1000 * self.summary["times"].get(key, 0.0) / max(1, self.summary["steps"])
+
+    def test(self) -> float:
+        return 100 * self.summary["test_accuracy"]
+
+    def dev(self) -> float:
+        return 100 * self.summary["dev_accuracy"]
+
+
+def _label(cfg: dict) -> str:
+    if cfg["method"] == "dense":
+        return f"dense {cfg['hidden']}"
+    return f"{cfg['method']} {cfg['mode']} k={cfg['k']}"
+
+
+def load_runs(paths: list[Path]) -> list[Run]:
+    """Runs from run directories, or from results folders holding ``runs/*``."""
+    dirs: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "summary.json").exists():
+            dirs.append(p)
+        elif (p / "runs").is_dir():
+            dirs += sorted(d for d in (p / "runs").iterdir() if (d / "summary.json").exists())
+        else:
+            raise FileNotFoundError(
+                f"{p} is neither a finished run (summary.json) nor a results "
+                "folder (runs/*/summary.json)"
+            )
+    runs = []
+    for d in dirs:
+        cfg = json.loads((d / "config.json").read_text())
+        row = json.loads((d / "row.json").read_text()) if (d / "row.json").exists() else {}
+        log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines() if line]
+        runs.append(
+            Run(
+                d,
+                cfg,
+                json.loads((d / "summary.json").read_text()),
+                log,
+                row.get("group", "runs"),
+                row.get("label", _label(cfg)),
+            )
+        )
+    return runs
+
+
+def _reference(run: Run, runs: list[Run]) -> Run | None:
+    """The dense run this run's times are compared with (same optimizer, depth, dropout)."""
+
+    def key(r: Run):
+        c = r.config
+        return (c["optimizer"], len(r.summary["widths"]), c["dropout"], c["dataset"])
+
+    dense = [r for r in runs if r.method == "dense" and max(r.summary["widths"]) >= 500]
+    same = [r for r in dense if key(r) == key(run)]
+    return (same or dense or [None])[0]
+
+
+def _table(runs: list[Run], all_runs: list[Run]) -> list[str]:
+    lines = [
+        "| run | hidden | dev acc % | test acc % | linear backward ms/step | speedup | "
+        "backward ms/step | speedup | forward ms/step |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in runs:
+        ref = _reference(r, all_runs)
+
+        def ratio(key, ref=ref, r=r):
+            if ref is None or r.per_step_ms(key) == 0:
+                return "-"
+            return f"{ref.per_step_ms(key) / r.per_step_ms(key):.2f}x"
+
+        widths = r.summary.get("final_widths")
+        hidden = (
+            "->".join(map(str, widths.values()))
+            if widths
+            else "x".join(map(str, r.summary["widths"]))
+        )
+        lines.append(
+            f"| {r.label} | {hidden} | {r.dev():.2f} | {r.test():.2f} | "
+            f"{r.per_step_ms('linear_backward'):.2f} | {ratio('linear_backward')} | "
+            f"{r.per_step_ms('backward'):.2f} | {ratio('backward')} | "
+            f"{r.per_step_ms('forward'):.2f} |"
+        )
+    return lines
+
+
+def _curve(ax, run: Run, key: str, label: str | None = None, **kw) -> None:
+    xs = [e["epoch"] for e in run.log]
+    ax.plot(xs, [100 * e[key] for e in run.log], label=label or run.label, **kw)
+
+
+def _plots(runs: list[Run], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        made.append(name)
+
+    dense = [r for r in runs if r.method == "dense" and r.group in ("main", "runs")]
+    sweep = [
+        r
+        for r in runs
+        if r.method == "meprop"
+        and r.config["optimizer"] == "adam"
+        and len(r.summary["widths"]) == 2
+        and r.config["dropout"] == 0
+    ]
+    if sweep:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for mode in ("per_example", "unified"):
+            pts = sorted(
+                (100 * r.config["k"] / max(r.summary["widths"]), r.test())
+                for r in sweep
+                if r.config["mode"] == mode
+            )
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "o-", label=f"meProp {mode}")
+        for r in dense[:1]:
+            ax.axhline(r.test(), color="k", ls="--", label="dense")
+        ax.set(
+            xscale="log",
+            xlabel="backprop ratio k/h (%)",
+            ylabel="test accuracy (%)",
+            title="accuracy vs backprop ratio",
+        )
+        ax.legend()
+        save(fig, "accuracy_vs_ratio.png")
+
+    def curves(name, title, picks, key="dev_accuracy"):
+        picks = [r for r in picks if r is not None]
+        if len(picks) < 2:
+            return
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in picks:
+            _curve(ax, r, key)
+        ax.set(xlabel="epoch", ylabel=key.replace("_", " ") + " (%)", title=title)
+        ax.legend(fontsize=8)
+        save(fig, name)
+
+    def find(method, k=None, mode=None):
+        for r in runs:
+            c = r.config
+            if (
+                c["method"] == method
+                and (k is None or c["k"] == k)
+                and (mode is None or c["mode"] == mode)
+                and c["optimizer"] == "adam"
+                and len(r.summary["widths"]) == 2
+                and c["dropout"] == 0
+            ):
+                return r
+        return None
+
+    base = dense[0] if dense else None
+    curves(
+        "topk_vs_random.png",
+        "top-k vs random-k (k=20)",
+        [
+            base,
+            find("meprop", 20, "per_example"),
+            find("meprop", 20, "unified"),
+            find("random", 20),
+        ],
+    )
+    curves(
+        "meprop_vs_kdim.png",
+        "meProp vs a k-dimensional network (k=20)",
+        [base, find("meprop", 20, "unified"), find("meprop", 20, "per_example"), find("kdim", 20)],
+    )
+    lc = [r for r in (base, find("meprop", 20, "unified"), find("meprop", 20, "per_example")) if r]
+    if lc:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, r in enumerate(lc):
+            _curve(ax, r, "train_accuracy", f"{r.label} (train)", color=f"C{i}")
+            _curve(ax, r, "dev_accuracy", f"{r.label} (dev)", color=f"C{i}", ls="--")
+        ax.set(xlabel="epoch", ylabel="accuracy (%)", title="learning curves: train vs dev")
+        ax.legend(fontsize=7)
+        save(fig, "learning_curves.png")
+    simp = [r for r in runs if r.method == "mesimp"]
+    if simp:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, r in enumerate(simp):
+            xs = [e["epoch"] for e in r.log]
+            for j, layer in enumerate(r.log[0]["widths"]):
+                ax.plot(
+                    xs,
+                    [e["widths"][layer] for e in r.log],
+                    color=f"C{i}",
+                    ls=("-", "--", ":", "-.")[j % 4],
+                    label=f"{r.label}: layer {layer}",
+                )
+        ax.set(xlabel="epoch", ylabel="width", yscale="log", title="meSimp: widths over training")
+        ax.legend(fontsize=7)
+        save(fig, "mesimp_widths.png")
+        sized = [r for r in runs if r.path.name.startswith("dense-size-of-")]
+        bars = ([base] if base else []) + simp + sized
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.barh([r.label for r in bars], [r.test() for r in bars])
+        lo = min(r.test() for r in bars)
+        ax.set(xlim=(lo - 1, 100), xlabel="test accuracy (%)", title="meSimp vs dense at its size")
+        save(fig, "mesimp_vs_size.png")
+    return made
+
+
+GROUP_TITLES = {
+    "main": "dense vs meProp (784-500-500-10, Adam)",
+    "ratio": "accuracy vs backprop ratio k/h",
+    "control": "controls: random-k and a k-dimensional network",
+    "mesimp": "meSimp, and dense nets trained at meSimp's final widths",
+    "adagrad": "AdaGrad",
+    "depth": "deeper networks",
+    "dropout": "with dropout",
+    "runs": "runs",
+}
+
+
+def build_report(paths: list[Path], out: Path) -> Path:
+    """Write ``out/report.md`` (and PNG plots beside it) from the runs in ``paths``."""
+    from .reproduce import PAPER_MNIST
+
+    order = list(GROUP_TITLES)
+    runs = sorted(
+        load_runs(paths),
+        key=lambda r: (
+            order.index(r.group) if r.group in order else len(order),
+            r.group,
+            r.path.name,
+        ),
+    )
+    if not runs:
+        raise ValueError(f"no finished runs in {paths}")
+    out.mkdir(parents=True, exist_ok=True)
+    first = runs[0].summary
+    lines = [
+        "# meprop results",
+        "",
+        f"{len(runs)} runs; torch {first['torch']}, {first['threads']} threads. "
+        "Accuracies are the test score of the checkpoint with the best dev score. Times are "
+        "per training step; speedups are against the dense run of the same optimizer, depth "
+        "and dropout in this set (measured in the same grid, on the same machine).",
+        "",
+    ]
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.group, []).append(r)
+    for group, members in groups.items():
+        lines += [f"## {GROUP_TITLES.get(group, group)}", ""] + _table(members, runs) + [""]
+    if runs[0].config["task"] == "mnist":
+        lines += [
+            "## Published figures (Sun et al., MNIST, hidden 500)",
+            "",
+            "| figure | paper |",
+            "| --- | ---: |",
+        ]
+        lines += [f"| {k} | {v} |" for k, v in PAPER_MNIST.items()]
+        lines += [
+            "",
+            "The paper's speedups are against the authors' own dense code; ours are "
+            "against PyTorch's dense kernels.",
+            "",
+        ]
+    for name in _plots(runs, out):
+        lines += [f"![{name}]({name})", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def _report(args: argparse.Namespace) -> None:
+    out = args.out or (Path(args.runs[0]) if len(args.runs) == 1 else Path("report"))
+    print(f"report: {build_report(args.runs, out)}")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "report", help="rebuild tables and plots from finished runs", description=__doc__
+    )
+    p.add_argument("runs", nargs="+", type=Path, help="run directories or results folders")
+    p.add_argument("--out", type=Path, help="folder for report.md and plots")
+    p.set_defaults(func=_report)

@@ -1,0 +1,88 @@
+"""MNIST / Fashion-MNIST with an MLP: input -> hidden layers (ReLU, dropout) -> 10 classes.
+
+The paper's setting is 784-500-500-10 with Adam (lr 1e-3); its split takes the first 5,000
+training images as the dev set. meProp goes on the hidden layers; the output layer stays dense.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..convert import hidden_layers
+from ..data import load_mnist
+
+__all__ = ["build_mlp", "MnistTask"]
+
+
+def build_mlp(d_in: int, widths: list[int], classes: int, dropout: float = 0.0) -> nn.Sequential:
+    """``nn.Sequential`` of Linear -> ReLU (-> Dropout) per hidden layer, then a Linear head.
+
+    A plain Sequential, so meSimp finds its producer -> consumer pairs by itself.
+    """
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers += [nn.Linear(d_in, width), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        d_in = width
+    layers.append(nn.Linear(d_in, classes))
+    return nn.Sequential(*layers)
+
+
+class MnistTask:
+    metric = "accuracy"
+    train_eval_size = 5000  # training examples scored each epoch for the learning curves
+    dev_size = 5000  # the paper's split: the first 5,000 training images are the dev set
+
+    def __init__(self, cfg, data_dir=None) -> None:
+        data = load_mnist(cfg.dataset, root=data_dir, dev_size=self.dev_size)
+        train = data.train
+        if cfg.train_limit:
+            train = type(train)(train.images[: cfg.train_limit], train.labels[: cfg.train_limit])
+        self.splits = {
+            "train": train,
+            "train_eval": type(train)(
+                train.images[: self.train_eval_size], train.labels[: self.train_eval_size]
+            ),
+            "dev": data.dev,
+            "test": data.test,
+        }
+        self.d_in = train.images.shape[1]
+        self.classes = data.num_classes
+
+    def build_model(self, widths: list[int], dropout: float) -> nn.Sequential:
+        return build_mlp(self.d_in, widths, self.classes, dropout)
+
+    def sparsify_filter(self, model):
+        return hidden_layers(model)
+
+    def hidden_layers(self, model) -> list[nn.Linear]:
+        linears = [m for m in model if isinstance(m, nn.Linear)]
+        return linears[:-1]
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return -(-len(self.splits["train"].labels) // batch_size)
+
+    def batches(self, split: str, batch_size: int, generator: torch.Generator):
+        x, y = self.splits[split]
+        order = torch.randperm(len(y), generator=generator)
+        for i in range(0, len(y), batch_size):
+            idx = order[i : i + batch_size]
+            yield x[idx], y[idx]
+
+    def loss(self, model, batch) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(model(x), y)  # mean over the batch
+
+    @torch.no_grad()
+    def evaluate(self, model, split: str) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        x, y = self.splits[split]
+        correct = sum(
+            int((model(x[i : i + 2000]).argmax(1) == y[i : i + 2000]).sum())
+            for i in range(0, len(y), 2000)
+        )
+        model.train(was_training)
+        return {"accuracy": correct / max(1, len(y))}

@@ -1,0 +1,301 @@
+"""The experiment trainer: one run of one task with one method, logged, timed, resumable.
+
+It is one user of the library, not the only way in: it builds the task's model, applies the
+method (``sparsify_`` for meProp, a ``Simplifier`` for meSimp), and runs an ordinary loop.
+Each run directory holds:
+
+    config.json    the TrainConfig (rerun with ``meprop train --config config.json``)
+    log.jsonl      one JSON object per evaluation (epoch or chunk): losses, scores, times, widths
+    last.pt        the latest checkpoint (atomic; ``--resume`` continues from it)
+    best.pt        the checkpoint with the best dev score (model selection as in the paper)
+    summary.json   best epoch, its dev and test scores, total times, final widths
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .config import MePropConfig, MeSimpConfig
+from .convert import sparsify_
+from .simplify import Simplifier
+from .timing import LinearBackwardTimer, Stopwatch
+
+__all__ = ["TrainConfig", "METHODS", "OPTIMIZERS", "run", "make_optimizer"]
+
+METHODS = ("dense", "meprop", "random", "kdim", "mesimp")
+OPTIMIZERS = {"adam": 1e-3, "adagrad": 1e-2, "sgd": 0.1}  # name -> default learning rate
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run (one row of a results table).
+
+    ``method``: ``dense``; ``meprop`` (top-k, ``mode`` per_example or unified); ``random``
+    (random-k); ``kdim`` (a dense net whose hidden layers have width k); ``mesimp`` (meProp plus
+    a Simplifier). A dense net at meSimp's final widths is ``dense`` with ``hidden=(154, 160)``.
+    """
+
+    task: str = "mnist"
+    dataset: str = "mnist"
+    method: str = "meprop"
+    k: int = 20
+    mode: str = "per_example"
+    hidden: tuple[int, ...] = (500,)
+    layers: int = 0  # hidden layers; 0: len(hidden) if it lists several widths, else 2
+    dropout: float = 0.0
+    optimizer: str = "adam"
+    lr: float = 0.0  # 0: the optimizer's default (adam 1e-3, adagrad 1e-2, sgd 0.1)
+    batch_size: int = 100
+    epochs: int = 20
+    seed: int = 1
+    eval_every: int = 0  # steps between dev evaluations; 0: once per epoch
+    train_limit: int = 0  # use only the first N training examples; 0: all
+    prune_rate: float = 0.1
+    prune_interval: int = 0  # steps between meSimp prunings; 0: a quarter of an epoch
+    cycle: tuple[int, ...] = ()  # meSimp cycle in epochs: (simplify, normal); () = off
+    sparse_grad: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        object.__setattr__(self, "cycle", tuple(int(c) for c in self.cycle))
+        for name in ("k", "batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.hidden or min(self.hidden) < 1:
+            raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
+        if self.layers < 0 or (len(self.hidden) > 1 and self.layers not in (0, len(self.hidden))):
+            raise ValueError(
+                f"hidden lists {len(self.hidden)} widths but layers={self.layers}: give one width "
+                "and a number of layers, or one width per layer"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.cycle and len(self.cycle) != 2:
+            raise ValueError(f"cycle must be two epoch counts (simplify, normal), got {self.cycle}")
+        if self.lr < 0:
+            raise ValueError(f"lr must be >= 0, got {self.lr}")
+        MePropConfig(k=self.k, mode=self.mode, backend=self.backend)  # validates these fields
+        MeSimpConfig(prune_rate=self.prune_rate)
+
+    def widths(self) -> list[int]:
+        """Hidden-layer widths: one per layer (``kdim``: k everywhere)."""
+        widths = (
+            list(self.hidden) if len(self.hidden) > 1 else list(self.hidden) * (self.layers or 2)
+        )
+        return [self.k] * len(widths) if self.method == "kdim" else widths
+
+    def learning_rate(self) -> float:
+        return self.lr or OPTIMIZERS[self.optimizer]
+
+    def meprop_config(self) -> MePropConfig | None:
+        if self.method in ("dense", "kdim"):
+            return None
+        mode = "random" if self.method == "random" else self.mode
+        return MePropConfig(k=self.k, mode=mode, sparse_grad=self.sparse_grad, backend=self.backend)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden"], d["cycle"] = list(self.hidden), list(self.cycle)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(
+                f"unknown TrainConfig fields {sorted(unknown)}; known: {sorted(known)}"
+            )
+        return cls(**d)
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr)
+
+
+def _json_line(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def run(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    echo=print,
+) -> dict[str, Any]:
+    """Train, select on dev, score the best checkpoint on test; returns the summary dict."""
+    from .tasks import get_task
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path, log_path, last_path, best_path = (
+        out / "config.json",
+        out / "log.jsonl",
+        out / "last.pt",
+        out / "best.pt",
+    )
+    if resume and cfg_path.exists():
+        # Only the number of epochs may change on resume (to extend a finished run).
+        saved = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
+        diff = {
+            k: (v, getattr(cfg, k))
+            for k, v in saved.to_dict().items()
+            if k != "epochs" and v != cfg.to_dict()[k]
+        }
+        if diff:
+            raise ValueError(
+                f"--resume with settings that differ from {cfg_path}: "
+                + ", ".join(f"{k}: saved {a!r}, given {b!r}" for k, (a, b) in diff.items())
+            )
+    elif not resume and log_path.exists():
+        raise FileExistsError(f"{out} already holds a run: pass --resume or choose another --out")
+    cfg_path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    task = get_task(cfg, data_dir)
+    torch.manual_seed(cfg.seed)
+    model = task.build_model(cfg.widths(), cfg.dropout)
+    mp = cfg.meprop_config()
+    if mp is not None:
+        sparsify_(model, mp, filter_fn=task.sparsify_filter(model))
+    opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.learning_rate())
+    steps_per_epoch = task.steps_per_epoch(cfg.batch_size)
+    simp = None
+    if cfg.method == "mesimp":
+        interval = cfg.prune_interval or max(1, steps_per_epoch // 4)
+        cycle = None
+        if cfg.cycle:
+            cycle = (cfg.cycle[0] * steps_per_epoch, cfg.cycle[1] * steps_per_epoch)
+        simp = Simplifier(
+            model, MeSimpConfig(prune_rate=cfg.prune_rate, interval=interval, cycle=cycle), opt
+        )
+
+    state = {"epoch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1, "times": {}}
+    if resume and last_path.exists():
+        state = checkpoint.load(last_path, model, opt, simplifier=simp)["state"]
+        echo(f"resumed from {last_path} at epoch {state['epoch']}")
+    sw = Stopwatch()
+    sw.totals.update(state["times"])
+    timer = LinearBackwardTimer(model)
+    timer.seconds = sw.totals.get("linear_backward", 0.0)
+    eval_every = cfg.eval_every or steps_per_epoch
+
+    def evaluate(epoch_float: float, train_loss: float) -> None:
+        with sw("eval"):
+            dev = task.evaluate(model, "dev")
+            train_score = task.evaluate(model, "train_eval")
+        score = dev[task.metric]
+        record = {
+            "epoch": round(epoch_float, 4),
+            "step": state["step"],
+            "train_loss": train_loss,
+            **{f"dev_{k}": v for k, v in dev.items()},
+            **{f"train_{k}": v for k, v in train_score.items()},
+            "times": {k: round(v, 4) for k, v in sw.totals.items()},
+        }
+        if simp is not None:
+            record["widths"] = simp.sizes()
+        _json_line(log_path, record)
+        if score > state["best_score"]:
+            state["best_score"], state["best_epoch"] = score, epoch_float
+            checkpoint.save(best_path, model, state=dict(state))
+
+    for epoch in range(state["epoch"], cfg.epochs):
+        model.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        losses, bar = (
+            [],
+            tqdm(
+                total=steps_per_epoch,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                leave=False,
+                disable=not progress,
+                dynamic_ncols=True,
+            ),
+        )
+        for i, batch in enumerate(task.batches("train", cfg.batch_size, gen)):
+            with sw("forward"):
+                loss = task.loss(model, batch)
+            with sw("backward"):
+                loss.backward()
+            sw.totals["linear_backward"] += timer.lap()
+            with sw("optimizer"):
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if simp is not None:
+                with sw("simplify"):
+                    if simp.step():  # new Parameters: hook the timer onto them
+                        timer.remove()
+                        timer = LinearBackwardTimer(model)
+            state["step"] += 1
+            losses.append(loss.detach())
+            bar.update(1)
+            if (i + 1) % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}", best=f"{state['best_score']:.4f}")
+            if (i + 1) % eval_every == 0 or i + 1 == steps_per_epoch:
+                train_loss = torch.stack(losses).mean().item()
+                losses.clear()
+                evaluate(epoch + (i + 1) / steps_per_epoch, train_loss)
+                model.train()
+        bar.close()
+        state["epoch"] = epoch + 1
+        state["times"] = dict(sw.totals)
+        checkpoint.save(last_path, model, opt, simplifier=simp, state=dict(state))
+        last = json.loads(log_path.read_text().splitlines()[-1])
+        widths = f"  widths {last['widths']}" if "widths" in last else ""
+        echo(
+            f"epoch {epoch + 1}/{cfg.epochs}  loss {last['train_loss']:.4f}  "
+            f"dev {task.metric} {last['dev_' + task.metric]:.4f}{widths}"
+        )
+    timer.remove()
+
+    # Model selection as in the paper: the best dev checkpoint is scored on test.
+    final_widths = simp.sizes() if simp is not None else None
+    checkpoint.load(best_path, model, restore_rng=False)
+    with sw("eval"):
+        test = task.evaluate(model, "test")
+    summary = {
+        "config": cfg.to_dict(),
+        "best_epoch": state["best_epoch"],
+        f"dev_{task.metric}": state["best_score"],
+        **{f"test_{k}": v for k, v in test.items()},
+        "times": {k: round(v, 4) for k, v in sw.totals.items()},
+        "steps": state["step"],
+        "widths": cfg.widths(),
+        "final_widths": final_widths,
+        "best_widths": [m.out_features for m in task.hidden_layers(model)],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    echo(
+        f"best epoch {state['best_epoch']:g}: dev {task.metric} {state['best_score']:.4f}, "
+        f"test {task.metric} {test[task.metric]:.4f}  (backward {sw.totals['backward']:.1f} s, "
+        f"linear part {sw.totals['linear_backward']:.1f} s)"
+    )
+    return summary

@@ -1,0 +1,147 @@
+"""The experiment tool end to end on a tiny MNIST: train, resume, reproduce, report."""
+
+import json
+
+import pytest
+import torch
+
+import meprop
+from meprop.cli import main
+from meprop.train import TrainConfig
+
+TINY = ["--epochs", "2", "--batch-size", "20", "--hidden", "32", "--no-progress"]
+
+
+def train(root, out, *extra):
+    return main(["train", "mnist", "--data-dir", str(root), "--out", str(out), *TINY, *extra])
+
+
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("dense", []),
+        ("meprop", ["--k", "4"]),
+        ("meprop", ["--k", "4", "--mode", "unified"]),
+        ("random", ["--k", "4"]),
+        ("kdim", ["--k", "4"]),
+        ("mesimp", ["--k", "8", "--prune-interval", "3", "--prune-rate", "0.2"]),
+    ],
+)
+def test_train_each_method(tiny_mnist, tmp_path, method, extra):
+    out = tmp_path / "run"
+    assert train(tiny_mnist, out, "--method", method, *extra) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and summary["steps"] == 16  # ceil(150 / 20) = 8 steps per epoch
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    for key in ("forward", "backward", "linear_backward", "optimizer", "eval"):
+        assert summary["times"][key] > 0
+    assert summary["times"]["linear_backward"] <= summary["times"]["backward"]
+    cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+    assert cfg.method == method
+    if method == "kdim":
+        assert summary["widths"] == [4, 4]
+    if method == "mesimp":
+        assert "widths" in log[-1]
+        assert max(summary["final_widths"].values()) < 32
+        # the best checkpoint reloads into a fresh full-size model
+        model = meprop.tasks.mnist.build_mlp(784, [32, 32], 10)
+        meprop.load(out / "best.pt", model)
+        assert [m.out_features for m in model[:-1] if hasattr(m, "out_features")] == summary[
+            "best_widths"
+        ]
+
+
+def test_learns_the_tiny_task(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_mnist, out, "--method", "meprop", "--k", "8", "--epochs", "6", "--lr", "0.003")
+    assert json.loads((out / "summary.json").read_text())["test_accuracy"] > 0.8
+
+
+def test_resume_equals_uninterrupted(tiny_mnist, tmp_path):
+    args = ["--method", "mesimp", "--k", "8", "--prune-interval", "3", "--dropout", "0.1"]
+    train(tiny_mnist, tmp_path / "a", *args, "--epochs", "3")
+    train(tiny_mnist, tmp_path / "b", *args, "--epochs", "1")
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(tiny_mnist, tmp_path / "b", *args, "--epochs", "3")
+    with pytest.raises(ValueError, match="k: saved 8, given 6"):
+        train(tiny_mnist, tmp_path / "b", *args, "--k", "6", "--resume")
+    train(tiny_mnist, tmp_path / "b", *args, "--epochs", "3", "--resume")
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+    def scores(run):
+        lines = (tmp_path / run / "log.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k != "times"} for x in lines]
+
+    assert scores("a") == scores("b")
+
+
+def test_config_file_and_flags(tiny_mnist, tmp_path):
+    train(tiny_mnist, tmp_path / "a", "--method", "meprop", "--k", "5")
+    cfg_file = tmp_path / "a" / "config.json"
+    train(tiny_mnist, tmp_path / "b", "--config", str(cfg_file), "--k", "6")
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cfg["k"] == 6 and cfg["method"] == "meprop" and cfg["hidden"] == [32]
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(method="sparse"), "method must be one of"),
+        (dict(optimizer="rmsprop"), "optimizer must be one of"),
+        (dict(hidden=(100, 100), layers=3), "hidden lists 2 widths but layers=3"),
+        (dict(k=0), "k must be >= 1, got 0"),
+        (dict(dropout=1.0), "dropout must be in"),
+        (dict(cycle=(1,)), "cycle must be two epoch counts"),
+    ],
+)
+def test_bad_train_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw)
+
+
+def test_hidden_widths():
+    assert TrainConfig(hidden=(500,)).widths() == [500, 500]
+    assert TrainConfig(hidden=(500,), layers=3).widths() == [500, 500, 500]
+    assert TrainConfig(hidden=(154, 160)).widths() == [154, 160]
+    assert TrainConfig(method="kdim", k=20, layers=4).widths() == [20] * 4
+
+
+def test_reproduce_and_report(tiny_mnist, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from meprop import reproduce
+
+    small = dict(epochs=2, batch_size=20, hidden=(32,))
+    full_grid = reproduce.mnist_grid
+
+    def grid(quick, dataset):
+        rows = full_grid(quick=True, dataset=dataset)
+        keep = [r for r in rows if r.config.method in ("dense", "random", "mesimp")][:3]
+        keep += [r for r in rows if r.config.method == "meprop"][:2]
+        return [replace(r, config=replace(r.config, **small, train_limit=0)) for r in keep]
+
+    monkeypatch.setattr(reproduce, "mnist_grid", grid)
+    out = tmp_path / "results"
+    args = ["reproduce", "mnist", "--quick", "--out", str(out), "--data-dir", str(tiny_mnist)]
+    assert main([*args, "--no-progress"]) == 0
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert any(r.startswith("dense-size-of-mesimp") for r in runs)  # the size control ran
+    report = (out / "report.md").read_text()
+    assert "| dense |" in report and "meSimp" in report and "random-k" in report
+    for png in ("accuracy_vs_ratio.png", "mesimp_widths.png", "mesimp_vs_size.png"):
+        assert (out / png).stat().st_size > 1000
+    # a second call skips finished rows; report rebuilds from the runs alone
+    assert main([*args, "--no-progress"]) == 0
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").read_text() == report
+
+
+def test_report_rejects_unfinished(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a finished run"):
+        main(["report", str(tmp_path)])

@@ -1,4 +1,4 @@
-"""The command line: help, and each command end to end on tiny settings."""
+"""The command line: help, and the demo end to end on a tiny MNIST."""
 
 import pytest
 
@@ -9,7 +9,9 @@ def test_help_lists_commands(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
-    assert "demo" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for command in ("train", "reproduce", "report", "demo"):
+        assert command in out
 
 
 def test_no_command_prints_help(capsys):
@@ -17,14 +19,25 @@ def test_no_command_prints_help(capsys):
     assert "usage: meprop" in capsys.readouterr().out
 
 
-def test_demo_runs(capsys):
-    args = ["demo", "--steps", "5", "--examples", "200", "--hidden", "32", "--input", "16"]
-    assert main(args + ["--k", "4"]) == 0
+def test_train_help_is_derived_from_the_config(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "mnist", "--help"])
     out = capsys.readouterr().out
-    assert "dense: loss" in out and "meprop k=4: loss" in out
-    assert "backward time ratio (dense / meProp)" in out
+    for flag in ("--method", "--k", "--prune-rate", "--cycle", "--resume", "--data-dir"):
+        assert flag in out
 
 
-def test_demo_rejects_bad_k():
+def test_demo_runs(tiny_mnist, tmp_path, capsys):
+    args = ["demo", "--epochs", "1", "--k", "4", "--data-dir", str(tiny_mnist)]
+    assert main(args + ["--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "dense  test accuracy" in out and "meProp test accuracy" in out
+    assert "whole backward time ratio (dense / meProp)" in out
+    assert (tmp_path / "meprop" / "summary.json").exists()
+
+
+def test_bad_flag_values_are_reported(tiny_mnist, tmp_path):
     with pytest.raises(ValueError, match="k must be >= 1, got 0"):
-        main(["demo", "--steps", "1", "--examples", "10", "--hidden", "8", "--k", "0"])
+        main(["train", "mnist", "--k", "0", "--out", str(tmp_path), "--data-dir", str(tiny_mnist)])
+    with pytest.raises(SystemExit):
+        main(["train", "mnist", "--method", "nonsense"])

@@ -24,6 +24,7 @@ the fast paths are tested against it.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -45,14 +46,17 @@ __all__ = [
 
 
 def select_rows(g: Tensor, k: int, mode: str, use_kernels: bool = False) -> tuple[Tensor, Tensor]:
-    """Per-row selection of ``g`` (M, n): returns ``idx`` (M, k) int64 and ``vals = g[i, idx]``."""
+    """Per-row selection of ``g`` (M, n): returns ``idx`` (M, k) int64 and ``vals = g[i, idx]``.
+
+    ``use_kernels``: run top-k with the compiled kernel (float32/float64 CPU tensors only).
+    """
     if mode == "random":
         # k distinct columns per row: the k smallest of M*n uniform keys. Uses the global RNG,
         # so torch.manual_seed makes it reproducible.
         idx = torch.rand(g.shape, device=g.device).topk(k, dim=1, sorted=False).indices
         return idx, g.gather(1, idx)
     if use_kernels:
-        return torch.ops.meprop.topk_rows(g, k)
+        return _kernels().topk_rows(g, k)
     # torch.topk orders NaN above every number, so NaN gradients are always kept.
     idx = g.abs().topk(k, dim=1, sorted=False).indices
     return idx, g.gather(1, idx)
@@ -74,7 +78,21 @@ def kernels_available(t: Tensor) -> bool:
         from .kernels import cpu
     except ImportError:  # pragma: no cover - numba is a core dependency
         return False
-    return cpu.available() and cpu.supports(t)
+    return (
+        cpu.available()
+        and cpu.supports(t)
+        and all(hasattr(torch.ops.meprop, op) for op in ("topk_rows", "rows_matmul", "rows_outer"))
+    )
+
+
+def _kernels():
+    """The compiled kernels: plain functions in eager mode (the dispatcher costs tens of
+    microseconds per call), the registered custom ops while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return torch.ops.meprop
+    from .kernels import cpu
+
+    return cpu
 
 
 def _use_kernels(backend: str, t: Tensor) -> bool:
@@ -112,8 +130,23 @@ def _weight_grad(rows: Tensor, dw_rows: Tensor, n: int, sparse: bool) -> Tensor:
             is_coalesced=True,
             check_invariants=False,
         )
-    dw = dw_rows.new_zeros(n, dw_rows.shape[1])
+    dw = _lazy_zeros(n, dw_rows.shape[1], dw_rows)
     return dw.index_copy_(0, rows, dw_rows)
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+
+
+def _lazy_zeros(n: int, d: int, like: Tensor) -> Tensor:
+    """A zero (n, d) tensor whose untouched pages cost nothing.
+
+    torch.zeros writes every byte; numpy's zeros comes from calloc, whose large blocks are
+    fresh zero pages that the kernel maps on first write. A row-sparse dW touches k of n rows,
+    so for a 4096 x 4096 float32 gradient this skips writing ~64 MB per backward.
+    """
+    if like.device.type != "cpu" or like.dtype not in _NUMPY_DTYPES or n * d < (1 << 20):
+        return like.new_zeros(n, d)
+    return torch.from_numpy(np.zeros((n, d), dtype=_NUMPY_DTYPES[like.dtype]))
 
 
 def _bias_grad(g: Tensor, sel: tuple, sparse: bool) -> Tensor:
@@ -181,10 +214,13 @@ class _SparseLinearFn(torch.autograd.Function):
             idx, vals = select_rows(g, k, mode, use_kernels=kern)  # (M, k) each
             sel = ("rows", idx, vals)
             if kern:
+                k_ = _kernels()
                 if need_dx:
-                    dx = torch.ops.meprop.rows_matmul(idx, vals, weight.contiguous())
-                if need_dw:
-                    rows, dw_rows = torch.ops.meprop.rows_outer(idx, vals, x2.contiguous(), n)
+                    dx = k_.rows_matmul(idx, vals, weight)
+                if need_dw and sparse_grad:
+                    rows, dw_rows = k_.rows_outer(idx, vals, x2, n)
+                elif need_dw:  # dense dW written in one pass, untouched rows zero
+                    dw = k_.rows_outer_dense(idx, vals, x2, n)
             else:
                 # Compact to the union of the selected columns (R <= min(n, M*k)).
                 rows = idx.flatten().unique()  # sorted
@@ -192,7 +228,7 @@ class _SparseLinearFn(torch.autograd.Function):
                 dx, dw_rows = _compact_products(
                     gm.index_select(1, rows), rows, weight, x2, need_dx, need_dw
                 )
-            if need_dw:
+            if need_dw and dw is None:
                 dw = _weight_grad(rows, dw_rows, n, sparse_grad)
 
         if need_db:

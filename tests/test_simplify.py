@@ -316,3 +316,72 @@ def test_middle_layer_cut_twice_and_hooks_do_not_break_backward():
     assert len(opt.state) == len(list(model.parameters()))
     model(torch.randn(3, 4)).sum().backward()
     opt.step()
+
+
+class Tagger(nn.Module):
+    """Embedding -> bi-LSTM -> Linear, declaring its meSimp pairs."""
+
+    def __init__(self, layers=1):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.lstm = nn.LSTM(6, 8, num_layers=layers, bidirectional=True)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):  # x: (T, B) token ids
+        return self.head(self.lstm(self.emb(x))[0])
+
+    def simplify_pairs(self):
+        return [Pair("lstm", ("head",))]
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_lstm_cells_are_pruned_per_direction(layers, tmp_path):
+    torch.manual_seed(0)
+    model = sparsify_(Tagger(layers), MePropConfig(k=6))
+    opt = torch.optim.Adam(model.parameters())
+    simp = Simplifier(model, MeSimpConfig(prune_rate=0.5), opt)
+    last = f"lstm.l{layers - 1}"
+    assert simp.sizes()[last] == 8 and simp.sizes()[last + "_reverse"] == 8
+    x = torch.randint(0, 20, (7, 3))
+    model(x).sum().backward()  # the backward records per-cell usage
+    opt.step()
+    opt.zero_grad()
+    assert int(model.lstm.usage[(0, 0)][1]) == 7 * 3
+    # hand-set records: forward direction keeps 3 cells, backward keeps 5
+    model.lstm.usage[(layers - 1, 0)][0].copy_(torch.tensor([9, 0, 9, 0, 0, 9, 0, 0]))
+    model.lstm.usage[(layers - 1, 1)][0].copy_(torch.tensor([9, 9, 9, 0, 9, 9, 0, 0]))
+    for key in model.lstm.usage:
+        model.lstm.usage[key][1].fill_(10)
+        if key[0] < layers - 1:
+            model.lstm.usage[key][0].fill_(10)
+    assert simp.prune()
+    assert simp.sizes()[last] == 3 and simp.sizes()[last + "_reverse"] == 5
+    assert model.head.in_features == 8
+    assert len(opt.state) == len(list(model.parameters()))
+    out = model(x)
+    assert out.shape == (7, 3, 5)
+    out.sum().backward()
+    opt.step()
+    path = meprop.save(tmp_path / "t.pt", model, opt, simplifier=simp)
+    fresh = sparsify_(Tagger(layers), MePropConfig(k=6))
+    opt2 = torch.optim.Adam(fresh.parameters())
+    simp2 = Simplifier(fresh, MeSimpConfig(prune_rate=0.5), opt2)
+    meprop.load(path, fresh, opt2, simplifier=simp2)
+    assert simp2.sizes() == simp.sizes()
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_lstm_tagger_shrinks_while_training():
+    torch.manual_seed(0)
+    model = sparsify_(Tagger(), MePropConfig(k=4))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    simp = Simplifier(model, MeSimpConfig(prune_rate=0.1, interval=10), opt)
+    for _ in range(30):
+        x = torch.randint(0, 20, (5, 4))
+        y = x % 5  # the tag is a function of the token
+        nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+        simp.step()
+    sizes = simp.sizes()
+    assert len(simp.history) >= 2 and min(sizes.values()) < 8, simp.history

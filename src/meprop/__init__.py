@@ -8,6 +8,7 @@ Learning: A Minimal Effort Back Propagation Method" (TKDE).
 from .checkpoint import load, save
 from .config import MePropConfig, MeSimpConfig
 from .convert import densify_, hidden_layers, sparsify_
+from .lstm import SparseLSTM
 from .nn import SparseLinear
 from .ops import sparse_linear
 from .simplify import Pair, Simplifier
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MePropConfig",
     "SparseLinear",
+    "SparseLSTM",
     "sparsify_",
     "densify_",
     "hidden_layers",

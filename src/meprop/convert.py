@@ -1,4 +1,5 @@
-"""Swap ``nn.Linear`` modules for ``SparseLinear`` in place, and back.
+"""Swap ``nn.Linear`` modules for ``SparseLinear`` (and ``nn.LSTM`` for ``SparseLSTM``) in
+place, and back.
 
 The swap changes the module's class and adds its config, nothing else: the Parameter objects,
 hooks and attributes stay, so an optimizer built before the swap keeps updating the same
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from torch import nn
 
 from .config import MePropConfig
+from .lstm import SparseLSTM, to_dense_, to_sparse_
 from .nn import SparseLinear
 
 __all__ = ["sparsify_", "densify_", "hidden_layers"]
@@ -22,6 +24,9 @@ FilterFn = Callable[[nn.Module, str], bool]
 
 def sparsify_(model: nn.Module, config: MePropConfig, filter_fn: FilterFn | None = None):
     """Make every ``nn.Linear`` of ``model`` (itself included) a ``SparseLinear``, in place.
+
+    Exact ``nn.LSTM`` modules become ``SparseLSTM`` the same way (top-k of the gate gradients at
+    every step; ``proj_size`` must be 0).
 
     Args:
         model: any module.
@@ -47,19 +52,23 @@ def sparsify_(model: nn.Module, config: MePropConfig, filter_fn: FilterFn | None
     if not isinstance(config, MePropConfig):
         raise TypeError(f"config must be a MePropConfig, got {type(config).__name__}")
     for name, module in model.named_modules():
-        if type(module) not in (nn.Linear, SparseLinear):
+        if type(module) not in (nn.Linear, SparseLinear, nn.LSTM, SparseLSTM):
             continue
         if filter_fn is not None and not filter_fn(module, name):
             continue
         if type(module) is nn.Linear:
             module.__class__ = SparseLinear
             module.usage = None
+        elif type(module) is nn.LSTM:
+            to_sparse_(module, config)
         module.config = config
     return model
 
 
 def densify_(model: nn.Module, filter_fn: FilterFn | None = None):
-    """Turn every ``SparseLinear`` of ``model`` (itself included) back into ``nn.Linear``.
+    """Turn every ``SparseLinear`` of ``model`` (itself included) back into ``nn.Linear``, and
+    every ``SparseLSTM`` into ``nn.LSTM`` (an error if meSimp left its directions at different
+    widths, which nn.LSTM cannot represent).
 
     Args:
         model: any module.
@@ -72,6 +81,8 @@ def densify_(model: nn.Module, filter_fn: FilterFn | None = None):
         if type(module) is SparseLinear and (filter_fn is None or filter_fn(module, name)):
             module.__class__ = nn.Linear
             del module.config, module.usage
+        elif type(module) is SparseLSTM and (filter_fn is None or filter_fn(module, name)):
+            to_dense_(module)
     return model
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import MeSimpConfig
+from .lstm import SparseLSTM, prune_lstm_cells_
 from .nn import SparseLinear
 from .prune import (
     Cut,
@@ -35,6 +36,12 @@ from .prune import (
 )
 
 __all__ = ["Pair", "find_pairs", "Simplifier"]
+
+
+def _lstm_group(name: str, key: tuple[int, int]) -> str:
+    layer, direction = key
+    return f"{name}.l{layer}{'_reverse' if direction else ''}"
+
 
 # Modules that pass a unit through to the same position of their output.
 ELEMENTWISE = (
@@ -153,10 +160,10 @@ class Simplifier:
             for name in (pair.producer, *pair.consumers, *pair.norms):
                 if name not in modules:
                     raise ValueError(f"no module named {name!r} in the model")
-            if not isinstance(modules[pair.producer], SparseLinear):
+            if not isinstance(modules[pair.producer], SparseLinear | SparseLSTM):
                 raise TypeError(
                     f"producer {pair.producer!r} is {type(modules[pair.producer]).__name__}, "
-                    "not a SparseLinear: only sparsified layers have a top-k record"
+                    "not a SparseLinear or SparseLSTM: only sparsified layers have a top-k record"
                 )
             for name in pair.consumers:
                 if not isinstance(modules[name], nn.Linear):
@@ -170,26 +177,48 @@ class Simplifier:
 
     # -- the usage record ------------------------------------------------------------------
 
-    def _layer(self, name: str) -> SparseLinear:
+    def _layer(self, name: str) -> SparseLinear | SparseLSTM:
         return self._modules[name]
+
+    def _groups(self, name: str) -> dict[str, int]:
+        """The unit groups of a producer and their widths: a Linear's outputs, or each
+        (layer, direction) of an LSTM's memory cells (``name.l0``, ``name.l0_reverse``, ...)."""
+        layer = self._layer(name)
+        if isinstance(layer, SparseLSTM):
+            return {_lstm_group(name, key): h for key, h in layer.sizes().items()}
+        return {name: layer.out_features}
+
+    def _usage(self, name: str) -> dict[str, tuple[Tensor, Tensor]]:
+        """The usage record of a producer, by unit group."""
+        layer = self._layer(name)
+        if isinstance(layer, SparseLSTM):
+            return {_lstm_group(name, key): u for key, u in layer.usage.items()}
+        return {name: layer.usage}
 
     def _record(self, on: bool) -> None:
         """Attach fresh zeroed counters to every producer (on), or detach them (off)."""
         for pair in self.pairs:
             layer = self._layer(pair.producer)
-            if on:
-                dev = layer.weight.device
-                layer.usage = (
-                    torch.zeros(layer.out_features, dtype=torch.int64, device=dev),
+            if not on:
+                layer.usage = None
+                continue
+            dev = next(layer.parameters()).device
+
+            def zeros(width, dev=dev):
+                return (
+                    torch.zeros(width, dtype=torch.int64, device=dev),
                     torch.zeros(1, dtype=torch.int64, device=dev),
                 )
+
+            if isinstance(layer, SparseLSTM):
+                layer.usage = {key: zeros(h) for key, h in layer.sizes().items()}
             else:
-                layer.usage = None
+                layer.usage = zeros(layer.out_features)
         self._recording = on
 
     def sizes(self) -> dict[str, int]:
-        """Current width of every shrinkable layer, by name."""
-        return {p.producer: self._layer(p.producer).out_features for p in self.pairs}
+        """Current width of every shrinkable unit group (a layer, or an LSTM direction)."""
+        return {g: w for p in self.pairs for g, w in self._groups(p.producer).items()}
 
     # -- the schedule ----------------------------------------------------------------------
 
@@ -227,9 +256,11 @@ class Simplifier:
 
     # -- pruning ---------------------------------------------------------------------------
 
-    def keep_indices(self, name: str) -> Tensor:
-        """Units of layer ``name`` to keep: selected in at least prune_rate of the selections."""
-        counts, selections = self._layer(name).usage
+    def keep_indices(self, group: str) -> Tensor:
+        """Units of a group (see ``sizes()``) to keep: selected in at least prune_rate of the
+        selections; never fewer than ``min_units`` (the most selected ones)."""
+        producer = group.rsplit(".l", 1)[0] if group not in self._modules else group
+        counts, selections = self._usage(producer)[group]
         threshold = self.config.prune_rate * selections.double()
         keep = (counts.double() >= threshold).nonzero().flatten()
         floor = min(self.config.min_units, counts.numel())
@@ -243,14 +274,25 @@ class Simplifier:
         cuts: list[Cut] = []
         for pair in self.pairs:
             layer = self._layer(pair.producer)
+            consumers = [self._modules[name] for name in pair.consumers]
+            if isinstance(layer, SparseLSTM):
+                # keeps first (pruning one direction re-indexes the record of none other)
+                keeps = {
+                    key: self.keep_indices(_lstm_group(pair.producer, key)) for key in layer.sizes()
+                }
+                for (lay, d), keep in keeps.items():
+                    if keep.numel() < layer.sizes()[(lay, d)]:
+                        last = lay == layer.num_layers - 1
+                        cuts += prune_lstm_cells_(layer, lay, d, keep, consumers if last else ())
+                continue
             keep = self.keep_indices(pair.producer)
             if keep.numel() == layer.out_features:
                 continue
             cuts += prune_out_(layer, keep)
             for name in pair.norms:
                 cuts += prune_norm_(self._modules[name], keep)
-            for name in pair.consumers:
-                cuts += prune_in_(self._modules[name], keep)
+            for consumer in consumers:
+                cuts += prune_in_(consumer, keep)
         if cuts and self.optimizer is not None:
             update_optimizer_(self.optimizer, cuts, slice_state=self.config.optimizer == "slice")
         self._record(self._recording)
@@ -261,14 +303,18 @@ class Simplifier:
     # -- checkpoints -----------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        usage = {p.producer: self._layer(p.producer).usage for p in self.pairs}
+        usage = {}
+        if self._recording:
+            for p in self.pairs:
+                for group, u in self._usage(p.producer).items():
+                    usage[group] = [t.clone() for t in u]
         return {
             "config": self.config.to_dict(),
             "steps": self.steps,
             "since": self.since,
             "recording": self._recording,
             "history": [(s, dict(w)) for s, w in self.history],
-            "usage": {n: None if u is None else [t.clone() for t in u] for n, u in usage.items()},
+            "usage": usage,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -276,13 +322,15 @@ class Simplifier:
         self.steps, self.since = state["steps"], state["since"]
         self.history = [(s, dict(w)) for s, w in state["history"]]
         self._record(state["recording"])
-        for name, usage in state["usage"].items():
-            layer = self._layer(name)
-            if usage is not None:
-                if usage[0].shape != (layer.out_features,):
+        sizes = self.sizes()
+        for p in self.pairs:
+            live = self._usage(p.producer) if self._recording else {}
+            for group, (counts, selections) in live.items():
+                saved = state["usage"][group]
+                if saved[0].shape != (sizes[group],):
                     raise ValueError(
-                        f"saved usage of {name!r} has {usage[0].shape[0]} units but the layer "
-                        f"has {layer.out_features}: load the model's weights first"
+                        f"saved usage of {group!r} has {saved[0].shape[0]} units but the layer "
+                        f"has {sizes[group]}: load the model's weights first"
                     )
-                dev = layer.weight.device
-                layer.usage = tuple(t.to(dev) for t in usage)
+                counts.copy_(saved[0])
+                selections.copy_(saved[1])

@@ -385,3 +385,27 @@ def test_lstm_tagger_shrinks_while_training():
         simp.step()
     sizes = simp.sizes()
     assert len(simp.history) >= 2 and min(sizes.values()) < 8, simp.history
+
+
+def test_chain_with_layernorm_outside_the_pruned_pairs_keeps_outputs():
+    # A LayerNorm *between* producer and consumer is sliced (its statistics then change by
+    # construction, see test_layernorm_between_is_sliced); elsewhere in the chain it is kept.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.LayerNorm(6),
+        nn.Linear(6, 12),
+        nn.ReLU(),
+        nn.Linear(12, 3),
+        nn.LayerNorm(3),
+        nn.Linear(3, 2),
+    )
+    sparsify_(model, MePropConfig(k=4), filter_fn=lambda m, n: n == "1")
+    with torch.no_grad():
+        model[3].weight[:, [2, 5, 11]] = 0
+    simp = Simplifier(model, MeSimpConfig(prune_rate=0.5))
+    x = torch.randn(4, 6)
+    before = model(x)
+    set_usage(model[1], [0 if u in (2, 5, 11) else 3 for u in range(12)], 3)
+    simp.prune()
+    torch.testing.assert_close(model(x), before)
+    assert model[1].out_features == 9 and model[3].in_features == 9

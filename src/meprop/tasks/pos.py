@@ -1,0 +1,191 @@
+"""Part-of-speech tagging on UD English EWT with a bi-LSTM (the paper's tagger).
+
+Model: word embedding (dim 100) -> one bidirectional LSTM layer (hidden = the run's first
+width, per direction) -> dropout -> a linear output layer over the tags. meProp goes on the
+LSTM only (top-k of its gate gradients at every step); the output layer stays dense. meSimp
+shrinks the LSTM's memory cells per direction (groups ``lstm.l0`` and ``lstm.l0_reverse``) and
+the output layer's input columns with them.
+
+Tags: XPOS (the Penn Treebank tags, the paper's setting) by default, UPOS with ``tags="upos"``.
+Tags are indexed from the training set; a dev/test tag never seen in training counts as an
+error.
+
+Words: lowercased; the vocabulary is the training words (after ``train_limit``) seen at least
+twice, plus ``<pad>`` and ``<unk>``. Unknown-word handling: an unknown word maps to one of a few
+word-shape classes instead of a single ``<unk>``: ``<unk:num>`` (has a digit), ``<unk:punct>``
+(no letter or digit), ``<unk:cap>`` (first letter upper case), ``<unk:-ing>``, ``<unk:-ed>``,
+``<unk:-ly>``, ``<unk:-s>``, ``<unk:hyphen>``, else ``<unk>``.
+
+Batches: sentences shuffled with the run's generator, ``batch_size`` sentences per batch,
+padded to (T, B) and packed (``pack_padded_sequence(enforce_sorted=False)``) for the LSTM.
+The loss is the mean token cross-entropy over real (non-pad) tokens.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
+
+from ..data.conllu import load_ud_ewt
+from ..simplify import Pair
+
+__all__ = ["BiLSTMTagger", "PosTask", "word_key", "SHAPES"]
+
+PAD, UNK = "<pad>", "<unk>"
+SHAPES = (
+    "<unk:num>",
+    "<unk:punct>",
+    "<unk:cap>",
+    "<unk:-ing>",
+    "<unk:-ed>",
+    "<unk:-ly>",
+    "<unk:-s>",
+    "<unk:hyphen>",
+)
+IGNORE = -100  # padding and tags unseen in training: no loss, never predicted
+
+
+def word_key(word: str) -> str:
+    """The vocabulary key of a word: lowercased."""
+    return word.lower()
+
+
+def shape_class(word: str) -> str:
+    """The unknown-word token of a word not in the vocabulary (see the module docstring)."""
+    if any(c.isdigit() for c in word):
+        return "<unk:num>"
+    if not any(c.isalpha() for c in word):
+        return "<unk:punct>"
+    if word[0].isupper():
+        return "<unk:cap>"
+    w = word.lower()
+    for suffix in ("ing", "ed", "ly"):
+        if w.endswith(suffix):
+            return f"<unk:-{suffix}>"
+    if w.endswith("s"):
+        return "<unk:-s>"
+    if "-" in w:
+        return "<unk:hyphen>"
+    return UNK
+
+
+class BiLSTMTagger(nn.Module):
+    """Embedding -> bi-LSTM -> dropout -> Linear; ``forward(words (T, B), lengths (B,))`` gives
+    tag scores (T, B, n_tags)."""
+
+    def __init__(
+        self, vocab_size: int, n_tags: int, hidden: int, emb_dim: int = 100, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, emb_dim, padding_idx=0)
+        self.lstm = nn.LSTM(emb_dim, hidden, num_layers=1, bidirectional=True)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(2 * hidden, n_tags)
+
+    def simplify_pairs(self) -> list[Pair]:
+        return [Pair("lstm", ("head",))]
+
+    def forward(self, words: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        x = self.embed(words)
+        packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
+        out, _ = self.lstm(packed)
+        out, _ = pad_packed_sequence(out, total_length=words.shape[0])
+        return self.head(self.dropout(out))
+
+    def widths(self) -> list[int]:
+        """The LSTM's hidden width per direction: [forward, backward]."""
+        sizes = getattr(self.lstm, "sizes", None)
+        if sizes is not None:
+            return [int(h) for _, h in sorted(sizes().items())]
+        return [self.lstm.hidden_size] * 2
+
+
+class PosTask:
+    metric = "accuracy"
+    train_eval_size = 2000  # training sentences scored each epoch for the learning curves
+    emb_dim = 100
+    eval_batch = 256
+
+    def __init__(self, cfg, data_dir=None) -> None:
+        tags = getattr(cfg, "tags", "xpos")
+        if tags not in ("xpos", "upos"):
+            raise ValueError(f"tags must be 'xpos' or 'upos', got {tags!r}")
+        data = load_ud_ewt(root=data_dir)
+        train = data["train"][: cfg.train_limit] if cfg.train_limit else data["train"]
+        counts = Counter(word_key(w) for s in train for w in s.forms)
+        self.vocab = [PAD, UNK, *SHAPES] + sorted(w for w, n in counts.items() if n >= 2)
+        self.word_index = {w: i for i, w in enumerate(self.vocab)}
+        self.tagset = sorted({t for s in train for t in getattr(s, tags)})
+        self.tag_index = {t: i for i, t in enumerate(self.tagset)}
+        self.tags = tags
+
+        def encode(sentences):
+            return [self._encode(s) for s in sentences if len(s)]
+
+        self.splits = {
+            "train": encode(train),
+            "dev": encode(data["dev"]),
+            "test": encode(data["test"]),
+        }
+        self.splits["train_eval"] = self.splits["train"][: self.train_eval_size]
+
+    def _encode(self, sentence) -> tuple[torch.Tensor, torch.Tensor]:
+        wi = self.word_index
+        words = [wi.get(word_key(w), wi[shape_class(w)]) for w in sentence.forms]
+        tags = [self.tag_index.get(t, IGNORE) for t in getattr(sentence, self.tags)]
+        return torch.tensor(words), torch.tensor(tags)
+
+    def build_model(self, widths: list[int], dropout: float) -> BiLSTMTagger:
+        return BiLSTMTagger(len(self.vocab), len(self.tagset), widths[0], self.emb_dim, dropout)
+
+    def sparsify_filter(self, model):
+        return lambda module, name: name == "lstm"
+
+    def hidden_layers(self, model) -> list[nn.Module]:
+        return [model.lstm]
+
+    def widths(self, model) -> list[int]:
+        return model.widths()
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return -(-len(self.splits["train"]) // batch_size)
+
+    @staticmethod
+    def collate(items) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(words (T, B), tags (T, B) with IGNORE past each end, lengths (B,))."""
+        words = pad_sequence([w for w, _ in items], padding_value=0)
+        tags = pad_sequence([t for _, t in items], padding_value=IGNORE)
+        lengths = torch.tensor([len(w) for w, _ in items])
+        return words, tags, lengths
+
+    def batches(self, split: str, batch_size: int, generator: torch.Generator):
+        data = self.splits[split]
+        order = torch.randperm(len(data), generator=generator).tolist()
+        for i in range(0, len(data), batch_size):
+            yield self.collate([data[j] for j in order[i : i + batch_size]])
+
+    def loss(self, model, batch) -> torch.Tensor:
+        words, tags, lengths = batch
+        scores = model(words, lengths)
+        return nn.functional.cross_entropy(
+            scores.reshape(-1, scores.shape[-1]), tags.reshape(-1), ignore_index=IGNORE
+        )
+
+    @torch.no_grad()
+    def evaluate(self, model, split: str) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        data = self.splits[split]
+        order = sorted(range(len(data)), key=lambda i: len(data[i][0]))  # little padding
+        correct = total = 0
+        for i in range(0, len(order), self.eval_batch):
+            words, tags, lengths = self.collate([data[j] for j in order[i : i + self.eval_batch]])
+            pred = model(words, lengths).argmax(-1)
+            real = torch.arange(words.shape[0])[:, None] < lengths[None, :]
+            correct += int(((pred == tags) & real).sum())
+            total += int(lengths.sum())
+        model.train(was_training)
+        return {"accuracy": correct / max(1, total)}

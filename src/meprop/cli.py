@@ -21,6 +21,8 @@ CHOICES = {
     "optimizer": ("adam", "adagrad", "sgd"),
     "dataset": ("mnist", "fashion"),
     "backend": ("auto", "torch", "numba"),
+    "activation": ("relu", "tanh", "cube"),
+    "tags": ("xpos", "upos"),
 }
 HELP = {
     "dataset": "MNIST-style dataset (mnist task)",
@@ -29,7 +31,6 @@ HELP = {
     "k": "top-k kept per example (unified: per mini-batch)",
     "mode": "top-k selection: per example, or unified over the mini-batch",
     "hidden": "hidden width, or one width per layer: 500 or 154,160",
-    "layers": "number of hidden layers when --hidden gives one width (0: 2)",
     "lr": "learning rate (0: adam 1e-3, adagrad 1e-2, sgd 0.1)",
     "eval_every": "steps between dev evaluations (0: once per epoch)",
     "train_limit": "use only the first N training examples (0: all)",
@@ -38,6 +39,11 @@ HELP = {
     "cycle": "meSimp cycle in epochs: SIMPLIFY,NORMAL (optimizer reset at each period start)",
     "sparse_grad": "row-sparse weight gradients (for SGD/Adagrad)",
     "backend": "kernels for the sparse backward: auto (numba where it applies), torch, numba",
+    "activation": "hidden activation (default: the task's; mnist relu, parse cube)",
+    "tags": "pos task: tag column, xpos (Penn Treebank) or upos",
+    "layers": "number of hidden layers when --hidden gives one width (0: the task's)",
+    "batch_size": "mini-batch size (0: the task's; mnist 100 images, pos 16 sentences)",
+    "epochs": "training epochs (0: the task's)",
 }
 
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .config import MePropConfig
 from .ops import apply_config
 
-__all__ = ["SparseLinear"]
+__all__ = ["SparseLinear", "Cube"]
 
 
 class SparseLinear(nn.Linear):
@@ -69,3 +69,10 @@ class SparseLinear(nn.Linear):
         if c.sparse_grad:
             s += ", sparse_grad=True"
         return s
+
+
+class Cube(nn.Module):
+    """x ** 3, elementwise: the hidden activation of Chen & Manning's (2014) parser."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return input * input * input

@@ -30,14 +30,19 @@ class Run:
     def method(self) -> str:
         return self.config["method"]
 
+    @property
+    def metric(self) -> str:
+        """The score that selects the best epoch (accuracy, uas, ...)."""
+        return self.summary.get("metric", "accuracy")
+
     def per_step_ms(self, key: str) -> float:
         return 1000 * self.summary["times"].get(key, 0.0) / max(1, self.summary["steps"])
 
     def test(self) -> float:
-        return 100 * self.summary["test_accuracy"]
+        return 100 * self.summary[f"test_{self.metric}"]
 
     def dev(self) -> float:
-        return 100 * self.summary["dev_accuracy"]
+        return 100 * self.summary[f"dev_{self.metric}"]
 
 
 def _label(cfg: dict) -> str:
@@ -82,18 +87,23 @@ def _reference(run: Run, runs: list[Run]) -> Run | None:
 
     def key(r: Run):
         c = r.config
-        return (c["optimizer"], len(r.summary["widths"]), c["dropout"], c["dataset"])
+        return (c["task"], c["optimizer"], len(r.summary["widths"]), c["dropout"], c["dataset"])
 
-    dense = [r for r in runs if r.method == "dense" and max(r.summary["widths"]) >= 500]
+    # the full-size dense runs (not the dense nets trained at meSimp's widths)
+    dense = [r for r in runs if r.method == "dense" and r.config["task"] == run.config["task"]]
+    widest = max((max(r.summary["widths"]) for r in dense), default=0)
+    dense = [r for r in dense if max(r.summary["widths"]) == widest]
     same = [r for r in dense if key(r) == key(run)]
     return (same or dense or [None])[0]
 
 
 def _table(runs: list[Run], all_runs: list[Run]) -> list[str]:
+    metric = runs[0].metric
     lines = [
-        "| run | hidden | dev acc % | test acc % | linear backward ms/step | speedup | "
-        "backward ms/step | speedup | forward ms/step |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| run | hidden | dev {metric} % | test {metric} % | hidden-layer backward ms/step | "
+        "speedup | linear backward ms/step | speedup | backward ms/step | speedup | "
+        "forward ms/step |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in runs:
         ref = _reference(r, all_runs)
@@ -111,6 +121,7 @@ def _table(runs: list[Run], all_runs: list[Run]) -> list[str]:
         )
         lines.append(
             f"| {r.label} | {hidden} | {r.dev():.2f} | {r.test():.2f} | "
+            f"{r.per_step_ms('hidden_backward'):.2f} | {ratio('hidden_backward')} | "
             f"{r.per_step_ms('linear_backward'):.2f} | {ratio('linear_backward')} | "
             f"{r.per_step_ms('backward'):.2f} | {ratio('backward')} | "
             f"{r.per_step_ms('forward'):.2f} |"
@@ -138,12 +149,14 @@ def _plots(runs: list[Run], out: Path) -> list[str]:
         made.append(name)
 
     dense = [r for r in runs if r.method == "dense" and r.group in ("main", "runs")]
+    metric = runs[0].metric
+    depth = len(dense[0].summary["widths"]) if dense else len(runs[0].summary["widths"])
     sweep = [
         r
         for r in runs
         if r.method == "meprop"
         and r.config["optimizer"] == "adam"
-        and len(r.summary["widths"]) == 2
+        and len(r.summary["widths"]) == depth
         and r.config["dropout"] == 0
     ]
     if sweep:
@@ -161,13 +174,13 @@ def _plots(runs: list[Run], out: Path) -> list[str]:
         ax.set(
             xscale="log",
             xlabel="backprop ratio k/h (%)",
-            ylabel="test accuracy (%)",
-            title="accuracy vs backprop ratio",
+            ylabel=f"test {metric} (%)",
+            title=f"{metric} vs backprop ratio",
         )
         ax.legend()
         save(fig, "accuracy_vs_ratio.png")
 
-    def curves(name, title, picks, key="dev_accuracy"):
+    def curves(name, title, picks, key=f"dev_{metric}"):
         picks = [r for r in picks if r is not None]
         if len(picks) < 2:
             return
@@ -186,35 +199,34 @@ def _plots(runs: list[Run], out: Path) -> list[str]:
                 and (k is None or c["k"] == k)
                 and (mode is None or c["mode"] == mode)
                 and c["optimizer"] == "adam"
-                and len(r.summary["widths"]) == 2
+                and len(r.summary["widths"]) == depth
                 and c["dropout"] == 0
             ):
                 return r
         return None
 
     base = dense[0] if dense else None
+    # k of the controls (the random-k run), else of the main meProp runs: 20 for MNIST
+    ks = [r.config["k"] for r in runs if r.method == "random"]
+    ks += [r.config["k"] for r in runs if r.method == "meprop" and r.group == "main"]
+    k = ks[0] if ks else 20
     curves(
         "topk_vs_random.png",
-        "top-k vs random-k (k=20)",
-        [
-            base,
-            find("meprop", 20, "per_example"),
-            find("meprop", 20, "unified"),
-            find("random", 20),
-        ],
+        f"top-k vs random-k (k={k})",
+        [base, find("meprop", k, "per_example"), find("meprop", k, "unified"), find("random", k)],
     )
     curves(
         "meprop_vs_kdim.png",
-        "meProp vs a k-dimensional network (k=20)",
-        [base, find("meprop", 20, "unified"), find("meprop", 20, "per_example"), find("kdim", 20)],
+        f"meProp vs a k-dimensional network (k={k})",
+        [base, find("meprop", k, "unified"), find("meprop", k, "per_example"), find("kdim", k)],
     )
-    lc = [r for r in (base, find("meprop", 20, "unified"), find("meprop", 20, "per_example")) if r]
+    lc = [r for r in (base, find("meprop", k, "unified"), find("meprop", k, "per_example")) if r]
     if lc:
         fig, ax = plt.subplots(figsize=(6, 4))
         for i, r in enumerate(lc):
-            _curve(ax, r, "train_accuracy", f"{r.label} (train)", color=f"C{i}")
-            _curve(ax, r, "dev_accuracy", f"{r.label} (dev)", color=f"C{i}", ls="--")
-        ax.set(xlabel="epoch", ylabel="accuracy (%)", title="learning curves: train vs dev")
+            _curve(ax, r, f"train_{metric}", f"{r.label} (train)", color=f"C{i}")
+            _curve(ax, r, f"dev_{metric}", f"{r.label} (dev)", color=f"C{i}", ls="--")
+        ax.set(xlabel="epoch", ylabel=f"{metric} (%)", title="learning curves: train vs dev")
         ax.legend(fontsize=7)
         save(fig, "learning_curves.png")
     simp = [r for r in runs if r.method == "mesimp"]
@@ -238,13 +250,18 @@ def _plots(runs: list[Run], out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.barh([r.label for r in bars], [r.test() for r in bars])
         lo = min(r.test() for r in bars)
-        ax.set(xlim=(lo - 1, 100), xlabel="test accuracy (%)", title="meSimp vs dense at its size")
+        ax.set(xlim=(lo - 1, 100), xlabel=f"test {metric} (%)", title="meSimp vs dense at its size")
         save(fig, "mesimp_vs_size.png")
     return made
 
 
+PAPER_TITLES = {
+    "mnist": "MNIST",
+    "pos": "POS tagging on the Penn Treebank; ours is UD English EWT XPOS",
+    "parse": "parsing on the Penn Treebank, UAS; ours is UD English EWT",
+}
 GROUP_TITLES = {
-    "main": "dense vs meProp (784-500-500-10, Adam)",
+    "main": "dense vs meProp (Adam)",
     "ratio": "accuracy vs backprop ratio k/h",
     "control": "controls: random-k and a k-dimensional network",
     "mesimp": "meSimp, and dense nets trained at meSimp's final widths",
@@ -257,7 +274,7 @@ GROUP_TITLES = {
 
 def build_report(paths: list[Path], out: Path) -> Path:
     """Write ``out/report.md`` (and PNG plots beside it) from the runs in ``paths``."""
-    from .reproduce import PAPER_MNIST
+    from .reproduce import PAPER
 
     order = list(GROUP_TITLES)
     runs = sorted(
@@ -276,7 +293,7 @@ def build_report(paths: list[Path], out: Path) -> Path:
         "# meprop results",
         "",
         f"{len(runs)} runs; torch {first['torch']}, {first['threads']} threads. "
-        "Accuracies are the test score of the checkpoint with the best dev score. Times are "
+        "Scores are the test score of the checkpoint with the best dev score. Times are "
         "per training step; speedups are against the dense run of the same optimizer, depth "
         "and dropout in this set (measured in the same grid, on the same machine).",
         "",
@@ -286,14 +303,15 @@ def build_report(paths: list[Path], out: Path) -> Path:
         groups.setdefault(r.group, []).append(r)
     for group, members in groups.items():
         lines += [f"## {GROUP_TITLES.get(group, group)}", ""] + _table(members, runs) + [""]
-    if runs[0].config["task"] == "mnist":
+    task = runs[0].config["task"]
+    if task in PAPER:
         lines += [
-            "## Published figures (Sun et al., MNIST, hidden 500)",
+            f"## Published figures (Sun et al., {PAPER_TITLES[task]}, hidden 500)",
             "",
             "| figure | paper |",
             "| --- | ---: |",
         ]
-        lines += [f"| {k} | {v} |" for k, v in PAPER_MNIST.items()]
+        lines += [f"| {k} | {v} |" for k, v in PAPER[task].items()]
         lines += [
             "",
             "The paper's speedups are against the authors' own dense code; ours are "

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from .train import TrainConfig
 
-__all__ = ["Row", "mnist_grid", "run_grid"]
+__all__ = ["Row", "GRIDS", "PAPER", "mnist_grid", "pos_grid", "run_grid"]
 
-# Published MNIST figures (test accuracy %, hidden 500, Adam unless noted): the targets.
+# Published figures (test scores %, hidden 500, Adam unless noted; Penn Treebank for POS
+# and parsing, where our data is UD English EWT): the targets.
 PAPER_MNIST = {
     "dense": 98.20,
     "meprop k=80": 98.27,
@@ -40,44 +41,65 @@ class Row:
     config: TrainConfig
 
 
+def _row_name(cfg: TrainConfig) -> str:
+    """A run directory name that tells the row's settings apart."""
+    return "-".join(
+        part
+        for part in [
+            cfg.method,
+            cfg.mode if cfg.method in ("meprop", "mesimp") else "",
+            f"k{cfg.k}" if cfg.method != "dense" else "",
+            cfg.optimizer,
+            f"L{len(cfg.widths())}",
+            "w" + "x".join(map(str, sorted(set(cfg.widths())))),
+            f"d{cfg.dropout:g}",
+        ]
+        if part
+    )
+
+
+class _Grid:
+    """Rows of one task's grid, added by (group, label, overrides of the base config)."""
+
+    def __init__(self, base: TrainConfig) -> None:
+        self.base = base
+        self.rows: dict[str, Row] = {}
+
+    def add(self, group: str, label: str, **kw) -> None:
+        cfg = replace(self.base, **kw)
+        name = _row_name(cfg)
+        self.rows.setdefault(name, Row(name, group, label, cfg))
+
+    def list(self) -> list[Row]:
+        return list(self.rows.values())
+
+
 def mnist_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
     """The MNIST grid: main comparison, k/h sweep, controls, meSimp, AdaGrad, depth, dropout."""
-    base = TrainConfig(
-        task="mnist", dataset=dataset, epochs=2 if quick else 20, train_limit=10_000 if quick else 0
+    g = _Grid(
+        TrainConfig(
+            task="mnist",
+            dataset=dataset,
+            epochs=2 if quick else 20,
+            train_limit=10_000 if quick else 0,
+        )
     )
-    rows: list[Row] = []
-
-    def add(group, label, **kw):
-        cfg = replace(base, **kw)
-        name = "-".join(
-            [
-                cfg.method,
-                cfg.mode if cfg.method in ("meprop", "mesimp") else "",
-                f"k{cfg.k}" if cfg.method != "dense" else "",
-                cfg.optimizer,
-                f"L{len(cfg.widths())}",
-                "w" + "x".join(map(str, sorted(set(cfg.widths())))),
-                f"d{cfg.dropout:g}",
-            ]
-        ).replace("--", "-")
-        rows.append(Row(name, group, label, cfg))
-
     ks = (10, 40) if quick else (5, 10, 20, 40, 80, 160)
-    add("main", "dense", method="dense")
+    g.add("main", "dense", method="dense")
     for mode in ("per_example", "unified"):
         for k in ks:
-            add("ratio", f"meProp {mode} k={k}", method="meprop", k=k, mode=mode)
-    add("main", "meProp per_example k=20", method="meprop", k=20)
-    add("main", "meProp unified k=20", method="meprop", k=20, mode="unified")
-    add("control", "random-k k=20", method="random", k=20)
-    add("control", "k-dim net k=20", method="kdim", k=20)
-    add("mesimp", "meSimp k=160 per_example", method="mesimp", k=160, prune_rate=0.1)
-    add("mesimp", "meSimp k=160 unified", method="mesimp", k=160, mode="unified", prune_rate=0.1)
-    add("adagrad", "dense AdaGrad", method="dense", optimizer="adagrad")
-    add("adagrad", "meProp k=10 AdaGrad", method="meprop", k=10, optimizer="adagrad")
+            g.add("ratio", f"meProp {mode} k={k}", method="meprop", k=k, mode=mode)
+    g.add("main", "meProp per_example k=20", method="meprop", k=20)
+    g.add("main", "meProp unified k=20", method="meprop", k=20, mode="unified")
+    g.add("control", "random-k k=20", method="random", k=20)
+    g.add("control", "k-dim net k=20", method="kdim", k=20)
+    g.add("mesimp", "meSimp k=160 per_example", method="mesimp", k=160, prune_rate=0.1)
+    g.add("mesimp", "meSimp k=160 unified", method="mesimp", k=160, mode="unified", prune_rate=0.1)
+    g.add("adagrad", "dense AdaGrad", method="dense", optimizer="adagrad")
+    g.add("adagrad", "meProp k=10 AdaGrad", method="meprop", k=10, optimizer="adagrad")
     for layers in (3,) if quick else (3, 4, 5):
-        add("depth", f"dense {layers} layers", method="dense", layers=layers)
-        add(
+        g.add("depth", f"dense {layers} layers", method="dense", layers=layers)
+        g.add(
             "depth",
             f"meProp unified k=20, {layers} layers",
             method="meprop",
@@ -85,8 +107,8 @@ def mnist_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
             mode="unified",
             layers=layers,
         )
-    add("dropout", "dense dropout 0.2", method="dense", dropout=0.2)
-    add(
+    g.add("dropout", "dense dropout 0.2", method="dense", dropout=0.2)
+    g.add(
         "dropout",
         "meProp unified k=20 dropout 0.2",
         method="meprop",
@@ -94,18 +116,42 @@ def mnist_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
         mode="unified",
         dropout=0.2,
     )
-    unique = {}
-    for row in rows:
-        unique.setdefault(row.name, row)
-    return list(unique.values())
+    return g.list()
+
+
+def pos_grid(quick: bool = False, dataset: str = "") -> list[Row]:
+    """The POS grid (bi-LSTM tagger on UD English EWT, XPOS): dense vs meProp k=10, the
+    controls, meSimp, AdaGrad (meProp k=5, as the paper)."""
+    g = _Grid(
+        TrainConfig(
+            task="pos",
+            epochs=1 if quick else 10,
+            train_limit=2000 if quick else 0,
+            hidden=(128,) if quick else (500,),
+        )
+    )
+    g.add("main", "dense", method="dense")
+    g.add("main", "meProp per_example k=10", method="meprop", k=10)
+    g.add("main", "meProp unified k=10", method="meprop", k=10, mode="unified")
+    g.add("control", "random-k k=10", method="random", k=10)
+    g.add("control", "k-dim net k=10", method="kdim", k=10)
+    g.add("mesimp", "meSimp k=20 per_example", method="mesimp", k=20, prune_rate=0.1)
+    g.add("adagrad", "dense AdaGrad", method="dense", optimizer="adagrad")
+    g.add("adagrad", "meProp k=5 AdaGrad", method="meprop", k=5, optimizer="adagrad")
+    return g.list()
+
+
+GRIDS = {"mnist": mnist_grid, "pos": pos_grid}
 
 
 def _size_control(row: Row, summary: dict) -> Row:
     """A dense net trained from scratch at the widths a meSimp run ended with."""
-    widths = tuple(summary["final_widths"].values())
-    cfg = replace(row.config, method="dense", hidden=widths, layers=0, k=20)
+    from .tasks import task_class
+
+    hidden = task_class(row.config.task).dense_hidden(summary["final_widths"])
+    cfg = replace(row.config, method="dense", hidden=hidden, layers=0, k=20)
     name = f"dense-size-of-{row.name}"
-    return Row(name, "mesimp", f"dense at meSimp's widths {list(widths)}", cfg)
+    return Row(name, "mesimp", f"dense at meSimp's widths {list(hidden)}", cfg)
 
 
 def run_grid(rows: list[Row], out: Path, data_dir=None, progress=True, echo=print) -> list[Path]:
@@ -142,21 +188,34 @@ def run_grid(rows: list[Row], out: Path, data_dir=None, progress=True, echo=prin
     return dirs
 
 
+PAPER_POS = {
+    "dense": 97.22,
+    "meprop k=10": 97.25,
+    "speedup k=10": 37.1,
+    "mesimp": 97.25,
+    "mesimp width": 60,
+    "adagrad dense": 96.93,
+    "adagrad meprop k=5": 97.25,
+}
+PAPER = {"mnist": PAPER_MNIST, "pos": PAPER_POS}
+
+
 def _reproduce(args: argparse.Namespace) -> None:
     from .report import build_report
 
-    if args.task != "mnist":
-        raise SystemExit(f"reproduce {args.task}: not available yet (only mnist)")
-    rows = mnist_grid(quick=args.quick, dataset=args.dataset)
+    rows = GRIDS[args.task](quick=args.quick, dataset=args.dataset)
     out = args.out or Path("results") / (f"{args.task}-quick" if args.quick else args.task)
-    per_run = "about 10 s" if args.quick else "about 2-4 min"
     print(
-        f"{len(rows)} runs (+1 dense size control per meSimp run), {per_run} each on 2 cores; "
-        f"results in {out}"
+        f"{len(rows)} runs (+1 dense size control per meSimp run), {PER_RUN[args.task][args.quick]} "
+        f"each on 2 cores; results in {out}"
     )
     dirs = run_grid(rows, out, data_dir=args.data_dir, progress=not args.no_progress)
     report = build_report(dirs, out)
     print(f"report: {report}")
+
+
+# Measured wall time of one run of each grid on 2 cores: (full, quick).
+PER_RUN = {"mnist": ("about 1-3 min", "about 10 s"), "pos": ("about 1 h", "about 1 min")}
 
 
 def register(subparsers) -> None:
@@ -166,9 +225,11 @@ def register(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("task", choices=("mnist",))
-    p.add_argument("--quick", action="store_true", help="2 epochs on 10,000 examples, fewer rows")
-    p.add_argument("--dataset", default="mnist", choices=("mnist", "fashion"))
+    p.add_argument("task", choices=tuple(GRIDS))
+    p.add_argument(
+        "--quick", action="store_true", help="a few minutes: fewer epochs and rows, a data subset"
+    )
+    p.add_argument("--dataset", default="mnist", choices=("mnist", "fashion"), help="mnist task")
     p.add_argument("--out", type=Path, help="results folder (default: results/TASK[-quick])")
     p.add_argument("--data-dir", type=Path, help="data root (default: $MEPROP_DATA, then cache)")
     p.add_argument("--no-progress", action="store_true")

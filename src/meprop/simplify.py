@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .config import MeSimpConfig
 from .lstm import SparseLSTM, prune_lstm_cells_
-from .nn import SparseLinear
+from .nn import Cube, SparseLinear
 from .prune import (
     Cut,
     prune_in_,
@@ -47,7 +47,7 @@ def _lstm_group(name: str, key: tuple[int, int]) -> str:
 ELEMENTWISE = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
     nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
-    nn.Softsign, nn.Tanhshrink, nn.Dropout, nn.AlphaDropout, nn.Identity,
+    nn.Softsign, nn.Tanhshrink, nn.Dropout, nn.AlphaDropout, nn.Identity, Cube,
 )  # fmt: skip
 NORMS = (nn.LayerNorm, nn.BatchNorm1d)
 

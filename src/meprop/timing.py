@@ -1,10 +1,11 @@
-"""Wall-clock accounting of a training step, and of the linear maps' share of backward.
+"""Wall-clock accounting of a training step, and of chosen layers' share of backward.
 
 The paper's speedups count "the linear-map part of back propagation": the backward of each
-linear layer (its dx and dW products, plus selection for meProp). ``LinearBackwardTimer``
-measures it with hooks, without touching the layers: the clock starts when the gradient of a
-layer's output is ready and stops when the layer's last gradient (input or weight) has been
-computed. CPU only: on a GPU these would be launch times (use CUDA events there).
+linear layer (its dx and dW products, plus selection for meProp), and of each LSTM (whose
+backward through time is made of the gate linear maps and their elementwise glue).
+``BackwardTimer`` measures it with hooks, without touching the layers: a layer's clock starts
+when the gradient of its output is ready and stops when its last gradient (input or weight)
+has been computed. CPU only: on a GPU these would be launch times (use CUDA events there).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["LinearBackwardTimer", "Stopwatch"]
+__all__ = ["BackwardTimer", "linear_maps", "Stopwatch"]
 
 
 class Stopwatch:
@@ -37,34 +39,50 @@ class Stopwatch:
         self.totals.clear()
 
 
-class LinearBackwardTimer:
-    """Sums, over training steps, the seconds spent in the backward of every ``nn.Linear``.
+def linear_maps(model: nn.Module) -> list[nn.Module]:
+    """The modules whose backward is "the linear-map part": every Linear and LSTM."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear | nn.LSTM)]
 
-    Usage: ``timer = LinearBackwardTimer(model)``; after each ``loss.backward()`` call
+
+def _tensor(x):
+    """The tensor behind a module input or output (a PackedSequence's data; an LSTM's output
+    sequence out of ``(output, (h, c))``)."""
+    if isinstance(x, tuple) and not isinstance(x, PackedSequence):
+        x = x[0] if x else None
+    if isinstance(x, PackedSequence):
+        x = x.data
+    return x if isinstance(x, torch.Tensor) else None
+
+
+class BackwardTimer:
+    """Sums, over training steps, the seconds spent in the backward of the given modules.
+
+    Usage: ``timer = BackwardTimer(linear_maps(model))``; after each ``loss.backward()`` call
     ``timer.lap()``; ``timer.seconds`` holds the total; ``timer.remove()`` detaches the hooks.
-    Layers added by shrinking keep their hooks (parameters are never replaced).
+    Hooks sit on the modules and on their Parameters: after meSimp replaces Parameters, build
+    a new timer.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, modules) -> None:
         self.seconds = 0.0
         self._start: dict[int, float] = {}
         self._end: dict[int, float] = {}
         self._handles = []
-        for module in model.modules():
-            if isinstance(module, nn.Linear):
-                self._handles.append(module.register_forward_hook(self._on_forward))
-                key = id(module)
-                for p in module.parameters(recurse=False):
-                    self._handles.append(
-                        p.register_post_accumulate_grad_hook(lambda _p, key=key: self._stop(key))
-                    )
+        for module in modules:
+            self._handles.append(module.register_forward_hook(self._on_forward))
+            key = id(module)
+            for p in module.parameters(recurse=False):
+                self._handles.append(
+                    p.register_post_accumulate_grad_hook(lambda _p, key=key: self._stop(key))
+                )
 
     def _stop(self, key: int) -> None:
         if key in self._start:
             self._end[key] = time.perf_counter()
 
     def _on_forward(self, module, inputs, output) -> None:
-        if not torch.is_grad_enabled() or not output.requires_grad:
+        out = _tensor(output)
+        if not torch.is_grad_enabled() or out is None or not out.requires_grad:
             return
         key = id(module)
 
@@ -74,13 +92,13 @@ class LinearBackwardTimer:
         def stop(_grad):
             self._stop(key)
 
-        output.register_hook(start)
-        x = inputs[0]
-        if isinstance(x, torch.Tensor) and x.requires_grad:
+        out.register_hook(start)
+        x = _tensor(inputs[0]) if inputs else None
+        if x is not None and x.requires_grad:
             x.register_hook(stop)
 
     def lap(self) -> float:
-        """Close one backward pass: add its linear-map seconds to the total and return them."""
+        """Close one backward pass: add its seconds to the total and return them."""
         s = sum(self._end[k] - t for k, t in self._start.items() if k in self._end)
         self._start.clear()
         self._end.clear()

@@ -27,12 +27,13 @@ from . import checkpoint
 from .config import MePropConfig, MeSimpConfig
 from .convert import sparsify_
 from .simplify import Simplifier
-from .timing import LinearBackwardTimer, Stopwatch
+from .timing import BackwardTimer, Stopwatch, linear_maps
 
 __all__ = ["TrainConfig", "METHODS", "OPTIMIZERS", "run", "make_optimizer"]
 
 METHODS = ("dense", "meprop", "random", "kdim", "mesimp")
 OPTIMIZERS = {"adam": 1e-3, "adagrad": 1e-2, "sgd": 0.1}  # name -> default learning rate
+ACTIVATIONS = ("relu", "tanh", "cube")
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,12 @@ class TrainConfig:
     k: int = 20
     mode: str = "per_example"
     hidden: tuple[int, ...] = (500,)
-    layers: int = 0  # hidden layers; 0: len(hidden) if it lists several widths, else 2
+    layers: int = 0  # hidden layers; 0: len(hidden) if it lists several widths, else the task's
     dropout: float = 0.0
     optimizer: str = "adam"
     lr: float = 0.0  # 0: the optimizer's default (adam 1e-3, adagrad 1e-2, sgd 0.1)
-    batch_size: int = 100
-    epochs: int = 20
+    batch_size: int = 0  # 0: the task's default
+    epochs: int = 0  # 0: the task's default
     seed: int = 1
     eval_every: int = 0  # steps between dev evaluations; 0: once per epoch
     train_limit: int = 0  # use only the first N training examples; 0: all
@@ -64,8 +65,18 @@ class TrainConfig:
     cycle: tuple[int, ...] = ()  # meSimp cycle in epochs: (simplify, normal); () = off
     sparse_grad: bool = False
     backend: str = "auto"
+    activation: str = ""  # hidden activation; "": the task's (mnist relu, parse cube)
+    tags: str = "xpos"  # pos: the tag column, xpos (Penn Treebank tags) or upos
 
     def __post_init__(self) -> None:
+        from .tasks import DEFAULTS, TASKS
+
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        # Fields left at 0 / "" take the task's defaults, so a saved config is complete.
+        for name, value in DEFAULTS[self.task].items():
+            if not getattr(self, name) and not (name == "layers" and len(self.hidden) > 1):
+                object.__setattr__(self, name, value)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -90,14 +101,16 @@ class TrainConfig:
             raise ValueError(f"cycle must be two epoch counts (simplify, normal), got {self.cycle}")
         if self.lr < 0:
             raise ValueError(f"lr must be >= 0, got {self.lr}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.tags not in ("xpos", "upos"):
+            raise ValueError(f"tags must be 'xpos' or 'upos', got {self.tags!r}")
         MePropConfig(k=self.k, mode=self.mode, backend=self.backend)  # validates these fields
         MeSimpConfig(prune_rate=self.prune_rate)
 
     def widths(self) -> list[int]:
         """Hidden-layer widths: one per layer (``kdim``: k everywhere)."""
-        widths = (
-            list(self.hidden) if len(self.hidden) > 1 else list(self.hidden) * (self.layers or 2)
-        )
+        widths = list(self.hidden) if len(self.hidden) > 1 else list(self.hidden) * self.layers
         return [self.k] * len(widths) if self.method == "kdim" else widths
 
     def learning_rate(self) -> float:
@@ -177,7 +190,7 @@ def run(
 
     task = get_task(cfg, data_dir)
     torch.manual_seed(cfg.seed)
-    model = task.build_model(cfg.widths(), cfg.dropout)
+    model = task.build_model(cfg.widths(), cfg)
     mp = cfg.meprop_config()
     if mp is not None:
         sparsify_(model, mp, filter_fn=task.sparsify_filter(model))
@@ -199,8 +212,16 @@ def run(
         echo(f"resumed from {last_path} at epoch {state['epoch']}")
     sw = Stopwatch()
     sw.totals.update(state["times"])
-    timer = LinearBackwardTimer(model)
-    timer.seconds = sw.totals.get("linear_backward", 0.0)
+
+    def timers() -> dict[str, BackwardTimer]:
+        # "linear_backward": every Linear and LSTM; "hidden_backward": the layers meProp
+        # sparsifies (what its speedup is about).
+        return {
+            "linear_backward": BackwardTimer(linear_maps(model)),
+            "hidden_backward": BackwardTimer(task.hidden_layers(model)),
+        }
+
+    layer_timers = timers()
     eval_every = cfg.eval_every or steps_per_epoch
 
     def evaluate(epoch_float: float, train_loss: float) -> None:
@@ -241,15 +262,17 @@ def run(
                 loss = task.loss(model, batch)
             with sw("backward"):
                 loss.backward()
-            sw.totals["linear_backward"] += timer.lap()
+            for key, timer in layer_timers.items():
+                sw.totals[key] += timer.lap()
             with sw("optimizer"):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             if simp is not None:
                 with sw("simplify"):
-                    if simp.step():  # new Parameters: hook the timer onto them
-                        timer.remove()
-                        timer = LinearBackwardTimer(model)
+                    if simp.step():  # new Parameters: hook the timers onto them
+                        for timer in layer_timers.values():
+                            timer.remove()
+                        layer_timers = timers()
             state["step"] += 1
             losses.append(loss.detach())
             bar.update(1)
@@ -270,7 +293,8 @@ def run(
             f"epoch {epoch + 1}/{cfg.epochs}  loss {last['train_loss']:.4f}  "
             f"dev {task.metric} {last['dev_' + task.metric]:.4f}{widths}"
         )
-    timer.remove()
+    for timer in layer_timers.values():
+        timer.remove()
 
     # Model selection as in the paper: the best dev checkpoint is scored on test.
     final_widths = simp.sizes() if simp is not None else None
@@ -286,7 +310,8 @@ def run(
         "steps": state["step"],
         "widths": cfg.widths(),
         "final_widths": final_widths,
-        "best_widths": [m.out_features for m in task.hidden_layers(model)],
+        "best_widths": task.widths(model),
+        "metric": task.metric,
         "parameters": sum(p.numel() for p in model.parameters()),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -11,18 +11,27 @@ from torch import nn
 
 from ..convert import hidden_layers
 from ..data import load_mnist
+from ..nn import Cube
 
 __all__ = ["build_mlp", "MnistTask"]
 
 
-def build_mlp(d_in: int, widths: list[int], classes: int, dropout: float = 0.0) -> nn.Sequential:
-    """``nn.Sequential`` of Linear -> ReLU (-> Dropout) per hidden layer, then a Linear head.
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "cube": Cube}
+
+
+def build_mlp(
+    d_in: int, widths: list[int], classes: int, dropout: float = 0.0, activation: str = "relu"
+) -> nn.Sequential:
+    """``nn.Sequential`` of Linear -> activation (-> Dropout) per hidden layer, then a Linear
+    head.
 
     A plain Sequential, so meSimp finds its producer -> consumer pairs by itself.
     """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
     layers: list[nn.Module] = []
     for width in widths:
-        layers += [nn.Linear(d_in, width), nn.ReLU()]
+        layers += [nn.Linear(d_in, width), ACTIVATIONS[activation]()]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         d_in = width
@@ -51,8 +60,8 @@ class MnistTask:
         self.d_in = train.images.shape[1]
         self.classes = data.num_classes
 
-    def build_model(self, widths: list[int], dropout: float) -> nn.Sequential:
-        return build_mlp(self.d_in, widths, self.classes, dropout)
+    def build_model(self, widths: list[int], cfg) -> nn.Sequential:
+        return build_mlp(self.d_in, widths, self.classes, cfg.dropout, cfg.activation)
 
     def sparsify_filter(self, model):
         return hidden_layers(model)
@@ -60,6 +69,14 @@ class MnistTask:
     def hidden_layers(self, model) -> list[nn.Linear]:
         linears = [m for m in model if isinstance(m, nn.Linear)]
         return linears[:-1]
+
+    def widths(self, model) -> list[int]:
+        return [m.out_features for m in self.hidden_layers(model)]
+
+    @staticmethod
+    def dense_hidden(final_widths: dict[str, int]) -> tuple[int, ...]:
+        """The hidden widths of a dense net the size of a meSimp'd one (one per layer)."""
+        return tuple(final_widths.values())
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return -(-len(self.splits["train"].labels) // batch_size)

@@ -1,7 +1,7 @@
 """Part-of-speech tagging on UD English EWT with a bi-LSTM (the paper's tagger).
 
-Model: word embedding (dim 100) -> one bidirectional LSTM layer (hidden = the run's first
-width, per direction) -> dropout -> a linear output layer over the tags. meProp goes on the
+Model: word embedding (dim 100) -> bidirectional LSTM (``layers`` layers, hidden = the run's
+first width per direction) -> dropout -> a linear output layer over the tags. meProp goes on the
 LSTM only (top-k of its gate gradients at every step); the output layer stays dense. meSimp
 shrinks the LSTM's memory cells per direction (groups ``lstm.l0`` and ``lstm.l0_reverse``) and
 the output layer's input columns with them.
@@ -77,11 +77,24 @@ class BiLSTMTagger(nn.Module):
     tag scores (T, B, n_tags)."""
 
     def __init__(
-        self, vocab_size: int, n_tags: int, hidden: int, emb_dim: int = 100, dropout: float = 0.0
+        self,
+        vocab_size: int,
+        n_tags: int,
+        hidden: int,
+        emb_dim: int = 100,
+        dropout: float = 0.0,
+        num_layers: int = 1,
     ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, emb_dim, padding_idx=0)
-        self.lstm = nn.LSTM(emb_dim, hidden, num_layers=1, bidirectional=True)
+        # (nn.LSTM's dropout acts between layers only: it warns when there is one layer)
+        self.lstm = nn.LSTM(
+            emb_dim,
+            hidden,
+            num_layers=num_layers,
+            bidirectional=True,
+            dropout=dropout if num_layers > 1 else 0.0,
+        )
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(2 * hidden, n_tags)
 
@@ -96,11 +109,11 @@ class BiLSTMTagger(nn.Module):
         return self.head(self.dropout(out))
 
     def widths(self) -> list[int]:
-        """The LSTM's hidden width per direction: [forward, backward]."""
+        """The LSTM's hidden width per layer and direction: [l0 forward, l0 backward, ...]."""
         sizes = getattr(self.lstm, "sizes", None)
         if sizes is not None:
             return [int(h) for _, h in sorted(sizes().items())]
-        return [self.lstm.hidden_size] * 2
+        return [self.lstm.hidden_size] * (2 * self.lstm.num_layers)
 
 
 class PosTask:
@@ -110,9 +123,19 @@ class PosTask:
     eval_batch = 256
 
     def __init__(self, cfg, data_dir=None) -> None:
-        tags = getattr(cfg, "tags", "xpos")
+        tags = cfg.tags
         if tags not in ("xpos", "upos"):
             raise ValueError(f"tags must be 'xpos' or 'upos', got {tags!r}")
+        if cfg.activation != "tanh":
+            raise ValueError(
+                f"the pos task's LSTM has a fixed tanh activation, got activation="
+                f"{cfg.activation!r}: leave --activation unset"
+            )
+        if len(set(cfg.widths())) != 1:
+            raise ValueError(
+                f"the pos task's LSTM layers share one width, got hidden={list(cfg.hidden)}: "
+                "give one width and --layers"
+            )
         data = load_ud_ewt(root=data_dir)
         train = data["train"][: cfg.train_limit] if cfg.train_limit else data["train"]
         counts = Counter(word_key(w) for s in train for w in s.forms)
@@ -138,8 +161,10 @@ class PosTask:
         tags = [self.tag_index.get(t, IGNORE) for t in getattr(sentence, self.tags)]
         return torch.tensor(words), torch.tensor(tags)
 
-    def build_model(self, widths: list[int], dropout: float) -> BiLSTMTagger:
-        return BiLSTMTagger(len(self.vocab), len(self.tagset), widths[0], self.emb_dim, dropout)
+    def build_model(self, widths: list[int], cfg) -> BiLSTMTagger:
+        return BiLSTMTagger(
+            len(self.vocab), len(self.tagset), widths[0], self.emb_dim, cfg.dropout, len(widths)
+        )
 
     def sparsify_filter(self, model):
         return lambda module, name: name == "lstm"
@@ -149,6 +174,12 @@ class PosTask:
 
     def widths(self, model) -> list[int]:
         return model.widths()
+
+    @staticmethod
+    def dense_hidden(final_widths: dict[str, int]) -> tuple[int, ...]:
+        """One width for a dense tagger the size of a meSimp'd one: nn.LSTM gives both
+        directions of every layer one width, so take the mean (rounded up)."""
+        return (-(-sum(final_widths.values()) // len(final_widths)),)
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return -(-len(self.splits["train"]) // batch_size)

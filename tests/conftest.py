@@ -71,3 +71,65 @@ def tiny_mnist(tmp_path, monkeypatch):
     monkeypatch.setitem(DATASETS, "mnist", Dataset("mnist", "http://127.0.0.1:9/", files))
     monkeypatch.setattr(MnistTask, "dev_size", 50)
     return folder.parent
+
+
+# A tiny treebank from a toy grammar: "the/DT big/JJ dog/NN sees/VBZ a/DT cat/NN ./.", with
+# projective trees (det and amod to the noun, nsubj and obj to the verb, punct to the verb).
+_NOUNS = ("dog", "cat", "bird", "fish", "man")
+_ADJS = ("big", "small", "red", "old")
+_VERBS = ("sees", "likes", "eats", "finds")
+
+
+def _toy_sentence(rng, number: int) -> str:
+    words = []  # (form, upos, xpos, head, deprel), heads filled below
+
+    def noun_phrase():
+        start = len(words) + 1
+        words.append([rng.choice(["the", "a"]), "DET", "DT", 0, "det"])
+        adj = rng.random() < 0.5
+        if adj:
+            words.append([rng.choice(_ADJS), "ADJ", "JJ", 0, "amod"])
+        noun = len(words) + 1
+        words.append([rng.choice(_NOUNS), "NOUN", "NN", 0, "_"])
+        for i in range(start, noun):
+            words[i - 1][3] = noun
+        return noun
+
+    subj = noun_phrase()
+    verb = len(words) + 1
+    words.append([rng.choice(_VERBS), "VERB", "VBZ", 0, "root"])
+    obj = noun_phrase()
+    words.append([".", "PUNCT", ".", verb, "punct"])
+    words[subj - 1][3:] = [verb, "nsubj"]
+    words[obj - 1][3:] = [verb, "obj"]
+    lines = [f"# sent_id = toy-{number}"]
+    for i, (form, upos, xpos, head, deprel) in enumerate(words, start=1):
+        lines.append(f"{i}\t{form}\t{form}\t{upos}\t{xpos}\t_\t{head}\t{deprel}\t_\t_")
+    return "\n".join(lines) + "\n\n"
+
+
+@pytest.fixture
+def tiny_ewt(tmp_path, monkeypatch):
+    """A data root whose ``ud_english_ewt/`` holds toy train (60 sentences), dev and test (20
+    each) files, with checksums registered: the POS and parsing tasks run on it in seconds."""
+    import hashlib
+    import random
+
+    from meprop.data import DATASETS
+    from meprop.data.conllu import EWT_SPLITS
+    from meprop.data.download import Dataset, RemoteFile
+
+    rng = random.Random(0)
+    folder = tmp_path / "data" / "ud_english_ewt"
+    folder.mkdir(parents=True)
+    files = {}
+    for split, n in (("train", 60), ("dev", 20), ("test", 20)):
+        text = "".join(_toy_sentence(rng, i) for i in range(n))
+        path = folder / EWT_SPLITS[split]
+        path.write_text(text)
+        blob = path.read_bytes()
+        files[path.name] = RemoteFile(hashlib.sha256(blob).hexdigest(), len(blob))
+    monkeypatch.setitem(
+        DATASETS, "ud_english_ewt", Dataset("ud_english_ewt", "http://127.0.0.1:9/", files)
+    )
+    return folder.parent

@@ -8,7 +8,16 @@ import torch
 
 import meprop
 from meprop.cli import main
-from meprop.tasks.pos import IGNORE, SHAPES, BiLSTMTagger, PosTask, shape_class, word_key
+from meprop.tasks.pos import (
+    CASES,
+    IGNORE,
+    SHAPES,
+    BiLSTMTagger,
+    PosTask,
+    case_class,
+    shape_class,
+    word_key,
+)
 from meprop.train import TrainConfig
 
 TINY = ["--epochs", "2", "--batch-size", "8", "--hidden", "16", "--no-progress"]
@@ -37,20 +46,39 @@ def test_unknown_word_classes(word, expected):
     assert expected == "<unk>" or expected in SHAPES
 
 
+@pytest.mark.parametrize(
+    "word,case",
+    [
+        ("dog", "lower"),
+        ("--", "lower"),
+        ("Dog", "Capitalised"),
+        ("NASA", "UPPER"),
+        ("iPhone", "mIxed"),
+        ("A", "UPPER"),
+    ],
+)
+def test_case_classes(word, case):
+    assert CASES[case_class(word)] == case
+
+
 def test_vocabulary_and_encoding(tiny_ewt):
     task = PosTask(TrainConfig(task="pos", hidden=(8,)), tiny_ewt)
     assert task.vocab[:2] == ["<pad>", "<unk>"]
     assert task.tagset == [".", "DT", "JJ", "NN", "VBZ"]  # XPOS by default
-    words, tags = task.splits["dev"][0]
-    assert words.shape == tags.shape and words.dtype == torch.int64
-    # a word never seen in training maps to its shape class; a tag never seen is ignored
-    sentence = type("S", (), {"forms": ["The", "Glorp", "7"], "xpos": ["DT", "NN", "CD"]})
+    tokens, tags = task.splits["dev"][0]
+    assert tokens.shape == (len(tags), 3) and tokens.dtype == torch.int64
+    # a word never seen in training maps to its shape class (and keeps its suffix and casing);
+    # a tag never seen in training is ignored
+    sentence = type("S", (), {"forms": ["The", "GLORPS", "7"], "xpos": ["DT", "NN", "CD"]})
     w, t = task._encode(sentence)
-    assert w.tolist() == [
+    assert w[:, 0].tolist() == [
         task.word_index[word_key("The")],
         task.word_index["<unk:cap>"],
         task.word_index["<unk:num>"],
     ]
+    # every toy word ends in its own three letters: no suffix is shared by two words
+    assert task.suffixes == ["<pad>", "<unk>"] and w[:, 1].tolist() == [1, 1, 1]
+    assert [CASES[c] for c in w[:, 2].tolist()] == ["Capitalised", "UPPER", "lower"]
     assert t.tolist() == [task.tag_index["DT"], task.tag_index["NN"], IGNORE]
     upos = PosTask(TrainConfig(task="pos", hidden=(8,), tags="upos"), tiny_ewt)
     assert upos.tagset == ["ADJ", "DET", "NOUN", "PUNCT", "VERB"]
@@ -138,8 +166,8 @@ def test_dense_hidden_of_a_simplified_tagger():
 
 
 def test_tagger_shapes():
-    model = BiLSTMTagger(vocab_size=20, n_tags=5, hidden=6, emb_dim=4, num_layers=2)
-    words = torch.randint(1, 20, (7, 3))
-    scores = model(words, torch.tensor([7, 5, 2]))
+    model = BiLSTMTagger(vocab_size=20, n_tags=5, hidden=6, emb_dim=4, num_layers=2, n_suffixes=5)
+    tokens = torch.randint(1, 5, (7, 3, 3))
+    scores = model(tokens, torch.tensor([7, 5, 2]))
     assert scores.shape == (7, 3, 5)
     assert model.widths() == [6, 6, 6, 6]

@@ -1,7 +1,10 @@
 """Part-of-speech tagging on UD English EWT with a bi-LSTM (the paper's tagger).
 
-Model: word embedding (dim 100) -> bidirectional LSTM (``layers`` layers, hidden = the run's
-first width per direction) -> dropout -> a linear output layer over the tags. meProp goes on the
+Model: token embedding -> bidirectional LSTM (``layers`` layers, hidden = the run's first width
+per direction) -> dropout -> a linear output layer over the tags. A token's embedding is the
+concatenation of three: its lowercased word (dim 100), its last three letters (dim 30: the
+suffix carries most of an unknown word's tag) and its casing (dim 8: lower, Capitalised, ALL
+CAPS, mIxed; lowercasing would otherwise hide proper nouns). meProp goes on the
 LSTM only (top-k of its gate gradients at every step); the output layer stays dense. meSimp
 shrinks the LSTM's memory cells per direction (groups ``lstm.l0`` and ``lstm.l0_reverse``) and
 the output layer's input columns with them.
@@ -14,10 +17,12 @@ Words: lowercased; the vocabulary is the training words (after ``train_limit``) 
 twice, plus ``<pad>`` and ``<unk>``. Unknown-word handling: an unknown word maps to one of a few
 word-shape classes instead of a single ``<unk>``: ``<unk:num>`` (has a digit), ``<unk:punct>``
 (no letter or digit), ``<unk:cap>`` (first letter upper case), ``<unk:-ing>``, ``<unk:-ed>``,
-``<unk:-ly>``, ``<unk:-s>``, ``<unk:hyphen>``, else ``<unk>``.
+``<unk:-ly>``, ``<unk:-s>``, ``<unk:hyphen>``, else ``<unk>``; and it keeps its suffix and
+casing features. Suffixes seen in fewer than two training words map to ``<unk>``.
 
 Batches: sentences shuffled with the run's generator, ``batch_size`` sentences per batch,
-padded to (T, B) and packed (``pack_padded_sequence(enforce_sorted=False)``) for the LSTM.
+padded to (T, B, 3) token features (word, suffix, casing) and packed
+(``pack_padded_sequence(enforce_sorted=False)``) for the LSTM.
 The loss is the mean token cross-entropy over real (non-pad) tokens.
 """
 
@@ -32,7 +37,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_se
 from ..data.conllu import load_ud_ewt
 from ..simplify import Pair
 
-__all__ = ["BiLSTMTagger", "PosTask", "word_key", "SHAPES"]
+__all__ = ["BiLSTMTagger", "PosTask", "word_key", "suffix_key", "case_class", "SHAPES", "CASES"]
 
 PAD, UNK = "<pad>", "<unk>"
 SHAPES = (
@@ -51,6 +56,25 @@ IGNORE = -100  # padding and tags unseen in training: no loss, never predicted
 def word_key(word: str) -> str:
     """The vocabulary key of a word: lowercased."""
     return word.lower()
+
+
+def suffix_key(word: str) -> str:
+    """The suffix feature of a word: its last three characters, lowercased."""
+    return word.lower()[-3:]
+
+
+CASES = ("<pad>", "lower", "Capitalised", "UPPER", "mIxed")
+
+
+def case_class(word: str) -> int:
+    """Index in ``CASES`` of a word's casing; words without letters count as lower."""
+    if word.islower() or not any(c.isalpha() for c in word):
+        return 1
+    if word.isupper():
+        return 3
+    if word[0].isupper() and word[1:].islower():
+        return 2
+    return 4
 
 
 def shape_class(word: str) -> str:
@@ -73,8 +97,11 @@ def shape_class(word: str) -> str:
 
 
 class BiLSTMTagger(nn.Module):
-    """Embedding -> bi-LSTM -> dropout -> Linear; ``forward(words (T, B), lengths (B,))`` gives
-    tag scores (T, B, n_tags)."""
+    """Token embeddings -> bi-LSTM -> dropout -> Linear.
+
+    ``forward(tokens (T, B, 3), lengths (B,))`` gives tag scores (T, B, n_tags); a token is its
+    (word, suffix, casing) indices.
+    """
 
     def __init__(
         self,
@@ -84,12 +111,17 @@ class BiLSTMTagger(nn.Module):
         emb_dim: int = 100,
         dropout: float = 0.0,
         num_layers: int = 1,
+        n_suffixes: int = 2,
+        suffix_dim: int = 30,
+        case_dim: int = 8,
     ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, emb_dim, padding_idx=0)
+        self.suffix = nn.Embedding(n_suffixes, suffix_dim, padding_idx=0)
+        self.case = nn.Embedding(len(CASES), case_dim, padding_idx=0)
         # (nn.LSTM's dropout acts between layers only: it warns when there is one layer)
         self.lstm = nn.LSTM(
-            emb_dim,
+            emb_dim + suffix_dim + case_dim,
             hidden,
             num_layers=num_layers,
             bidirectional=True,
@@ -101,11 +133,14 @@ class BiLSTMTagger(nn.Module):
     def simplify_pairs(self) -> list[Pair]:
         return [Pair("lstm", ("head",))]
 
-    def forward(self, words: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        x = self.embed(words)
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        x = torch.cat(
+            [self.embed(tokens[..., 0]), self.suffix(tokens[..., 1]), self.case(tokens[..., 2])],
+            dim=-1,
+        )  # (T, B, emb + suffix + case)
         packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
         out, _ = self.lstm(packed)
-        out, _ = pad_packed_sequence(out, total_length=words.shape[0])
+        out, _ = pad_packed_sequence(out, total_length=tokens.shape[0])
         return self.head(self.dropout(out))
 
     def widths(self) -> list[int]:
@@ -141,6 +176,9 @@ class PosTask:
         counts = Counter(word_key(w) for s in train for w in s.forms)
         self.vocab = [PAD, UNK, *SHAPES] + sorted(w for w, n in counts.items() if n >= 2)
         self.word_index = {w: i for i, w in enumerate(self.vocab)}
+        suffixes = Counter(suffix_key(w) for w in counts)  # over distinct words
+        self.suffixes = [PAD, UNK] + sorted(x for x, n in suffixes.items() if n >= 2)
+        self.suffix_index = {x: i for i, x in enumerate(self.suffixes)}
         self.tagset = sorted({t for s in train for t in getattr(s, tags)})
         self.tag_index = {t: i for i, t in enumerate(self.tagset)}
         self.tags = tags
@@ -156,14 +194,24 @@ class PosTask:
         self.splits["train_eval"] = self.splits["train"][: self.train_eval_size]
 
     def _encode(self, sentence) -> tuple[torch.Tensor, torch.Tensor]:
-        wi = self.word_index
-        words = [wi.get(word_key(w), wi[shape_class(w)]) for w in sentence.forms]
+        """(tokens (L, 3): word, suffix and casing indices; tags (L,))."""
+        wi, si = self.word_index, self.suffix_index
+        tokens = [
+            (wi.get(word_key(w), wi[shape_class(w)]), si.get(suffix_key(w), 1), case_class(w))
+            for w in sentence.forms
+        ]
         tags = [self.tag_index.get(t, IGNORE) for t in getattr(sentence, self.tags)]
-        return torch.tensor(words), torch.tensor(tags)
+        return torch.tensor(tokens).reshape(-1, 3), torch.tensor(tags)
 
     def build_model(self, widths: list[int], cfg) -> BiLSTMTagger:
         return BiLSTMTagger(
-            len(self.vocab), len(self.tagset), widths[0], self.emb_dim, cfg.dropout, len(widths)
+            len(self.vocab),
+            len(self.tagset),
+            widths[0],
+            self.emb_dim,
+            cfg.dropout,
+            len(widths),
+            n_suffixes=len(self.suffixes),
         )
 
     def sparsify_filter(self, model):
@@ -186,7 +234,7 @@ class PosTask:
 
     @staticmethod
     def collate(items) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(words (T, B), tags (T, B) with IGNORE past each end, lengths (B,))."""
+        """(tokens (T, B, 3), tags (T, B) with IGNORE past each end, lengths (B,))."""
         words = pad_sequence([w for w, _ in items], padding_value=0)
         tags = pad_sequence([t for _, t in items], padding_value=IGNORE)
         lengths = torch.tensor([len(w) for w, _ in items])

@@ -199,6 +199,14 @@ def test_checkpoint_of_two_processes_continues_in_one(job):
     ref_widths = []
     ref, _, ref_simp = train(cfg, "adam", steps, simp_cfg=MESIMP, after=record(ref_widths))
 
+    # rank 0 saved the whole job's usage record: one process's after the same steps
+    saved = torch.load(out / "mesimp.pt", weights_only=True)["simplifier"]["usage"]
+    _, _, at_save = train(cfg, "adam", steps[:SAVE_AT], simp_cfg=MESIMP)
+    expected = at_save.state_dict()["usage"]
+    assert saved.keys() == expected.keys() and any(int(c.sum()) for c, _ in saved.values())
+    for group, (counts, selections) in expected.items():
+        assert torch.equal(saved[group][0], counts) and torch.equal(saved[group][1], selections)
+
     model = mlp()
     sparsify_(model, cfg, filter_fn=hidden_layers(model))
     opt = make_optimizer("adam", model)

@@ -160,8 +160,9 @@ def _worker(
     dist.init_process_group(backend, store=store, rank=rank, world_size=nproc, timeout=timeout)
     try:
         dist.barrier()  # every rank is connected: none leaves while another still connects
+        # No barrier after fn: a rank may leave once its last collective is done, while rank 0
+        # still writes its summary (a barrier there would time out on a long final evaluation).
         fn(*args)
-        dist.barrier()  # and none leaves while another still reads its last messages
     except BaseException:
         # When: the launcher reports the first failure, not the ranks that failed because of it.
         (Path(stamps) / str(rank)).write_text(repr(time.time()))

@@ -429,6 +429,8 @@ def test_global_scope_is_local_in_one_process():
     assert torch.equal(mdist.sum_over_ranks(g[0]), g[0])
     with pytest.raises(ValueError, match="scope must be one of"):
         MePropConfig(k=3, scope="world")
+    layer = meprop.SparseLinear(4, 6, config=MePropConfig(k=3, mode="unified", scope="global"))
+    assert "mode=unified, scope=global" in repr(layer)
 
 
 def test_sparse_lstm_refuses_global_unified_selection():

@@ -129,7 +129,7 @@ def _train(args: argparse.Namespace) -> None:
         run(cfg, out, **options)
         return
     threads = launch.default_threads(args.nproc)
-    print(f"{args.nproc} processes (gloo), {threads} threads each")
+    print(f"{args.nproc} processes (gloo), {threads} thread{'s' * (threads > 1)} each")
     launch.spawn(
         _train_worker,
         args.nproc,

@@ -54,7 +54,10 @@ __all__ = [
     "wrap",
     "DistributedSimplifier",
     "shard",
+    "mean_over_ranks",
     "save",
+    "seed_rank",
+    "barrier",
 ]
 
 # The process group of scope="global" selection; None: the default group.
@@ -199,6 +202,15 @@ def wrap(model: nn.Module, **ddp_kwargs: Any) -> MePropDDP:
 
     Call on every rank after ``init_process_group`` and after any checkpoint is loaded (loading
     resizes the parameters of a shrunk model); it broadcasts rank 0's parameters.
+
+    Args:
+        model: the module (with ``SparseLinear``/``SparseLSTM`` layers or not).
+        **ddp_kwargs: ``DistributedDataParallel``'s options (``process_group``, ...).
+
+    Example (on every rank)::
+
+        ddp = wrap(model)
+        (loss_fn(ddp(x), y) * share).backward()
     """
     if isinstance(model, DistributedDataParallel):
         raise TypeError("model is already wrapped in DDP: pass the module itself")
@@ -227,6 +239,14 @@ class DistributedSimplifier(Simplifier):
         model, config, optimizer, pairs: as ``Simplifier``; ``model`` is the module, not its
             DDP wrapper.
         group: the process group of the ranks (default: all).
+
+    Example (on every rank)::
+
+        simp = DistributedSimplifier(model, MeSimpConfig(interval=600), optimizer)
+        ddp = wrap(model)
+        ...  # forward through ddp, backward, optimizer.step()
+        if simp.step():
+            ddp = ddp.rewrap()
     """
 
     def __init__(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
 from dataclasses import MISSING, fields
@@ -23,6 +24,7 @@ CHOICES = {
     "backend": ("auto", "torch", "numba"),
     "activation": ("relu", "tanh", "cube"),
     "tags": ("xpos", "upos"),
+    "scope": ("local", "global"),
 }
 HELP = {
     "dataset": "MNIST-style dataset (mnist task)",
@@ -44,6 +46,8 @@ HELP = {
     "layers": "number of hidden layers when --hidden gives one width (0: the task's)",
     "batch_size": "mini-batch size (0: the task's; mnist 100 images, pos 16 sentences)",
     "epochs": "training epochs (0: the task's)",
+    "scope": "unified top-k with --nproc > 1: columns ranked by each rank's rows (local) or by "
+    "the global batch's, as one process would (global; not for the pos task's LSTM)",
 }
 
 
@@ -88,18 +92,56 @@ def config_from_args(cls, args: argparse.Namespace, base: dict | None = None):
     return cls.from_dict(values) if hasattr(cls, "from_dict") else cls(**values)
 
 
+def _train_worker(cfg: dict, out: str, options: dict) -> None:
+    """One rank of a multi-process ``meprop train`` (started by ``meprop.launch``)."""
+    from .train import TrainConfig, run
+
+    run(TrainConfig.from_dict(cfg), out, **options)
+
+
 def _train(args: argparse.Namespace) -> None:
+    from . import launch
     from .train import TrainConfig, run
 
     base = json.loads(Path(args.config).read_text()) if args.config else {}
     base["task"] = args.task
     cfg = config_from_args(TrainConfig, args, base)
     out = args.out or Path("runs") / f"{cfg.task}-{cfg.method}-k{cfg.k}-seed{cfg.seed}"
+    options = dict(data_dir=args.data_dir, resume=args.resume, progress=not args.no_progress)
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if launch.under_launcher():  # torchrun started this process as one rank of a job
+        if args.nproc != 1:
+            raise ValueError(
+                f"--nproc {args.nproc} under torchrun: torchrun already started the processes "
+                "(--nproc-per-node); leave --nproc out"
+            )
+        launch.init_from_env(timeout_s=args.dist_timeout)  # the trainer runs on the CPU: gloo
+        try:
+            if int(os.environ["RANK"]) == 0:
+                print(f"run directory: {out}")
+            run(cfg, out, **options)
+        finally:
+            launch.destroy()
+        return
     print(f"run directory: {out}")
-    run(cfg, out, data_dir=args.data_dir, resume=args.resume, progress=not args.no_progress)
+    if args.nproc == 1:
+        run(cfg, out, **options)
+        return
+    threads = launch.default_threads(args.nproc)
+    print(f"{args.nproc} processes (gloo), {threads} thread{'s' * (threads > 1)} each")
+    launch.spawn(
+        _train_worker,
+        args.nproc,
+        (cfg.to_dict(), str(out), options),
+        backend="gloo",
+        timeout_s=args.dist_timeout,
+        threads=threads,
+    )
 
 
 def register_train(subparsers) -> None:
+    from . import launch
     from .tasks import TASKS
     from .train import TrainConfig
 
@@ -117,6 +159,22 @@ def register_train(subparsers) -> None:
     p.add_argument("--data-dir", type=Path, help="data root (default: $MEPROP_DATA, then cache)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="train with N local processes (torch.distributed, gloo; --batch-size stays the "
+        "global batch, split between them). Or run under torchrun: torchrun --nproc-per-node N "
+        "-m meprop.cli train ...",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=launch.DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="multi-process runs: how long a rank waits for the others before the run fails "
+        f"(default: {launch.DEFAULT_TIMEOUT_S:g})",
+    )
     add_config_arguments(p, TrainConfig, skip=("task",))
     p.set_defaults(func=_train)
 
@@ -140,7 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    args.func(args)
+    from .launch import WorkerFailed
+
+    try:
+        args.func(args)
+    except WorkerFailed as e:  # the others were stopped; the message holds the traceback
+        print(f"meprop {args.command}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

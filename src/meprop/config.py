@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["MODES", "BACKENDS", "MePropConfig", "MeSimpConfig"]
+__all__ = ["MODES", "BACKENDS", "SCOPES", "MePropConfig", "MeSimpConfig"]
 
 # per_example: top-k of each row of the output gradient (the original meProp).
 # unified:     one set of k columns per call, ranked by the sum of |g| over the rows.
@@ -19,6 +19,11 @@ MODES = ("per_example", "unified", "random")
 # auto:  compiled CPU kernels where they apply (float32/float64 on CPU), PyTorch ops elsewhere.
 # torch: PyTorch ops only.  numba: require the compiled kernels (error where they do not apply).
 BACKENDS = ("auto", "torch", "numba")
+
+# Which rows ``unified`` ranks its columns by under torch.distributed (one process: the same).
+# local:  this process's rows (each rank of a DDP job picks its own k columns).
+# global: the rows of every rank (column scores summed over the ranks inside backward).
+SCOPES = ("local", "global")
 
 
 def _check_type(name: str, value: Any, expected: type) -> None:
@@ -43,10 +48,19 @@ class MePropConfig:
             sparse gradients (SGD, Adagrad, SparseAdam).
         backend: ``"auto"``, ``"torch"`` or ``"numba"``: which implementation runs the sparse
             backward products (see ``meprop.ops``).
+        scope: ``"local"`` or ``"global"``, for ``unified`` selection in a torch.distributed
+            job: ``"local"`` ranks the columns by this process's rows (each rank picks its
+            own k columns); ``"global"`` sums the column scores over all ranks inside backward
+            (one all-reduce of ``out_features`` numbers per layer and step), so every rank
+            picks the same columns, those of the global batch, as one process would. Every rank
+            must then run the same backward. Per-example and random selection are local to
+            each example, so scope does not change them. ``SparseLSTM`` supports ``"local"``
+            only (its ranks' batches have different numbers of time steps).
 
     Example:
-        >>> MePropConfig(k=20, mode="unified")
-        MePropConfig(k=20, mode='unified', sparse_bias=False, sparse_grad=False, backend='auto')
+        >>> MePropConfig(k=20, mode="unified")  # doctest: +NORMALIZE_WHITESPACE
+        MePropConfig(k=20, mode='unified', sparse_bias=False, sparse_grad=False, backend='auto',
+                     scope='local')
     """
 
     k: int
@@ -54,6 +68,7 @@ class MePropConfig:
     sparse_bias: bool = False
     sparse_grad: bool = False
     backend: str = "auto"
+    scope: str = "local"
 
     def __post_init__(self) -> None:
         _check_type("k", self.k, int)
@@ -67,6 +82,9 @@ class MePropConfig:
         _check_type("backend", self.backend, str)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        _check_type("scope", self.scope, str)
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (for checkpoints and logs)."""

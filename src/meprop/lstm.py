@@ -537,6 +537,13 @@ class SparseLSTM(nn.LSTM):
         h0s, c0s = self._initial_states(hx, batch, x, sorted_indices, unbatched)
 
         cfg = self.config
+        if cfg.scope == "global" and cfg.mode == "unified":
+            # One all-reduce per time step would need the same number of steps on every rank.
+            raise ValueError(
+                "SparseLSTM does not support MePropConfig(scope='global'): the ranks' batches "
+                "have different numbers of time steps; use scope='local' (each rank picks "
+                "its own columns) or mode='per_example'"
+            )
         dirs = self.num_directions
         # Keep what backward needs only when a backward can come.
         save = torch.is_grad_enabled() and (

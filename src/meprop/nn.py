@@ -68,6 +68,8 @@ class SparseLinear(nn.Linear):
             s += ", sparse_bias=True"
         if c.sparse_grad:
             s += ", sparse_grad=True"
+        if c.scope != "local":
+            s += f", scope={c.scope}"
         return s
 
 

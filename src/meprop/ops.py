@@ -62,10 +62,19 @@ def select_rows(g: Tensor, k: int, mode: str, use_kernels: bool = False) -> tupl
     return idx, g.gather(1, idx)
 
 
-def select_columns(g: Tensor, k: int) -> Tensor:
-    """Unified selection: the k columns of ``g`` (M, n) with the largest sum of |g|; (k,) sorted."""
+def select_columns(g: Tensor, k: int, scope: str = "local") -> Tensor:
+    """Unified selection: the k columns of ``g`` (M, n) with the largest sum of |g|; (k,) sorted.
+
+    ``scope="global"``: the (n,) column sums are summed over the ranks of a torch.distributed
+    job first (see ``meprop.distributed``), so every rank picks the columns of the global batch.
+    """
     # A NaN anywhere in a column makes its score NaN, which topk ranks highest.
-    return g.abs().sum(0).topk(k, sorted=False).indices.sort().values
+    scores = g.abs().sum(0)  # (n,)
+    if scope == "global":
+        from .distributed import sum_over_ranks
+
+        scores = sum_over_ranks(scores)
+    return scores.topk(k, sorted=False).indices.sort().values
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,16 +188,18 @@ class _SparseLinearFn(torch.autograd.Function):
     """F.linear forward; backward through the top-k of the output gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, k, mode, sparse_bias, sparse_grad, backend, counts, sel_n):
+    def forward(
+        ctx, x, weight, bias, k, mode, sparse_bias, sparse_grad, backend, counts, sel_n, scope
+    ):
         ctx.save_for_backward(x, weight)
-        ctx.opts = (k, mode, sparse_bias, sparse_grad, backend, counts, sel_n)
+        ctx.opts = (k, mode, sparse_bias, sparse_grad, backend, counts, sel_n, scope)
         ctx.has_bias = bias is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        k, mode, sparse_bias, sparse_grad, backend, counts, sel_n = ctx.opts
+        k, mode, sparse_bias, sparse_grad, backend, counts, sel_n, scope = ctx.opts
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         n, d_in = weight.shape
         g = grad_out.reshape(-1, n)  # (M, n): leading dimensions flattened
@@ -203,7 +214,7 @@ class _SparseLinearFn(torch.autograd.Function):
             if need_dw and sparse_grad:
                 dw = _weight_grad(torch.arange(n, device=g.device), dw, n, True)
         elif mode == "unified":
-            cols = select_columns(g, k)
+            cols = select_columns(g, k, scope)
             gc = g.index_select(1, cols)  # (M, k)
             sel = ("cols", cols, gc)
             dx, dw_rows = _compact_products(gc, cols, weight, x2, need_dx, need_dw)
@@ -236,7 +247,7 @@ class _SparseLinearFn(torch.autograd.Function):
         _record(counts, sel_n, sel, m)
         if dx is not None:
             dx = dx.reshape(x.shape)
-        return dx, dw, db, None, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None, None
 
 
 def sparse_linear(
@@ -249,6 +260,7 @@ def sparse_linear(
     sparse_bias: bool = False,
     sparse_grad: bool = False,
     backend: str = "auto",
+    scope: str = "local",
     counts: Tensor | None = None,
     selections: Tensor | None = None,
 ) -> Tensor:
@@ -264,6 +276,8 @@ def sparse_linear(
         sparse_bias: bias gradient from the sparsified gradient instead of the full one.
         sparse_grad: return the weight gradient as a row-sparse COO tensor.
         backend: ``"auto"``, ``"torch"`` or ``"numba"``.
+        scope: ``"local"`` or ``"global"``: whether ``unified`` ranks columns by this
+            process's rows or by the rows of all ranks (see ``MePropConfig``).
         counts: optional (out_features,) tensor; backward adds, per output unit, how many rows
             selected it (the meSimp usage record).
         selections: optional one-element tensor; backward adds the number of selections made.
@@ -276,7 +290,12 @@ def sparse_linear(
         True
     """
     cfg = MePropConfig(
-        k=k, mode=mode, sparse_bias=sparse_bias, sparse_grad=sparse_grad, backend=backend
+        k=k,
+        mode=mode,
+        sparse_bias=sparse_bias,
+        sparse_grad=sparse_grad,
+        backend=backend,
+        scope=scope,
     )
     return apply_config(x, weight, bias, cfg, counts, selections)
 
@@ -303,6 +322,7 @@ def apply_config(
         cfg.backend,
         counts,
         selections,
+        cfg.scope,
     )
 
 

@@ -9,6 +9,12 @@ Each run directory holds:
     last.pt        the latest checkpoint (atomic; ``--resume`` continues from it)
     best.pt        the checkpoint with the best dev score (model selection as in the paper)
     summary.json   best epoch, its dev and test scores, total times, final widths
+
+Under torch.distributed (``meprop train --nproc N``, or torchrun) every rank runs ``run``:
+``batch_size`` is the global batch, of which each rank trains on its own part
+(``meprop.distributed.shard``), so the gradients are one process's on the same batches; every
+rank evaluates (identical models, identical scores, no rank idles in a collective meanwhile);
+rank 0 alone writes the run directory and prints.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import MePropConfig, MeSimpConfig
 from .convert import sparsify_
 from .simplify import Simplifier
@@ -67,6 +73,7 @@ class TrainConfig:
     backend: str = "auto"
     activation: str = ""  # hidden activation; "": the task's (mnist relu, parse cube)
     tags: str = "xpos"  # pos: the tag column, xpos (Penn Treebank tags) or upos
+    scope: str = "local"  # unified top-k under --nproc: each rank's rows, or the global batch
 
     def __post_init__(self) -> None:
         from .tasks import DEFAULTS, TASKS
@@ -105,7 +112,8 @@ class TrainConfig:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.tags not in ("xpos", "upos"):
             raise ValueError(f"tags must be 'xpos' or 'upos', got {self.tags!r}")
-        MePropConfig(k=self.k, mode=self.mode, backend=self.backend)  # validates these fields
+        # validates these fields
+        MePropConfig(k=self.k, mode=self.mode, backend=self.backend, scope=self.scope)
         MeSimpConfig(prune_rate=self.prune_rate)
 
     def widths(self) -> list[int]:
@@ -120,7 +128,13 @@ class TrainConfig:
         if self.method in ("dense", "kdim"):
             return None
         mode = "random" if self.method == "random" else self.mode
-        return MePropConfig(k=self.k, mode=mode, sparse_grad=self.sparse_grad, backend=self.backend)
+        return MePropConfig(
+            k=self.k,
+            mode=mode,
+            sparse_grad=self.sparse_grad,
+            backend=self.backend,
+            scope=self.scope,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -160,8 +174,14 @@ def run(
     progress: bool = True,
     echo=print,
 ) -> dict[str, Any]:
-    """Train, select on dev, score the best checkpoint on test; returns the summary dict."""
+    """Train, select on dev, score the best checkpoint on test; returns the summary dict
+    (``{}`` on ranks other than 0 of a multi-process run)."""
     from .tasks import get_task
+
+    world = distributed.world_size()
+    main = distributed.rank() == 0
+    if not main:
+        progress, echo = False, lambda *a, **k: None
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +206,9 @@ def run(
             )
     elif not resume and log_path.exists():
         raise FileExistsError(f"{out} already holds a run: pass --resume or choose another --out")
-    cfg_path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
+    if main:
+        cfg_path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     task = get_task(cfg, data_dir)
     torch.manual_seed(cfg.seed)
@@ -202,7 +224,8 @@ def run(
         cycle = None
         if cfg.cycle:
             cycle = (cfg.cycle[0] * steps_per_epoch, cfg.cycle[1] * steps_per_epoch)
-        simp = Simplifier(
+        simplifier = distributed.DistributedSimplifier if world > 1 else Simplifier
+        simp = simplifier(
             model, MeSimpConfig(prune_rate=cfg.prune_rate, interval=interval, cycle=cycle), opt
         )
 
@@ -210,6 +233,7 @@ def run(
     if resume and last_path.exists():
         state = checkpoint.load(last_path, model, opt, simplifier=simp)["state"]
         echo(f"resumed from {last_path} at epoch {state['epoch']}")
+    net = distributed.wrap(model) if world > 1 else model  # what forward runs through
     sw = Stopwatch()
     sw.totals.update(state["times"])
 
@@ -239,14 +263,16 @@ def run(
         }
         if simp is not None:
             record["widths"] = simp.sizes()
-        _json_line(log_path, record)
+        if main:
+            _json_line(log_path, record)
         if score > state["best_score"]:
             state["best_score"], state["best_epoch"] = score, epoch_float
-            checkpoint.save(best_path, model, state=dict(state))
+            distributed.save(best_path, model, state=dict(state))
 
     for epoch in range(state["epoch"], cfg.epochs):
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        distributed.seed_rank(cfg.seed, epoch)  # several ranks: each its own dropout masks
         losses, bar = (
             [],
             tqdm(
@@ -258,8 +284,11 @@ def run(
             ),
         )
         for i, batch in enumerate(task.batches("train", cfg.batch_size, gen)):
+            batch, share = distributed.shard(batch, task)  # one process: (batch, 1.0)
             with sw("forward"):
-                loss = task.loss(model, batch)
+                loss = task.loss(net, batch)
+                if share != 1.0:  # a rank's part of uneven size: weigh its mean loss
+                    loss = loss * share
             with sw("backward"):
                 loss.backward()
             for key, timer in layer_timers.items():
@@ -269,7 +298,9 @@ def run(
                 opt.zero_grad(set_to_none=True)
             if simp is not None:
                 with sw("simplify"):
-                    if simp.step():  # new Parameters: hook the timers onto them
+                    if simp.step():  # new Parameters: hook the timers (and DDP) onto them
+                        if world > 1:
+                            net = net.rewrap()
                         for timer in layer_timers.values():
                             timer.remove()
                         layer_timers = timers()
@@ -279,14 +310,16 @@ def run(
             if (i + 1) % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}", best=f"{state['best_score']:.4f}")
             if (i + 1) % eval_every == 0 or i + 1 == steps_per_epoch:
-                train_loss = torch.stack(losses).mean().item()
+                train_loss = distributed.mean_over_ranks(torch.stack(losses).mean()).item()
                 losses.clear()
                 evaluate(epoch + (i + 1) / steps_per_epoch, train_loss)
                 model.train()
         bar.close()
         state["epoch"] = epoch + 1
         state["times"] = dict(sw.totals)
-        checkpoint.save(last_path, model, opt, simplifier=simp, state=dict(state))
+        distributed.save(last_path, model, opt, simplifier=simp, state=dict(state))
+        if not main:
+            continue
         last = json.loads(log_path.read_text().splitlines()[-1])
         widths = f"  widths {last['widths']}" if "widths" in last else ""
         echo(
@@ -295,6 +328,8 @@ def run(
         )
     for timer in layer_timers.values():
         timer.remove()
+    if not main:  # rank 0 scores the best checkpoint and writes the summary
+        return {}
 
     # Model selection as in the paper: the best dev checkpoint is scored on test.
     final_widths = simp.sizes() if simp is not None else None
@@ -314,6 +349,7 @@ def run(
         "metric": task.metric,
         "parameters": sum(p.numel() for p in model.parameters()),
         "threads": torch.get_num_threads(),
+        "processes": world,
         "torch": torch.__version__,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

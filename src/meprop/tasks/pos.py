@@ -166,6 +166,11 @@ class PosTask:
                 f"the pos task's LSTM has a fixed tanh activation, got activation="
                 f"{cfg.activation!r}: leave --activation unset"
             )
+        if cfg.scope == "global" and cfg.mode == "unified":
+            raise ValueError(
+                "the pos task's LSTM supports unified selection per rank only (scope='local'): "
+                "its ranks' batches have different numbers of time steps; leave --scope unset"
+            )
         if len(set(cfg.widths())) != 1:
             raise ValueError(
                 f"the pos task's LSTM layers share one width, got hidden={list(cfg.hidden)}: "
@@ -245,6 +250,24 @@ class PosTask:
         order = torch.randperm(len(data), generator=generator).tolist()
         for i in range(0, len(data), batch_size):
             yield self.collate([data[j] for j in order[i : i + batch_size]])
+
+    @staticmethod
+    def split_batch(batch, parts: int) -> list:
+        """``parts`` batches of consecutive sentences (the ranks' parts of a global batch), each
+        cut to its own longest sentence."""
+        words, tags, lengths = batch
+        out = []
+        for idx in torch.arange(len(lengths)).tensor_split(parts):
+            a, b = (int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, 0)
+            t = int(lengths[a:b].max()) if b > a else 0
+            out.append((words[:t, a:b], tags[:t, a:b], lengths[a:b]))
+        return out
+
+    @staticmethod
+    def loss_terms(batch) -> int:
+        """The number of tokens the loss averages over (real tokens with a tag seen in
+        training)."""
+        return int((batch[1] != IGNORE).sum())
 
     def loss(self, model, batch) -> torch.Tensor:
         words, tags, lengths = batch

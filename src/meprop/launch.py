@@ -1,0 +1,321 @@
+"""Start N local processes joined by torch.distributed, and watch them until they end.
+
+``spawn(fn, nproc, args)`` starts ``nproc`` processes (``torch.multiprocessing``); each joins
+one process group (gloo on the CPU, NCCL with one GPU per process) and runs ``fn(*args)``.
+Processes are forked from a fork server that has imported torch and meprop once (start method
+"forkserver", where the platform has it; "spawn" elsewhere): a rank starts in a fraction of a
+second instead of importing torch again, and the server is reused by later jobs. Each rank
+gets the launcher's environment as it is at the call. The group meets at a ``TCPStore`` that the calling process serves on a port of
+127.0.0.1 that the OS picks, so concurrent jobs never race for a port. The caller watches the
+processes: as soon as one exits with an error or is killed, the others get SIGTERM, then SIGKILL
+after a grace period, and ``WorkerFailed`` is raised with the rank and its traceback. A rank
+that hangs without exiting is caught by the process group's timeout: the ranks waiting for it
+in a collective fail after ``timeout_s``, and the watcher then stops the rest.
+
+Under torchrun (or any launcher that sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT),
+``init_from_env`` joins the group that the environment describes instead.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "WorkerFailed",
+    "default_threads",
+    "under_launcher",
+    "init_from_env",
+    "destroy",
+    "spawn",
+]
+
+#: Seconds a collective waits for the other ranks before failing (a hung rank ends the run).
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class WorkerFailed(RuntimeError):
+    """A process of a ``spawn`` job failed; the others have been stopped."""
+
+    def __init__(self, rank: int, nproc: int, reason: str) -> None:
+        super().__init__(f"rank {rank} of {nproc} failed: {reason.strip()}")
+        self.rank = rank
+        self.nproc = nproc
+
+
+def cpu_count() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def default_threads(nproc: int) -> int:
+    """Threads per process: ``$OMP_NUM_THREADS`` if set, else the cores shared out evenly."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, cpu_count() // nproc)
+
+
+def under_launcher() -> bool:
+    """Whether torchrun (or another env:// launcher) started this process as one rank."""
+    return all(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def _backend(backend: str | None, device: str) -> str:
+    return backend or ("nccl" if torch.device(device).type == "cuda" else "gloo")
+
+
+def init_from_env(
+    backend: str | None = None, device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S
+) -> None:
+    """Join the process group described by RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (torchrun
+    sets them; with NCCL, LOCAL_RANK picks this process's GPU). Backend: gloo on the CPU,
+    NCCL on GPUs."""
+    backend = _backend(backend, device)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
+def destroy() -> None:
+    """Leave the process group (after ``init_from_env``)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+    if "numba" in sys.modules:  # the compiled kernels' thread pool, the same size
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    else:
+        os.environ["NUMBA_NUM_THREADS"] = str(threads)
+
+
+def _die_with_parent(launcher: int) -> None:
+    """Linux: this process gets SIGKILL when its parent dies (no orphaned ranks). The parent is
+    the launcher, or its fork server, which exits with the launcher."""
+    if not sys.platform.startswith("linux"):  # pragma: no cover
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    try:
+        os.kill(launcher, 0)
+    except ProcessLookupError:  # the launcher died before prctl took effect
+        os._exit(1)
+
+
+def _worker(
+    rank: int,
+    fn: Callable,
+    args: tuple,
+    nproc: int,
+    port: int,
+    backend: str,
+    timeout_s: float,
+    threads: int,
+    launcher: int,
+    env: dict[str, str],
+    stamps: str,
+) -> None:
+    _die_with_parent(launcher)
+    # The launcher's environment now (a fork server keeps the one it started with), plus
+    # torchrun's variables, so that code running under either launcher sees the same setup.
+    os.environ.clear()
+    os.environ.update(env)
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(nproc),
+        LOCAL_WORLD_SIZE=str(nproc),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    _set_threads(threads)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=nproc, timeout=timeout)
+    try:
+        dist.barrier()  # every rank is connected: none leaves while another still connects
+        # No barrier after fn: a rank may leave once its last collective is done, while rank 0
+        # still writes its summary (a barrier there would time out on a long final evaluation).
+        fn(*args)
+    except BaseException:
+        # When: the launcher reports the first failure, not the ranks that failed because of it.
+        (Path(stamps) / str(rank)).write_text(repr(time.time()))
+        raise
+    finally:
+        destroy()
+
+
+def _start_method() -> str:
+    if "forkserver" not in multiprocessing.get_all_start_methods():  # pragma: no cover
+        return "spawn"
+    # Takes effect when the server starts (the first job of this process). DDP's constructor
+    # imports torch._dynamo, seconds of imports that every rank would otherwise repeat.
+    preload = [__name__, "meprop.distributed", "torch._dynamo"]
+    multiprocessing.get_context("forkserver").set_forkserver_preload(preload)
+    return "forkserver"
+
+
+def spawn(
+    fn: Callable,
+    nproc: int,
+    args: tuple = (),
+    *,
+    backend: str | None = None,
+    device: str = "cpu",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    threads: int | None = None,
+    grace_s: float = 5.0,
+) -> None:
+    """Run ``fn(*args)`` in ``nproc`` new processes joined by torch.distributed; wait for all.
+
+    Args:
+        fn: a picklable function (defined at the top level of an importable module).
+        nproc: number of processes (ranks 0 to nproc - 1).
+        args: picklable arguments.
+        backend: ``"gloo"`` or ``"nccl"``; default: gloo for ``device="cpu"``, NCCL for
+            ``"cuda"`` (process r uses GPU r).
+        timeout_s: how long a collective waits for the other ranks before failing.
+        threads: intra-op threads per process (default: ``default_threads(nproc)``).
+        grace_s: after a failure, seconds the others get to exit on SIGTERM before SIGKILL.
+
+    Raises:
+        WorkerFailed: a process raised, exited with a non-zero status or was killed.
+
+    Example::
+
+        def work(path):
+            import torch.distributed as dist
+            print(dist.get_rank(), dist.get_world_size(), path)
+
+        spawn(work, 2, ("data",))
+    """
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"nproc must be an integer >= 1, got {nproc!r}")
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    backend = _backend(backend, device)
+    if backend == "nccl" and torch.cuda.device_count() < nproc:
+        raise ValueError(
+            f"nproc={nproc} NCCL processes need {nproc} GPUs, found {torch.cuda.device_count()}"
+        )
+    threads = threads or default_threads(nproc)
+    # The rendezvous: port 0 lets the OS pick a free port, held from now until the end.
+    store = dist.TCPStore(
+        "127.0.0.1",
+        0,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory(prefix="meprop-launch-") as stamps:
+        worker_args = (
+            fn, args, nproc, store.port, backend, timeout_s, threads, os.getpid(), env, stamps
+        )  # fmt: skip
+        context = mp.start_processes(
+            _worker, args=worker_args, nprocs=nproc, join=False, start_method=_start_method()
+        )
+        try:
+            _watch(context, nproc, grace_s, Path(stamps))
+        except BaseException:  # WorkerFailed, KeyboardInterrupt, ...: leave no process behind
+            for p in context.processes:
+                if p.is_alive():
+                    p.kill()
+                p.join()
+            raise
+        finally:
+            for f in context.error_files:
+                Path(f).unlink(missing_ok=True)
+    del store
+
+
+def _watch(context, nproc: int, grace_s: float, stamps: Path) -> None:
+    """Wait until every process has ended; after the first failure stop the others and raise
+    ``WorkerFailed`` for the root cause."""
+    procs = context.processes
+    live = {p.sentinel: i for i, p in enumerate(procs)}
+    failed = False
+    while live and not failed:
+        for sentinel in multiprocessing.connection.wait(list(live)):
+            i = live.pop(sentinel)
+            procs[i].join()
+            failed |= procs[i].exitcode != 0
+    if not failed:
+        return
+    # The others: grace_s to end by themselves (a rank failing because of another records
+    # when), then SIGTERM, another grace_s, then SIGKILL.
+    _join_all(procs, grace_s)
+    stopped = {i for i, p in enumerate(procs) if p.is_alive()}
+    for i in stopped:
+        procs[i].terminate()
+    _join_all(procs, grace_s)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join()
+    raise _root_cause(procs, context.error_files, stopped, stamps, nproc)
+
+
+def _join_all(procs, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    for p in procs:
+        p.join(max(0.0, end - time.monotonic()))
+
+
+def _root_cause(procs, error_files, stopped: set, stamps: Path, nproc: int) -> WorkerFailed:
+    """The first failure: a rank killed by a signal (not by us), else the earliest exception;
+    the ranks that failed after it (typically in a collective, of a closed connection) are
+    named at the end."""
+    failures = []  # (order, rank, reason)
+    for i, p in enumerate(procs):
+        if i in stopped or p.exitcode == 0:
+            continue
+        if p.exitcode < 0:
+            try:
+                name = signal.Signals(-p.exitcode).name
+            except ValueError:
+                name = f"signal {-p.exitcode}"
+            failures.append(((0, 0.0), i, f"process {p.pid} killed by {name}"))
+            continue
+        stamp = stamps / str(i)
+        when = float(stamp.read_text()) if stamp.is_file() else math.inf
+        reason = f"process {p.pid} exit status {p.exitcode}"
+        if os.access(error_files[i], os.R_OK):
+            with open(error_files[i], "rb") as fh:
+                reason = pickle.load(fh)  # the formatted traceback (torch's spawn wrapper)
+        failures.append(((1, when), i, reason))
+    failures.sort(key=lambda f: f[:2])
+    _, rank, reason = failures[0]
+    later = [f"rank {i}: {r.strip().splitlines()[-1]}" for _, i, r in failures[1:] if r.strip()]
+    if later:
+        reason = f"{reason.rstrip()}\n(then, in consequence: {'; '.join(later)})"
+    if stopped:  # e.g. a hung rank, after the others timed out waiting for it
+        ranks = ", ".join(map(str, sorted(stopped)))
+        reason = f"{reason.rstrip()}\n(still running, stopped: rank {ranks})"
+    return WorkerFailed(rank, nproc, reason)

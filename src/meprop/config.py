@@ -16,9 +16,12 @@ __all__ = ["MODES", "BACKENDS", "MePropConfig", "MeSimpConfig"]
 # random:      k columns drawn uniformly per row (the paper's control).
 MODES = ("per_example", "unified", "random")
 
-# auto:  compiled CPU kernels where they apply (float32/float64 on CPU), PyTorch ops elsewhere.
-# torch: PyTorch ops only.  numba: require the compiled kernels (error where they do not apply).
-BACKENDS = ("auto", "torch", "numba")
+# auto:   compiled CPU kernels where they apply (float32/float64 on CPU): the C++ ones where a
+#         compiler built them, else numba's; PyTorch ops elsewhere.
+# torch:  PyTorch ops only.
+# native: require the C++ kernels; numba: require the numba kernels (error where they do not
+#         apply, e.g. float16 or CUDA tensors).
+BACKENDS = ("auto", "torch", "native", "numba")
 
 
 def _check_type(name: str, value: Any, expected: type) -> None:
@@ -41,8 +44,8 @@ class MePropConfig:
         sparse_grad: give the weight a row-sparse ``.grad`` (a sparse COO tensor holding only
             the touched rows, as ``nn.Embedding(sparse=True)`` does), for optimizers that take
             sparse gradients (SGD, Adagrad, SparseAdam).
-        backend: ``"auto"``, ``"torch"`` or ``"numba"``: which implementation runs the sparse
-            backward products (see ``meprop.ops``).
+        backend: ``"auto"``, ``"torch"``, ``"native"`` (C++) or ``"numba"``: which
+            implementation runs the sparse backward (see ``meprop.ops``).
 
     Example:
         >>> MePropConfig(k=20, mode="unified")

@@ -1,0 +1,627 @@
+// meProp's sparse backward on the CPU: top-k selection and the row-sparse products.
+//
+// Sun et al., "meProp" (ICML 2017). For z = x W^T + b with x (M, in), W (n, in) and the output
+// gradient g (M, n), backward keeps the k largest |g| of each row (per example) or the k
+// columns with the largest sum of |g| (unified) and computes, from that selection only,
+//
+//     dx = g~ W  (M, in)        dW = g~^T x  (n, in), non-zero in the selected rows only
+//
+// at k/n of the dense cost. Built on first use by meprop/kernels/native.py
+// (g++ -O3 -march=native -fopenmp) and called through ctypes; every entry point has a float
+// (_f32) and a double (_f64) version. All arrays are C-contiguous; "nt" is the number of
+// OpenMP threads to use (1: no parallel region). OpenMP is libgomp, the runtime torch loads,
+// so both share one thread pool.
+//
+// Selection keys: the float's bits with the sign cleared, read as an unsigned integer. For
+// IEEE floats this orders every number by magnitude, then inf, then NaN: NaN and inf count as
+// the largest magnitudes, as in torch.topk. Among equal keys the lower columns win.
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using i64 = int64_t;
+
+template <class F>
+struct Key;
+template <>
+struct Key<float> {
+  using U = uint32_t;
+  static constexpr U mask = 0x7fffffffu;
+  static constexpr U span = U(32) << 23;  // 32 binary exponents (see kth_largest)
+};
+template <>
+struct Key<double> {
+  using U = uint64_t;
+  static constexpr U mask = 0x7fffffffffffffffull;
+  static constexpr U span = U(32) << 52;
+};
+
+// 64-byte vectors: one AVX-512 register, or two AVX2 ones where AVX-512 is missing.
+template <class T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64)));
+  static constexpr i64 lanes = 64 / sizeof(T);
+};
+
+template <class T>
+inline typename Vec<T>::type vload(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <class T>
+inline void vstore(T* p, typename Vec<T>::type v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+template <class V>
+inline bool any(V m) {
+  uint64_t w[8];
+  std::memcpy(w, &m, sizeof w);
+  return ((w[0] | w[1]) | (w[2] | w[3])) | ((w[4] | w[5]) | (w[6] | w[7]));
+}
+
+inline int threads_for(int nt, i64 tasks) { return int(std::max<i64>(1, std::min<i64>(nt, tasks))); }
+
+// ------------------------------------------------------------------------------------------
+// Selection
+
+// The need-th largest of keys[0:nc] (1 <= need <= nc) and how many keys are larger.
+// Radix selection: each level histograms the keys into up to 256 bins spanning [lo, hi], finds
+// the bin holding the need-th largest and keeps only that bin's keys. Keys more than ``span``
+// below the maximum share bin 0, so the first level resolves the top exponents finely even
+// beside zeros or tiny values. keys is scratch (overwritten); hist holds 256 entries.
+template <class U>
+U kth_largest(U* keys, i64 nc, i64 need, U span, i64* hist, i64* n_above) {
+  U lo = keys[0], hi = keys[0];
+  for (i64 t = 1; t < nc; t++) {
+    lo = std::min(lo, keys[t]);
+    hi = std::max(hi, keys[t]);
+  }
+  i64 gt = 0;
+  while (hi > lo && nc > need) {
+    if (nc <= 16) {  // a few left: insertion sort, descending
+      for (i64 t = 1; t < nc; t++) {
+        U v = keys[t];
+        i64 s = t;
+        for (; s > 0 && keys[s - 1] < v; s--) keys[s] = keys[s - 1];
+        keys[s] = v;
+      }
+      U thr = keys[need - 1];
+      for (i64 t = 0; t < need - 1; t++) gt += keys[t] > thr;
+      *n_above = gt;
+      return thr;
+    }
+    U base = hi - lo > span ? hi - span : lo;  // keys below base go to bin 0
+    i64 top = 15;                              // about one bin per key (16..256)
+    while (top < nc && top < 255) top = 2 * top + 1;
+    int shift = 0;
+    while (((hi - base) >> shift) > U(top)) shift++;
+    i64 b = i64((hi - base) >> shift);  // the highest bin
+    for (i64 t = 0; t <= b; t++) hist[t] = 0;
+    for (i64 t = 0; t < nc; t++) {
+      U v = keys[t];
+      hist[v > base ? i64((v - base) >> shift) : 0]++;
+    }
+    i64 above = 0;
+    while (above + hist[b] < need) above += hist[b--];
+    gt += above;
+    need -= above;
+    U bot = base + (U(b) << shift);           // bin b's smallest key (bin 0: and all below)
+    U last = bot + ((U(1) << shift) - 1);     // bin b's largest key (no overflow: keys < 2^63)
+    i64 nc2 = 0;
+    U lo2 = hi, hi2 = 0;
+    for (i64 t = 0; t < nc; t++) {
+      U v = keys[t];
+      if (v <= last && (b == 0 || v >= bot)) {
+        keys[nc2++] = v;
+        lo2 = std::min(lo2, v);
+        hi2 = std::max(hi2, v);
+      }
+    }
+    nc = nc2;
+    lo = lo2;
+    hi = hi2;
+  }
+  // All remaining keys equal, or all are needed: the smallest of them is the threshold.
+  for (i64 t = 0; t < nc; t++) gt += keys[t] > lo;
+  *n_above = gt;
+  return lo;
+}
+
+// kth_largest for a few keys (nc <= 8 vectors): count, for every key i, the keys >= it (all
+// nc^2 comparisons, vectorised over i); the threshold is the largest key with count >= need.
+// No histograms, no branches on the data. keys is scratch (padded with zeros to NV vectors).
+template <class U, int NV>
+U kth_small(U* keys, i64 nc, i64 need, i64* n_above) {
+  using UV = typename Vec<U>::type;
+  constexpr i64 L = Vec<U>::lanes;
+  for (i64 t = nc; t < NV * L; t++) keys[t] = 0;  // (a zero never lowers the answer)
+  UV kv[NV], cnt[NV];
+  for (int v = 0; v < NV; v++) {
+    kv[v] = vload(keys + v * L);
+    cnt[v] = UV{};
+  }
+#if defined(__AVX512F__)
+  if constexpr (sizeof(U) == 4) {  // compare into a mask register, masked add: 2 ops a vector
+    __m512i kr[NV], cr[NV];
+    for (int v = 0; v < NV; v++) {
+      std::memcpy(&kr[v], &kv[v], 64);
+      cr[v] = _mm512_setzero_si512();
+    }
+    const __m512i one = _mm512_set1_epi32(1);
+    for (i64 j = 0; j < nc; j++) {
+      __m512i b = _mm512_set1_epi32(int(keys[j]));
+      for (int v = 0; v < NV; v++)
+        cr[v] = _mm512_mask_add_epi32(cr[v], _mm512_cmpge_epu32_mask(b, kr[v]), cr[v], one);
+    }
+    for (int v = 0; v < NV; v++) std::memcpy(&cnt[v], &cr[v], 64);
+  } else
+#endif
+  {
+    for (i64 j = 0; j < nc; j++) {
+      UV b = UV{} + keys[j];
+      for (int v = 0; v < NV; v++) cnt[v] -= (UV)(b >= kv[v]);  // (a true compare is all ones)
+    }
+  }
+  UV best = UV{};
+  for (int v = 0; v < NV; v++) {
+    UV ok = (UV)(cnt[v] >= U(need));
+    UV cand = kv[v] & ok;
+    best = best > cand ? best : cand;
+  }
+  U thr = 0;
+  for (i64 t = 0; t < L; t++) thr = std::max(thr, U(best[t]));
+  i64 gt = 0;
+  for (i64 t = 0; t < nc; t++) gt += keys[t] > thr;
+  *n_above = gt;
+  return thr;
+}
+
+// The need-th largest of keys[0:nc] and how many keys are larger: the small version when it
+// applies. keys is scratch with room for 8 vectors.
+template <class U>
+U kth(U* keys, i64 nc, i64 need, U span, i64* hist, i64* n_above) {
+  constexpr i64 L = Vec<U>::lanes;
+  switch ((nc + L - 1) / L) {
+    case 1: return kth_small<U, 1>(keys, nc, need, n_above);
+    case 2: return kth_small<U, 2>(keys, nc, need, n_above);
+    case 3: return kth_small<U, 3>(keys, nc, need, n_above);
+    case 4: return kth_small<U, 4>(keys, nc, need, n_above);
+    case 5: return kth_small<U, 5>(keys, nc, need, n_above);
+    case 6: return kth_small<U, 6>(keys, nc, need, n_above);
+    default: return kth_largest<U>(keys, nc, need, span, hist, n_above);
+  }
+}
+
+template <class F>
+struct TopkScratch {
+  using U = typename Key<F>::U;
+  std::vector<U> ck, work, lanes;
+  std::vector<i64> cj;
+  i64 hist[256];
+  TopkScratch(i64 n, i64 p) : ck(n), work(std::max<i64>(n, 8 * Vec<U>::lanes)), lanes(p), cj(n) {}
+};
+
+// out[0:k] = the columns of the k largest keys of row (n,) (unordered; ties: lower columns).
+// For small k (8k <= n, roughly) a prefilter first: the maxima of p >= 2k strided lanes (lane
+// j holds columns j, j + p, ...: a vectorised pass) give a threshold, their k-th largest, that
+// at least k keys reach and, on most data, not many more; the exact selection then runs on
+// those candidates only.
+// Bit j of the result: keys[j] & mask >= thr, for the lanes of one vector (16 or 8 keys).
+// Keys have the sign bit cleared, so signed compares order them correctly.
+template <class U>
+inline uint32_t ge_mask(const U* keys, U mask, U thr) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(U) == 4) {
+    __m512i v = _mm512_and_si512(_mm512_loadu_si512(keys), _mm512_set1_epi32(int(mask)));
+    return _mm512_cmpge_epi32_mask(v, _mm512_set1_epi32(int(thr)));
+  } else {
+    __m512i v = _mm512_and_si512(_mm512_loadu_si512(keys), _mm512_set1_epi64((long long)mask));
+    return _mm512_cmpge_epi64_mask(v, _mm512_set1_epi64((long long)thr));
+  }
+#else
+  uint32_t m = 0;
+  for (i64 t = 0; t < Vec<U>::lanes; t++) m |= uint32_t((keys[t] & mask) >= thr) << t;
+  return m;
+#endif
+}
+
+template <class F>
+void topk_row(const typename Key<F>::U* row, i64 n, i64 k, i64* out, TopkScratch<F>& s) {
+  using U = typename Key<F>::U;
+  using UV = typename Vec<U>::type;
+  constexpr i64 L = Vec<U>::lanes;
+  constexpr U mask = Key<F>::mask;
+  if (k >= n) {
+    for (i64 t = 0; t < n; t++) out[t] = t;
+    return;
+  }
+  i64 p = (2 * k + L - 1) / L * L;
+  U* ck = s.ck.data();
+  i64* cj = s.cj.data();
+  i64 c = 0;
+  if (4 * p <= n) {
+    U* lanes = s.lanes.data();
+    i64 full = n / p * p;  // the lanes' maxima over the whole chunks of p columns
+    for (i64 j = 0; j < p; j += L) {
+      UV a = vload(row + j) & mask;
+      for (i64 j0 = p; j0 < full; j0 += p) {
+        UV b = vload(row + j0 + j) & mask;
+        a = a > b ? a : b;
+      }
+      vstore(lanes + j, a);
+    }
+    for (i64 j = 0; j < n - full; j++) lanes[j] = std::max(lanes[j], U(row[full + j] & mask));
+    std::memcpy(s.work.data(), lanes, p * sizeof(U));
+    i64 above;
+    U thr = kth<U>(s.work.data(), p, k, Key<F>::span, s.hist, &above);
+    i64 j = 0;
+    for (; j + L <= n; j += L) {
+      for (uint32_t m = ge_mask<U>(row + j, mask, thr); m; m &= m - 1) {
+        i64 t = j + __builtin_ctz(m);
+        ck[c] = row[t] & mask;
+        cj[c++] = t;
+      }
+    }
+    for (; j < n; j++) {
+      U v = row[j] & mask;
+      ck[c] = v;
+      cj[c] = j;
+      c += v >= thr;
+    }
+  } else {
+    for (i64 j = 0; j < n; j++) {
+      ck[j] = row[j] & mask;
+      cj[j] = j;
+    }
+    c = n;
+  }
+  if (c == k) {
+    std::memcpy(out, cj, k * sizeof(i64));
+    return;
+  }
+  std::memcpy(s.work.data(), ck, c * sizeof(U));
+  i64 above;
+  U thr = kth<U>(s.work.data(), c, k, Key<F>::span, s.hist, &above);
+  i64 eq = k - above, o = 0;  // all keys above thr, and the first eq equal to it
+  for (i64 t = 0; o < k; t++) {  // exactly k are taken, the last at some t < c
+    U v = ck[t];
+    bool take = v > thr || (v == thr && eq > 0);
+    eq -= v == thr && take;
+    out[o] = cj[t];
+    o += take;
+  }
+}
+
+template <class F>
+void topk_rows(const F* g, i64 m, i64 n, i64 k, i64* idx, F* vals, int nt) {
+  using U = typename Key<F>::U;
+  constexpr i64 L = Vec<U>::lanes;
+  nt = threads_for(nt, m);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    TopkScratch<F> s(n, (2 * k + L - 1) / L * L);
+#pragma omp for schedule(static)
+    for (i64 i = 0; i < m; i++) {
+      const U* row = reinterpret_cast<const U*>(g + i * n);
+      topk_row<F>(row, n, k, idx + i * k, s);
+      for (i64 t = 0; t < k; t++) vals[i * k + t] = g[i * n + idx[i * k + t]];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Products
+
+// o[0:w] = sum_j v[j] * src[r[j] * ld + 0:w] over j < k, r[j] rows of src (all in range).
+// Four vectors of columns per sweep over the k rows: four independent accumulators.
+template <class F>
+inline void gather_axpy(F* o, i64 w, const i64* r, i64 rstride, const F* v, i64 vstride, i64 k,
+                        const F* src, i64 ld) {
+  using FV = typename Vec<F>::type;
+  constexpr i64 L = Vec<F>::lanes;
+  i64 c = 0;
+  for (; c + 4 * L <= w; c += 4 * L) {
+    FV a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (i64 j = 0; j < k; j++) {
+      const F* s = src + r[j * rstride] * ld + c;
+      F vj = v[j * vstride];
+      a0 += vj * vload(s);
+      a1 += vj * vload(s + L);
+      a2 += vj * vload(s + 2 * L);
+      a3 += vj * vload(s + 3 * L);
+    }
+    vstore(o + c, a0);
+    vstore(o + c + L, a1);
+    vstore(o + c + 2 * L, a2);
+    vstore(o + c + 3 * L, a3);
+  }
+  for (; c + L <= w; c += L) {
+    FV a0 = {};
+    for (i64 j = 0; j < k; j++) a0 += v[j * vstride] * vload(src + r[j * rstride] * ld + c);
+    vstore(o + c, a0);
+  }
+  if (c < w) {
+    F a[L] = {};
+    i64 rem = w - c;
+    for (i64 j = 0; j < k; j++) {
+      const F* s = src + r[j * rstride] * ld + c;
+      F vj = v[j * vstride];
+      for (i64 t = 0; t < rem; t++) a[t] += vj * s[t];
+    }
+    for (i64 t = 0; t < rem; t++) o[c + t] = a[t];
+  }
+}
+
+template <class F>
+inline void zero(F* o, i64 w) {
+  std::memset(o, 0, w * sizeof(F));
+}
+
+// Column block so that there are enough (block, row) tasks for nt threads: whole rows when
+// there are enough rows, else blocks of >= 256 columns (a multiple of 64).
+inline i64 column_block(i64 rows, i64 d, int nt) {
+  i64 tasks = 4 * i64(nt);
+  if (nt <= 1 || rows >= tasks || d <= 256) return std::max<i64>(d, 1);
+  i64 per = (d * rows + tasks - 1) / tasks;
+  return std::max<i64>(256, (per + 63) / 64 * 64);
+}
+
+i64 count_bad(const i64* idx, i64 size, i64 n) {
+  i64 bad = 0;
+  for (i64 t = 0; t < size; t++) bad += idx[t] < 0 || idx[t] >= n;
+  return bad;
+}
+
+// out (M, d) = sum_j vals[i, j] * w[idx[i, j]]. idx_stride 0: every row uses idx[0, :].
+template <class F>
+void rows_matmul(const i64* idx, i64 idx_stride, const F* vals, i64 m, i64 k, const F* w, i64 d,
+                 F* out, int nt) {
+  i64 block = column_block(m, d, nt);
+  i64 nb = (d + block - 1) / block;
+  nt = threads_for(nt, nb * m);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (i64 task = 0; task < nb * m; task++) {
+    i64 b = task / m, i = task % m;
+    i64 c0 = b * block, wd = std::min(block, d - c0);
+    gather_axpy<F>(out + i * d + c0, wd, idx + i * idx_stride, 1, vals + i * k, 1, k, w + c0, d);
+  }
+}
+
+// The (i, j) pairs of idx (M, k) grouped by their row idx[i, j] in [0, n) (a counting sort):
+// the pairs of row r are ex[start[r]:start[r + 1]] (example numbers, in order) with values vs.
+template <class F>
+struct Groups {
+  std::vector<i64> start, ex;
+  std::vector<F> vs;
+  i64 rows = 0;  // rows with at least one pair
+  Groups(const i64* idx, const F* vals, i64 m, i64 k, i64 n) : start(n + 1, 0), ex(m * k), vs(m * k) {
+    for (i64 t = 0; t < m * k; t++) start[idx[t] + 1]++;
+    for (i64 r = 0; r < n; r++) {
+      rows += start[r + 1] > 0;
+      start[r + 1] += start[r];
+    }
+    std::vector<i64> cur(start.begin(), start.end() - 1);
+    for (i64 i = 0; i < m; i++)
+      for (i64 j = 0; j < k; j++) {
+        i64 p = cur[idx[i * k + j]]++;
+        ex[p] = i;
+        vs[p] = vals[i * k + j];
+      }
+  }
+};
+
+// dW rows from the groups: out row q = row rows[q] of g~^T x (zero where it has no pairs).
+template <class F>
+void outer_rows(const Groups<F>& gr, const i64* rows, i64 nrows, const F* x, i64 d, F* out,
+                int nt) {
+  i64 block = column_block(nrows, d, nt);
+  i64 nb = (d + block - 1) / block;
+  nt = threads_for(nt, nb * nrows);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (i64 task = 0; task < nb * nrows; task++) {
+    i64 b = task / nrows, q = task % nrows;
+    i64 c0 = b * block, wd = std::min(block, d - c0);
+    i64 r = rows ? rows[q] : q;
+    i64 p0 = gr.start[r], np = gr.start[r + 1] - p0;
+    F* o = out + q * d + c0;
+    if (np == 0)
+      zero(o, wd);
+    else
+      gather_axpy<F>(o, wd, gr.ex.data() + p0, 1, gr.vs.data() + p0, 1, np, x + c0, d);
+  }
+}
+
+// Dense dW (n, d). zeroed: out is already zero, write the touched rows only (a fresh
+// calloc'ed block whose untouched pages are never written); else write every row once.
+template <class F>
+void outer_dense(const Groups<F>& gr, i64 n, const F* x, i64 d, F* out, bool zeroed, int nt) {
+  if (!zeroed) {
+    outer_rows<F>(gr, nullptr, n, x, d, out, nt);
+    return;
+  }
+  std::vector<i64> rows;
+  rows.reserve(gr.rows);
+  for (i64 r = 0; r < n; r++)
+    if (gr.start[r + 1] > gr.start[r]) rows.push_back(r);
+  i64 nr = i64(rows.size());
+  i64 block = column_block(nr, d, nt);
+  i64 nb = (d + block - 1) / block;
+  nt = threads_for(nt, nb * nr);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (i64 task = 0; task < nb * nr; task++) {
+    i64 b = task / nr, q = task % nr;
+    i64 c0 = b * block, wd = std::min(block, d - c0);
+    i64 r = rows[q], p0 = gr.start[r], np = gr.start[r + 1] - p0;
+    gather_axpy<F>(out + r * d + c0, wd, gr.ex.data() + p0, 1, gr.vs.data() + p0, 1, np, x + c0, d);
+  }
+}
+
+// Row-compact dW: rows (R,) sorted, out (R, d); both sized >= R by the caller. Returns R.
+template <class F>
+i64 outer_compact(const Groups<F>& gr, i64 n, const F* x, i64 d, i64* rows, F* out, int nt) {
+  i64 nr = 0;
+  for (i64 r = 0; r < n; r++)
+    if (gr.start[r + 1] > gr.start[r]) rows[nr++] = r;
+  outer_rows<F>(gr, rows, nr, x, d, out, nt);
+  return nr;
+}
+
+// db (n,) = column sums of g (M, n).
+template <class F>
+void column_sums(const F* g, i64 m, i64 n, F* db) {
+  zero(db, n);
+  for (i64 i = 0; i < m; i++)
+    for (i64 c = 0; c < n; c++) db[c] += g[i * n + c];
+}
+
+// ------------------------------------------------------------------------------------------
+// The whole per-example backward in one call: selection, then the products that are asked for.
+// dw_mode: 0 none, 1 dense dW written in full, 2 dense dW already zero (touched rows only),
+// 3 row-compact (rows, dw_rows sized min(n, M k)). Returns R for mode 3, else 0.
+template <class F>
+i64 per_example(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64* idx,
+                F* vals, F* dx, int dw_mode, F* dw, i64* rows, F* db, int nt, int nt_products) {
+  topk_rows<F>(g, m, n, k, idx, vals, nt);
+  if (db) column_sums<F>(g, m, n, db);
+  if (dx) rows_matmul<F>(idx, k, vals, m, k, w, d, dx, nt_products);
+  if (dw_mode == 0) return 0;
+  Groups<F> gr(idx, vals, m, k, n);
+  if (dw_mode == 3) return outer_compact<F>(gr, n, x, d, rows, dw, nt_products);
+  outer_dense<F>(gr, n, x, d, dw, dw_mode == 2, nt_products);
+  return 0;
+}
+
+// out[orow[r]] = sum_t A[r, t] * B[bidx[t]] for r < R, t < K: a small GEMM whose right factor
+// is a gather of rows (bidx, or all rows when null) and whose left factor has any strides
+// (A[r, t] = A[r * ars + t * acs]); orow null: out row r. Register-blocked: 4 rows of out by
+// 4 vectors of columns, so each loaded vector of B serves 4 multiply-adds (the unified mode's
+// products, where every row uses the same k rows of W).
+template <class F>
+void gemm_rows(i64 R, i64 K, i64 d, const F* A, i64 ars, i64 acs, const i64* bidx, const F* B,
+               const i64* orow, F* out, int nt) {
+  using FV = typename Vec<F>::type;
+  constexpr i64 L = Vec<F>::lanes;
+  constexpr i64 W = 4 * L;  // columns per register block
+  i64 nrb = (R + 3) / 4, ncb = (d + W - 1) / W;
+  nt = threads_for(nt, nrb * ncb);
+  std::vector<i64> ident(bidx ? 0 : K);
+  for (i64 t = 0; t < i64(ident.size()); t++) ident[t] = t;
+  const i64* bi = bidx ? bidx : ident.data();
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (i64 task = 0; task < nrb * ncb; task++) {
+    i64 rb = task / ncb, c = (task % ncb) * W;
+    i64 r0 = 4 * rb, nr = std::min<i64>(4, R - r0);
+    if (nr == 4 && c + W <= d) {
+      FV acc[4][4] = {};
+      for (i64 t = 0; t < K; t++) {
+        const F* b = B + bi[t] * d + c;
+        FV b0 = vload(b), b1 = vload(b + L), b2 = vload(b + 2 * L), b3 = vload(b + 3 * L);
+        for (int q = 0; q < 4; q++) {
+          F a = A[(r0 + q) * ars + t * acs];
+          acc[q][0] += a * b0;
+          acc[q][1] += a * b1;
+          acc[q][2] += a * b2;
+          acc[q][3] += a * b3;
+        }
+      }
+      for (int q = 0; q < 4; q++) {
+        F* o = out + (orow ? orow[r0 + q] : r0 + q) * d + c;
+        for (int v = 0; v < 4; v++) vstore(o + v * L, acc[q][v]);
+      }
+    } else {  // edges: one row at a time
+      i64 wd = std::min(W, d - c);
+      for (i64 q = 0; q < nr; q++) {
+        F* o = out + (orow ? orow[r0 + q] : r0 + q) * d + c;
+        gather_axpy<F>(o, wd, bi, 1, A + (r0 + q) * ars, acs, K, B + c, d);
+      }
+    }
+  }
+}
+
+// The unified backward: scores (n,) = sum over rows of |g|, cols (k,) = the k highest, sorted;
+// gc = g[:, cols] (M, k); dx = gc W[cols] (M, d); dW[cols] = gc^T x (dw_mode as per_example,
+// 3: out (k, d) in the order of cols); db = column sums of g.
+template <class F>
+void unified(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64* cols, F* gc,
+             F* dx, int dw_mode, F* dw, F* db, int nt) {
+  using U = typename Key<F>::U;
+  constexpr i64 L = Vec<U>::lanes;
+  std::vector<F> score(n, F(0));
+  for (i64 i = 0; i < m; i++)
+    for (i64 c = 0; c < n; c++) score[c] += std::abs(g[i * n + c]);  // NaN stays NaN
+  TopkScratch<F> s(n, (2 * k + L - 1) / L * L);
+  topk_row<F>(reinterpret_cast<const U*>(score.data()), n, k, cols, s);
+  std::sort(cols, cols + k);
+  for (i64 i = 0; i < m; i++)
+    for (i64 j = 0; j < k; j++) gc[i * k + j] = g[i * n + cols[j]];
+  if (db) column_sums<F>(g, m, n, db);
+  if (dx) gemm_rows<F>(m, k, d, gc, k, 1, cols, w, nullptr, dx, nt);
+  if (dw_mode == 0) return;
+  if (dw_mode == 1) {  // the unselected rows of the dense dW: zero
+    for (i64 r = 0, j = 0; r < n; r++) {
+      if (j < k && cols[j] == r)
+        j++;
+      else
+        zero(dw + r * d, d);
+    }
+  }
+  // dW[cols[j]] = sum_i gc[i, j] x[i]: A = gc^T (k, M), B = x (all M rows).
+  gemm_rows<F>(k, m, d, gc, 1, k, nullptr, x, dw_mode == 3 ? nullptr : cols, dw, nt);
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------
+// C entry points (ctypes). Index bounds are checked where indices come from the caller: those
+// functions return -(number of bad indices) and compute nothing when there are any.
+
+#define MEPROP_EXPORT extern "C" __attribute__((visibility("default")))
+
+#define MEPROP_DEFINE(SUFFIX, F)                                                               \
+  MEPROP_EXPORT void meprop_topk_rows_##SUFFIX(const F* g, i64 m, i64 n, i64 k, i64* idx,      \
+                                               F* vals, int nt) {                              \
+    topk_rows<F>(g, m, n, k, idx, vals, nt);                                                   \
+  }                                                                                            \
+  MEPROP_EXPORT i64 meprop_rows_matmul_##SUFFIX(const i64* idx, const F* vals, i64 m, i64 k,   \
+                                                const F* w, i64 n, i64 d, F* out, int nt) {    \
+    i64 bad = count_bad(idx, m * k, n);                                                        \
+    if (bad) return -bad;                                                                      \
+    rows_matmul<F>(idx, k, vals, m, k, w, d, out, nt);                                         \
+    return 0;                                                                                  \
+  }                                                                                            \
+  MEPROP_EXPORT i64 meprop_rows_outer_##SUFFIX(const i64* idx, const F* vals, i64 m, i64 k,    \
+                                               const F* x, i64 d, i64 n, int dw_mode, F* dw,   \
+                                               i64* rows, int nt) {                            \
+    i64 bad = count_bad(idx, m * k, n);                                                        \
+    if (bad) return -bad;                                                                      \
+    Groups<F> gr(idx, vals, m, k, n);                                                          \
+    if (dw_mode == 3) return outer_compact<F>(gr, n, x, d, rows, dw, nt);                      \
+    outer_dense<F>(gr, n, x, d, dw, dw_mode == 2, nt);                                         \
+    return 0;                                                                                  \
+  }                                                                                            \
+  MEPROP_EXPORT i64 meprop_per_example_##SUFFIX(const F* g, i64 m, i64 n, i64 k, const F* x,   \
+                                                const F* w, i64 d, i64* idx, F* vals, F* dx,   \
+                                                int dw_mode, F* dw, i64* rows, F* db, int nt,  \
+                                                int nt_products) {                             \
+    return per_example<F>(g, m, n, k, x, w, d, idx, vals, dx, dw_mode, dw, rows, db, nt,       \
+                          nt_products);                                                        \
+  }                                                                                            \
+  MEPROP_EXPORT void meprop_unified_##SUFFIX(const F* g, i64 m, i64 n, i64 k, const F* x,      \
+                                             const F* w, i64 d, i64* cols, F* gc, F* dx,       \
+                                             int dw_mode, F* dw, F* db, int nt) {              \
+    unified<F>(g, m, n, k, x, w, d, cols, gc, dx, dw_mode, dw, db, nt);                        \
+  }
+
+MEPROP_DEFINE(f32, float)
+MEPROP_DEFINE(f64, double)

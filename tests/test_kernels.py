@@ -277,6 +277,33 @@ def test_products_bad_inputs(kern):
         kern.rows_outer(idx, vals[:, :1], torch.randn(1, 3), 5)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("big", [False, True], ids=["small", "big"])
+def test_products_wide_rows_keep_inf(kern, dtype, big, monkeypatch):
+    # Rows of >= 4 KiB take the row-streaming paths, whose first pass stores up to four rows
+    # (big: with streaming stores). Rows named 1 to 5 times, an inf in x: the sums must be
+    # inf where the reference's are, never NaN from a padded 0 * inf.
+    if big:
+        monkeypatch.setattr(cpu, "_BIG_OUTPUT", 0)
+        monkeypatch.setattr(native, "_BIG", 0)
+    n, d = 6, 1100
+    idx = torch.tensor([[0, 1, 1], [2, 2, 2], [3, 3, 3], [4, 4, 3], [4, 4, 4], [5, 0, 1]])
+    vals = torch.rand(6, 3, dtype=dtype) + 0.5
+    x = torch.randn(6, d, dtype=dtype)
+    x[1, 7] = float("inf")
+    want = torch.zeros(n, d, dtype=dtype).index_add_(
+        0, idx.flatten(), vals.flatten()[:, None] * x.repeat_interleave(3, 0)
+    )
+    got = kern.rows_outer_dense(idx, vals, x, n)
+    torch.testing.assert_close(got, want, **TOL[dtype], equal_nan=False)
+    rows, dw_rows = kern.rows_outer(idx, vals, x, n)
+    torch.testing.assert_close(dw_rows, want[rows], **TOL[dtype])
+    w = torch.randn(n, d, dtype=dtype)
+    w[2, 9] = -float("inf")
+    want_dx = (vals[:, :, None] * w[idx]).sum(1)
+    torch.testing.assert_close(kern.rows_matmul(idx, vals, w), want_dx, **TOL[dtype])
+
+
 # --------------------------------------------------------------------------------------------
 # Registration, helpers, threads
 
@@ -451,3 +478,55 @@ def test_native_build_is_cached():
     stamp = lib.stat().st_mtime_ns
     assert native._build(native.os.environ.get("CXX", "g++")) == lib
     assert lib.stat().st_mtime_ns == stamp
+
+
+# --------------------------------------------------------------------------------------------
+# Reused dense gradient buffers (native._GradPool)
+
+
+@pytest.fixture
+def pooled(monkeypatch):
+    """Every dense dW of the C++ kernels goes through the pool (normally from 4 MiB on)."""
+    if not native.available():
+        pytest.skip(str(native.build_error()))
+    monkeypatch.setattr(native, "_BIG", 0)
+    monkeypatch.setattr(native._POOL, "enabled", True)
+    native.clear_grad_pool()
+    yield native._POOL
+    native.clear_grad_pool()
+
+
+@pytest.mark.parametrize("mode", ["per_example", "unified"])
+def test_pool_reuses_buffers_safely(pooled, mode):
+    from meprop import sparse_linear
+    from meprop.ops import reference_backward
+
+    x, w = torch.randn(6, 9), torch.randn(40, 9, requires_grad=True)
+
+    def step(g):  # one backward; returns the reference dW of that call
+        sparse_linear(x, w, None, k=3, mode=mode, backend="native").backward(g)
+        return reference_backward(x, w.detach(), g, 3, mode)[1]
+
+    gs = [torch.randn(6, 40) for _ in range(5)]
+    want = step(gs[0])
+    torch.testing.assert_close(w.grad, want)
+    kept = w.grad  # still referenced: its buffer must not be handed out again
+    kept_copy = kept.clone()
+    w.grad = None
+    want = step(gs[1])
+    torch.testing.assert_close(w.grad, want)
+    assert w.grad.data_ptr() != kept.data_ptr()
+    torch.testing.assert_close(kept, kept_copy)
+    del kept
+    for g in gs[2:]:  # freed each time: reused, the old rows zeroed
+        w.grad = None
+        want = step(g)
+        torch.testing.assert_close(w.grad, want)
+    w.grad.add_(1.0)  # an in-place change (every row non-zero), then freed: zeroed in full
+    w.grad = None
+    want = step(gs[0])
+    torch.testing.assert_close(w.grad, want)
+    # Accumulation into an existing .grad: the new buffer is added, then free again.
+    want2 = want + step(gs[1])
+    torch.testing.assert_close(w.grad, want2)
+    assert len(pooled._bufs[(40, 9, torch.float32)]) <= pooled.PER_SHAPE

@@ -49,6 +49,7 @@ __all__ = [
     "rows_outer_dense",
     "per_example_backward",
     "unified_backward",
+    "clear_grad_pool",
 ]
 
 SOURCE = Path(__file__).with_name("native.cpp")
@@ -56,6 +57,7 @@ FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 FUSED = True  # has per_example_backward and unified_backward (meprop.ops looks for this)
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
+_ITEMSIZE = {torch.float32: 4, torch.float64: 8}
 
 # Outputs from this many bytes on are allocated by numpy: it asks the kernel for huge pages
 # (4 MiB and up), which makes first-touch page faults many times cheaper (a fresh 64 MiB
@@ -126,6 +128,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "rows_outer": ([p, p, i, i, p, i, i, c, p, p, c], i),
         "per_example": ([p, i, i, i, p, p, i, p, p, p, c, p, p, p, c, c], i),
         "unified": ([p, i, i, i, p, p, i, p, p, p, c, p, p, c], None),
+        "zero_rows": ([p, i, p, i, c], None),
     }
     for name, (args, res) in sigs.items():
         for suffix in ("f32", "f64"):
@@ -228,19 +231,93 @@ def _threads(work: int, minimum: int) -> int:
 
 def _empty(rows: int, cols: int, dtype: torch.dtype, zero: bool = False) -> Tensor:
     """An output (rows, cols); numpy-allocated (huge pages, calloc) when large."""
-    if rows * cols * torch.finfo(dtype).bits // 8 >= _BIG:
+    if rows * cols * _ITEMSIZE[dtype] >= _BIG:
         make = np.zeros if zero else np.empty
         return torch.from_numpy(make((rows, cols), _NUMPY[dtype]))
     return torch.zeros(rows, cols, dtype=dtype) if zero else torch.empty(rows, cols, dtype=dtype)
 
 
-def _dense_dw(n: int, d: int, dtype: torch.dtype) -> tuple[Tensor, int]:
-    """A dense (n, d) output for dW and the kernels' mode: 1 writes every row (small outputs,
-    in cache), 2 writes the touched rows of a zeroed block (large ones: the pages of the
-    untouched rows are never written)."""
-    if n * d * torch.finfo(dtype).bits // 8 >= _BIG:
-        return _empty(n, d, dtype, zero=True), 2
-    return torch.empty(n, d, dtype=dtype), 1
+class _GradPool:
+    """Large dense dW buffers, reused once every tensor that shared them is gone.
+
+    A fresh (n, in) gradient costs page faults on every page written, and zeroing the pages of
+    the rows written (~3-8 ms for a 64 MiB float32 dW here, most of meProp's dense-gradient
+    backward at that size). Like a caching allocator, the pool keeps the buffers it handed
+    out; once nothing else uses one (the optimizer step is done and ``.grad`` was set to None,
+    or the gradient was added into an existing ``.grad``), the next backward of that shape
+    takes it back and zeroes only the rows written last time, or all of it if an in-place
+    operation changed it since (the tensor's version counter). In-place writes that bypass
+    the version counter (through ``.data`` or numpy) are not seen: set ``MEPROP_GRAD_POOL=0``
+    if your code does that. ``clear()`` drops the buffers.
+    """
+
+    PER_SHAPE = 2  # buffers kept per (n, in, dtype)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # key -> [[flat view, rows written, version after the write, users when free], ...]
+        self._bufs: dict[tuple, list[list]] = {}
+        self.enabled = os.environ.get("MEPROP_GRAD_POOL", "1") != "0" and hasattr(
+            torch._C, "_storage_Use_Count"
+        )
+
+    @staticmethod
+    def _users(view: Tensor) -> int:
+        return torch._C._storage_Use_Count(view.untyped_storage()._cdata)
+
+    def take(self, n: int, d: int, dtype: torch.dtype) -> tuple[Tensor, list | None]:
+        """A zero (n, d) tensor and its pool entry (None when not pooled)."""
+        key = (n, d, dtype)
+        with self._lock:
+            entries = self._bufs.setdefault(key, []) if self.enabled else []
+            for e in entries:
+                view, rows, version, alone = e
+                if self._users(view) > alone:  # a gradient still uses it
+                    continue
+                out = view.view(n, d)
+                if view._version != version or rows is None:
+                    out.zero_()
+                elif rows.numel():
+                    _fn("zero_rows", dtype)(out.data_ptr(), d, rows.data_ptr(), rows.numel(), 1)
+                e[1] = None  # until written() says which rows the kernel wrote
+                return out, e
+            out = torch.from_numpy(np.zeros((n, d), _NUMPY[dtype]))
+            if len(entries) >= self.PER_SHAPE:
+                return out, None
+            view = out.view(-1)
+            del out
+            e = [view, None, 0, self._users(view)]  # (the count when only the pool holds it)
+            entries.append(e)
+            return view.view(n, d), e
+
+    @staticmethod
+    def written(entry: list | None, rows: Tensor) -> None:
+        """Record the rows the kernel wrote into the buffer (after the write)."""
+        if entry is not None:
+            entry[1] = rows
+            entry[2] = entry[0]._version
+
+    def clear(self) -> None:
+        with self._lock:
+            self._bufs.clear()
+
+
+_POOL = _GradPool()
+
+
+def clear_grad_pool() -> None:
+    """Release the dense gradient buffers kept for reuse (see ``_GradPool``)."""
+    _POOL.clear()
+
+
+def _dense_dw(n: int, d: int, dtype: torch.dtype) -> tuple[Tensor, int, list | None]:
+    """A dense (n, d) output for dW, the kernels' mode, and its pool entry: mode 1 writes every
+    row (small outputs, in cache); mode 2 writes the touched rows of a zero buffer (large ones:
+    from the pool, or fresh from calloc, whose untouched pages are never written)."""
+    if n * d * _ITEMSIZE[dtype] >= _BIG:
+        out, entry = _POOL.take(n, d, dtype)
+        return out, 2, entry
+    return torch.empty(n, d, dtype=dtype), 1, None
 
 
 def _compact(rows: Tensor, dw_rows: Tensor, r: int) -> tuple[Tensor, Tensor]:
@@ -323,13 +400,15 @@ def rows_outer_dense(idx: Tensor, vals: Tensor, x: Tensor, n: int) -> Tensor:
     i, v, xc = _pairs(idx, vals, x, "x", idx.shape[0])
     _check_n(n)
     (m, k), d = i.shape, xc.shape[1]
-    out, mode = _dense_dw(n, d, xc.dtype)
+    out, mode, entry = _dense_dw(n, d, xc.dtype)
+    rows = torch.empty(n if entry is not None else 0, dtype=torch.int64)
     if n and d:
-        status = _fn("rows_outer", xc.dtype)(
-            i.data_ptr(), v.data_ptr(), m, k, xc.data_ptr(), d, n, mode, out.data_ptr(), None,
-            _threads(m * k * d, _PAR_MIN_FMAS),
+        r = _fn("rows_outer", xc.dtype)(
+            i.data_ptr(), v.data_ptr(), m, k, xc.data_ptr(), d, n, mode, out.data_ptr(),
+            rows.data_ptr() if entry is not None else None, _threads(m * k * d, _PAR_MIN_FMAS),
         )  # fmt: skip
-        _raise_bad(status, n)
+        _raise_bad(r, n)
+        _POOL.written(entry, rows[:r])
     return out
 
 
@@ -356,10 +435,12 @@ def per_example_backward(
     vals = torch.empty(m, k, dtype=dtype)
     dx = torch.empty(m, d, dtype=dtype) if need_dx else None
     db = torch.empty(n, dtype=dtype) if need_db else None
-    rows = out = None
+    rows = out = entry = None
     mode = 0
     if dw == "dense":
-        out, mode = _dense_dw(n, d, dtype)
+        out, mode, entry = _dense_dw(n, d, dtype)
+        if entry is not None:  # the rows written, for the pool
+            rows = torch.empty(n, dtype=torch.int64)
     elif dw == "sparse":
         cap = min(n, m * k)
         rows, out, mode = torch.empty(cap, dtype=torch.int64), _empty(cap, d, dtype), 3
@@ -370,6 +451,8 @@ def per_example_backward(
     )  # fmt: skip
     if mode == 3:
         out = _compact(rows, out, r)
+    elif entry is not None:
+        _POOL.written(entry, rows[:r])
     return idx, vals, dx, out, db
 
 
@@ -389,10 +472,10 @@ def unified_backward(
     gc = torch.empty(m, k, dtype=dtype)
     dx = torch.empty(m, d, dtype=dtype) if need_dx else None
     db = torch.empty(n, dtype=dtype) if need_db else None
-    out = None
+    out = entry = None
     mode = 0
     if dw == "dense":
-        out, mode = _dense_dw(n, d, dtype)
+        out, mode, entry = _dense_dw(n, d, dtype)
     elif dw == "sparse":
         out, mode = _empty(k, d, dtype), 3
     _fn("unified", dtype)(
@@ -401,4 +484,5 @@ def unified_backward(
     )  # fmt: skip
     if mode == 3:
         out = (cols, out)
+    _POOL.written(entry, cols)
     return cols, gc, dx, out, db

@@ -440,6 +440,16 @@ def test_unified_backward(fused, dtype, kind, big, monkeypatch):
             check_dw(dw, kind, gs, x, tol)
 
 
+def test_top_columns(fused):
+    for m, n, k in [(1, 5, 2), (7, 13, 13), (64, 500, 20), (3, 600, 1)]:
+        g = torch.randn(m, n, dtype=torch.float64)
+        assert torch.equal(fused.top_columns(g, k), select_columns(g, k))
+    g[1, 4] = float("nan")
+    assert 4 in fused.top_columns(g, 1).tolist()
+    with pytest.raises(ValueError, match="k=0"):
+        fused.top_columns(g, 0)
+
+
 def test_fused_nan_inf_selected_first(fused):
     g = torch.randn(4, 300) * 1e-3
     g[1, 7] = float("nan")

@@ -18,6 +18,11 @@ Selection (see ``MODES`` in ``meprop.config``):
 
 NaN and inf count as the largest magnitudes, so they propagate as they would in dense backward.
 
+Implementations (``backend``): on float32/float64 CPU tensors the backward runs compiled
+kernels, the C++ ones of ``meprop.kernels.native`` where they build (per_example and unified:
+one fused call for the selection, dx, dW and the bias sum) or else numba's; PyTorch ops
+everywhere else (other dtypes, GPUs) and for ``backend="torch"``.
+
 ``reference_backward`` is the obviously-right version (mask ``g``, then the dense formulas):
 the fast paths are tested against it.
 """

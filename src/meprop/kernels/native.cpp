@@ -681,9 +681,9 @@ void gemm_rows(i64 R, i64 K, i64 d, const F* A, i64 ars, i64 acs, const i64* bid
 // The unified backward: scores (n,) = sum over rows of |g|, cols (k,) = the k highest, sorted;
 // gc = g[:, cols] (M, k); dx = gc W[cols] (M, d); dW[cols] = gc^T x (dw_mode as per_example,
 // 3: out (k, d) in the order of cols); db = column sums of g.
+// cols (k,) = the k columns of g (M, n) with the largest sum of |g| (NaN highest), sorted.
 template <class F>
-void unified(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64* cols, F* gc,
-             F* dx, int dw_mode, F* dw, F* db, int nt) {
+void top_columns(const F* g, i64 m, i64 n, i64 k, i64* cols) {
   using U = typename Key<F>::U;
   constexpr i64 L = Vec<U>::lanes;
   std::vector<F> score(n, F(0));
@@ -692,6 +692,12 @@ void unified(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64
   TopkScratch<F> s(n, (2 * k + L - 1) / L * L);
   topk_row<F>(reinterpret_cast<const U*>(score.data()), n, k, cols, s);
   std::sort(cols, cols + k);
+}
+
+template <class F>
+void unified(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64* cols, F* gc,
+             F* dx, int dw_mode, F* dw, F* db, int nt) {
+  top_columns<F>(g, m, n, k, cols);
   for (i64 i = 0; i < m; i++)
     for (i64 j = 0; j < k; j++) gc[i * k + j] = g[i * n + cols[j]];
   if (db) column_sums<F>(g, m, n, db);
@@ -744,6 +750,9 @@ void unified(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64
                                                 int nt_products) {                             \
     return per_example<F>(g, m, n, k, x, w, d, idx, vals, dx, dw_mode, dw, rows, db, nt,       \
                           nt_products);                                                        \
+  }                                                                                            \
+  MEPROP_EXPORT void meprop_top_columns_##SUFFIX(const F* g, i64 m, i64 n, i64 k, i64* cols) {  \
+    top_columns<F>(g, m, n, k, cols);                                                          \
   }                                                                                            \
   MEPROP_EXPORT void meprop_zero_rows_##SUFFIX(F* out, i64 d, const i64* rows, i64 nr, int nt) {  \
     zero_rows<F>(out, d, rows, nr, nt);                                                        \

@@ -47,6 +47,7 @@ __all__ = [
     "rows_matmul",
     "rows_outer",
     "rows_outer_dense",
+    "top_columns",
     "per_example_backward",
     "unified_backward",
     "clear_grad_pool",
@@ -129,6 +130,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "per_example": ([p, i, i, i, p, p, i, p, p, p, c, p, p, p, c, c], i),
         "unified": ([p, i, i, i, p, p, i, p, p, p, c, p, p, c], None),
         "zero_rows": ([p, i, p, i, c], None),
+        "top_columns": ([p, i, i, i, p], None),
     }
     for name, (args, res) in sigs.items():
         for suffix in ("f32", "f64"):
@@ -410,6 +412,20 @@ def rows_outer_dense(idx: Tensor, vals: Tensor, x: Tensor, n: int) -> Tensor:
         _raise_bad(r, n)
         _POOL.written(entry, rows[:r])
     return out
+
+
+def top_columns(g: Tensor, k: int) -> Tensor:
+    """The unified selection: the k columns of ``g`` (M, n) with the largest sum of |g| (NaN
+    ranks highest), sorted; as ``meprop.ops.select_columns``, 1 <= k <= n."""
+    g = _float("g", g)
+    if g.dim() != 2:
+        raise ValueError(f"g must be (M, n), got shape {tuple(g.shape)}")
+    m, n = g.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, n] = [1, {n}], got k={k}")
+    cols = torch.empty(k, dtype=torch.int64)
+    _fn("top_columns", g.dtype)(g.data_ptr(), m, n, k, cols.data_ptr())
+    return cols
 
 
 # --------------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ inline int threads_for(int nt, i64 tasks) { return int(std::max<i64>(1, std::min
 // Radix selection: each level histograms the keys into up to 256 bins spanning [lo, hi], finds
 // the bin holding the need-th largest and keeps only that bin's keys. Keys more than ``span``
 // below the maximum share bin 0, so the first level resolves the top exponents finely even
-// beside zeros or tiny values. keys is scratch (overwritten); hist holds 256 entries.
+// beside zeros or tiny values. keys is scratch (overwritten); hist holds 4 * 256 entries.
 template <class U>
 U kth_largest(U* keys, i64 nc, i64 need, U span, i64* hist, i64* n_above) {
   U lo = keys[0], hi = keys[0];
@@ -112,11 +112,15 @@ U kth_largest(U* keys, i64 nc, i64 need, U span, i64* hist, i64* n_above) {
     int shift = 0;
     while (((hi - base) >> shift) > U(top)) shift++;
     i64 b = i64((hi - base) >> shift);  // the highest bin
-    for (i64 t = 0; t <= b; t++) hist[t] = 0;
-    for (i64 t = 0; t < nc; t++) {
-      U v = keys[t];
-      hist[v > base ? i64((v - base) >> shift) : 0]++;
+    // Four interleaved histograms: runs of keys in one bin (all of bin 0, often) would
+    // otherwise wait on each other's increments.
+    for (i64 t = 0; t < 4 * (b + 1); t++) hist[t] = 0;
+    i64 t = 0;
+    for (; t + 4 <= nc; t += 4) {
+      for (i64 q = 0; q < 4; q++) hist[4 * i64((std::max(keys[t + q], base) - base) >> shift) + q]++;
     }
+    for (; t < nc; t++) hist[4 * i64((std::max(keys[t], base) - base) >> shift)]++;
+    for (i64 u = 0; u <= b; u++) hist[u] = hist[4 * u] + hist[4 * u + 1] + hist[4 * u + 2] + hist[4 * u + 3];
     i64 above = 0;
     while (above + hist[b] < need) above += hist[b--];
     gt += above;
@@ -125,13 +129,14 @@ U kth_largest(U* keys, i64 nc, i64 need, U span, i64* hist, i64* n_above) {
     U last = bot + ((U(1) << shift) - 1);     // bin b's largest key (no overflow: keys < 2^63)
     i64 nc2 = 0;
     U lo2 = hi, hi2 = 0;
-    for (i64 t = 0; t < nc; t++) {
+    U floor = b == 0 ? 0 : bot;
+    for (i64 t = 0; t < nc; t++) {  // branch-free: keep bin b's keys
       U v = keys[t];
-      if (v <= last && (b == 0 || v >= bot)) {
-        keys[nc2++] = v;
-        lo2 = std::min(lo2, v);
-        hi2 = std::max(hi2, v);
-      }
+      bool in = v <= last && v >= floor;
+      keys[nc2] = v;
+      nc2 += in;
+      lo2 = in ? std::min(lo2, v) : lo2;
+      hi2 = in ? std::max(hi2, v) : hi2;
     }
     nc = nc2;
     lo = lo2;
@@ -213,7 +218,7 @@ struct TopkScratch {
   using U = typename Key<F>::U;
   std::vector<U> ck, work, lanes;
   std::vector<i64> cj;
-  i64 hist[256];
+  i64 hist[4 * 256];
   TopkScratch(i64 n, i64 p) : ck(n), work(std::max<i64>(n, 8 * Vec<U>::lanes)), lanes(p), cj(n) {}
 };
 
@@ -298,13 +303,14 @@ void topk_row(const typename Key<F>::U* row, i64 n, i64 k, i64* out, TopkScratch
   std::memcpy(s.work.data(), ck, c * sizeof(U));
   i64 above;
   U thr = kth<U>(s.work.data(), c, k, Key<F>::span, s.hist, &above);
-  i64 eq = k - above, o = 0;  // all keys above thr, and the first eq equal to it
-  for (i64 t = 0; o < k; t++) {  // exactly k are taken, the last at some t < c
-    U v = ck[t];
-    bool take = v > thr || (v == thr && eq > 0);
-    eq -= v == thr && take;
-    out[o] = cj[t];
-    o += take;
+  // All keys above thr (fewer than k: branch-free), then the first ones equal to it.
+  i64 o = 0;
+  for (i64 t = 0; t < c; t++) {
+    out[o] = cj[t];  // (o <= above < k)
+    o += ck[t] > thr;
+  }
+  for (i64 t = 0; o < k; t++) {
+    if (ck[t] == thr) out[o++] = cj[t];
   }
 }
 

@@ -490,6 +490,17 @@ def test_native_build_is_cached():
     assert lib.stat().st_mtime_ns == stamp
 
 
+@needs_native
+def test_native_build_falls_back_to_other_flags(tmp_path, monkeypatch):
+    # A flag set that does not compile is recorded (and not retried); the next one is used.
+    monkeypatch.setenv("MEPROP_CACHE", str(tmp_path))
+    bad = ["-O3", "--no-such-flag-for-meprop", "-shared", "-fPIC"]
+    monkeypatch.setattr(native, "FLAG_SETS", [bad, native.FLAG_SETS[-1]])
+    lib = native._build(native.os.environ.get("CXX", "g++"))
+    assert lib.exists() and len(list(tmp_path.glob("*.failed"))) == 1
+    assert native._build(native.os.environ.get("CXX", "g++")) == lib
+
+
 # --------------------------------------------------------------------------------------------
 # Reused dense gradient buffers (native._GradPool)
 

@@ -10,13 +10,12 @@
 // (g++ -O3 -march=native -fopenmp) and called through ctypes; every entry point has a float
 // (_f32) and a double (_f64) version. All arrays are C-contiguous; "nt" is the number of
 // OpenMP threads to use (1: no parallel region). OpenMP is libgomp, the runtime torch loads,
-// so both share one thread pool.
+// so both share one thread pool; built without OpenMP, the pragmas are ignored (serial).
 //
 // Selection keys: the float's bits with the sign cleared, read as an unsigned integer. For
 // IEEE floats this orders every number by magnitude, then inf, then NaN: NaN and inf count as
 // the largest magnitudes, as in torch.topk. Among equal keys the lower columns win.
 
-#include <omp.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define MEPROP_SFENCE() _mm_sfence()

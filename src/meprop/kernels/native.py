@@ -15,12 +15,12 @@ the candidates) that is about twice as fast as the numba one, and OpenMP on the 
 already loaded (libgomp, same soname), so the kernels share torch's thread pool instead of
 waking a second one. See ``benchmarks/bench_kernels.py`` for the measurements.
 
-Build: ``$CXX`` (default ``g++``) with ``-O3 -march=native -fopenmp -shared``, about 2 s, once
-per machine and source version. The library is cached in ``$MEPROP_CACHE`` (default
-``~/.cache/meprop``) under a name that hashes the source, the compiler, the flags and the
-CPU's feature flags, written atomically (so concurrent builds are safe). ``MEPROP_NATIVE=0``
-turns it off. Where no compiler works, ``available()`` is False and meprop uses the numba
-kernels, or PyTorch ops.
+Build: ``$CXX`` (default ``g++``) with ``-O3 -march=native -fopenmp -shared`` (then without
+OpenMP, then without ``-march=native``, if those fail), about 2 s, once per machine and source
+version. The library is cached in ``$MEPROP_CACHE`` (default ``~/.cache/meprop``) under a name
+that hashes the source, the compiler, the flags and the CPU's feature flags, written
+atomically (so concurrent builds are safe). ``MEPROP_NATIVE=0`` turns it off. Where no
+compiler works, ``available()`` is False and meprop uses the numba kernels, or PyTorch ops.
 """
 
 from __future__ import annotations
@@ -55,6 +55,13 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("native.cpp")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
+# Tried in turn: a compiler without OpenMP builds serial kernels, one without -march=native
+# (some non-x86 compilers) portable ones.
+FLAG_SETS = [
+    FLAGS,
+    [f for f in FLAGS if f != "-fopenmp"],
+    [f for f in FLAGS if f not in ("-fopenmp", "-march=native")],
+]
 FUSED = True  # has per_example_backward and unified_backward (meprop.ops looks for this)
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
@@ -97,28 +104,39 @@ def _cpu_flags() -> str:
 
 
 def _build(cxx: str) -> Path:
+    """The compiled library for this machine: cached, else built with the first set of flags
+    that compiles (a set that failed here once is not retried: its error is kept beside)."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), cxx, version, " ".join(FLAGS), _cpu_flags()]).encode()
-    ).hexdigest()[:16]
     folder = _cache_dir()
-    lib = folder / f"meprop_native_{key}.so"
-    if lib.exists():
-        return lib
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-    os.close(fd)
-    try:
-        out = subprocess.run(
-            [cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
-        )
-        if out.returncode:
-            raise RuntimeError(f"{cxx} failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
-        os.replace(tmp, lib)  # atomic: a concurrent build writes the same bytes
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return lib
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(
+            "\0".join([SOURCE.read_text(), cxx, version, " ".join(flags), _cpu_flags()]).encode()
+        ).hexdigest()[:16]
+        lib = folder / f"meprop_native_{key}.so"
+        failed = lib.with_suffix(".failed")
+        if lib.exists():
+            return lib
+        if failed.exists():
+            errors.append(failed.read_text())
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+        os.close(fd)
+        try:
+            out = subprocess.run(
+                [cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
+            )
+            if out.returncode == 0:
+                os.replace(tmp, lib)  # atomic: a concurrent build writes the same bytes
+                return lib
+            msg = f"{cxx} {' '.join(flags)}: exit {out.returncode}\n{out.stderr[-2000:]}"
+            errors.append(msg)
+            failed.write_text(msg)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError("\n".join(errors))
 
 
 def _declare(lib: ctypes.CDLL) -> None:

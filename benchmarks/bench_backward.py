@@ -1,10 +1,10 @@
 """Linear-layer backward: PyTorch's dense nn.Linear vs meProp, timed side by side in one run.
 
 For each shape, the backward of ``y = layer(x)`` with the input requiring a gradient (as in a
-hidden layer) is timed with ``torch.utils.benchmark``; gradients are set to None before each
-call, so both sides store their gradient rather than add it. Dense and every meProp variant are
-timed in turn, in ``--rounds`` rounds, and each keeps its fastest round's median: on a shared
-machine, the round least disturbed by other processes. Prints milliseconds, the ratio
+hidden layer) is timed; gradients are set to None before each call, so both sides store their
+gradient rather than add it. Times are the 10th percentile of per-call times, dense and every
+meProp variant timed in turn in ``--rounds`` rounds, each keeping its fastest round (see
+``_timing.py``: robust to other processes on the machine). Prints milliseconds, the ratio
 dense / meProp and the ideal ratio n/k, with the machine, torch version, thread count, kernel
 implementation and load average; then the selection alone (top-k of each row for
 per_example, the column ranking for unified) against the whole meProp backward.
@@ -24,8 +24,8 @@ import sys
 
 import torch
 from torch import nn
-from torch.utils.benchmark import Timer
 
+from _timing import best_of_rounds, load_average
 from meprop import MePropConfig, SparseLinear
 from meprop.ops import _kernel_module, select_columns
 
@@ -61,11 +61,10 @@ def machine_line(backend: str) -> str:
     kern = _kernel_module(backend, torch.zeros(1))
     name = "torch ops" if kern is None else kern.__name__.rsplit(".", 1)[-1]
     name = {"native": "C++ (meprop.kernels.native)", "cpu": "numba"}.get(name, name)
-    load = "/".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     return (
         f"# {cpu_name()}, {os.cpu_count()} CPUs; torch {torch.__version__}; "
         f"{torch.get_num_threads()} threads; kernels: {name}; backend {backend}; "
-        f"load average {load}"
+        f"load average {load_average()}"
     )
 
 
@@ -82,19 +81,6 @@ def backward_step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):
     step()  # warm-up (builds or compiles the kernels on first use)
     step()
     return step
-
-
-def median_s(fn, min_time: float) -> float:
-    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_time).median
-
-
-def best_of_rounds(fns: dict, rounds: int, min_time: float) -> dict:
-    """For each callable: the fastest of ``rounds`` medians, all timed in turn each round."""
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(rounds):
-        for key, fn in fns.items():
-            best[key] = min(best[key], median_s(fn, min_time))
-    return best
 
 
 def selection_fns(batch: int, d_out: int, k: int, backend: str) -> dict:

@@ -9,9 +9,9 @@ For each shape (M examples, n outputs, `in` inputs, k kept per row):
 * total:  the three PyTorch ops vs the three numba calls vs the C++ fused
           ``per_example_backward`` (selection, dx, dW and the bias sum in one call)
 
-Times are the fastest of ``--rounds`` medians of ``torch.utils.benchmark.Timer
-.blocked_autorange`` in microseconds, with GFLOP/s (2 flops per multiply-add of the sparse
-products) beside the products. The kernels are called through their Python functions; the
+Times in microseconds: the 10th percentile of per-call times, every operation timed in turn
+in ``--rounds`` rounds, each keeping its fastest round (see ``_timing.py``), with GFLOP/s (2
+flops per multiply-add of the sparse products) beside the products. The kernels are called through their Python functions; the
 last table shows what calling them as ``torch.ops.meprop.*`` (the dispatcher) adds per call.
 On a shared machine only ratios from one run compare.
 
@@ -26,8 +26,8 @@ import os
 import platform
 
 import torch
-from torch.utils.benchmark import Timer
 
+from _timing import best_of_rounds, load_average
 from meprop.kernels import cpu, native, registry
 
 FULL = [(m, 500, 500, k) for m in (1, 10, 100, 256) for k in (10, 20, 80)] + [
@@ -48,12 +48,8 @@ def cpu_model() -> str:
 
 
 def best_us(stmts: dict, env: dict, rounds: int, mrt: float) -> dict:
-    best = dict.fromkeys(stmts, float("inf"))
-    for _ in range(rounds):
-        for key, stmt in stmts.items():
-            t = Timer(stmt, globals=env).blocked_autorange(min_run_time=mrt).median * 1e6
-            best[key] = min(best[key], t)
-    return best
+    fns = {key: eval(f"lambda: {stmt}", env) for key, stmt in stmts.items()}  # noqa: S307
+    return {key: 1e6 * t for key, t in best_of_rounds(fns, rounds, mrt).items()}
 
 
 def bench_shape(m, n, d, k, dtype, rounds, mrt, impls) -> dict:
@@ -113,11 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     impls = [name for name, mod in (("cpu", cpu), ("native", native)) if mod.available()]
     if "cpu" in impls:
         cpu.warmup((dtype,))  # compile (or load from the cache) before timing anything
-    load = "/".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     print(f"torch {torch.__version__}, {args.dtype}; CPU: {cpu_model()}, {os.cpu_count()} CPUs")
-    print(f"torch threads {torch.get_num_threads()}; load average {load}")
+    print(f"torch threads {torch.get_num_threads()}; load average {load_average()}")
     print(f"implementations: {', '.join({'cpu': 'numba', 'native': 'C++'}[i] for i in impls)}")
-    print("times in us (fastest round's median); GF = GFLOP/s of the sparse products\n")
+    print("times in us (10th percentile of calls, fastest round); GF = GFLOP/s of the products\n")
     names = {"torch": "torch", "cpu": "numba", "native": "C++"}
     head = "| M | n | in | k | op | " + " | ".join(names[i] for i in ("torch", *impls))
     head += " | C++ fused |" if "native" in impls else " |"

@@ -2,9 +2,9 @@
 
 Dense nn.Linear with Adam against meProp (k=20 on the hidden layers, the output layer dense)
 with Adam, and with row-sparse gradients under Adagrad and SparseAdam (only the touched rows
-are updated), timed side by side in one run: every variant once per round, ``--rounds``
-rounds, each variant keeping its fastest round's median (the round least disturbed on a
-shared machine). Prints milliseconds per step and the ratio dense Adam / variant.
+are updated), timed side by side in one run: the 10th percentile of per-step times, every
+variant timed in turn in ``--rounds`` rounds, each keeping its fastest round (see
+``_timing.py``). Prints milliseconds per step and the ratio dense Adam / variant.
 
     python benchmarks/bench_step.py [--quick] [--k 20] [--threads 1]
 """
@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 
 import torch
 from torch import nn
-from torch.utils.benchmark import Timer
 
+from _timing import best_of_rounds, load_average
 from meprop import MePropConfig, SparseLinear, hidden_layers, sparsify_
 
 
@@ -56,15 +55,6 @@ def make_step(model, opts, x, y):
     return step
 
 
-def best_of_rounds(steps: dict, rounds: int, min_time: float) -> dict:
-    best = dict.fromkeys(steps, float("inf"))
-    for _ in range(rounds):
-        for key, step in steps.items():
-            timer = Timer("step()", globals={"step": step})
-            best[key] = min(best[key], timer.blocked_autorange(min_run_time=min_time).median)
-    return best
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -76,10 +66,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    load = "/".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     print(
         f"# torch {torch.__version__}; {torch.get_num_threads()} threads; MLP 784-500-500-10; "
-        f"k={args.k} on the hidden layers; load average {load}"
+        f"k={args.k} on the hidden layers; load average {load_average()}"
     )
     print("| batch | variant | ms/step | dense Adam / variant |")
     print("|---|---|---|---|")

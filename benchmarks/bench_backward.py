@@ -25,7 +25,7 @@ import sys
 import torch
 from torch import nn
 
-from _timing import best_of_rounds, load_average
+from _timing import best_of_rounds, environment, load_average
 from meprop import MePropConfig, SparseLinear
 from meprop.ops import _kernel_module, select_columns
 
@@ -109,6 +109,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(machine_line(args.backend))
+    print(environment())
     header = ["batch", "in", "out", "k", "variant", "dense_ms", "meprop_ms", "ratio", "ideal"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))

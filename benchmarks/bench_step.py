@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import warnings
 
 import torch
 from torch import nn
 
-from _timing import best_of_rounds, load_average
+from _timing import best_of_rounds, environment, load_average
 from meprop import MePropConfig, SparseLinear, hidden_layers, sparsify_
 
 
@@ -65,11 +66,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # torch's Adagrad builds sparse tensors without checks and says so at every step.
+    warnings.filterwarnings("ignore", message="Sparse invariant checks")
     torch.manual_seed(0)
     print(
         f"# torch {torch.__version__}; {torch.get_num_threads()} threads; MLP 784-500-500-10; "
         f"k={args.k} on the hidden layers; load average {load_average()}"
     )
+    print(environment())
     print("| batch | variant | ms/step | dense Adam / variant |")
     print("|---|---|---|---|")
     variants = [

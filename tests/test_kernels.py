@@ -551,3 +551,11 @@ def test_pool_reuses_buffers_safely(pooled, mode):
     want2 = want + step(gs[1])
     torch.testing.assert_close(w.grad, want2)
     assert len(pooled._bufs[(40, 9, torch.float32)]) <= pooled.PER_SHAPE
+
+
+def test_pool_is_bounded(pooled, monkeypatch):
+    monkeypatch.setattr(pooled, "MAX_BUFFERS", 3)
+    kept = [pooled.take(n, 4, torch.float32)[0] for n in (5, 6, 7, 8, 9) for _ in range(2)]
+    assert sum(map(len, pooled._bufs.values())) <= 3
+    assert (9, 4, torch.float32) in pooled._bufs  # the shape used last stays
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in kept)

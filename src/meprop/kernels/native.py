@@ -268,14 +268,18 @@ class _GradPool:
     takes it back and zeroes only the rows written last time, or all of it if an in-place
     operation changed it since (the tensor's version counter). In-place writes that bypass
     the version counter (through ``.data`` or numpy) are not seen: set ``MEPROP_GRAD_POOL=0``
-    if your code does that. ``clear()`` drops the buffers.
+    if your code does that. ``clear()`` drops the buffers. At most ``PER_SHAPE`` buffers per
+    shape and ``MAX_BUFFERS`` in all are kept (shapes unused longest are dropped first, as
+    meSimp shrinks layers).
     """
 
     PER_SHAPE = 2  # buffers kept per (n, in, dtype)
+    MAX_BUFFERS = 8
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # key -> [[flat view, rows written, version after the write, users when free], ...]
+        # key -> [[flat view, rows written, version after the write, users when free], ...],
+        # in order of last use (the dict's order: a key is moved to the end when used).
         self._bufs: dict[tuple, list[list]] = {}
         self.enabled = os.environ.get("MEPROP_GRAD_POOL", "1") != "0" and hasattr(
             torch._C, "_storage_Use_Count"
@@ -289,7 +293,9 @@ class _GradPool:
         """A zero (n, d) tensor and its pool entry (None when not pooled)."""
         key = (n, d, dtype)
         with self._lock:
-            entries = self._bufs.setdefault(key, []) if self.enabled else []
+            entries = self._bufs.pop(key, []) if self.enabled else []
+            if self.enabled:
+                self._bufs[key] = entries  # most recently used last
             for e in entries:
                 view, rows, version, alone = e
                 if self._users(view) > alone:  # a gradient still uses it
@@ -308,7 +314,17 @@ class _GradPool:
             del out
             e = [view, None, 0, self._users(view)]  # (the count when only the pool holds it)
             entries.append(e)
+            self._trim()
             return view.view(n, d), e
+
+    def _trim(self) -> None:
+        """Drop buffers of the shapes unused longest while more than MAX_BUFFERS are kept."""
+        extra = sum(map(len, self._bufs.values())) - self.MAX_BUFFERS
+        for key in list(self._bufs)[:-1]:  # never the shape just used
+            if extra <= 0:
+                break
+            dropped = self._bufs.pop(key)
+            extra -= len(dropped)
 
     @staticmethod
     def written(entry: list | None, rows: Tensor) -> None:

@@ -67,13 +67,6 @@ inline void vstore(T* p, typename Vec<T>::type v) {
   std::memcpy(p, &v, sizeof v);
 }
 
-template <class V>
-inline bool any(V m) {
-  uint64_t w[8];
-  std::memcpy(w, &m, sizeof w);
-  return ((w[0] | w[1]) | (w[2] | w[3])) | ((w[4] | w[5]) | (w[6] | w[7]));
-}
-
 inline int threads_for(int nt, i64 tasks) { return int(std::max<i64>(1, std::min<i64>(nt, tasks))); }
 
 // ------------------------------------------------------------------------------------------
@@ -221,11 +214,6 @@ struct TopkScratch {
   TopkScratch(i64 n, i64 p) : ck(n), work(std::max<i64>(n, 8 * Vec<U>::lanes)), lanes(p), cj(n) {}
 };
 
-// out[0:k] = the columns of the k largest keys of row (n,) (unordered; ties: lower columns).
-// For small k (8k <= n, roughly) a prefilter first: the maxima of p >= 2k strided lanes (lane
-// j holds columns j, j + p, ...: a vectorised pass) give a threshold, their k-th largest, that
-// at least k keys reach and, on most data, not many more; the exact selection then runs on
-// those candidates only.
 // Bit j of the result: keys[j] & mask >= thr, for the lanes of one vector (16 or 8 keys).
 // Keys have the sign bit cleared, so signed compares order them correctly.
 template <class U>
@@ -245,6 +233,11 @@ inline uint32_t ge_mask(const U* keys, U mask, U thr) {
 #endif
 }
 
+// out[0:k] = the columns of the k largest keys of row (n,) (unordered; ties: lower columns).
+// For small k (8k <= n, roughly) a prefilter first: the maxima of p >= 2k strided lanes (lane
+// j holds columns j, j + p, ...: a vectorised pass) give a threshold, their k-th largest, that
+// at least k keys reach and, on most data, not many more; the exact selection then runs on
+// those candidates only.
 template <class F>
 void topk_row(const typename Key<F>::U* row, i64 n, i64 k, i64* out, TopkScratch<F>& s) {
   using U = typename Key<F>::U;
@@ -372,7 +365,7 @@ inline void gather_axpy(F* o, i64 w, const i64* r, i64 rstride, const F* v, i64 
                         const F* src, i64 ld, bool stream = false) {
   using FV = typename Vec<F>::type;
   constexpr i64 L = Vec<F>::lanes;
-  if (stream && k <= 4 && reinterpret_cast<uintptr_t>(o) % 64 == 0) {
+  if (stream && k >= 1 && k <= 4 && reinterpret_cast<uintptr_t>(o) % 64 == 0) {
     const F* s[4];
     F vv[4];
     for (i64 j = 0; j < 4; j++) {  // (rows past k are never read)

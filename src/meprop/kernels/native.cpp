@@ -350,6 +350,9 @@ inline void vstream(F* p, typename Vec<F>::type v) {
 #endif
 }
 
+// Outputs from this many bytes on are written with streaming stores (see outer_rows).
+constexpr i64 kStreamBytes = i64(4) << 20;
+
 // Wide rows (>= this many bytes): stream whole rows, four at a time, into o (see gather_axpy).
 constexpr i64 kSweepBytes = 4096;
 
@@ -528,6 +531,9 @@ struct Groups {
 template <class F>
 void outer_rows(const Groups<F>& gr, const i64* rows, i64 nrows, const F* x, i64 d, F* out,
                 int nt) {
+  // A large output (a row-compact dW at in = 4096, say) is not read again before the
+  // optimizer: streaming stores where a row has few pairs.
+  bool stream = nrows * d * i64(sizeof(F)) >= kStreamBytes;
   i64 block = column_block(nrows, d, nt);
   i64 nb = (d + block - 1) / block;
   nt = threads_for(nt, nb * nrows);
@@ -541,8 +547,9 @@ void outer_rows(const Groups<F>& gr, const i64* rows, i64 nrows, const F* x, i64
     if (np == 0)
       zero(o, wd);
     else
-      gather_axpy<F>(o, wd, gr.ex.data() + p0, 1, gr.vs.data() + p0, 1, np, x + c0, d);
+      gather_axpy<F>(o, wd, gr.ex.data() + p0, 1, gr.vs.data() + p0, 1, np, x + c0, d, stream);
   }
+  if (stream) MEPROP_SFENCE();
 }
 
 // Dense dW (n, d). zeroed: out is already zero, write the touched rows only (a fresh

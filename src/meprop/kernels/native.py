@@ -249,11 +249,19 @@ def _threads(work: int, minimum: int) -> int:
     return t if t > 1 and work >= minimum else 1
 
 
+def _numpy_block(rows: int, cols: int, dtype: torch.dtype, zero: bool) -> Tensor:
+    """A (rows, cols) tensor on numpy memory (huge pages; calloc'ed when ``zero``) whose start,
+    like every row of 64-byte multiple width, is 64-byte aligned, as streaming stores need."""
+    nbytes = rows * cols * _ITEMSIZE[dtype]
+    raw = (np.zeros if zero else np.empty)(nbytes + 64, np.uint8)
+    off = -raw.ctypes.data % 64
+    return torch.from_numpy(raw[off : off + nbytes].view(_NUMPY[dtype]).reshape(rows, cols))
+
+
 def _empty(rows: int, cols: int, dtype: torch.dtype, zero: bool = False) -> Tensor:
     """An output (rows, cols); numpy-allocated (huge pages, calloc) when large."""
     if rows * cols * _ITEMSIZE[dtype] >= _BIG:
-        make = np.zeros if zero else np.empty
-        return torch.from_numpy(make((rows, cols), _NUMPY[dtype]))
+        return _numpy_block(rows, cols, dtype, zero)
     return torch.zeros(rows, cols, dtype=dtype) if zero else torch.empty(rows, cols, dtype=dtype)
 
 
@@ -307,7 +315,7 @@ class _GradPool:
                     _fn("zero_rows", dtype)(out.data_ptr(), d, rows.data_ptr(), rows.numel(), 1)
                 e[1] = None  # until written() says which rows the kernel wrote
                 return out, e
-            out = torch.from_numpy(np.zeros((n, d), _NUMPY[dtype]))
+            out = _numpy_block(n, d, dtype, zero=True)
             if len(entries) >= self.PER_SHAPE:
                 return out, None
             view = out.view(-1)

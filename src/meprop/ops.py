@@ -98,7 +98,7 @@ def _kernel_module(backend: str, t: Tensor):
     """
     if backend == "torch":
         return None
-    if not (t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES and t.layout == torch.strided):
+    if not (t.is_cpu and t.dtype in _KERNEL_DTYPES and t.layout == torch.strided):
         if backend == "auto":
             return None
         raise RuntimeError(
@@ -109,6 +109,16 @@ def _kernel_module(backend: str, t: Tensor):
         from .kernels import registry  # noqa: F401  (registers torch.ops.meprop.*)
 
         return torch.ops.meprop
+    kern = _KERNEL_CACHE.get(backend)
+    if kern is None:
+        kern = _KERNEL_CACHE[backend] = _pick_kernels(backend)
+    return kern or None
+
+
+_KERNEL_CACHE: dict = {}  # backend -> module, or False for PyTorch ops (once per process)
+
+
+def _pick_kernels(backend: str):
     if backend in ("auto", "native"):
         from .kernels import native
 
@@ -125,7 +135,7 @@ def _kernel_module(backend: str, t: Tensor):
         return cpu
     if backend == "numba":
         raise RuntimeError("backend='numba' needs numba; use backend='auto'")
-    return None
+    return False
 
 
 def _compact_products(
@@ -201,7 +211,7 @@ def _finish(x, g, sel, dx, dw, need_db, sparse_bias, counts, sel_n, db=None):
     if need_db:
         db = _bias_grad(g, sel, sparse_bias)
     _record(counts, sel_n, sel, g.shape[0])
-    if dx is not None:
+    if dx is not None and x.dim() != 2:
         dx = dx.reshape(x.shape)
     return dx, dw, db, None, None, None, None, None, None, None
 
@@ -222,8 +232,9 @@ class _SparseLinearFn(torch.autograd.Function):
         k, mode, sparse_bias, sparse_grad, backend, counts, sel_n = ctx.opts
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         n, d_in = weight.shape
-        g = grad_out.reshape(-1, n)  # (M, n): leading dimensions flattened
-        x2 = x.reshape(-1, d_in)  # (M, in)
+        # (M, n) and (M, in): leading dimensions flattened
+        g = grad_out if grad_out.dim() == 2 else grad_out.reshape(-1, n)
+        x2 = x if x.dim() == 2 else x.reshape(-1, d_in)
         dx = dw = None
 
         if k >= n:  # everything is kept: the dense gradient

@@ -197,11 +197,17 @@ def supports(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in _SUFFIX and t.layout == torch.strided
 
 
+_FNS: dict = {}  # (name, dtype) -> the library's function
+
+
 def _fn(name: str, dtype: torch.dtype):
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"meprop's C++ kernels are unavailable: {_error}")
-    return getattr(lib, f"meprop_{name}_{_SUFFIX[dtype]}")
+    fn = _FNS.get((name, dtype))
+    if fn is None:
+        lib = _load()
+        if lib is None:
+            raise RuntimeError(f"meprop's C++ kernels are unavailable: {_error}")
+        fn = _FNS[name, dtype] = getattr(lib, f"meprop_{name}_{_SUFFIX[dtype]}")
+    return fn
 
 
 # --------------------------------------------------------------------------------------------

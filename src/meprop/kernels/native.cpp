@@ -636,15 +636,36 @@ i64 per_example(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, 
   return outer_dense<F>(gr, n, x, d, dw, dw_mode == 2, rows, nt_products);
 }
 
+// One register block of gemm_rows: 4 rows of out by NV vectors of columns from column c.
+template <class F, int NV>
+inline void gemm_block(i64 r0, i64 c, i64 K, i64 d, const F* A, i64 ars, i64 acs, const i64* bi,
+                       const F* B, const i64* orow, F* out) {
+  using FV = typename Vec<F>::type;
+  constexpr i64 L = Vec<F>::lanes;
+  FV acc[4][NV] = {};
+  for (i64 t = 0; t < K; t++) {
+    const F* b = B + bi[t] * d + c;
+    FV bv[NV];
+    for (int v = 0; v < NV; v++) bv[v] = vload(b + v * L);
+    for (int q = 0; q < 4; q++) {
+      F a = A[(r0 + q) * ars + t * acs];
+      for (int v = 0; v < NV; v++) acc[q][v] += a * bv[v];
+    }
+  }
+  for (int q = 0; q < 4; q++) {
+    F* o = out + (orow ? orow[r0 + q] : r0 + q) * d + c;
+    for (int v = 0; v < NV; v++) vstore(o + v * L, acc[q][v]);
+  }
+}
+
 // out[orow[r]] = sum_t A[r, t] * B[bidx[t]] for r < R, t < K: a small GEMM whose right factor
 // is a gather of rows (bidx, or all rows when null) and whose left factor has any strides
 // (A[r, t] = A[r * ars + t * acs]); orow null: out row r. Register-blocked: 4 rows of out by
-// 4 vectors of columns, so each loaded vector of B serves 4 multiply-adds (the unified mode's
-// products, where every row uses the same k rows of W).
+// up to 4 vectors of columns, so each loaded vector of B serves 4 multiply-adds (the unified
+// mode's products, where every row uses the same k rows of W).
 template <class F>
 void gemm_rows(i64 R, i64 K, i64 d, const F* A, i64 ars, i64 acs, const i64* bidx, const F* B,
                const i64* orow, F* out, int nt) {
-  using FV = typename Vec<F>::type;
   constexpr i64 L = Vec<F>::lanes;
   constexpr i64 W = 4 * L;  // columns per register block
   i64 nrb = (R + 3) / 4, ncb = (d + W - 1) / W;
@@ -656,28 +677,19 @@ void gemm_rows(i64 R, i64 K, i64 d, const F* A, i64 ars, i64 acs, const i64* bid
   for (i64 task = 0; task < nrb * ncb; task++) {
     i64 rb = task / ncb, c = (task % ncb) * W;
     i64 r0 = 4 * rb, nr = std::min<i64>(4, R - r0);
-    if (nr == 4 && c + W <= d) {
-      FV acc[4][4] = {};
-      for (i64 t = 0; t < K; t++) {
-        const F* b = B + bi[t] * d + c;
-        FV b0 = vload(b), b1 = vload(b + L), b2 = vload(b + 2 * L), b3 = vload(b + 3 * L);
-        for (int q = 0; q < 4; q++) {
-          F a = A[(r0 + q) * ars + t * acs];
-          acc[q][0] += a * b0;
-          acc[q][1] += a * b1;
-          acc[q][2] += a * b2;
-          acc[q][3] += a * b3;
-        }
-      }
-      for (int q = 0; q < 4; q++) {
-        F* o = out + (orow ? orow[r0 + q] : r0 + q) * d + c;
-        for (int v = 0; v < 4; v++) vstore(o + v * L, acc[q][v]);
-      }
-    } else {  // edges: one row at a time
-      i64 wd = std::min(W, d - c);
+    i64 wd = std::min(W, d - c), nv = nr == 4 ? wd / L : 0;
+    switch (nv) {  // whole vectors, four rows at a time
+      case 4: gemm_block<F, 4>(r0, c, K, d, A, ars, acs, bi, B, orow, out); break;
+      case 3: gemm_block<F, 3>(r0, c, K, d, A, ars, acs, bi, B, orow, out); break;
+      case 2: gemm_block<F, 2>(r0, c, K, d, A, ars, acs, bi, B, orow, out); break;
+      case 1: gemm_block<F, 1>(r0, c, K, d, A, ars, acs, bi, B, orow, out); break;
+      default: break;
+    }
+    i64 done = nv * L;  // the rest (last columns, or fewer than 4 rows): one row at a time
+    if (done < wd) {
       for (i64 q = 0; q < nr; q++) {
-        F* o = out + (orow ? orow[r0 + q] : r0 + q) * d + c;
-        gather_axpy<F>(o, wd, bi, 1, A + (r0 + q) * ars, acs, K, B + c, d);
+        F* o = out + (orow ? orow[r0 + q] : r0 + q) * d + c + done;
+        gather_axpy<F>(o, wd - done, bi, 1, A + (r0 + q) * ars, acs, K, B + c + done, d);
       }
     }
   }

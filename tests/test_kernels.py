@@ -550,12 +550,33 @@ def test_pool_reuses_buffers_safely(pooled, mode):
     # Accumulation into an existing .grad: the new buffer is added, then free again.
     want2 = want + step(gs[1])
     torch.testing.assert_close(w.grad, want2)
-    assert len(pooled._bufs[(40, 9, torch.float32)]) <= pooled.PER_SHAPE
+    assert len(pooled._bufs[(40, 9, torch.float32, True)]) <= pooled.PER_SHAPE
 
 
 def test_pool_is_bounded(pooled, monkeypatch):
     monkeypatch.setattr(pooled, "MAX_BUFFERS", 3)
     kept = [pooled.take(n, 4, torch.float32)[0] for n in (5, 6, 7, 8, 9) for _ in range(2)]
     assert sum(map(len, pooled._bufs.values())) <= 3
-    assert (9, 4, torch.float32) in pooled._bufs  # the shape used last stays
+    assert (9, 4, torch.float32, True) in pooled._bufs  # the shape used last stays
     assert all(torch.equal(t, torch.zeros_like(t)) for t in kept)
+
+
+@pytest.mark.parametrize("mode", ["per_example", "unified"])
+def test_pool_row_sparse_values(pooled, mode):
+    # The values of row-sparse gradients come from the pool too (written in full, not zeroed):
+    # a gradient still held keeps its values while later steps reuse other buffers.
+    from meprop import sparse_linear
+    from meprop.ops import reference_backward
+
+    x, w = torch.randn(6, 9), torch.randn(40, 9, requires_grad=True)
+    held = []
+    for step in range(5):
+        g = torch.randn(6, 40)
+        w.grad = None
+        sparse_linear(x, w, None, k=3, mode=mode, sparse_grad=True, backend="native").backward(g)
+        want = reference_backward(x, w.detach(), g, 3, mode)[1]
+        torch.testing.assert_close(w.grad.to_dense(), want)
+        if step < 2:
+            held.append((w.grad, want))
+    for grad, want in held:
+        torch.testing.assert_close(grad.to_dense(), want)

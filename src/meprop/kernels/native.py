@@ -268,15 +268,16 @@ def _numpy_block(rows: int, cols: int, dtype: torch.dtype, zero: bool) -> Tensor
     return torch.from_numpy(raw[off : off + nbytes].view(_NUMPY[dtype]).reshape(rows, cols))
 
 
-def _empty(rows: int, cols: int, dtype: torch.dtype, zero: bool = False) -> Tensor:
-    """An output (rows, cols); numpy-allocated (huge pages, calloc) when large."""
+def _empty(rows: int, cols: int, dtype: torch.dtype) -> Tensor:
+    """An output (rows, cols) that the kernels write in full: from the pool when large."""
     if rows * cols * _ITEMSIZE[dtype] >= _BIG:
-        return _numpy_block(rows, cols, dtype, zero)
-    return torch.zeros(rows, cols, dtype=dtype) if zero else torch.empty(rows, cols, dtype=dtype)
+        return _POOL.take(rows, cols, dtype, zero=False)[0]
+    return torch.empty(rows, cols, dtype=dtype)
 
 
 class _GradPool:
-    """Large dense dW buffers, reused once every tensor that shared them is gone.
+    """Large dW buffers (dense, or the values of a row-sparse dW), reused once every tensor
+    that shared them is gone.
 
     A fresh (n, in) gradient costs page faults on every page written, and zeroing the pages of
     the rows written (~3-8 ms for a 64 MiB float32 dW here, most of meProp's dense-gradient
@@ -284,15 +285,19 @@ class _GradPool:
     out; once nothing else uses one (the optimizer step is done and ``.grad`` was set to None,
     or the gradient was added into an existing ``.grad``), the next backward of that shape
     takes it back and zeroes only the rows written last time, or all of it if an in-place
-    operation changed it since (the tensor's version counter). In-place writes that bypass
+    operation changed it since (the tensor's version counter); a row-compact buffer is written
+    in full, so it is taken back as it is. In-place writes that bypass
     the version counter (through ``.data`` or numpy) are not seen: set ``MEPROP_GRAD_POOL=0``
-    if your code does that. ``clear()`` drops the buffers. At most ``PER_SHAPE`` buffers per
-    shape and ``MAX_BUFFERS`` in all are kept (shapes unused longest are dropped first, as
-    meSimp shrinks layers).
+    if your code does that. ``clear()`` drops the buffers. Every layer of a shape holds its
+    gradient from its backward to the next ``zero_grad``, so the pool keeps up to
+    ``PER_SHAPE`` buffers per shape (a model with more layers of one large shape gets fresh
+    buffers for the rest) and ``MAX_BUFFERS`` in all (the shapes unused longest are dropped
+    first, as meSimp shrinks layers). The memory kept is that of the gradients of the last
+    step, as a caching allocator keeps it.
     """
 
-    PER_SHAPE = 2  # buffers kept per (n, in, dtype)
-    MAX_BUFFERS = 8
+    PER_SHAPE = 8  # buffers kept per (n, in, dtype)
+    MAX_BUFFERS = 16
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -307,9 +312,12 @@ class _GradPool:
     def _users(view: Tensor) -> int:
         return torch._C._storage_Use_Count(view.untyped_storage()._cdata)
 
-    def take(self, n: int, d: int, dtype: torch.dtype) -> tuple[Tensor, list | None]:
-        """A zero (n, d) tensor and its pool entry (None when not pooled)."""
-        key = (n, d, dtype)
+    def take(
+        self, n: int, d: int, dtype: torch.dtype, zero: bool = True
+    ) -> tuple[Tensor, list | None]:
+        """A zero (n, d) tensor and its pool entry (None when not pooled); ``zero=False``: any
+        contents (for outputs written in full, such as a row-compact dW)."""
+        key = (n, d, dtype, zero)
         with self._lock:
             entries = self._bufs.pop(key, []) if self.enabled else []
             if self.enabled:
@@ -319,13 +327,15 @@ class _GradPool:
                 if self._users(view) > alone:  # a gradient still uses it
                     continue
                 out = view.view(n, d)
-                if view._version != version or rows is None:
+                if not zero:
+                    pass
+                elif view._version != version or rows is None:
                     out.zero_()
                 elif rows.numel():
                     _fn("zero_rows", dtype)(out.data_ptr(), d, rows.data_ptr(), rows.numel(), 1)
                 e[1] = None  # until written() says which rows the kernel wrote
                 return out, e
-            out = _numpy_block(n, d, dtype, zero=True)
+            out = _numpy_block(n, d, dtype, zero=zero)
             if len(entries) >= self.PER_SHAPE:
                 return out, None
             view = out.view(-1)

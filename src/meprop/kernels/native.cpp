@@ -582,23 +582,23 @@ i64 outer_dense(const Groups<F>& gr, i64 n, const F* x, i64 d, F* out, bool zero
   return nr;
 }
 
-// Zero the rows rows[0:nr] of out (n, d), with streaming stores where aligned: the rows a
-// reused dW buffer held last time.
+// Zero the rows rows[0:nr] of out (n, d): the rows a reused dW buffer held last time. stream:
+// with streaming stores where aligned (a large buffer, not read again soon).
 template <class F>
-void zero_rows(F* out, i64 d, const i64* rows, i64 nr, int nt) {
+void zero_rows(F* out, i64 d, const i64* rows, i64 nr, bool stream, int nt) {
   using FV = typename Vec<F>::type;
   constexpr i64 L = Vec<F>::lanes;
   nt = threads_for(nt, nr);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
   for (i64 q = 0; q < nr; q++) {
     F* o = out + rows[q] * d;
-    if (reinterpret_cast<uintptr_t>(o) % 64 == 0 && d % L == 0) {
+    if (stream && reinterpret_cast<uintptr_t>(o) % 64 == 0 && d % L == 0) {
       for (i64 c = 0; c < d; c += L) vstream(o + c, FV{});
     } else {
       zero(o, d);
     }
   }
-  MEPROP_SFENCE();
+  if (stream) MEPROP_SFENCE();
 }
 
 // Row-compact dW: rows (R,) sorted, out (R, d); both sized >= R by the caller. Returns R.
@@ -771,8 +771,9 @@ void unified(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64
   MEPROP_EXPORT void meprop_top_columns_##SUFFIX(const F* g, i64 m, i64 n, i64 k, i64* cols) {  \
     top_columns<F>(g, m, n, k, cols);                                                          \
   }                                                                                            \
-  MEPROP_EXPORT void meprop_zero_rows_##SUFFIX(F* out, i64 d, const i64* rows, i64 nr, int nt) {  \
-    zero_rows<F>(out, d, rows, nr, nt);                                                        \
+  MEPROP_EXPORT void meprop_zero_rows_##SUFFIX(F* out, i64 d, const i64* rows, i64 nr,       \
+                                               int stream, int nt) {                           \
+    zero_rows<F>(out, d, rows, nr, stream != 0, nt);                                           \
   }                                                                                            \
   MEPROP_EXPORT void meprop_unified_##SUFFIX(const F* g, i64 m, i64 n, i64 k, const F* x,      \
                                              const F* w, i64 d, i64* cols, F* gc, F* dx,       \

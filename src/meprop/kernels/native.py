@@ -151,7 +151,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "rows_outer": ([p, p, i, i, p, i, i, c, p, p, c], i),
         "per_example": ([p, i, i, i, p, p, i, p, p, p, c, p, p, p, c, c], i),
         "unified": ([p, i, i, i, p, p, i, p, p, p, c, p, p, c], None),
-        "zero_rows": ([p, i, p, i, c], None),
+        "zero_rows": ([p, i, p, i, c, c], None),
         "top_columns": ([p, i, i, i, p], None),
     }
     for name, (args, res) in sigs.items():
@@ -276,12 +276,13 @@ def _empty(rows: int, cols: int, dtype: torch.dtype) -> Tensor:
 
 
 class _GradPool:
-    """Large dW buffers (dense, or the values of a row-sparse dW), reused once every tensor
-    that shared them is gone.
+    """dW buffers (dense, or the values of a row-sparse dW), reused once every tensor that
+    shared them is gone.
 
-    A fresh (n, in) gradient costs page faults on every page written, and zeroing the pages of
-    the rows written (~3-8 ms for a 64 MiB float32 dW here, most of meProp's dense-gradient
-    backward at that size). Like a caching allocator, the pool keeps the buffers it handed
+    A fresh large (n, in) gradient costs page faults on every page written, and zeroing the
+    pages of the rows written (~3-8 ms for a 64 MiB float32 dW here, most of meProp's
+    dense-gradient backward at that size); a small one that few rows of reach costs writing
+    all its zero rows (~14 us for 480 of 500 rows of 500 floats). Like a caching allocator, the pool keeps the buffers it handed
     out; once nothing else uses one (the optimizer step is done and ``.grad`` was set to None,
     or the gradient was added into an existing ``.grad``), the next backward of that shape
     takes it back and zeroes only the rows written last time, or all of it if an in-place
@@ -332,7 +333,10 @@ class _GradPool:
                 elif view._version != version or rows is None:
                     out.zero_()
                 elif rows.numel():
-                    _fn("zero_rows", dtype)(out.data_ptr(), d, rows.data_ptr(), rows.numel(), 1)
+                    big = n * d * _ITEMSIZE[dtype] >= _BIG  # (small: stay in cache)
+                    _fn("zero_rows", dtype)(
+                        out.data_ptr(), d, rows.data_ptr(), rows.numel(), big, 1
+                    )
                 e[1] = None  # until written() says which rows the kernel wrote
                 return out, e
             out = _numpy_block(n, d, dtype, zero=zero)
@@ -374,11 +378,13 @@ def clear_grad_pool() -> None:
     _POOL.clear()
 
 
-def _dense_dw(n: int, d: int, dtype: torch.dtype) -> tuple[Tensor, int, list | None]:
-    """A dense (n, d) output for dW, the kernels' mode, and its pool entry: mode 1 writes every
-    row (small outputs, in cache); mode 2 writes the touched rows of a zero buffer (large ones:
-    from the pool, or fresh from calloc, whose untouched pages are never written)."""
-    if n * d * _ITEMSIZE[dtype] >= _BIG:
+def _dense_dw(n: int, d: int, dtype: torch.dtype, touched: int) -> tuple[Tensor, int, list | None]:
+    """A dense (n, d) output for dW, the kernels' mode, and its pool entry. Mode 2 writes the
+    touched rows of a zero buffer from the pool (or fresh from calloc, whose untouched pages
+    are never written): for large outputs, and where at most a quarter of the rows are
+    ``touched`` (about; zeroing last call's rows and writing this call's beats writing all).
+    Mode 1 writes every row of a new tensor (small outputs, most rows touched, in cache)."""
+    if n * d * _ITEMSIZE[dtype] >= _BIG or (_POOL.enabled and 4 * touched <= n):
         out, entry = _POOL.take(n, d, dtype)
         return out, 2, entry
     return torch.empty(n, d, dtype=dtype), 1, None
@@ -464,7 +470,7 @@ def rows_outer_dense(idx: Tensor, vals: Tensor, x: Tensor, n: int) -> Tensor:
     i, v, xc = _pairs(idx, vals, x, "x", idx.shape[0])
     _check_n(n)
     (m, k), d = i.shape, xc.shape[1]
-    out, mode, entry = _dense_dw(n, d, xc.dtype)
+    out, mode, entry = _dense_dw(n, d, xc.dtype, m * k)
     rows = torch.empty(n if entry is not None else 0, dtype=torch.int64)
     if n and d:
         r = _fn("rows_outer", xc.dtype)(
@@ -516,7 +522,7 @@ def per_example_backward(
     rows = out = entry = None
     mode = 0
     if dw == "dense":
-        out, mode, entry = _dense_dw(n, d, dtype)
+        out, mode, entry = _dense_dw(n, d, dtype, m * k)
         if entry is not None:  # the rows written, for the pool
             rows = torch.empty(n, dtype=torch.int64)
     elif dw == "sparse":
@@ -553,7 +559,7 @@ def unified_backward(
     out = entry = None
     mode = 0
     if dw == "dense":
-        out, mode, entry = _dense_dw(n, d, dtype)
+        out, mode, entry = _dense_dw(n, d, dtype, k)
     elif dw == "sparse":
         out, mode = _empty(k, d, dtype), 3
     _fn("unified", dtype)(

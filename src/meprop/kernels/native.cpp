@@ -621,12 +621,15 @@ void column_sums(const F* g, i64 m, i64 n, F* db) {
 
 // ------------------------------------------------------------------------------------------
 // The whole per-example backward in one call: selection, then the products that are asked for.
-// dw_mode: 0 none, 1 dense dW written in full, 2 dense dW already zero (touched rows only,
-// listed in rows if not null), 3 row-compact (rows, dw_rows sized min(n, M k)). Returns the
-// number of touched rows R (0 for mode 0).
+// dw_mode: 0 none, 1 dense dW written in full, 2 dense dW zero but for its rows stale[:nstale]
+// (a reused buffer: zeroed first; then the touched rows are written, and listed in rows if
+// not null), 3 row-compact (rows, dw_rows sized min(n, M k)). Returns the number of touched
+// rows R (0 for mode 0).
 template <class F>
 i64 per_example(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64* idx,
-                F* vals, F* dx, int dw_mode, F* dw, i64* rows, F* db, int nt, int nt_products) {
+                F* vals, F* dx, int dw_mode, F* dw, i64* rows, const i64* stale, i64 nstale,
+                F* db, int nt, int nt_products) {
+  if (nstale) zero_rows<F>(dw, d, stale, nstale, n * d * i64(sizeof(F)) >= kStreamBytes, 1);
   topk_rows<F>(g, m, n, k, idx, vals, nt);
   if (db) column_sums<F>(g, m, n, db);
   if (dx) rows_matmul<F>(idx, k, vals, m, k, w, d, dx, nt_products);
@@ -696,8 +699,8 @@ void gemm_rows(i64 R, i64 K, i64 d, const F* A, i64 ars, i64 acs, const i64* bid
 }
 
 // The unified backward: scores (n,) = sum over rows of |g|, cols (k,) = the k highest, sorted;
-// gc = g[:, cols] (M, k); dx = gc W[cols] (M, d); dW[cols] = gc^T x (dw_mode as per_example,
-// 3: out (k, d) in the order of cols); db = column sums of g.
+// gc = g[:, cols] (M, k); dx = gc W[cols] (M, d); dW[cols] = gc^T x (dw_mode and stale as
+// per_example; 3: out (k, d) in the order of cols); db = column sums of g.
 // cols (k,) = the k columns of g (M, n) with the largest sum of |g| (NaN highest), sorted.
 template <class F>
 void top_columns(const F* g, i64 m, i64 n, i64 k, i64* cols) {
@@ -713,7 +716,8 @@ void top_columns(const F* g, i64 m, i64 n, i64 k, i64* cols) {
 
 template <class F>
 void unified(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64* cols, F* gc,
-             F* dx, int dw_mode, F* dw, F* db, int nt) {
+             F* dx, int dw_mode, F* dw, const i64* stale, i64 nstale, F* db, int nt) {
+  if (nstale) zero_rows<F>(dw, d, stale, nstale, n * d * i64(sizeof(F)) >= kStreamBytes, 1);
   top_columns<F>(g, m, n, k, cols);
   for (i64 i = 0; i < m; i++)
     for (i64 j = 0; j < k; j++) gc[i * k + j] = g[i * n + cols[j]];
@@ -761,12 +765,12 @@ void unified(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64
     if (dw_mode == 3) return outer_compact<F>(gr, n, x, d, rows, dw, nt);                      \
     return outer_dense<F>(gr, n, x, d, dw, dw_mode == 2, rows, nt);                            \
   }                                                                                            \
-  MEPROP_EXPORT i64 meprop_per_example_##SUFFIX(const F* g, i64 m, i64 n, i64 k, const F* x,   \
-                                                const F* w, i64 d, i64* idx, F* vals, F* dx,   \
-                                                int dw_mode, F* dw, i64* rows, F* db, int nt,  \
-                                                int nt_products) {                             \
-    return per_example<F>(g, m, n, k, x, w, d, idx, vals, dx, dw_mode, dw, rows, db, nt,       \
-                          nt_products);                                                        \
+  MEPROP_EXPORT i64 meprop_per_example_##SUFFIX(                                               \
+      const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64* idx, F* vals, F* dx,  \
+      int dw_mode, F* dw, i64* rows, const i64* stale, i64 nstale, F* db, int nt,              \
+      int nt_products) {                                                                       \
+    return per_example<F>(g, m, n, k, x, w, d, idx, vals, dx, dw_mode, dw, rows, stale,        \
+                          nstale, db, nt, nt_products);                                        \
   }                                                                                            \
   MEPROP_EXPORT void meprop_top_columns_##SUFFIX(const F* g, i64 m, i64 n, i64 k, i64* cols) {  \
     top_columns<F>(g, m, n, k, cols);                                                          \
@@ -775,10 +779,10 @@ void unified(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64
                                                int stream, int nt) {                           \
     zero_rows<F>(out, d, rows, nr, stream != 0, nt);                                           \
   }                                                                                            \
-  MEPROP_EXPORT void meprop_unified_##SUFFIX(const F* g, i64 m, i64 n, i64 k, const F* x,      \
-                                             const F* w, i64 d, i64* cols, F* gc, F* dx,       \
-                                             int dw_mode, F* dw, F* db, int nt) {              \
-    unified<F>(g, m, n, k, x, w, d, cols, gc, dx, dw_mode, dw, db, nt);                        \
+  MEPROP_EXPORT void meprop_unified_##SUFFIX(                                                  \
+      const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64* cols, F* gc, F* dx,   \
+      int dw_mode, F* dw, const i64* stale, i64 nstale, F* db, int nt) {                       \
+    unified<F>(g, m, n, k, x, w, d, cols, gc, dx, dw_mode, dw, stale, nstale, db, nt);         \
   }
 
 MEPROP_DEFINE(f32, float)

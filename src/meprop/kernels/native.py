@@ -149,8 +149,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "topk_rows": ([p, i, i, i, p, p, c], None),
         "rows_matmul": ([p, p, i, i, p, i, i, p, c], i),
         "rows_outer": ([p, p, i, i, p, i, i, c, p, p, c], i),
-        "per_example": ([p, i, i, i, p, p, i, p, p, p, c, p, p, p, c, c], i),
-        "unified": ([p, i, i, i, p, p, i, p, p, p, c, p, p, c], None),
+        "per_example": ([p, i, i, i, p, p, i, p, p, p, c, p, p, p, i, p, c, c], i),
+        "unified": ([p, i, i, i, p, p, i, p, p, p, c, p, p, i, p, c], None),
         "zero_rows": ([p, i, p, i, c, c], None),
         "top_columns": ([p, i, i, i, p], None),
     }
@@ -302,52 +302,58 @@ class _GradPool:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # key -> [[flat view, rows written, version after the write, users when free], ...],
+        # key -> [[flat view, rows written, version after the write, users when free,
+        #          storage], ...],
         # in order of last use (the dict's order: a key is moved to the end when used).
         self._bufs: dict[tuple, list[list]] = {}
         self.enabled = os.environ.get("MEPROP_GRAD_POOL", "1") != "0" and hasattr(
             torch._C, "_storage_Use_Count"
         )
 
-    @staticmethod
-    def _users(view: Tensor) -> int:
-        return torch._C._storage_Use_Count(view.untyped_storage()._cdata)
-
     def take(
-        self, n: int, d: int, dtype: torch.dtype, zero: bool = True
-    ) -> tuple[Tensor, list | None]:
-        """A zero (n, d) tensor and its pool entry (None when not pooled); ``zero=False``: any
-        contents (for outputs written in full, such as a row-compact dW)."""
+        self, n: int, d: int, dtype: torch.dtype, zero: bool = True, defer: bool = False
+    ) -> tuple[Tensor, list | None, Tensor | None]:
+        """An (n, d) tensor, its pool entry (None when not pooled) and, with ``defer``, the
+        rows still to zero (the kernel zeroes them in the same call; else None).
+
+        zero: a zero tensor (but for those rows); False: any contents (for outputs written in
+        full, such as a row-compact dW).
+        """
         key = (n, d, dtype, zero)
         with self._lock:
             entries = self._bufs.pop(key, []) if self.enabled else []
             if self.enabled:
                 self._bufs[key] = entries  # most recently used last
             for e in entries:
-                view, rows, version, alone = e
-                if self._users(view) > alone:  # a gradient still uses it
+                view, rows, version, alone, storage = e
+                if torch._C._storage_Use_Count(storage._cdata) > alone:  # still in use
                     continue
                 out = view.view(n, d)
+                stale = None
                 if not zero:
                     pass
                 elif view._version != version or rows is None:
                     out.zero_()
+                elif defer:
+                    stale = rows
                 elif rows.numel():
                     big = n * d * _ITEMSIZE[dtype] >= _BIG  # (small: stay in cache)
                     _fn("zero_rows", dtype)(
                         out.data_ptr(), d, rows.data_ptr(), rows.numel(), big, 1
                     )
                 e[1] = None  # until written() says which rows the kernel wrote
-                return out, e
+                return out, e, stale
             out = _numpy_block(n, d, dtype, zero=zero)
             if len(entries) >= self.PER_SHAPE:
-                return out, None
+                return out, None, None
             view = out.view(-1)
             del out
-            e = [view, None, 0, self._users(view)]  # (the count when only the pool holds it)
+            storage = view.untyped_storage()
+            # (the count of users when only the pool holds it: its view and storage object)
+            e = [view, None, 0, torch._C._storage_Use_Count(storage._cdata), storage]
             entries.append(e)
             self._trim()
-            return view.view(n, d), e
+            return view.view(n, d), e, None
 
     def _trim(self) -> None:
         """Drop buffers of the shapes unused longest while more than MAX_BUFFERS are kept."""
@@ -378,16 +384,16 @@ def clear_grad_pool() -> None:
     _POOL.clear()
 
 
-def _dense_dw(n: int, d: int, dtype: torch.dtype, touched: int) -> tuple[Tensor, int, list | None]:
-    """A dense (n, d) output for dW, the kernels' mode, and its pool entry. Mode 2 writes the
+def _dense_dw(n: int, d: int, dtype: torch.dtype, touched: int, defer: bool = False):
+    """A dense (n, d) output for dW, its pool entry, the rows still to zero (``defer``: by the
+    kernel; see _GradPool.take) and the kernels' mode. Mode 2 writes the
     touched rows of a zero buffer from the pool (or fresh from calloc, whose untouched pages
     are never written): for large outputs, and where at most a quarter of the rows are
     ``touched`` (about; zeroing last call's rows and writing this call's beats writing all).
     Mode 1 writes every row of a new tensor (small outputs, most rows touched, in cache)."""
     if n * d * _ITEMSIZE[dtype] >= _BIG or (_POOL.enabled and 4 * touched <= n):
-        out, entry = _POOL.take(n, d, dtype)
-        return out, 2, entry
-    return torch.empty(n, d, dtype=dtype), 1, None
+        return (*_POOL.take(n, d, dtype, defer=defer), 2)
+    return torch.empty(n, d, dtype=dtype), None, None, 1
 
 
 def _compact(rows: Tensor, dw_rows: Tensor, r: int) -> tuple[Tensor, Tensor]:
@@ -470,7 +476,7 @@ def rows_outer_dense(idx: Tensor, vals: Tensor, x: Tensor, n: int) -> Tensor:
     i, v, xc = _pairs(idx, vals, x, "x", idx.shape[0])
     _check_n(n)
     (m, k), d = i.shape, xc.shape[1]
-    out, mode, entry = _dense_dw(n, d, xc.dtype, m * k)
+    out, entry, _, mode = _dense_dw(n, d, xc.dtype, m * k)
     rows = torch.empty(n if entry is not None else 0, dtype=torch.int64)
     if n and d:
         r = _fn("rows_outer", xc.dtype)(
@@ -519,10 +525,10 @@ def per_example_backward(
     vals = torch.empty(m, k, dtype=dtype)
     dx = torch.empty(m, d, dtype=dtype) if need_dx else None
     db = torch.empty(n, dtype=dtype) if need_db else None
-    rows = out = entry = None
+    rows = out = entry = stale = None
     mode = 0
     if dw == "dense":
-        out, mode, entry = _dense_dw(n, d, dtype, m * k)
+        out, entry, stale, mode = _dense_dw(n, d, dtype, m * k, defer=True)
         if entry is not None:  # the rows written, for the pool
             rows = torch.empty(n, dtype=torch.int64)
     elif dw == "sparse":
@@ -530,8 +536,9 @@ def per_example_backward(
         rows, out, mode = torch.empty(cap, dtype=torch.int64), _empty(cap, d, dtype), 3
     r = _fn("per_example", dtype)(
         g.data_ptr(), m, n, k, x.data_ptr(), weight.data_ptr(), d, idx.data_ptr(),
-        vals.data_ptr(), _ptr(dx), mode, _ptr(out), _ptr(rows), _ptr(db),
-        _threads(m * n, _PAR_MIN_ENTRIES), _threads(m * k * d, _PAR_MIN_FMAS),
+        vals.data_ptr(), _ptr(dx), mode, _ptr(out), _ptr(rows), _ptr(stale),
+        0 if stale is None else stale.numel(), _ptr(db), _threads(m * n, _PAR_MIN_ENTRIES),
+        _threads(m * k * d, _PAR_MIN_FMAS),
     )  # fmt: skip
     if mode == 3:
         out = _compact(rows, out, r)
@@ -556,15 +563,16 @@ def unified_backward(
     gc = torch.empty(m, k, dtype=dtype)
     dx = torch.empty(m, d, dtype=dtype) if need_dx else None
     db = torch.empty(n, dtype=dtype) if need_db else None
-    out = entry = None
+    out = entry = stale = None
     mode = 0
     if dw == "dense":
-        out, mode, entry = _dense_dw(n, d, dtype, k)
+        out, entry, stale, mode = _dense_dw(n, d, dtype, k, defer=True)
     elif dw == "sparse":
         out, mode = _empty(k, d, dtype), 3
     _fn("unified", dtype)(
         g.data_ptr(), m, n, k, x.data_ptr(), weight.data_ptr(), d, cols.data_ptr(),
-        gc.data_ptr(), _ptr(dx), mode, _ptr(out), _ptr(db), _threads(m * k * d, _PAR_MIN_FMAS),
+        gc.data_ptr(), _ptr(dx), mode, _ptr(out), _ptr(stale),
+        0 if stale is None else stale.numel(), _ptr(db), _threads(m * k * d, _PAR_MIN_FMAS),
     )  # fmt: skip
     if mode == 3:
         out = (cols, out)

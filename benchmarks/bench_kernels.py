@@ -1,32 +1,34 @@
-"""Time the numba CPU kernels of meprop.kernels.cpu against their PyTorch equivalents.
+"""The CPU kernels, one operation at a time: PyTorch vs numba (meprop.kernels.cpu) vs C++
+(meprop.kernels.native), timed side by side in one run.
 
-For each shape (M examples, n outputs, `in` inputs, k kept per row), in one run:
+For each shape (M examples, n outputs, `in` inputs, k kept per row):
 
-* selection: ``g.abs().topk(k, dim=1)`` vs ``topk_rows(g, k)``
-* dx:        dense ``g @ W``            vs ``rows_matmul(idx, vals, W)``
-* dW:        dense ``g.t() @ x``        vs ``rows_outer(idx, vals, x, n)`` (row-compact) and
-             ``rows_outer_dense`` (n, in)
-* total:     topk + both dense products vs topk_rows + rows_matmul + rows_outer
+* select: ``g.abs().topk(k, dim=1)`` vs ``topk_rows(g, k)``
+* dx:     dense ``g @ W``            vs ``rows_matmul(idx, vals, W)``
+* dW:     dense ``g.t() @ x``        vs ``rows_outer_dense(idx, vals, x, n)`` (dense (n, in))
+* total:  the three PyTorch ops vs the three numba calls vs the C++ fused
+          ``per_example_backward`` (selection, dx, dW and the bias sum in one call)
 
-Times are medians of ``torch.utils.benchmark.Timer.blocked_autorange(min_run_time=0.3)`` in
-microseconds; ratios are torch / ours (above 1: the kernel is faster). The kernels are called
-through their Python functions (no dispatcher); the last table shows what calling them as
-``torch.ops.meprop.*`` adds per call. On a shared machine only ratios from one run compare.
+Times in microseconds: the 10th percentile of per-call times, every operation timed in turn
+in ``--rounds`` rounds, each keeping its fastest round (see ``_timing.py``), with GFLOP/s (2
+flops per multiply-add of the sparse products) beside the products. The kernels are called through their Python functions; the
+last table shows what calling them as ``torch.ops.meprop.*`` (the dispatcher) adds per call.
+On a shared machine only ratios from one run compare.
 
-    python benchmarks/bench_kernels.py            # the full grid (about a minute)
+    python benchmarks/bench_kernels.py            # the full grid
     python benchmarks/bench_kernels.py --quick    # a small subset
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
-import time
 
 import torch
-from torch.utils.benchmark import Timer
 
-from meprop.kernels import cpu
+from _timing import best_of_rounds, load_average
+from meprop.kernels import cpu, native, registry
 
 FULL = [(m, 500, 500, k) for m in (1, 10, 100, 256) for k in (10, 20, 80)] + [
     (m, 4096, 4096, k) for m in (32, 256) for k in (32, 64)
@@ -45,91 +47,95 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def us(stmt: str, min_run_time: float, **env) -> float:
-    """Median time of ``stmt`` in microseconds."""
-    timer = Timer(stmt, globals=env)
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e6
+def best_us(stmts: dict, env: dict, rounds: int, mrt: float) -> dict:
+    fns = {key: eval(f"lambda: {stmt}", env) for key, stmt in stmts.items()}  # noqa: S307
+    return {key: 1e6 * t for key, t in best_of_rounds(fns, rounds, mrt).items()}
 
 
-def bench_shape(m: int, n: int, d: int, k: int, dtype: torch.dtype, mrt: float) -> dict:
+def bench_shape(m, n, d, k, dtype, rounds, mrt, impls) -> dict:
     gen = torch.Generator().manual_seed(0)
     g = torch.randn(m, n, generator=gen, dtype=dtype)
     w = torch.randn(n, d, generator=gen, dtype=dtype)
     x = torch.randn(m, d, generator=gen, dtype=dtype)
     idx, vals = cpu.topk_rows(g, k)
-    env = dict(g=g, w=w, x=x, k=k, n=n, idx=idx, vals=vals, cpu=cpu)
-    r = {
-        "topk_t": us("g.abs().topk(k, dim=1)", mrt, **env),
-        "topk": us("cpu.topk_rows(g, k)", mrt, **env),
-        "mm_t": us("g @ w", mrt, **env),
-        "mm": us("cpu.rows_matmul(idx, vals, w)", mrt, **env),
-        "outer_t": us("g.t() @ x", mrt, **env),
-        "outer": us("cpu.rows_outer(idx, vals, x, n)", mrt, **env),
-        "dense": us("cpu.rows_outer_dense(idx, vals, x, n)", mrt, **env),
+    env = dict(g=g, w=w, x=x, k=k, n=n, idx=idx, vals=vals, cpu=cpu, native=native)
+    stmts = {
+        ("torch", "select"): "g.abs().topk(k, dim=1)",
+        ("torch", "dx"): "g @ w",
+        ("torch", "dw"): "g.t() @ x",
     }
-    r["total_t"] = r["topk_t"] + r["mm_t"] + r["outer_t"]
-    r["total"] = r["topk"] + r["mm"] + r["outer"]
+    for name in impls:
+        stmts[(name, "select")] = f"{name}.topk_rows(g, k)"
+        stmts[(name, "dx")] = f"{name}.rows_matmul(idx, vals, w)"
+        stmts[(name, "dw")] = f"{name}.rows_outer_dense(idx, vals, x, n)"
+    if "native" in impls:
+        stmts[("native", "fused")] = "native.per_example_backward(g, x, w, k, True, 'dense', True)"
+    r = best_us(stmts, env, rounds, mrt)
+    for name in ("torch", *impls):
+        r[(name, "total")] = sum(r[(name, op)] for op in ("select", "dx", "dw"))
     return r
 
 
-def bench_dispatch(dtype: torch.dtype, mrt: float) -> list[tuple[str, float, float]]:
+def bench_dispatch(dtype, rounds, mrt, impl) -> list[tuple[str, float, float]]:
     """Per-call cost of the Python functions vs torch.ops.meprop.* on a tiny problem."""
     g = torch.randn(1, 500, dtype=dtype)
     w, x = torch.randn(500, 500, dtype=dtype), torch.randn(1, 500, dtype=dtype)
-    idx, vals = cpu.topk_rows(g, 10)
-    env = dict(g=g, w=w, x=x, idx=idx, vals=vals, cpu=cpu, ops=torch.ops.meprop)
-    rows = []
-    for name, args in [
+    idx, vals = impl.topk_rows(g, 10)
+    env = dict(g=g, w=w, x=x, idx=idx, vals=vals, impl=impl, ops=torch.ops.meprop)
+    calls = [
         ("topk_rows", "g, 10"),
         ("rows_matmul", "idx, vals, w"),
         ("rows_outer", "idx, vals, x, 500"),
-    ]:
-        rows.append(
-            (name, us(f"cpu.{name}({args})", mrt, **env), us(f"ops.{name}({args})", mrt, **env))
-        )
-    return rows
+    ]
+    stmts = {}
+    for name, args in calls:
+        stmts[(name, "fn")] = f"impl.{name}({args})"
+        stmts[(name, "op")] = f"ops.{name}({args})"
+    r = best_us(stmts, env, rounds, mrt)
+    return [(name, r[(name, "fn")], r[(name, "op")]) for name, _ in calls]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small subset of the shapes")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--min-run-time", type=float, default=0.3, help="seconds per timing")
+    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timing")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; each keeps its fastest")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: as is)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    mrt = args.min_run_time
-
-    import numba
-
-    t0 = time.perf_counter()
-    cpu.warmup((dtype,))  # compile (or load from the cache) before timing anything
-    compile_s = time.perf_counter() - t0
-    print(f"torch {torch.__version__}, numba {numba.__version__}, {args.dtype}")
-    print(f"CPU: {cpu_model()}; torch threads {torch.get_num_threads()}")
-    print(f"numba threading layer: {numba.threading_layer()}; kernels ready in {compile_s:.2f} s")
-    print("times in us; x = torch / ours (above 1: the kernel is faster)\n")
-
-    head = (
-        f"{'M':>4} {'n':>5} {'in':>5} {'k':>3} | {'topk':>8} {'ours':>7} {'x':>5} | "
-        f"{'g@W':>8} {'ours':>7} {'x':>5} | {'gT@x':>8} {'ours':>7} {'x':>5} "
-        f"{'dense':>7} {'x':>5} | {'total':>8} {'ours':>7} {'x':>5}"
-    )
+    impls = [name for name, mod in (("cpu", cpu), ("native", native)) if mod.available()]
+    if "cpu" in impls:
+        cpu.warmup((dtype,))  # compile (or load from the cache) before timing anything
+    print(f"torch {torch.__version__}, {args.dtype}; CPU: {cpu_model()}, {os.cpu_count()} CPUs")
+    print(f"torch threads {torch.get_num_threads()}; load average {load_average()}")
+    print(f"implementations: {', '.join({'cpu': 'numba', 'native': 'C++'}[i] for i in impls)}")
+    print("times in us (10th percentile of calls, fastest round); GF = GFLOP/s of the products\n")
+    names = {"torch": "torch", "cpu": "numba", "native": "C++"}
+    head = "| M | n | in | k | op | " + " | ".join(names[i] for i in ("torch", *impls))
+    head += " | C++ fused |" if "native" in impls else " |"
     print(head)
-    print("-" * len(head))
+    print("|" + "---|" * (head.count("|") - 1))
     for m, n, d, k in QUICK if args.quick else FULL:
-        r = bench_shape(m, n, d, k, dtype, mrt)
-        print(
-            f"{m:>4} {n:>5} {d:>5} {k:>3} | "
-            f"{r['topk_t']:>8.1f} {r['topk']:>7.1f} {r['topk_t'] / r['topk']:>5.1f} | "
-            f"{r['mm_t']:>8.1f} {r['mm']:>7.1f} {r['mm_t'] / r['mm']:>5.1f} | "
-            f"{r['outer_t']:>8.1f} {r['outer']:>7.1f} {r['outer_t'] / r['outer']:>5.1f} "
-            f"{r['dense']:>7.1f} {r['outer_t'] / r['dense']:>5.1f} | "
-            f"{r['total_t']:>8.1f} {r['total']:>7.1f} {r['total_t'] / r['total']:>5.1f}",
-            flush=True,
-        )
+        r = bench_shape(m, n, d, k, dtype, args.rounds, args.min_run_time, impls)
+        flops = 2 * m * k * d
+        for op in ("select", "dx", "dw", "total"):
+            cells = []
+            for name in ("torch", *impls):
+                t = r[(name, op)]
+                gf = (
+                    f" ({flops / t / 1e3:.1f} GF)" if op in ("dx", "dw") and name != "torch" else ""
+                )
+                cells.append(f"{t:.1f}{gf}")
+            fused = f"{r[('native', 'fused')]:.1f}" if op == "total" and "native" in impls else ""
+            tail = f" | {fused} |" if "native" in impls else " |"
+            print(f"| {m} | {n} | {d} | {k} | {op} | " + " | ".join(cells) + tail, flush=True)
 
-    print("\nper-call cost at M=1, n=in=500, k=10 (us): Python function vs torch.ops.meprop")
-    for name, direct, op in bench_dispatch(dtype, mrt):
+    impl = registry.implementation()
+    print(f"\nper-call cost at M=1, n=in=500, k=10 (us): {impl.__name__} function vs torch.ops")
+    for name, direct, op in bench_dispatch(dtype, args.rounds, args.min_run_time, impl):
         print(f"  {name:<12} {direct:>7.1f} {op:>7.1f}  (+{op - direct:.1f})")
 
 

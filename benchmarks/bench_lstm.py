@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 from meprop import MePropConfig, SparseLSTM
-from meprop.ops import kernels_available
+from meprop.ops import _kernel_module
 
 HIDDEN, STEPS = 500, 25
 FULL = dict(inputs=(100,), batches=(1, 32), ks=(5, 10, 20), dirs=(1, 2))
@@ -36,6 +36,13 @@ QUICK = dict(inputs=(100,), batches=(32,), ks=(10,), dirs=(1, 2))
 # take CPU from PyTorch's next ops unless told to wait passively (OMP_WAIT_POLICY=PASSIVE) or
 # numba uses another threading layer (NUMBA_THREADING_LAYER=workqueue).
 ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER", "NUMBA_NUM_THREADS")
+
+
+def kernel_name(backend: str) -> str:
+    kern = _kernel_module(backend, torch.zeros(1))
+    if kern is None:
+        return "torch ops"
+    return {"native": "C++", "cpu": "numba"}[kern.__name__.rsplit(".", 1)[-1]]
 
 
 def cpu_name() -> str:
@@ -78,7 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
     ap.add_argument("--mode", default="per_example", choices=("per_example", "unified", "random"))
-    ap.add_argument("--backend", default="auto", choices=("auto", "torch", "numba"))
+    ap.add_argument("--backend", default="auto", choices=("auto", "torch", "native", "numba"))
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -87,8 +94,8 @@ def main(argv=None) -> int:
     grid = QUICK if args.quick else FULL
     print(
         f"# {cpu_name()}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
-        f"load average {os.getloadavg()[0]:.2f}; numba kernels: "
-        f"{kernels_available(torch.zeros(1))}; mode {args.mode}, backend {args.backend}; "
+        f"load average {os.getloadavg()[0]:.2f}; kernels: {kernel_name(args.backend)}; "
+        f"mode {args.mode}, backend {args.backend}; "
         f"hidden {HIDDEN}, length {STEPS}, float32"
     )
     env = {v: os.environ[v] for v in ENV if v in os.environ}

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from meprop.kernels import native
 from meprop.ops import (
     kernels_available,
     mask_gradient,
@@ -16,7 +17,7 @@ from meprop.ops import (
 
 FLOATS = [torch.float32, torch.float64]
 HALVES = [torch.float16, torch.bfloat16]
-BACKENDS = ["torch", "auto"]
+BACKENDS = ["torch", "auto", "numba"] + (["native"] if native.available() else [])
 TOL = {
     torch.float64: dict(rtol=1e-10, atol=1e-10),
     torch.float32: dict(rtol=1e-5, atol=1e-5),
@@ -53,6 +54,8 @@ SHAPES = [((1,), 5, 3), ((7,), 13, 11), ((4, 3), 6, 9)]  # (leading dims, in, ou
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bias,sparse_bias", [(True, False), (True, True), (False, False)])
 def test_matches_reference(mode, dtype, backend, bias, sparse_bias):
+    if backend in ("numba", "native") and dtype in HALVES:
+        pytest.skip("the compiled kernels take float32/float64 (test_kernel_backend_rejects_half)")
     for (lead, d_in, n), k in itertools.product(SHAPES, [1, 2]):
         x = torch.randn(*lead, d_in, dtype=torch.float64).to(dtype)
         w = torch.randn(n, d_in, dtype=torch.float64).to(dtype)
@@ -241,9 +244,10 @@ def test_bad_arguments(kw, err, match):
         sparse_linear(torch.randn(2, 3), torch.randn(4, 3), None, **kw)
 
 
-@pytest.mark.skipif(not kernels_available(torch.zeros(1)), reason="numba kernels unavailable")
-def test_numba_backend_rejects_half():
+@pytest.mark.skipif(not kernels_available(torch.zeros(1)), reason="compiled kernels unavailable")
+@pytest.mark.parametrize("backend", ["numba", "native"])
+def test_kernel_backend_rejects_half(backend):
     x = torch.randn(2, 3, dtype=torch.float16, requires_grad=True)
-    y = sparse_linear(x, torch.randn(4, 3, dtype=torch.float16), None, k=2, backend="numba")
-    with pytest.raises(RuntimeError, match="backend='numba' needs float32/float64"):
+    y = sparse_linear(x, torch.randn(4, 3, dtype=torch.float16), None, k=2, backend=backend)
+    with pytest.raises(RuntimeError, match=f"backend='{backend}' needs float32/float64"):
         y.sum().backward()

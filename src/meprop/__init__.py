@@ -8,6 +8,7 @@ Learning: A Minimal Effort Back Propagation Method" (TKDE).
 from .checkpoint import load, save
 from .config import MePropConfig, MeSimpConfig
 from .convert import densify_, hidden_layers, sparsify_
+from .grads import clip_grad_norm_
 from .lstm import SparseLSTM
 from .nn import SparseLinear
 from .ops import sparse_linear
@@ -23,6 +24,7 @@ __all__ = [
     "densify_",
     "hidden_layers",
     "sparse_linear",
+    "clip_grad_norm_",
     "MeSimpConfig",
     "Simplifier",
     "Pair",

@@ -21,7 +21,7 @@ CHOICES = {
     "mode": ("per_example", "unified"),
     "optimizer": ("adam", "adagrad", "sgd"),
     "dataset": ("mnist", "fashion"),
-    "backend": ("auto", "torch", "numba"),
+    "backend": ("auto", "torch", "native", "numba"),
     "activation": ("relu", "tanh", "cube"),
     "tags": ("xpos", "upos"),
     "scope": ("local", "global"),
@@ -40,7 +40,8 @@ HELP = {
     "prune_interval": "meSimp: steps between prunings (0: a quarter of an epoch)",
     "cycle": "meSimp cycle in epochs: SIMPLIFY,NORMAL (optimizer reset at each period start)",
     "sparse_grad": "row-sparse weight gradients (for SGD/Adagrad)",
-    "backend": "kernels for the sparse backward: auto (numba where it applies), torch, numba",
+    "backend": "kernels for the sparse backward: auto (C++, else numba, where they apply), "
+    "torch, native, numba",
     "activation": "hidden activation (default: the task's; mnist relu, parse cube)",
     "tags": "pos task: tag column, xpos (Penn Treebank) or upos",
     "layers": "number of hidden layers when --hidden gives one width (0: the task's)",

@@ -16,9 +16,12 @@ __all__ = ["MODES", "BACKENDS", "SCOPES", "MePropConfig", "MeSimpConfig"]
 # random:      k columns drawn uniformly per row (the paper's control).
 MODES = ("per_example", "unified", "random")
 
-# auto:  compiled CPU kernels where they apply (float32/float64 on CPU), PyTorch ops elsewhere.
-# torch: PyTorch ops only.  numba: require the compiled kernels (error where they do not apply).
-BACKENDS = ("auto", "torch", "numba")
+# auto:   compiled CPU kernels where they apply (float32/float64 on CPU): the C++ ones where a
+#         compiler built them, else numba's; PyTorch ops elsewhere.
+# torch:  PyTorch ops only.
+# native: require the C++ kernels; numba: require the numba kernels (error where they do not
+#         apply, e.g. float16 or CUDA tensors).
+BACKENDS = ("auto", "torch", "native", "numba")
 
 # Which rows ``unified`` ranks its columns by under torch.distributed (one process: the same).
 # local:  this process's rows (each rank of a DDP job picks its own k columns).
@@ -46,8 +49,8 @@ class MePropConfig:
         sparse_grad: give the weight a row-sparse ``.grad`` (a sparse COO tensor holding only
             the touched rows, as ``nn.Embedding(sparse=True)`` does), for optimizers that take
             sparse gradients (SGD, Adagrad, SparseAdam).
-        backend: ``"auto"``, ``"torch"`` or ``"numba"``: which implementation runs the sparse
-            backward products (see ``meprop.ops``).
+        backend: ``"auto"``, ``"torch"``, ``"native"`` (C++) or ``"numba"``: which
+            implementation runs the sparse backward (see ``meprop.ops``).
         scope: ``"local"`` or ``"global"``, for ``unified`` selection in a torch.distributed
             job: ``"local"`` ranks the columns by this process's rows (each rank picks its
             own k columns); ``"global"`` sums the column scores over all ranks inside backward

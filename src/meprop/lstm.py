@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .config import MODES, MePropConfig
-from .ops import _compact_products, _use_kernels, _weight_grad, select_columns, select_rows
+from .ops import _compact_products, _kernel_module, _weight_grad, select_columns, select_rows
 from .prune import Cut, _check_keep, _slice_param, prune_in_
 
 __all__ = [
@@ -56,29 +56,6 @@ def _names(layer: int, direction: int) -> tuple[str, str, str, str]:
     """nn.LSTM's parameter names of one (layer, direction)."""
     s = f"l{layer}{'_reverse' if direction else ''}"
     return f"weight_ih_{s}", f"weight_hh_{s}", f"bias_ih_{s}", f"bias_hh_{s}"
-
-
-# --------------------------------------------------------------------------------------------
-# Compiled kernels: the eager entry points of meprop.kernels.cpu skip the dispatcher (tens of
-# microseconds per call, paid twice per time step here); torch.ops.meprop.* otherwise.
-
-_KERNELS: dict[str, object] = {}
-
-
-def _kernel(name: str):
-    fn = _KERNELS.get(name)
-    if fn is None:
-        from .kernels import cpu
-
-        fn = getattr(cpu, name, None) or getattr(torch.ops.meprop, name)
-        _KERNELS[name] = fn
-    return fn
-
-
-def _has_kernel(name: str) -> bool:
-    from .kernels import cpu
-
-    return hasattr(cpu, name) or hasattr(torch.ops.meprop, name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,7 +175,7 @@ class _LSTMDirectionFn(torch.autograd.Function):
         dc_from_h = torch.addcmul(o, o, tanh_c * tanh_c, value=-1)  # o (1 - tanh(c)^2) (N, H)
 
         dense = k >= n4
-        kern = False if dense else _use_kernels(backend, acts)
+        kern = None if dense else _kernel_module(backend, acts)  # compiled kernels or None
         dgates = torch.empty_like(acts)  # the full dG of every step (N, 4H)
         idx_t: list = [None] * len(steps)  # per step: selected columns (n, k) and values
         val_t: list = [None] * len(steps)
@@ -262,7 +239,7 @@ class _LSTMDirectionFn(torch.autograd.Function):
         )
 
 
-def _select_step(dg: Tensor, k: int, mode: str, kern: bool, w_hh: Tensor):
+def _select_step(dg: Tensor, k: int, mode: str, kern, w_hh: Tensor):
     """Sparsify one step's gate gradient dg (n, 4H) and push it through W_hh.
 
     Returns the selection as idx, vals (n, k) and dh_{t-1} = dG~ W_hh (n, H), computed from the
@@ -273,12 +250,9 @@ def _select_step(dg: Tensor, k: int, mode: str, kern: bool, w_hh: Tensor):
         vals = dg.index_select(1, cols)  # (n, k)
         dh_p = vals @ w_hh.index_select(0, cols)  # compacted dense GEMM (n, k) x (k, H)
         return cols.expand(dg.shape[0], k), vals, dh_p
-    if kern:
-        if mode == "per_example":
-            idx, vals = _kernel("topk_rows")(dg, k)
-        else:
-            idx, vals = select_rows(dg, k, mode)
-        return idx, vals, _kernel("rows_matmul")(idx, vals, w_hh)
+    if kern is not None:
+        idx, vals = select_rows(dg, k, mode, kernels=kern if mode == "per_example" else None)
+        return idx, vals, kern.rows_matmul(idx, vals, w_hh)
     idx, vals = select_rows(dg, k, mode)
     # sum_j vals[r, j] W_hh[idx[r, j]]: a gather of n*k rows, then a batched dot (n, 1, k).
     dh_p = torch.bmm(vals.unsqueeze(1), w_hh[idx]).squeeze(1)
@@ -294,16 +268,16 @@ def _final_products(sel, w_ih, x, h_prev, kern, need_x, need_wih, need_whh, spar
     idx, vals = sel
     n4 = w_ih.shape[0]
     dx = dw_ih = dw_hh = None
-    if kern:
+    if kern is not None:
         if need_x:
-            dx = _kernel("rows_matmul")(idx, vals, w_ih)
+            dx = kern.rows_matmul(idx, vals, w_ih)
         for need, src, slot in ((need_wih, x, 0), (need_whh, h_prev, 1)):
             if not need:
                 continue
-            if not sparse_grad and _has_kernel("rows_outer_dense"):
-                dw = _kernel("rows_outer_dense")(idx, vals, src, n4)
+            if not sparse_grad:
+                dw = kern.rows_outer_dense(idx, vals, src, n4)
             else:
-                rows, dw_rows = _kernel("rows_outer")(idx, vals, src.contiguous(), n4)
+                rows, dw_rows = kern.rows_outer(idx, vals, src, n4)
                 dw = _weight_grad(rows, dw_rows, n4, sparse_grad)
             if slot == 0:
                 dw_ih = dw

@@ -18,6 +18,11 @@ Selection (see ``MODES`` in ``meprop.config``):
 
 NaN and inf count as the largest magnitudes, so they propagate as they would in dense backward.
 
+Implementations (``backend``): on float32/float64 CPU tensors the backward runs compiled
+kernels, the C++ ones of ``meprop.kernels.native`` where they build (per_example and unified:
+one fused call for the selection, dx, dW and the bias sum) or else numba's; PyTorch ops
+everywhere else (other dtypes, GPUs) and for ``backend="torch"``.
+
 ``reference_backward`` is the obviously-right version (mask ``g``, then the dense formulas):
 the fast paths are tested against it.
 """
@@ -45,18 +50,18 @@ __all__ = [
 # Selection
 
 
-def select_rows(g: Tensor, k: int, mode: str, use_kernels: bool = False) -> tuple[Tensor, Tensor]:
+def select_rows(g: Tensor, k: int, mode: str, kernels=None) -> tuple[Tensor, Tensor]:
     """Per-row selection of ``g`` (M, n): returns ``idx`` (M, k) int64 and ``vals = g[i, idx]``.
 
-    ``use_kernels``: run top-k with the compiled kernel (float32/float64 CPU tensors only).
+    ``kernels``: a kernel module (see ``_kernel_module``) to run top-k with, or None.
     """
     if mode == "random":
         # k distinct columns per row: the k smallest of M*n uniform keys. Uses the global RNG,
         # so torch.manual_seed makes it reproducible.
         idx = torch.rand(g.shape, device=g.device).topk(k, dim=1, sorted=False).indices
         return idx, g.gather(1, idx)
-    if use_kernels:
-        return _kernels().topk_rows(g, k)
+    if kernels is not None:
+        return kernels.topk_rows(g, k)
     # torch.topk orders NaN above every number, so NaN gradients are always kept.
     idx = g.abs().topk(k, dim=1, sorted=False).indices
     return idx, g.gather(1, idx)
@@ -81,39 +86,65 @@ def select_columns(g: Tensor, k: int, scope: str = "local") -> Tensor:
 # Backward products
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
 def kernels_available(t: Tensor) -> bool:
-    """Whether the compiled CPU kernels can run on tensors like ``t``."""
+    """Whether compiled CPU kernels (C++ or numba) can run on tensors like ``t``."""
     try:
-        from .kernels import cpu
+        return _kernel_module("auto", t) is not None
     except ImportError:  # pragma: no cover - numba is a core dependency
         return False
-    return (
-        cpu.available()
-        and cpu.supports(t)
-        and all(hasattr(torch.ops.meprop, op) for op in ("topk_rows", "rows_matmul", "rows_outer"))
-    )
 
 
-def _kernels():
-    """The compiled kernels: plain functions in eager mode (the dispatcher costs tens of
-    microseconds per call), the registered custom ops while torch.compile traces."""
-    if torch.compiler.is_compiling():
-        return torch.ops.meprop
-    from .kernels import cpu
+def _kernel_module(backend: str, t: Tensor):
+    """The implementation of the sparse products for tensors like ``t``, or None (PyTorch ops).
 
-    return cpu
-
-
-def _use_kernels(backend: str, t: Tensor) -> bool:
+    ``meprop.kernels.native`` (C++) first, then ``meprop.kernels.cpu`` (numba), as ``backend``
+    allows; both expose topk_rows, rows_matmul, rows_outer and rows_outer_dense. While
+    torch.compile traces: ``torch.ops.meprop`` (the same operations as custom ops with fake
+    implementations; plain calls skip the dispatcher, which costs microseconds per call).
+    """
     if backend == "torch":
-        return False
-    ok = kernels_available(t)
-    if backend == "numba" and not ok:
+        return None
+    if not (t.is_cpu and t.dtype in _KERNEL_DTYPES and t.layout == torch.strided):
+        if backend == "auto":
+            return None
         raise RuntimeError(
-            f"backend='numba' needs float32/float64 CPU tensors and numba, got {t.dtype} on "
+            f"backend={backend!r} needs float32/float64 CPU tensors, got {t.dtype} on "
             f"{t.device}; use backend='auto' to fall back to PyTorch ops"
         )
-    return ok
+    if torch.compiler.is_compiling():
+        from .kernels import registry  # noqa: F401  (registers torch.ops.meprop.*)
+
+        return torch.ops.meprop
+    kern = _KERNEL_CACHE.get(backend)
+    if kern is None:
+        kern = _KERNEL_CACHE[backend] = _pick_kernels(backend)
+    return kern or None
+
+
+_KERNEL_CACHE: dict = {}  # backend -> module, or False for PyTorch ops (once per process)
+
+
+def _pick_kernels(backend: str):
+    if backend in ("auto", "native"):
+        from .kernels import native
+
+        if native.available():
+            return native
+        if backend == "native":
+            raise RuntimeError(
+                f"backend='native': the C++ kernels are unavailable: "
+                f"{native.build_error()}; use backend='auto'"
+            )
+    from .kernels import cpu
+
+    if cpu.available():
+        return cpu
+    if backend == "numba":
+        raise RuntimeError("backend='numba' needs numba; use backend='auto'")
+    return False
 
 
 def _compact_products(
@@ -184,6 +215,16 @@ def _record(counts: Tensor | None, selections: Tensor | None, sel: tuple, m: int
         selections.add_(m)
 
 
+def _finish(x, g, sel, dx, dw, need_db, sparse_bias, counts, sel_n, db=None):
+    """Bias gradient, usage record, and backward's return tuple."""
+    if need_db:
+        db = _bias_grad(g, sel, sparse_bias)
+    _record(counts, sel_n, sel, g.shape[0])
+    if dx is not None and x.dim() != 2:
+        dx = dx.reshape(x.shape)
+    return dx, dw, db, None, None, None, None, None, None, None, None
+
+
 class _SparseLinearFn(torch.autograd.Function):
     """F.linear forward; backward through the top-k of the output gradient."""
 
@@ -202,10 +243,10 @@ class _SparseLinearFn(torch.autograd.Function):
         k, mode, sparse_bias, sparse_grad, backend, counts, sel_n, scope = ctx.opts
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         n, d_in = weight.shape
-        g = grad_out.reshape(-1, n)  # (M, n): leading dimensions flattened
-        x2 = x.reshape(-1, d_in)  # (M, in)
-        m = g.shape[0]
-        dx = dw = db = None
+        # (M, n) and (M, in): leading dimensions flattened
+        g = grad_out if grad_out.dim() == 2 else grad_out.reshape(-1, n)
+        x2 = x if x.dim() == 2 else x.reshape(-1, d_in)
+        dx = dw = None
 
         if k >= n:  # everything is kept: the dense gradient
             sel = ("dense",)
@@ -213,25 +254,42 @@ class _SparseLinearFn(torch.autograd.Function):
             dw = g.t() @ x2 if need_dw else None
             if need_dw and sparse_grad:
                 dw = _weight_grad(torch.arange(n, device=g.device), dw, n, True)
-        elif mode == "unified":
+            return _finish(x, g, sel, dx, dw, need_db, sparse_bias, counts, sel_n)
+        kern = _kernel_module(backend, g)
+        # (global unified selection ranks the columns by every rank's rows: not fused)
+        fusable = mode == "per_example" or (mode == "unified" and scope == "local")
+        if kern is not None and getattr(kern, "FUSED", False) and fusable:
+            # One call: selection, dx, dW and the full-gradient bias sum.
+            fused = kern.per_example_backward if mode == "per_example" else kern.unified_backward
+            dw_kind = ("sparse" if sparse_grad else "dense") if need_dw else None
+            full_db = need_db and not sparse_bias
+            g = g.contiguous()
+            a, b, dx, dw, db = fused(
+                g, x2.contiguous(), weight.contiguous(), k, need_dx, dw_kind, full_db
+            )
+            sel = ("rows", a, b) if mode == "per_example" else ("cols", a, b)
+            if dw_kind == "sparse":
+                dw = _weight_grad(*dw, n, True)
+            if need_db and not full_db:
+                db = _bias_grad(g, sel, True)
+            return _finish(x, g, sel, dx, dw, False, sparse_bias, counts, sel_n, db)
+        if mode == "unified":
             cols = select_columns(g, k, scope)
             gc = g.index_select(1, cols)  # (M, k)
             sel = ("cols", cols, gc)
             dx, dw_rows = _compact_products(gc, cols, weight, x2, need_dx, need_dw)
             dw = _weight_grad(cols, dw_rows, n, sparse_grad) if need_dw else None
         else:
-            kern = _use_kernels(backend, g)
             g = g.contiguous()
-            idx, vals = select_rows(g, k, mode, use_kernels=kern)  # (M, k) each
+            idx, vals = select_rows(g, k, mode, kernels=kern)  # (M, k) each
             sel = ("rows", idx, vals)
-            if kern:
-                k_ = _kernels()
+            if kern is not None:
                 if need_dx:
-                    dx = k_.rows_matmul(idx, vals, weight)
+                    dx = kern.rows_matmul(idx, vals, weight)
                 if need_dw and sparse_grad:
-                    rows, dw_rows = k_.rows_outer(idx, vals, x2, n)
+                    rows, dw_rows = kern.rows_outer(idx, vals, x2, n)
                 elif need_dw:  # dense dW written in one pass, untouched rows zero
-                    dw = k_.rows_outer_dense(idx, vals, x2, n)
+                    dw = kern.rows_outer_dense(idx, vals, x2, n)
             else:
                 # Compact to the union of the selected columns (R <= min(n, M*k)).
                 rows = idx.flatten().unique()  # sorted
@@ -241,13 +299,7 @@ class _SparseLinearFn(torch.autograd.Function):
                 )
             if need_dw and dw is None:
                 dw = _weight_grad(rows, dw_rows, n, sparse_grad)
-
-        if need_db:
-            db = _bias_grad(g, sel, sparse_bias)
-        _record(counts, sel_n, sel, m)
-        if dx is not None:
-            dx = dx.reshape(x.shape)
-        return dx, dw, db, None, None, None, None, None, None, None, None
+        return _finish(x, g, sel, dx, dw, need_db, sparse_bias, counts, sel_n)
 
 
 def sparse_linear(
@@ -275,7 +327,7 @@ def sparse_linear(
         mode: ``"per_example"``, ``"unified"`` or ``"random"``.
         sparse_bias: bias gradient from the sparsified gradient instead of the full one.
         sparse_grad: return the weight gradient as a row-sparse COO tensor.
-        backend: ``"auto"``, ``"torch"`` or ``"numba"``.
+        backend: ``"auto"``, ``"torch"``, ``"native"`` (C++) or ``"numba"``.
         scope: ``"local"`` or ``"global"``: whether ``unified`` ranks columns by this
             process's rows or by the rows of all ranks (see ``MePropConfig``).
         counts: optional (out_features,) tensor; backward adds, per output unit, how many rows

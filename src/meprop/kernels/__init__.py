@@ -1,7 +1,13 @@
-"""Compiled kernels for meProp's sparse backward products.
+"""Compiled kernels for meProp's sparse backward on the CPU.
 
-``meprop.kernels.cpu`` (numba) registers ``torch.ops.meprop.topk_rows``, ``rows_matmul``,
-``rows_outer`` and ``rows_outer_dense`` when imported; ``cpu.available()`` tells whether numba
-could be imported, ``cpu.supports(t)`` whether a tensor suits them. Importing this package does
-not import numba.
+* ``meprop.kernels.native``: C++ (``native.cpp``), compiled on first use with the system's
+  compiler and called through ctypes; includes a fused backward of a whole layer. Preferred.
+* ``meprop.kernels.cpu``: numba; the fallback where no C++ compiler works.
+* ``meprop.kernels.registry``: both as ``torch.ops.meprop.*`` custom ops (fake
+  implementations included) for torch.compile.
+
+Both modules offer ``topk_rows``, ``rows_matmul``, ``rows_outer`` and ``rows_outer_dense`` with
+the same semantics; ``available()`` says whether a module can run, ``supports(t)`` whether a
+tensor suits it. ``meprop.ops`` picks per call. Importing this package imports neither numba
+nor a compiler.
 """

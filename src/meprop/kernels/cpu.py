@@ -1,4 +1,4 @@
-"""Compiled CPU kernels (numba) for meProp's per-example backward, registered as torch ops.
+"""Compiled CPU kernels (numba) for meProp's per-example backward: the fallback of the C++ ones.
 
 For a linear layer ``z = x W^T + b`` with ``x`` (M, in), ``W`` (n, in) and output gradient
 ``g`` (M, n), meProp keeps the k largest |g| of each row and computes both products from that
@@ -19,11 +19,9 @@ The products cost O(M k in) instead of the O(M n in) of dense GEMMs. Duplicate i
 accumulated; out-of-range ones raise IndexError. float32 and float64, any strides (copied to
 contiguous where needed), M = 0 included.
 
-Each is a ``torch.library.custom_op`` (``torch.ops.meprop.<name>``) with a fake
-implementation, so ``torch.compile`` traces through it (rows_outer's R is data-dependent). No
-autograd formulas: these are the backward. The plain functions of the same names in this
-module do the same work without the dispatcher, which costs tens of microseconds per call
-here: eager code should call them.
+``meprop.kernels.native`` (C++) has the same four functions and runs instead where a C++
+compiler is available (``meprop.ops`` picks); ``meprop.kernels.registry`` registers them as
+``torch.ops.meprop.<name>`` custom ops for torch.compile.
 
 Kernels run in parallel over rows with numba's ``prange`` (the threading layer numba picks:
 OpenMP when available, a second OpenMP runtime beside torch's), with numba's thread count set
@@ -567,48 +565,6 @@ def rows_outer_dense(idx: Tensor, vals: Tensor, x: Tensor, n: int) -> Tensor:
         bad = _kernel("outer_dense", (i.size + n) * d // 8)(i, v, xn, out, _block(n, d))
         _raise_bad(bad, n)
     return torch.from_numpy(out)
-
-
-# --------------------------------------------------------------------------------------------
-# torch ops: torch.ops.meprop.<name>, with fake (meta) implementations for torch.compile.
-# The eager functions above are the CPU kernels; outputs never alias inputs.
-
-_topk_rows_op = torch.library.custom_op(
-    "meprop::topk_rows", topk_rows, mutates_args=(), device_types="cpu"
-)
-_rows_matmul_op = torch.library.custom_op(
-    "meprop::rows_matmul", rows_matmul, mutates_args=(), device_types="cpu"
-)
-_rows_outer_op = torch.library.custom_op(
-    "meprop::rows_outer", rows_outer, mutates_args=(), device_types="cpu"
-)
-_rows_outer_dense_op = torch.library.custom_op(
-    "meprop::rows_outer_dense", rows_outer_dense, mutates_args=(), device_types="cpu"
-)
-
-
-@_topk_rows_op.register_fake
-def _(g: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    torch._check(g.dim() == 2, lambda: f"g must be (M, n), got shape {tuple(g.shape)}")
-    torch._check_value(1 <= k <= g.shape[1], lambda: f"k must be in [1, n], got k={k}")
-    m = g.shape[0]
-    return g.new_empty((m, k), dtype=torch.int64), g.new_empty((m, k))
-
-
-@_rows_matmul_op.register_fake
-def _(idx: Tensor, vals: Tensor, weight: Tensor) -> Tensor:
-    return vals.new_empty((idx.shape[0], weight.shape[1]))
-
-
-@_rows_outer_op.register_fake
-def _(idx: Tensor, vals: Tensor, x: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    r = torch.library.get_ctx().new_dynamic_size()  # distinct rows: data-dependent, <= n
-    return idx.new_empty((r,)), x.new_empty((r, x.shape[1]))
-
-
-@_rows_outer_dense_op.register_fake
-def _(idx: Tensor, vals: Tensor, x: Tensor, n: int) -> Tensor:
-    return x.new_empty((n, x.shape[1]))
 
 
 def warmup(dtypes=(torch.float32, torch.float64)) -> None:

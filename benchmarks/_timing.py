@@ -1,0 +1,68 @@
+"""Timing shared by the benchmark scripts: robust to other processes on the machine.
+
+Each callable is run repeatedly for ``min_time`` seconds, each call timed on its own, and its
+time is a low percentile (the 10th) of those calls: the cost of a call that other processes
+did not interrupt. Medians of blocks of calls (``torch.utils.benchmark``'s blocked_autorange)
+swing by 3x on a loaded machine, where most blocks include a preemption. The callables of one
+comparison are timed in turn, in ``rounds`` rounds, and each keeps its fastest round, so all
+sides of a ratio see the same moments of the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Hashable
+
+QUANTILE = 0.1
+
+
+def call_time(fn: Callable[[], object], min_time: float, min_calls: int = 5) -> float:
+    """Seconds of one call of ``fn``: the QUANTILE of per-call times over ``min_time``."""
+    times: list[float] = []
+    clock = time.perf_counter
+    start = clock()
+    while len(times) < min_calls or clock() - start < min_time:
+        t0 = clock()
+        fn()
+        times.append(clock() - t0)
+    times.sort()
+    return times[int(QUANTILE * (len(times) - 1))]
+
+
+def best_of_rounds(
+    fns: dict[Hashable, Callable[[], object]], rounds: int, min_time: float
+) -> dict[Hashable, float]:
+    """``call_time`` of each callable, all timed in turn each round; each keeps its fastest."""
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            best[key] = min(best[key], call_time(fn, min_time))
+    return best
+
+
+def load_average() -> str:
+    if not hasattr(os, "getloadavg"):
+        return "?"
+    return "/".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+# Settings that change these timings: threads, OpenMP waiting, numba's threading layer, and
+# glibc malloc's thresholds (by default, freed blocks of a few MB go back to the kernel and
+# come back as page faults: ~1000 faults per dense MLP training step here, ~3 ms of CPU).
+ENV = (
+    "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "NUMBA_THREADING_LAYER",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "MEPROP_NATIVE",
+    "MEPROP_GRAD_POOL",
+)
+
+
+def environment() -> str:
+    env = {v: os.environ[v] for v in ENV if v in os.environ}
+    return f"# environment: {env or 'defaults'}"

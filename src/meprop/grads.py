@@ -1,0 +1,71 @@
+"""Row-sparse weight gradients (``MePropConfig(sparse_grad=True)``): a gradient-clipping helper.
+
+With ``sparse_grad=True`` a layer's ``weight.grad`` is a sparse COO tensor holding only the
+rows that meProp touched (``nn.Embedding(sparse=True)`` does the same). What takes it, on
+torch 2.x:
+
+* optimizers: ``SGD`` (with or without momentum), ``Adagrad`` and ``SparseAdam`` (lazy: only
+  the touched rows' moments and weights change). ``Adam``, ``AdamW`` and ``RMSprop`` raise
+  ``RuntimeError: ... does not support sparse gradients``: use ``SparseAdam`` for the sparse
+  weights and ``Adam`` for the rest (two optimizers), or ``sparse_grad=False``.
+* weight decay: ``Adagrad(weight_decay>0)`` raises ``weight_decay option is not compatible with
+  sparse gradients``; ``SGD(weight_decay>0)`` raises ``add(sparse, dense) is not supported``.
+  Put the sparse weights in a parameter group without weight decay.
+* accumulation over several backward calls: works (the sum of sparse tensors is sparse, with
+  repeated rows until coalesced); a dense ``.grad`` that already exists stays dense.
+* ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_`` raise ``NotImplementedError`` for
+  the sparse backend; ``meprop.clip_grad_norm_`` below takes both kinds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+__all__ = ["clip_grad_norm_"]
+
+
+def clip_grad_norm_(
+    parameters: Tensor | Iterable[Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for gradients that may be row-sparse (COO).
+
+    Sparse gradients are coalesced first (repeated rows summed, and ``p.grad`` replaced by the
+    coalesced tensor), so the norm is that of the dense gradient. Returns the total norm.
+
+    Example:
+        >>> from meprop import MePropConfig, SparseLinear
+        >>> layer = SparseLinear(8, 6, config=MePropConfig(k=2, sparse_grad=True))
+        >>> layer(torch.randn(4, 8)).sum().backward()
+        >>> norm = clip_grad_norm_(layer.parameters(), max_norm=0.1)
+        >>> bool(layer.weight.grad.is_sparse)
+        True
+    """
+    params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.tensor(0.0)
+    norms = []
+    for p in params:
+        g = p.grad
+        if g.is_sparse:
+            g = p.grad = g.coalesce()
+            g = g._values()
+        norms.append(torch.linalg.vector_norm(g, norm_type))
+    device = norms[0].device
+    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(
+            f"the total norm of order {norm_type} of the gradients is non-finite ({total}); "
+            "pass error_if_nonfinite=False to clip anyway"
+        )
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        g = p.grad._values() if p.grad.is_sparse else p.grad
+        g.mul_(coef.to(g.device))
+    return total

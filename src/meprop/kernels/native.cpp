@@ -1,0 +1,789 @@
+// meProp's sparse backward on the CPU: top-k selection and the row-sparse products.
+//
+// Sun et al., "meProp" (ICML 2017). For z = x W^T + b with x (M, in), W (n, in) and the output
+// gradient g (M, n), backward keeps the k largest |g| of each row (per example) or the k
+// columns with the largest sum of |g| (unified) and computes, from that selection only,
+//
+//     dx = g~ W  (M, in)        dW = g~^T x  (n, in), non-zero in the selected rows only
+//
+// at k/n of the dense cost. Built on first use by meprop/kernels/native.py
+// (g++ -O3 -march=native -fopenmp) and called through ctypes; every entry point has a float
+// (_f32) and a double (_f64) version. All arrays are C-contiguous; "nt" is the number of
+// OpenMP threads to use (1: no parallel region). OpenMP is libgomp, the runtime torch loads,
+// so both share one thread pool; built without OpenMP, the pragmas are ignored (serial).
+//
+// Selection keys: the float's bits with the sign cleared, read as an unsigned integer. For
+// IEEE floats this orders every number by magnitude, then inf, then NaN: NaN and inf count as
+// the largest magnitudes, as in torch.topk. Among equal keys the lower columns win.
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define MEPROP_SFENCE() _mm_sfence()
+#else
+#define MEPROP_SFENCE() ((void)0)
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using i64 = int64_t;
+
+template <class F>
+struct Key;
+template <>
+struct Key<float> {
+  using U = uint32_t;
+  static constexpr U mask = 0x7fffffffu;
+  static constexpr U span = U(32) << 23;  // 32 binary exponents (see kth_largest)
+};
+template <>
+struct Key<double> {
+  using U = uint64_t;
+  static constexpr U mask = 0x7fffffffffffffffull;
+  static constexpr U span = U(32) << 52;
+};
+
+// 64-byte vectors: one AVX-512 register, or two AVX2 ones where AVX-512 is missing.
+template <class T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64)));
+  static constexpr i64 lanes = 64 / sizeof(T);
+};
+
+template <class T>
+inline typename Vec<T>::type vload(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <class T>
+inline void vstore(T* p, typename Vec<T>::type v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+inline int threads_for(int nt, i64 tasks) { return int(std::max<i64>(1, std::min<i64>(nt, tasks))); }
+
+// ------------------------------------------------------------------------------------------
+// Selection
+
+// The need-th largest of keys[0:nc] (1 <= need <= nc) and how many keys are larger.
+// Radix selection: each level histograms the keys into up to 256 bins spanning [lo, hi], finds
+// the bin holding the need-th largest and keeps only that bin's keys. Keys more than ``span``
+// below the maximum share bin 0, so the first level resolves the top exponents finely even
+// beside zeros or tiny values. keys is scratch (overwritten); hist holds 4 * 256 entries.
+template <class U>
+U kth_largest(U* keys, i64 nc, i64 need, U span, i64* hist, i64* n_above) {
+  U lo = keys[0], hi = keys[0];
+  for (i64 t = 1; t < nc; t++) {
+    lo = std::min(lo, keys[t]);
+    hi = std::max(hi, keys[t]);
+  }
+  i64 gt = 0;
+  while (hi > lo && nc > need) {
+    if (nc <= 16) {  // a few left: insertion sort, descending
+      for (i64 t = 1; t < nc; t++) {
+        U v = keys[t];
+        i64 s = t;
+        for (; s > 0 && keys[s - 1] < v; s--) keys[s] = keys[s - 1];
+        keys[s] = v;
+      }
+      U thr = keys[need - 1];
+      for (i64 t = 0; t < need - 1; t++) gt += keys[t] > thr;
+      *n_above = gt;
+      return thr;
+    }
+    U base = hi - lo > span ? hi - span : lo;  // keys below base go to bin 0
+    i64 top = 15;                              // about one bin per key (16..256)
+    while (top < nc && top < 255) top = 2 * top + 1;
+    int shift = 0;
+    while (((hi - base) >> shift) > U(top)) shift++;
+    i64 b = i64((hi - base) >> shift);  // the highest bin
+    // Four interleaved histograms: runs of keys in one bin (all of bin 0, often) would
+    // otherwise wait on each other's increments.
+    for (i64 t = 0; t < 4 * (b + 1); t++) hist[t] = 0;
+    i64 t = 0;
+    for (; t + 4 <= nc; t += 4) {
+      for (i64 q = 0; q < 4; q++) hist[4 * i64((std::max(keys[t + q], base) - base) >> shift) + q]++;
+    }
+    for (; t < nc; t++) hist[4 * i64((std::max(keys[t], base) - base) >> shift)]++;
+    for (i64 u = 0; u <= b; u++) hist[u] = hist[4 * u] + hist[4 * u + 1] + hist[4 * u + 2] + hist[4 * u + 3];
+    i64 above = 0;
+    while (above + hist[b] < need) above += hist[b--];
+    gt += above;
+    need -= above;
+    U bot = base + (U(b) << shift);           // bin b's smallest key (bin 0: and all below)
+    U last = bot + ((U(1) << shift) - 1);     // bin b's largest key (no overflow: keys < 2^63)
+    i64 nc2 = 0;
+    U lo2 = hi, hi2 = 0;
+    U floor = b == 0 ? 0 : bot;
+    for (i64 t = 0; t < nc; t++) {  // branch-free: keep bin b's keys
+      U v = keys[t];
+      bool in = v <= last && v >= floor;
+      keys[nc2] = v;
+      nc2 += in;
+      lo2 = in ? std::min(lo2, v) : lo2;
+      hi2 = in ? std::max(hi2, v) : hi2;
+    }
+    nc = nc2;
+    lo = lo2;
+    hi = hi2;
+  }
+  // All remaining keys equal, or all are needed: the smallest of them is the threshold.
+  for (i64 t = 0; t < nc; t++) gt += keys[t] > lo;
+  *n_above = gt;
+  return lo;
+}
+
+// kth_largest for a few keys (nc <= 8 vectors): count, for every key i, the keys >= it (all
+// nc^2 comparisons, vectorised over i); the threshold is the largest key with count >= need.
+// No histograms, no branches on the data. keys is scratch (padded with zeros to NV vectors).
+template <class U, int NV>
+U kth_small(U* keys, i64 nc, i64 need, i64* n_above) {
+  using UV = typename Vec<U>::type;
+  constexpr i64 L = Vec<U>::lanes;
+  for (i64 t = nc; t < NV * L; t++) keys[t] = 0;  // (a zero never lowers the answer)
+  UV kv[NV], cnt[NV];
+  for (int v = 0; v < NV; v++) {
+    kv[v] = vload(keys + v * L);
+    cnt[v] = UV{};
+  }
+#if defined(__AVX512F__)
+  if constexpr (sizeof(U) == 4) {  // compare into a mask register, masked add: 2 ops a vector
+    __m512i kr[NV], cr[NV];
+    for (int v = 0; v < NV; v++) {
+      std::memcpy(&kr[v], &kv[v], 64);
+      cr[v] = _mm512_setzero_si512();
+    }
+    const __m512i one = _mm512_set1_epi32(1);
+    for (i64 j = 0; j < nc; j++) {
+      __m512i b = _mm512_set1_epi32(int(keys[j]));
+      for (int v = 0; v < NV; v++)
+        cr[v] = _mm512_mask_add_epi32(cr[v], _mm512_cmpge_epu32_mask(b, kr[v]), cr[v], one);
+    }
+    for (int v = 0; v < NV; v++) std::memcpy(&cnt[v], &cr[v], 64);
+  } else
+#endif
+  {
+    for (i64 j = 0; j < nc; j++) {
+      UV b = UV{} + keys[j];
+      for (int v = 0; v < NV; v++) cnt[v] -= (UV)(b >= kv[v]);  // (a true compare is all ones)
+    }
+  }
+  UV best = UV{};
+  for (int v = 0; v < NV; v++) {
+    UV ok = (UV)(cnt[v] >= U(need));
+    UV cand = kv[v] & ok;
+    best = best > cand ? best : cand;
+  }
+  U thr = 0;
+  for (i64 t = 0; t < L; t++) thr = std::max(thr, U(best[t]));
+  i64 gt = 0;
+  for (i64 t = 0; t < nc; t++) gt += keys[t] > thr;
+  *n_above = gt;
+  return thr;
+}
+
+// The need-th largest of keys[0:nc] and how many keys are larger: the small version when it
+// applies. keys is scratch with room for 8 vectors.
+template <class U>
+U kth(U* keys, i64 nc, i64 need, U span, i64* hist, i64* n_above) {
+  constexpr i64 L = Vec<U>::lanes;
+  switch ((nc + L - 1) / L) {
+    case 1: return kth_small<U, 1>(keys, nc, need, n_above);
+    case 2: return kth_small<U, 2>(keys, nc, need, n_above);
+    case 3: return kth_small<U, 3>(keys, nc, need, n_above);
+    case 4: return kth_small<U, 4>(keys, nc, need, n_above);
+    case 5: return kth_small<U, 5>(keys, nc, need, n_above);
+    case 6: return kth_small<U, 6>(keys, nc, need, n_above);
+    default: return kth_largest<U>(keys, nc, need, span, hist, n_above);
+  }
+}
+
+template <class F>
+struct TopkScratch {
+  using U = typename Key<F>::U;
+  std::vector<U> ck, work, lanes;
+  std::vector<i64> cj;
+  i64 hist[4 * 256];
+  TopkScratch(i64 n, i64 p) : ck(n), work(std::max<i64>(n, 8 * Vec<U>::lanes)), lanes(p), cj(n) {}
+};
+
+// Bit j of the result: keys[j] & mask >= thr, for the lanes of one vector (16 or 8 keys).
+// Keys have the sign bit cleared, so signed compares order them correctly.
+template <class U>
+inline uint32_t ge_mask(const U* keys, U mask, U thr) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(U) == 4) {
+    __m512i v = _mm512_and_si512(_mm512_loadu_si512(keys), _mm512_set1_epi32(int(mask)));
+    return _mm512_cmpge_epi32_mask(v, _mm512_set1_epi32(int(thr)));
+  } else {
+    __m512i v = _mm512_and_si512(_mm512_loadu_si512(keys), _mm512_set1_epi64((long long)mask));
+    return _mm512_cmpge_epi64_mask(v, _mm512_set1_epi64((long long)thr));
+  }
+#else
+  uint32_t m = 0;
+  for (i64 t = 0; t < Vec<U>::lanes; t++) m |= uint32_t((keys[t] & mask) >= thr) << t;
+  return m;
+#endif
+}
+
+// out[0:k] = the columns of the k largest keys of row (n,) (unordered; ties: lower columns).
+// For small k (8k <= n, roughly) a prefilter first: the maxima of p >= 2k strided lanes (lane
+// j holds columns j, j + p, ...: a vectorised pass) give a threshold, their k-th largest, that
+// at least k keys reach and, on most data, not many more; the exact selection then runs on
+// those candidates only.
+template <class F>
+void topk_row(const typename Key<F>::U* row, i64 n, i64 k, i64* out, TopkScratch<F>& s) {
+  using U = typename Key<F>::U;
+  using UV = typename Vec<U>::type;
+  constexpr i64 L = Vec<U>::lanes;
+  constexpr U mask = Key<F>::mask;
+  if (k >= n) {
+    for (i64 t = 0; t < n; t++) out[t] = t;
+    return;
+  }
+  i64 p = (2 * k + L - 1) / L * L;
+  U* ck = s.ck.data();
+  i64* cj = s.cj.data();
+  i64 c = 0;
+  if (4 * p <= n) {
+    U* lanes = s.lanes.data();
+    i64 full = n / p * p;  // the lanes' maxima over the whole chunks of p columns
+    for (i64 j = 0; j < p; j += L) {
+      UV a = vload(row + j) & mask;
+      for (i64 j0 = p; j0 < full; j0 += p) {
+        UV b = vload(row + j0 + j) & mask;
+        a = a > b ? a : b;
+      }
+      vstore(lanes + j, a);
+    }
+    for (i64 j = 0; j < n - full; j++) lanes[j] = std::max(lanes[j], U(row[full + j] & mask));
+    std::memcpy(s.work.data(), lanes, p * sizeof(U));
+    i64 above;
+    U thr = kth<U>(s.work.data(), p, k, Key<F>::span, s.hist, &above);
+    i64 j = 0;
+    for (; j + L <= n; j += L) {
+      for (uint32_t m = ge_mask<U>(row + j, mask, thr); m; m &= m - 1) {
+        i64 t = j + __builtin_ctz(m);
+        ck[c] = row[t] & mask;
+        cj[c++] = t;
+      }
+    }
+    for (; j < n; j++) {
+      U v = row[j] & mask;
+      ck[c] = v;
+      cj[c] = j;
+      c += v >= thr;
+    }
+  } else {
+    for (i64 j = 0; j < n; j++) {
+      ck[j] = row[j] & mask;
+      cj[j] = j;
+    }
+    c = n;
+  }
+  if (c == k) {
+    std::memcpy(out, cj, k * sizeof(i64));
+    return;
+  }
+  std::memcpy(s.work.data(), ck, c * sizeof(U));
+  i64 above;
+  U thr = kth<U>(s.work.data(), c, k, Key<F>::span, s.hist, &above);
+  // All keys above thr (fewer than k: branch-free), then the first ones equal to it.
+  i64 o = 0;
+  for (i64 t = 0; t < c; t++) {
+    out[o] = cj[t];  // (o <= above < k)
+    o += ck[t] > thr;
+  }
+  for (i64 t = 0; o < k; t++) {
+    if (ck[t] == thr) out[o++] = cj[t];
+  }
+}
+
+template <class F>
+void topk_rows(const F* g, i64 m, i64 n, i64 k, i64* idx, F* vals, int nt) {
+  using U = typename Key<F>::U;
+  constexpr i64 L = Vec<U>::lanes;
+  nt = threads_for(nt, m);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    TopkScratch<F> s(n, (2 * k + L - 1) / L * L);
+#pragma omp for schedule(static)
+    for (i64 i = 0; i < m; i++) {
+      const U* row = reinterpret_cast<const U*>(g + i * n);
+      topk_row<F>(row, n, k, idx + i * k, s);
+      for (i64 t = 0; t < k; t++) vals[i * k + t] = g[i * n + idx[i * k + t]];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Products
+
+template <class F>
+inline void zero(F* o, i64 w) {
+  std::memset(o, 0, w * sizeof(F));
+}
+
+// Store a vector at a 64-byte aligned address bypassing the caches (no read for ownership):
+// for rows of a large dW that nothing reads before the optimizer does.
+template <class F>
+inline void vstream(F* p, typename Vec<F>::type v) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(F) == 4) {
+    __m512 x;
+    std::memcpy(&x, &v, 64);
+    _mm512_stream_ps(reinterpret_cast<float*>(p), x);
+  } else {
+    __m512d x;
+    std::memcpy(&x, &v, 64);
+    _mm512_stream_pd(reinterpret_cast<double*>(p), x);
+  }
+#else
+  vstore(p, v);
+#endif
+}
+
+// Outputs from this many bytes on are written with streaming stores (see outer_rows).
+constexpr i64 kStreamBytes = i64(4) << 20;
+
+// Wide rows (>= this many bytes): stream whole rows, four at a time, into o (see gather_axpy).
+constexpr i64 kSweepBytes = 4096;
+
+// o[0:w] = sum_j v[j] * src[r[j] * ld + 0:w] over j < k, r[j] rows of src (all in range).
+// Narrow rows: four vectors of columns per pass over the k rows, summed in registers. Wide
+// rows: o (<= 16 KiB, in L1) += four rows of src at a time, each read front to back, which the
+// hardware prefetcher follows (2-3x faster than hopping between k rows every 256 bytes once
+// the rows come from L3 or memory).
+// stream: o is a row of a large output that is written once (at most four rows of src, o
+// 64-byte aligned): streaming stores.
+template <class F>
+inline void gather_axpy(F* o, i64 w, const i64* r, i64 rstride, const F* v, i64 vstride, i64 k,
+                        const F* src, i64 ld, bool stream = false) {
+  using FV = typename Vec<F>::type;
+  constexpr i64 L = Vec<F>::lanes;
+  if (stream && k >= 1 && k <= 4 && reinterpret_cast<uintptr_t>(o) % 64 == 0) {
+    const F* s[4];
+    F vv[4];
+    for (i64 j = 0; j < 4; j++) {  // (rows past k are never read)
+      s[j] = j < k ? src + r[j * rstride] * ld : src;
+      vv[j] = j < k ? v[j * vstride] : F(0);
+    }
+    i64 c = 0;
+    for (; c + L <= w; c += L) {
+      FV a = vv[0] * vload(s[0] + c);
+      if (k > 1) a += vv[1] * vload(s[1] + c);
+      if (k > 2) a += vv[2] * vload(s[2] + c);
+      if (k > 3) a += vv[3] * vload(s[3] + c);
+      vstream(o + c, a);
+    }
+    for (; c < w; c++) {
+      F a = 0;
+      for (i64 j = 0; j < k; j++) a += vv[j] * s[j][c];
+      o[c] = a;
+    }
+    return;
+  }
+  if (w * i64(sizeof(F)) >= kSweepBytes) {
+    constexpr i64 B = 16384 / sizeof(F);
+    for (i64 c0 = 0; c0 < w; c0 += B) {
+      i64 wd = std::min(B, w - c0);
+      F* oo = o + c0;
+      i64 j = std::min<i64>(k, 4);  // the first rows are stored, not added: one pass over o
+      const F* s0 = j > 0 ? src + r[0] * ld + c0 : nullptr;
+      const F* s1 = j > 1 ? src + r[rstride] * ld + c0 : nullptr;
+      const F* s2 = j > 2 ? src + r[2 * rstride] * ld + c0 : nullptr;
+      const F* s3 = j > 3 ? src + r[3 * rstride] * ld + c0 : nullptr;
+      switch (j) {
+        case 0:
+          zero(oo, wd);
+          break;
+        case 1:
+          for (i64 c = 0; c < wd; c++) oo[c] = v[0] * s0[c];
+          break;
+        case 2:
+          for (i64 c = 0; c < wd; c++) oo[c] = v[0] * s0[c] + v[vstride] * s1[c];
+          break;
+        case 3:
+          for (i64 c = 0; c < wd; c++)
+            oo[c] = (v[0] * s0[c] + v[vstride] * s1[c]) + v[2 * vstride] * s2[c];
+          break;
+        default: {
+          F v0 = v[0], v1 = v[vstride], v2 = v[2 * vstride], v3 = v[3 * vstride];
+          for (i64 c = 0; c < wd; c++)
+            oo[c] = (v0 * s0[c] + v1 * s1[c]) + (v2 * s2[c] + v3 * s3[c]);
+        }
+      }
+      for (; j + 4 <= k; j += 4) {
+        const F* s0 = src + r[j * rstride] * ld + c0;
+        const F* s1 = src + r[(j + 1) * rstride] * ld + c0;
+        const F* s2 = src + r[(j + 2) * rstride] * ld + c0;
+        const F* s3 = src + r[(j + 3) * rstride] * ld + c0;
+        F v0 = v[j * vstride], v1 = v[(j + 1) * vstride];
+        F v2 = v[(j + 2) * vstride], v3 = v[(j + 3) * vstride];
+        i64 c = 0;
+        for (; c + L <= wd; c += L)
+          vstore(oo + c, vload(oo + c) + ((v0 * vload(s0 + c) + v1 * vload(s1 + c)) +
+                                          (v2 * vload(s2 + c) + v3 * vload(s3 + c))));
+        for (; c < wd; c++) oo[c] += (v0 * s0[c] + v1 * s1[c]) + (v2 * s2[c] + v3 * s3[c]);
+      }
+      for (; j < k; j++) {
+        const F* s0 = src + r[j * rstride] * ld + c0;
+        F v0 = v[j * vstride];
+        for (i64 c = 0; c < wd; c++) oo[c] += v0 * s0[c];
+      }
+    }
+    return;
+  }
+  i64 c = 0;
+  for (; c + 4 * L <= w; c += 4 * L) {
+    FV a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (i64 j = 0; j < k; j++) {
+      const F* s = src + r[j * rstride] * ld + c;
+      F vj = v[j * vstride];
+      a0 += vj * vload(s);
+      a1 += vj * vload(s + L);
+      a2 += vj * vload(s + 2 * L);
+      a3 += vj * vload(s + 3 * L);
+    }
+    vstore(o + c, a0);
+    vstore(o + c + L, a1);
+    vstore(o + c + 2 * L, a2);
+    vstore(o + c + 3 * L, a3);
+  }
+  for (; c + L <= w; c += L) {
+    FV a0 = {};
+    for (i64 j = 0; j < k; j++) a0 += v[j * vstride] * vload(src + r[j * rstride] * ld + c);
+    vstore(o + c, a0);
+  }
+  if (c < w) {
+    F a[L] = {};
+    i64 rem = w - c;
+    for (i64 j = 0; j < k; j++) {
+      const F* s = src + r[j * rstride] * ld + c;
+      F vj = v[j * vstride];
+      for (i64 t = 0; t < rem; t++) a[t] += vj * s[t];
+    }
+    for (i64 t = 0; t < rem; t++) o[c + t] = a[t];
+  }
+}
+
+// Column block so that there are enough (block, row) tasks for nt threads: whole rows when
+// there are enough rows, else blocks of >= 256 columns (a multiple of 64).
+inline i64 column_block(i64 rows, i64 d, int nt) {
+  i64 tasks = 4 * i64(nt);
+  if (nt <= 1 || rows >= tasks || d <= 256) return std::max<i64>(d, 1);
+  i64 per = (d * rows + tasks - 1) / tasks;
+  return std::max<i64>(256, (per + 63) / 64 * 64);
+}
+
+i64 count_bad(const i64* idx, i64 size, i64 n) {
+  i64 bad = 0;
+  for (i64 t = 0; t < size; t++) bad += idx[t] < 0 || idx[t] >= n;
+  return bad;
+}
+
+// out (M, d) = sum_j vals[i, j] * w[idx[i, j]]. idx_stride 0: every row uses idx[0, :].
+template <class F>
+void rows_matmul(const i64* idx, i64 idx_stride, const F* vals, i64 m, i64 k, const F* w, i64 d,
+                 F* out, int nt) {
+  i64 block = column_block(m, d, nt);
+  i64 nb = (d + block - 1) / block;
+  nt = threads_for(nt, nb * m);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (i64 task = 0; task < nb * m; task++) {
+    i64 b = task / m, i = task % m;
+    i64 c0 = b * block, wd = std::min(block, d - c0);
+    gather_axpy<F>(out + i * d + c0, wd, idx + i * idx_stride, 1, vals + i * k, 1, k, w + c0, d);
+  }
+}
+
+// The (i, j) pairs of idx (M, k) grouped by their row idx[i, j] in [0, n) (a counting sort):
+// the pairs of row r are ex[start[r]:start[r + 1]] (example numbers, in order) with values vs.
+template <class F>
+struct Groups {
+  std::vector<i64> start, ex;
+  std::vector<F> vs;
+  i64 rows = 0;  // rows with at least one pair
+  Groups(const i64* idx, const F* vals, i64 m, i64 k, i64 n) : start(n + 1, 0), ex(m * k), vs(m * k) {
+    for (i64 t = 0; t < m * k; t++) start[idx[t] + 1]++;
+    for (i64 r = 0; r < n; r++) {
+      rows += start[r + 1] > 0;
+      start[r + 1] += start[r];
+    }
+    std::vector<i64> cur(start.begin(), start.end() - 1);
+    for (i64 i = 0; i < m; i++)
+      for (i64 j = 0; j < k; j++) {
+        i64 p = cur[idx[i * k + j]]++;
+        ex[p] = i;
+        vs[p] = vals[i * k + j];
+      }
+  }
+};
+
+// dW rows from the groups: out row q = row rows[q] of g~^T x (zero where it has no pairs).
+template <class F>
+void outer_rows(const Groups<F>& gr, const i64* rows, i64 nrows, const F* x, i64 d, F* out,
+                int nt) {
+  // A large output (a row-compact dW at in = 4096, say) is not read again before the
+  // optimizer: streaming stores where a row has few pairs.
+  bool stream = nrows * d * i64(sizeof(F)) >= kStreamBytes;
+  i64 block = column_block(nrows, d, nt);
+  i64 nb = (d + block - 1) / block;
+  nt = threads_for(nt, nb * nrows);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (i64 task = 0; task < nb * nrows; task++) {
+    i64 b = task / nrows, q = task % nrows;
+    i64 c0 = b * block, wd = std::min(block, d - c0);
+    i64 r = rows ? rows[q] : q;
+    i64 p0 = gr.start[r], np = gr.start[r + 1] - p0;
+    F* o = out + q * d + c0;
+    if (np == 0)
+      zero(o, wd);
+    else
+      gather_axpy<F>(o, wd, gr.ex.data() + p0, 1, gr.vs.data() + p0, 1, np, x + c0, d, stream);
+  }
+  if (stream) MEPROP_SFENCE();
+}
+
+// Dense dW (n, d). zeroed: out is already zero, write the touched rows only (a fresh
+// calloc'ed block whose untouched pages are never written, or a reused one), and list them in
+// rows (if not null; sorted). Else write every row once. Returns the number of touched rows.
+template <class F>
+i64 outer_dense(const Groups<F>& gr, i64 n, const F* x, i64 d, F* out, bool zeroed, i64* rows,
+                int nt) {
+  if (!zeroed) {
+    outer_rows<F>(gr, nullptr, n, x, d, out, nt);
+    return gr.rows;
+  }
+  std::vector<i64> own(rows ? 0 : gr.rows);
+  i64* list = rows ? rows : own.data();
+  i64 nr = 0;
+  for (i64 r = 0; r < n; r++)
+    if (gr.start[r + 1] > gr.start[r]) list[nr++] = r;
+  i64 block = column_block(nr, d, nt);
+  i64 nb = (d + block - 1) / block;
+  nt = threads_for(nt, nb * nr);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (i64 task = 0; task < nb * nr; task++) {
+    i64 b = task / nr, q = task % nr;
+    i64 c0 = b * block, wd = std::min(block, d - c0);
+    i64 r = list[q], p0 = gr.start[r], np = gr.start[r + 1] - p0;
+    gather_axpy<F>(out + r * d + c0, wd, gr.ex.data() + p0, 1, gr.vs.data() + p0, 1, np, x + c0, d,
+                   true);
+  }
+  MEPROP_SFENCE();  // (streaming stores are weakly ordered)
+  return nr;
+}
+
+// Zero the rows rows[0:nr] of out (n, d): the rows a reused dW buffer held last time. stream:
+// with streaming stores where aligned (a large buffer, not read again soon).
+template <class F>
+void zero_rows(F* out, i64 d, const i64* rows, i64 nr, bool stream, int nt) {
+  using FV = typename Vec<F>::type;
+  constexpr i64 L = Vec<F>::lanes;
+  nt = threads_for(nt, nr);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (i64 q = 0; q < nr; q++) {
+    F* o = out + rows[q] * d;
+    if (stream && reinterpret_cast<uintptr_t>(o) % 64 == 0 && d % L == 0) {
+      for (i64 c = 0; c < d; c += L) vstream(o + c, FV{});
+    } else {
+      zero(o, d);
+    }
+  }
+  if (stream) MEPROP_SFENCE();
+}
+
+// Row-compact dW: rows (R,) sorted, out (R, d); both sized >= R by the caller. Returns R.
+template <class F>
+i64 outer_compact(const Groups<F>& gr, i64 n, const F* x, i64 d, i64* rows, F* out, int nt) {
+  i64 nr = 0;
+  for (i64 r = 0; r < n; r++)
+    if (gr.start[r + 1] > gr.start[r]) rows[nr++] = r;
+  outer_rows<F>(gr, rows, nr, x, d, out, nt);
+  return nr;
+}
+
+// db (n,) = column sums of g (M, n).
+template <class F>
+void column_sums(const F* g, i64 m, i64 n, F* db) {
+  zero(db, n);
+  for (i64 i = 0; i < m; i++)
+    for (i64 c = 0; c < n; c++) db[c] += g[i * n + c];
+}
+
+// ------------------------------------------------------------------------------------------
+// The whole per-example backward in one call: selection, then the products that are asked for.
+// dw_mode: 0 none, 1 dense dW written in full, 2 dense dW zero but for its rows stale[:nstale]
+// (a reused buffer: zeroed first; then the touched rows are written, and listed in rows if
+// not null), 3 row-compact (rows, dw_rows sized min(n, M k)). Returns the number of touched
+// rows R (0 for mode 0).
+template <class F>
+i64 per_example(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64* idx,
+                F* vals, F* dx, int dw_mode, F* dw, i64* rows, const i64* stale, i64 nstale,
+                F* db, int nt, int nt_products) {
+  if (nstale) zero_rows<F>(dw, d, stale, nstale, n * d * i64(sizeof(F)) >= kStreamBytes, 1);
+  topk_rows<F>(g, m, n, k, idx, vals, nt);
+  if (db) column_sums<F>(g, m, n, db);
+  if (dx) rows_matmul<F>(idx, k, vals, m, k, w, d, dx, nt_products);
+  if (dw_mode == 0) return 0;
+  Groups<F> gr(idx, vals, m, k, n);
+  if (dw_mode == 3) return outer_compact<F>(gr, n, x, d, rows, dw, nt_products);
+  return outer_dense<F>(gr, n, x, d, dw, dw_mode == 2, rows, nt_products);
+}
+
+// One register block of gemm_rows: 4 rows of out by NV vectors of columns from column c.
+template <class F, int NV>
+inline void gemm_block(i64 r0, i64 c, i64 K, i64 d, const F* A, i64 ars, i64 acs, const i64* bi,
+                       const F* B, const i64* orow, F* out) {
+  using FV = typename Vec<F>::type;
+  constexpr i64 L = Vec<F>::lanes;
+  FV acc[4][NV] = {};
+  for (i64 t = 0; t < K; t++) {
+    const F* b = B + bi[t] * d + c;
+    FV bv[NV];
+    for (int v = 0; v < NV; v++) bv[v] = vload(b + v * L);
+    for (int q = 0; q < 4; q++) {
+      F a = A[(r0 + q) * ars + t * acs];
+      for (int v = 0; v < NV; v++) acc[q][v] += a * bv[v];
+    }
+  }
+  for (int q = 0; q < 4; q++) {
+    F* o = out + (orow ? orow[r0 + q] : r0 + q) * d + c;
+    for (int v = 0; v < NV; v++) vstore(o + v * L, acc[q][v]);
+  }
+}
+
+// out[orow[r]] = sum_t A[r, t] * B[bidx[t]] for r < R, t < K: a small GEMM whose right factor
+// is a gather of rows (bidx, or all rows when null) and whose left factor has any strides
+// (A[r, t] = A[r * ars + t * acs]); orow null: out row r. Register-blocked: 4 rows of out by
+// up to 4 vectors of columns, so each loaded vector of B serves 4 multiply-adds (the unified
+// mode's products, where every row uses the same k rows of W).
+template <class F>
+void gemm_rows(i64 R, i64 K, i64 d, const F* A, i64 ars, i64 acs, const i64* bidx, const F* B,
+               const i64* orow, F* out, int nt) {
+  constexpr i64 L = Vec<F>::lanes;
+  constexpr i64 W = 4 * L;  // columns per register block
+  i64 nrb = (R + 3) / 4, ncb = (d + W - 1) / W;
+  nt = threads_for(nt, nrb * ncb);
+  std::vector<i64> ident(bidx ? 0 : K);
+  for (i64 t = 0; t < i64(ident.size()); t++) ident[t] = t;
+  const i64* bi = bidx ? bidx : ident.data();
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (i64 task = 0; task < nrb * ncb; task++) {
+    i64 rb = task / ncb, c = (task % ncb) * W;
+    i64 r0 = 4 * rb, nr = std::min<i64>(4, R - r0);
+    i64 wd = std::min(W, d - c), nv = nr == 4 ? wd / L : 0;
+    switch (nv) {  // whole vectors, four rows at a time
+      case 4: gemm_block<F, 4>(r0, c, K, d, A, ars, acs, bi, B, orow, out); break;
+      case 3: gemm_block<F, 3>(r0, c, K, d, A, ars, acs, bi, B, orow, out); break;
+      case 2: gemm_block<F, 2>(r0, c, K, d, A, ars, acs, bi, B, orow, out); break;
+      case 1: gemm_block<F, 1>(r0, c, K, d, A, ars, acs, bi, B, orow, out); break;
+      default: break;
+    }
+    i64 done = nv * L;  // the rest (last columns, or fewer than 4 rows): one row at a time
+    if (done < wd) {
+      for (i64 q = 0; q < nr; q++) {
+        F* o = out + (orow ? orow[r0 + q] : r0 + q) * d + c + done;
+        gather_axpy<F>(o, wd - done, bi, 1, A + (r0 + q) * ars, acs, K, B + c + done, d);
+      }
+    }
+  }
+}
+
+// The unified backward: scores (n,) = sum over rows of |g|, cols (k,) = the k highest, sorted;
+// gc = g[:, cols] (M, k); dx = gc W[cols] (M, d); dW[cols] = gc^T x (dw_mode and stale as
+// per_example; 3: out (k, d) in the order of cols); db = column sums of g.
+// cols (k,) = the k columns of g (M, n) with the largest sum of |g| (NaN highest), sorted.
+template <class F>
+void top_columns(const F* g, i64 m, i64 n, i64 k, i64* cols) {
+  using U = typename Key<F>::U;
+  constexpr i64 L = Vec<U>::lanes;
+  std::vector<F> score(n, F(0));
+  for (i64 i = 0; i < m; i++)
+    for (i64 c = 0; c < n; c++) score[c] += std::abs(g[i * n + c]);  // NaN stays NaN
+  TopkScratch<F> s(n, (2 * k + L - 1) / L * L);
+  topk_row<F>(reinterpret_cast<const U*>(score.data()), n, k, cols, s);
+  std::sort(cols, cols + k);
+}
+
+template <class F>
+void unified(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64* cols, F* gc,
+             F* dx, int dw_mode, F* dw, const i64* stale, i64 nstale, F* db, int nt) {
+  if (nstale) zero_rows<F>(dw, d, stale, nstale, n * d * i64(sizeof(F)) >= kStreamBytes, 1);
+  top_columns<F>(g, m, n, k, cols);
+  for (i64 i = 0; i < m; i++)
+    for (i64 j = 0; j < k; j++) gc[i * k + j] = g[i * n + cols[j]];
+  if (db) column_sums<F>(g, m, n, db);
+  if (dx) gemm_rows<F>(m, k, d, gc, k, 1, cols, w, nullptr, dx, nt);
+  if (dw_mode == 0) return;
+  if (dw_mode == 1) {  // the unselected rows of the dense dW: zero
+    for (i64 r = 0, j = 0; r < n; r++) {
+      if (j < k && cols[j] == r)
+        j++;
+      else
+        zero(dw + r * d, d);
+    }
+  }
+  // dW[cols[j]] = sum_i gc[i, j] x[i]: A = gc^T (k, M), B = x (all M rows).
+  gemm_rows<F>(k, m, d, gc, 1, k, nullptr, x, dw_mode == 3 ? nullptr : cols, dw, nt);
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------
+// C entry points (ctypes). Index bounds are checked where indices come from the caller: those
+// functions return -(number of bad indices) and compute nothing when there are any.
+
+#define MEPROP_EXPORT extern "C" __attribute__((visibility("default")))
+
+#define MEPROP_DEFINE(SUFFIX, F)                                                               \
+  MEPROP_EXPORT void meprop_topk_rows_##SUFFIX(const F* g, i64 m, i64 n, i64 k, i64* idx,      \
+                                               F* vals, int nt) {                              \
+    topk_rows<F>(g, m, n, k, idx, vals, nt);                                                   \
+  }                                                                                            \
+  MEPROP_EXPORT i64 meprop_rows_matmul_##SUFFIX(const i64* idx, const F* vals, i64 m, i64 k,   \
+                                                const F* w, i64 n, i64 d, F* out, int nt) {    \
+    i64 bad = count_bad(idx, m * k, n);                                                        \
+    if (bad) return -bad;                                                                      \
+    rows_matmul<F>(idx, k, vals, m, k, w, d, out, nt);                                         \
+    return 0;                                                                                  \
+  }                                                                                            \
+  MEPROP_EXPORT i64 meprop_rows_outer_##SUFFIX(const i64* idx, const F* vals, i64 m, i64 k,    \
+                                               const F* x, i64 d, i64 n, int dw_mode, F* dw,   \
+                                               i64* rows, int nt) {                            \
+    i64 bad = count_bad(idx, m * k, n);                                                        \
+    if (bad) return -bad;                                                                      \
+    Groups<F> gr(idx, vals, m, k, n);                                                          \
+    if (dw_mode == 3) return outer_compact<F>(gr, n, x, d, rows, dw, nt);                      \
+    return outer_dense<F>(gr, n, x, d, dw, dw_mode == 2, rows, nt);                            \
+  }                                                                                            \
+  MEPROP_EXPORT i64 meprop_per_example_##SUFFIX(                                               \
+      const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64* idx, F* vals, F* dx,  \
+      int dw_mode, F* dw, i64* rows, const i64* stale, i64 nstale, F* db, int nt,              \
+      int nt_products) {                                                                       \
+    return per_example<F>(g, m, n, k, x, w, d, idx, vals, dx, dw_mode, dw, rows, stale,        \
+                          nstale, db, nt, nt_products);                                        \
+  }                                                                                            \
+  MEPROP_EXPORT void meprop_top_columns_##SUFFIX(const F* g, i64 m, i64 n, i64 k, i64* cols) {  \
+    top_columns<F>(g, m, n, k, cols);                                                          \
+  }                                                                                            \
+  MEPROP_EXPORT void meprop_zero_rows_##SUFFIX(F* out, i64 d, const i64* rows, i64 nr,       \
+                                               int stream, int nt) {                           \
+    zero_rows<F>(out, d, rows, nr, stream != 0, nt);                                           \
+  }                                                                                            \
+  MEPROP_EXPORT void meprop_unified_##SUFFIX(                                                  \
+      const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64* cols, F* gc, F* dx,   \
+      int dw_mode, F* dw, const i64* stale, i64 nstale, F* db, int nt) {                       \
+    unified<F>(g, m, n, k, x, w, d, cols, gc, dx, dw_mode, dw, stale, nstale, db, nt);         \
+  }
+
+MEPROP_DEFINE(f32, float)
+MEPROP_DEFINE(f64, double)

@@ -45,7 +45,7 @@ def test_train_each_method(tiny_mnist, tmp_path, method, extra):
         assert "widths" in log[-1]
         assert max(summary["final_widths"].values()) < 32
         # the best checkpoint reloads into a fresh full-size model
-        model = meprop.tasks.mnist.build_mlp(784, [32, 32], 10)
+        model = meprop.tasks.mnist.build_mlp(784, [32, 32], 10, dropout=0.1)  # the default
         meprop.load(out / "best.pt", model)
         assert [m.out_features for m in model[:-1] if hasattr(m, "out_features")] == summary[
             "best_widths"
@@ -125,7 +125,7 @@ def test_reproduce_and_report(tiny_mnist, tmp_path, monkeypatch):
         keep += [r for r in rows if r.config.method == "meprop"][:2]
         return [replace(r, config=replace(r.config, **small, train_limit=0)) for r in keep]
 
-    monkeypatch.setattr(reproduce, "mnist_grid", grid)
+    monkeypatch.setitem(reproduce.GRIDS, "mnist", grid)
     out = tmp_path / "results"
     args = ["reproduce", "mnist", "--quick", "--out", str(out), "--data-dir", str(tiny_mnist)]
     assert main([*args, "--no-progress"]) == 0

@@ -150,14 +150,16 @@ def _plots(runs: list[Run], out: Path) -> list[str]:
 
     dense = [r for r in runs if r.method == "dense" and r.group in ("main", "runs")]
     metric = runs[0].metric
-    depth = len(dense[0].summary["widths"]) if dense else len(runs[0].summary["widths"])
+    # the main comparison's depth and dropout (the other groups vary them)
+    main = dense[0] if dense else runs[0]
+    depth, dropout = len(main.summary["widths"]), main.config["dropout"]
     sweep = [
         r
         for r in runs
         if r.method == "meprop"
         and r.config["optimizer"] == "adam"
         and len(r.summary["widths"]) == depth
-        and r.config["dropout"] == 0
+        and r.config["dropout"] == dropout
     ]
     if sweep:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -200,7 +202,7 @@ def _plots(runs: list[Run], out: Path) -> list[str]:
                 and (mode is None or c["mode"] == mode)
                 and c["optimizer"] == "adam"
                 and len(r.summary["widths"]) == depth
-                and c["dropout"] == 0
+                and c["dropout"] == dropout
             ):
                 return r
         return None
@@ -267,7 +269,7 @@ GROUP_TITLES = {
     "mesimp": "meSimp, and dense nets trained at meSimp's final widths",
     "adagrad": "AdaGrad",
     "depth": "deeper networks",
-    "dropout": "with dropout",
+    "dropout": "without dropout",
     "runs": "runs",
 }
 

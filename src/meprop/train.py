@@ -58,7 +58,7 @@ class TrainConfig:
     mode: str = "per_example"
     hidden: tuple[int, ...] = (500,)
     layers: int = 0  # hidden layers; 0: len(hidden) if it lists several widths, else the task's
-    dropout: float = 0.0
+    dropout: float = -1.0  # -1: the task's (mnist 0.1, pos 0.5)
     optimizer: str = "adam"
     lr: float = 0.0  # 0: the optimizer's default (adam 1e-3, adagrad 1e-2, sgd 0.1)
     batch_size: int = 0  # 0: the task's default
@@ -80,9 +80,12 @@ class TrainConfig:
 
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        # Fields left at 0 / "" take the task's defaults, so a saved config is complete.
+        # Fields left unset (0, "", dropout -1) take the task's defaults, so a saved config is
+        # complete.
         for name, value in DEFAULTS[self.task].items():
-            if not getattr(self, name) and not (name == "layers" and len(self.hidden) > 1):
+            current = getattr(self, name)
+            unset = current < 0 if name == "dropout" else not current
+            if unset and not (name == "layers" and len(self.hidden) > 1):
                 object.__setattr__(self, name, value)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")

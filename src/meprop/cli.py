@@ -16,18 +16,19 @@ from pathlib import Path
 from . import __version__, demo
 
 CHOICES = {
-    "method": ("dense", "meprop", "random", "kdim", "mesimp"),
+    "method": ("dense", "meprop", "random", "kdim", "mesimp", "meact"),
     "mode": ("per_example", "unified"),
     "optimizer": ("adam", "adagrad", "sgd"),
     "dataset": ("mnist", "fashion"),
     "backend": ("auto", "torch", "numba"),
     "activation": ("relu", "tanh", "cube"),
     "tags": ("xpos", "upos"),
+    "meact_storage": ("float16", "float32"),
 }
 HELP = {
     "dataset": "MNIST-style dataset (mnist task)",
     "method": "dense | meprop (top-k) | random (random-k) | kdim (dense net of width k) | "
-    "mesimp (meProp + simplification)",
+    "mesimp (meProp + simplification) | meact (dense, then minimal effort activation)",
     "k": "top-k kept per example (unified: per mini-batch)",
     "mode": "top-k selection: per example, or unified over the mini-batch",
     "hidden": "hidden width, or one width per layer: 500 or 154,160",
@@ -44,6 +45,11 @@ HELP = {
     "layers": "number of hidden layers when --hidden gives one width (0: the task's)",
     "batch_size": "mini-batch size (0: the task's; mnist 100 images, pos 16 sentences)",
     "epochs": "training epochs (0: the task's)",
+    "meact_start": "meact: first epoch, counting from 0, with active-only forwards",
+    "meact_threshold": "meact: a neuron is active for an example when its share of the "
+    "accumulated |gradient| is at least this percentage",
+    "meact_cap": "meact: at most this many active neurons per example and layer (0: no cap)",
+    "meact_storage": "meact: dtype of the per-example state (accumulations, cached outputs)",
 }
 
 

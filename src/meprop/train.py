@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -24,14 +25,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .config import MePropConfig, MeSimpConfig
+from .analysis import UpdateMonitor
+from .config import MeActConfig, MePropConfig, MeSimpConfig
 from .convert import sparsify_
 from .simplify import Simplifier
 from .timing import BackwardTimer, Stopwatch, linear_maps
 
 __all__ = ["TrainConfig", "METHODS", "OPTIMIZERS", "run", "make_optimizer"]
 
-METHODS = ("dense", "meprop", "random", "kdim", "mesimp")
+METHODS = ("dense", "meprop", "random", "kdim", "mesimp", "meact")
 OPTIMIZERS = {"adam": 1e-3, "adagrad": 1e-2, "sgd": 0.1}  # name -> default learning rate
 ACTIVATIONS = ("relu", "tanh", "cube")
 
@@ -42,7 +44,9 @@ class TrainConfig:
 
     ``method``: ``dense``; ``meprop`` (top-k, ``mode`` per_example or unified); ``random``
     (random-k); ``kdim`` (a dense net whose hidden layers have width k); ``mesimp`` (meProp plus
-    a Simplifier). A dense net at meSimp's final widths is ``dense`` with ``hidden=(154, 160)``.
+    a Simplifier); ``meact`` (dense training, then meAct's active-only forwards per example
+    from epoch ``meact_start``, counting from 0). A dense net at meSimp's final widths is
+    ``dense`` with ``hidden=(154, 160)``.
     """
 
     task: str = "mnist"
@@ -67,6 +71,10 @@ class TrainConfig:
     backend: str = "auto"
     activation: str = ""  # hidden activation; "": the task's (mnist relu, parse cube)
     tags: str = "xpos"  # pos: the tag column, xpos (Penn Treebank tags) or upos
+    meact_start: int = 10  # meact: first epoch (from 0) with active-only forwards
+    meact_threshold: float = 1.0  # meact: least share (%) of the accumulated |gradient|
+    meact_cap: int = 0  # meact: most active neurons per example and layer; 0: no cap
+    meact_storage: str = "float16"  # meact: dtype of the per-example state
 
     def __post_init__(self) -> None:
         from .tasks import DEFAULTS, TASKS
@@ -107,6 +115,12 @@ class TrainConfig:
             raise ValueError(f"tags must be 'xpos' or 'upos', got {self.tags!r}")
         MePropConfig(k=self.k, mode=self.mode, backend=self.backend)  # validates these fields
         MeSimpConfig(prune_rate=self.prune_rate)
+        self.meact_config()  # validates the meact_* fields
+        if self.method == "meact" and self.meact_start >= self.epochs:
+            raise ValueError(
+                f"meact_start={self.meact_start} is not below epochs={self.epochs}: meAct would "
+                "never start; give --meact-start below --epochs"
+            )
 
     def widths(self) -> list[int]:
         """Hidden-layer widths: one per layer (``kdim``: k everywhere)."""
@@ -117,10 +131,19 @@ class TrainConfig:
         return self.lr or OPTIMIZERS[self.optimizer]
 
     def meprop_config(self) -> MePropConfig | None:
-        if self.method in ("dense", "kdim"):
+        if self.method in ("dense", "kdim", "meact"):
             return None
         mode = "random" if self.method == "random" else self.mode
         return MePropConfig(k=self.k, mode=mode, sparse_grad=self.sparse_grad, backend=self.backend)
+
+    def meact_config(self) -> MeActConfig:
+        return MeActConfig(
+            start_epoch=self.meact_start,
+            threshold=self.meact_threshold,
+            cap=self.meact_cap,
+            storage=self.meact_storage,
+            backend=self.backend,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -144,6 +167,19 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     if name == "adagrad":
         return torch.optim.Adagrad(params, lr=lr)
     return torch.optim.SGD(params, lr=lr)
+
+
+def _examples(meact, batch, task: str):
+    """meAct's context for a training forward (it needs the batch's example numbers)."""
+    if meact is None:
+        return nullcontext()
+    ids = getattr(batch, "ids", None)
+    if ids is None:
+        raise ValueError(
+            f"the {task} task's batches do not carry example numbers (an IndexedBatch), which "
+            "meAct needs: use --method meact with the mnist task"
+        )
+    return meact.batch(ids)
 
 
 def _json_line(path: Path, record: dict) -> None:
@@ -206,10 +242,23 @@ def run(
             model, MeSimpConfig(prune_rate=cfg.prune_rate, interval=interval, cycle=cycle), opt
         )
 
+    meact = None
+    if cfg.method == "meact":
+        from .meact import MeAct
+
+        meact = MeAct(
+            model, cfg.meact_config(), task.num_examples("train"), task.sparsify_filter(model)
+        )
+
     state = {"epoch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1, "times": {}}
     if resume and last_path.exists():
-        state = checkpoint.load(last_path, model, opt, simplifier=simp)["state"]
+        extra = checkpoint.load(last_path, model, opt, simplifier=simp)
+        state = extra["state"]
+        if meact is not None:
+            meact.load_state_dict(extra["meact"])
         echo(f"resumed from {last_path} at epoch {state['epoch']}")
+    # The mean |parameter change| per step, logged per evaluation (the meAct analysis).
+    monitor = UpdateMonitor(model.parameters())
     sw = Stopwatch()
     sw.totals.update(state["times"])
 
@@ -239,6 +288,12 @@ def run(
         }
         if simp is not None:
             record["widths"] = simp.sizes()
+        record["update"] = monitor.read()
+        if meact is not None:
+            record["meact"] = meact.applies
+            active = meact.read_active()
+            if active:
+                record["active"] = active  # mean active neurons per example, per layer
         _json_line(log_path, record)
         if score > state["best_score"]:
             state["best_score"], state["best_epoch"] = score, epoch_float
@@ -246,6 +301,8 @@ def run(
 
     for epoch in range(state["epoch"], cfg.epochs):
         model.train()
+        if meact is not None:
+            meact.set_epoch(epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         losses, bar = (
             [],
@@ -258,7 +315,7 @@ def run(
             ),
         )
         for i, batch in enumerate(task.batches("train", cfg.batch_size, gen)):
-            with sw("forward"):
+            with sw("forward"), _examples(meact, batch, cfg.task):
                 loss = task.loss(model, batch)
             with sw("backward"):
                 loss.backward()
@@ -267,12 +324,15 @@ def run(
             with sw("optimizer"):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+            with sw("analysis"):
+                monitor.step()
             if simp is not None:
                 with sw("simplify"):
                     if simp.step():  # new Parameters: hook the timers onto them
                         for timer in layer_timers.values():
                             timer.remove()
                         layer_timers = timers()
+                        monitor.rebind(model.parameters())
             state["step"] += 1
             losses.append(loss.detach())
             bar.update(1)
@@ -286,9 +346,12 @@ def run(
         bar.close()
         state["epoch"] = epoch + 1
         state["times"] = dict(sw.totals)
-        checkpoint.save(last_path, model, opt, simplifier=simp, state=dict(state))
+        meact_state = {} if meact is None else {"meact": meact.state_dict()}
+        checkpoint.save(last_path, model, opt, simplifier=simp, state=dict(state), **meact_state)
         last = json.loads(log_path.read_text().splitlines()[-1])
         widths = f"  widths {last['widths']}" if "widths" in last else ""
+        if "active" in last:
+            widths += "  active " + " ".join(f"{v:.1f}" for v in last["active"].values())
         echo(
             f"epoch {epoch + 1}/{cfg.epochs}  loss {last['train_loss']:.4f}  "
             f"dev {task.metric} {last['dev_' + task.metric]:.4f}{widths}"
@@ -313,6 +376,9 @@ def run(
         "best_widths": task.widths(model),
         "metric": task.metric,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "meact": None
+        if meact is None
+        else {"memory_bytes": meact.memory_bytes(), "examples": meact.num_examples},
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),

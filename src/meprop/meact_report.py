@@ -1,0 +1,235 @@
+"""``meprop reproduce meact``: the extended paper's meAct analysis on MNIST, and its report.
+
+Two runs from the same seed (so the same initialisation and batch order): the dense baseline
+and meAct, identical until meAct starts. The report puts side by side, per epoch, their dev
+accuracy, the average absolute parameter change per iteration (``meprop.analysis``) and meAct's
+active neurons per example, beside the paper's claims: accuracy rises after meAct starts, and
+the update drops sharply. The full grid adds meAct with float32 state, to show that the float16
+state does not change the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from .train import TrainConfig
+
+__all__ = ["grid", "section", "PAPER_CLAIMS"]
+
+PAPER_CLAIMS = [
+    "on MNIST, on average a small fraction of the neurons per example suffices (the paper's "
+    "Table reports the active neurons per layer; its numbers are not in our copy of the text)",
+    "accuracy rises after meAct starts, above the baseline from the same initialisation",
+    "the average absolute parameter update per iteration drops sharply when meAct starts, "
+    "while the baseline's stays high",
+]
+
+
+def grid(quick: bool = False, dataset: str = "mnist") -> list:
+    """The runs: dense and meAct from the same seed (full: + meAct with float32 state)."""
+    from .reproduce import Row
+
+    base = TrainConfig(
+        task="mnist",
+        dataset=dataset,
+        method="dense",
+        epochs=6 if quick else 20,
+        train_limit=10_000 if quick else 0,
+        meact_start=3 if quick else 10,
+    )
+    meact = replace(base, method="meact")
+    rows = [
+        Row("dense", "meact", "dense (baseline)", base),
+        Row("meact", "meact", f"meAct {meact.meact_threshold:g}%", meact),
+    ]
+    if not quick:
+        rows.append(
+            Row(
+                "meact-float32",
+                "meact",
+                f"meAct {meact.meact_threshold:g}%, float32 state",
+                replace(meact, meact_storage="float32"),
+            )
+        )
+    return rows
+
+
+def _per_step_ms(run, key: str, lo: int, hi: int) -> float | None:
+    """Mean ms per training step of a cumulative time ``key`` over log records [lo, hi)."""
+    if hi <= lo or hi > len(run.log):
+        return None
+    before = run.log[lo - 1] if lo > 0 else {"step": 0, "times": {}}
+    after = run.log[hi - 1]
+    steps = after["step"] - before["step"]
+    seconds = after["times"].get(key, 0.0) - before["times"].get(key, 0.0)
+    return 1000 * seconds / steps if steps else None
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def section(runs: list, out: Path) -> list[str]:
+    """Markdown lines (and PNG plots in ``out``) of the meAct analysis of ``runs``."""
+    meacts = [r for r in runs if r.method == "meact"]
+    if not meacts:
+        return []
+    start = meacts[0].config["meact_start"]
+    # the baseline: a dense run of the same depth and width, else none
+    dense = [
+        r
+        for r in runs
+        if r.method == "dense" and r.summary["widths"] == meacts[0].summary["widths"]
+    ]
+    shown = dense[:1] + meacts
+    cfg = meacts[0].config
+    lines = [
+        "## meAct: minimal effort activation (the extended paper's analysis)",
+        "",
+        f"meAct from epoch {start + 1} on (after {start} normal epochs): per example, a neuron "
+        f"is active when its share of the layer's accumulated |gradient| is at least "
+        f"{cfg['meact_threshold']:g}%"
+        + (f", at most {cfg['meact_cap']} per layer" if cfg["meact_cap"] else "")
+        + "; the others keep their value from the example's last pass and get no gradient. "
+        "Same seed for every run: the same initialisation and batch order, so the runs are "
+        "identical until meAct starts. Per-example state: "
+        + ", ".join(
+            f"{r.label} {r.summary['meact']['memory_bytes'] / 2**20:.1f} MiB "
+            f"({r.summary['meact']['examples']} examples)"
+            for r in meacts
+            if r.summary.get("meact")
+        )
+        + ".",
+        "",
+        "### accuracy per epoch, update and active neurons",
+        "",
+        "dev accuracy (%), the average absolute parameter change per iteration (mean over "
+        "parameters of |theta_t - theta_(t-1)|, averaged over the epoch's steps) and, for meAct, "
+        "the mean active neurons per example in each hidden layer.",
+        "",
+    ]
+    layers = [list((r.log[-1].get("active") or {}).keys()) for r in meacts]
+    head = ["epoch"] + [f"{r.label} dev %" for r in shown] + [f"{r.label} update" for r in shown]
+    head += [
+        f"{r.label} active L{j + 1}"
+        for r, ls in zip(meacts, layers, strict=True)
+        for j in range(len(ls))
+    ]
+    lines += ["| " + " | ".join(head) + " |", "|" + " ---: |" * len(head)]
+    epochs = max(len(r.log) for r in shown)
+    for e in range(epochs):
+
+        def rec(r, e=e):
+            return r.log[e] if e < len(r.log) else {}
+
+        row = [f"{rec(shown[0]).get('epoch', e + 1):g}" + (" *" if e == start else "")]
+        row += [_fmt(100 * rec(r)["dev_" + r.metric] if rec(r) else None, ".2f") for r in shown]
+        row += [_fmt(rec(r).get("update"), ".3e") for r in shown]
+        for r, ls in zip(meacts, layers, strict=True):
+            row += [_fmt((rec(r).get("active") or {}).get(name), ".1f") for name in ls]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "\\* the first meAct epoch.", ""]
+
+    # Summary: before vs after the start.
+    lines += [
+        "### before vs after meAct starts",
+        "",
+        "| run | test % (best dev epoch) | dev % last normal epoch | dev % mean after | "
+        "dev % last | update before | update after | after / before | active per example "
+        "(per layer, of width) | forward ms/step before | after |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for r in shown:
+        ups = [e.get("update") for e in r.log]
+        before, after = _mean(ups[:start]), _mean(ups[start:])
+        dev = [100 * e["dev_" + r.metric] for e in r.log]
+        act = [e["active"] for e in r.log[start:] if e.get("active")]
+        width = r.summary["widths"]
+        active = (
+            ", ".join(
+                f"{_mean([a[name] for a in act]):.1f} / {width[j]}" for j, name in enumerate(act[0])
+            )
+            if act
+            else "all"
+        )
+        ratio = after / before if before and after is not None else None
+        lines.append(
+            f"| {r.label} | {r.test():.2f} ({r.summary['best_epoch']:g}) | "
+            f"{_fmt(dev[start - 1] if start else None, '.2f')} | {_fmt(_mean(dev[start:]), '.2f')} | "
+            f"{dev[-1]:.2f} | {_fmt(before, '.3e')} | {_fmt(after, '.3e')} | "
+            f"{_fmt(ratio, '.3f')} | {active} | "
+            f"{_fmt(_per_step_ms(r, 'forward', 0, start), '.2f')} | "
+            f"{_fmt(_per_step_ms(r, 'forward', start, len(r.log)), '.2f')} |"
+        )
+    lines += [
+        "",
+        "Forward times are whole training forwards per step (for meAct after the start: "
+        "active-set selection from the stored shares, the active-only kernels, the cache), "
+        "measured within each run; `benchmarks/bench_meact.py` times the layer alone.",
+        "",
+        "### the paper's claims (Sun et al., TKDE, meAct on MNIST)",
+        "",
+    ]
+    lines += [f"- {c}" for c in PAPER_CLAIMS] + [""]
+    lines += [f"![{name}]({name})" for name in _plots(shown, start, out)] + [""]
+    return lines
+
+
+def _plots(runs: list, start: int, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+
+    def save(fig, ax, name, title, ylabel):
+        ax.axvline(start + 0.5, color="grey", ls=":", label="meAct starts")
+        ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        made.append(name)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in runs:
+        xs = [e["epoch"] for e in r.log]
+        ax.plot(xs, [100 * e["dev_" + r.metric] for e in r.log], "o-", ms=3, label=r.label)
+    save(fig, ax, "meact_accuracy.png", "meAct: dev accuracy per epoch", "dev accuracy (%)")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in runs:
+        pts = [(e["epoch"], e["update"]) for e in r.log if e.get("update")]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "o-", ms=3, label=r.label)
+    ax.set_yscale("log")
+    save(
+        fig,
+        ax,
+        "meact_update.png",
+        "average absolute parameter update per iteration",
+        "mean |theta_t - theta_(t-1)|",
+    )
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, r in enumerate(x for x in runs if x.method == "meact"):
+        pts = [(e["epoch"], e["active"]) for e in r.log if e.get("active")]
+        for j, name in enumerate(pts[0][1] if pts else []):
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1][name] for p in pts],
+                marker="o",
+                ms=3,
+                color=f"C{i + 1}",
+                ls=("-", "--", ":", "-.")[j % 4],
+                label=f"{r.label}: hidden layer {j + 1}",
+            )
+    save(fig, ax, "meact_active.png", "meAct: active neurons per example", "active neurons")
+    return made

@@ -235,7 +235,7 @@ def test_swaps_only_hidden_layers_and_back():
         nn.Linear,
     ]
     assert list(model.parameters()) == params  # the same Parameter objects
-    assert "meact_threshold=1.0%" in repr(model[0])
+    assert "meact_threshold=0.5%" in repr(model[0])
     # 2 layers x 12 examples x 8 neurons x (share + cache) x 4 bytes + 2 x 12 totals x 4 bytes
     assert meact.memory_bytes() == 2 * 12 * 8 * 2 * 4 + 2 * 12 * 4
     meact.remove()

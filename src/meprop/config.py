@@ -148,8 +148,9 @@ class MeActConfig:
     Args:
         start_epoch: the first epoch (counting from 0) whose forward passes use active sets;
             the epochs before it are normal training (and accumulate the gradients).
-        threshold: the least share, in percent of the layer's total, of an active neuron.
-            0 keeps every neuron with a non-zero accumulated gradient.
+        threshold: the least share, in percent of the layer's total, of an active neuron
+            (0: all pass). With 500 neurons an even spread is 0.2% each; on MNIST after 10
+            epochs, 0.5% leaves about 60 active neurons per example in each layer.
         cap: at most this many active neurons per example and layer; 0: no cap.
         storage: ``"float16"`` or ``"float32"``: the dtype of the per-example state (the
             shares of the accumulated gradients and the cached outputs). float16 halves the
@@ -158,12 +159,12 @@ class MeActConfig:
             elsewhere), ``"torch"`` or ``"numba"`` (an error where the kernels do not apply).
 
     Example:
-        >>> MeActConfig(start_epoch=10, threshold=1.0)
-        MeActConfig(start_epoch=10, threshold=1.0, cap=0, storage='float16', backend='auto')
+        >>> MeActConfig(start_epoch=10, threshold=0.5)
+        MeActConfig(start_epoch=10, threshold=0.5, cap=0, storage='float16', backend='auto')
     """
 
     start_epoch: int = 0
-    threshold: float = 1.0
+    threshold: float = 0.5
     cap: int = 0
     storage: str = "float16"
     backend: str = "auto"

@@ -4,8 +4,8 @@ Two runs from the same seed (so the same initialisation and batch order): the de
 and meAct, identical until meAct starts. The report puts side by side, per epoch, their dev
 accuracy, the average absolute parameter change per iteration (``meprop.analysis``) and meAct's
 active neurons per example, beside the paper's claims: accuracy rises after meAct starts, and
-the update drops sharply. The full grid adds meAct with float32 state, to show that the float16
-state does not change the result.
+the update drops sharply. The full grid adds meAct with float32 state (does the float16 state
+change the result?) and meAct at a lower and a higher threshold (how sensitive is it?).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ PAPER_CLAIMS = [
 
 
 def grid(quick: bool = False, dataset: str = "mnist") -> list:
-    """The runs: dense and meAct from the same seed (full: + meAct with float32 state)."""
+    """The runs: dense and meAct from the same seed (full: + float32 state, other thresholds)."""
     from .reproduce import Row
 
     base = TrainConfig(
@@ -52,6 +52,15 @@ def grid(quick: bool = False, dataset: str = "mnist") -> list:
                 replace(meact, meact_storage="float32"),
             )
         )
+        for threshold in (0.3, 1.0):
+            rows.append(
+                Row(
+                    f"meact-{threshold:g}",
+                    "meact",
+                    f"meAct {threshold:g}%",
+                    replace(meact, meact_threshold=threshold),
+                )
+            )
     return rows
 
 
@@ -75,20 +84,25 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _before(run, start: int) -> list[dict]:
+    """The run's log records before meAct starts, without times and meAct's own keys."""
+    drop = {"times", "meact", "active"}
+    return [{k: v for k, v in e.items() if k not in drop} for e in run.log[:start]]
+
+
 def section(runs: list, out: Path) -> list[str]:
     """Markdown lines (and PNG plots in ``out``) of the meAct analysis of ``runs``."""
     meacts = [r for r in runs if r.method == "meact"]
     if not meacts:
         return []
-    start = meacts[0].config["meact_start"]
-    # the baseline: a dense run of the same depth and width, else none
+    main = meacts[0]
+    start = main.config["meact_start"]
+    # the baseline: a dense run of the same widths, if there is one
     dense = [
-        r
-        for r in runs
-        if r.method == "dense" and r.summary["widths"] == meacts[0].summary["widths"]
+        r for r in runs if r.method == "dense" and r.summary["widths"] == main.summary["widths"]
     ]
-    shown = dense[:1] + meacts
-    cfg = meacts[0].config
+    every = dense[:1] + meacts
+    cfg = main.config
     lines = [
         "## meAct: minimal effort activation (the extended paper's analysis)",
         "",
@@ -100,43 +114,50 @@ def section(runs: list, out: Path) -> list[str]:
         "Same seed for every run: the same initialisation and batch order, so the runs are "
         "identical until meAct starts. Per-example state: "
         + ", ".join(
-            f"{r.label} {r.summary['meact']['memory_bytes'] / 2**20:.1f} MiB "
+            f"{r.label} {r.summary['meact']['memory_bytes'] / 1e6:.1f} MB "
             f"({r.summary['meact']['examples']} examples)"
             for r in meacts
             if r.summary.get("meact")
         )
         + ".",
         "",
+    ]
+    if dense:
+        same = all(_before(dense[0], start) == _before(r, start) for r in meacts)
+        lines += [
+            "Before the start, the logs of every meAct run (losses, accuracies, updates) are "
+            + ("identical to the baseline's." if same else "NOT identical to the baseline's."),
+            "",
+        ]
+
+    # Per epoch: the baseline and the first meAct run.
+    shown = dense[:1] + [main]
+    layers = list((main.log[-1].get("active") or {}).keys())
+    head = ["epoch"] + [f"{r.label} dev %" for r in shown] + [f"{r.label} update" for r in shown]
+    head += [f"{main.label} active L{j + 1}" for j in range(len(layers))]
+    lines += [
         "### accuracy per epoch, update and active neurons",
         "",
         "dev accuracy (%), the average absolute parameter change per iteration (mean over "
-        "parameters of |theta_t - theta_(t-1)|, averaged over the epoch's steps) and, for meAct, "
-        "the mean active neurons per example in each hidden layer.",
+        "parameters of |theta_t - theta_(t-1)|, averaged over the epoch's steps) and meAct's "
+        "mean active neurons per example in each hidden layer.",
         "",
+        "| " + " | ".join(head) + " |",
+        "|" + " ---: |" * len(head),
     ]
-    layers = [list((r.log[-1].get("active") or {}).keys()) for r in meacts]
-    head = ["epoch"] + [f"{r.label} dev %" for r in shown] + [f"{r.label} update" for r in shown]
-    head += [
-        f"{r.label} active L{j + 1}"
-        for r, ls in zip(meacts, layers, strict=True)
-        for j in range(len(ls))
-    ]
-    lines += ["| " + " | ".join(head) + " |", "|" + " ---: |" * len(head)]
-    epochs = max(len(r.log) for r in shown)
-    for e in range(epochs):
-
-        def rec(r, e=e):
-            return r.log[e] if e < len(r.log) else {}
-
-        row = [f"{rec(shown[0]).get('epoch', e + 1):g}" + (" *" if e == start else "")]
-        row += [_fmt(100 * rec(r)["dev_" + r.metric] if rec(r) else None, ".2f") for r in shown]
-        row += [_fmt(rec(r).get("update"), ".3e") for r in shown]
-        for r, ls in zip(meacts, layers, strict=True):
-            row += [_fmt((rec(r).get("active") or {}).get(name), ".1f") for name in ls]
+    for e in range(max(len(r.log) for r in shown)):
+        recs = [r.log[e] if e < len(r.log) else {} for r in shown]
+        row = [f"{e + 1}" + (" *" if e == start else "")]
+        row += [
+            _fmt(100 * rec["dev_" + r.metric] if rec else None, ".2f")
+            for r, rec in zip(shown, recs, strict=True)
+        ]
+        row += [_fmt(rec.get("update"), ".3e") for rec in recs]
+        row += [_fmt((recs[-1].get("active") or {}).get(name), ".1f") for name in layers]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "\\* the first meAct epoch.", ""]
 
-    # Summary: before vs after the start.
+    # Every run: before vs after the start.
     lines += [
         "### before vs after meAct starts",
         "",
@@ -145,7 +166,7 @@ def section(runs: list, out: Path) -> list[str]:
         "(per layer, of width) | forward ms/step before | after |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
-    for r in shown:
+    for r in every:
         ups = [e.get("update") for e in r.log]
         before, after = _mean(ups[:start]), _mean(ups[start:])
         dev = [100 * e["dev_" + r.metric] for e in r.log]
@@ -161,9 +182,9 @@ def section(runs: list, out: Path) -> list[str]:
         ratio = after / before if before and after is not None else None
         lines.append(
             f"| {r.label} | {r.test():.2f} ({r.summary['best_epoch']:g}) | "
-            f"{_fmt(dev[start - 1] if start else None, '.2f')} | {_fmt(_mean(dev[start:]), '.2f')} | "
-            f"{dev[-1]:.2f} | {_fmt(before, '.3e')} | {_fmt(after, '.3e')} | "
-            f"{_fmt(ratio, '.3f')} | {active} | "
+            f"{_fmt(dev[start - 1] if start else None, '.2f')} | "
+            f"{_fmt(_mean(dev[start:]), '.2f')} | {dev[-1]:.2f} | {_fmt(before, '.3e')} | "
+            f"{_fmt(after, '.3e')} | {_fmt(ratio, '.3f')} | {active} | "
             f"{_fmt(_per_step_ms(r, 'forward', 0, start), '.2f')} | "
             f"{_fmt(_per_step_ms(r, 'forward', start, len(r.log)), '.2f')} |"
         )
@@ -177,7 +198,7 @@ def section(runs: list, out: Path) -> list[str]:
         "",
     ]
     lines += [f"- {c}" for c in PAPER_CLAIMS] + [""]
-    lines += [f"![{name}]({name})" for name in _plots(shown, start, out)] + [""]
+    lines += [f"![{name}]({name})" for name in _plots(every, start, out)] + [""]
     return lines
 
 

@@ -72,7 +72,7 @@ class TrainConfig:
     activation: str = ""  # hidden activation; "": the task's (mnist relu, parse cube)
     tags: str = "xpos"  # pos: the tag column, xpos (Penn Treebank tags) or upos
     meact_start: int = 10  # meact: first epoch (from 0) with active-only forwards
-    meact_threshold: float = 1.0  # meact: least share (%) of the accumulated |gradient|
+    meact_threshold: float = 0.5  # meact: least share (%) of the accumulated |gradient|
     meact_cap: int = 0  # meact: most active neurons per example and layer; 0: no cap
     meact_storage: str = "float16"  # meact: dtype of the per-example state
 

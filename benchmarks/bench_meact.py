@@ -17,6 +17,7 @@ dense / meAct (above 1: meAct is faster). On a shared machine only ratios from o
     python benchmarks/bench_meact.py                # MNIST's shapes and a wide layer
     python benchmarks/bench_meact.py --quick        # MNIST's first layer only
     python benchmarks/bench_meact.py --csv out.csv  # also write the rows as CSV
+    python benchmarks/bench_meact.py --threads 1    # one thread (steadier on a busy machine)
 """
 
 from __future__ import annotations
@@ -111,7 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="MNIST's first layer only")
     parser.add_argument("--min-run-time", type=float, default=0.3, help="seconds per timing")
     parser.add_argument("--csv", help="also write the rows to this CSV file")
+    parser.add_argument("--threads", type=int, help="torch (and numba) threads; default torch's")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import numba
 

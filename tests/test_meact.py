@@ -29,6 +29,19 @@ needs_numba = pytest.mark.skipif(not active.available(), reason="numba kernels u
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
 
 
+@pytest.fixture(params=["serial", "parallel"])
+def path(request, monkeypatch):
+    """Run the kernels' serial build (1 thread) or force the parallel one whatever the size."""
+    before = torch.get_num_threads()
+    if request.param == "serial":
+        torch.set_num_threads(1)
+    else:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(active, "_PAR_MIN_NS", 0)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------------------------
 # Active-set selection
 
@@ -116,7 +129,6 @@ def grads(fn, x, w, b, mask, base, g):
 
 @needs_numba
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     "m,n,d,density,bias",
     [
@@ -128,17 +140,10 @@ def grads(fn, x, w, b, mask, base, g):
         (16, 50, 33, 1.0, False),  # all active: the dense linear map
     ],
 )
-def test_kernel_matches_masked_reference(dtype, threads, m, n, d, density, bias):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        x, w, b, mask, base, g = problem(m, n, d, density, dtype, bias)
-        want, want_grads = grads(reference_active_linear, x, w, b, mask, base, g)
-        got, got_grads = grads(
-            lambda *a: active_linear(*a, backend="numba"), x, w, b, mask, base, g
-        )
-    finally:
-        torch.set_num_threads(before)
+def test_kernel_matches_masked_reference(path, dtype, m, n, d, density, bias):
+    x, w, b, mask, base, g = problem(m, n, d, density, dtype, bias)
+    want, want_grads = grads(reference_active_linear, x, w, b, mask, base, g)
+    got, got_grads = grads(lambda *a: active_linear(*a, backend="numba"), x, w, b, mask, base, g)
     torch.testing.assert_close(got, want, **TOL[dtype])
     assert torch.equal(got[~mask], base[~mask])  # inactive entries are base, bit for bit
     for got_g, want_g in zip(got_grads, want_grads, strict=True):
@@ -195,6 +200,57 @@ def test_opcheck():
     torch.library.opcheck(ops.active_linear.default, (x, w, None, off, cols, base))
     torch.library.opcheck(ops.active_linear_dx.default, (off, cols, g, w))
     torch.library.opcheck(ops.active_linear_dw.default, (off, cols, g, x))
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_select_active_matches_active_mask(path, dtype):
+    gen = torch.Generator().manual_seed(3)
+    for b, n in [(0, 5), (1, 1), (7, 13), (64, 500)]:
+        acc = torch.rand(b, n, generator=gen, dtype=dtype).pow(6)  # a few large shares
+        if b > 2:
+            acc[1] = 0  # nothing accumulated: all active
+        for threshold in (0.0, 0.3, 1.0, 10.0, 100.0):
+            for cap in (0, 1, 3, 60, 1000):
+                offsets, cols = active.select_active(acc, threshold, cap)
+                assert offsets.shape == (b + 1,) and int(offsets[-1]) == cols.numel()
+                rows = torch.repeat_interleave(torch.arange(b), offsets.diff())
+                mask = torch.zeros(b, n, dtype=torch.bool)
+                mask[rows, cols] = True
+                assert mask.sum() == cols.numel()  # no duplicates
+                assert torch.equal(mask, active_mask(acc, threshold, cap)), (b, n, threshold, cap)
+                for i in range(b):  # ascending within a row
+                    row = cols[offsets[i] : offsets[i + 1]]
+                    assert torch.equal(row, row.sort().values)
+
+
+@needs_numba
+def test_select_active_cap_ties_go_to_the_lower_column():
+    offsets, cols = active.select_active(torch.tensor([[1.0, 2.0, 2.0, 2.0, 1.0]]), 0.0, 2)
+    assert cols.tolist() == [1, 2]
+
+
+@needs_numba
+def test_accumulate_active_matches_the_masked_update(path):
+    x, w, b, mask, base, g = problem(9, 20, 7, 0.3, torch.float32, seed=4)
+    share = torch.rand(9, 20)
+    share /= share.sum(1, keepdim=True)
+    total = torch.rand(9) * 3
+    total[2] = 0  # a first pass
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), mask.sum(1).cumsum(0)])
+    cols = mask.nonzero()[:, 1]
+    poisoned = g.masked_fill(~mask, float("nan"))  # inactive entries must never be read
+    got_share, got_total = active.accumulate_active(share, total, poisoned, offsets, cols)
+    a = g.abs() * mask
+    want_total = total + a.sum(1)
+    want = (share * total[:, None] + a) / want_total.clamp_min(1e-30)[:, None]
+    torch.testing.assert_close(got_total, want_total)
+    torch.testing.assert_close(got_share, want)
+    assert not share.isnan().any()  # inputs are not modified
+    torch.library.opcheck(
+        torch.ops.meprop.accumulate_active.default, (share, total, g, offsets, cols)
+    )
+    torch.library.opcheck(torch.ops.meprop.select_active.default, (share, 5.0, 3))
 
 
 def test_torch_backend_is_the_reference():
@@ -378,6 +434,26 @@ def test_model_gradients_match_the_reference_with_the_same_masks():
     F.cross_entropy(h, y).backward()
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad)
+
+
+@needs_numba
+def test_kernel_and_torch_backends_train_alike():
+    """The compiled path (CSR selection, kernels, CSR accumulation) against the mask path."""
+    x, y = data(n=12)
+    runs = {}
+    for backend in ("numba", "torch"):
+        model = mlp()
+        config = MeActConfig(start_epoch=1, threshold=8.0, cap=5, backend=backend)
+        meact = MeAct(model, config, num_examples=12)
+        run_epochs(model, meact, x, y, epochs=3)
+        runs[backend] = (model, meact, meact.read_active())
+    (m1, a1, c1), (m2, a2, c2) = runs["numba"], runs["torch"]
+    assert c1 == c2 and 0 < c1["0"] < 8
+    for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+    for name in ("0", "2"):
+        torch.testing.assert_close(a1._state[name].share, a2._state[name].share)
+        torch.testing.assert_close(a1._state[name].total, a2._state[name].total)
 
 
 def test_float16_storage_keeps_the_shares():

@@ -113,17 +113,15 @@ def _csr(mask: Tensor) -> tuple[Tensor, Tensor]:
 class _ActiveLinearFn(torch.autograd.Function):
     """out = base with the active entries replaced by x W^T + b; gradients from those only."""
 
+    # (forward with ctx, not setup_context: Function.apply then skips an inspect.signature
+    # bind per call, ~50 us here)
     @staticmethod
-    def forward(x, weight, bias, offsets, cols, base):
+    def forward(ctx, x, weight, bias, offsets, cols, base):
         from .kernels import active
 
-        return active.active_linear(x, weight, bias, offsets, cols, base)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, offsets, cols, _ = inputs
         ctx.save_for_backward(x, weight, offsets, cols)
         ctx.has_bias = bias is not None
+        return active.active_linear(x, weight, bias, offsets, cols, base)
 
     @staticmethod
     def backward(ctx, grad):
@@ -411,32 +409,62 @@ class MeAct:
             )
         st = self._state[module.meact_name]
         ids = ids.to(st.total.device)
-        mask = None
+        active = None  # the active sets: None (all), a (B, n) mask, or CSR (offsets, cols)
         if not self.applies:  # normal training (exactly nn.Linear), accumulating gradients
             out = F.linear(x, module.weight, module.bias)
         else:
-            mask = active_mask(st.share[ids].float(), self.config.threshold, self.config.cap)
-            base = st.cache[ids].to(x.dtype)  # (B, n): each example's outputs at its last pass
-            out = active_linear(x, module.weight, module.bias, mask, base, self.config.backend)
-            st.active += mask.sum()  # stays on the device: read once per epoch
-            st.rows += mask.shape[0]
-        st.cache[ids] = out.detach().to(st.cache.dtype)
+            share = st.share.index_select(0, ids).float()  # (B, n)
+            base = st.cache.index_select(0, ids).to(x.dtype)  # (B, n): outputs at the last pass
+            w, b = module.weight, module.bias
+            if self._kernels(x, w, b):  # CSR all the way: no (B, n) boolean masks
+                from .kernels import active as kernels
+
+                active = kernels.select_active(share, self.config.threshold, self.config.cap)
+                out = _ActiveLinearFn.apply(x, w, b, *active, base)
+                st.active += active[1].numel()
+            else:
+                active = active_mask(share, self.config.threshold, self.config.cap)
+                out = reference_active_linear(x, w, b, active, base)
+                st.active += active.sum()  # stays on the device: read once per epoch
+            st.rows += x.shape[0]
+        st.cache.index_copy_(0, ids, out.detach().to(st.cache.dtype))
         if out.requires_grad:
-            out.register_hook(partial(_accumulate, st, ids, mask))
+            out.register_hook(partial(_accumulate, st, ids, active))
         return out
+
+    def _kernels(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+        """Whether this forward runs the compiled kernels (per the backend setting)."""
+        if self.config.backend == "torch":
+            return False
+        ok = _kernels_apply(x, weight, *(() if bias is None else (bias,)))
+        if self.config.backend == "numba" and not ok:
+            raise ValueError(
+                f"backend='numba' needs float32/float64 CPU tensors and numba, got {x.dtype} on "
+                f"{x.device}: use backend='auto'"
+            )
+        return ok
 
 
 @torch.no_grad()
-def _accumulate(st: _LayerState, ids: Tensor, mask: Tensor | None, grad: Tensor) -> None:
+def _accumulate(
+    st: _LayerState, ids: Tensor, active: Tensor | tuple[Tensor, Tensor] | None, grad: Tensor
+) -> None:
     """Add |grad| (B, n) (at the active entries) to the examples' accumulations, as shares.
 
     With T the old total and s the new gradients' sum: share' = (share T + |g|) / (T + s).
+    Inactive neurons get no gradient, so nothing is added there.
     """
-    a = grad.detach().abs().float()
-    if mask is not None:
-        a.masked_fill_(~mask, 0.0)  # inactive neurons get no gradient
-    old = st.total[ids]  # (B,)
-    new = old + a.sum(1)
-    share = (st.share[ids].float() * old[:, None] + a) / new.clamp_min(1e-30)[:, None]
-    st.share[ids] = share.to(st.share.dtype)
-    st.total[ids] = new
+    old = st.total.index_select(0, ids)  # (B,)
+    share = st.share.index_select(0, ids).float()  # (B, n)
+    if isinstance(active, tuple):  # CSR: the compiled kernel reads the active entries only
+        from .kernels import active as kernels
+
+        share, new = kernels.accumulate_active(share, old, grad.detach(), *active)
+    else:
+        a = grad.detach().abs().float()
+        if active is not None:
+            a.masked_fill_(~active, 0.0)
+        new = old + a.sum(1)
+        share = (share * old[:, None] + a) / new.clamp_min(1e-30)[:, None]
+    st.share.index_copy_(0, ids, share.to(st.share.dtype))
+    st.total.index_copy_(0, ids, new)

@@ -18,6 +18,17 @@ so each example may have its own number of active neurons. The three products:
   are zero. The (i, j) pairs are counting-sorted by j first, so each row of dW is written by
   one task (no races) and exactly once.
 
+Two helpers keep meAct's per-example bookkeeping out of PyTorch's boolean-mask ops (which
+cost tens of microseconds each on a (B, n) batch here):
+
+* ``select_active(share, threshold, cap) -> (offsets, cols)``: the active sets of rows of
+  accumulations (B, n), as ``meprop.meact.active_mask`` defines them (share of the row's
+  total >= threshold %; the ``cap`` largest, ties to the lower column; an all-zero row is all
+  active), in CSR form with ascending columns.
+* ``accumulate_active(share, total, grad, offsets, cols) -> (share', total')``: add |grad| at
+  the active entries to accumulations kept as shares of their row's total ``total`` (B,):
+  share' = (share * total + |grad|) / total', total' = total + sum of those |grad|.
+
 Duplicate columns in a row add up (dx, dW) or are written twice with the same value (out);
 out-of-range columns raise IndexError; malformed offsets raise ValueError. float32 and
 float64, any strides (copied to contiguous where needed), M = 0 and nnz = 0 included.
@@ -26,14 +37,16 @@ Each is a ``torch.library.custom_op`` (``torch.ops.meprop.<name>``) with a fake 
 the plain functions of the same names skip the dispatcher (tens of microseconds per call) and
 are what eager code calls. The dot products of the forward are summed in a vectorised order
 (numba's ``reassoc`` fast-math flag only: NaN and inf keep their IEEE meaning), so they differ
-from a GEMM's in the last bits. Kernels run in parallel over rows (``prange``) with numba's
-thread count set to torch's; numba's threading layer is the one ``meprop.kernels.cpu`` picks
-(it is imported first for that). Compiled code is cached on disk after the first run.
+from a GEMM's in the last bits. Kernels run in parallel (``prange``, numba's thread count set
+to torch's) where the work is worth waking the threads, serially otherwise; numba's threading
+layer is the one ``meprop.kernels.cpu`` picks (it is imported first for that). Compiled code
+is cached on disk after the first run.
 """
 
 from __future__ import annotations
 
 import threading
+import types
 
 import numpy as np
 import torch
@@ -41,7 +54,15 @@ from torch import Tensor
 
 from . import cpu as _cpu  # (first: it configures numba's threading layer)
 
-__all__ = ["available", "active_linear", "active_linear_dx", "active_linear_dw", "warmup"]
+__all__ = [
+    "available",
+    "active_linear",
+    "active_linear_dx",
+    "active_linear_dw",
+    "select_active",
+    "accumulate_active",
+    "warmup",
+]
 
 if _cpu.available():
     import numba
@@ -59,17 +80,58 @@ def available() -> bool:
     return _cpu.available()
 
 
-def _jit(fastmath):
-    def wrap(fn):
-        if numba is None:  # pragma: no cover
-            return fn
-        opts = dict(nogil=True, parallel=True, fastmath=fastmath)
-        try:
-            return numba.njit(cache=True, **opts)(fn)
-        except RuntimeError:  # pragma: no cover - no cache locator (read-only install)
-            return numba.njit(**opts)(fn)
+def _compile(fn, fastmath, parallel: bool):
+    """njit with on-disk caching; without it where numba finds no cache directory."""
+    if numba is None:  # pragma: no cover
+        return fn
+    opts = dict(nogil=True, parallel=parallel, fastmath=fastmath)
+    try:
+        return numba.njit(cache=True, **opts)(fn)
+    except RuntimeError:  # pragma: no cover - no cache locator (read-only install)
+        return numba.njit(**opts)(fn)
 
-    return wrap
+
+def _renamed(fn, suffix: str):
+    """A copy of ``fn`` under another qualname: numba's cache tells functions apart by
+    qualname and signature only, so the serial and parallel builds need different names."""
+    f = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix)
+    f.__qualname__ = fn.__qualname__ + suffix
+    return f
+
+
+# Parallel builds only for work estimated above this many ns: a parallel launch costs ~5 us
+# on an idle machine but ~85 us measured on this busy 2-core one (the workers must be
+# scheduled), more than the whole selection or accumulation of an MNIST batch (~5 us).
+_PAR_MIN_NS = 50_000
+
+
+class _Kernel:
+    """A kernel compiled twice (lazily, on first use): parallel over ``prange`` and serial.
+
+    ``kernel(work_ns, *args)`` runs the parallel build when torch has several threads and the
+    estimated serial work ``work_ns`` is worth a launch, else the serial one. numba's thread
+    count follows torch's.
+    """
+
+    def __init__(self, fn, fastmath) -> None:
+        self.parallel = _compile(fn, fastmath, parallel=True)
+        self.serial = _compile(_renamed(fn, "_serial"), fastmath, parallel=False)
+
+    def __call__(self, work_ns: float, *args):
+        t = torch.get_num_threads()
+        if t > 1 and work_ns >= _PAR_MIN_NS:
+            if getattr(_tls, "threads", None) != t:  # numba's set_num_threads costs us
+                numba.set_num_threads(max(1, min(t, numba.config.NUMBA_NUM_THREADS)))
+                _tls.threads = t
+            return self.parallel(*args)
+        return self.serial(*args)
+
+
+def _jit(fastmath):
+    return lambda fn: _Kernel(fn, fastmath)
+
+
+_tls = threading.local()
 
 
 # Reductions (the forward's dot products) may be reordered to vectorise: ~10x faster here.
@@ -82,56 +144,78 @@ _AXPY = {"contract"}
 # Kernels (numba). Shapes in comments; all arrays C-contiguous.
 
 
+@lambda fn: _compile(fn, False, parallel=False)
+def _by_column(offsets, cols, n):
+    """Counting sort of the active (i, j) by column j in [0, n): O(nnz + n).
+
+    Returns start (n + 1,) and ex (pairs,): the examples i with j active are
+    ex[start[j]:start[j + 1]], in ascending order; and the number of out-of-range cols (left
+    out).
+    """
+    m = offsets.shape[0] - 1
+    start = np.zeros(n + 1, np.int64)
+    bad = 0
+    for p in range(offsets[m]):
+        j = cols[p]
+        if j < 0 or j >= n:
+            bad += 1
+        else:
+            start[j + 1] += 1
+    for j in range(n):
+        start[j + 1] += start[j]
+    cursor = start[:n].copy()
+    ex = np.empty(start[n], np.int64)
+    for i in range(m):
+        for p in range(offsets[i], offsets[i + 1]):
+            j = cols[p]
+            if 0 <= j < n:
+                ex[cursor[j]] = i
+                cursor[j] += 1
+    return start, ex, bad
+
+
 @_jit(_DOT)
 def _forward_impl(x, w, b, has_bias, offsets, cols, out, zero):
     """out (M, n) holds the base values on entry; writes out[i, j] = w[j] . x[i] (+ b[j]) at
-    the active (i, j). x (M, in), w (n, in), b (n,). Returns the count of out-of-range cols."""
-    m, d = x.shape
-    n = w.shape[0]
-    bad = 0
-    for i in prange(m):
-        xi = x[i]
-        p = offsets[i]
-        end = offsets[i + 1]
-        # Four rows of W per sweep over x[i]: x[i] is loaded once per four dot products.
-        while p + 4 <= end:
-            j0, j1, j2, j3 = cols[p], cols[p + 1], cols[p + 2], cols[p + 3]
-            if min(j0, j1, j2, j3) < 0 or max(j0, j1, j2, j3) >= n:
-                break  # let the one-at-a-time loop below count the bad ones
-            w0, w1, w2, w3 = w[j0], w[j1], w[j2], w[j3]
+    the active (i, j). x (M, in), w (n, in), b (n,). Returns the count of out-of-range cols.
+
+    One task per neuron j: its row of W stays in L1 while it meets every example that has j
+    active (four at a time), and the examples' rows of x (M in floats) stay in L2. Per example
+    instead, each active pair would stream a row of W from L3: measured 10-50% slower.
+    """
+    n, d = w.shape
+    start, ex, bad = _by_column(offsets, cols, n)
+    for j in prange(n):
+        wj = w[j]
+        bj = b[j] if has_bias else zero
+        q = start[j]
+        end = start[j + 1]
+        while q + 4 <= end:
+            i0, i1, i2, i3 = ex[q], ex[q + 1], ex[q + 2], ex[q + 3]
+            x0, x1, x2, x3 = x[i0], x[i1], x[i2], x[i3]
             s0 = zero
             s1 = zero
             s2 = zero
             s3 = zero
             for c in range(d):
-                xc = xi[c]
-                s0 += w0[c] * xc
-                s1 += w1[c] * xc
-                s2 += w2[c] * xc
-                s3 += w3[c] * xc
-            if has_bias:
-                s0 += b[j0]
-                s1 += b[j1]
-                s2 += b[j2]
-                s3 += b[j3]
-            out[i, j0] = s0
-            out[i, j1] = s1
-            out[i, j2] = s2
-            out[i, j3] = s3
-            p += 4
-        while p < end:
-            j = cols[p]
-            p += 1
-            if j < 0 or j >= n:
-                bad += 1
-                continue
-            wj = w[j]
+                wc = wj[c]
+                s0 += wc * x0[c]
+                s1 += wc * x1[c]
+                s2 += wc * x2[c]
+                s3 += wc * x3[c]
+            out[i0, j] = s0 + bj
+            out[i1, j] = s1 + bj
+            out[i2, j] = s2 + bj
+            out[i3, j] = s3 + bj
+            q += 4
+        while q < end:
+            i = ex[q]
+            xi = x[i]
             s = zero
             for c in range(d):
                 s += wj[c] * xi[c]
-            if has_bias:
-                s += b[j]
-            out[i, j] = s
+            out[i, j] = s + bj
+            q += 1
     return bad
 
 
@@ -174,29 +258,11 @@ def _dx_impl(offsets, cols, g, w, out):
 def _dw_impl(offsets, cols, g, x, dw, db, zero):
     """dw (n, in), db (n,): the weight and bias gradients from the active (i, j) only.
 
-    Counting sort of the pairs by column j (serial, O(nnz + n)), then one task per row of dw.
+    The pairs sorted by column j (``_by_column``), then one task per row of dw.
     """
-    m, d = x.shape
+    d = x.shape[1]
     n = dw.shape[0]
-    start = np.zeros(n + 1, np.int64)
-    bad = 0
-    for i in range(m):
-        for p in range(offsets[i], offsets[i + 1]):
-            j = cols[p]
-            if j < 0 or j >= n:
-                bad += 1
-            else:
-                start[j + 1] += 1
-    for j in range(n):
-        start[j + 1] += start[j]
-    cursor = start[:n].copy()
-    ex = np.empty(start[n], np.int64)  # example number of each pair, grouped by column
-    for i in range(m):
-        for p in range(offsets[i], offsets[i + 1]):
-            j = cols[p]
-            if 0 <= j < n:
-                ex[cursor[j]] = i
-                cursor[j] += 1
+    start, ex, bad = _by_column(offsets, cols, n)
     for j in prange(n):
         o = dw[j]
         for c in range(d):
@@ -224,15 +290,73 @@ def _dw_impl(offsets, cols, g, x, dw, db, zero):
     return bad
 
 
-_tls = threading.local()
+@_jit(_DOT)
+def _count_impl(share, hundred, thr, cap, counts, raw, lims):
+    """Pass 1 of select_active: counts[i] = how many of row i are active after the cap,
+    raw[i] before it; lims[i] = the row's bound (total * thr)."""
+    m, n = share.shape
+    for i in prange(m):
+        row = share[i]
+        tot = hundred - hundred  # a zero of share's dtype (float32 stays float32)
+        for j in range(n):
+            tot += row[j]
+        lim = tot * thr
+        c = 0
+        for j in range(n):
+            c += row[j] * hundred >= lim  # share >= thr %, as products (0 >= 0 in a zero row)
+        lims[i] = lim
+        raw[i] = c
+        counts[i] = min(c, cap) if 0 < cap and tot > 0 else c
 
 
-def _threads() -> None:
-    """numba's thread count (per calling thread) follows torch's; set only when it changed."""
-    t = torch.get_num_threads()
-    if numba is not None and getattr(_tls, "threads", None) != t:
-        numba.set_num_threads(max(1, min(t, numba.config.NUMBA_NUM_THREADS)))
-        _tls.threads = t
+@_jit(False)
+def _fill_impl(share, hundred, lims, raw, offsets, cols):
+    """Pass 2 of select_active: the active columns of row i into cols[offsets[i]:...]."""
+    m, n = share.shape
+    for i in prange(m):
+        row = share[i]
+        lim = lims[i]
+        p = offsets[i]
+        end = offsets[i + 1]
+        c = raw[i]
+        if c <= end - p:  # no cap at work (branches beat branch-free stores here: 2x)
+            for j in range(n):
+                if row[j] * hundred >= lim:
+                    cols[p] = j
+                    p += 1
+        else:  # the cap: the end - p largest candidates; a stable sort keeps the lower
+            # columns first among equals (candidates are in ascending column order)
+            cand = np.empty(c, np.int64)
+            neg = np.empty(c, share.dtype)
+            t = 0
+            for j in range(n):
+                if row[j] * hundred >= lim:
+                    cand[t] = j
+                    neg[t] = -row[j]
+                    t += 1
+            keep = np.sort(cand[np.argsort(neg, kind="mergesort")[: end - p]])
+            for t in range(end - p):
+                cols[p + t] = keep[t]
+
+
+@_jit(False)
+def _accumulate_impl(share, total, g, offsets, cols):
+    """In place: share (B, n) and total (B,) take |g| (B, n) at the active entries."""
+    m, n = share.shape
+    for i in prange(m):
+        s = 0.0
+        for p in range(offsets[i], offsets[i + 1]):
+            s += abs(g[i, cols[p]])
+        old = total[i]
+        new = old + s
+        if new > 0:
+            scale = old / new
+            for j in range(n):
+                share[i, j] *= scale
+            for p in range(offsets[i], offsets[i + 1]):
+                j = cols[p]
+                share[i, j] += abs(g[i, j]) / new
+        total[i] = new
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,8 +425,8 @@ def active_linear(
     off, cn = _csr(offsets, cols, m)
     out = basen.copy()
     if cn.shape[0]:
-        _threads()
-        bad = _forward_impl(xn, wn, bn, bias is not None, off, cn, out, _ZERO[x.dtype])
+        work = cn.shape[0] * d / 8  # ns: ~8 multiply-adds per ns
+        bad = _forward_impl(work, xn, wn, bn, bias is not None, off, cn, out, _ZERO[x.dtype])
         _raise_bad(bad, n)
     return torch.from_numpy(out)
 
@@ -319,8 +443,8 @@ def active_linear_dx(offsets: Tensor, cols: Tensor, grad: Tensor, weight: Tensor
     off, cn = _csr(offsets, cols, gn.shape[0])
     out = np.empty((gn.shape[0], wn.shape[1]), wn.dtype)
     if out.size:
-        _threads()
-        _raise_bad(_dx_impl(off, cn, gn, wn, out), wn.shape[0])
+        work = cn.shape[0] * wn.shape[1] / 8
+        _raise_bad(_dx_impl(work, off, cn, gn, wn, out), wn.shape[0])
     return torch.from_numpy(out)
 
 
@@ -340,9 +464,59 @@ def active_linear_dw(
     dw = np.empty((n, xn.shape[1]), xn.dtype)
     db = np.empty(n, xn.dtype)
     if n:
-        _threads()
-        _raise_bad(_dw_impl(off, cn, gn, xn, dw, db, _ZERO[x.dtype]), n)
+        work = (cn.shape[0] + n) * xn.shape[1] / 8
+        _raise_bad(_dw_impl(work, off, cn, gn, xn, dw, db, _ZERO[x.dtype]), n)
     return torch.from_numpy(dw), torch.from_numpy(db)
+
+
+def select_active(share: Tensor, threshold: float, cap: int = 0) -> tuple[Tensor, Tensor]:
+    """The active sets of the rows of ``share`` (B, n) >= 0, as offsets (B + 1,), cols (nnz,).
+
+    A column is active when share * 100 >= (row sum) * threshold; with ``cap`` > 0 at most the
+    ``cap`` largest of those stay (ties: the lower column); a row summing to 0 is all active.
+    Columns ascend within a row. Matches ``meprop.meact.active_mask`` (up to rounding of the
+    row sums exactly at the threshold).
+    """
+    sn = _array("share", share, 2)
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+        raise ValueError(f"cap must be an int >= 0, got {cap!r}")
+    m, n = sn.shape
+    counts = np.zeros(m, np.int64)
+    raw = np.empty(m, np.int64)
+    lims = np.empty(m, sn.dtype)
+    offsets = np.zeros(m + 1, np.int64)
+    if m and n:
+        dtype = sn.dtype.type
+        _count_impl(m * n / 4, sn, dtype(100.0), dtype(threshold), cap, counts, raw, lims)
+        np.cumsum(counts, out=offsets[1:])
+    cols = np.empty(offsets[-1], np.int64)
+    if cols.shape[0]:
+        _fill_impl(m * n / 4, sn, dtype(100.0), lims, raw, offsets, cols)
+    return torch.from_numpy(offsets), torch.from_numpy(cols)
+
+
+def accumulate_active(
+    share: Tensor, total: Tensor, grad: Tensor, offsets: Tensor, cols: Tensor
+) -> tuple[Tensor, Tensor]:
+    """New (share (B, n), total (B,)) after adding |grad| (B, n) at the active entries.
+
+    share holds accumulations as shares of their row's ``total``; float32 or float64 (grad
+    may have another float dtype). Inactive entries of grad are never read.
+    """
+    sn, tn = _array("share", share, 2).copy(), _array("total", total, 1).copy()
+    gn = _array("grad", grad, 2)
+    if gn.shape != sn.shape or tn.shape[0] != sn.shape[0] or tn.dtype != sn.dtype:
+        raise ValueError(
+            f"want share and grad (B, n), total (B,) of share's dtype; got share "
+            f"{tuple(share.shape)} {share.dtype}, grad {tuple(grad.shape)}, total "
+            f"{tuple(total.shape)} {total.dtype}"
+        )
+    off, cn = _csr(offsets, cols, sn.shape[0])
+    if cn.shape[0] and (cn.min() < 0 or cn.max() >= sn.shape[1]):
+        _raise_bad(int(((cn < 0) | (cn >= sn.shape[1])).sum()), sn.shape[1])
+    if sn.shape[0]:
+        _accumulate_impl(sn.size / 4, sn, tn, gn, off, cn)
+    return torch.from_numpy(sn), torch.from_numpy(tn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,6 +530,14 @@ _active_linear_dx_op = torch.library.custom_op(
 )
 _active_linear_dw_op = torch.library.custom_op(
     "meprop::active_linear_dw", active_linear_dw, mutates_args=(), device_types="cpu"
+)
+
+
+_select_active_op = torch.library.custom_op(
+    "meprop::select_active", select_active, mutates_args=(), device_types="cpu"
+)
+_accumulate_active_op = torch.library.custom_op(
+    "meprop::accumulate_active", accumulate_active, mutates_args=(), device_types="cpu"
 )
 
 
@@ -374,8 +556,21 @@ def _(offsets, cols, grad, x):
     return x.new_empty((grad.shape[1], x.shape[1])), x.new_empty((grad.shape[1],))
 
 
+@_select_active_op.register_fake
+def _(share, threshold, cap=0):
+    nnz = torch.library.get_ctx().new_dynamic_size()  # data-dependent, <= B n
+    return share.new_empty((share.shape[0] + 1,), dtype=torch.int64), share.new_empty(
+        (nnz,), dtype=torch.int64
+    )
+
+
+@_accumulate_active_op.register_fake
+def _(share, total, grad, offsets, cols):
+    return share.new_empty(share.shape), total.new_empty(total.shape)
+
+
 def warmup(dtypes=(torch.float32, torch.float64)) -> None:
-    """Compile (or load from numba's cache) the three kernels for ``dtypes``."""
+    """Compile (or load from numba's cache) the kernels for ``dtypes``."""
     if numba is None:
         return
     for dtype in dtypes:
@@ -386,3 +581,6 @@ def warmup(dtypes=(torch.float32, torch.float64)) -> None:
         active_linear(x, w, None, offsets, cols, torch.zeros(2, 5, dtype=dtype))
         active_linear_dx(offsets, cols, g, w)
         active_linear_dw(offsets, cols, g, x)
+        select_active(g, 10.0, 0)
+        select_active(g, 10.0, 2)
+        accumulate_active(g.abs(), torch.ones(2, dtype=dtype), g, offsets, cols)

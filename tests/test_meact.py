@@ -594,9 +594,16 @@ def test_reproduce_meact_quick(tiny_mnist, tmp_path, monkeypatch):
     full = meact_report.grid
 
     def small(quick, dataset):
-        rows = full(quick=True, dataset=dataset)
-        cfg = dict(epochs=3, batch_size=20, hidden=(32,), train_limit=0, meact_start=1)
-        return [replace(r, config=replace(r.config, **cfg)) for r in rows]
+        rows = full(quick=True, dataset=dataset)  # dense and meAct
+        rows += [
+            replace(r, name=r.name + "-seed2", label=r.label + " seed 2", config=r.config)
+            for r in rows
+        ]
+        cfg = dict(epochs=2, batch_size=20, hidden=(32,), train_limit=0, meact_start=1)
+        return [
+            replace(r, config=replace(r.config, **cfg, seed=2 if "seed2" in r.name else 1))
+            for r in rows
+        ]
 
     monkeypatch.setattr(meact_report, "grid", small)
     out = tmp_path / "results"
@@ -605,5 +612,7 @@ def test_reproduce_meact_quick(tiny_mnist, tmp_path, monkeypatch):
     report = (out / "report.md").read_text()
     assert "## meAct" in report and "accuracy per epoch" in report
     assert "drops sharply" in report and "active neurons per example" in report
-    for png in ("meact_accuracy.png", "meact_update.png", "meact_active.png"):
+    assert "are identical to those of the baseline with its seed" in report
+    assert "### seeds" in report and "| 2 |" in report
+    for png in ("meact_accuracy.png", "meact_update.png", "meact_active.png", "meact_seeds.png"):
         assert (out / png).stat().st_size > 1000

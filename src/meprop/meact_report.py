@@ -5,7 +5,8 @@ and meAct, identical until meAct starts. The report puts side by side, per epoch
 accuracy, the average absolute parameter change per iteration (``meprop.analysis``) and meAct's
 active neurons per example, beside the paper's claims: accuracy rises after meAct starts, and
 the update drops sharply. The full grid adds meAct with float32 state (does the float16 state
-change the result?) and meAct at a lower and a higher threshold (how sensitive is it?).
+change the result?), meAct at a lower and a higher threshold (how sensitive is it?) and both
+runs from two more seeds (how typical is the first seed's curve?).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ PAPER_CLAIMS = [
 
 
 def grid(quick: bool = False, dataset: str = "mnist") -> list:
-    """The runs: dense and meAct from the same seed (full: + float32 state, other thresholds)."""
+    """The runs: dense and meAct from the same seed (full: + float32 state, other thresholds,
+    other seeds)."""
     from .reproduce import Row
 
     base = TrainConfig(
@@ -59,6 +61,18 @@ def grid(quick: bool = False, dataset: str = "mnist") -> list:
                     "meact",
                     f"meAct {threshold:g}%",
                     replace(meact, meact_threshold=threshold),
+                )
+            )
+        for seed in (2, 3):  # how typical is seed 1's curve?
+            rows.append(
+                Row(f"dense-seed{seed}", "meact", f"dense (seed {seed})", replace(base, seed=seed))
+            )
+            rows.append(
+                Row(
+                    f"meact-seed{seed}",
+                    "meact",
+                    f"meAct {meact.meact_threshold:g}% (seed {seed})",
+                    replace(meact, seed=seed),
                 )
             )
     return rows
@@ -97,11 +111,17 @@ def section(runs: list, out: Path) -> list[str]:
         return []
     main = meacts[0]
     start = main.config["meact_start"]
-    # the baseline: a dense run of the same widths, if there is one
-    dense = [
-        r for r in runs if r.method == "dense" and r.summary["widths"] == main.summary["widths"]
-    ]
-    every = dense[:1] + meacts
+
+    def baseline(run):
+        """The dense run with the same seed and widths (identical until meAct starts)."""
+        for r in runs:
+            same = r.summary["widths"] == run.summary["widths"]
+            if r.method == "dense" and same and r.config["seed"] == run.config["seed"]:
+                return r
+        return None
+
+    dense = [r for r in runs if r.method == "dense"]
+    every = dense + meacts
     cfg = main.config
     lines = [
         "## meAct: minimal effort activation (the extended paper's analysis)",
@@ -122,16 +142,17 @@ def section(runs: list, out: Path) -> list[str]:
         + ".",
         "",
     ]
-    if dense:
-        same = all(_before(dense[0], start) == _before(r, start) for r in meacts)
+    pairs = [(baseline(r), r) for r in meacts if baseline(r) is not None]
+    if pairs:
+        same = all(_before(d, start) == _before(r, start) for d, r in pairs)
         lines += [
             "Before the start, the logs of every meAct run (losses, accuracies, updates) are "
-            + ("identical to the baseline's." if same else "NOT identical to the baseline's."),
+            + ("identical to those of the baseline with its seed." if same else "NOT identical."),
             "",
         ]
 
-    # Per epoch: the baseline and the first meAct run.
-    shown = dense[:1] + [main]
+    # Per epoch: the first meAct run and its baseline.
+    shown = [r for r in (baseline(main), main) if r is not None]
     layers = list((main.log[-1].get("active") or {}).keys())
     head = ["epoch"] + [f"{r.label} dev %" for r in shown] + [f"{r.label} update" for r in shown]
     head += [f"{main.label} active L{j + 1}" for j in range(len(layers))]
@@ -188,6 +209,7 @@ def section(runs: list, out: Path) -> list[str]:
             f"{_fmt(_per_step_ms(r, 'forward', 0, start), '.2f')} | "
             f"{_fmt(_per_step_ms(r, 'forward', start, len(r.log)), '.2f')} |"
         )
+    lines += _seeds_table(pairs, main, start)
     lines += [
         "",
         "Forward times are whole training forwards per step (for meAct after the start: "
@@ -198,8 +220,61 @@ def section(runs: list, out: Path) -> list[str]:
         "",
     ]
     lines += [f"- {c}" for c in PAPER_CLAIMS] + [""]
-    lines += [f"![{name}]({name})" for name in _plots(every, start, out)] + [""]
+    same_seed = [r for r in every if r.config["seed"] == main.config["seed"]]
+    names = _plots(same_seed, start, out) + _seed_plot(pairs, main, start, out)
+    lines += [f"![{name}]({name})" for name in names] + [""]
     return lines
+
+
+def _seeds_table(pairs: list, main, start: int) -> list[str]:
+    """Per seed: the baseline against meAct at the first run's settings."""
+    keys = ("meact_threshold", "meact_cap", "meact_storage")
+    pairs = [(d, r) for d, r in pairs if all(r.config[k] == main.config[k] for k in keys)]
+    if len(pairs) < 2:
+        return []
+    lines = [
+        "",
+        f"### seeds (meAct {main.config['meact_threshold']:g}% against the baseline of each seed)",
+        "",
+        "| seed | test % dense | test % meAct | dev % after start: dense mean | meAct mean | "
+        "meAct min | meAct last | update after start: dense | meAct | ratio |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for d, r in sorted(pairs, key=lambda p: p[1].config["seed"]):
+        dev = [100 * e["dev_" + r.metric] for e in r.log[start:]]
+        dev_d = [100 * e["dev_" + d.metric] for e in d.log[start:]]
+        up_d = _mean([e.get("update") for e in d.log[start:]])
+        up = _mean([e.get("update") for e in r.log[start:]])
+        lines.append(
+            f"| {r.config['seed']} | {d.test():.2f} | {r.test():.2f} | {_fmt(_mean(dev_d), '.2f')} | "
+            f"{_fmt(_mean(dev), '.2f')} | {min(dev):.2f} | {dev[-1]:.2f} | {_fmt(up_d, '.2e')} | "
+            f"{_fmt(up, '.2e')} | {_fmt(up / up_d if up and up_d else None, '.3f')} |"
+        )
+    return lines
+
+
+def _seed_plot(pairs: list, main, start: int, out: Path) -> list[str]:
+    if len(pairs) < 2:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (d, r) in enumerate(sorted(pairs, key=lambda p: p[1].config["seed"])):
+        for run, ls in ((d, "--"), (r, "-")):
+            xs = [e["epoch"] for e in run.log]
+            ys = [100 * e["dev_" + run.metric] for e in run.log]
+            ax.plot(xs, ys, ls=ls, color=f"C{i}", label=run.label)
+    ax.axvline(start + 0.5, color="grey", ls=":", label="meAct starts")
+    ax.set(xlabel="epoch", ylabel="dev accuracy (%)", title="dense (dashed) vs meAct, per seed")
+    ax.set_ylim(bottom=max(90.0, ax.get_ylim()[0]))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "meact_seeds.png", dpi=110)
+    plt.close(fig)
+    return ["meact_seeds.png"]
 
 
 def _plots(runs: list, start: int, out: Path) -> list[str]:

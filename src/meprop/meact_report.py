@@ -131,13 +131,17 @@ def section(runs: list, out: Path) -> list[str]:
         f"{cfg['meact_threshold']:g}%"
         + (f", at most {cfg['meact_cap']} per layer" if cfg["meact_cap"] else "")
         + "; the others keep their value from the example's last pass and get no gradient. "
-        "Same seed for every run: the same initialisation and batch order, so the runs are "
-        "identical until meAct starts. Per-example state: "
+        "Each meAct run has a dense baseline with the same seed: the same initialisation and "
+        "batch order, so the two are identical until meAct starts. Per-example state: "
         + ", ".join(
-            f"{r.label} {r.summary['meact']['memory_bytes'] / 1e6:.1f} MB "
-            f"({r.summary['meact']['examples']} examples)"
-            for r in meacts
-            if r.summary.get("meact")
+            sorted(
+                {
+                    f"{r.summary['meact']['memory_bytes'] / 1e6:.1f} MB in "
+                    f"{r.config['meact_storage']} ({r.summary['meact']['examples']} examples)"
+                    for r in meacts
+                    if r.summary.get("meact")
+                }
+            )
         )
         + ".",
         "",
@@ -209,7 +213,10 @@ def section(runs: list, out: Path) -> list[str]:
             f"{_fmt(_per_step_ms(r, 'forward', 0, start), '.2f')} | "
             f"{_fmt(_per_step_ms(r, 'forward', start, len(r.log)), '.2f')} |"
         )
-    lines += _seeds_table(pairs, main, start)
+    keys = ("meact_threshold", "meact_cap", "meact_storage")
+    seeds = [(d, r) for d, r in pairs if all(r.config[k] == main.config[k] for k in keys)]
+    seeds.sort(key=lambda p: p[1].config["seed"])
+    lines += _seeds_table(seeds, main, start)
     lines += [
         "",
         "Forward times are whole training forwards per step (for meAct after the start: "
@@ -221,15 +228,13 @@ def section(runs: list, out: Path) -> list[str]:
     ]
     lines += [f"- {c}" for c in PAPER_CLAIMS] + [""]
     same_seed = [r for r in every if r.config["seed"] == main.config["seed"]]
-    names = _plots(same_seed, start, out) + _seed_plot(pairs, main, start, out)
+    names = _plots(same_seed, start, out) + _seed_plot(seeds, start, out)
     lines += [f"![{name}]({name})" for name in names] + [""]
     return lines
 
 
 def _seeds_table(pairs: list, main, start: int) -> list[str]:
-    """Per seed: the baseline against meAct at the first run's settings."""
-    keys = ("meact_threshold", "meact_cap", "meact_storage")
-    pairs = [(d, r) for d, r in pairs if all(r.config[k] == main.config[k] for k in keys)]
+    """Per seed: the baseline against meAct at the first run's settings (pairs, by seed)."""
     if len(pairs) < 2:
         return []
     lines = [
@@ -240,7 +245,7 @@ def _seeds_table(pairs: list, main, start: int) -> list[str]:
         "meAct min | meAct last | update after start: dense | meAct | ratio |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for d, r in sorted(pairs, key=lambda p: p[1].config["seed"]):
+    for d, r in pairs:
         dev = [100 * e["dev_" + r.metric] for e in r.log[start:]]
         dev_d = [100 * e["dev_" + d.metric] for e in d.log[start:]]
         up_d = _mean([e.get("update") for e in d.log[start:]])
@@ -253,7 +258,7 @@ def _seeds_table(pairs: list, main, start: int) -> list[str]:
     return lines
 
 
-def _seed_plot(pairs: list, main, start: int, out: Path) -> list[str]:
+def _seed_plot(pairs: list, start: int, out: Path) -> list[str]:
     if len(pairs) < 2:
         return []
     import matplotlib
@@ -262,7 +267,7 @@ def _seed_plot(pairs: list, main, start: int, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (d, r) in enumerate(sorted(pairs, key=lambda p: p[1].config["seed"])):
+    for i, (d, r) in enumerate(pairs):
         for run, ls in ((d, "--"), (r, "-")):
             xs = [e["epoch"] for e in run.log]
             ys = [100 * e["dev_" + run.metric] for e in run.log]

@@ -7,17 +7,20 @@ For each shape (B examples, `in` inputs, n neurons) and number of active neurons
              (``meprop.kernels.active.active_linear``, CSR given), and the masked dense
              reference (``torch.where(mask, F.linear(...), base)``: what the kernel avoids)
 * layer:     the whole meAct training forward of an ``ActiveLinear`` (active-set selection
-             from the stored float16 shares, CSR, kernel, cache read and write) vs dense
+             from the stored float16 shares, CSR, kernel, cache read and write) vs an
+             ``nn.Linear`` call
 * backward:  dense ``g @ W`` + ``g.T @ x`` + ``g.sum(0)`` vs ``active_linear_dx`` +
              ``active_linear_dw`` (which read only the active entries of g)
 
 Times are medians of ``torch.utils.benchmark.Timer.blocked_autorange`` in microseconds; x =
-dense / meAct (above 1: meAct is faster). On a shared machine only ratios from one run compare.
+dense / meAct (above 1: meAct is faster). On a shared machine only ratios from one run compare;
+on a busy one, ``--threads 1 --clock cpu`` times by the thread's CPU time instead of the wall
+clock, which does not count the time the process waits for a core.
 
     python benchmarks/bench_meact.py                # MNIST's shapes and a wide layer
     python benchmarks/bench_meact.py --quick        # MNIST's first layer only
     python benchmarks/bench_meact.py --csv out.csv  # also write the rows as CSV
-    python benchmarks/bench_meact.py --threads 1    # one thread (steadier on a busy machine)
+    python benchmarks/bench_meact.py --threads 1 --clock cpu  # one thread, CPU time
 """
 
 from __future__ import annotations
@@ -52,8 +55,32 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+CLOCK = "wall"
+
+
 def us(stmt: str, mrt: float, **env) -> float:
-    return Timer(stmt, globals=env).blocked_autorange(min_run_time=mrt).median * 1e6
+    """Median microseconds per run of ``stmt``: wall clock (torch's Timer), or this thread's
+    CPU time (``CLOCK = "cpu"``: one thread only) over blocks of at least 10 ms."""
+    if CLOCK == "wall":
+        return Timer(stmt, globals=env).blocked_autorange(min_run_time=mrt).median * 1e6
+    code = compile(stmt, "<stmt>", "exec")
+    exec(code, env)  # warm up
+    number, t0 = 1, time.thread_time()
+    while True:  # calibrate: runs per block of >= 10 ms
+        for _ in range(number):
+            exec(code, env)
+        if time.thread_time() - t0 >= 0.01:
+            break
+        number, t0 = number * 2, time.thread_time()
+    blocks, spent = [], 0.0
+    while spent < mrt or len(blocks) < 5:
+        t0 = time.thread_time()
+        for _ in range(number):
+            exec(code, env)
+        dt = time.thread_time() - t0
+        blocks.append(dt / number)
+        spent += dt
+    return sorted(blocks)[len(blocks) // 2] * 1e6
 
 
 def bench(b: int, d: int, n: int, k: int, mrt: float) -> dict:
@@ -104,6 +131,7 @@ def bench(b: int, d: int, n: int, k: int, mrt: float) -> dict:
     layer_forward()
     assert int(st.active) == b * k, "the benchmark's shares must give k active per example"
     r["layer_meact"] = us("f()", mrt, f=layer_forward)
+    r["layer_dense"] = us("f(x)", mrt, f=nn.Linear(d, n), x=x)  # (with module call overhead)
     return r
 
 
@@ -113,21 +141,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-run-time", type=float, default=0.3, help="seconds per timing")
     parser.add_argument("--csv", help="also write the rows to this CSV file")
     parser.add_argument("--threads", type=int, help="torch (and numba) threads; default torch's")
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall", help="cpu: thread CPU time (1 thread)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and torch.get_num_threads() != 1:
+        parser.error("--clock cpu measures one thread: add --threads 1")
+    global CLOCK
+    CLOCK = args.clock
 
     import numba
 
     t0 = time.perf_counter()
     active.warmup((torch.float32,))
     print(f"torch {torch.__version__}, numba {numba.__version__}, float32")
-    print(f"CPU: {cpu_model()}; torch threads {torch.get_num_threads()}")
+    print(f"CPU: {cpu_model()}; torch threads {torch.get_num_threads()}; clock {args.clock}")
     print(f"kernels ready in {time.perf_counter() - t0:.2f} s")
     print("times in us; x = dense / meAct (above 1: meAct is faster)\n")
     head = (
         f"{'B':>4} {'in':>5} {'n':>5} {'act':>4} | {'fwd':>8} {'active':>8} {'x':>6} "
-        f"{'masked':>8} | {'layer':>8} {'x':>6} | {'bwd':>8} {'active':>8} {'x':>6}"
+        f"{'masked':>8} | {'layer':>8} {'meAct':>8} {'x':>6} | {'bwd':>8} {'active':>8} {'x':>6}"
     )
     print(head)
     print("-" * len(head))
@@ -140,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"{b:>4} {d:>5} {n:>5} {k:>4} | {r['fwd_dense']:>8.1f} {r['fwd_active']:>8.1f} "
                 f"{r['fwd_dense'] / r['fwd_active']:>6.2f} {r['fwd_masked']:>8.1f} | "
-                f"{r['layer_meact']:>8.1f} {r['fwd_dense'] / r['layer_meact']:>6.2f} | "
+                f"{r['layer_dense']:>8.1f} {r['layer_meact']:>8.1f} "
+                f"{r['layer_dense'] / r['layer_meact']:>6.2f} | "
                 f"{r['bwd_dense']:>8.1f} {r['bwd_active']:>8.1f} "
                 f"{r['bwd_dense'] / r['bwd_active']:>6.2f}",
                 flush=True,

@@ -5,11 +5,13 @@ Overfitting" (ICML 2017) and "Training Simplification and Model Simplification f
 Learning: A Minimal Effort Back Propagation Method" (TKDE).
 """
 
+from .analysis import UpdateMonitor
 from .checkpoint import load, save
-from .config import MePropConfig, MeSimpConfig
+from .config import MeActConfig, MePropConfig, MeSimpConfig
 from .convert import densify_, hidden_layers, sparsify_
 from .grads import clip_grad_norm_
 from .lstm import SparseLSTM
+from .meact import MeAct
 from .nn import SparseLinear
 from .ops import sparse_linear
 from .simplify import Pair, Simplifier
@@ -28,6 +30,9 @@ __all__ = [
     "MeSimpConfig",
     "Simplifier",
     "Pair",
+    "MeActConfig",
+    "MeAct",
+    "UpdateMonitor",
     "save",
     "load",
 ]

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import __version__, demo
 
 CHOICES = {
-    "method": ("dense", "meprop", "random", "kdim", "mesimp"),
+    "method": ("dense", "meprop", "random", "kdim", "mesimp", "meact"),
     "mode": ("per_example", "unified"),
     "optimizer": ("adam", "adagrad", "sgd"),
     "dataset": ("mnist", "fashion"),
@@ -25,11 +25,12 @@ CHOICES = {
     "activation": ("relu", "tanh", "cube"),
     "tags": ("xpos", "upos"),
     "scope": ("local", "global"),
+    "meact_storage": ("float16", "float32"),
 }
 HELP = {
     "dataset": "MNIST-style dataset (mnist task)",
     "method": "dense | meprop (top-k) | random (random-k) | kdim (dense net of width k) | "
-    "mesimp (meProp + simplification)",
+    "mesimp (meProp + simplification) | meact (dense, then minimal effort activation)",
     "k": "top-k kept per example (unified: per mini-batch)",
     "mode": "top-k selection: per example, or unified over the mini-batch",
     "hidden": "hidden width, or one width per layer: 500 or 154,160",
@@ -49,6 +50,11 @@ HELP = {
     "epochs": "training epochs (0: the task's)",
     "scope": "unified top-k with --nproc > 1: columns ranked by each rank's rows (local) or by "
     "the global batch's, as one process would (global; not for the pos task's LSTM)",
+    "meact_start": "meact: first epoch, counting from 0, with active-only forwards",
+    "meact_threshold": "meact: a neuron is active for an example when its share of the "
+    "accumulated |gradient| is at least this percentage",
+    "meact_cap": "meact: at most this many active neurons per example and layer (0: no cap)",
+    "meact_storage": "meact: dtype of the per-example state (accumulations, cached outputs)",
 }
 
 

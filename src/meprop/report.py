@@ -270,6 +270,7 @@ GROUP_TITLES = {
     "adagrad": "AdaGrad",
     "depth": "deeper networks",
     "dropout": "without dropout",
+    "meact": "dense vs meAct (same seed)",
     "runs": "runs",
 }
 
@@ -322,6 +323,10 @@ def build_report(paths: list[Path], out: Path) -> Path:
         ]
     for name in _plots(runs, out):
         lines += [f"![{name}]({name})", ""]
+    if any(r.method == "meact" for r in runs):
+        from .meact_report import section
+
+        lines += section(runs, out)
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report

@@ -140,6 +140,16 @@ def pos_grid(quick: bool = False, dataset: str = "") -> list[Row]:
 GRIDS = {"mnist": mnist_grid, "pos": pos_grid}
 
 
+def meact_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
+    """The meAct analysis on MNIST: dense vs meAct from the same seed (``meprop.meact_report``)."""
+    from . import meact_report
+
+    return meact_report.grid(quick=quick, dataset=dataset)
+
+
+GRIDS["meact"] = meact_grid
+
+
 def _size_control(row: Row, summary: dict) -> Row:
     """A dense net trained from scratch at the widths a meSimp run ended with."""
     from .tasks import task_class
@@ -212,6 +222,7 @@ def _reproduce(args: argparse.Namespace) -> None:
 
 # Measured wall time of one run of each grid on 2 cores: (full, quick).
 PER_RUN = {"mnist": ("about 1-3 min", "about 10 s"), "pos": ("about 1 h", "about 1 min")}
+PER_RUN["meact"] = ("about 10 min", "about 3 min")
 
 
 def register(subparsers) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -30,14 +31,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, distributed
-from .config import MePropConfig, MeSimpConfig
+from .analysis import UpdateMonitor
+from .config import MeActConfig, MePropConfig, MeSimpConfig
 from .convert import sparsify_
 from .simplify import Simplifier
 from .timing import BackwardTimer, Stopwatch, linear_maps
 
 __all__ = ["TrainConfig", "METHODS", "OPTIMIZERS", "run", "make_optimizer"]
 
-METHODS = ("dense", "meprop", "random", "kdim", "mesimp")
+METHODS = ("dense", "meprop", "random", "kdim", "mesimp", "meact")
 OPTIMIZERS = {"adam": 1e-3, "adagrad": 1e-2, "sgd": 0.1}  # name -> default learning rate
 ACTIVATIONS = ("relu", "tanh", "cube")
 
@@ -48,7 +50,9 @@ class TrainConfig:
 
     ``method``: ``dense``; ``meprop`` (top-k, ``mode`` per_example or unified); ``random``
     (random-k); ``kdim`` (a dense net whose hidden layers have width k); ``mesimp`` (meProp plus
-    a Simplifier). A dense net at meSimp's final widths is ``dense`` with ``hidden=(154, 160)``.
+    a Simplifier); ``meact`` (dense training, then meAct's active-only forwards per example
+    from epoch ``meact_start``, counting from 0). A dense net at meSimp's final widths is
+    ``dense`` with ``hidden=(154, 160)``.
     """
 
     task: str = "mnist"
@@ -74,6 +78,10 @@ class TrainConfig:
     activation: str = ""  # hidden activation; "": the task's (mnist relu, parse cube)
     tags: str = "xpos"  # pos: the tag column, xpos (Penn Treebank tags) or upos
     scope: str = "local"  # unified top-k under --nproc: each rank's rows, or the global batch
+    meact_start: int = 10  # meact: first epoch (from 0) with active-only forwards
+    meact_threshold: float = 0.5  # meact: least share (%) of the accumulated |gradient|
+    meact_cap: int = 0  # meact: most active neurons per example and layer; 0: no cap
+    meact_storage: str = "float16"  # meact: dtype of the per-example state
 
     def __post_init__(self) -> None:
         from .tasks import DEFAULTS, TASKS
@@ -118,6 +126,12 @@ class TrainConfig:
         # validates these fields
         MePropConfig(k=self.k, mode=self.mode, backend=self.backend, scope=self.scope)
         MeSimpConfig(prune_rate=self.prune_rate)
+        self.meact_config()  # validates the meact_* fields
+        if self.method == "meact" and self.meact_start >= self.epochs:
+            raise ValueError(
+                f"meact_start={self.meact_start} is not below epochs={self.epochs}: meAct would "
+                "never start; give --meact-start below --epochs"
+            )
 
     def widths(self) -> list[int]:
         """Hidden-layer widths: one per layer (``kdim``: k everywhere)."""
@@ -128,7 +142,7 @@ class TrainConfig:
         return self.lr or OPTIMIZERS[self.optimizer]
 
     def meprop_config(self) -> MePropConfig | None:
-        if self.method in ("dense", "kdim"):
+        if self.method in ("dense", "kdim", "meact"):
             return None
         mode = "random" if self.method == "random" else self.mode
         return MePropConfig(
@@ -137,6 +151,15 @@ class TrainConfig:
             sparse_grad=self.sparse_grad,
             backend=self.backend,
             scope=self.scope,
+        )
+
+    def meact_config(self) -> MeActConfig:
+        return MeActConfig(
+            start_epoch=self.meact_start,
+            threshold=self.meact_threshold,
+            cap=self.meact_cap,
+            storage=self.meact_storage,
+            backend=self.backend,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,6 +184,19 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     if name == "adagrad":
         return torch.optim.Adagrad(params, lr=lr)
     return torch.optim.SGD(params, lr=lr)
+
+
+def _examples(meact, batch, task: str):
+    """meAct's context for a training forward (it needs the batch's example numbers)."""
+    if meact is None:
+        return nullcontext()
+    ids = getattr(batch, "ids", None)
+    if ids is None:
+        raise ValueError(
+            f"the {task} task's batches do not carry example numbers (an IndexedBatch), which "
+            "meAct needs: use --method meact with the mnist task"
+        )
+    return meact.batch(ids)
 
 
 def _json_line(path: Path, record: dict) -> None:
@@ -232,11 +268,29 @@ def run(
             model, MeSimpConfig(prune_rate=cfg.prune_rate, interval=interval, cycle=cycle), opt
         )
 
+    meact = None
+    if cfg.method == "meact":
+        from .meact import MeAct
+
+        if world > 1:
+            raise ValueError(
+                f"--method meact runs in one process (its per-example state is not sharded), "
+                f"got {world} processes: drop --nproc"
+            )
+        meact = MeAct(
+            model, cfg.meact_config(), task.num_examples("train"), task.sparsify_filter(model)
+        )
+
     state = {"epoch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1, "times": {}}
     if resume and last_path.exists():
-        state = checkpoint.load(last_path, model, opt, simplifier=simp)["state"]
+        extra = checkpoint.load(last_path, model, opt, simplifier=simp)
+        state = extra["state"]
+        if meact is not None:
+            meact.load_state_dict(extra["meact"])
         echo(f"resumed from {last_path} at epoch {state['epoch']}")
     net = distributed.wrap(model) if world > 1 else model  # what forward runs through
+    # The mean |parameter change| per step, logged per evaluation (the meAct analysis).
+    monitor = UpdateMonitor(model.parameters())
     sw = Stopwatch()
     sw.totals.update(state["times"])
 
@@ -266,6 +320,12 @@ def run(
         }
         if simp is not None:
             record["widths"] = simp.sizes()
+        record["update"] = monitor.read()
+        if meact is not None:
+            record["meact"] = meact.applies
+            active = meact.read_active()
+            if active:
+                record["active"] = active  # mean active neurons per example, per layer
         if main:
             _json_line(log_path, record)
         if score > state["best_score"]:
@@ -274,6 +334,8 @@ def run(
 
     for epoch in range(state["epoch"], cfg.epochs):
         model.train()
+        if meact is not None:
+            meact.set_epoch(epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         distributed.seed_rank(cfg.seed, epoch)  # several ranks: each its own dropout masks
         losses, bar = (
@@ -287,11 +349,12 @@ def run(
             ),
         )
         for i, batch in enumerate(task.batches("train", cfg.batch_size, gen)):
-            batch, share = distributed.shard(batch, task)  # one process: (batch, 1.0)
-            with sw("forward"):
-                loss = task.loss(net, batch)
-                if share != 1.0:  # a rank's part of uneven size: weigh its mean loss
-                    loss = loss * share
+            with _examples(meact, batch, cfg.task):
+                batch, share = distributed.shard(batch, task)  # one process: (batch, 1.0)
+                with sw("forward"):
+                    loss = task.loss(net, batch)
+                    if share != 1.0:  # a rank's part of uneven size: weigh its mean loss
+                        loss = loss * share
             with sw("backward"):
                 loss.backward()
             for key, timer in layer_timers.items():
@@ -299,6 +362,8 @@ def run(
             with sw("optimizer"):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+            with sw("analysis"):
+                monitor.step()
             if simp is not None:
                 with sw("simplify"):
                     if simp.step():  # new Parameters: hook the timers (and DDP) onto them
@@ -307,6 +372,7 @@ def run(
                         for timer in layer_timers.values():
                             timer.remove()
                         layer_timers = timers()
+                        monitor.rebind(model.parameters())
             state["step"] += 1
             losses.append(loss.detach())
             bar.update(1)
@@ -320,11 +386,14 @@ def run(
         bar.close()
         state["epoch"] = epoch + 1
         state["times"] = dict(sw.totals)
-        distributed.save(last_path, model, opt, simplifier=simp, state=dict(state))
+        meact_state = {} if meact is None else {"meact": meact.state_dict()}
+        distributed.save(last_path, model, opt, simplifier=simp, state=dict(state), **meact_state)
         if not main:
             continue
         last = json.loads(log_path.read_text().splitlines()[-1])
         widths = f"  widths {last['widths']}" if "widths" in last else ""
+        if "active" in last:
+            widths += "  active " + " ".join(f"{v:.1f}" for v in last["active"].values())
         echo(
             f"epoch {epoch + 1}/{cfg.epochs}  loss {last['train_loss']:.4f}  "
             f"dev {task.metric} {last['dev_' + task.metric]:.4f}{widths}"
@@ -351,6 +420,9 @@ def run(
         "best_widths": task.widths(model),
         "metric": task.metric,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "meact": None
+        if meact is None
+        else {"memory_bytes": meact.memory_bytes(), "examples": meact.num_examples},
         "threads": torch.get_num_threads(),
         "processes": world,
         "torch": torch.__version__,

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..convert import hidden_layers
 from ..data import load_mnist
+from ..meact import IndexedBatch
 from ..nn import Cube
 
 __all__ = ["build_mlp", "MnistTask"]
@@ -78,6 +79,9 @@ class MnistTask:
         """The hidden widths of a dense net the size of a meSimp'd one (one per layer)."""
         return tuple(final_widths.values())
 
+    def num_examples(self, split: str) -> int:
+        return len(self.splits[split].labels)
+
     def steps_per_epoch(self, batch_size: int) -> int:
         return -(-len(self.splits["train"].labels) // batch_size)
 
@@ -86,7 +90,7 @@ class MnistTask:
         order = torch.randperm(len(y), generator=generator)
         for i in range(0, len(y), batch_size):
             idx = order[i : i + batch_size]
-            yield x[idx], y[idx]
+            yield IndexedBatch((x[idx], y[idx]), idx)  # unpacks as (x, y); .ids for meAct
 
     def loss(self, model, batch) -> torch.Tensor:
         x, y = batch

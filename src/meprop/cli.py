@@ -40,9 +40,10 @@ HELP = {
     "sparse_grad": "row-sparse weight gradients (for SGD/Adagrad)",
     "backend": "kernels for the sparse backward: auto (numba where it applies), torch, numba",
     "activation": "hidden activation (default: the task's; mnist relu, parse cube)",
-    "tags": "pos task: tag column, xpos (Penn Treebank) or upos",
+    "tags": "pos and parse tasks: tag column, xpos (Penn Treebank) or upos",
     "layers": "number of hidden layers when --hidden gives one width (0: the task's)",
-    "batch_size": "mini-batch size (0: the task's; mnist 100 images, pos 16 sentences)",
+    "batch_size": "mini-batch size (0: the task's; mnist 100 images, pos 16 sentences, parse "
+    "1000 transitions)",
     "epochs": "training epochs (0: the task's)",
 }
 

@@ -451,3 +451,28 @@ def test_parse_grid():
         assert all(r.config.task == "parse" for r in rows)
         assert len({r.name for r in rows}) == len(rows)
     assert "dense" in PAPER["parse"]
+
+
+def test_reproduce_parse_and_report(parse_root, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from meprop import reproduce
+
+    full_grid = reproduce.parse_grid
+
+    def grid(quick, dataset):
+        rows = [r for r in full_grid(quick=True) if r.config.optimizer == "adam"]
+        rows = [r for r in rows if r.config.method in ("dense", "meprop", "mesimp")]
+        small = dict(epochs=2, batch_size=8, hidden=(24,), k=4, train_limit=0, prune_interval=2)
+        return [replace(r, config=replace(r.config, **small, prune_rate=0.3)) for r in rows]
+
+    monkeypatch.setattr(reproduce, "parse_grid", grid)
+    monkeypatch.setitem(reproduce.GRIDS, "parse", grid)
+    out = tmp_path / "results"
+    args = ["reproduce", "parse", "--quick", "--out", str(out), "--data-dir", str(parse_root)]
+    assert main([*args, "--no-progress"]) == 0
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert any(r.startswith("dense-size-of-mesimp") for r in runs)  # the size control ran
+    report = (out / "report.md").read_text()
+    assert "test uas %" in report and "| dense |" in report and "meSimp" in report
+    assert "parsing on the Penn Treebank" in report  # the published figures beside ours

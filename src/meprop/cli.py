@@ -33,7 +33,7 @@ HELP = {
     "hidden": "hidden width, or one width per layer: 500 or 154,160",
     "lr": "learning rate (0: adam 1e-3, adagrad 1e-2, sgd 0.1)",
     "eval_every": "steps between dev evaluations (0: once per epoch)",
-    "train_limit": "use only the first N training examples (0: all)",
+    "train_limit": "use only the first N training examples (pos, parse: sentences; 0: all)",
     "prune_rate": "meSimp: drop units selected in fewer than this share of top-k selections",
     "prune_interval": "meSimp: steps between prunings (0: a quarter of an epoch)",
     "cycle": "meSimp cycle in epochs: SIMPLIFY,NORMAL (optimizer reset at each period start)",

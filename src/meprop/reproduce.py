@@ -142,14 +142,18 @@ def pos_grid(quick: bool = False, dataset: str = "") -> list[Row]:
 
 
 def parse_grid(quick: bool = False, dataset: str = "") -> list[Row]:
-    """The parsing grid (Chen & Manning's parser on UD English EWT, gold XPOS): dense vs meProp
-    k=20, the controls, meSimp, AdaGrad (meProp k=20, as the paper)."""
+    """The parsing grid (Chen & Manning's parser on UD English EWT, gold XPOS, dropout 0.5 as
+    theirs): dense vs meProp k=20, the controls, meSimp, AdaGrad (meProp k=20, as the paper).
+
+    Without dropout meProp k=20 falls ~3 UAS behind dense here (dev 83.6 vs 86.3); with it,
+    the two match."""
     g = _Grid(
         TrainConfig(
             task="parse",
             epochs=2 if quick else 0,  # 0: the task's default
             train_limit=2000 if quick else 0,
             hidden=(200,) if quick else (500,),
+            dropout=0.5,
         )
     )
     g.add("main", "dense", method="dense")

@@ -36,7 +36,7 @@ HELP = {
     "hidden": "hidden width, or one width per layer: 500 or 154,160",
     "lr": "learning rate (0: adam 1e-3, adagrad 1e-2, sgd 0.1)",
     "eval_every": "steps between dev evaluations (0: once per epoch)",
-    "train_limit": "use only the first N training examples (0: all)",
+    "train_limit": "use only the first N training examples (pos, parse: sentences; 0: all)",
     "prune_rate": "meSimp: drop units selected in fewer than this share of top-k selections",
     "prune_interval": "meSimp: steps between prunings (0: a quarter of an epoch)",
     "cycle": "meSimp cycle in epochs: SIMPLIFY,NORMAL (optimizer reset at each period start)",
@@ -44,10 +44,13 @@ HELP = {
     "backend": "kernels for the sparse backward: auto (C++, else numba, where they apply), "
     "torch, native, numba",
     "activation": "hidden activation (default: the task's; mnist relu, parse cube)",
-    "tags": "pos task: tag column, xpos (Penn Treebank) or upos",
+    "tags": "pos and parse tasks: tag column, xpos (Penn Treebank) or upos",
     "layers": "number of hidden layers when --hidden gives one width (0: the task's)",
-    "batch_size": "mini-batch size (0: the task's; mnist 100 images, pos 16 sentences)",
+    "batch_size": "mini-batch size (0: the task's; mnist 50 images, pos 16 sentences, parse "
+    "1000 transitions)",
     "epochs": "training epochs (0: the task's)",
+    "dropout": "dropout rate after each hidden layer (-1: the task's; mnist 0.1, pos 0.5, "
+    "parse 0.5)",
     "scope": "unified top-k with --nproc > 1: columns ranked by each rank's rows (local) or by "
     "the global batch's, as one process would (global; not for the pos task's LSTM)",
     "meact_start": "meact: first epoch, counting from 0, with active-only forwards",

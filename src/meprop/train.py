@@ -62,7 +62,7 @@ class TrainConfig:
     mode: str = "per_example"
     hidden: tuple[int, ...] = (500,)
     layers: int = 0  # hidden layers; 0: len(hidden) if it lists several widths, else the task's
-    dropout: float = -1.0  # -1: the task's (mnist 0.1, pos 0.5)
+    dropout: float = -1.0  # -1: the task's (mnist 0.1, pos 0.5, parse 0.5)
     optimizer: str = "adam"
     lr: float = 0.0  # 0: the optimizer's default (adam 1e-3, adagrad 1e-2, sgd 0.1)
     batch_size: int = 0  # 0: the task's default

@@ -27,7 +27,7 @@ DEFAULTS: dict[str, dict] = {
     "pos": {"layers": 1, "batch_size": 16, "epochs": 10, "activation": "tanh", "dropout": 0.5},
     # Chen & Manning's parser with the paper's hidden layer of 500, cube activation; batches
     # of (parser state, gold transition) examples.
-    "parse": {"layers": 1, "batch_size": 1000, "epochs": 10, "activation": "cube", "dropout": 0.0},
+    "parse": {"layers": 1, "batch_size": 1000, "epochs": 10, "activation": "cube", "dropout": 0.5},
 }
 
 

@@ -220,6 +220,29 @@ def test_usage_record(mode):
         assert torch.equal(counts, 2 * expect)
 
 
+@pytest.mark.parametrize("mode", ["per_example", "unified", "random"])
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_usage_record_skips_zero_gradients(mode, backend):
+    # Units 0-2 have a zero gradient in every row (an inactive ReLU): kept by top-k as ties
+    # fill the k slots, but never counted; with k >= n (dense path) likewise.
+    m, n = 6, 8
+    g = torch.randn(m, n)
+    g[:, :3] = 0
+    g[0, 5] = 0  # one zero among the others
+    for k in (6, n):
+        counts = torch.zeros(n, dtype=torch.int64)
+        sel = torch.zeros(1, dtype=torch.int64)
+        x = torch.randn(m, 4, requires_grad=True)
+        w = torch.randn(n, 4)
+        sparse_linear(
+            x, w, None, k=k, mode=mode, counts=counts, selections=sel, backend=backend
+        ).backward(g)
+        assert int(sel) == m
+        assert counts[:3].tolist() == [0, 0, 0]
+        if k == n or mode != "random":  # all 5 non-zero columns fit in the top 6
+            assert counts[3:].tolist() == [m, m, m - 1, m, m]
+
+
 def test_empty_batch():
     x = torch.randn(0, 4, requires_grad=True)
     w = torch.randn(6, 4, requires_grad=True)

@@ -199,27 +199,31 @@ def _bias_grad(g: Tensor, sel: tuple, sparse: bool) -> Tensor:
     return db.index_add_(0, sel[1].flatten(), sel[2].flatten())
 
 
-def _record(counts: Tensor | None, selections: Tensor | None, sel: tuple, m: int) -> None:
-    """Add this call's selections to a usage record (meSimp): no host sync, no Python loop."""
+def _record(counts: Tensor | None, selections: Tensor | None, sel: tuple, g: Tensor) -> None:
+    """Add this call's selections to a usage record (meSimp): no host sync, no Python loop.
+
+    An entry counts when it is kept *and non-zero*: a zero gradient (a unit behind an inactive
+    ReLU, or dropped out) moves nothing, and which zeros fill a top-k set is an accident of
+    ties. So a unit seldom active for any example is pruned even once its layer is no wider
+    than k (where every entry is kept)."""
     if counts is None:
         return
     kind = sel[0]
-    if kind == "dense":
-        counts.add_(m)
-    elif kind == "cols":  # the same k columns serve each of the m rows
-        counts.index_add_(0, sel[1], torch.full_like(sel[1], m, dtype=counts.dtype))
-    else:
-        idx = sel[1].flatten()
-        counts.index_add_(0, idx, torch.ones_like(idx, dtype=counts.dtype))
+    if kind == "dense":  # g: (M, n), every entry kept
+        counts.add_((g != 0).sum(0).to(counts.dtype))
+    elif kind == "cols":  # the same k columns serve each of the M rows; sel[2]: (M, k)
+        counts.index_add_(0, sel[1], (sel[2] != 0).sum(0).to(counts.dtype))
+    else:  # sel[1], sel[2]: (M, k) indices and values
+        counts.index_add_(0, sel[1].flatten(), (sel[2] != 0).flatten().to(counts.dtype))
     if selections is not None:
-        selections.add_(m)
+        selections.add_(g.shape[0])
 
 
 def _finish(x, g, sel, dx, dw, need_db, sparse_bias, counts, sel_n, db=None):
     """Bias gradient, usage record, and backward's return tuple."""
     if need_db:
         db = _bias_grad(g, sel, sparse_bias)
-    _record(counts, sel_n, sel, g.shape[0])
+    _record(counts, sel_n, sel, g)
     if dx is not None and x.dim() != 2:
         dx = dx.reshape(x.shape)
     return dx, dw, db, None, None, None, None, None, None, None, None

@@ -101,7 +101,8 @@ class MeSimpConfig:
     Args:
         prune_rate: a unit is removed when it was selected in fewer than
             ``prune_rate * selections`` of the top-k selections since the last pruning
-            (the official default is 0.1).
+            (the official default is 0.1); a selection counts when the unit's gradient
+            entry is non-zero.
         interval: prune every ``interval`` calls of ``Simplifier.step()`` (or every
             ``interval`` examples with ``unit="examples"``, passed as ``step(examples=n)``).
         unit: ``"steps"`` or ``"examples"``.

@@ -97,11 +97,18 @@ def test_config_file_and_flags(tiny_mnist, tmp_path):
         (dict(k=0), "k must be >= 1, got 0"),
         (dict(dropout=1.0), "dropout must be in"),
         (dict(cycle=(1,)), "cycle must be two epoch counts"),
+        (dict(task="pos", dataset="fashion"), "applies to the mnist task only"),
     ],
 )
 def test_bad_train_config(kw, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kw)
+
+
+def test_dataset_of_each_task():
+    assert TrainConfig(task="mnist", dataset="fashion").dataset == "fashion"
+    assert TrainConfig(task="parse").dataset == "ud_english_ewt"
+    assert TrainConfig(task="pos", dataset="ud_english_ewt").dataset == "ud_english_ewt"
 
 
 def test_hidden_widths():

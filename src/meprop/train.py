@@ -95,6 +95,13 @@ class TrainConfig:
             unset = current < 0 if name == "dropout" else not current
             if unset and not (name == "layers" and len(self.hidden) > 1):
                 object.__setattr__(self, name, value)
+        if self.task != "mnist":  # the field picks MNIST or Fashion-MNIST; other tasks have one
+            if self.dataset not in ("mnist", "ud_english_ewt"):  # "mnist": the field's default
+                raise ValueError(
+                    f"dataset {self.dataset!r} applies to the mnist task only; the {self.task} "
+                    "task trains on UD English EWT: leave --dataset out"
+                )
+            object.__setattr__(self, "dataset", "ud_english_ewt")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.optimizer not in OPTIMIZERS:

@@ -50,9 +50,10 @@ def main(argv=None) -> int:
     if cfg.task == "mnist":
         x = task.splits["test"].images
         inputs = {f"batch {b}": (x[:b],) for b in map(int, args.batches.split(","))}
-    else:  # one dev batch of the task's own shape
-        batch = next(task.batches("dev", cfg.batch_size, torch.Generator().manual_seed(0)))
-        inputs = {f"dev batch of {cfg.batch_size}": batch[:1] + batch[2:]}
+    else:  # one batch of the task's own shape: dev sentences (pos), parser states (parse)
+        split = "train" if cfg.task == "parse" else "dev"  # parse batches only training states
+        batch = next(task.batches(split, cfg.batch_size, torch.Generator().manual_seed(0)))
+        inputs = {f"{split} batch of {cfg.batch_size}": batch[:1] + batch[2:]}
     print("| input | full ms | simplified ms | ratio |")
     print("|---|---|---|---|")
     for name, inp in inputs.items():

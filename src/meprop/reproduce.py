@@ -94,7 +94,9 @@ def mnist_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
     g.add("control", "random-k k=20", method="random", k=20)
     g.add("control", "k-dim net k=20", method="kdim", k=20)
     g.add("mesimp", "meSimp k=160 per_example", method="mesimp", k=160, prune_rate=0.1)
-    g.add("mesimp", "meSimp k=160 unified", method="mesimp", k=160, mode="unified", prune_rate=0.1)
+    # unified with the paper's cycle (5 epochs simplifying, 5 plain meProp, optimizer reset)
+    g.add("mesimp", "meSimp k=160 unified, cycle 5+5", method="mesimp", k=160, mode="unified",
+          prune_rate=0.1, cycle=(5, 5))  # fmt: skip
     g.add("adagrad", "dense AdaGrad", method="dense", optimizer="adagrad")
     g.add("adagrad", "meProp k=10 AdaGrad", method="meprop", k=10, optimizer="adagrad")
     for layers in (3,) if quick else (3, 4, 5):

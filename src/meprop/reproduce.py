@@ -264,8 +264,8 @@ def _reproduce(args: argparse.Namespace) -> None:
 # Measured wall time of one run of each grid on 2 cores: (full, quick).
 PER_RUN = {
     "mnist": ("about 1-3 min", "about 10 s"),
-    "pos": ("about 1 h", "about 1 min"),
-    "parse": ("TBD", "TBD"),
+    "pos": ("about 30-60 min", "about 1 min"),
+    "parse": ("about 5-20 min", "about 30 s"),
 }
 PER_RUN["meact"] = ("about 10 min", "about 3 min")
 

@@ -223,6 +223,14 @@ def test_products_wide(kern, dtype, big, monkeypatch):
         check_products(kern, *products_case(kern, 7, 5, 3, 2, dtype, dup), 5)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_products_cache_tiled(kern, dtype):
+    # A source (x: 600 x 1800, W: 300 x 1800) over 2 MiB whose rows are each read >= 16 times:
+    # the native products split the columns into blocks that stay in L2 (and a last block).
+    for dup in (False, True):
+        check_products(kern, *products_case(kern, 600, 300, 1800, 16, dtype, dup), 300)
+
+
 def test_products_k_zero_and_n_zero(kern):
     idx = torch.empty(4, 0, dtype=torch.int64)
     vals = torch.empty(4, 0)
@@ -382,6 +390,8 @@ def fused(request, monkeypatch):
 
 
 FUSED_SHAPES = [(0, 9, 4, 3), (1, 9, 4, 1), (7, 13, 11, 12), (64, 500, 300, 20), (5, 600, 1111, 17)]
+# x and W over 2 MiB, each row read >= 16 times: the products run in cache-sized column blocks
+FUSED_SHAPES.append((600, 300, 1800, 16))
 
 
 def check_dw(dw, kind, g_sparse, x, tol):

@@ -474,13 +474,30 @@ inline void gather_axpy(F* o, i64 w, const i64* r, i64 rstride, const F* v, i64 
   }
 }
 
-// Column block so that there are enough (block, row) tasks for nt threads: whole rows when
-// there are enough rows, else blocks of >= 256 columns (a multiple of 64).
-inline i64 column_block(i64 rows, i64 d, int nt) {
+// Source slices of this size stay in L2 while every output row takes its part (see column_block).
+constexpr i64 kTileBytes = i64(512) << 10;
+
+// Column block of the row products, whose output rows each read rows of a source matrix (src_rows
+// rows of d columns; reads row reads in all). Whole rows, unless
+// - there are fewer rows than nt threads need tasks: blocks of >= 256 columns (a multiple of 64);
+// - the source is larger than L2 (4 x kTileBytes) and each of its rows is read 16 times or more
+//   (a parser's batch of 1000 examples x 2400 inputs, say): blocks whose slice of the source is
+//   about kTileBytes, so that the reads after the first come from L2, not from L3 or memory
+//   (tasks run block by block). A source read about once (a wide layer, few examples) gains
+//   nothing from it and keeps whole rows.
+inline i64 column_block(i64 rows, i64 d, int nt, i64 src_rows = 0, i64 reads = 0,
+                        i64 elem = 4) {
+  i64 block = std::max<i64>(d, 1);
   i64 tasks = 4 * i64(nt);
-  if (nt <= 1 || rows >= tasks || d <= 256) return std::max<i64>(d, 1);
-  i64 per = (d * rows + tasks - 1) / tasks;
-  return std::max<i64>(256, (per + 63) / 64 * 64);
+  if (!(nt <= 1 || rows >= tasks || d <= 256)) {
+    i64 per = (d * rows + tasks - 1) / tasks;
+    block = std::max<i64>(256, (per + 63) / 64 * 64);
+  }
+  if (src_rows > 0 && src_rows * d * elem > 4 * kTileBytes && reads >= 16 * src_rows) {
+    i64 tile = std::max<i64>(64, kTileBytes / (src_rows * elem) / 64 * 64);
+    block = std::min(block, tile);
+  }
+  return block;
 }
 
 i64 count_bad(const i64* idx, i64 size, i64 n) {
@@ -489,11 +506,11 @@ i64 count_bad(const i64* idx, i64 size, i64 n) {
   return bad;
 }
 
-// out (M, d) = sum_j vals[i, j] * w[idx[i, j]]. idx_stride 0: every row uses idx[0, :].
+// out (M, d) = sum_j vals[i, j] * w[idx[i, j]], w (n, d). idx_stride 0: every row uses idx[0, :].
 template <class F>
-void rows_matmul(const i64* idx, i64 idx_stride, const F* vals, i64 m, i64 k, const F* w, i64 d,
-                 F* out, int nt) {
-  i64 block = column_block(m, d, nt);
+void rows_matmul(const i64* idx, i64 idx_stride, const F* vals, i64 m, i64 k, const F* w, i64 n,
+                 i64 d, F* out, int nt) {
+  i64 block = column_block(m, d, nt, n, m * k, sizeof(F));
   i64 nb = (d + block - 1) / block;
   nt = threads_for(nt, nb * m);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
@@ -511,7 +528,9 @@ struct Groups {
   std::vector<i64> start, ex;
   std::vector<F> vs;
   i64 rows = 0;  // rows with at least one pair
-  Groups(const i64* idx, const F* vals, i64 m, i64 k, i64 n) : start(n + 1, 0), ex(m * k), vs(m * k) {
+  i64 m = 0;     // examples (the rows of x that the pairs read)
+  Groups(const i64* idx, const F* vals, i64 m, i64 k, i64 n)
+      : start(n + 1, 0), ex(m * k), vs(m * k), m(m) {
     for (i64 t = 0; t < m * k; t++) start[idx[t] + 1]++;
     for (i64 r = 0; r < n; r++) {
       rows += start[r + 1] > 0;
@@ -534,7 +553,7 @@ void outer_rows(const Groups<F>& gr, const i64* rows, i64 nrows, const F* x, i64
   // A large output (a row-compact dW at in = 4096, say) is not read again before the
   // optimizer: streaming stores where a row has few pairs.
   bool stream = nrows * d * i64(sizeof(F)) >= kStreamBytes;
-  i64 block = column_block(nrows, d, nt);
+  i64 block = column_block(nrows, d, nt, gr.m, i64(gr.ex.size()), sizeof(F));
   i64 nb = (d + block - 1) / block;
   nt = threads_for(nt, nb * nrows);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
@@ -567,7 +586,7 @@ i64 outer_dense(const Groups<F>& gr, i64 n, const F* x, i64 d, F* out, bool zero
   i64 nr = 0;
   for (i64 r = 0; r < n; r++)
     if (gr.start[r + 1] > gr.start[r]) list[nr++] = r;
-  i64 block = column_block(nr, d, nt);
+  i64 block = column_block(nr, d, nt, gr.m, i64(gr.ex.size()), sizeof(F));
   i64 nb = (d + block - 1) / block;
   nt = threads_for(nt, nb * nr);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
@@ -632,7 +651,7 @@ i64 per_example(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, 
   if (nstale) zero_rows<F>(dw, d, stale, nstale, n * d * i64(sizeof(F)) >= kStreamBytes, 1);
   topk_rows<F>(g, m, n, k, idx, vals, nt);
   if (db) column_sums<F>(g, m, n, db);
-  if (dx) rows_matmul<F>(idx, k, vals, m, k, w, d, dx, nt_products);
+  if (dx) rows_matmul<F>(idx, k, vals, m, k, w, n, d, dx, nt_products);
   if (dw_mode == 0) return 0;
   Groups<F> gr(idx, vals, m, k, n);
   if (dw_mode == 3) return outer_compact<F>(gr, n, x, d, rows, dw, nt_products);
@@ -753,7 +772,7 @@ void unified(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64
                                                 const F* w, i64 n, i64 d, F* out, int nt) {    \
     i64 bad = count_bad(idx, m * k, n);                                                        \
     if (bad) return -bad;                                                                      \
-    rows_matmul<F>(idx, k, vals, m, k, w, d, out, nt);                                         \
+    rows_matmul<F>(idx, k, vals, m, k, w, n, d, out, nt);                                      \
     return 0;                                                                                  \
   }                                                                                            \
   MEPROP_EXPORT i64 meprop_rows_outer_##SUFFIX(const i64* idx, const F* vals, i64 m, i64 k,    \

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -131,8 +132,14 @@ def _train(args: argparse.Namespace) -> None:
             if int(os.environ["RANK"]) == 0:
                 print(f"run directory: {out}")
             run(cfg, out, **options)
-        finally:
-            launch.destroy()
+        except Exception:
+            # Print and leave at once (torchrun sees the status): freeing the process group
+            # after a timed-out collective can deadlock inside torch (see launch._worker).
+            traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        launch.destroy()
         return
     print(f"run directory: {out}")
     if args.nproc == 1:

@@ -27,6 +27,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -163,12 +164,21 @@ def _worker(
         # No barrier after fn: a rank may leave once its last collective is done, while rank 0
         # still writes its summary (a barrier there would time out on a long final evaluation).
         fn(*args)
-    except BaseException:
+    except Exception:
         # When: the launcher reports the first failure, not the ranks that failed because of it.
         (Path(stamps) / str(rank)).write_text(repr(time.time()))
+        (Path(stamps) / f"{rank}.err").write_text(traceback.format_exc())
+        # Leave at once, without freeing anything: freeing DDP's reducer after one of its
+        # all-reduces timed out can deadlock inside torch (the main thread, holding the GIL,
+        # waits for gloo's lock; gloo's thread, holding it, frees the timed-out work and waits
+        # for the GIL), and the launcher would never see this rank end.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    except BaseException:
+        (Path(stamps) / str(rank)).write_text(repr(time.time()))
         raise
-    finally:
-        destroy()
+    destroy()
 
 
 def _start_method() -> str:
@@ -306,7 +316,9 @@ def _root_cause(procs, error_files, stopped: set, stamps: Path, nproc: int) -> W
         stamp = stamps / str(i)
         when = float(stamp.read_text()) if stamp.is_file() else math.inf
         reason = f"process {p.pid} exit status {p.exitcode}"
-        if os.access(error_files[i], os.R_OK):
+        if (stamps / f"{i}.err").is_file():  # the traceback of an exception (see _worker)
+            reason = (stamps / f"{i}.err").read_text()
+        elif os.access(error_files[i], os.R_OK):
             with open(error_files[i], "rb") as fh:
                 reason = pickle.load(fh)  # the formatted traceback (torch's spawn wrapper)
         failures.append(((1, when), i, reason))

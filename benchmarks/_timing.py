@@ -11,6 +11,7 @@ sides of a ratio see the same moments of the machine.
 from __future__ import annotations
 
 import os
+import platform
 import time
 from collections.abc import Callable, Hashable
 
@@ -39,6 +40,18 @@ def best_of_rounds(
         for key, fn in fns.items():
             best[key] = min(best[key], call_time(fn, min_time))
     return best
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def load_average() -> str:

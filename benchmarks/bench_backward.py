@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import sys
 
 import torch
 from torch import nn
 
-from _timing import best_of_rounds, environment, load_average
+from _timing import best_of_rounds, cpu_name, environment, load_average
 from meprop import MePropConfig, SparseLinear
 from meprop.ops import _kernel_module, select_columns
 
@@ -45,16 +44,6 @@ VARIANTS = [  # (label, mode, sparse_grad)
     ("unified", "unified", False),
     ("unified+sparse_grad", "unified", True),
 ]
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_line(backend: str) -> str:

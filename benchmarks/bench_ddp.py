@@ -20,7 +20,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from _timing import cpu_name
 from meprop import MePropConfig, hidden_layers, sparsify_
 from meprop import distributed as mdist
 from meprop.launch import cpu_count, spawn
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     opts |= {"repeats": args.repeats, "examples": args.examples, "data_dir": args.data_dir}
 
     print(
-        f"# {platform.processor() or platform.machine()}, {cpu_count()} cores, torch "
+        f"# {cpu_name()}, {cpu_count()} cores, torch "
         f"{torch.__version__}, MLP 784-500-500-10, meProp k={args.k} {args.mode} "
         f"(scope {args.scope}), Adam, global batch {args.batch_size}"
     )

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from torch.utils.benchmark import Timer
 
 import meprop
+from _timing import cpu_name
 from meprop.tasks import get_task
 from meprop.train import TrainConfig
 
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     small = task.build_model(cfg.widths(), cfg).eval()
     meprop.load(args.run / args.checkpoint, small, restore_rng=False)
     print(
-        f"# {platform.processor() or platform.machine()}; torch {torch.__version__}; "
+        f"# {cpu_name()}; torch {torch.__version__}; "
         f"{torch.get_num_threads()} threads; task {cfg.task}; widths {task.widths(full)} -> "
         f"{task.widths(small)}; parameters {sum(p.numel() for p in full.parameters()):,} -> "
         f"{sum(p.numel() for p in small.parameters()):,}"

@@ -23,28 +23,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 
 import torch
 
-from _timing import best_of_rounds, load_average
+from _timing import best_of_rounds, cpu_name, load_average
 from meprop.kernels import cpu, native, registry
 
 FULL = [(m, 500, 500, k) for m in (1, 10, 100, 256) for k in (10, 20, 80)] + [
     (m, 4096, 4096, k) for m in (32, 256) for k in (32, 64)
 ]
 QUICK = [(10, 500, 500, 20), (100, 500, 500, 20), (32, 4096, 4096, 32)]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def best_us(stmts: dict, env: dict, rounds: int, mrt: float) -> dict:
@@ -109,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     impls = [name for name, mod in (("cpu", cpu), ("native", native)) if mod.available()]
     if "cpu" in impls:
         cpu.warmup((dtype,))  # compile (or load from the cache) before timing anything
-    print(f"torch {torch.__version__}, {args.dtype}; CPU: {cpu_model()}, {os.cpu_count()} CPUs")
+    print(f"torch {torch.__version__}, {args.dtype}; CPU: {cpu_name()}, {os.cpu_count()} CPUs")
     print(f"torch threads {torch.get_num_threads()}; load average {load_average()}")
     print(f"implementations: {', '.join({'cpu': 'numba', 'native': 'C++'}[i] for i in impls)}")
     print("times in us (10th percentile of calls, fastest round); GF = GFLOP/s of the products\n")

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 
 import torch
 from torch import nn
 from torch.utils.benchmark import Timer
 
+from _timing import cpu_name
 from meprop import MePropConfig, SparseLSTM
 from meprop.ops import _kernel_module
 
@@ -43,16 +43,6 @@ def kernel_name(backend: str) -> str:
     if kern is None:
         return "torch ops"
     return {"native": "C++", "cpu": "numba"}[kern.__name__.rsplit(".", 1)[-1]]
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(lstm: nn.Module, x: torch.Tensor, g: torch.Tensor, min_time: float):

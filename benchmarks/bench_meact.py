@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import platform
 import time
 
 import torch
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.benchmark import Timer
 
+from _timing import cpu_name
 from meprop.config import MeActConfig
 from meprop.kernels import active
 from meprop.meact import MeAct, reference_active_linear
@@ -42,17 +42,6 @@ from meprop.meact import MeAct, reference_active_linear
 # (B, in, n): MNIST's hidden layers (784-500-500, batch 100), and a wide layer.
 SHAPES = [(100, 784, 500), (100, 500, 500), (100, 4096, 4096)]
 ACTIVE = [5, 20, 50, 125, 250, 500]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 CLOCK = "wall"
@@ -157,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     active.warmup((torch.float32,))
     print(f"torch {torch.__version__}, numba {numba.__version__}, float32")
-    print(f"CPU: {cpu_model()}; torch threads {torch.get_num_threads()}; clock {args.clock}")
+    print(f"CPU: {cpu_name()}; torch threads {torch.get_num_threads()}; clock {args.clock}")
     print(f"kernels ready in {time.perf_counter() - t0:.2f} s")
     print("times in us; x = dense / meAct (above 1: meAct is faster)\n")
     head = (

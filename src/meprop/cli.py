@@ -133,12 +133,8 @@ def _train(args: argparse.Namespace) -> None:
                 print(f"run directory: {out}")
             run(cfg, out, **options)
         except Exception:
-            # Print and leave at once (torchrun sees the status): freeing the process group
-            # after a timed-out collective can deadlock inside torch (see launch._worker).
             traceback.print_exc()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
+            launch.hard_exit()  # torchrun sees the status (see hard_exit: no teardown)
         launch.destroy()
         return
     print(f"run directory: {out}")

@@ -31,6 +31,7 @@ import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -43,6 +44,7 @@ __all__ = [
     "under_launcher",
     "init_from_env",
     "destroy",
+    "hard_exit",
     "spawn",
 ]
 
@@ -100,6 +102,17 @@ def destroy() -> None:
     """Leave the process group (after ``init_from_env``)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def hard_exit(status: int = 1) -> NoReturn:
+    """End this rank now, freeing nothing (after its error is reported).
+
+    Freeing DDP's reducer after one of its all-reduces timed out can deadlock inside torch: the
+    main thread, holding the GIL, waits for gloo's lock, and gloo's thread, holding that lock,
+    frees the timed-out work and waits for the GIL. A launcher would never see the rank end."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _set_threads(threads: int) -> None:
@@ -164,20 +177,13 @@ def _worker(
         # No barrier after fn: a rank may leave once its last collective is done, while rank 0
         # still writes its summary (a barrier there would time out on a long final evaluation).
         fn(*args)
-    except Exception:
+    except BaseException as e:
         # When: the launcher reports the first failure, not the ranks that failed because of it.
         (Path(stamps) / str(rank)).write_text(repr(time.time()))
+        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: the usual way out
+            raise
         (Path(stamps) / f"{rank}.err").write_text(traceback.format_exc())
-        # Leave at once, without freeing anything: freeing DDP's reducer after one of its
-        # all-reduces timed out can deadlock inside torch (the main thread, holding the GIL,
-        # waits for gloo's lock; gloo's thread, holding it, frees the timed-out work and waits
-        # for the GIL), and the launcher would never see this rank end.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-    except BaseException:
-        (Path(stamps) / str(rank)).write_text(repr(time.time()))
-        raise
+        hard_exit()
     destroy()
 
 

@@ -485,15 +485,14 @@ constexpr i64 kTileBytes = i64(512) << 10;
 //   about kTileBytes, so that the reads after the first come from L2, not from L3 or memory
 //   (tasks run block by block). A source read about once (a wide layer, few examples) gains
 //   nothing from it and keeps whole rows.
-inline i64 column_block(i64 rows, i64 d, int nt, i64 src_rows = 0, i64 reads = 0,
-                        i64 elem = 4) {
+inline i64 column_block(i64 rows, i64 d, int nt, i64 src_rows, i64 reads, i64 elem) {
   i64 block = std::max<i64>(d, 1);
   i64 tasks = 4 * i64(nt);
   if (!(nt <= 1 || rows >= tasks || d <= 256)) {
     i64 per = (d * rows + tasks - 1) / tasks;
     block = std::max<i64>(256, (per + 63) / 64 * 64);
   }
-  if (src_rows > 0 && src_rows * d * elem > 4 * kTileBytes && reads >= 16 * src_rows) {
+  if (src_rows * d * elem > 4 * kTileBytes && reads >= 16 * src_rows) {
     i64 tile = std::max<i64>(64, kTileBytes / (src_rows * elem) / 64 * 64);
     block = std::min(block, tile);
   }

@@ -152,3 +152,70 @@ def test_reproduce_and_report(tiny_mnist, tmp_path, monkeypatch):
 def test_report_rejects_unfinished(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a finished run"):
         main(["report", str(tmp_path)])
+
+
+def test_update_statistic_is_opt_in(tiny_mnist, tmp_path):
+    assert TrainConfig().track_updates is False
+    assert TrainConfig(method="meact", epochs=20).track_updates is True
+    assert TrainConfig(method="meact", epochs=20, track_updates=False).track_updates is False
+    assert TrainConfig(method="dense", track_updates=True).track_updates is True
+    with pytest.raises(ValueError, match="track_updates must be true or false"):
+        TrainConfig(track_updates="yes")
+    train(tiny_mnist, tmp_path / "off", "--method", "dense")
+    train(tiny_mnist, tmp_path / "on", "--method", "dense", "--track-updates")
+
+    def log(run):
+        lines = (tmp_path / run / "log.jsonl").read_text().splitlines()
+        return [json.loads(x) for x in lines]
+
+    off, on = log("off"), log("on")
+    assert all("update" not in r and "analysis" not in r["times"] for r in off)
+    assert all(r["update"] > 0 and r["times"]["analysis"] > 0 for r in on)
+    # the statistic only watches: the same run otherwise
+    for a, b in zip(off, on, strict=True):
+        assert a["train_loss"] == b["train_loss"] and a["dev_accuracy"] == b["dev_accuracy"]
+    assert json.loads((tmp_path / "on" / "config.json").read_text())["track_updates"] is True
+
+
+def test_make_optimizer_takes_the_fused_kernels_where_they_apply():
+    from meprop.train import make_optimizer
+
+    layer = torch.nn.Linear(4, 3)
+    for name, fused in (("adam", True), ("adagrad", True), ("sgd", None)):
+        opt = make_optimizer(name, layer.parameters(), 0.1)
+        assert opt.defaults.get("fused") is fused, name
+        # with row-sparse gradients, the implementation that takes them
+        opt = make_optimizer(name, layer.parameters(), 0.1, sparse_grad=True)
+        assert not opt.defaults.get("fused"), name
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        make_optimizer("rmsprop", layer.parameters(), 0.1)
+
+
+@pytest.mark.parametrize("name", ["adam", "adagrad"])
+def test_fused_optimizer_steps_like_the_default(name):
+    from meprop.train import make_optimizer
+
+    torch.manual_seed(0)
+    a = torch.nn.Linear(30, 20)
+    b = torch.nn.Linear(30, 20)
+    b.load_state_dict(a.state_dict())
+    fast = make_optimizer(name, a.parameters(), 0.01)
+    plain = getattr(torch.optim, {"adam": "Adam", "adagrad": "Adagrad"}[name])(
+        b.parameters(), lr=0.01
+    )
+    for _ in range(5):
+        x = torch.randn(8, 30)
+        for layer, opt in ((a, fast), (b, plain)):
+            opt.zero_grad()
+            layer(x).square().sum().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+def test_train_with_row_sparse_gradients(tiny_mnist, tmp_path, optimizer):
+    out = tmp_path / "run"
+    extra = ["--k", "4", "--sparse-grad", "--optimizer", optimizer]
+    assert train(tiny_mnist, out, "--method", "meprop", *extra) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 16

@@ -44,6 +44,7 @@ def grid(quick: bool = False, dataset: str = "mnist") -> list:
         # cached outputs of inactive neurons)
         batch_size=100,
         dropout=0.0,
+        track_updates=True,  # the baseline's update is compared with meAct's
     )
     meact = replace(base, method="meact")
     rows = [

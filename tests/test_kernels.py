@@ -23,25 +23,39 @@ NS = [1, 5, 500]
 INS = [1, 3, 300]
 
 
+# The C++ kernels are tested in every build this machine can run: the default (-march=native,
+# or $MEPROP_MARCH) and, on x86-64, the AVX2 (x86-64-v3: 32-byte vectors) and baseline
+# (x86-64: SSE2, 16-byte vectors) levels, whose vector code differs.
+BUILDS = [native.march()] + [
+    a for a in ("x86-64-v3", "x86-64") if a != native.march() and native.cpu_supports(a)
+]
+
+
+def _build_param(arch: str, path: str, extra=()):
+    why = None if native.available(arch) else native.build_error(arch)
+    mark = pytest.mark.skipif(why is not None, reason=str(why))
+    name = "native" if arch == native.march() else f"native[{arch}]"
+    return pytest.param((native, arch, path, *extra), id=f"{name}-{path}", marks=mark)
+
+
 def _impl_params():
-    out = []
-    for name, impl, why in (
-        ("numba", cpu, None if cpu.available() else "numba unavailable"),
-        ("native", native, None if native.available() else native.build_error()),
-    ):
-        for path in ("serial", "parallel"):
-            mark = pytest.mark.skipif(why is not None, reason=str(why))
-            out.append(pytest.param((impl, path), id=f"{name}-{path}", marks=mark))
+    why = None if cpu.available() else "numba unavailable"
+    mark = pytest.mark.skipif(why is not None, reason=str(why))
+    out = [
+        pytest.param((cpu, None, p), id=f"numba-{p}", marks=mark) for p in ("serial", "parallel")
+    ]
+    for arch in BUILDS:
+        out += [_build_param(arch, p) for p in ("serial", "parallel")]
     return out
 
 
 needs_native = pytest.mark.skipif(not native.available(), reason=str(native.build_error()))
 
 
-@pytest.fixture(params=_impl_params())
-def kern(request, monkeypatch):
-    """An implementation module, run serially (1 thread) or with its parallel paths forced."""
-    impl, path = request.param
+def _run_as(request, monkeypatch):
+    """Set up request.param = (module, build, path): the build's library active, 1 thread
+    (serial) or 2 with the parallel paths forced; returns the thread count to restore."""
+    impl, arch, path = request.param[:3]
     before = torch.get_num_threads()
     if path == "serial":
         torch.set_num_threads(1)
@@ -50,7 +64,17 @@ def kern(request, monkeypatch):
         monkeypatch.setattr(cpu, "_PAR_MIN_NS", 0)
         monkeypatch.setattr(native, "_PAR_MIN_ENTRIES", 0)
         monkeypatch.setattr(native, "_PAR_MIN_FMAS", 0)
-    yield impl
+    if arch is not None:
+        monkeypatch.setattr(native, "_active", [arch])
+    return before
+
+
+@pytest.fixture(params=_impl_params())
+def kern(request, monkeypatch):
+    """An implementation module (numba, or a C++ build), run serially (1 thread) or with its
+    parallel paths forced."""
+    before = _run_as(request, monkeypatch)
+    yield request.param[0]
     torch.set_num_threads(before)
 
 
@@ -375,16 +399,10 @@ def test_torch_compile_traces_ops():
 # The fused backward of the C++ kernels
 
 
-@pytest.fixture(params=["serial", "parallel"])
+@pytest.fixture(params=[_build_param(a, p) for a in BUILDS for p in ("serial", "parallel")])
 def fused(request, monkeypatch):
-    """meprop.kernels.native, run serially or with its parallel paths forced."""
-    if not native.available():
-        pytest.skip(str(native.build_error()))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1 if request.param == "serial" else 2)
-    if request.param == "parallel":
-        monkeypatch.setattr(native, "_PAR_MIN_ENTRIES", 0)
-        monkeypatch.setattr(native, "_PAR_MIN_FMAS", 0)
+    """meprop.kernels.native (each build), run serially or with its parallel paths forced."""
+    before = _run_as(request, monkeypatch)
     yield native
     torch.set_num_threads(before)
 
@@ -505,7 +523,8 @@ def test_native_build_falls_back_to_other_flags(tmp_path, monkeypatch):
     # A flag set that does not compile is recorded (and not retried); the next one is used.
     monkeypatch.setenv("MEPROP_CACHE", str(tmp_path))
     bad = ["-O3", "--no-such-flag-for-meprop", "-shared", "-fPIC"]
-    monkeypatch.setattr(native, "FLAG_SETS", [bad, native.FLAG_SETS[-1]])
+    good = native.flag_sets("native")[-1]
+    monkeypatch.setattr(native, "flag_sets", lambda arch: [bad, good])
     lib = native._build(native.os.environ.get("CXX", "g++"))
     assert lib.exists() and len(list(tmp_path.glob("*.failed"))) == 1
     assert native._build(native.os.environ.get("CXX", "g++")) == lib

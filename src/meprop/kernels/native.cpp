@@ -29,6 +29,8 @@
 #include <cstring>
 #include <vector>
 
+#include <unistd.h>
+
 namespace {
 
 using i64 = int64_t;
@@ -48,11 +50,22 @@ struct Key<double> {
   static constexpr U span = U(32) << 52;
 };
 
-// 64-byte vectors: one AVX-512 register, or two AVX2 ones where AVX-512 is missing.
+// One vector register of the build's target: 64 bytes with AVX-512, 32 with AVX/AVX2, 16
+// otherwise (SSE2, NEON). GCC's generic vectors wider than the target's registers are split
+// into several narrower operations with poor code (a 64-byte vector on an AVX2-only target
+// ran the products at a sixth of the speed of 32-byte ones), so the width follows -march.
+#if defined(__AVX512F__)
+constexpr i64 kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr i64 kVecBytes = 32;
+#else
+constexpr i64 kVecBytes = 16;
+#endif
+
 template <class T>
 struct Vec {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr i64 lanes = 64 / sizeof(T);
+  typedef T type __attribute__((vector_size(kVecBytes)));
+  static constexpr i64 lanes = kVecBytes / sizeof(T);
 };
 
 template <class T>
@@ -214,7 +227,7 @@ struct TopkScratch {
   TopkScratch(i64 n, i64 p) : ck(n), work(std::max<i64>(n, 8 * Vec<U>::lanes)), lanes(p), cj(n) {}
 };
 
-// Bit j of the result: keys[j] & mask >= thr, for the lanes of one vector (16 or 8 keys).
+// Bit j of the result: keys[j] & mask >= thr, for the lanes of one vector (2 to 16 keys).
 // Keys have the sign bit cleared, so signed compares order them correctly.
 template <class U>
 inline uint32_t ge_mask(const U* keys, U mask, U thr) {
@@ -225,6 +238,19 @@ inline uint32_t ge_mask(const U* keys, U mask, U thr) {
   } else {
     __m512i v = _mm512_and_si512(_mm512_loadu_si512(keys), _mm512_set1_epi64((long long)mask));
     return _mm512_cmpge_epi64_mask(v, _mm512_set1_epi64((long long)thr));
+  }
+#elif defined(__AVX2__)
+  // keys & mask and thr are below 2^31 (2^63): a signed compare with thr - 1 is >= thr.
+  if constexpr (sizeof(U) == 4) {
+    __m256i v = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys)),
+                                 _mm256_set1_epi32(int(mask)));
+    __m256i ge = _mm256_cmpgt_epi32(v, _mm256_set1_epi32(int(thr) - 1));
+    return uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(ge)));
+  } else {
+    __m256i v = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys)),
+                                 _mm256_set1_epi64x((long long)mask));
+    __m256i ge = _mm256_cmpgt_epi64(v, _mm256_set1_epi64x((long long)thr - 1));
+    return uint32_t(_mm256_movemask_pd(_mm256_castsi256_pd(ge)));
   }
 #else
   uint32_t m = 0;
@@ -331,7 +357,7 @@ inline void zero(F* o, i64 w) {
   std::memset(o, 0, w * sizeof(F));
 }
 
-// Store a vector at a 64-byte aligned address bypassing the caches (no read for ownership):
+// Store a vector at a vector-aligned address (callers check 64 bytes) bypassing the caches (no read for ownership):
 // for rows of a large dW that nothing reads before the optimizer does.
 template <class F>
 inline void vstream(F* p, typename Vec<F>::type v) {
@@ -344,6 +370,26 @@ inline void vstream(F* p, typename Vec<F>::type v) {
     __m512d x;
     std::memcpy(&x, &v, 64);
     _mm512_stream_pd(reinterpret_cast<double*>(p), x);
+  }
+#elif defined(__AVX__)
+  if constexpr (sizeof(F) == 4) {
+    __m256 x;
+    std::memcpy(&x, &v, 32);
+    _mm256_stream_ps(reinterpret_cast<float*>(p), x);
+  } else {
+    __m256d x;
+    std::memcpy(&x, &v, 32);
+    _mm256_stream_pd(reinterpret_cast<double*>(p), x);
+  }
+#elif defined(__SSE2__)
+  if constexpr (sizeof(F) == 4) {
+    __m128 x;
+    std::memcpy(&x, &v, 16);
+    _mm_stream_ps(reinterpret_cast<float*>(p), x);
+  } else {
+    __m128d x;
+    std::memcpy(&x, &v, 16);
+    _mm_stream_pd(reinterpret_cast<double*>(p), x);
   }
 #else
   vstore(p, v);
@@ -474,15 +520,30 @@ inline void gather_axpy(F* o, i64 w, const i64* r, i64 rstride, const F* v, i64 
   }
 }
 
-// Source slices of this size stay in L2 while every output row takes its part (see column_block).
-constexpr i64 kTileBytes = i64(512) << 10;
+// This core's L2 cache in bytes: sysconf where the C library knows it (glibc reads CPUID),
+// else 512 KiB (the smaller of the common sizes: 512 KiB on Zen 2/3, 1-2 MiB on Zen 4 and
+// recent Xeons). Read once.
+inline i64 l2_bytes() {
+  static const i64 bytes = [] {
+    long v = 0;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return v >= (i64(64) << 10) && v <= (i64(64) << 20) ? i64(v) : i64(512) << 10;
+  }();
+  return bytes;
+}
+
+// Source slices of half the L2 stay there while every output row takes its part (see
+// column_block).
+inline i64 tile_bytes() { return l2_bytes() / 2; }
 
 // Column block of the row products, whose output rows each read rows of a source matrix (src_rows
 // rows of d columns; reads row reads in all). Whole rows, unless
 // - there are fewer rows than nt threads need tasks: blocks of >= 256 columns (a multiple of 64);
-// - the source is larger than L2 (4 x kTileBytes) and each of its rows is read 16 times or more
+// - the source is larger than twice the L2 and each of its rows is read 16 times or more
 //   (a parser's batch of 1000 examples x 2400 inputs, say): blocks whose slice of the source is
-//   about kTileBytes, so that the reads after the first come from L2, not from L3 or memory
+//   about half the L2, so that the reads after the first come from L2, not from L3 or memory
 //   (tasks run block by block). A source read about once (a wide layer, few examples) gains
 //   nothing from it and keeps whole rows.
 inline i64 column_block(i64 rows, i64 d, int nt, i64 src_rows, i64 reads, i64 elem) {
@@ -492,8 +553,8 @@ inline i64 column_block(i64 rows, i64 d, int nt, i64 src_rows, i64 reads, i64 el
     i64 per = (d * rows + tasks - 1) / tasks;
     block = std::max<i64>(256, (per + 63) / 64 * 64);
   }
-  if (src_rows * d * elem > 4 * kTileBytes && reads >= 16 * src_rows) {
-    i64 tile = std::max<i64>(64, kTileBytes / (src_rows * elem) / 64 * 64);
+  if (src_rows * d * elem > 2 * l2_bytes() && reads >= 16 * src_rows) {
+    i64 tile = std::max<i64>(64, tile_bytes() / (src_rows * elem) / 64 * 64);
     block = std::min(block, tile);
   }
   return block;
@@ -805,3 +866,7 @@ void unified(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64
 
 MEPROP_DEFINE(f32, float)
 MEPROP_DEFINE(f64, double)
+
+// What the build assumes: its vector width (follows -march) and the L2 size it blocks for.
+MEPROP_EXPORT i64 meprop_vector_bytes() { return kVecBytes; }
+MEPROP_EXPORT i64 meprop_l2_bytes() { return l2_bytes(); }

@@ -21,7 +21,9 @@ soname), so the kernels share torch's thread pool instead of waking a second one
 
 Build: ``$CXX`` (default ``g++``) with ``-O3 -march=native -fopenmp -shared`` (then without
 OpenMP, then without ``-march=native``, if those fail), about 2 s, once per machine and source
-version. The library is cached in ``$MEPROP_CACHE`` (default ``~/.cache/meprop``) under a name
+version. ``$MEPROP_MARCH`` sets another ``-march`` (``x86-64-v3``: AVX2, ``x86-64``: SSE2);
+a level this CPU cannot run is refused. The vector width follows the target (64 bytes with
+AVX-512, 32 with AVX2, 16 otherwise); ``build_info()`` reports it. The library is cached in ``$MEPROP_CACHE`` (default ``~/.cache/meprop``) under a name
 that hashes the source, the compiler, the flags and the CPU's feature flags, written
 atomically (so concurrent builds are safe). ``MEPROP_NATIVE=0`` turns it off. Where no
 compiler works, ``available()`` is False and meprop uses the numba kernels, or PyTorch ops.
@@ -29,6 +31,7 @@ compiler works, ``available()`` is False and meprop uses the numba kernels, or P
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -46,6 +49,9 @@ from torch import Tensor
 __all__ = [
     "available",
     "build_error",
+    "build_info",
+    "march",
+    "use_build",
     "supports",
     "topk_rows",
     "rows_matmul",
@@ -58,14 +64,52 @@ __all__ = [
 ]
 
 SOURCE = Path(__file__).with_name("native.cpp")
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
-# Tried in turn: a compiler without OpenMP builds serial kernels, one without -march=native
-# (some non-x86 compilers) portable ones.
-FLAG_SETS = [
-    FLAGS,
-    [f for f in FLAGS if f != "-fopenmp"],
-    [f for f in FLAGS if f not in ("-fopenmp", "-march=native")],
-]
+
+# x86-64 micro-architecture levels (as GCC's -march names them) and the /proc/cpuinfo flags
+# each needs on top of the one below: a library built for a level the CPU lacks would die on
+# an illegal instruction, so such a build is refused before it is loaded.
+X86_LEVELS = {
+    "x86-64": (),
+    "x86-64-v2": ("cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"),
+    "x86-64-v3": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"),
+    "x86-64-v4": ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+}
+
+
+def march() -> str:
+    """The ``-march`` of the default build: ``$MEPROP_MARCH``, else ``native`` (this CPU).
+
+    ``MEPROP_MARCH=x86-64-v3`` builds AVX2 kernels (for a binary that must run on any CPU of
+    the last decade, or to measure them on a machine with AVX-512); ``x86-64`` builds SSE2 ones.
+    """
+    return os.environ.get("MEPROP_MARCH", "").strip() or "native"
+
+
+def flag_sets(arch: str) -> list[list[str]]:
+    """Compiler flags tried in turn: a compiler without OpenMP builds serial kernels, and for
+    ``native`` one without -march=native (some non-x86 compilers) builds portable ones."""
+    flags = ["-O3", f"-march={arch}", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
+    sets = [flags, [f for f in flags if f != "-fopenmp"]]
+    if arch == "native":
+        sets.append([f for f in flags if f not in ("-fopenmp", "-march=native")])
+    return sets
+
+
+def cpu_supports(arch: str) -> bool | None:
+    """Whether this CPU runs code built with ``-march=arch``: True/False for ``native`` and the
+    x86-64 levels, None (unknown) for other names."""
+    if arch == "native":
+        return True
+    if arch not in X86_LEVELS:
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    flags = set(_cpu_flags().split(":", 1)[-1].split())
+    levels = list(X86_LEVELS)
+    needed = [f for lvl in levels[: levels.index(arch) + 1] for f in X86_LEVELS[lvl]]
+    return all(f in flags for f in needed)
+
+
 FUSED = True  # has per_example_backward and unified_backward (meprop.ops looks for this)
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
@@ -82,8 +126,9 @@ _PAR_MIN_ENTRIES = 1 << 16  # top-k: about 0.5 ns per entry
 _PAR_MIN_FMAS = 1 << 19  # products: about 20 multiply-adds per ns
 
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_error: str | None = None
+_libs: dict[str, ctypes.CDLL] = {}  # -march -> its loaded library
+_errors: dict[str, str] = {}  # -march -> why it did not build or load
+_active: list[str] = []  # the build that the kernels run (use_build), else march()
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,13 +152,15 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build(cxx: str) -> Path:
-    """The compiled library for this machine: cached, else built with the first set of flags
-    that compiles (a set that failed here once is not retried: its error is kept beside)."""
+def _build(cxx: str, arch: str | None = None) -> Path:
+    """The compiled library for this machine and ``arch`` (default ``march()``): cached, else
+    built with the first set of flags that compiles (a set that failed here once is not
+    retried: its error is kept beside)."""
+    arch = arch or march()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
     folder = _cache_dir()
     errors = []
-    for flags in FLAG_SETS:
+    for flags in flag_sets(arch):
         key = hashlib.sha256(
             "\0".join([SOURCE.read_text(), cxx, version, " ".join(flags), _cpu_flags()]).encode()
         ).hexdigest()[:16]
@@ -159,41 +206,77 @@ def _declare(lib: ctypes.CDLL) -> None:
             fn = getattr(lib, f"meprop_{name}_{suffix}")
             fn.argtypes = args
             fn.restype = res
+    for name in ("meprop_vector_bytes", "meprop_l2_bytes"):
+        getattr(lib, name).argtypes = []
+        getattr(lib, name).restype = i
 
 
-def _load() -> ctypes.CDLL | None:
-    """The compiled library, building it if needed; None (reason in ``build_error()``)."""
-    global _lib, _error
-    if _lib is not None or _error is not None:
-        return _lib
+def _load(arch: str | None = None) -> ctypes.CDLL | None:
+    """The library built for ``arch`` (default: the active build), building it if needed;
+    None (reason in ``build_error(arch)``)."""
+    arch = arch or (_active[-1] if _active else march())
+    lib = _libs.get(arch)
+    if lib is not None or arch in _errors:
+        return lib
     with _lock:
-        if _lib is not None or _error is not None:
-            return _lib
+        if arch in _libs or arch in _errors:
+            return _libs.get(arch)
         if os.environ.get("MEPROP_NATIVE", "1") == "0":
-            _error = "disabled by MEPROP_NATIVE=0"
+            _errors[arch] = "disabled by MEPROP_NATIVE=0"
+            return None
+        if cpu_supports(arch) is False:
+            _errors[arch] = f"this CPU cannot run code built with -march={arch}"
             return None
         cxx = os.environ.get("CXX", "g++")
         if shutil.which(cxx) is None:
-            _error = f"no C++ compiler: {cxx!r} not found (set CXX)"
+            _errors[arch] = f"no C++ compiler: {cxx!r} not found (set CXX)"
             return None
         try:
-            lib = ctypes.CDLL(str(_build(cxx)))
+            lib = ctypes.CDLL(str(_build(cxx, arch)))
             _declare(lib)
         except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
-            _error = f"building {SOURCE.name} failed: {e}"
+            _errors[arch] = f"building {SOURCE.name} (-march={arch}) failed: {e}"
             return None
-        _lib = lib
-    return _lib
+        _libs[arch] = lib
+    return lib
 
 
-def available() -> bool:
-    """Whether the C++ kernels are built (building them now if needed) and loaded."""
-    return _load() is not None
+def available(arch: str | None = None) -> bool:
+    """Whether the C++ kernels (of the active build, or of ``arch``) are built (building them
+    now if needed) and loaded."""
+    return _load(arch) is not None
 
 
-def build_error() -> str | None:
-    """Why ``available()`` is False (None while it is True or has not been asked)."""
-    return _error
+def build_error(arch: str | None = None) -> str | None:
+    """Why ``available(arch)`` is False (None while it is True or has not been asked)."""
+    return _errors.get(arch or (_active[-1] if _active else march()))
+
+
+@contextlib.contextmanager
+def use_build(arch: str):
+    """Run the kernels of the library built with ``-march=arch`` inside the block (the kernel
+    tests run every build this machine can run). Raises RuntimeError where it cannot load."""
+    if _load(arch) is None:
+        raise RuntimeError(f"no -march={arch} build: {_errors.get(arch)}")
+    _active.append(arch)
+    try:
+        yield
+    finally:
+        _active.pop()
+
+
+def build_info(arch: str | None = None) -> dict:
+    """The build's -march, its vector width in bytes and the L2 size its blocking assumes
+    (empty where it does not load)."""
+    arch = arch or (_active[-1] if _active else march())
+    lib = _load(arch)
+    if lib is None:
+        return {}
+    return {
+        "march": arch,
+        "vector_bytes": lib.meprop_vector_bytes(),
+        "l2_bytes": lib.meprop_l2_bytes(),
+    }
 
 
 def supports(t: Tensor) -> bool:
@@ -201,16 +284,17 @@ def supports(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in _SUFFIX and t.layout == torch.strided
 
 
-_FNS: dict = {}  # (name, dtype) -> the library's function
+_FNS: dict = {}  # (build, name, dtype) -> the library's function
 
 
 def _fn(name: str, dtype: torch.dtype):
-    fn = _FNS.get((name, dtype))
+    arch = _active[-1] if _active else march()
+    fn = _FNS.get((arch, name, dtype))
     if fn is None:
-        lib = _load()
+        lib = _load(arch)
         if lib is None:
-            raise RuntimeError(f"meprop's C++ kernels are unavailable: {_error}")
-        fn = _FNS[name, dtype] = getattr(lib, f"meprop_{name}_{_SUFFIX[dtype]}")
+            raise RuntimeError(f"meprop's C++ kernels are unavailable: {_errors.get(arch)}")
+        fn = _FNS[arch, name, dtype] = getattr(lib, f"meprop_{name}_{_SUFFIX[dtype]}")
     return fn
 
 

@@ -33,6 +33,8 @@ def test_demo_runs(tiny_mnist, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dense  test accuracy" in out and "meProp test accuracy" in out
     assert "whole backward time ratio (dense / meProp)" in out
+    assert "training step (forward, backward, optimizer) time ratio" in out
+    assert "machine: " in out and "meProp backward: " in out
     assert (tmp_path / "meprop" / "summary.json").exists()
 
 
@@ -41,3 +43,23 @@ def test_bad_flag_values_are_reported(tiny_mnist, tmp_path):
         main(["train", "mnist", "--k", "0", "--out", str(tmp_path), "--data-dir", str(tiny_mnist)])
     with pytest.raises(SystemExit):
         main(["train", "mnist", "--method", "nonsense"])
+
+
+def test_demo_ratios_and_why_not_faster():
+    from meprop import demo
+
+    dense = dict(forward=2.0, backward=4.0, linear_backward=3.0, optimizer=1.0)
+    fast = dict(forward=2.0, backward=1.0, linear_backward=0.5, optimizer=1.0)
+    lines = demo.ratio_lines(dense, fast)
+    assert lines[0] == "whole backward time ratio (dense / meProp): 4.00x (4.0 s / 1.0 s)"
+    assert lines[1].startswith("linear-map backward time ratio (dense / meProp): 6.00x")
+    assert lines[2].startswith("training step (forward, backward, optimizer) time ratio") and (
+        "1.75x (7.0 s / 4.0 s)" in lines[2]
+    )
+    assert len(lines) == 3  # no hidden_backward in these logs
+    assert demo.why_not_faster(dense, fast, "AVX2", "numba kernels") is None
+    why = demo.why_not_faster(fast, dense, "AVX2", "numba kernels")
+    assert why.startswith(
+        "meProp's backward was not faster here: it ran numba kernels; CPU SIMD level AVX2"
+    )
+    assert demo.backend_description()

@@ -1,19 +1,79 @@
 """The main job in a few minutes: the paper's MNIST MLP trained dense and with meProp.
 
 Both runs start from the same seed (same initialisation and data order) and go through the
-experiment trainer; the demo prints both test accuracies and the backward-time ratios, whole
-backward and its linear-map part, measured in this one process.
+experiment trainer; the demo prints the machine (CPU model, SIMD level, caches, threads), both
+test accuracies and the time ratios measured in this one process: whole backward, its
+linear-map part, the hidden layers' backward (what meProp sparsifies) and the training step
+(forward, backward, optimizer). Where meProp's backward was not faster, it says what ran and
+what may explain it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
 import torch
 
+from . import machine
 from .train import TrainConfig, run
+
+STEP = ("forward", "backward", "optimizer")  # the training step's phases in the trainer's log
+
+
+def backend_description() -> str:
+    """What runs meProp's backward on float32 CPU tensors with ``backend="auto"``."""
+    from . import kernels, ops
+
+    describe = getattr(kernels, "describe", None)  # a fuller account, where the kernels give one
+    if callable(describe):
+        try:
+            return str(describe())
+        except Exception:  # noqa: BLE001 - a description must never stop the demo
+            pass
+    kern = ops._kernel_module("auto", torch.zeros(1))
+    if kern is None:
+        return "PyTorch ops (no compiled kernels)"
+    if kern.__name__.endswith(".native"):
+        arch = getattr(kern, "march", None)
+        arch = arch() if callable(arch) else "native"
+        return f"C++ kernels (meprop/kernels/native.cpp, -march={arch})"
+    return "numba kernels (no working C++ compiler)"
+
+
+def ratio_lines(dense: dict, meprop: dict) -> list[str]:
+    """``name time ratio (dense / meProp): R x (D s / M s)`` for each timed part both runs
+    logged."""
+    d, m = dict(dense), dict(meprop)
+    d["step"], m["step"] = sum(d.get(k, 0.0) for k in STEP), sum(m.get(k, 0.0) for k in STEP)
+    lines = []
+    for key, name in (
+        ("backward", "whole backward"),
+        ("linear_backward", "linear-map backward"),
+        ("hidden_backward", "hidden layers' backward"),
+        ("step", "training step (forward, backward, optimizer)"),
+    ):
+        if d.get(key) and m.get(key):
+            lines.append(
+                f"{name} time ratio (dense / meProp): {d[key] / m[key]:.2f}x "
+                f"({d[key]:.1f} s / {m[key]:.1f} s)"
+            )
+    return lines
+
+
+def why_not_faster(dense: dict, meprop: dict, isa: str, backend: str) -> str | None:
+    """A line on what ran where meProp's backward was not faster than dense, else None."""
+    if meprop["backward"] < dense["backward"]:
+        return None
+    load = "/".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    return (
+        f"meProp's backward was not faster here: it ran {backend}; CPU SIMD level {isa}, "
+        f"{torch.get_num_threads()} threads, load average {load} (other processes skew the "
+        "two runs' times); `python benchmarks/bench_backward.py --threads 1` times the layers "
+        "side by side, and `python benchmarks/bench_kernels.py` each kernel"
+    )
 
 
 def _demo(args: argparse.Namespace) -> dict:
@@ -21,6 +81,8 @@ def _demo(args: argparse.Namespace) -> dict:
     common = dict(
         epochs=args.epochs, k=args.k, mode=args.mode, seed=args.seed, train_limit=args.train_limit
     )
+    summary = machine.cpu_summary()
+    print(f"machine: {machine.summary_line(summary)}")
     summaries = {}
     for method in ("dense", "meprop"):
         print(f"== {method} ==")
@@ -34,12 +96,14 @@ def _demo(args: argparse.Namespace) -> dict:
     print()
     print(f"dense  test accuracy {100 * d['test_accuracy']:.2f}%")
     print(f"meProp test accuracy {100 * m['test_accuracy']:.2f}%  (k={args.k} of 500, {args.mode})")
-    for key, name in (("backward", "whole backward"), ("linear_backward", "linear-map backward")):
-        print(
-            f"{name} time ratio (dense / meProp): {d['times'][key] / m['times'][key]:.2f}x "
-            f"({d['times'][key]:.1f} s / {m['times'][key]:.1f} s)"
-        )
-    print(f"[{torch.get_num_threads()} threads, torch {torch.__version__}; runs in {out}]")
+    for line in ratio_lines(d["times"], m["times"]):
+        print(line)
+    backend = backend_description()
+    print(f"meProp backward: {backend}")
+    why = why_not_faster(d["times"], m["times"], summary["isa"], backend)
+    if why:
+        print(why)
+    print(f"[{machine.summary_line(summary)}; torch {torch.__version__}; runs in {out}]")
     return summaries
 
 

@@ -10,6 +10,10 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def pytest_configure(config):
+    # backend="auto" takes its untimed default order in the suite, so that which
+    # implementation runs (and so the last bits of a gradient) does not depend on a timing;
+    # tests/test_dispatch.py turns the timing on.
+    os.environ.setdefault("MEPROP_AUTOTUNE", "0")
     # CI points MEPROP_DATA at ../shared/data; do the same when it is beside the checkout.
     if "MEPROP_DATA" not in os.environ and SHARED_DATA.is_dir():
         os.environ["MEPROP_DATA"] = str(SHARED_DATA)

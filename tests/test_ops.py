@@ -17,7 +17,7 @@ from meprop.ops import (
 
 FLOATS = [torch.float32, torch.float64]
 HALVES = [torch.float16, torch.bfloat16]
-BACKENDS = ["torch", "auto", "numba"] + (["native"] if native.available() else [])
+BACKENDS = ["torch", "dense", "auto", "numba"] + (["native"] if native.available() else [])
 TOL = {
     torch.float64: dict(rtol=1e-10, atol=1e-10),
     torch.float32: dict(rtol=1e-5, atol=1e-5),

@@ -16,12 +16,16 @@ __all__ = ["MODES", "BACKENDS", "SCOPES", "MePropConfig", "MeSimpConfig", "MeAct
 # random:      k columns drawn uniformly per row (the paper's control).
 MODES = ("per_example", "unified", "random")
 
-# auto:   compiled CPU kernels where they apply (float32/float64 on CPU): the C++ ones where a
-#         compiler built them, else numba's; PyTorch ops elsewhere.
-# torch:  PyTorch ops only.
+# auto:   the fastest of the implementations below that can run a call, timed on this machine
+#         on first use and cached (meprop.kernels.dispatch; MEPROP_AUTOTUNE=0: native, else
+#         numba, else torch).
 # native: require the C++ kernels; numba: require the numba kernels (error where they do not
 #         apply, e.g. float16 or CUDA tensors).
-BACKENDS = ("auto", "torch", "native", "numba")
+# torch:  PyTorch ops: GEMMs on the gradient compacted to the selected columns.
+# dense:  PyTorch ops: the masked gradient through the dense GEMMs.
+# (meAct's kernels: auto, torch, native, numba.)
+BACKENDS = ("auto", "native", "numba", "torch", "dense")
+MEACT_BACKENDS = ("auto", "torch", "native", "numba")
 
 # Which rows ``unified`` ranks its columns by under torch.distributed (one process: the same).
 # local:  this process's rows (each rank of a DDP job picks its own k columns).
@@ -49,8 +53,12 @@ class MePropConfig:
         sparse_grad: give the weight a row-sparse ``.grad`` (a sparse COO tensor holding only
             the touched rows, as ``nn.Embedding(sparse=True)`` does), for optimizers that take
             sparse gradients (SGD, Adagrad, SparseAdam).
-        backend: ``"auto"``, ``"torch"``, ``"native"`` (C++) or ``"numba"``: which
-            implementation runs the sparse backward (see ``meprop.ops``).
+        backend: which implementation runs the sparse backward: ``"native"`` (the C++
+            kernels), ``"numba"``, ``"torch"`` (GEMMs on the compacted gradient), ``"dense"``
+            (mask the gradient, then the dense GEMMs) or ``"auto"``: the fastest of those that
+            can run, timed on this machine on first use and cached (see
+            ``meprop.kernels.dispatch``). All give the same gradients up to the order of
+            floating-point sums. ``SparseLSTM`` runs ``"dense"`` as ``"torch"``.
         scope: ``"local"`` or ``"global"``, for ``unified`` selection in a torch.distributed
             job: ``"local"`` ranks the columns by this process's rows (each rank picks its
             own k columns); ``"global"`` sums the column scores over all ranks inside backward
@@ -208,8 +216,8 @@ class MeActConfig:
             raise ValueError(f"cap must be >= 0 (0: no cap), got {self.cap}")
         if self.storage not in ("float16", "float32"):
             raise ValueError(f"storage must be 'float16' or 'float32', got {self.storage!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend not in MEACT_BACKENDS:
+            raise ValueError(f"backend must be one of {MEACT_BACKENDS}, got {self.backend!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (for checkpoints and logs)."""

@@ -105,7 +105,7 @@ def _kernel_module(backend: str, t: Tensor):
     torch.compile traces: ``torch.ops.meprop`` (the same operations as custom ops with fake
     implementations; plain calls skip the dispatcher, which costs microseconds per call).
     """
-    if backend == "torch":
+    if backend in ("torch", "dense"):
         return None
     if not (t.is_cpu and t.dtype in _KERNEL_DTYPES and t.layout == torch.strided):
         if backend == "auto":
@@ -229,6 +229,127 @@ def _finish(x, g, sel, dx, dw, need_db, sparse_bias, counts, sel_n, db=None):
     return dx, dw, db, None, None, None, None, None, None, None, None
 
 
+# --------------------------------------------------------------------------------------------
+# The implementations of one layer's sparse backward (see meprop.kernels.dispatch)
+#
+# Each takes g (M, n) contiguous, x (M, in), weight (n, in), k < n, the mode ("per_example" or
+# "unified", local selection), what is needed, and returns (sel, dx, dW, db): sel is
+# ("rows", idx, vals) with idx, vals (M, k), or ("cols", cols (k,), g[:, cols] (M, k)); dx
+# (M, in) or None; dW dense (n, in), row-sparse COO (sparse_grad) or None; db = g.sum(0)
+# when full_db, else None.
+
+
+def _impl_native(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db):
+    """The fused C++ kernels: selection, dx, dW and the bias sum in one call."""
+    from .kernels import native
+
+    fused = native.per_example_backward if mode == "per_example" else native.unified_backward
+    dw_kind = ("sparse" if sparse_grad else "dense") if need_dw else None
+    a, b, dx, dw, db = fused(g, x.contiguous(), weight.contiguous(), k, need_dx, dw_kind, full_db)
+    if dw_kind == "sparse":
+        dw = _weight_grad(*dw, weight.shape[0], True)
+    return ("rows", a, b) if mode == "per_example" else ("cols", a, b), dx, dw, db
+
+
+def _impl_numba(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db):
+    """numba's selection and row products (per_example; unified runs as ``torch``)."""
+    if mode != "per_example":
+        return _impl_torch(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db)
+    from .kernels import cpu
+
+    n = weight.shape[0]
+    idx, vals = cpu.topk_rows(g, k)  # (M, k) each
+    dx = cpu.rows_matmul(idx, vals, weight) if need_dx else None
+    dw = None
+    if need_dw and sparse_grad:
+        dw = _weight_grad(*cpu.rows_outer(idx, vals, x, n), n, True)
+    elif need_dw:  # dense dW written in one pass, untouched rows zero
+        dw = cpu.rows_outer_dense(idx, vals, x, n)
+    return ("rows", idx, vals), dx, dw, g.sum(0) if full_db else None
+
+
+def _impl_torch(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db):
+    """PyTorch ops: dense GEMMs on the gradient compacted to the selected columns."""
+    n = weight.shape[0]
+    if mode == "unified":
+        cols = select_columns(g, k)
+        gc = g.index_select(1, cols)  # (M, k)
+        sel, rows, gr = ("cols", cols, gc), cols, gc
+    else:
+        idx, vals = select_rows(g, k, mode)  # (M, k) each
+        sel = ("rows", idx, vals)
+        # Compact to the union of the selected columns (R <= min(n, M*k)).
+        rows = idx.flatten().unique()  # sorted
+        gr = torch.zeros_like(g).scatter_(1, idx, vals).index_select(1, rows)  # (M, R)
+    dx, dw_rows = _compact_products(gr, rows, weight, x, need_dx, need_dw)
+    dw = _weight_grad(rows, dw_rows, n, sparse_grad) if need_dw else None
+    return sel, dx, dw, g.sum(0) if full_db else None
+
+
+def _impl_dense(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db):
+    """Mask g to the selection, then the dense GEMMs (the fallback where sparsity cannot pay)."""
+    if mode == "unified":
+        cols = select_columns(g, k)
+        gc = g.index_select(1, cols)  # (M, k)
+        sel, gm = ("cols", cols, gc), torch.zeros_like(g).index_copy_(1, cols, gc)
+    else:
+        idx, vals = select_rows(g, k, mode)
+        sel, gm = ("rows", idx, vals), torch.zeros_like(g).scatter_(1, idx, vals)  # (M, n)
+    dx = gm @ weight if need_dx else None
+    dw = None
+    if need_dw:
+        dw = gm.t() @ x
+        if sparse_grad:
+            rows = sel[1] if mode == "unified" else sel[1].flatten().unique()
+            dw = _weight_grad(rows, dw.index_select(0, rows), weight.shape[0], True)
+    return sel, dx, dw, g.sum(0) if full_db else None
+
+
+IMPLEMENTATIONS = {
+    "native": _impl_native,
+    "numba": _impl_numba,
+    "torch": _impl_torch,
+    "dense": _impl_dense,
+}
+
+
+def candidates(g: Tensor, mode: str) -> list[str]:
+    """The implementations that can run a (local) backward of ``mode`` on tensors like ``g``,
+    in the untimed default order (first: what ``MEPROP_AUTOTUNE=0`` runs)."""
+    out = []
+    if g.is_cpu and g.dtype in _KERNEL_DTYPES and g.layout == torch.strided:
+        from .kernels import cpu, native
+
+        if native.available():
+            out.append("native")
+        if mode == "per_example" and cpu.available():
+            out.append("numba")
+    return [*out, "torch", "dense"]
+
+
+def _pick(backend: str, args: tuple) -> str:
+    """The implementation that runs the backward of ``args`` (the implementations' arguments):
+    ``backend`` when forced, else chosen by meprop.kernels.dispatch."""
+    g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db = args
+    if backend != "auto":
+        if backend in ("native", "numba"):
+            _kernel_module(backend, g)  # raises where it cannot run
+        return backend
+    from .kernels import dispatch
+
+    names = candidates(g, mode)
+    pin = dispatch.pinned()
+    if pin is not None and pin in names:
+        return pin
+    if pin is not None or not dispatch.tuning_enabled() or not g.is_cpu:
+        return names[0]
+    m, n = g.shape
+    needs = f"{'x' if need_dx else ''}{'w' if need_dw else ''}{'s' if sparse_grad else ''}"
+    cls = dispatch.shape_class(mode, g.dtype, m, n, x.shape[1], k, needs)
+    runs = {name: (lambda f=IMPLEMENTATIONS[name]: f(*args)) for name in names}
+    return dispatch.tuner().choose(cls, runs)
+
+
 class _SparseLinearFn(torch.autograd.Function):
     """F.linear forward; backward through the top-k of the output gradient."""
 
@@ -259,24 +380,18 @@ class _SparseLinearFn(torch.autograd.Function):
             if need_dw and sparse_grad:
                 dw = _weight_grad(torch.arange(n, device=g.device), dw, n, True)
             return _finish(x, g, sel, dx, dw, need_db, sparse_bias, counts, sel_n)
-        kern = _kernel_module(backend, g)
-        # (global unified selection ranks the columns by every rank's rows: not fused)
-        fusable = mode == "per_example" or (mode == "unified" and scope == "local")
-        if kern is not None and getattr(kern, "FUSED", False) and fusable:
-            # One call: selection, dx, dW and the full-gradient bias sum.
-            fused = kern.per_example_backward if mode == "per_example" else kern.unified_backward
-            dw_kind = ("sparse" if sparse_grad else "dense") if need_dw else None
-            full_db = need_db and not sparse_bias
+        local = mode == "per_example" or (mode == "unified" and scope == "local")
+        if local and not torch.compiler.is_compiling():
             g = g.contiguous()
-            a, b, dx, dw, db = fused(
-                g, x2.contiguous(), weight.contiguous(), k, need_dx, dw_kind, full_db
-            )
-            sel = ("rows", a, b) if mode == "per_example" else ("cols", a, b)
-            if dw_kind == "sparse":
-                dw = _weight_grad(*dw, n, True)
+            full_db = need_db and not sparse_bias
+            args = (g, x2, weight, k, mode, need_dx, need_dw, sparse_grad, full_db)
+            name = _pick(backend, args)
+            sel, dx, dw, db = IMPLEMENTATIONS[name](*args)
             if need_db and not full_db:
                 db = _bias_grad(g, sel, True)
             return _finish(x, g, sel, dx, dw, False, sparse_bias, counts, sel_n, db)
+        # Random selection, unified selection over all ranks, and torch.compile's tracing.
+        kern = _kernel_module(backend, g)
         if mode == "unified":
             cols = select_columns(g, k, scope)
             gc = g.index_select(1, cols)  # (M, k)

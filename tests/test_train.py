@@ -37,6 +37,8 @@ def test_train_each_method(tiny_mnist, tmp_path, method, extra):
     for key in ("forward", "backward", "linear_backward", "optimizer", "eval"):
         assert summary["times"][key] > 0
     assert summary["times"]["linear_backward"] <= summary["times"]["backward"]
+    phases = sum(summary["times"][k] for k in ("forward", "backward", "optimizer"))
+    assert phases <= summary["times"]["train"] + 1e-3  # the loop's wall-clock holds them
     cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
     assert cfg.method == method
     if method == "kdim":

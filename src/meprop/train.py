@@ -5,7 +5,10 @@ method (``sparsify_`` for meProp, a ``Simplifier`` for meSimp), and runs an ordi
 Each run directory holds:
 
     config.json    the TrainConfig (rerun with ``meprop train --config config.json``)
-    log.jsonl      one JSON object per evaluation (epoch or chunk): losses, scores, times, widths
+    log.jsonl      one JSON object per evaluation (epoch or chunk): losses, scores, widths, and
+                   cumulative seconds ("times"): forward, backward (linear_backward and
+                   hidden_backward its parts), optimizer, analysis, simplify, eval, and train
+                   (the training loop's wall-clock outside evaluations and checkpoints)
     last.pt        the latest checkpoint (atomic; ``--resume`` continues from it)
     best.pt        the checkpoint with the best dev score (model selection as in the paper)
     summary.json   best epoch, its dev and test scores, total times, final widths
@@ -392,6 +395,9 @@ def run(
                 dynamic_ncols=True,
             ),
         )
+        # "train": wall-clock seconds of the training loop (batches, steps, bookkeeping) outside
+        # evaluations and checkpoints; the phases above are its timed parts.
+        lap = time.perf_counter()
         for i, batch in enumerate(task.batches("train", cfg.batch_size, gen)):
             with _examples(meact, batch, cfg.task):
                 batch, share = distributed.shard(batch, task)  # one process: (batch, 1.0)
@@ -427,8 +433,10 @@ def run(
             if (i + 1) % eval_every == 0 or i + 1 == steps_per_epoch:
                 train_loss = distributed.mean_over_ranks(torch.stack(losses).mean()).item()
                 losses.clear()
+                sw.totals["train"] += time.perf_counter() - lap
                 evaluate(epoch + (i + 1) / steps_per_epoch, train_loss)
                 model.train()
+                lap = time.perf_counter()
         bar.close()
         state["epoch"] = epoch + 1
         state["times"] = dict(sw.totals)

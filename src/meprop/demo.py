@@ -23,24 +23,28 @@ from .train import TrainConfig, run
 STEP = ("forward", "backward", "optimizer")  # the training step's phases in the trainer's log
 
 
-def backend_description() -> str:
-    """What runs meProp's backward on float32 CPU tensors with ``backend="auto"``."""
-    from . import kernels, ops
+def backend_lines(mode: str) -> list[str]:
+    """What runs meProp's backward here with ``backend="auto"``: the kernel builds and the
+    implementations chosen for ``mode`` at this thread count on float32 (from
+    ``meprop.kernels.dispatch``, which times them on first use; ``meprop info`` lists all)."""
+    try:
+        from .kernels import dispatch
 
-    describe = getattr(kernels, "describe", None)  # a fuller account, where the kernels give one
-    if callable(describe):
-        try:
-            return str(describe())
-        except Exception:  # noqa: BLE001 - a description must never stop the demo
-            pass
-    kern = ops._kernel_module("auto", torch.zeros(1))
-    if kern is None:
-        return "PyTorch ops (no compiled kernels)"
-    if kern.__name__.endswith(".native"):
-        arch = getattr(kern, "march", None)
-        arch = arch() if callable(arch) else "native"
-        return f"C++ kernels (meprop/kernels/native.cpp, -march={arch})"
-    return "numba kernels (no working C++ compiler)"
+        lines = dispatch.describe().splitlines()
+    except Exception:  # noqa: BLE001 - a description must never stop the demo
+        from . import ops
+
+        kern = ops._kernel_module("auto", torch.zeros(1))
+        name = "PyTorch ops" if kern is None else kern.__name__.rsplit(".", 1)[-1]
+        return [f"kernels: {name}"]
+    prefix = f"{mode}/float32/t{torch.get_num_threads()}/"
+    head = [x for x in lines if not x.startswith((" ", "CPU:"))]
+    chosen = [x.strip() for x in lines if x.strip().startswith(prefix)]
+    return (
+        head
+        + [f"chosen ({prefix}shape class: implementation (timings)): {len(chosen)}"]
+        + [f"  {x}" for x in chosen]
+    )
 
 
 def ratio_lines(dense: dict, meprop: dict) -> list[str]:
@@ -63,16 +67,18 @@ def ratio_lines(dense: dict, meprop: dict) -> list[str]:
     return lines
 
 
-def why_not_faster(dense: dict, meprop: dict, isa: str, backend: str) -> str | None:
-    """A line on what ran where meProp's backward was not faster than dense, else None."""
+def why_not_faster(dense: dict, meprop: dict, isa: str) -> str | None:
+    """A line on the circumstances where meProp's backward was not faster than dense, else
+    None."""
     if meprop["backward"] < dense["backward"]:
         return None
     load = "/".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     return (
-        f"meProp's backward was not faster here: it ran {backend}; CPU SIMD level {isa}, "
+        f"meProp's backward was not faster here: CPU SIMD level {isa}, "
         f"{torch.get_num_threads()} threads, load average {load} (other processes skew the "
-        "two runs' times); `python benchmarks/bench_backward.py --threads 1` times the layers "
-        "side by side, and `python benchmarks/bench_kernels.py` each kernel"
+        "two runs' times); the implementations it ran are listed above; "
+        "`python benchmarks/bench_backward.py --threads 1` times the layers side by side, "
+        "`python benchmarks/bench_kernels.py` each kernel"
     )
 
 
@@ -98,9 +104,10 @@ def _demo(args: argparse.Namespace) -> dict:
     print(f"meProp test accuracy {100 * m['test_accuracy']:.2f}%  (k={args.k} of 500, {args.mode})")
     for line in ratio_lines(d["times"], m["times"]):
         print(line)
-    backend = backend_description()
-    print(f"meProp backward: {backend}")
-    why = why_not_faster(d["times"], m["times"], summary["isa"], backend)
+    print("meProp backward implementations (backend='auto'):")
+    for line in backend_lines(args.mode):
+        print(f"  {line}")
+    why = why_not_faster(d["times"], m["times"], summary["isa"])
     if why:
         print(why)
     print(f"[{machine.summary_line(summary)}; torch {torch.__version__}; runs in {out}]")

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import MODES, MePropConfig
+from .kernels import dispatch
 
 __all__ = [
     "sparse_linear",
@@ -329,25 +330,36 @@ def candidates(g: Tensor, mode: str) -> list[str]:
 
 def _pick(backend: str, args: tuple) -> str:
     """The implementation that runs the backward of ``args`` (the implementations' arguments):
-    ``backend`` when forced, else chosen by meprop.kernels.dispatch."""
+    ``backend`` when forced, else chosen by meprop.kernels.dispatch (remembered per call
+    signature, so that a step pays a dictionary look-up, not the choosing)."""
     g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db = args
     if backend != "auto":
         if backend in ("native", "numba"):
             _kernel_module(backend, g)  # raises where it cannot run
         return backend
-    from .kernels import dispatch
-
+    # (MEPROP_BACKEND and MEPROP_AUTOTUNE are read when a signature is first seen)
+    sig = (
+        mode, g.dtype, g.is_cpu, g.shape, x.shape[1], k, need_dx, need_dw, sparse_grad,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    tuner = dispatch.tuner()
+    name = tuner.memo.get(sig)
+    if name is not None:
+        return name
     names = candidates(g, mode)
     pin = dispatch.pinned()
     if pin is not None and pin in names:
-        return pin
-    if pin is not None or not dispatch.tuning_enabled() or not g.is_cpu:
-        return names[0]
-    m, n = g.shape
-    needs = f"{'x' if need_dx else ''}{'w' if need_dw else ''}{'s' if sparse_grad else ''}"
-    cls = dispatch.shape_class(mode, g.dtype, m, n, x.shape[1], k, needs)
-    runs = {name: (lambda f=IMPLEMENTATIONS[name]: f(*args)) for name in names}
-    return dispatch.tuner().choose(cls, runs)
+        name = pin
+    elif pin is not None or not dispatch.tuning_enabled() or not g.is_cpu:
+        name = names[0]
+    else:
+        m, n = g.shape
+        needs = f"{'x' if need_dx else ''}{'w' if need_dw else ''}{'s' if sparse_grad else ''}"
+        cls = dispatch.shape_class(mode, g.dtype, m, n, x.shape[1], k, needs)
+        runs = {name: (lambda f=IMPLEMENTATIONS[name]: f(*args)) for name in names}
+        name = tuner.choose(cls, runs)
+    tuner.memo[sig] = name
+    return name
 
 
 class _SparseLinearFn(torch.autograd.Function):

@@ -128,6 +128,8 @@ class Tuner:
         self._choices: dict[str, dict] | None = None
         self._lock = threading.Lock()
         self.measured = 0  # decisions timed by this process (for tests and describe())
+        # What each call signature ran (meprop.ops._pick): this process's fast path.
+        self.memo: dict[tuple, str] = {}
 
     # ---------------------------------------------------------------------------------------
     # The file
@@ -206,6 +208,7 @@ class Tuner:
         """Forget the cached choices (the file too): the next calls measure again."""
         with self._lock:
             self._choices = {}
+            self.memo.clear()
             with contextlib.suppress(OSError):
                 self.path.unlink()
 

@@ -718,6 +718,11 @@ i64 per_example(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, 
   return outer_dense<F>(gr, n, x, d, dw, dw_mode == 2, rows, nt_products);
 }
 
+// Vectors of columns per register block of gemm_rows: 4 rows by 4 vectors (16 accumulators)
+// fit AVX-512's 32 registers; with 16 registers (AVX2, SSE) 4 by 3 leaves room for the loaded
+// vectors of B and the broadcast factor (4 by 4 spills there).
+constexpr i64 kGemmVectors = kVecBytes == 64 ? 4 : 3;
+
 // One register block of gemm_rows: 4 rows of out by NV vectors of columns from column c.
 template <class F, int NV>
 inline void gemm_block(i64 r0, i64 c, i64 K, i64 d, const F* A, i64 ars, i64 acs, const i64* bi,
@@ -743,13 +748,13 @@ inline void gemm_block(i64 r0, i64 c, i64 K, i64 d, const F* A, i64 ars, i64 acs
 // out[orow[r]] = sum_t A[r, t] * B[bidx[t]] for r < R, t < K: a small GEMM whose right factor
 // is a gather of rows (bidx, or all rows when null) and whose left factor has any strides
 // (A[r, t] = A[r * ars + t * acs]); orow null: out row r. Register-blocked: 4 rows of out by
-// up to 4 vectors of columns, so each loaded vector of B serves 4 multiply-adds (the unified
+// up to kGemmVectors vectors of columns, so each loaded vector of B serves 4 multiply-adds (the unified
 // mode's products, where every row uses the same k rows of W).
 template <class F>
 void gemm_rows(i64 R, i64 K, i64 d, const F* A, i64 ars, i64 acs, const i64* bidx, const F* B,
                const i64* orow, F* out, int nt) {
   constexpr i64 L = Vec<F>::lanes;
-  constexpr i64 W = 4 * L;  // columns per register block
+  constexpr i64 W = kGemmVectors * L;  // columns per register block
   i64 nrb = (R + 3) / 4, ncb = (d + W - 1) / W;
   nt = threads_for(nt, nrb * ncb);
   std::vector<i64> ident(bidx ? 0 : K);

@@ -11,7 +11,6 @@ sides of a ratio see the same moments of the machine.
 from __future__ import annotations
 
 import os
-import platform
 import time
 from collections.abc import Callable, Hashable
 
@@ -43,15 +42,25 @@ def best_of_rounds(
 
 
 def cpu_name() -> str:
-    """The CPU's model name (Linux), else what the platform module knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The machine as every benchmark header names it: CPU model, ISA, L2 and L3 sizes, and
+    the C++ kernels' build (-march, vector width), e.g. ``AMD EPYC; AVX-512; L2 1 MiB, L3 32
+    MiB; kernels -march=native, 64-byte vectors``."""
+    from meprop import machine
+    from meprop.kernels import native
+
+    s = machine.cpu_summary()
+    caches = ", ".join(
+        f"{name} {machine._size(s[key])}"
+        for name, key in (("L2", "l2_bytes"), ("L3", "l3_bytes"))
+        if s.get(key)
+    )
+    info = native.build_info() if native.available() else {}
+    build = (
+        f"kernels -march={info['march']}, {info['vector_bytes']}-byte vectors"
+        if info
+        else "no C++ kernels"
+    )
+    return "; ".join(part for part in (s["model"], s["isa"], caches, build) if part)
 
 
 def load_average() -> str:

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 import meprop
+from _timing import cpu_name
 from meprop import MePropConfig, SparseLinear, sparsify_
 from meprop.data import load_ud_ewt
 from meprop.tasks.arcstandard import is_projective, oracle_examples
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--min-time", type=float, default=1.0)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    print(f"# torch {torch.__version__}; {torch.get_num_threads()} threads")
+    print(f"# {cpu_name()}; torch {torch.__version__}; {torch.get_num_threads()} threads")
     data = load_ud_ewt(root=args.data_dir, splits=("train", "dev"))
     train = data["train"][:2000] if args.quick else data["train"]
     tags = "xpos"

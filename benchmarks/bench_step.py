@@ -37,7 +37,6 @@ from torch import nn
 
 from _timing import best_of_rounds, cpu_name, environment, load_average
 from meprop import MePropConfig, SparseLinear, hidden_layers, sparsify_
-from meprop.machine import isa
 from meprop.train import make_optimizer
 
 FULL = (500, 500)
@@ -136,7 +135,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     simp = args.mesimp_widths
     print(
-        f"# {cpu_name()} ({isa()}); torch {torch.__version__}; {torch.get_num_threads()} threads; "
+        f"# {cpu_name()}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
         f"load average {load_average()}"
     )
     print(

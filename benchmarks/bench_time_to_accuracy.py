@@ -40,7 +40,6 @@ from pathlib import Path
 import torch
 
 from _timing import cpu_name, load_average
-from meprop.machine import isa
 from meprop.train import TrainConfig
 
 METHODS = ("dense", "per_example", "unified", "mesimp")
@@ -180,7 +179,7 @@ def plot(results, target: float, path: Path, title: str) -> None:
     ax.set_ylim(max(lo, 100 * target - 4), 100 * max(best(recs) for _, recs in results) + 0.3)
     ax.set_xlabel("training wall-clock seconds (evaluation excluded)")
     ax.set_ylabel("dev accuracy %")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -319,7 +318,7 @@ def main(argv=None) -> int:
         f"# time to accuracy, MNIST 784-500-500-10, Adam, batch {runs[0].config.batch_size}, "
         f"dropout {runs[0].config.dropout:g}, {args.epochs} epochs, seed {args.seed}, "
         f"train limit {args.train_limit or 'none'}, dev every {args.eval_every} steps",
-        f"# {cpu_name()} ({isa()}); torch {torch.__version__}; {torch.get_num_threads()} "
+        f"# {cpu_name()}; torch {torch.__version__}; {torch.get_num_threads()} "
         f"thread(s); load average at start {load_average()}; runs "
         f"{'one after another' if args.sequential else 'interleaved by epoch'} in {out}",
         "# command: python benchmarks/bench_time_to_accuracy.py "
@@ -335,7 +334,9 @@ def main(argv=None) -> int:
     print("\n".join(markdown(target, rows)))
     if not args.no_plot:
         path = args.plot or out / "time_to_accuracy.png"
-        title = f"MNIST, {cpu_name()} ({isa()}), torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+        title = (
+            f"MNIST; {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+        )
         plot(results, target, path, title)
         print(f"\nplot: {path}")
     return 0

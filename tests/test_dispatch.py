@@ -206,3 +206,25 @@ def test_cli_info(tuner, capsys):
     backward("unified")
     assert main(["info", "--clear"]) == 0
     assert tuner.choices() == {} and not tuner.path.exists()
+
+
+def test_trainer_warm_up_times_before_the_clocks_and_leaves_no_trace(tuner, tiny_mnist):
+    # The trainer's warm-up step lets auto time its candidates before training; it leaves the
+    # parameters, their gradients and the random state as they were.
+    from meprop.tasks import get_task
+    from meprop.train import TrainConfig, _warm_up
+
+    cfg = TrainConfig(method="meprop", k=5, mode="unified", epochs=1)
+    task = get_task(cfg, tiny_mnist)
+    torch.manual_seed(3)
+    model = task.build_model(cfg.widths(), cfg)
+    from meprop import sparsify_
+
+    sparsify_(model, cfg.meprop_config(), filter_fn=task.sparsify_filter(model))
+    before = [p.detach().clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+    _warm_up(model, task, cfg)
+    assert tuner.measured >= 1  # the hidden layers' shape classes were timed
+    assert torch.equal(torch.get_rng_state(), rng)
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert p.grad is None and torch.equal(p.detach(), q)

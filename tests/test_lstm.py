@@ -342,6 +342,21 @@ def test_constructor_errors_and_repr():
         lstm(torch.randn(5, 2, 7))
     with pytest.raises(ValueError, match=r"expected \(4, 2, 4\)"):
         lstm(torch.randn(5, 2, 3), (torch.zeros(4, 3, 4), torch.zeros(4, 3, 4)))
+    with pytest.raises(ValueError, match=r"Convert input: input.to\(torch.float32\)"):
+        lstm(torch.randn(5, 2, 3, dtype=F64))
+
+
+@pytest.mark.parametrize("mode", ["per_example", "unified", "random"])
+@pytest.mark.parametrize("k", [2, 4 * HID])
+def test_empty_batch_as_nn_lstm(mode, k):
+    dense, sparse = make_pair(k, mode, layers=2, bidir=True)
+    for module in (dense, sparse):
+        x = torch.randn(T, 0, IN, dtype=F64, requires_grad=True)
+        out, (h, c) = module(x)
+        assert out.shape == (T, 0, 2 * HID) and h.shape == c.shape == (4, 0, HID)
+        (out.sum() + h.sum() + c.sum()).backward()
+        assert x.grad.shape == x.shape
+        assert all(not p.grad.any() for p in module.parameters())
 
 
 def test_sparsify_swaps_lstm_in_place_and_back():

@@ -29,6 +29,7 @@ against it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 
@@ -38,7 +39,15 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .config import MODES, MePropConfig
-from .ops import _compact_products, _kernel_module, _weight_grad, select_columns, select_rows
+from .ops import (
+    _compact_products,
+    _kernel_module,
+    _weight_grad,
+    autocast_cast,
+    autocast_dtype,
+    select_columns,
+    select_rows,
+)
 from .prune import Cut, _check_keep, _slice_param, prune_in_
 
 __all__ = [
@@ -498,7 +507,7 @@ class SparseLSTM(nn.LSTM):
             elif self.batch_first:
                 input = input.transpose(0, 1)  # (T, B, in)
             n_steps, batch = input.shape[:2]
-            if n_steps == 0 or batch == 0:
+            if n_steps == 0:
                 raise ValueError(f"SparseLSTM got an empty input of shape {tuple(input.shape)}")
             x = input.reshape(n_steps * batch, input.shape[2])  # (T*B, in), time-major rows
             steps = tuple((t * batch, batch) for t in range(n_steps))
@@ -508,7 +517,22 @@ class SparseLSTM(nn.LSTM):
                 f"input has {x.shape[-1]} features per step but SparseLSTM was built with "
                 f"input_size={self.input_size}"
             )
+        # Under torch.autocast, nn.LSTM runs in the autocast dtype: cast the input, states and
+        # weights (autograd ops, so gradients return in the parameters' dtype) and run the
+        # layers with autocast off. Outside it, a dtype mismatch is nn.LSTM's error.
+        amp = autocast_dtype(x)
+        if amp is not None:
+            x = autocast_cast(x, amp)
+        elif x.dtype != self.weight_ih_l0.dtype:
+            w_dtype = self.weight_ih_l0.dtype
+            raise ValueError(
+                f"SparseLSTM input dtype ({x.dtype}) does not match weight dtype ({w_dtype}). "
+                f"Convert input: input.to({w_dtype}), or convert model: model.to({x.dtype})"
+            )
         h0s, c0s = self._initial_states(hx, batch, x, sorted_indices, unbatched)
+        if amp is not None:
+            h0s = [autocast_cast(h, amp) for h in h0s]
+            c0s = [autocast_cast(c, amp) for c in c0s]
 
         cfg = self.config
         if cfg.scope == "global" and cfg.mode == "unified":
@@ -525,12 +549,21 @@ class SparseLSTM(nn.LSTM):
             or any(p.requires_grad for p in self.parameters())
             or any(t.requires_grad for t in (*h0s, *c0s))
         )
+        no_amp = (
+            contextlib.nullcontext()
+            if amp is None
+            else torch.autocast(x.device.type, enabled=False)
+        )
         hs, cs = [], []
         layer_in = x
         for layer in range(self.num_layers):
             outs = []
             for d in range(dirs):
                 w_ih, w_hh, b_ih, b_hh = (getattr(self, n, None) for n in _names(layer, d))
+                if amp is not None:
+                    w_ih, w_hh, b_ih, b_hh = (
+                        autocast_cast(p, amp) for p in (w_ih, w_hh, b_ih, b_hh)
+                    )
                 if not self.bias:
                     b_ih = b_hh = None
                 usage = None if self.usage is None else self.usage.get((layer, d))
@@ -547,9 +580,10 @@ class SparseLSTM(nn.LSTM):
                     debug,
                 )
                 j = layer * dirs + d
-                y, h_n, c_n = _LSTMDirectionFn.apply(
-                    layer_in, h0s[j], c0s[j], w_ih, w_hh, b_ih, b_hh, steps, d == 1, opts, save
-                )
+                with no_amp:
+                    y, h_n, c_n = _LSTMDirectionFn.apply(
+                        layer_in, h0s[j], c0s[j], w_ih, w_hh, b_ih, b_hh, steps, d == 1, opts, save
+                    )
                 outs.append(y)
                 hs.append(h_n)
                 cs.append(c_n)
@@ -564,7 +598,7 @@ class SparseLSTM(nn.LSTM):
                 h_n,
                 c_n,
             )
-        out = layer_in.view(len(steps), batch, -1)
+        out = layer_in.view(len(steps), batch, layer_in.shape[1])
         if unbatched:
             out = out.squeeze(1)
         elif self.batch_first:

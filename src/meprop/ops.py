@@ -494,19 +494,47 @@ def apply_config(
     """``sparse_linear`` with an already validated config (the modules' hot path)."""
     if counts is None and cfg.k >= weight.shape[0] and not cfg.sparse_grad:
         return F.linear(x, weight, bias)  # keeps everything: plain autograd, bit-exact
-    return _SparseLinearFn.apply(
-        x,
-        weight,
-        bias,
-        cfg.k,
-        cfg.mode,
-        cfg.sparse_bias,
-        cfg.sparse_grad,
-        cfg.backend,
-        counts,
-        selections,
-        cfg.scope,
-    )
+    args = (cfg.k, cfg.mode, cfg.sparse_bias, cfg.sparse_grad, cfg.backend, counts, selections)
+    dtype = autocast_dtype(x)
+    if dtype is None:
+        return _SparseLinearFn.apply(x, weight, bias, *args, cfg.scope)
+    # Under autocast, F.linear's policy: the casts are autograd ops, so backward (inside or
+    # outside the autocast block) sees g, x and W in one dtype, and dW goes back to the
+    # parameter's dtype through the cast's backward.
+    x, weight, bias = (autocast_cast(t, dtype) for t in (x, weight, bias))
+    with torch.autocast(x.device.type, enabled=False):
+        return _SparseLinearFn.apply(x, weight, bias, *args, cfg.scope)
+
+
+def autocast_dtype(t: Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs linear maps in for tensors on ``t``'s device, or None
+    where autocast is off there."""
+    dev = t.device.type
+    if not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
+def autocast_cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``t`` in ``dtype`` as autocast casts an op's arguments: floating tensors other than
+    float64 only (float64 runs as it is, as under autocast)."""
+    if t is None or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
+        return t
+    return _Cast.apply(t, dtype)
+
+
+class _Cast(torch.autograd.Function):
+    """``t.to(dtype)`` whose backward casts the gradient back keeping its layout: a row-sparse
+    dW (``sparse_grad``) stays sparse, where autograd's own cast backward fails on COO."""
+
+    @staticmethod
+    def forward(ctx, t, dtype):
+        ctx.dtype = t.dtype
+        return t.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype), None
 
 
 # --------------------------------------------------------------------------------------------

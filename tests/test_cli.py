@@ -38,11 +38,14 @@ def test_demo_runs(tiny_mnist, tmp_path, capsys):
     assert (tmp_path / "meprop" / "summary.json").exists()
 
 
-def test_bad_flag_values_are_reported(tiny_mnist, tmp_path):
-    with pytest.raises(ValueError, match="k must be >= 1, got 0"):
-        main(["train", "mnist", "--k", "0", "--out", str(tmp_path), "--data-dir", str(tiny_mnist)])
-    with pytest.raises(SystemExit):
+def test_bad_flag_values_are_reported(tiny_mnist, tmp_path, capsys):
+    args = ["train", "mnist", "--out", str(tmp_path), "--data-dir", str(tiny_mnist)]
+    assert main([*args, "--k", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == "meprop train: error: k must be >= 1, got 0\n"  # one line, no traceback
+    with pytest.raises(SystemExit) as e:
         main(["train", "mnist", "--method", "nonsense"])
+    assert e.value.code == 2
 
 
 def test_demo_ratios_and_why_not_faster():

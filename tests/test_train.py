@@ -64,10 +64,8 @@ def test_resume_equals_uninterrupted(tiny_mnist, tmp_path):
     args = ["--method", "mesimp", "--k", "8", "--prune-interval", "3", "--dropout", "0.1"]
     train(tiny_mnist, tmp_path / "a", *args, "--epochs", "3")
     train(tiny_mnist, tmp_path / "b", *args, "--epochs", "1")
-    with pytest.raises(FileExistsError, match="already holds a run"):
-        train(tiny_mnist, tmp_path / "b", *args, "--epochs", "3")
-    with pytest.raises(ValueError, match="k: saved 8, given 6"):
-        train(tiny_mnist, tmp_path / "b", *args, "--k", "6", "--resume")
+    assert train(tiny_mnist, tmp_path / "b", *args, "--epochs", "3") == 2  # "already holds a run"
+    assert train(tiny_mnist, tmp_path / "b", *args, "--k", "6", "--resume") == 2  # k differs
     train(tiny_mnist, tmp_path / "b", *args, "--epochs", "3", "--resume")
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
@@ -161,7 +159,7 @@ def test_update_statistic_is_opt_in(tiny_mnist, tmp_path):
     assert TrainConfig(method="meact", epochs=20).track_updates is True
     assert TrainConfig(method="meact", epochs=20, track_updates=False).track_updates is False
     assert TrainConfig(method="dense", track_updates=True).track_updates is True
-    with pytest.raises(ValueError, match="track_updates must be true or false"):
+    with pytest.raises(ValueError, match=r"track_updates \(--track-updates\) must be true, false"):
         TrainConfig(track_updates="yes")
     train(tiny_mnist, tmp_path / "off", "--method", "dense")
     train(tiny_mnist, tmp_path / "on", "--method", "dense", "--track-updates")

@@ -7,7 +7,6 @@ from a JSON file (``--config``, e.g. a run's own ``config.json``) with flags ove
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import traceback
@@ -106,26 +105,56 @@ def config_from_args(cls, args: argparse.Namespace, base: dict | None = None):
 
 
 def _train_worker(cfg: dict, out: str, options: dict) -> None:
-    """One rank of a multi-process ``meprop train`` (started by ``meprop.launch``)."""
+    """One rank of a multi-process ``meprop train`` (started by ``meprop.launch``; the
+    launcher holds the run folder's lock)."""
     from .train import TrainConfig, run
 
-    run(TrainConfig.from_dict(cfg), out, **options)
+    run(TrainConfig.from_dict(cfg), out, lock=False, **options)
+
+
+def _train_config(args: argparse.Namespace):
+    """The run's TrainConfig: the flags given, over a --config file, over (with --resume) the
+    run's own config.json, so that ``--resume --out DIR`` needs no other flag."""
+    from .train import ConfigError, TrainConfig
+
+    base: dict = {}
+    source = None
+    if args.config:
+        source = Path(args.config)
+    elif args.resume and args.out is not None and (Path(args.out) / "config.json").is_file():
+        source = Path(args.out) / "config.json"
+    if source is not None:
+        base = TrainConfig.from_file(source).to_dict()  # checks it, naming the file
+        if args.config and base["task"] != args.task:
+            raise ConfigError(
+                f"--config {source} is a {base['task']} config, but the task given is "
+                f"{args.task}: give the task {base['task']}"
+            )
+    base["task"] = args.task
+    try:
+        return config_from_args(TrainConfig, args, base)
+    except ConfigError as e:
+        raise ConfigError(
+            f"{e} (in --config {source} or the flags)" if source else str(e)
+        ) from None
 
 
 def _train(args: argparse.Namespace) -> None:
     from . import launch
-    from .train import TrainConfig, run
+    from .train import ConfigError, check_run_dir, run, run_lock
 
-    base = json.loads(Path(args.config).read_text()) if args.config else {}
-    base["task"] = args.task
-    cfg = config_from_args(TrainConfig, args, base)
+    cfg = _train_config(args)
     out = args.out or Path("runs") / f"{cfg.task}-{cfg.method}-k{cfg.k}-seed{cfg.seed}"
     options = dict(data_dir=args.data_dir, resume=args.resume, progress=not args.no_progress)
     if args.nproc < 1:
-        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+        raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    if not args.dist_timeout > 0 or args.dist_timeout == float("inf"):
+        raise ConfigError(
+            f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}"
+        )
     if launch.under_launcher():  # torchrun started this process as one rank of a job
         if args.nproc != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"--nproc {args.nproc} under torchrun: torchrun already started the processes "
                 "(--nproc-per-node); leave --nproc out"
             )
@@ -139,20 +168,26 @@ def _train(args: argparse.Namespace) -> None:
             launch.hard_exit()  # torchrun sees the status (see hard_exit: no teardown)
         launch.destroy()
         return
+    if args.data_dir is not None:  # a mistyped --data-dir, before any process starts
+        from .data import data_roots
+
+        data_roots(args.data_dir)
     print(f"run directory: {out}")
     if args.nproc == 1:
         run(cfg, out, **options)
         return
-    threads = launch.default_threads(args.nproc)
-    print(f"{args.nproc} processes (gloo), {threads} thread{'s' * (threads > 1)} each")
-    launch.spawn(
-        _train_worker,
-        args.nproc,
-        (cfg.to_dict(), str(out), options),
-        backend="gloo",
-        timeout_s=args.dist_timeout,
-        threads=threads,
-    )
+    with run_lock(out):  # held here, for all the ranks (which the launcher outlives)
+        check_run_dir(cfg, out, args.resume)  # refused here rather than in every rank
+        threads = launch.default_threads(args.nproc)
+        print(f"{args.nproc} processes (gloo), {threads} thread{'s' * (threads > 1)} each")
+        launch.spawn(
+            _train_worker,
+            args.nproc,
+            (cfg.to_dict(), str(out), options),
+            backend="gloo",
+            timeout_s=args.dist_timeout,
+            threads=threads,
+        )
 
 
 def register_train(subparsers) -> None:
@@ -223,9 +258,19 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except WorkerFailed as e:  # the others were stopped; the message holds the traceback
-        print(f"meprop {args.command}: {e}", file=sys.stderr)
+    except WorkerFailed as e:  # the others were stopped
+        if e.user_error is not None:  # a rank stopped on a mistake (or a diverged run)
+            print(f"meprop {args.command}: error: {e.user_error}", file=sys.stderr)
+            return e.exit_status
+        print(f"meprop {args.command}: {e}", file=sys.stderr)  # with the rank's traceback
         return 1
+    except Exception as e:
+        # Mistakes in the arguments, files, folders or data (their classes say so) are told in
+        # one line, with what to do; anything else is a bug, with its traceback.
+        if not getattr(e, "user_mistake", False):
+            raise
+        print(f"meprop {args.command}: error: {e}", file=sys.stderr)
+        return getattr(e, "exit_status", 2)
     return 0
 
 

@@ -18,6 +18,7 @@ Under torchrun (or any launcher that sets RANK, WORLD_SIZE, MASTER_ADDR and MAST
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import multiprocessing.connection
@@ -26,6 +27,7 @@ import pickle
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -50,15 +52,28 @@ __all__ = [
 
 #: Seconds a collective waits for the other ranks before failing (a hung rank ends the run).
 DEFAULT_TIMEOUT_S = 300.0
+#: Seconds between a rank's checks that its launcher still runs (see ``_die_with_parent``).
+WATCH_S = 0.2
 
 
 class WorkerFailed(RuntimeError):
     """A process of a ``spawn`` job failed; the others have been stopped."""
 
-    def __init__(self, rank: int, nproc: int, reason: str) -> None:
+    def __init__(
+        self,
+        rank: int,
+        nproc: int,
+        reason: str,
+        user_error: str | None = None,
+        exit_status: int = 1,
+    ) -> None:
         super().__init__(f"rank {rank} of {nproc} failed: {reason.strip()}")
         self.rank = rank
         self.nproc = nproc
+        #: The message of the exception that ended the job when its class marks it as a
+        #: mistake to report without a traceback (``user_mistake = True``), else None.
+        self.user_error = user_error
+        self.exit_status = exit_status
 
 
 def cpu_count() -> int:
@@ -125,19 +140,53 @@ def _set_threads(threads: int) -> None:
         os.environ["NUMBA_NUM_THREADS"] = str(threads)
 
 
-def _die_with_parent(launcher: int) -> None:
-    """Linux: this process gets SIGKILL when its parent dies (no orphaned ranks). The parent is
-    the launcher, or its fork server, which exits with the launcher."""
-    if not sys.platform.startswith("linux"):  # pragma: no cover
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+def _start_time(pid: int) -> str | None:
+    """The start time of process ``pid`` (Linux: /proc; None where unknown or gone), which
+    tells the process apart from a later one that reuses its id."""
     try:
-        os.kill(launcher, 0)
-    except ProcessLookupError:  # the launcher died before prctl took effect
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]
+
+
+def _die_with_parent(launcher: int, started: str | None) -> None:
+    """No orphaned ranks: this process ends when the launcher does, however it ends.
+
+    On Linux the parent's death sends SIGKILL (prctl); the parent is a fork server, though,
+    which outlives a launcher that was killed. So a watchdog thread also checks the launcher
+    every ``WATCH_S`` seconds: once it is gone, it stops the fork server (started by that
+    launcher, for it alone) and this process."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+    def gone() -> bool:
+        try:
+            os.kill(launcher, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # pragma: no cover - another user's process: ours is gone
+            return True
+        return started is not None and _start_time(launcher) != started
+
+    if gone():  # the launcher died before prctl took effect
         os._exit(1)
+
+    def watch() -> None:
+        while not gone():
+            time.sleep(WATCH_S)
+        parent = os.getppid()
+        if parent not in (1, launcher):  # the launcher's fork server
+            try:
+                os.kill(parent, signal.SIGKILL)
+            except OSError:
+                pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="meprop-launcher-watch", daemon=True).start()
 
 
 def _worker(
@@ -149,11 +198,11 @@ def _worker(
     backend: str,
     timeout_s: float,
     threads: int,
-    launcher: int,
+    launcher: tuple[int, str | None],
     env: dict[str, str],
     stamps: str,
 ) -> None:
-    _die_with_parent(launcher)
+    _die_with_parent(*launcher)
     # The launcher's environment now (a fork server keeps the one it started with), plus
     # torchrun's variables, so that code running under either launcher sees the same setup.
     os.environ.clear()
@@ -183,6 +232,9 @@ def _worker(
         if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: the usual way out
             raise
         (Path(stamps) / f"{rank}.err").write_text(traceback.format_exc())
+        if getattr(e, "user_mistake", False):  # told in one line (see WorkerFailed.user_error)
+            status = getattr(e, "exit_status", 2)
+            (Path(stamps) / f"{rank}.msg").write_text(f"{status}\n{e}")
         hard_exit()
     destroy()
 
@@ -252,13 +304,15 @@ def spawn(
     env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix="meprop-launch-") as stamps:
         worker_args = (
-            fn, args, nproc, store.port, backend, timeout_s, threads, os.getpid(), env, stamps
+            fn, args, nproc, store.port, backend, timeout_s, threads,
+            (os.getpid(), _start_time(os.getpid())), env, stamps,
         )  # fmt: skip
         context = mp.start_processes(
             _worker, args=worker_args, nprocs=nproc, join=False, start_method=_start_method()
         )
         try:
-            _watch(context, nproc, grace_s, Path(stamps))
+            with _sigterm_raises():
+                _watch(context, nproc, grace_s, Path(stamps))
         except BaseException:  # WorkerFailed, KeyboardInterrupt, ...: leave no process behind
             for p in context.processes:
                 if p.is_alive():
@@ -269,6 +323,31 @@ def spawn(
             for f in context.error_files:
                 Path(f).unlink(missing_ok=True)
     del store
+
+
+class Terminated(SystemExit):
+    """The launcher got SIGTERM: its ranks are stopped, and it exits with 128 + 15."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM to the launcher (in the main thread) raises ``Terminated``, so that the ranks
+    are stopped before it exits instead of training on alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _watch(context, nproc: int, grace_s: float, stamps: Path) -> None:
@@ -330,10 +409,14 @@ def _root_cause(procs, error_files, stopped: set, stamps: Path, nproc: int) -> W
         failures.append(((1, when), i, reason))
     failures.sort(key=lambda f: f[:2])
     _, rank, reason = failures[0]
+    user_error, exit_status = None, 1
+    if (stamps / f"{rank}.msg").is_file():
+        status, _, user_error = (stamps / f"{rank}.msg").read_text().partition("\n")
+        exit_status = int(status)
     later = [f"rank {i}: {r.strip().splitlines()[-1]}" for _, i, r in failures[1:] if r.strip()]
     if later:
         reason = f"{reason.rstrip()}\n(then, in consequence: {'; '.join(later)})"
     if stopped:  # e.g. a hung rank, after the others timed out waiting for it
         ranks = ", ".join(map(str, sorted(stopped)))
         reason = f"{reason.rstrip()}\n(still running, stopped: rank {ranks})"
-    return WorkerFailed(rank, nproc, reason)
+    return WorkerFailed(rank, nproc, reason, user_error, exit_status)

@@ -22,10 +22,14 @@ rank 0 alone writes the run directory and prints.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
+import tempfile
 import time
-from contextlib import nullcontext
+import typing
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -40,11 +44,52 @@ from .convert import sparsify_
 from .simplify import Simplifier
 from .timing import BackwardTimer, Stopwatch, linear_maps
 
-__all__ = ["TrainConfig", "METHODS", "OPTIMIZERS", "run", "make_optimizer"]
+__all__ = [
+    "TrainConfig",
+    "METHODS",
+    "OPTIMIZERS",
+    "run",
+    "make_optimizer",
+    "ConfigError",
+    "RunDirError",
+    "Diverged",
+]
 
 METHODS = ("dense", "meprop", "random", "kdim", "mesimp", "meact")
 OPTIMIZERS = {"adam": 1e-3, "adagrad": 1e-2, "sgd": 0.1}  # name -> default learning rate
 ACTIVATIONS = ("relu", "tanh", "cube")
+#: Largest hidden width, and most weights between hidden layers (1 GiB of float32), that a
+#: config may ask for: beyond them a typo (``--k 100000``) would try to allocate tens of GB.
+MAX_WIDTH = 1 << 20
+MAX_HIDDEN_WEIGHTS = 1 << 28
+
+
+class ConfigError(ValueError):
+    """A TrainConfig field, flag or config file with a wrong type or value (a user mistake:
+    the command line prints the message alone and exits with status 2)."""
+
+    user_mistake = True
+
+
+class RunDirError(RuntimeError):
+    """A run folder that cannot be used as asked: it holds another run, another process is
+    writing to it, ``--resume`` finds nothing to resume or different settings (a user
+    mistake)."""
+
+    user_mistake = True
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite; the run stopped, its last checkpoint is the
+    last good one. (Not a traceback on the command line, but exit status 1.)"""
+
+    user_mistake = True
+    exit_status = 1
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
 
 
 @dataclass(frozen=True)
@@ -97,8 +142,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         from .tasks import DEFAULTS, TASKS
 
+        self._check_types()
         if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+            raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}")
         # Fields left unset (0, "", dropout -1) take the task's defaults, so a saved config is
         # complete.
         for name, value in DEFAULTS[self.task].items():
@@ -108,52 +154,101 @@ class TrainConfig:
                 object.__setattr__(self, name, value)
         if self.task != "mnist":  # the field picks MNIST or Fashion-MNIST; other tasks have one
             if self.dataset not in ("mnist", "ud_english_ewt"):  # "mnist": the field's default
-                raise ValueError(
+                raise ConfigError(
                     f"dataset {self.dataset!r} applies to the mnist task only; the {self.task} "
                     "task trains on UD English EWT: leave --dataset out"
                 )
             object.__setattr__(self, "dataset", "ud_english_ewt")
+        elif self.dataset not in ("mnist", "fashion"):
+            raise ConfigError(f"dataset must be 'mnist' or 'fashion', got {self.dataset!r}")
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
+            raise ConfigError(
                 f"optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}"
             )
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        object.__setattr__(self, "cycle", tuple(int(c) for c in self.cycle))
         for name in ("k", "batch_size", "epochs"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("layers", "eval_every", "train_limit", "prune_interval", "seed",
+                     "meact_start", "meact_cap"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.seed >= 2**63:
+            raise ConfigError(f"seed must be below 2**63, got {self.seed}")
         if not self.hidden or min(self.hidden) < 1:
-            raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
-        if self.layers < 0 or (len(self.hidden) > 1 and self.layers not in (0, len(self.hidden))):
-            raise ValueError(
+            raise ConfigError(f"hidden widths must be >= 1, got {list(self.hidden)}")
+        if len(self.hidden) > 1 and self.layers not in (0, len(self.hidden)):
+            raise ConfigError(
                 f"hidden lists {len(self.hidden)} widths but layers={self.layers}: give one width "
                 "and a number of layers, or one width per layer"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.cycle and len(self.cycle) != 2:
-            raise ValueError(f"cycle must be two epoch counts (simplify, normal), got {self.cycle}")
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.cycle and (len(self.cycle) != 2 or min(self.cycle) < 1):
+            raise ConfigError(
+                f"cycle must be two epoch counts >= 1 (simplify, normal), got {list(self.cycle)}"
+            )
         if self.lr < 0:
-            raise ValueError(f"lr must be >= 0, got {self.lr}")
+            raise ConfigError(f"lr must be >= 0 (0: the optimizer's default), got {self.lr}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+            raise ConfigError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.tags not in ("xpos", "upos"):
-            raise ValueError(f"tags must be 'xpos' or 'upos', got {self.tags!r}")
+            raise ConfigError(f"tags must be 'xpos' or 'upos', got {self.tags!r}")
         if self.track_updates is None:
             object.__setattr__(self, "track_updates", self.method == "meact")
-        elif not isinstance(self.track_updates, bool):
-            raise ValueError(f"track_updates must be true or false, got {self.track_updates!r}")
-        # validates these fields
-        MePropConfig(k=self.k, mode=self.mode, backend=self.backend, scope=self.scope)
-        MeSimpConfig(prune_rate=self.prune_rate)
-        self.meact_config()  # validates the meact_* fields
+        widths = self.widths()
+        weights = sum(a * b for a, b in zip(widths, widths[1:], strict=False))
+        if max(widths) > MAX_WIDTH or weights > MAX_HIDDEN_WEIGHTS:
+            what = "k" if self.method == "kdim" else "hidden"
+            raise ConfigError(
+                f"{what}: hidden layers of widths {widths} are too large ({weights:.3g} weights "
+                f"between hidden layers, at most {MAX_HIDDEN_WEIGHTS:.3g}; widths at most "
+                f"{MAX_WIDTH}): give a smaller --{what}"
+            )
         if self.method == "meact" and self.meact_start >= self.epochs:
-            raise ValueError(
+            raise ConfigError(
                 f"meact_start={self.meact_start} is not below epochs={self.epochs}: meAct would "
                 "never start; give --meact-start below --epochs"
             )
+        try:  # the library's own checks of these fields
+            MePropConfig(k=self.k, mode=self.mode, backend=self.backend, scope=self.scope)
+            MeSimpConfig(prune_rate=self.prune_rate)
+            self.meact_config()
+        except (ValueError, TypeError) as e:
+            raise ConfigError(str(e)) from None
+
+    def _check_types(self) -> None:
+        """Each field's type (as a JSON file or a caller may get it wrong), before any use."""
+        hints = _field_types()
+        for f in fields(self):
+            value, hint = getattr(self, f.name), hints[f.name]
+            where = f"{f.name} (--{f.name.replace('_', '-')})"
+            if hint is int:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ConfigError(f"{where} must be an integer, got {value!r}")
+            elif hint is float:
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ConfigError(f"{where} must be a number, got {value!r}")
+                if not math.isfinite(value):
+                    raise ConfigError(f"{where} must be a finite number, got {value!r}")
+                object.__setattr__(self, f.name, float(value))
+            elif hint is str:
+                if not isinstance(value, str):
+                    raise ConfigError(f"{where} must be a string, got {value!r}")
+            elif typing.get_origin(hint) is tuple:
+                if isinstance(value, int) and not isinstance(value, bool):
+                    value = (value,)  # one width
+                if not isinstance(value, list | tuple) or any(
+                    isinstance(v, bool) or not isinstance(v, int) for v in value
+                ):
+                    raise ConfigError(
+                        f"{where} must be a list of integers (a JSON array, or N,N on the "
+                        f"command line), got {value!r}"
+                    )
+                object.__setattr__(self, f.name, tuple(value))
+            elif value is not None and not isinstance(value, bool):  # bool | None
+                raise ConfigError(f"{where} must be true, false or null, got {value!r}")
 
     def widths(self) -> list[int]:
         """Hidden-layer widths: one per layer (``kdim``: k everywhere)."""
@@ -191,13 +286,38 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"a TrainConfig is a JSON object of fields, got {d!r}")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown TrainConfig fields {sorted(unknown)}; known: {sorted(known)}"
             )
         return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """The config in a JSON file (a run's config.json), with ``overrides`` applied; every
+        error names the file."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f"config file {path} is not valid JSON (line {e.lineno}, column {e.colno}: "
+                f"{e.msg}): fix it, or rewrite it from a run's config.json"
+            ) from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object, got {d!r}")
+        try:
+            return cls.from_dict({**d, **overrides})
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
 
 # The fastest of torch's implementations of each optimizer on the CPU, all of them computing
@@ -253,9 +373,140 @@ def _warm_up(model: torch.nn.Module, task, cfg: TrainConfig) -> None:
         p.grad = None
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` at once: a kill leaves the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _json_line(path: Path, record: dict) -> None:
+    """Append one record in one write (a kill may tear only the last line: see _repair_log)."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def _repair_log(path: Path, step: int) -> None:
+    """Keep the log records of the checkpoint's steps (``step <= step``), up to the first torn
+    line: those written after the checkpoint that a resume continues from are written again."""
+    keep = []
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a torn last line (killed while appending)
+            if not isinstance(record, dict) or record.get("step", math.inf) > step:
+                break
+            keep.append(line + "\n")
+    _write_atomic(path, "".join(keep))
+
+
+def _out_dir(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RunDirError(
+            f"--out {out} is a file, not a folder: choose another --out (a run folder)"
+        ) from None
+    except OSError as e:
+        raise RunDirError(
+            f"cannot create the run folder {out}: {e.strerror}: choose another --out"
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise RunDirError(f"the run folder {out} is not writable: choose another --out")
+    return out
+
+
+@contextmanager
+def run_lock(out_dir: str | Path):
+    """Hold the run folder's lock (``.lock``, an exclusive ``flock``) while the block runs.
+
+    A second run on the same folder is refused with ``RunDirError`` instead of writing into
+    it. The lock goes with the process that holds it, however it ends (a kill included)."""
+    import fcntl
+
+    out = _out_dir(out_dir)
+    path = out / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise RunDirError(
+                f"{out} is in use by another run (process {holder}): wait for it to end, or "
+                "choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield out
+    finally:
+        os.close(fd)
+
+
+def check_run_dir(cfg: TrainConfig, out_dir: str | Path, resume: bool) -> TrainConfig | None:
+    """Refuse a run folder that does not fit the request (``RunDirError``): a new run where one
+    is already (without ``resume``), ``resume`` where there is no run, or ``resume`` with
+    settings other than the run's (only ``epochs`` may change, to extend it). Returns the
+    run's saved config on resume (None for a new run). Reads only."""
+    out = Path(out_dir)
+    cfg_path = out / "config.json"
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file, not a folder: choose another --out")
+    if not resume:
+        if (out / "log.jsonl").exists() or (out / "last.pt").exists():
+            raise RunDirError(
+                f"{out} already holds a run: pass --resume to continue it, or choose another --out"
+            )
+        return None
+    if not cfg_path.exists():
+        raise RunDirError(
+            f"--resume: {out} holds no run to resume (no config.json): check --out, or drop "
+            "--resume to start a new run there"
+        )
+    try:
+        saved = TrainConfig.from_file(cfg_path)
+    except ConfigError as e:
+        raise RunDirError(f"--resume: {e}") from None
+    diff = {
+        k: (v, getattr(cfg, k))
+        for k, v in saved.to_dict().items()
+        if k != "epochs" and v != cfg.to_dict()[k]
+    }
+    if diff:
+        raise RunDirError(
+            f"--resume with settings that differ from {cfg_path}: "
+            + ", ".join(f"{k}: saved {a!r}, given {b!r}" for k, (a, b) in diff.items())
+            + " (only --epochs may change): drop those flags, or start a new run elsewhere"
+        )
+    return saved
+
+
+def _remove_stray_files(out: Path) -> None:
+    """Temporary files of writes that a kill interrupted (checkpoints, config, log)."""
+    for p in out.glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+
+
+def _gather_rng(world: int) -> list[torch.Tensor] | None:
+    """Every rank's torch RNG state (a collective), for an exact resume within an epoch."""
+    if world == 1:
+        return None
+    import torch.distributed as dist
+
+    mine = torch.get_rng_state()
+    states = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(states, mine)
+    return states
 
 
 def run(
@@ -266,9 +517,19 @@ def run(
     resume: bool = False,
     progress: bool = True,
     echo=print,
+    lock: bool = True,
 ) -> dict[str, Any]:
     """Train, select on dev, score the best checkpoint on test; returns the summary dict
-    (``{}`` on ranks other than 0 of a multi-process run)."""
+    (``{}`` on ranks other than 0 of a multi-process run).
+
+    ``lock``: hold the run folder's lock (``run_lock``) for the run, on rank 0; False when
+    the caller holds it (``meprop train --nproc``'s launcher)."""
+    main = distributed.rank() == 0
+    with run_lock(out_dir) if lock and main else nullcontext():
+        return _run(cfg, Path(out_dir), data_dir, resume, progress, echo)
+
+
+def _run(cfg, out, data_dir, resume, progress, echo) -> dict[str, Any]:
     from .tasks import get_task
 
     world = distributed.world_size()
@@ -276,32 +537,17 @@ def run(
     if not main:
         progress, echo = False, lambda *a, **k: None
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cfg_path, log_path, last_path, best_path = (
         out / "config.json",
         out / "log.jsonl",
         out / "last.pt",
         out / "best.pt",
     )
-    if resume and cfg_path.exists():
-        # Only the number of epochs may change on resume (to extend a finished run).
-        saved = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
-        diff = {
-            k: (v, getattr(cfg, k))
-            for k, v in saved.to_dict().items()
-            if k != "epochs" and v != cfg.to_dict()[k]
-        }
-        if diff:
-            raise ValueError(
-                f"--resume with settings that differ from {cfg_path}: "
-                + ", ".join(f"{k}: saved {a!r}, given {b!r}" for k, (a, b) in diff.items())
-            )
-    elif not resume and log_path.exists():
-        raise FileExistsError(f"{out} already holds a run: pass --resume or choose another --out")
+    saved = check_run_dir(cfg, out, resume)
+    _out_dir(out)
     distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
     if main:
-        cfg_path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        _remove_stray_files(out)
 
     task = get_task(cfg, data_dir)
     torch.manual_seed(cfg.seed)
@@ -333,7 +579,7 @@ def run(
         from .meact import MeAct
 
         if world > 1:
-            raise ValueError(
+            raise ConfigError(
                 f"--method meact runs in one process (its per-example state is not sharded), "
                 f"got {world} processes: drop --nproc"
             )
@@ -341,13 +587,30 @@ def run(
             model, cfg.meact_config(), task.num_examples("train"), task.sparsify_filter(model)
         )
 
-    state = {"epoch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1, "times": {}}
+    state = {
+        "epoch": 0, "batch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1, "times": {}
+    }  # fmt: skip
+    rank_rng = None
     if resume and last_path.exists():
         extra = checkpoint.load(last_path, model, opt, simplifier=simp)
-        state = extra["state"]
+        state = {"batch": 0, **extra["state"]}
+        rank_rng = extra.get("rank_rng")
         if meact is not None:
             meact.load_state_dict(extra["meact"])
-        echo(f"resumed from {last_path} at epoch {state['epoch']}")
+        done = state["epoch"] + (state["batch"] > 0)
+        if cfg.epochs < done:
+            raise RunDirError(
+                f"--resume --epochs {cfg.epochs}: the run in {out} has trained "
+                f"{state['epoch'] + state['batch'] / steps_per_epoch:g} epochs already: give "
+                f"--epochs {done} or more, or leave it out"
+            )
+        where = f"epoch {state['epoch']}" + (f", batch {state['batch']}" if state["batch"] else "")
+        echo(f"resumed from {last_path} at {where}")
+    if saved is not None and saved.epochs != cfg.epochs:
+        echo(f"--epochs {cfg.epochs} replaces the run's {saved.epochs} (config.json updated)")
+    if main:
+        _write_atomic(cfg_path, json.dumps(cfg.to_dict(), indent=2) + "\n")
+        _repair_log(log_path, state["step"])  # drops the records after the checkpoint
     net = distributed.wrap(model) if world > 1 else model  # what forward runs through
     # The mean |parameter change| per step, logged per evaluation (the meAct analysis).
     monitor = UpdateMonitor(model.parameters()) if cfg.track_updates else None
@@ -365,7 +628,7 @@ def run(
     layer_timers = timers()
     eval_every = cfg.eval_every or steps_per_epoch
 
-    def evaluate(epoch_float: float, train_loss: float) -> None:
+    def evaluate(epoch_float: float, train_loss: float) -> dict:
         with sw("eval"):
             dev = task.evaluate(model, "dev")
             train_score = task.evaluate(model, "train_eval")
@@ -392,17 +655,34 @@ def run(
         if score > state["best_score"]:
             state["best_score"], state["best_epoch"] = score, epoch_float
             distributed.save(best_path, model, state=dict(state))
+        return record
 
-    for epoch in range(state["epoch"], cfg.epochs):
+    def save_last() -> None:
+        """The checkpoint a resume continues from, after each evaluation (with --eval-every
+        too: a kill loses at most the steps since the last evaluation)."""
+        state["times"] = dict(sw.totals)
+        extra = {} if meact is None else {"meact": meact.state_dict()}
+        ranks = _gather_rng(world)
+        if ranks is not None:
+            extra["rank_rng"] = ranks
+        distributed.save(last_path, model, opt, simplifier=simp, state=dict(state), **extra)
+
+    first_epoch, skip = state["epoch"], state["batch"]
+    for epoch in range(first_epoch, cfg.epochs):
         model.train()
         if meact is not None:
             meact.set_epoch(epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        distributed.seed_rank(cfg.seed, epoch)  # several ranks: each its own dropout masks
+        within = epoch == first_epoch and skip > 0  # resumed within this epoch
+        if not within:
+            distributed.seed_rank(cfg.seed, epoch)  # several ranks: each its own dropout masks
+        elif rank_rng is not None and len(rank_rng) == world:
+            torch.set_rng_state(rank_rng[distributed.rank()])  # this rank's, as when saved
         losses, bar = (
             [],
             tqdm(
                 total=steps_per_epoch,
+                initial=skip if within else 0,
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 leave=False,
                 disable=not progress,
@@ -413,6 +693,8 @@ def run(
         # evaluations and checkpoints; the phases above are its timed parts.
         lap = time.perf_counter()
         for i, batch in enumerate(task.batches("train", cfg.batch_size, gen)):
+            if within and i < skip:
+                continue  # done before the checkpoint (the batches are drawn from gen alone)
             with _examples(meact, batch, cfg.task):
                 batch, share = distributed.shard(batch, task)  # one process: (batch, 1.0)
                 with sw("forward"):
@@ -448,24 +730,40 @@ def run(
                 train_loss = distributed.mean_over_ranks(torch.stack(losses).mean()).item()
                 losses.clear()
                 sw.totals["train"] += time.perf_counter() - lap
-                evaluate(epoch + (i + 1) / steps_per_epoch, train_loss)
+                epoch_float = epoch + (i + 1) / steps_per_epoch
+                if not math.isfinite(train_loss):  # the same on every rank (a mean over them)
+                    bar.close()
+                    kept = (
+                        f"{last_path} keeps the last good state (epoch "
+                        f"{state['epoch'] + state['batch'] / steps_per_epoch:g}, step "
+                        f"{_saved_step(last_path)})"
+                        if last_path.exists()
+                        else "no checkpoint was written before"
+                    )
+                    raise Diverged(
+                        f"the training loss became {train_loss} at epoch {epoch_float:g} (step "
+                        f"{state['step']}): the run stopped; {kept}. Lower --lr (now "
+                        f"{cfg.learning_rate():g}) or change the settings, and start a new run"
+                    )
+                record = evaluate(epoch_float, train_loss)
+                if i + 1 == steps_per_epoch:
+                    state["epoch"], state["batch"] = epoch + 1, 0
+                else:
+                    state["epoch"], state["batch"] = epoch, i + 1
+                save_last()
+                if i + 1 == steps_per_epoch:
+                    widths = f"  widths {record['widths']}" if "widths" in record else ""
+                    if "active" in record:
+                        widths += "  active " + " ".join(
+                            f"{v:.1f}" for v in record["active"].values()
+                        )
+                    echo(
+                        f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
+                        f"dev {task.metric} {record['dev_' + task.metric]:.4f}{widths}"
+                    )
                 model.train()
                 lap = time.perf_counter()
         bar.close()
-        state["epoch"] = epoch + 1
-        state["times"] = dict(sw.totals)
-        meact_state = {} if meact is None else {"meact": meact.state_dict()}
-        distributed.save(last_path, model, opt, simplifier=simp, state=dict(state), **meact_state)
-        if not main:
-            continue
-        last = json.loads(log_path.read_text().splitlines()[-1])
-        widths = f"  widths {last['widths']}" if "widths" in last else ""
-        if "active" in last:
-            widths += "  active " + " ".join(f"{v:.1f}" for v in last["active"].values())
-        echo(
-            f"epoch {epoch + 1}/{cfg.epochs}  loss {last['train_loss']:.4f}  "
-            f"dev {task.metric} {last['dev_' + task.metric]:.4f}{widths}"
-        )
     for timer in layer_timers.values():
         timer.remove()
     if not main:  # rank 0 scores the best checkpoint and writes the summary
@@ -496,10 +794,17 @@ def run(
         "torch": torch.__version__,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     echo(
         f"best epoch {state['best_epoch']:g}: dev {task.metric} {state['best_score']:.4f}, "
         f"test {task.metric} {test[task.metric]:.4f}  (backward {sw.totals['backward']:.1f} s, "
         f"linear part {sw.totals['linear_backward']:.1f} s)"
     )
     return summary
+
+
+def _saved_step(path: Path) -> int | str:
+    try:
+        return torch.load(path, weights_only=True)["extra"]["state"]["step"]
+    except Exception:  # noqa: BLE001 - only for a message
+        return "?"

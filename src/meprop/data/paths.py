@@ -16,7 +16,12 @@ ENV_VAR = "MEPROP_DATA"
 
 
 class DataError(RuntimeError):
-    """Base class of the data layer's errors: a missing, corrupt or malformed dataset file."""
+    """Base class of the data layer's errors: a missing, corrupt or malformed dataset file.
+
+    They are the user's to fix (the message says how): the command line prints the message
+    alone, without a traceback, and exits with status 2."""
+
+    user_mistake = True
 
 
 def cache_dir() -> Path:

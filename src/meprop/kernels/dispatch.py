@@ -47,9 +47,11 @@ __all__ = ["CANDIDATES", "Tuner", "tuner", "pinned", "tuning_enabled", "describe
 CANDIDATES = ("native", "numba", "torch", "dense")
 FORMAT = 1  # of the cache file
 
-ROUNDS = 3  # interleaved rounds; each candidate keeps its fastest call
-TARGET_S = 2e-3  # seconds of calls per candidate and round (at least one call)
-MAX_CALLS = 16  # calls per candidate and round, at most
+# A candidate's time is its fastest call: other processes only ever add time, so the minimum
+# over enough calls, spread over interleaved rounds, is the least disturbed estimate.
+ROUNDS = 5  # interleaved rounds
+TARGET_S = 4e-3  # seconds of calls per candidate and round (at least one call)
+MAX_CALLS = 32  # calls per candidate and round, at most
 DROP = 4.0  # after the first round, candidates this many times slower than the best drop out
 
 

@@ -297,6 +297,81 @@ def test_load_rejects_other_files(tmp_path):
         meprop.load(tmp_path / "missing.pt", nn.Linear(2, 2))
 
 
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, before):
+    after = model.state_dict()
+    return after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+
+
+def test_load_checks_everything_before_touching_the_model(tmp_path):
+    from meprop.checkpoint import CheckpointError
+
+    model, opt, simp = build()
+    train(model, opt, simp, 12)  # shrunk
+    path = meprop.save(tmp_path / "c.pt", model, opt, simplifier=simp)
+    others = {
+        "input width": mlp(7, 24, 16, 3, norm=nn.LayerNorm, k=3),
+        "output width": mlp(6, 24, 16, 4, norm=nn.LayerNorm, k=3),
+        "deeper": mlp(6, 24, 16, 16, 3, norm=nn.LayerNorm, k=3),
+        "no norm": mlp(6, 24, 16, 3, k=3),
+        "dense": nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 3)),
+    }
+    for what, other in others.items():
+        before = _state(other)
+        with pytest.raises(CheckpointError, match=str(path)) as e:
+            meprop.load(path, other)
+        assert "another model" in str(e.value) or "does not fit" in str(e.value), what
+        assert _unchanged(other, before), what
+    fresh, opt2, _ = build(seed=1)  # the optimizer of another parameter list
+    with pytest.raises(CheckpointError, match="optimizer over other parameters"):
+        meprop.load(path, fresh, torch.optim.Adam([nn.Parameter(torch.zeros(1))]))
+
+
+def test_load_names_the_file_of_a_bad_checkpoint(tmp_path):
+    from meprop.checkpoint import CheckpointError
+
+    model, opt, simp = build()
+    train(model, opt, simp, 3)
+    path = meprop.save(tmp_path / "c.pt", model, opt, simplifier=simp)
+    blob = path.read_bytes()
+    bad = tmp_path / "bad.pt"
+    for what, data in {
+        "truncated": blob[: len(blob) // 2],
+        "empty": b"",
+        "random": bytes(range(256)) * 40,
+    }.items():
+        bad.write_bytes(data)
+        with pytest.raises(CheckpointError, match=f"{bad} cannot be read as a checkpoint") as e:
+            meprop.load(bad, build(seed=1)[0])
+        assert "weights_only" not in str(e.value) and "\n" not in str(e.value), what
+    # a changed value (the file otherwise well-formed): the checksum catches it
+    payload = torch.load(path, weights_only=True)
+    payload["model"]["0.weight"][0, 0] += 1e-3
+    torch.save(payload, bad)
+    fresh = build(seed=1)[0]
+    before = _state(fresh)
+    with pytest.raises(CheckpointError, match=f"{bad} is corrupt"):
+        meprop.load(bad, fresh)
+    assert _unchanged(fresh, before)
+    # a flipped byte anywhere: an error naming the file, or (in zip padding) the same state
+    reference = build(seed=1)[0]
+    meprop.load(path, reference)
+    for pos in range(0, len(blob), max(1, len(blob) // 40)):
+        flipped = bytearray(blob)
+        flipped[pos] ^= 0x55
+        bad.write_bytes(bytes(flipped))
+        fresh = build(seed=1)[0]
+        try:
+            meprop.load(bad, fresh)
+        except CheckpointError as e:
+            assert str(bad) in str(e)
+            continue
+        assert _unchanged(fresh, _state(reference)), pos
+
+
 def test_middle_layer_cut_twice_and_hooks_do_not_break_backward():
     # The middle weight loses rows (as producer) and columns (as consumer) in one pruning;
     # a hook on the old weight keeps its gradient accumulator alive.

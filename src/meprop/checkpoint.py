@@ -2,12 +2,18 @@
 
 A checkpoint holds the model's state_dict (whose tensors have the current widths), the width
 of every layer, the optimizer's and the Simplifier's state, the RNG states and any extra
-values. ``load`` resizes the Parameters of a freshly built full-size model to the saved shapes
-before loading, so a simplified model can be restored, evaluated and trained further.
+values, and a SHA-256 of all of it (``checksum``: every tensor's dtype, shape and bytes and
+every other value, so a flipped byte anywhere is caught). ``load`` resizes the Parameters of a
+freshly built full-size model to the saved shapes before loading, so a simplified model can be
+restored, evaluated and trained further; it checks everything first (the file, the checksum,
+that the saved tensors are the model's, shrunk only where meSimp shrinks) and touches the
+model only when all fits. Every error (``CheckpointError``) names the file.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import os
 import random
 import tempfile
@@ -20,9 +26,45 @@ from torch import nn
 
 from .prune import sync_shapes_
 
-__all__ = ["save", "load"]
+__all__ = ["save", "load", "CheckpointError"]
 
 FORMAT = "meprop-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded (unreadable, corrupt, not meprop's, or of another
+    model); the message names the file. A user mistake on the command line (one line)."""
+
+    user_mistake = True
+
+
+def _digest(value: Any, h=None) -> str:
+    """SHA-256 of a payload's contents: tensors by dtype, shape and bytes, containers by their
+    items (in order), other values by type and repr. Independent of how torch.save lays them
+    out, so it can be computed again after loading."""
+    top = h is None
+    h = hashlib.sha256() if top else h
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        if t.is_sparse:
+            t = t.coalesce()
+            _digest([t.indices(), t.values(), list(t.shape)], h)
+        else:
+            t = t.cpu().contiguous()
+            h.update(f"T{t.dtype}{list(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(value, dict):
+        h.update(f"D{len(value)}".encode())
+        for k, v in value.items():
+            _digest(k, h)
+            _digest(v, h)
+    elif isinstance(value, list | tuple):
+        h.update(f"L{len(value)}".encode())
+        for v in value:
+            _digest(v, h)
+    else:
+        h.update(f"V{type(value).__name__}:{value!r};".encode())
+    return h.hexdigest() if top else ""
 
 
 def _rng_state() -> dict[str, Any]:
@@ -86,6 +128,7 @@ def save(
         "rng": _rng_state(),
         "extra": extra,
     }
+    payload["checksum"] = _digest(payload)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -115,6 +158,92 @@ def resize_to_(model: nn.Module, shapes: dict[str, list[int]]) -> None:
     sync_shapes_(model)
 
 
+def _shrinkable(model: nn.Module) -> dict[str, set[int]] | None:
+    """Which dimensions of which tensors meSimp may have shrunk: the producers' outputs (dim
+    0), the consumers' inputs (dim 1), norms between, every dimension of a sparse LSTM (its
+    cells). None when the model has no structure meSimp knows (then shapes must be equal)."""
+    from .lstm import SparseLSTM
+    from .simplify import ELEMENTWISE, NORMS, Pair, _flatten, find_pairs
+
+    try:
+        pairs = find_pairs(model)
+    except (ValueError, TypeError):
+        pairs = []
+    # A model built dense (a plain nn.Sequential of Linear layers) that loads a simplified one:
+    # every Linear whose outputs go, through activations and norms, into another Linear.
+    for seq_name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        chain = _flatten(seq, seq_name)
+        for i, (name, module) in enumerate(chain):
+            if not isinstance(module, nn.Linear):
+                continue
+            j, norms = i + 1, []
+            while j < len(chain) and isinstance(chain[j][1], ELEMENTWISE + NORMS):
+                if isinstance(chain[j][1], NORMS):
+                    norms.append(chain[j][0])
+                j += 1
+            if j < len(chain) and isinstance(chain[j][1], nn.Linear):
+                pairs.append(Pair(name, (chain[j][0],), tuple(norms)))
+    if not pairs:
+        return None
+    modules = dict(model.named_modules())
+    dims: dict[str, set[int]] = {}
+
+    def allow(module_name: str, dim: int | None) -> None:
+        module = modules[module_name]
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            key = f"{module_name}.{name}" if module_name else name
+            if dim is None or isinstance(module, SparseLSTM):
+                dims.setdefault(key, set()).update(range(t.dim()))
+            elif t.dim() > dim:
+                dims.setdefault(key, set()).add(dim)
+
+    for pair in pairs:
+        allow(pair.producer, 0)
+        for name in pair.consumers:
+            allow(name, 1)
+        for name in pair.norms:
+            allow(name, 0)
+    return dims
+
+
+def _check_fits(path: Path, payload: dict, model: nn.Module) -> None:
+    """Raise ``CheckpointError`` unless the saved state is this model's up to meSimp's widths:
+    the same tensors, the same ranks, each dimension equal except where meSimp shrinks (the
+    model may be full-size or shrunk itself). Checked on a copy of the model too (resize and load), which catches the rest."""
+    saved = payload["model"]
+    mine = model.state_dict()
+    missing, unexpected = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} holds another model's state: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}; load it into a model built as the one that was saved"
+        )
+    shrinkable = _shrinkable(model)
+    for key, t in saved.items():
+        want = mine[key]
+        ok = t.dim() == want.dim() and all(
+            a == b or (shrinkable is not None and d in shrinkable.get(key, ()))
+            for d, (a, b) in enumerate(zip(t.shape, want.shape, strict=True))
+        )
+        if not ok:
+            raise CheckpointError(
+                f"{path} holds another model: {key} has shape {list(t.shape)} there, "
+                f"{list(want.shape)} in the model (meSimp shrinks hidden units only); load it "
+                "into a model built with the settings it was saved with"
+            )
+    try:
+        trial = copy.deepcopy(model)
+    except Exception:  # noqa: BLE001 - a model that cannot be copied: the checks above only
+        return
+    try:
+        resize_to_(trial, payload["shapes"])
+        trial.load_state_dict(saved)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} does not fit the model: {e}") from None
+
+
 def load(
     path: str | os.PathLike,
     model: nn.Module,
@@ -127,23 +256,53 @@ def load(
     """Load a checkpoint written by ``save`` into ``model`` (and optimizer, simplifier).
 
     The model may be freshly built at full size: its layers are first resized to the saved
-    widths. Returns the ``extra`` values given to ``save``.
+    widths. Everything is checked before the model is touched; ``CheckpointError`` (naming
+    the file) when the file is unreadable, corrupt (its checksum), not a checkpoint, or of
+    another model. Returns the ``extra`` values given to ``save``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+        reason = (str(e).strip().splitlines() or [""])[0]
+        if not reason or "weights_only" in reason or "Weights only" in reason:
+            reason = ""  # torch's advice to unpickle arbitrary code does not apply here
+        reason = type(e).__name__ + (f": {reason[:160]}" if reason else "")
+        raise CheckpointError(
+            f"{path} cannot be read as a checkpoint (truncated, corrupt, or not written by "
+            f"meprop.save; {reason})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a meprop checkpoint (expected format {FORMAT!r})")
+        raise CheckpointError(f"{path} is not a meprop checkpoint (expected format {FORMAT!r})")
+    expected = payload.pop("checksum", None)  # absent in files of older versions
+    if expected is not None and _digest(payload) != expected:
+        raise CheckpointError(
+            f"{path} is corrupt: its contents do not match the SHA-256 stored at save time; "
+            "use another copy (or an earlier checkpoint)"
+        )
+    for key in ("model", "shapes", "rng", "extra"):
+        if key not in payload:
+            raise CheckpointError(f"{path} is incomplete: no {key!r}")
+    _check_fits(path, payload, model)
+    if optimizer is not None:
+        saved = payload["optimizer"]
+        if saved is None:
+            raise CheckpointError(f"{path} holds no optimizer state")
+        groups = [len(g["params"]) for g in saved["param_groups"]]
+        if groups != [len(g["params"]) for g in optimizer.param_groups]:
+            raise CheckpointError(
+                f"{path} holds the state of an optimizer over other parameters (groups of "
+                f"{groups} parameters, this one {[len(g['params']) for g in optimizer.param_groups]})"
+            )
+    if simplifier is not None and payload["simplifier"] is None:
+        raise CheckpointError(f"{path} holds no Simplifier state")
     resize_to_(model, payload["shapes"])
     model.load_state_dict(payload["model"])
     if optimizer is not None:
-        if payload["optimizer"] is None:
-            raise ValueError(f"{path} holds no optimizer state")
         optimizer.load_state_dict(payload["optimizer"])
     if simplifier is not None:
-        if payload["simplifier"] is None:
-            raise ValueError(f"{path} holds no Simplifier state")
         simplifier.load_state_dict(payload["simplifier"])
     if restore_rng:
         _set_rng_state(payload["rng"])

@@ -588,6 +588,10 @@ TINY_LINES = (FIXTURES / "tiny.conllu").read_text().split("\n")
             "lines 1-9: Failed parsing field 'id': '3-2' is not a valid ID",
         ),
         (21, "# only a comment", 21, "sentence block without any word lines"),
+        # trees: a word its own head, two roots, no root
+        (6, "2\tdo\tdo\tAUX\tVBP\t_\t2\taux\t_\t_", 6, "word 2 is its own head"),
+        (6, "2\tdo\tdo\tAUX\tVBP\t_\t0\taux\t_\t_", 8, "2 roots (words 2, 4 have HEAD 0)"),
+        (8, "4\tknow\tknow\tVERB\tVB\t_\t5\troot\t_\t_", 1, "no root (no word with HEAD 0)"),
     ],
 )
 def test_read_conllu_errors_name_the_line(tmp_path, line, replacement, error_line, message):
@@ -601,6 +605,22 @@ def test_read_conllu_errors_name_the_line(tmp_path, line, replacement, error_lin
     with pytest.raises(ConlluError, match=pattern) as info:
         read_conllu(path)
     assert info.value.line == error_line
+
+
+def test_read_conllu_rejects_cycles_and_empty_files(tmp_path):
+    lines = list(TINY_LINES)
+    lines[5] = "2\tdo\tdo\tAUX\tVBP\t_\t3\taux\t_\t_"  # 2 -> 3
+    lines[6] = "3\tn't\tnot\tPART\tRB\t_\t2\tadvmod\t_\t_"  # 3 -> 2
+    path = tmp_path / "cycle.conllu"
+    path.write_text("\n".join(lines))
+    with pytest.raises(
+        ConlluError, match=r"cycle.conllu:6: the heads form a cycle \(words 2 -> 3 -> 2\)"
+    ):
+        read_conllu(path)
+    for text in ("", "\n\n"):
+        path.write_text(text)
+        with pytest.raises(ConlluError, match=r"cycle.conllu:1: the file holds no sentence"):
+            read_conllu(path)
 
 
 def test_read_conllu_not_utf8(tmp_path):

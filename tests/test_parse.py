@@ -110,6 +110,9 @@ def test_projectivity():
     assert is_projective([2, 0, 2, 2])
     assert not is_projective([3, 4, 0, 3])  # 1 <- 3 crosses 2 <- 4
     assert not is_projective([2, 0, 1])  # 1 -> 3 crosses ROOT -> 2
+    # not trees: a cycle, a word its own head, no root, two roots, a head out of range, empty
+    for heads in ([2, 1, 0], [1, 0], [2, 1], [0, 0], [0, 3], []):
+        assert not is_projective(heads), heads
 
 
 def test_legality():

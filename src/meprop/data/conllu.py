@@ -140,18 +140,53 @@ def _check_block(path: Path, block: list[tuple[int, str]]) -> int:
     if not word_lines:
         raise ConlluError(path, block[0][0], "sentence block without any word lines")
     n = len(word_lines)
-    for number, head in word_lines:
+    for word, (number, head) in enumerate(word_lines, start=1):
         if head > n:
             raise ConlluError(path, number, f"HEAD {head} is beyond the sentence's last word ({n})")
+        if head == word:
+            raise ConlluError(path, number, f"word {word} is its own head (HEAD {head})")
+    _check_tree(path, block[0][0], word_lines)
     return n
+
+
+def _check_tree(path: Path, first: int, word_lines: list[tuple[int, int]]) -> None:
+    """The heads form one tree: exactly one word attached to the root (HEAD 0), no cycle."""
+    roots = [(number, w) for w, (number, head) in enumerate(word_lines, start=1) if head == 0]
+    if not roots:
+        raise ConlluError(path, first, "the sentence has no root (no word with HEAD 0)")
+    if len(roots) > 1:
+        words = ", ".join(str(w) for _, w in roots)
+        raise ConlluError(
+            path, roots[1][0], f"the sentence has {len(roots)} roots (words {words} have HEAD 0)"
+        )
+    heads = [0] + [head for _, head in word_lines]
+    reaches_root = [False] * len(heads)
+    reaches_root[0] = True
+    for start in range(1, len(heads)):
+        seen, w = [], start
+        while not reaches_root[w] and w not in seen:
+            seen.append(w)
+            w = heads[w]
+        if not reaches_root[w]:  # came back to a word of this walk: a cycle
+            cycle = seen[seen.index(w) :]
+            raise ConlluError(
+                path,
+                word_lines[w - 1][0],
+                "the heads form a cycle (words "
+                + " -> ".join(str(c) for c in [*cycle, w])
+                + "), not a tree",
+            )
+        for v in seen:
+            reaches_root[v] = True
 
 
 def read_conllu(path: str | os.PathLike[str]) -> list[Sentence]:
     """Read a CoNLL-U file into sentences of syntactic words.
 
     Raises :class:`ConlluError` (``path:line: message``) for malformed input: a wrong number
-    of columns, an invalid ID, IDs out of order, a non-integer or out-of-range HEAD, a
-    missing DEPREL, non-UTF-8 bytes.
+    of columns, an invalid ID, IDs out of order, a non-integer or out-of-range HEAD, heads
+    that do not form one tree (a word its own head, a cycle, no root or two roots), a
+    missing DEPREL, non-UTF-8 bytes, a file without any sentence.
     """
     try:
         import conllu
@@ -188,6 +223,8 @@ def read_conllu(path: str | os.PathLike[str]) -> list[Sentence]:
                 sent_id=tokens.metadata.get("sent_id"),
             )
         )
+    if not sentences:
+        raise ConlluError(path, 1, "the file holds no sentence (empty, or comments only)")
     return sentences
 
 

@@ -166,9 +166,26 @@ def features(state: State, words: Sequence[int], tags: Sequence[int]) -> list[in
     )
 
 
+def is_tree(heads: Sequence[int]) -> bool:
+    """Whether ``heads`` (``heads[i]`` the 1-based head of word i + 1, 0 = ROOT) is one tree:
+    every head in range, exactly one word on ROOT, every word reaching ROOT (no cycle)."""
+    n = len(heads)
+    if n == 0 or any(not 0 <= h <= n for h in heads) or list(heads).count(0) != 1:
+        return False
+    for d in range(1, n + 1):
+        w, steps = d, 0
+        while w != 0:
+            w, steps = heads[w - 1], steps + 1
+            if steps > n:  # longer than any path to ROOT: a cycle
+                return False
+    return True
+
+
 def is_projective(heads: Sequence[int]) -> bool:
-    """Whether the tree (``heads[i]`` the 1-based head of word i + 1, 0 = ROOT) has no crossing
-    arcs, the arc from ROOT included."""
+    """Whether ``heads`` (``heads[i]`` the 1-based head of word i + 1, 0 = ROOT) is a tree
+    (``is_tree``) with no crossing arcs, the arc from ROOT included. Not a tree: False."""
+    if not is_tree(heads):
+        return False
     spans = [tuple(sorted((h, d))) for d, h in enumerate(heads, start=1)]
     for a1, b1 in spans:
         for a2, b2 in spans:

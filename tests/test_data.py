@@ -289,7 +289,7 @@ def test_verification_is_cached_per_process(env, toy, monkeypatch):
     assert len(calls) == 2
 
 
-def test_corrupt_file_is_not_used(env, toy, monkeypatch):
+def test_corrupt_file_is_not_used(env, toy, monkeypatch, capsys):
     explicit = env / "explicit"
     bad = put(explicit, b"Toy data\n" + toy[9:])  # same size, one byte differs
     expected = hashlib.sha256(toy).hexdigest()
@@ -299,11 +299,27 @@ def test_corrupt_file_is_not_used(env, toy, monkeypatch):
     message = str(info.value)
     assert str(bad) in message and expected in message and got in message
     assert (info.value.expected, info.value.actual) == (expected, got)
-    # A good copy further down the search order is used instead of the corrupt one.
+    # A good copy further down the search order is used instead of the corrupt one, and
+    # stderr says so.
     from_env = env / "from_env"
     good = put(from_env, toy)
     monkeypatch.setenv("MEPROP_DATA", str(from_env))
+    capsys.readouterr()
     assert ensure_file("toy", "toy.bin", explicit, download=False) == good.resolve()
+    err = capsys.readouterr().err
+    assert err.startswith(f"meprop: {bad.resolve()} is corrupt (checksum mismatch")
+    assert f"using the good copy {good.resolve()}" in err
+
+
+def test_a_corrupt_file_is_named_first_when_no_good_copy_can_be_fetched(env, toy, capsys):
+    bad = put(env / "root", b"Toy data\n" + toy[9:])
+    with pytest.raises(DownloadError) as info:
+        ensure_file("toy", "toy.bin", env / "root")  # the registry points at nowhere
+    message = str(info.value)
+    assert message.startswith(f"{bad.resolve()} is corrupt (checksum mismatch: expected sha256")
+    assert "download of http://127.0.0.1:9/toy.bin failed" in message
+    assert f"replace {bad.resolve()} with the original" in message
+    assert f"{bad.resolve()} is corrupt" in capsys.readouterr().err
 
 
 def test_missing_without_download_names_all_roots(env, toy, monkeypatch):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import sys
 import tempfile
 import threading
 import urllib.error
@@ -266,6 +267,8 @@ def ensure_file(
             continue
         problem = _check(path, remote)
         if problem is None:
+            if corrupt is not None:  # say which copy is used, and that the first is bad
+                _note(f"{corrupt[0]} is corrupt ({corrupt[1]}); using the good copy {path}")
             return path
         looked.append(f"  {path}: {problem}")
         if corrupt is None:
@@ -294,8 +297,26 @@ def ensure_file(
         )
 
     dest = roots[0] / ds.name / filename
-    _download(file_url(dataset, filename, base_url), dest, remote, progress=progress)
+    url = file_url(dataset, filename, base_url)
+    if corrupt is not None:
+        _note(f"{corrupt[0]} is corrupt ({corrupt[1]}); downloading a good copy to {dest}")
+    try:
+        _download(url, dest, remote, progress=progress)
+    except DataError as e:
+        if corrupt is not None:  # the first thing to know: the file there is corrupt
+            path, problem = corrupt
+            e.args = (
+                f"{path} is corrupt ({problem}), and no good copy could be fetched: "
+                f"{e.args[0]} Or replace {path} with the original file.",
+                *e.args[1:],
+            )
+        raise
     return dest
+
+
+def _note(message: str) -> None:
+    """A line on stderr about the data (a corrupt copy), which does not stop the run."""
+    print(f"meprop: {message}", file=sys.stderr, flush=True)
 
 
 def _download(url: str, dest: Path, remote: RemoteFile, *, progress: bool) -> None:

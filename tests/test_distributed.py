@@ -446,3 +446,89 @@ def test_save_in_one_process_writes(tmp_path):
     model = mlp()
     assert mdist.save(tmp_path / "c.pt", model, step=3) == tmp_path / "c.pt"
     assert meprop.load(tmp_path / "c.pt", mlp())["step"] == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Faults: a plain Simplifier under DDP, a killed launcher, a rank's mistake
+
+
+def simplifier_worker(out: str) -> None:
+    model = mlp()
+    sparsify_(model, MePropConfig(k=3), filter_fn=hidden_layers(model))
+    try:
+        Simplifier(model, MESIMP)
+    except RuntimeError as e:
+        (Path(out) / f"err{dist.get_rank()}").write_text(str(e))
+    mdist.DistributedSimplifier(model, MESIMP)  # the one to use: accepted
+
+
+def test_plain_simplifier_refuses_several_ranks(tmp_path):
+    spawn(simplifier_worker, 2, (str(tmp_path),), timeout_s=60, grace_s=1.0)
+    for r in range(2):
+        message = (tmp_path / f"err{r}").read_text()
+        assert "with 2 ranks" in message and "DistributedSimplifier" in message
+
+
+def _descendants(pid: int) -> set[int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = {c for c, q in parents.items() if q == p}
+        todo += list(kids - out)
+        out |= kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not MNIST.is_file(), reason="needs the real MNIST under $MEPROP_DATA")
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_launcher_leaves_no_process(tmp_path, sig):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    args = ["train", "mnist", "--method", "meprop", "--k", "8", "--hidden", "32"]
+    args += ["--train-limit", "20000", "--batch-size", "10", "--epochs", "3", "--nproc", "2"]
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "meprop.cli", *args, "--no-progress", "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the fork server and both ranks
+            procs = _descendants(launcher.pid)
+            if len(procs) >= 4 and (out / "config.json").exists():
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the ranks did not start")
+        time.sleep(0.5)
+        procs = _descendants(launcher.pid)
+        launcher.send_signal(sig)
+        launcher.wait(30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in procs):
+            time.sleep(0.1)
+        assert not [p for p in procs if _alive(p)]
+        assert not (out / "summary.json").exists()
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()

@@ -249,6 +249,8 @@ class DistributedSimplifier(Simplifier):
             ddp = ddp.rewrap()
     """
 
+    agrees_over_ranks = True
+
     def __init__(
         self,
         model: nn.Module,

@@ -153,6 +153,7 @@ class Simplifier:
     ) -> None:
         if not isinstance(config, MeSimpConfig):
             raise TypeError(f"config must be a MeSimpConfig, got {type(config).__name__}")
+        self._refuse_several_ranks()
         self.model, self.config, self.optimizer = model, config, optimizer
         self.pairs = list(pairs) if pairs is not None else find_pairs(model)
         modules = dict(model.named_modules())
@@ -268,8 +269,26 @@ class Simplifier:
             keep = counts.topk(floor).indices.sort().values
         return keep
 
+    #: Whether this class makes every rank prune the same units (``DistributedSimplifier``).
+    agrees_over_ranks = False
+
+    def _refuse_several_ranks(self) -> None:
+        """Each rank's record holds its own examples only, so under DDP plain ``Simplifier``s
+        would prune different units on different ranks (and the next DDP wrap would fail on
+        mismatched shapes): refuse, naming the class that sums the record over the ranks."""
+        if self.agrees_over_ranks or not torch.distributed.is_available():
+            return
+        dist = torch.distributed
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            raise RuntimeError(
+                f"Simplifier under torch.distributed with {dist.get_world_size()} ranks: each "
+                "rank would prune other units (its record counts its own examples only); use "
+                "meprop.distributed.DistributedSimplifier, which sums the record over the ranks"
+            )
+
     def prune(self) -> bool:
         """Remove the seldom-selected units now, then clear the counts. True if any was removed."""
+        self._refuse_several_ranks()
         self.since = 0
         cuts: list[Cut] = []
         for pair in self.pairs:

@@ -532,3 +532,23 @@ def test_a_killed_launcher_leaves_no_process(tmp_path, sig):
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
+
+
+@pytest.mark.skipif(not MNIST.is_file(), reason="needs the real MNIST under $MEPROP_DATA")
+def test_cli_nproc_tells_mistakes_and_divergence_in_one_line(tmp_path, capsys):
+    from meprop.cli import main
+    from meprop.train import run_lock
+
+    args = ["train", "mnist", "--hidden", "32", "--train-limit", "400", "--batch-size", "50"]
+    args += ["--epochs", "1", "--no-progress", "--nproc", "2"]
+    assert main([*args, "--method", "meact", "--meact-start", "0", "--out", str(tmp_path / "a")]) == 2
+    assert "--method meact runs in one process" in capsys.readouterr().err
+    with run_lock(tmp_path / "b"):  # refused by the launcher, before any rank starts
+        assert main([*args, "--out", str(tmp_path / "b")]) == 2
+    assert "is in use by another run" in capsys.readouterr().err
+    # A rank's error of the user's kind (here: the loss diverged) is one line, no traceback.
+    out = tmp_path / "c"
+    assert main([*args, "--optimizer", "sgd", "--lr", "1e30", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("meprop train: error: the training loss became") and err.count("\n") == 1
+    assert not (out / "summary.json").exists() and not (out / "log.jsonl").read_text()

@@ -152,6 +152,11 @@ def _train(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}"
         )
+    if cfg.method == "meact" and (args.nproc > 1 or launch.under_launcher()):
+        raise ConfigError(
+            "--method meact runs in one process (its per-example state is not sharded): drop "
+            "--nproc (or torchrun)"
+        )
     if launch.under_launcher():  # torchrun started this process as one rank of a job
         if args.nproc != 1:
             raise ConfigError(

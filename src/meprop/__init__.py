@@ -8,7 +8,7 @@ Learning: A Minimal Effort Back Propagation Method" (TKDE).
 from .analysis import UpdateMonitor
 from .checkpoint import load, save
 from .config import MeActConfig, MePropConfig, MeSimpConfig
-from .convert import densify_, hidden_layers, sparsify_
+from .convert import converted, densify_, hidden_layers, sparsify_
 from .grads import clip_grad_norm_
 from .lstm import SparseLSTM
 from .meact import MeAct
@@ -24,6 +24,7 @@ __all__ = [
     "SparseLSTM",
     "sparsify_",
     "densify_",
+    "converted",
     "hidden_layers",
     "sparse_linear",
     "clip_grad_norm_",

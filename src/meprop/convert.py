@@ -1,15 +1,23 @@
-"""Swap ``nn.Linear`` modules for ``SparseLinear`` (and ``nn.LSTM`` for ``SparseLSTM``) in
-place, and back.
+"""Swap layers for their meProp versions in place, and back, through a registry of layer types.
+
+``nn.Linear`` -> ``SparseLinear``, ``nn.LSTM`` -> ``SparseLSTM`` and Hugging Face's GPT-2-style
+``transformers.pytorch_utils.Conv1D`` -> ``SparseConv1D`` are registered here; a new layer type
+is one ``register_layer`` call (as torchao's ``quantize_`` maps config types to handlers), not
+an edit of a chain of cases.
 
 The swap changes the module's class and adds its config, nothing else: the Parameter objects,
-hooks and attributes stay, so an optimizer built before the swap keeps updating the same
-tensors, state_dict keys do not change, and a root module (``model`` itself an ``nn.Linear``)
-can be converted in place too.
+their layout, hooks and attributes stay, so an optimizer built before the swap keeps updating
+the same tensors, state_dicts load into the original model, and a root module (``model``
+itself an ``nn.Linear``) can be converted in place too.
 """
 
 from __future__ import annotations
 
+import inspect
+import sys
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -17,28 +25,133 @@ from .config import MePropConfig
 from .lstm import SparseLSTM, to_dense_, to_sparse_
 from .nn import SparseLinear
 
-__all__ = ["sparsify_", "densify_", "hidden_layers"]
+__all__ = ["sparsify_", "densify_", "hidden_layers", "converted", "register_layer"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 
 
-def sparsify_(model: nn.Module, config: MePropConfig, filter_fn: FilterFn | None = None):
-    """Make every ``nn.Linear`` of ``model`` (itself included) a ``SparseLinear``, in place.
+@dataclass(frozen=True)
+class LayerHandler:
+    """How one dense layer type becomes its meProp version in place, and back.
 
-    Exact ``nn.LSTM`` modules become ``SparseLSTM`` the same way (top-k of the gate gradients at
-    every step; ``proj_size`` must be 0).
+    ``to_sparse(module, config)`` swaps a dense module; ``to_dense(module)`` swaps it back;
+    ``check(config)`` raises for configs the type cannot take (before any swap or new config).
+    """
+
+    dense: type
+    sparse: type
+    to_sparse: Callable[[nn.Module, MePropConfig], None]
+    to_dense: Callable[[nn.Module], None]
+    check: Callable[[MePropConfig], None] | None = None
+
+
+_BY_DENSE: dict[type, LayerHandler] = {}
+_BY_SPARSE: dict[type, LayerHandler] = {}
+# Layer types of optional libraries, registered once their module is imported (a model cannot
+# hold an instance before): module name -> function registering its handlers.
+_PENDING: dict[str, Callable[[], None]] = {}
+
+
+def register_layer(
+    dense: type,
+    sparse: type,
+    to_sparse: Callable[[nn.Module, MePropConfig], None],
+    to_dense: Callable[[nn.Module], None],
+    check: Callable[[MePropConfig], None] | None = None,
+) -> None:
+    """Make ``sparsify_`` convert exact instances of ``dense`` with ``to_sparse(module, config)``
+    (which must leave an instance of ``sparse`` whose ``config`` is ``config``) and ``densify_``
+    turn ``sparse`` instances back with ``to_dense(module)``; ``check(config)``, if given,
+    raises for configs the type cannot take."""
+    handler = LayerHandler(dense, sparse, to_sparse, to_dense, check)
+    _BY_DENSE[dense] = _BY_SPARSE[sparse] = handler
+
+
+def _handlers() -> None:
+    """Register the handlers of optional libraries that are imported by now."""
+    for module_name in [m for m in _PENDING if m in sys.modules]:
+        _PENDING.pop(module_name)()
+
+
+def _swap_class(sparse: type) -> Callable[[nn.Module, MePropConfig], None]:
+    def to_sparse(module: nn.Module, config: MePropConfig) -> None:
+        module.__class__ = sparse
+        module.config = config
+        module.usage = None
+
+    return to_sparse
+
+
+def _unswap_class(dense: type) -> Callable[[nn.Module], None]:
+    def to_dense(module: nn.Module) -> None:
+        module.__class__ = dense
+        del module.config, module.usage
+
+    return to_dense
+
+
+register_layer(nn.Linear, SparseLinear, _swap_class(SparseLinear), _unswap_class(nn.Linear))
+register_layer(nn.LSTM, SparseLSTM, to_sparse_, to_dense_)
+
+
+def _register_conv1d() -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    from .nn import _sparse_conv1d
+
+    sparse = _sparse_conv1d()
+    register_layer(Conv1D, sparse, _swap_class(sparse), _unswap_class(Conv1D), _check_conv1d)
+
+
+def _check_conv1d(config: MePropConfig) -> None:
+    if config.sparse_grad:
+        raise ValueError(
+            "sparse_grad=True is not supported for Conv1D layers (weight stored (in, out): a "
+            "row-sparse gradient of W^T is column-sparse); use sparse_grad=False or leave them "
+            "dense with filter_fn"
+        )
+
+
+_PENDING["transformers.pytorch_utils"] = _register_conv1d
+
+
+def _check_filter(filter_fn: FilterFn | None) -> None:
+    if filter_fn is None:
+        return
+    try:
+        sig = inspect.signature(filter_fn)
+    except (TypeError, ValueError):  # builtins without a signature: called as they are
+        return
+    try:
+        sig.bind(nn.Identity(), "")
+    except TypeError:
+        raise TypeError(
+            f"filter_fn must take two arguments (module, qualified_name), got {filter_fn!r} "
+            f"with signature {sig}: e.g. filter_fn=lambda module, name: 'mlp' in name"
+        ) from None
+
+
+def sparsify_(model: nn.Module, config: MePropConfig, filter_fn: FilterFn | None = None):
+    """Make every registered layer of ``model`` (itself included) its meProp version, in place.
+
+    ``nn.Linear`` -> ``SparseLinear``; ``nn.LSTM`` -> ``SparseLSTM`` (top-k of the gate
+    gradients at every step; ``proj_size`` must be 0); Hugging Face ``Conv1D`` (GPT-2) ->
+    ``meprop.nn.SparseConv1D``; other types through ``register_layer``.
 
     Args:
         model: any module.
-        config: the ``MePropConfig`` the converted layers use. Layers that already are
-            ``SparseLinear`` and pass the filter take the new config.
+        config: the ``MePropConfig`` the converted layers use. Layers that already are meProp
+            layers and pass the filter take the new config.
         filter_fn: ``filter_fn(module, qualified_name) -> bool``; only modules for which it
             returns True are converted (the root's name is ``""``). ``None`` converts all.
             The paper sparsifies the hidden layers and keeps the output layer dense: see
             ``hidden_layers``.
 
-    Only exact ``nn.Linear`` instances are converted: subclasses of it may compute something
+    Only exact instances of a registered type are converted: subclasses may compute something
     else in ``forward`` (``nn.MultiheadAttention``'s ``out_proj`` is never called as a module).
+    A ``UserWarning`` says when nothing was converted; ``converted(model)`` lists the meProp
+    layers. An uninitialised ``nn.LazyLinear`` that passes the filter is an error (run a
+    forward pass first: it then becomes an ``nn.Linear``).
 
     Returns:
         ``model``.
@@ -51,24 +164,56 @@ def sparsify_(model: nn.Module, config: MePropConfig, filter_fn: FilterFn | None
     """
     if not isinstance(config, MePropConfig):
         raise TypeError(f"config must be a MePropConfig, got {type(config).__name__}")
+    _check_filter(filter_fn)
+    _handlers()
+    todo, lazy = [], []
     for name, module in model.named_modules():
-        if type(module) not in (nn.Linear, SparseLinear, nn.LSTM, SparseLSTM):
+        handler = _BY_DENSE.get(type(module)) or _BY_SPARSE.get(type(module))
+        lazy_linear = isinstance(module, nn.LazyLinear)
+        if handler is None and not lazy_linear:
             continue
         if filter_fn is not None and not filter_fn(module, name):
             continue
-        if type(module) is nn.Linear:
-            module.__class__ = SparseLinear
-            module.usage = None
-        elif type(module) is nn.LSTM:
-            to_sparse_(module, config)
-        module.config = config
+        if lazy_linear:
+            lazy.append(name or "<root>")
+        else:
+            todo.append((module, handler))
+    if lazy:
+        raise ValueError(
+            f"sparsify_: {lazy} are uninitialised nn.LazyLinear layers: run one forward pass "
+            "first (they then become nn.Linear), or exclude them with filter_fn"
+        )
+    for handler in {h.dense: h for _, h in todo}.values():  # every check before any swap
+        if handler.check is not None:
+            handler.check(config)
+    for module, handler in todo:
+        if type(module) is handler.dense:
+            handler.to_sparse(module, config)
+        else:  # already a meProp layer: the new config only
+            module.config = config
+    if not todo:
+        types = tuple(_BY_DENSE)
+        subclasses = sorted(
+            {type(m).__name__ for m in model.modules() if isinstance(m, types)}
+            - {t.__name__ for t in types}
+        )
+        warnings.warn(
+            f"sparsify_ converted no layer: {type(model).__name__} has no exact "
+            f"{', '.join(t.__name__ for t in types)} instance"
+            f"{' that filter_fn accepts' if filter_fn is not None else ''} (subclasses such as "
+            f"{subclasses or 'NonDynamicallyQuantizableLinear'} are left alone; other layer "
+            "types: meprop.convert.register_layer)",
+            UserWarning,
+            stacklevel=2,
+        )
     return model
 
 
 def densify_(model: nn.Module, filter_fn: FilterFn | None = None):
-    """Turn every ``SparseLinear`` of ``model`` (itself included) back into ``nn.Linear``, and
-    every ``SparseLSTM`` into ``nn.LSTM`` (an error if meSimp left its directions at different
-    widths, which nn.LSTM cannot represent).
+    """Turn every meProp layer of ``model`` (itself included) back into its dense type:
+    ``SparseLinear`` -> ``nn.Linear``, ``SparseLSTM`` -> ``nn.LSTM`` (an error if meSimp left
+    its directions at different widths, which nn.LSTM cannot represent), ``SparseConv1D`` ->
+    ``Conv1D``.
 
     Args:
         model: any module.
@@ -77,13 +222,34 @@ def densify_(model: nn.Module, filter_fn: FilterFn | None = None):
     Returns:
         ``model``.
     """
+    _check_filter(filter_fn)
+    _handlers()
     for name, module in model.named_modules():
-        if type(module) is SparseLinear and (filter_fn is None or filter_fn(module, name)):
-            module.__class__ = nn.Linear
-            del module.config, module.usage
-        elif type(module) is SparseLSTM and (filter_fn is None or filter_fn(module, name)):
-            to_dense_(module)
+        handler = _BY_SPARSE.get(type(module))
+        if handler is not None and (filter_fn is None or filter_fn(module, name)):
+            handler.to_dense(module)
     return model
+
+
+def converted(model: nn.Module) -> dict[str, str]:
+    """The meProp layers of ``model``: ``{qualified_name: "SparseLinear(k=20, mode=...)"}``
+    (the root's name is ``""``), in ``named_modules`` order.
+
+    Example:
+        >>> mlp = nn.Sequential(nn.Linear(784, 500), nn.ReLU(), nn.Linear(500, 10))
+        >>> converted(sparsify_(mlp, MePropConfig(k=20), filter_fn=hidden_layers(mlp)))
+        {'0': 'SparseLinear(from Linear, k=20, mode=per_example)'}
+    """
+    _handlers()
+    out = {}
+    for name, module in model.named_modules():
+        handler = _BY_SPARSE.get(type(module))
+        if handler is not None:
+            c = module.config
+            out[name] = (
+                f"{handler.sparse.__name__}(from {handler.dense.__name__}, k={c.k}, mode={c.mode})"
+            )
+    return out
 
 
 def hidden_layers(model: nn.Module) -> FilterFn:

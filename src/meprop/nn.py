@@ -3,9 +3,13 @@
 ``SparseLinear`` is an ``nn.Linear``: same constructor arguments, parameters and state_dict
 keys, so checkpoints load either way, and ``sparsify_`` can turn an existing ``nn.Linear`` into
 one in place, keeping its Parameter objects (an optimizer built before the swap still works).
+``SparseConv1D`` does the same for Hugging Face's GPT-2-style ``Conv1D`` (weight stored
+(in, out)); it is built on first use, so ``transformers`` stays optional.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +17,7 @@ from torch import Tensor, nn
 from .config import MePropConfig
 from .ops import apply_config
 
-__all__ = ["SparseLinear", "Cube"]
+__all__ = ["SparseLinear", "Cube"]  # and SparseConv1D (built on first access)
 
 
 class SparseLinear(nn.Linear):
@@ -62,15 +66,54 @@ class SparseLinear(nn.Linear):
         return apply_config(input, self.weight, self.bias, self.config, *self.usage)
 
     def extra_repr(self) -> str:
-        c = self.config
-        s = f"{super().extra_repr()}, k={c.k}, mode={c.mode}"
-        if c.sparse_bias:
-            s += ", sparse_bias=True"
-        if c.sparse_grad:
-            s += ", sparse_grad=True"
-        if c.scope != "local":
-            s += f", scope={c.scope}"
-        return s
+        return super().extra_repr() + config_repr(self.config)
+
+
+def config_repr(c: MePropConfig) -> str:
+    """The config's part of a meProp module's repr: ", k=20, mode=per_example", ..."""
+    s = f", k={c.k}, mode={c.mode}"
+    if c.sparse_bias:
+        s += ", sparse_bias=True"
+    if c.sparse_grad:
+        s += ", sparse_grad=True"
+    if c.scope != "local":
+        s += f", scope={c.scope}"
+    return s
+
+
+@functools.cache
+def _sparse_conv1d() -> type:
+    from transformers.pytorch_utils import Conv1D
+
+    class SparseConv1D(Conv1D):
+        """Hugging Face ``Conv1D`` (GPT-2's MLP and attention projections: ``x W + b`` with
+        ``weight`` (in, out)) whose backward keeps only the top-k output-gradient entries.
+
+        The weight keeps its (in, out) layout (a transposed view goes to ``meprop.ops``), so
+        the Parameters and state_dict are the original's. ``sparse_grad`` is not supported:
+        a row-sparse gradient of W^T is column-sparse in this layout.
+        """
+
+        config: MePropConfig
+        usage: tuple[Tensor, Tensor] | None
+
+        def forward(self, x: Tensor) -> Tensor:
+            usage = () if self.usage is None else self.usage
+            return apply_config(x, self.weight.t(), self.bias, self.config, *usage)
+
+        def __repr__(self) -> str:
+            return f"SparseConv1D(nf={self.nf}, nx={self.nx}{config_repr(self.config)})"
+
+    # pickled by name: meprop.nn.SparseConv1D (the module __getattr__ below)
+    SparseConv1D.__module__, SparseConv1D.__qualname__ = __name__, "SparseConv1D"
+    return SparseConv1D
+
+
+def __getattr__(name: str):
+    # meprop.nn.SparseConv1D imports transformers on first access only.
+    if name == "SparseConv1D":
+        return _sparse_conv1d()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Cube(nn.Module):

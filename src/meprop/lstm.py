@@ -742,7 +742,7 @@ class _MaskTopkGrad(torch.autograd.Function):
         if idx is not None:  # given selections (random mode): -1 marks ended sequences
             mask[valid] = mask[valid].scatter(1, idx[valid], True)
         elif mode == "unified":
-            mask[:, g[valid].abs().sum(0).topk(k).indices] = True
+            mask[:, select_columns(g[valid], k)] = True  # scores summed in float32
         elif mode == "per_example":
             mask.scatter_(1, g.abs().topk(k, dim=1).indices, True)
         else:

@@ -68,14 +68,18 @@ def select_rows(g: Tensor, k: int, mode: str, kernels=None) -> tuple[Tensor, Ten
     return idx, g.gather(1, idx)
 
 
+_SCORE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
 def select_columns(g: Tensor, k: int, scope: str = "local") -> Tensor:
     """Unified selection: the k columns of ``g`` (M, n) with the largest sum of |g|; (k,) sorted.
 
     ``scope="global"``: the (n,) column sums are summed over the ranks of a torch.distributed
     job first (see ``meprop.distributed``), so every rank picks the columns of the global batch.
     """
-    # A NaN anywhere in a column makes its score NaN, which topk ranks highest.
-    scores = g.abs().sum(0)  # (n,)
+    # A NaN anywhere in a column makes its score NaN, which topk ranks highest. Half-precision
+    # gradients are summed in float32: their rounded sums would tie or reorder columns.
+    scores = g.abs().sum(0, dtype=_SCORE_DTYPE.get(g.dtype))  # (n,)
     if scope == "global":
         from .distributed import sum_over_ranks
 

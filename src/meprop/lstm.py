@@ -526,7 +526,7 @@ class SparseLSTM(nn.LSTM):
         elif x.dtype != self.weight_ih_l0.dtype:
             w_dtype = self.weight_ih_l0.dtype
             raise ValueError(
-                f"SparseLSTM input dtype ({x.dtype}) does not match weight dtype ({w_dtype}). "
+                f"SparseLSTM: RNN input dtype ({x.dtype}) does not match weight dtype ({w_dtype}). "
                 f"Convert input: input.to({w_dtype}), or convert model: model.to({x.dtype})"
             )
         h0s, c0s = self._initial_states(hx, batch, x, sorted_indices, unbatched)

@@ -233,8 +233,17 @@ def _check_fits(path: Path, payload: dict, model: nn.Module) -> None:
                 f"{list(want.shape)} in the model (meSimp shrinks hidden units only); load it "
                 "into a model built with the settings it was saved with"
             )
+    # The hooks' targets (timers, meAct's per-example state) are shared, not copied.
+    memo = {
+        id(fn): fn
+        for m in model.modules()
+        for name, hooks in vars(m).items()
+        if name.endswith("hooks") and "state_dict" not in name and isinstance(hooks, dict)
+        for fn in hooks.values()
+        if callable(fn) and not isinstance(fn, nn.Module | torch.Tensor)
+    }
     try:
-        trial = copy.deepcopy(model)
+        trial = copy.deepcopy(model, memo)
     except Exception:  # noqa: BLE001 - a model that cannot be copied: the checks above only
         return
     try:

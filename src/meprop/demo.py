@@ -23,28 +23,35 @@ from .train import TrainConfig, run
 STEP = ("forward", "backward", "optimizer")  # the training step's phases in the trainer's log
 
 
-def backend_lines(mode: str) -> list[str]:
+def backend_lines(mode: str, k: int = 20, batch: int = 50) -> list[str]:
     """What runs meProp's backward here with ``backend="auto"``: the kernel builds and the
-    implementations chosen for ``mode`` at this thread count on float32 (from
-    ``meprop.kernels.dispatch``, which times them on first use; ``meprop info`` lists all)."""
+    implementations chosen for the demo's two hidden layers (784 -> 500 without an input
+    gradient, 500 -> 500 with one) at this thread count (from ``meprop.kernels.dispatch``,
+    which times them on first use; ``meprop info`` lists every choice)."""
     try:
         from .kernels import dispatch
 
         lines = dispatch.describe().splitlines()
+        choices = dispatch.tuner().choices()
     except Exception:  # noqa: BLE001 - a description must never stop the demo
         from . import ops
 
         kern = ops._kernel_module("auto", torch.zeros(1))
         name = "PyTorch ops" if kern is None else kern.__name__.rsplit(".", 1)[-1]
         return [f"kernels: {name}"]
-    prefix = f"{mode}/float32/t{torch.get_num_threads()}/"
-    head = [x for x in lines if not x.startswith((" ", "CPU:"))]
-    chosen = [x.strip() for x in lines if x.strip().startswith(prefix)]
-    return (
-        head
-        + [f"chosen ({prefix}shape class: implementation (timings)): {len(chosen)}"]
-        + [f"  {x}" for x in chosen]
-    )
+    head = [x for x in lines[1:] if not x.startswith(" ")]
+    out = []
+    for d_in, needs in ((784, "w"), (500, "xw")):
+        cls = dispatch.shape_class(mode, torch.float32, batch, 500, d_in, k, needs)
+        entry = choices.get(cls)
+        if entry is not None:
+            us = ", ".join(f"{n} {v:g} us" for n, v in sorted(entry.get("us", {}).items()))
+            out.append(f"{d_in} -> 500: {entry['backend']}  ({us})")
+        else:
+            out.append(
+                f"{d_in} -> 500: untimed (the default order: {dispatch.pinned() or 'native first'})"
+            )
+    return head + out
 
 
 def ratio_lines(dense: dict, meprop: dict) -> list[str]:
@@ -87,6 +94,8 @@ def _demo(args: argparse.Namespace) -> dict:
     common = dict(
         epochs=args.epochs, k=args.k, mode=args.mode, seed=args.seed, train_limit=args.train_limit
     )
+    if args.threads:
+        torch.set_num_threads(args.threads)
     summary = machine.cpu_summary()
     print(f"machine: {machine.summary_line(summary)}")
     summaries = {}
@@ -105,7 +114,7 @@ def _demo(args: argparse.Namespace) -> dict:
     for line in ratio_lines(d["times"], m["times"]):
         print(line)
     print("meProp backward implementations (backend='auto'):")
-    for line in backend_lines(args.mode):
+    for line in backend_lines(args.mode, args.k):
         print(f"  {line}")
     why = why_not_faster(d["times"], m["times"], summary["isa"])
     if why:
@@ -128,5 +137,12 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", help="folder for the two runs (default: a temporary folder)")
     p.add_argument("--data-dir", help="data root (default: $MEPROP_DATA, then the user cache)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: a per-core comparison, as the paper's; it also keeps the "
+        "ratio honest where other processes share the cores; 0: torch's default)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_demo)

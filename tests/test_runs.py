@@ -51,6 +51,8 @@ BAD_FLAGS = [
     (["--lr", "nan"], ["lr", "nan"]),
     (["--lr", "-1"], ["lr must be >= 0"]),
     (["--dropout", "1.5"], ["dropout", "1.5"]),
+    (["--dropout", "-0.5"], ["dropout", "-0.5"]),  # -1 alone means the task's
+    (["--meact-threshold", "-1"], ["meact_threshold", "-1"]),
     (["--prune-rate", "nan"], ["prune_rate", "nan"]),
     (["--method", "kdim", "--k", "100000"], ["k:", "too large", "--k"]),
     (["--hidden", "0"], ["hidden widths must be >= 1"]),

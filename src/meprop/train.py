@@ -62,6 +62,7 @@ ACTIVATIONS = ("relu", "tanh", "cube")
 #: config may ask for: beyond them a typo (``--k 100000``) would try to allocate tens of GB.
 MAX_WIDTH = 1 << 20
 MAX_HIDDEN_WEIGHTS = 1 << 28
+MEACT_FIELDS = ("start", "threshold", "cap", "storage")  # MeActConfig's names of meact_*
 
 
 class ConfigError(ValueError):
@@ -149,7 +150,7 @@ class TrainConfig:
         # complete.
         for name, value in DEFAULTS[self.task].items():
             current = getattr(self, name)
-            unset = current < 0 if name == "dropout" else not current
+            unset = current == -1 if name == "dropout" else not current
             if unset and not (name == "layers" and len(self.hidden) > 1):
                 object.__setattr__(self, name, value)
         if self.task != "mnist":  # the field picks MNIST or Fashion-MNIST; other tasks have one
@@ -214,9 +215,14 @@ class TrainConfig:
         try:  # the library's own checks of these fields
             MePropConfig(k=self.k, mode=self.mode, backend=self.backend, scope=self.scope)
             MeSimpConfig(prune_rate=self.prune_rate)
-            self.meact_config()
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e)) from None
+        try:
+            self.meact_config()
+        except (ValueError, TypeError) as e:  # its fields are meact_*
+            raise ConfigError(
+                f"meact_{e}" if str(e).split()[0] in MEACT_FIELDS else str(e)
+            ) from None
 
     def _check_types(self) -> None:
         """Each field's type (as a JSON file or a caller may get it wrong), before any use."""

@@ -9,9 +9,17 @@ Each run directory holds:
                    cumulative seconds ("times"): forward, backward (linear_backward and
                    hidden_backward its parts), optimizer, analysis, simplify, eval, and train
                    (the training loop's wall-clock outside evaluations and checkpoints)
-    last.pt        the latest checkpoint (atomic; ``--resume`` continues from it)
+    last.pt        the checkpoint after the latest evaluation (each epoch, and each
+                   ``eval_every`` steps; atomic; ``--resume`` continues from it, within an
+                   epoch too, exactly as the uninterrupted run)
     best.pt        the checkpoint with the best dev score (model selection as in the paper)
     summary.json   best epoch, its dev and test scores, total times, final widths
+    .lock          held (flock) by the run that writes the folder: a second one is refused
+
+Every file but log.jsonl is replaced atomically. A kill leaves at worst log records after the
+last checkpoint, a torn last log line and temporary files: a resume removes them. A training
+loss that becomes NaN or infinite stops the run (``Diverged``), last.pt holding the last good
+state.
 
 Under torch.distributed (``meprop train --nproc N``, or torchrun) every rank runs ``run``:
 ``batch_size`` is the global batch, of which each rank trains on its own part

@@ -65,7 +65,7 @@ __all__ = [
 
 METHODS = ("dense", "meprop", "random", "kdim", "mesimp", "meact")
 OPTIMIZERS = {"adam": 1e-3, "adagrad": 1e-2, "sgd": 0.1}  # name -> default learning rate
-ACTIVATIONS = ("relu", "tanh", "cube")
+ACTIVATIONS = ("relu", "tanh", "cube", "gelu")  # gelu: the lm task's MLP
 #: Largest hidden width, and most weights between hidden layers (1 GiB of float32), that a
 #: config may ask for: beyond them a typo (``--k 100000``) would try to allocate tens of GB.
 MAX_WIDTH = 1 << 20

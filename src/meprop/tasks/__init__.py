@@ -14,7 +14,7 @@ from __future__ import annotations
 
 __all__ = ["TASKS", "DEFAULTS", "task_class", "get_task"]
 
-TASKS = ("mnist", "pos", "parse")
+TASKS = ("mnist", "pos", "parse", "lm")
 
 # The paper's settings where it gives them (hidden 500, Adam); the rest chosen to train well on
 # these data in reasonable time on a CPU.
@@ -28,6 +28,9 @@ DEFAULTS: dict[str, dict] = {
     # Chen & Manning's parser with the paper's hidden layer of 500, cube activation; batches
     # of (parser state, gold transition) examples.
     "parse": {"layers": 1, "batch_size": 1000, "epochs": 10, "activation": "cube", "dropout": 0.5},
+    # a byte-level transformer LM: 4 pre-norm blocks, windows of 128 bytes, batches of 32
+    # windows, no dropout (the activation is the MLP's GELU).
+    "lm": {"layers": 4, "batch_size": 32, "epochs": 1, "activation": "gelu", "dropout": 0.0},
 }
 
 
@@ -45,6 +48,10 @@ def task_class(name: str):
         from .parse import ParseTask
 
         return ParseTask
+    if name == "lm":
+        from .lm import LmTask
+
+        return LmTask
     raise ValueError(f"task must be one of {TASKS}, got {name!r}")
 
 

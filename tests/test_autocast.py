@@ -154,3 +154,25 @@ def test_lstm_sparse_equals_the_model_in_bfloat16(inside, mode, sparse_grad):
         assert p.grad.dtype == torch.float32
         assert p.grad.is_sparse == (sparse_grad and n.startswith("weight"))
         torch.testing.assert_close(p.grad, q.grad.float(), rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["per_example", "unified"])
+def test_cuda_autocast_linear_and_lstm(dtype, mode):
+    layer = sparsify_(nn.Linear(7, 12).cuda(), MePropConfig(k=3, mode=mode))
+    x = torch.randn(8, 7, device="cuda")
+    g = distinct_grad((8,), 12).to(dtype).cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        y = layer(x)
+    y.backward(g)  # outside the block
+    assert y.dtype == dtype and layer.weight.grad.dtype == torch.float32
+    rx, rw, rb = reference_backward(
+        x.to(dtype).double(), layer.weight.detach().to(dtype).double(), g.double(), 3, mode
+    )
+    torch.testing.assert_close(layer.weight.grad.double(), rw, **TOL)
+    lstm = SparseLSTM(4, 5, config=MePropConfig(k=3, mode=mode)).cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        out, _ = lstm(torch.randn(6, 3, 4, device="cuda"))
+    out.float().sum().backward()
+    assert out.dtype == dtype and lstm.weight_hh_l0.grad.dtype == torch.float32

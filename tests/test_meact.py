@@ -4,6 +4,7 @@ parameter-update statistic, and the experiment tool end to end on a tiny MNIST."
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -572,11 +573,13 @@ def test_cli_meact_resume_equals_uninterrupted(tiny_mnist, tmp_path):
     assert strip(log_of(tmp_path / "a")) == strip(log_of(tmp_path / "b"))
 
 
-def test_cli_meact_errors(tiny_mnist, tmp_path):
-    with pytest.raises(ValueError, match="meact_start=3 is not below epochs=3"):
-        train(tiny_mnist, tmp_path / "x", "--method", "meact", "--meact-start", "3")
-    with pytest.raises(ValueError, match=r"threshold is a percentage .* got 101"):
-        train(tiny_mnist, tmp_path / "y", "--method", "meact", "--meact-threshold", "101")
+def test_cli_meact_errors(tiny_mnist, tmp_path, capsys):
+    # a user's mistake: one line naming the value, exit status 2
+    assert train(tiny_mnist, tmp_path / "x", "--method", "meact", "--meact-start", "3") == 2
+    assert "meact_start=3 is not below epochs=3" in capsys.readouterr().err
+    bad = ["--method", "meact", "--meact-start", "1", "--meact-threshold", "101"]
+    assert train(tiny_mnist, tmp_path / "y", *bad) == 2
+    assert re.search(r"threshold is a percentage .* got 101", capsys.readouterr().err)
     from meprop.train import _examples
 
     with pytest.raises(ValueError, match="do not carry example numbers"):

@@ -13,7 +13,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Run", "load_runs", "build_report"]
+from .stats import Paired, paired, summarize
+
+__all__ = ["Run", "load_runs", "replicates", "claims", "build_report"]
 
 
 @dataclass
@@ -37,6 +39,10 @@ class Run:
 
     def per_step_ms(self, key: str) -> float:
         return 1000 * self.summary["times"].get(key, 0.0) / max(1, self.summary["steps"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.extra.get("seed", self.config.get("seed", 1)))
 
     def test(self) -> float:
         return 100 * self.summary[f"test_{self.metric}"]
@@ -77,9 +83,18 @@ def load_runs(paths: list[Path]) -> list[Run]:
                 log,
                 row.get("group", "runs"),
                 row.get("label", _label(cfg)),
+                row,
             )
         )
     return runs
+
+
+def replicates(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
+    """Runs of the same row (group and label) over seeds, in order of first appearance."""
+    out: dict[tuple[str, str], list[Run]] = {}
+    for r in runs:
+        out.setdefault((r.group, r.label), []).append(r)
+    return out
 
 
 def _reference(run: Run, runs: list[Run]) -> Run | None:
@@ -98,35 +113,134 @@ def _reference(run: Run, runs: list[Run]) -> Run | None:
 
 
 def _table(runs: list[Run], all_runs: list[Run]) -> list[str]:
+    """One line per row: scores as mean ± sd over its seeds (with min-max and the count), times
+    per step as means, speedups against the dense reference's mean."""
     metric = runs[0].metric
     lines = [
-        f"| run | hidden | dev {metric} % | test {metric} % | hidden-layer backward ms/step | "
-        "speedup | linear backward ms/step | speedup | backward ms/step | speedup | "
-        "forward ms/step |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| run | seeds | hidden | dev {metric} % | test {metric} % | test min-max | "
+        "hidden-layer backward ms/step | speedup | linear backward ms/step | speedup | "
+        "backward ms/step | speedup | forward ms/step |",
+        "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in runs:
-        ref = _reference(r, all_runs)
+    for (_, label), reps in replicates(runs).items():
+        ref = _reference(reps[0], all_runs)
+        refs = [
+            r for r in all_runs if ref is not None and (r.group, r.label) == (ref.group, ref.label)
+        ]
 
-        def ratio(key, ref=ref, r=r):
-            if ref is None or r.per_step_ms(key) == 0:
+        def ms(key, reps=reps):
+            return sum(r.per_step_ms(key) for r in reps) / len(reps)
+
+        def ratio(key, refs=refs, ms=ms):
+            if not refs or ms(key) == 0:
                 return "-"
-            return f"{ref.per_step_ms(key) / r.per_step_ms(key):.2f}x"
+            return f"{ms(key, refs) / ms(key):.2f}x"
 
-        widths = r.summary.get("final_widths")
-        hidden = (
-            "->".join(map(str, widths.values()))
-            if widths
-            else "x".join(map(str, r.summary["widths"]))
-        )
+        widths = [r.summary.get("final_widths") for r in reps]
+        if all(widths):
+            mean = [round(sum(w[k] for w in widths) / len(widths)) for k in widths[0]]
+            hidden = "->".join(map(str, mean)) + (" (mean)" if len(reps) > 1 else "")
+        else:
+            hidden = "x".join(map(str, reps[0].summary["widths"]))
+        test = summarize([r.test() for r in reps])
+        dev = summarize([r.dev() for r in reps])
+        span = f"{test.lo:.2f}-{test.hi:.2f}" if len(reps) > 1 else "-"
         lines.append(
-            f"| {r.label} | {hidden} | {r.dev():.2f} | {r.test():.2f} | "
-            f"{r.per_step_ms('hidden_backward'):.2f} | {ratio('hidden_backward')} | "
-            f"{r.per_step_ms('linear_backward'):.2f} | {ratio('linear_backward')} | "
-            f"{r.per_step_ms('backward'):.2f} | {ratio('backward')} | "
-            f"{r.per_step_ms('forward'):.2f} |"
+            f"| {label} | {len(reps)} | {hidden} | {dev} | {test} | {span} | "
+            f"{ms('hidden_backward'):.2f} | {ratio('hidden_backward')} | "
+            f"{ms('linear_backward'):.2f} | {ratio('linear_backward')} | "
+            f"{ms('backward'):.2f} | {ratio('backward')} | {ms('forward'):.2f} |"
         )
     return lines
+
+
+def claims(runs: list[Run]) -> list[tuple[str, Paired, str]]:
+    """The paper's claims, each a paired comparison on the seeds both sides share: (claim,
+    the test-score difference a - b with its 95% interval, which runs)."""
+
+    def scores(pred) -> dict[int, float]:
+        return {r.seed: r.test() for r in runs if pred(r)}
+
+    def main_opt(r):
+        return r.config["optimizer"] == "adam" and r.group in ("main", "control", "mesimp")
+
+    dense = scores(lambda r: r.method == "dense" and r.group == "main")
+    out = []
+
+    def add(claim, a, b, what):
+        p = paired(a, b)
+        if p is not None:
+            out.append((claim, p, what))
+
+    ks = sorted({r.config["k"] for r in runs if r.method == "meprop" and r.group == "main"})
+    for k in ks:
+        for mode in ("per_example", "unified"):
+            mp = scores(
+                lambda r, k=k, mode=mode: (
+                    r.method == "meprop"
+                    and r.group == "main"
+                    and r.config["k"] == k
+                    and r.config["mode"] == mode
+                )
+            )
+            add(f"meProp {mode} k={k} >= dense", mp, dense, f"meProp {mode} k={k} - dense")
+        top = scores(
+            lambda r, k=k: (
+                r.method == "meprop"
+                and r.group == "main"
+                and r.config["k"] == k
+                and r.config["mode"] == "per_example"
+            )
+        )
+        rand = scores(lambda r, k=k: r.method == "random" and r.config["k"] == k and main_opt(r))
+        add(f"top-k > random-k (k={k})", top, rand, f"meProp per_example k={k} - random-k")
+        kdim = scores(lambda r, k=k: r.method == "kdim" and r.config["k"] == k and main_opt(r))
+        add(f"meProp > a dense net of width k={k}", top, kdim, f"meProp per_example k={k} - k-dim")
+    for (_group, label), reps in replicates(
+        [r for r in runs if r.method == "mesimp" and r.config["optimizer"] == "adam"]
+    ).items():
+        simp = {r.seed: r.test() for r in reps}
+        full = max(max(r.summary["widths"]) for r in runs if r.method == "dense") or 1
+        share = [
+            100 * sum(r.summary["final_widths"].values()) / (full * len(r.summary["final_widths"]))
+            for r in reps
+            if r.summary.get("final_widths")
+        ]
+        pct = f"{sum(share) / len(share):.0f}%" if share else "?"
+        add(f"{label} >= dense, at {pct} of the width", simp, dense, f"{label} - dense")
+        names = {r.path.name for r in reps}
+        sized = {
+            r.seed: r.test()
+            for r in runs
+            if r.path.name.startswith("dense-size-of-")
+            and r.path.name.removeprefix("dense-size-of-") in names
+        }
+        add(
+            f"{label} > a dense net trained at its final widths",
+            simp,
+            sized,
+            f"{label} - dense at its widths",
+        )
+    return out
+
+
+def _claims_table(runs: list[Run]) -> list[str]:
+    rows = claims(runs)
+    if not rows:
+        return []
+    metric = runs[0].metric
+    lines = [
+        "## The paper's claims, paired over seeds",
+        "",
+        f"Each claim compares test {metric} on the same seeds (same initialisation and data "
+        "order): the mean difference with its 95% t-interval. *holds*: the interval is above 0; "
+        "*does not hold*: below 0; *undecided*: it contains 0.",
+        "",
+        "| claim | difference (points) [95% interval] | seeds | verdict |",
+        "| --- | --- | ---: | --- |",
+    ]
+    lines += [f"| {c} | {p} | {p.n} | {p.verdict} |" for c, p, _ in rows]
+    return lines + [""]
 
 
 def _curve(ax, run: Run, key: str, label: str | None = None, **kw) -> None:
@@ -292,13 +406,29 @@ def build_report(paths: list[Path], out: Path) -> Path:
         raise ValueError(f"no finished runs in {paths}")
     out.mkdir(parents=True, exist_ok=True)
     first = runs[0].summary
+    origin = runs[0].extra
+    seeds = sorted({r.seed for r in runs})
+    grid = {}  # in the results folder: given, or above the runs/NAME folders given
+    for folder in {f for p in map(Path, paths) for f in (p, p.parent.parent)}:
+        if (folder / "grid.json").exists():
+            grid = json.loads((folder / "grid.json").read_text())
+    machine = origin.get("machine", "machine not recorded")
+    made = f"meprop {origin['meprop']}" if "meprop" in origin else "meprop"
+    if origin.get("commit"):
+        made += f" (commit {origin['commit']})"
+    hours = f"; grid wall-clock {grid['seconds'] / 3600:.1f} h" if "seconds" in grid else ""
     lines = [
         "# meprop results",
         "",
-        f"{len(runs)} runs; torch {first['torch']}, {first['threads']} threads. "
-        "Scores are the test score of the checkpoint with the best dev score. Times are "
-        "per training step; speedups are against the dense run of the same optimizer, depth "
-        "and dropout in this set (measured in the same grid, on the same machine).",
+        f"{len(runs)} runs, seeds {','.join(map(str, seeds))}; {machine}; torch "
+        f"{first['torch']}, {first['threads']} threads; {made}{hours}.",
+        "",
+        "Scores are the test score of the checkpoint with the best dev score, as mean ± "
+        "standard deviation over the seeds a row ran with (min-max beside). Every method uses "
+        "the same shared settings (learning rate, dropout, batch size, epochs: the task's "
+        "defaults); none is tuned per method. Times are per training step; speedups are "
+        "against the dense run of the same optimizer, depth and dropout in this set (measured "
+        "in the same grid, on the same machine).",
         "",
     ]
     groups: dict[str, list[Run]] = {}
@@ -306,6 +436,7 @@ def build_report(paths: list[Path], out: Path) -> Path:
         groups.setdefault(r.group, []).append(r)
     for group, members in groups.items():
         lines += [f"## {GROUP_TITLES.get(group, group)}", ""] + _table(members, runs) + [""]
+    lines += _claims_table(runs)
     task = runs[0].config["task"]
     if task in PAPER:
         lines += [

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from .train import TrainConfig
 
-__all__ = ["Row", "GRIDS", "PAPER", "mnist_grid", "pos_grid", "parse_grid", "run_grid"]
+__all__ = [
+    "Row", "GRIDS", "PAPER", "mnist_grid", "pos_grid", "parse_grid", "run_grid", "with_seeds"
+]  # fmt: skip
 
 # Published figures (test scores %, hidden 500, Adam unless noted; Penn Treebank for POS
 # and parsing, where our data is UD English EWT): the targets.
@@ -184,22 +186,70 @@ GRIDS["meact"] = meact_grid
 
 
 def _size_control(row: Row, summary: dict) -> Row:
-    """A dense net trained from scratch at the widths a meSimp run ended with."""
+    """A dense net trained from scratch at the widths a meSimp run ended with (same seed)."""
     from .tasks import task_class
 
     hidden = task_class(row.config.task).dense_hidden(summary["final_widths"])
     cfg = replace(row.config, method="dense", hidden=hidden, layers=0, k=20)
     name = f"dense-size-of-{row.name}"
-    return Row(name, "mesimp", f"dense at meSimp's widths {list(hidden)}", cfg)
+    return Row(name, "mesimp", f"dense at the widths of {row.label}", cfg)
+
+
+def with_seeds(rows: list[Row], seeds: list[int], groups: list[str] | None = None) -> list[Row]:
+    """Each row once per seed (the rows of ``groups`` only, when given; the others keep their
+    own seed). A row's seed-1 run keeps the row's name, so grids run before seeds existed are
+    reused; other seeds add ``-s<seed>``."""
+    out = []
+    for row in rows:
+        if groups is not None and row.group not in groups:
+            out.append(row)
+            continue
+        for seed in seeds:
+            name = row.name if seed == 1 else f"{row.name}-s{seed}"
+            out.append(replace(row, name=name, config=replace(row.config, seed=seed)))
+    return out
+
+
+def provenance() -> dict:
+    """Where a run was made: the machine (CPU, ISA, caches, threads), torch, meprop and its git
+    commit (where the package sits in a git checkout)."""
+    import subprocess
+
+    import torch
+
+    from . import __version__, machine
+
+    commit = ""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "machine": machine.summary_line(),
+        "torch": torch.__version__,
+        "meprop": __version__,
+        "commit": commit,
+    }
 
 
 def run_grid(rows: list[Row], out: Path, data_dir=None, progress=True, echo=print) -> list[Path]:
+    """Run every row not finished yet (and, after each meSimp row, a dense net at its final
+    widths); the grid's wall-clock time over all sittings accumulates in ``out/grid.json``."""
     from .train import run
 
     dirs = []
     queue = list(rows)
+    grid_path = out / "grid.json"
+    spent = json.loads(grid_path.read_text()).get("seconds", 0.0) if grid_path.exists() else 0.0
     t0 = time.perf_counter()
     i = 0
+    origin = provenance()
     while queue:
         row = queue.pop(0)
         i += 1
@@ -207,11 +257,12 @@ def run_grid(rows: list[Row], out: Path, data_dir=None, progress=True, echo=prin
         dirs.append(d)
         summary_path = d / "summary.json"
         if summary_path.exists():
-            echo(f"[{i}] {row.label}: done already ({d})")
+            echo(f"[{i}] {row.label} (seed {row.config.seed}): done already ({d})")
         else:
-            echo(f"[{i}/{i + len(queue)}] {row.label}  ->  {d}")
+            echo(f"[{i}/{i + len(queue)}] {row.label} (seed {row.config.seed})  ->  {d}")
             d.mkdir(parents=True, exist_ok=True)
-            (d / "row.json").write_text(json.dumps({"group": row.group, "label": row.label}) + "\n")
+            info = {"group": row.group, "label": row.label, "seed": row.config.seed, **origin}
+            (d / "row.json").write_text(json.dumps(info) + "\n")
             run(
                 row.config,
                 d,
@@ -220,6 +271,10 @@ def run_grid(rows: list[Row], out: Path, data_dir=None, progress=True, echo=prin
                 progress=progress,
                 echo=lambda s: echo("    " + s),
             )
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = grid_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"seconds": spent + time.perf_counter() - t0}) + "\n")
+            tmp.replace(grid_path)
         summary = json.loads(summary_path.read_text())
         if row.config.method == "mesimp" and summary.get("final_widths"):
             queue.append(_size_control(row, summary))
@@ -253,6 +308,8 @@ def _reproduce(args: argparse.Namespace) -> None:
     from .report import build_report
 
     rows = GRIDS[args.task](quick=args.quick, dataset=args.dataset)
+    if args.seeds:
+        rows = with_seeds(rows, args.seeds, args.seed_groups)
     out = args.out or Path("results") / (f"{args.task}-quick" if args.quick else args.task)
     print(
         f"{len(rows)} runs (+1 dense size control per meSimp run), {PER_RUN[args.task][args.quick]} "
@@ -286,5 +343,29 @@ def register(subparsers) -> None:
     p.add_argument("--dataset", default="mnist", choices=("mnist", "fashion"), help="mnist task")
     p.add_argument("--out", type=Path, help="results folder (default: results/TASK[-quick])")
     p.add_argument("--data-dir", type=Path, help="data root (default: $MEPROP_DATA, then cache)")
+    p.add_argument(
+        "--seeds",
+        type=_int_list,
+        help="run each row once per seed, e.g. 1,2,3 (default: each row's own seed, 1); the "
+        "report then shows mean ± sd over seeds and paired comparisons for the paper's claims",
+    )
+    p.add_argument(
+        "--seed-groups",
+        type=lambda t: [g for g in t.split(",") if g],
+        help="with --seeds: only the rows of these groups (e.g. main,control,mesimp); the "
+        "others run once",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_reproduce)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one seed, got {text!r}")
+    return values

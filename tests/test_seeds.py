@@ -1,0 +1,93 @@
+"""Rows over several seeds: summaries, paired claims, and reproduce --seeds end to end."""
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+
+from meprop.cli import main
+from meprop.stats import T975, paired, summarize
+
+
+def test_summarize():
+    s = summarize([98.0, 98.4, 98.2])
+    assert math.isclose(s.mean, 98.2) and math.isclose(s.sd, 0.2)
+    assert (s.lo, s.hi, s.n) == (98.0, 98.4, 3)
+    assert str(s) == "98.20 ± 0.20"
+    one = summarize([97.5])
+    assert one.sd == 0.0 and str(one) == "97.50"
+    with pytest.raises(ValueError, match="at least one value"):
+        summarize([])
+
+
+def test_paired_verdicts():
+    better = paired({1: 98.5, 2: 98.6, 3: 98.4}, {1: 98.0, 2: 98.2, 3: 98.1})
+    assert better.verdict == "holds" and better.lo > 0
+    # the same values the other way round
+    worse = paired({1: 98.0, 2: 98.2, 3: 98.1}, {1: 98.5, 2: 98.6, 3: 98.4})
+    assert worse.verdict == "does not hold" and worse.hi < 0
+    mixed = paired({1: 98.5, 2: 97.9, 3: 98.3}, {1: 98.0, 2: 98.4, 3: 98.1})
+    assert mixed.verdict == "undecided" and mixed.lo < 0 < mixed.hi
+    # the interval is the t-interval of the differences: mean 0.3, sd 0.1, n 3
+    d = paired({1: 1.2, 2: 1.3, 3: 1.4}, {1: 1.0, 2: 1.0, 3: 1.0})
+    half = T975[2] * 0.1 / math.sqrt(3)
+    assert math.isclose(d.lo, 0.3 - half) and math.isclose(d.hi, 0.3 + half)
+    # only the shared seeds are paired; none shared: no comparison
+    assert paired({1: 1.0, 2: 2.0}, {2: 1.0, 3: 5.0}).n == 1
+    assert paired({1: 1.0, 2: 2.0}, {2: 1.0, 3: 5.0}).verdict == "undecided (one seed)"
+    assert paired({1: 1.0}, {2: 1.0}) is None
+
+
+def test_with_seeds_names_and_groups():
+    from meprop import reproduce
+
+    rows = reproduce.mnist_grid(quick=True)
+    seeded = reproduce.with_seeds(rows, [1, 2, 3], ["main"])
+    main_rows = [r for r in rows if r.group == "main"]
+    assert len(seeded) == len(rows) + 2 * len(main_rows)
+    names = [r.name for r in seeded]
+    assert len(set(names)) == len(names)
+    dense = [r for r in seeded if r.group == "main" and r.config.method == "dense"]
+    assert [r.config.seed for r in dense] == [1, 2, 3]
+    assert dense[0].name == main_rows[0].name  # seed 1 keeps the name: old runs are reused
+    assert dense[1].name == f"{main_rows[0].name}-s2"
+
+
+def test_reproduce_with_seeds_reports_means_and_claims(tiny_mnist, tmp_path, monkeypatch):
+    from meprop import reproduce
+
+    small = dict(epochs=1, batch_size=20, hidden=(24,))
+    full_grid = reproduce.mnist_grid
+
+    def grid(quick, dataset):
+        rows = full_grid(quick=True, dataset=dataset)
+        keep = [r for r in rows if r.group == "main"][:2]  # dense, meProp per_example k=20
+        keep += [r for r in rows if r.config.method == "random"]
+        return [replace(r, config=replace(r.config, **small, train_limit=0)) for r in keep]
+
+    monkeypatch.setitem(reproduce.GRIDS, "mnist", grid)
+    out = tmp_path / "results"
+    args = ["reproduce", "mnist", "--quick", "--out", str(out), "--data-dir", str(tiny_mnist)]
+    assert main([*args, "--seeds", "1,2", "--seed-groups", "main", "--no-progress"]) == 0
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert len(runs) == 5 and sum(r.endswith("-s2") for r in runs) == 2
+    info = json.loads((out / "runs" / runs[0] / "row.json").read_text())
+    assert {"seed", "machine", "torch", "meprop", "commit"} <= set(info)
+    assert json.loads((out / "grid.json").read_text())["seconds"] > 0
+    report = (out / "report.md").read_text()
+    assert "seeds 1,2" in report and info["machine"] in report
+    assert "| dense | 2 |" in report  # two seeds in the dense row
+    assert "| random-k k=20 | 1 |" in report
+    assert "## The paper's claims, paired over seeds" in report
+    claims = [line for line in report.splitlines() if line.startswith("| meProp per_example")]
+    assert any(">= dense" in line and "| 2 |" in line for line in claims)
+    # top-k vs random-k shares only seed 1: one pair, undecided
+    assert "| top-k > random-k (k=20) |" in report and "one seed" in report
+
+
+def test_reproduce_rejects_bad_seeds(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "mnist", "--seeds", "one,two"])
+    assert e.value.code == 2
+    assert "expected comma-separated integers, got 'one,two'" in capsys.readouterr().err

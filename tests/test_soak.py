@@ -30,7 +30,7 @@ from meprop.cli import main
 sys.exit(main(sys.argv[2:]))
 """
 ARGS = ["--method", "mesimp", "--k", "8", "--hidden", "32", "--batch-size", "20"]
-ARGS += ["--prune-interval", "3", "--dropout", "0.1", "--eval-every", "2", "--epochs", "40"]
+ARGS += ["--prune-interval", "3", "--dropout", "0.1", "--eval-every", "2", "--epochs", "25"]
 ARGS += ["--no-progress"]
 
 
@@ -62,30 +62,36 @@ def test_killed_at_random_moments_and_resumed_equals_uninterrupted(tiny_mnist, t
     assert a.returncode == 0, err.decode()
     duration = time.monotonic() - t0 - setup  # training, evaluations, checkpoints
     rng = random.Random(int(os.environ.get("MEPROP_SOAK_SEED", "0")))
+    total = len((tmp_path / "a" / "log.jsonl").read_text().splitlines())
+    per_record = duration / total  # seconds between evaluations (and checkpoints)
+    # Kill points by progress, not by the clock (a busy machine would shift them): when the
+    # log reaches a random length, after a random part of the next interval.
+    targets = sorted(rng.sample(range(total - 2), kills))
     b, killed, attempts = tmp_path / "b", 0, 0
+    log = b / "log.jsonl"
     while True:
         attempts += 1
         assert attempts < 10 * kills + 20, "the run never finished"
         p = start(tiny_mnist, b, (b / "config.json").exists())
-        if killed < kills:
-            delay = setup + rng.uniform(0.0, 1.0) * duration / kills  # spread over the run
-            try:
-                p.wait(delay)
-            except subprocess.TimeoutExpired:
+        while killed < kills and p.poll() is None:
+            if log.exists() and len(log.read_bytes().splitlines()) >= targets[killed]:
+                time.sleep(rng.uniform(0.0, 1.0) * per_record)
                 p.send_signal(signal.SIGKILL)
                 p.communicate()
                 killed += 1
-                log = b / "log.jsonl"
                 print(  # where it was (pytest -s shows it)
-                    f"kill {killed} after {delay:.2f} s ({setup:.2f} + {duration:.2f}): log "
-                    f"{len(log.read_bytes().splitlines()) if log.exists() else '-'} lines, "
-                    f"temporary files {[q.name for q in b.glob('.*.tmp')]}"
+                    f"kill {killed} at log length >= {targets[killed - 1]} of {total}: log "
+                    f"{len(log.read_bytes().splitlines())} lines, temporary files "
+                    f"{[q.name for q in b.glob('.*.tmp')]}"
                 )
-                continue
+                break
+            time.sleep(0.005)
+        if p.returncode is not None and p.returncode < 0:
+            continue  # killed: resume
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()
         break
-    assert killed >= min(kills, 1)  # the run may finish before a late kill (a busy machine)
+    assert killed == kills
     assert records(b) == records(tmp_path / "a")
     la = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     lb = torch.load(b / "last.pt", weights_only=True)

@@ -91,3 +91,12 @@ def test_reproduce_rejects_bad_seeds(capsys):
         main(["reproduce", "mnist", "--seeds", "one,two"])
     assert e.value.code == 2
     assert "expected comma-separated integers, got 'one,two'" in capsys.readouterr().err
+
+
+def test_reproduce_groups_filter(capsys):
+    assert_exit = pytest.raises(SystemExit)
+    with assert_exit as e:
+        main(["reproduce", "mnist", "--groups", "main,nope"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--groups nope: no such group" in err and "main" in err

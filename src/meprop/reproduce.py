@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -308,6 +309,14 @@ def _reproduce(args: argparse.Namespace) -> None:
     from .report import build_report
 
     rows = GRIDS[args.task](quick=args.quick, dataset=args.dataset)
+    if args.groups:
+        known = sorted({r.group for r in rows})
+        bad = [g for g in args.groups if g not in known]
+        if bad:
+            msg = f"--groups {','.join(bad)}: no such group; the {args.task} grid has {','.join(known)}"
+            print(f"meprop reproduce: error: {msg}", file=sys.stderr)
+            raise SystemExit(2)
+        rows = [r for r in rows if r.group in args.groups]
     if args.seeds:
         rows = with_seeds(rows, args.seeds, args.seed_groups)
     out = args.out or Path("results") / (f"{args.task}-quick" if args.quick else args.task)
@@ -354,6 +363,11 @@ def register(subparsers) -> None:
         type=lambda t: [g for g in t.split(",") if g],
         help="with --seeds: only the rows of these groups (e.g. main,control,mesimp); the "
         "others run once",
+    )
+    p.add_argument(
+        "--groups",
+        type=lambda t: [g for g in t.split(",") if g],
+        help="run only the rows of these groups (e.g. main,control,mesimp; default: all)",
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_reproduce)

@@ -552,3 +552,44 @@ def test_cli_nproc_tells_mistakes_and_divergence_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("meprop train: error: the training loss became") and err.count("\n") == 1
     assert not (out / "summary.json").exists() and not (out / "log.jsonl").read_text()
+
+
+@pytest.mark.skipif(not MNIST.is_file(), reason="needs the real MNIST under $MEPROP_DATA")
+def test_cli_nproc_killed_within_an_epoch_resumes_exactly(tmp_path):
+    """SIGKILL to the launcher between two --eval-every checkpoints of epoch 1, then --resume:
+    the run ends as the uninterrupted one (every rank's dropout RNG is restored)."""
+    import subprocess
+    import sys
+
+    args = ["train", "mnist", "--method", "mesimp", "--k", "8", "--hidden", "32"]
+    args += ["--train-limit", "600", "--batch-size", "50", "--prune-interval", "5"]
+    args += ["--dropout", "0.2", "--eval-every", "4", "--epochs", "1", "--nproc", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def start(out, *extra):
+        cmd = [sys.executable, "-m", "meprop.cli", *args, "--no-progress", "--out", str(out)]
+        return subprocess.Popen([*cmd, *extra], env=env, stdout=subprocess.DEVNULL)
+
+    assert start(tmp_path / "a").wait(300) == 0
+    b = tmp_path / "b"
+    p = start(b)
+    deadline = time.monotonic() + 120
+    while p.poll() is None and time.monotonic() < deadline:
+        if (b / "log.jsonl").exists() and len((b / "log.jsonl").read_text().splitlines()) >= 1:
+            p.send_signal(signal.SIGKILL)  # after step 4's checkpoint, within epoch 1
+            break
+        time.sleep(0.005)
+    assert p.wait(60) == -signal.SIGKILL
+    state = torch.load(b / "last.pt", weights_only=True)["extra"]["state"]
+    assert state["epoch"] == 0 and state["batch"] > 0  # a checkpoint within the epoch
+    time.sleep(1.0)  # the ranks end with their launcher
+    assert start(b, "--resume").wait(300) == 0
+
+    def records(out):
+        lines = (out / "log.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k != "times"} for x in lines]
+
+    assert records(b) == records(tmp_path / "a")
+    a_model = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
+    b_model = torch.load(b / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a_model[k], b_model[k]) for k in a_model)

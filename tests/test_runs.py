@@ -224,3 +224,34 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(
     assert last["extra"]["state"]["step"] == 8
     assert all(torch.isfinite(t).all() for t in last["model"].values())
     assert not (out / "summary.json").exists()
+
+
+def test_a_torn_config_is_named_on_resume(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(tiny_mnist, out, "--epochs", "1") == 0
+    text = (out / "config.json").read_text()
+    (out / "config.json").write_text(text[: len(text) // 2])  # written by something else
+    assert train(tiny_mnist, out, "--resume") == 2
+    one_error_line(capsys, f"config file {out / 'config.json'} is not valid JSON")
+
+
+def test_two_runs_started_together_on_one_folder(tiny_mnist, tmp_path):
+    """Two processes: one trains, the other is refused in one line (exit status 2)."""
+    import subprocess
+    import sys
+
+    from test_soak import RUNNER
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-c", RUNNER, str(tiny_mnist), "train", "mnist", "--data-dir"]
+    cmd += [str(tiny_mnist), "--out", str(out), *TINY, "--epochs", "30"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)]
+    procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    results = sorted((p.wait(300), p.stderr.read().decode()) for p in procs)
+    assert [rc for rc, _ in results] == [0, 2], results
+    err = results[1][1]
+    assert ("is in use by another run" in err or "already holds a run" in err) and (
+        err.count("\n") == 1
+    ), err
+    assert [r["epoch"] for r in log(out)] == list(range(1, 31))  # one run's records, once

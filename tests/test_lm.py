@@ -119,3 +119,13 @@ def test_train_each_method(tiny_lm, tmp_path, method, extra):
     assert 0 < -summary["dev_neg_bpb"] < 8.5  # learnt something in 2 tiny epochs
     if method == "mesimp":
         assert min(summary["final_widths"].values()) < 32
+
+
+def test_mesimp_run_resumes_with_its_pruned_widths(tiny_lm, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "lm", "--data-dir", str(tiny_lm), "--out", str(out), *TINY[2:], "--k", "4"]
+    args += ["--method", "mesimp", "--prune-interval", "2"]
+    assert main([*args, "--epochs", "1"]) == 0
+    assert main([*args, "--epochs", "2", "--resume"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_epoch"] > 0 and min(summary["final_widths"].values()) < 32

@@ -269,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
             return e.exit_status
         print(f"meprop {args.command}: {e}", file=sys.stderr)  # with the rank's traceback
         return 1
+    except KeyboardInterrupt:
+        hint = "; --resume continues from the last checkpoint" if args.command == "train" else ""
+        print(f"meprop {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
     except Exception as e:
         # Mistakes in the arguments, files, folders or data (their classes say so) are told in
         # one line, with what to do; anything else is a bug, with its traceback.

@@ -65,3 +65,13 @@ def test_demo_ratios_and_why_not_faster():
     assert why.startswith("meProp's backward was not faster here: CPU SIMD level AVX2")
     lines = demo.backend_lines("unified")
     assert lines and any("kernels" in x for x in lines)
+
+
+def test_missing_paths_are_one_line_in_every_command(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("meprop report: error: ") and "nothing" in err and "Traceback" not in err
+    (tmp_path / "file").write_text("x")
+    assert main(["reproduce", "mnist", "--quick", "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Not a directory" in err and str(tmp_path / "file") in err

@@ -253,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A path that is missing, not a folder, a folder, or not allowed: the user's to fix (their
+# messages name the path), told in one line like the errors marked ``user_mistake``.
+PATH_ERRORS = (
+    FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError
+)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -276,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         # Mistakes in the arguments, files, folders or data (their classes say so) are told in
         # one line, with what to do; anything else is a bug, with its traceback.
-        if not getattr(e, "user_mistake", False):
+        if not (getattr(e, "user_mistake", False) or isinstance(e, PATH_ERRORS)):
             raise
         print(f"meprop {args.command}: error: {e}", file=sys.stderr)
         return getattr(e, "exit_status", 2)

@@ -254,3 +254,30 @@ def test_triton_bench_gpu_tables_run_on_cpu(triton_backend, monkeypatch, capsys)
     bench.mlp_step_table("triton", ks=(2,), batch=3)
     out = capsys.readouterr().out
     assert "unified triton ms" in out and "per_example k=2" in out
+
+
+@pytest.mark.skipif("triton" not in config.BACKENDS, reason="backend='triton' not wired yet")
+@pytest.mark.parametrize("mode", ["per_example", "unified"])
+def test_triton_backend_under_torch_compile(mode):
+    """torch.compile traces backend="triton" (torch.ops.meprop_triton while compiling), with
+    no graph break."""
+    import copy
+
+    from torch import nn
+    from torch._dynamo.utils import counters
+
+    from meprop.convert import hidden_layers, sparsify_
+
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    cfg = config.MePropConfig(k=3, mode=mode, backend="triton")
+    sparsify_(model, cfg, filter_fn=hidden_layers(model))
+    eager = copy.deepcopy(model)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="aot_eager")
+    x = torch.randn(8, 12)
+    compiled(x).square().sum().backward()
+    assert not counters["graph_break"]
+    eager(x).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)

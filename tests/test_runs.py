@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from meprop.cli import main
-from meprop.train import ConfigError, TrainConfig, run_lock
+from meprop.train import ConfigError, TrainConfig, ranks_lock, run_lock
 
 TINY = ["--epochs", "2", "--batch-size", "20", "--hidden", "32", "--no-progress"]
 
@@ -125,6 +125,9 @@ def test_a_locked_run_folder_is_refused(tiny_mnist, tmp_path, capsys):
         assert train(tiny_mnist, tmp_path / "run") == 2
         one_error_line(capsys, "is in use by another run", "choose another --out")
     assert not (tmp_path / "run" / "log.jsonl").exists()
+    with ranks_lock(tmp_path / "run"):  # ranks of a --nproc run whose launcher was killed
+        assert train(tiny_mnist, tmp_path / "run") == 2
+        one_error_line(capsys, "multi-process run whose launcher ended", "wait a moment")
     assert train(tiny_mnist, tmp_path / "run") == 0  # free again
 
 

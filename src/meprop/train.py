@@ -440,28 +440,67 @@ def _out_dir(out_dir: str | Path) -> Path:
     return out
 
 
+def _flock(path: Path, mode: int, create: bool = True) -> int | None:
+    """An open descriptor of ``path`` holding ``flock`` ``mode`` (non-blocking), or None
+    (held by another; without ``create``, a missing file counts as free: -1)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+    except FileNotFoundError:
+        return -1
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 @contextmanager
 def run_lock(out_dir: str | Path):
     """Hold the run folder's lock (``.lock``, an exclusive ``flock``) while the block runs.
 
     A second run on the same folder is refused with ``RunDirError`` instead of writing into
-    it. The lock goes with the process that holds it, however it ends (a kill included)."""
+    it. The lock goes with the process that holds it, however it ends (a kill included). The
+    ranks of a ``--nproc`` run hold ``.ranks.lock`` (``ranks_lock``) besides their launcher's
+    ``.lock``: ranks still ending after their launcher was killed keep the folder refused."""
     import fcntl
 
     out = _out_dir(out_dir)
-    path = out / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _flock(out / ".lock", fcntl.LOCK_EX)
+    if fd is None:
+        holder = (out / ".lock").read_text(errors="replace").strip() or "?"
+        raise RunDirError(
+            f"{out} is in use by another run (process {holder}): wait for it to end, or "
+            "choose another --out"
+        )
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        ranks = _flock(out / ".ranks.lock", fcntl.LOCK_EX, create=False)
+        if ranks is None:
             raise RunDirError(
-                f"{out} is in use by another run (process {holder}): wait for it to end, or "
-                "choose another --out"
-            ) from None
+                f"{out} is in use by the processes of a multi-process run whose launcher "
+                "ended: wait a moment for them to end, or choose another --out"
+            )
+        if ranks >= 0:
+            os.close(ranks)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield out
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def ranks_lock(out_dir: str | Path):
+    """Held by every rank of a run whose launcher holds ``run_lock`` (a shared ``flock``)."""
+    import fcntl
+
+    out = _out_dir(out_dir)
+    fd = _flock(out / ".ranks.lock", fcntl.LOCK_SH)
+    if fd is None:  # pragma: no cover - run_lock holds it only for an instant
+        raise RunDirError(f"{out} is in use by another run: choose another --out")
+    try:
         yield out
     finally:
         os.close(fd)
@@ -539,7 +578,13 @@ def run(
     ``lock``: hold the run folder's lock (``run_lock``) for the run, on rank 0; False when
     the caller holds it (``meprop train --nproc``'s launcher)."""
     main = distributed.rank() == 0
-    with run_lock(out_dir) if lock and main else nullcontext():
+    if not lock:
+        held = ranks_lock(out_dir)
+    elif main:
+        held = run_lock(out_dir)
+    else:
+        held = nullcontext()
+    with held:
         return _run(cfg, Path(out_dir), data_dir, resume, progress, echo)
 
 

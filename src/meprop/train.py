@@ -802,7 +802,8 @@ def _run(cfg, out, data_dir, resume, progress, echo) -> dict[str, Any]:
                     raise Diverged(
                         f"the training loss became {train_loss} at epoch {epoch_float:g} (step "
                         f"{state['step']}): the run stopped; {kept}. Lower --lr (now "
-                        f"{cfg.learning_rate():g}) or change the settings, and start a new run"
+                        f"{cfg.learning_rate():g}) or change the settings, and start a new run "
+                        "in another --out"
                     )
                 record = evaluate(epoch_float, train_loss)
                 if i + 1 == steps_per_epoch:

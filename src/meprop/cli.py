@@ -21,7 +21,7 @@ CHOICES = {
     "mode": ("per_example", "unified"),
     "optimizer": ("adam", "adagrad", "sgd"),
     "dataset": ("mnist", "fashion"),
-    "backend": ("auto", "native", "numba", "torch", "dense"),
+    "backend": ("auto", "native", "numba", "torch", "dense", "triton"),
     "activation": ("relu", "tanh", "cube"),
     "tags": ("xpos", "upos"),
     "scope": ("local", "global"),
@@ -42,7 +42,8 @@ HELP = {
     "cycle": "meSimp cycle in epochs: SIMPLIFY,NORMAL (optimizer reset at each period start)",
     "sparse_grad": "row-sparse weight gradients (for SGD/Adagrad)",
     "backend": "implementation of the sparse backward: auto (the fastest here, measured on "
-    "first use and cached; see `meprop info`), native (C++), numba, torch, dense (masked)",
+    "first use and cached; see `meprop info`), native (C++), numba, torch, dense (masked), "
+    "triton (CUDA)",
     "activation": "hidden activation (default: the task's; mnist relu, parse cube)",
     "tags": "pos and parse tasks: tag column, xpos (Penn Treebank) or upos",
     "layers": "number of hidden layers when --hidden gives one width (0: the task's)",

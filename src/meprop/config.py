@@ -23,8 +23,11 @@ MODES = ("per_example", "unified", "random")
 #         apply, e.g. float16 or CUDA tensors).
 # torch:  PyTorch ops: GEMMs on the gradient compacted to the selected columns.
 # dense:  PyTorch ops: the masked gradient through the dense GEMMs.
+# triton: Triton kernels on CUDA tensors (meprop.kernels.triton_ops, the "gpu" extra;
+#         docs/gpu.md); "auto" runs it on CUDA tensors where Triton is installed. CPU tensors
+#         only under Triton's interpreter (TRITON_INTERPRET=1: tests).
 # (meAct's kernels: auto, torch, native, numba.)
-BACKENDS = ("auto", "native", "numba", "torch", "dense")
+BACKENDS = ("auto", "native", "numba", "torch", "dense", "triton")
 MEACT_BACKENDS = ("auto", "torch", "native", "numba")
 
 # Which rows ``unified`` ranks its columns by under torch.distributed (one process: the same).
@@ -55,9 +58,11 @@ class MePropConfig:
             sparse gradients (SGD, Adagrad, SparseAdam).
         backend: which implementation runs the sparse backward: ``"native"`` (the C++
             kernels), ``"numba"``, ``"torch"`` (GEMMs on the compacted gradient), ``"dense"``
-            (mask the gradient, then the dense GEMMs) or ``"auto"``: the fastest of those that
+            (mask the gradient, then the dense GEMMs), ``"triton"`` (Triton kernels on CUDA
+            tensors; the ``gpu`` extra) or ``"auto"``: on the CPU the fastest of those that
             can run, timed on this machine on first use and cached (see
-            ``meprop.kernels.dispatch``). All give the same gradients up to the order of
+            ``meprop.kernels.dispatch``); on CUDA tensors ``"triton"`` where Triton is
+            installed, else ``"torch"``. All give the same gradients up to the order of
             floating-point sums. ``SparseLSTM`` runs ``"dense"`` as ``"torch"``.
         scope: ``"local"`` or ``"global"``, for ``unified`` selection in a torch.distributed
             job: ``"local"`` ranks the columns by this process's rows (each rank picks its

@@ -112,6 +112,15 @@ def _kernel_module(backend: str, t: Tensor):
     """
     if backend in ("torch", "dense"):
         return None
+    if backend == "triton" or (backend == "auto" and t.is_cuda):
+        from .kernels import triton_ops
+
+        if torch.compiler.is_compiling():  # (checks of t's layout would break the graph)
+            return torch.ops.meprop_triton if triton_ops.available() else None
+        if backend == "auto" and not triton_ops.supports(t):
+            return None
+        triton_ops.require(t)  # raises where it cannot run
+        return triton_ops
     if not (t.is_cpu and t.dtype in _KERNEL_DTYPES and t.layout == torch.strided):
         if backend == "auto":
             return None
@@ -310,11 +319,19 @@ def _impl_dense(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db):
     return sel, dx, dw, g.sum(0) if full_db else None
 
 
+def _impl_triton(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db):
+    """Triton kernels (CUDA; CPU under TRITON_INTERPRET=1): see meprop.kernels.triton_ops."""
+    from .kernels import triton_ops
+
+    return triton_ops.backward(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db)
+
+
 IMPLEMENTATIONS = {
     "native": _impl_native,
     "numba": _impl_numba,
     "torch": _impl_torch,
     "dense": _impl_dense,
+    "triton": _impl_triton,
 }
 
 
@@ -329,6 +346,11 @@ def candidates(g: Tensor, mode: str) -> list[str]:
             out.append("native")
         if mode == "per_example" and cpu.available():
             out.append("numba")
+    elif g.is_cuda:
+        from .kernels import triton_ops
+
+        if triton_ops.supports(g):
+            out.append("triton")
     return [*out, "torch", "dense"]
 
 
@@ -462,7 +484,8 @@ def sparse_linear(
         mode: ``"per_example"``, ``"unified"`` or ``"random"``.
         sparse_bias: bias gradient from the sparsified gradient instead of the full one.
         sparse_grad: return the weight gradient as a row-sparse COO tensor.
-        backend: ``"auto"``, ``"torch"``, ``"native"`` (C++) or ``"numba"``.
+        backend: ``"auto"`` (the fastest here, timed on first use), ``"native"`` (C++),
+            ``"numba"``, ``"torch"``, ``"dense"`` or ``"triton"`` (see ``MePropConfig``).
         scope: ``"local"`` or ``"global"``: whether ``unified`` ranks columns by this
             process's rows or by the rows of all ranks (see ``MePropConfig``).
         counts: optional (out_features,) tensor; backward adds, per output unit, how many rows

@@ -44,7 +44,7 @@ import torch
 
 __all__ = ["CANDIDATES", "Tuner", "tuner", "pinned", "tuning_enabled", "describe"]
 
-CANDIDATES = ("native", "numba", "torch", "dense")
+CANDIDATES = ("native", "numba", "torch", "dense", "triton")
 FORMAT = 1  # of the cache file
 
 # A candidate's time is its fastest call: other processes only ever add time, so the minimum

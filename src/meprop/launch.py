@@ -10,7 +10,10 @@ gets the launcher's environment as it is at the call. The group meets at a ``TCP
 processes: as soon as one exits with an error or is killed, the others get SIGTERM, then SIGKILL
 after a grace period, and ``WorkerFailed`` is raised with the rank and its traceback. A rank
 that hangs without exiting is caught by the process group's timeout: the ranks waiting for it
-in a collective fail after ``timeout_s``, and the watcher then stops the rest.
+in a collective fail after ``timeout_s``, and the watcher then stops the rest. The launcher
+itself may die too: SIGTERM stops its ranks before it exits (status 143), and each rank
+watches it (``_die_with_parent``), so that after a SIGKILL the fork server and every rank end
+within a fraction of a second instead of training on alone.
 
 Under torchrun (or any launcher that sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT),
 ``init_from_env`` joins the group that the environment describes instead.

@@ -541,7 +541,9 @@ def test_cli_nproc_tells_mistakes_and_divergence_in_one_line(tmp_path, capsys):
 
     args = ["train", "mnist", "--hidden", "32", "--train-limit", "400", "--batch-size", "50"]
     args += ["--epochs", "1", "--no-progress", "--nproc", "2"]
-    assert main([*args, "--method", "meact", "--meact-start", "0", "--out", str(tmp_path / "a")]) == 2
+    assert (
+        main([*args, "--method", "meact", "--meact-start", "0", "--out", str(tmp_path / "a")]) == 2
+    )
     assert "--method meact runs in one process" in capsys.readouterr().err
     with run_lock(tmp_path / "b"):  # refused by the launcher, before any rank starts
         assert main([*args, "--out", str(tmp_path / "b")]) == 2

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from _timing import best_of_rounds, environment, load_average
+from _timing import best_of_rounds, cpu_name, environment, load_average
 from meprop import MePropConfig, SparseLinear
 from meprop.kernels import dispatch
 from meprop.ops import _kernel_module, candidates, select_columns
@@ -64,20 +64,13 @@ VARIANTS = [  # (label, mode, sparse_grad)
 
 
 def machine_lines() -> list[str]:
-    """The CPU (model, ISA, caches, threads), torch, the builds and the load."""
-    from meprop import machine
-    from meprop.kernels import cpu, native
+    """The machine (CPU, ISA, caches, C++ build), torch, threads, numba and the load."""
+    from meprop.kernels import cpu
 
-    info = native.build_info() if native.available() else {}
-    build = (
-        f"C++ -march={info['march']} ({info['vector_bytes']}-byte vectors)"
-        if info
-        else f"no C++ kernels ({native.build_error()})"
-    )
     return [
-        f"# {machine.summary_line()}; {os.cpu_count()} CPUs; torch {torch.__version__}",
-        f"# kernels: {build}; numba {'yes' if cpu.available() else 'no'}; "
-        f"load average {load_average()}",
+        f"# {cpu_name()}; {os.cpu_count()} CPUs; torch {torch.__version__}; "
+        f"{torch.get_num_threads()} threads",
+        f"# numba {'yes' if cpu.available() else 'no'}; load average {load_average()}",
     ]
 
 

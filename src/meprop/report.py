@@ -416,12 +416,13 @@ def build_report(paths: list[Path], out: Path) -> Path:
     made = f"meprop {origin['meprop']}" if "meprop" in origin else "meprop"
     if origin.get("commit"):
         made += f" (commit {origin['commit']})"
+    threads = "" if "machine" in origin else f", {first['threads']} threads"
     hours = f"; grid wall-clock {grid['seconds'] / 3600:.1f} h" if "seconds" in grid else ""
     lines = [
         "# meprop results",
         "",
         f"{len(runs)} runs, seeds {','.join(map(str, seeds))}; {machine}; torch "
-        f"{first['torch']}, {first['threads']} threads; {made}{hours}.",
+        f"{first['torch']}{threads}; {made}{hours}.",
         "",
         "Scores are the test score of the checkpoint with the best dev score, as mean ± "
         "standard deviation over the seeds a row ran with (min-max beside). Every method uses "

@@ -33,7 +33,13 @@ def test_train_each_method(tiny_mnist, tmp_path, method, extra):
     summary = json.loads((out / "summary.json").read_text())
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and summary["steps"] == 16  # ceil(150 / 20) = 8 steps per epoch
-    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    # the summary's dev score is the best epoch's in the log, the first of the best
+    dev = [e["dev_accuracy"] for e in log]
+    assert summary["best_epoch"] == dev.index(max(dev)) + 1
+    assert summary["dev_accuracy"] == max(dev)
+    correct = summary["test_accuracy"] * 60  # a count of the fixture's 60 test images
+    assert correct == pytest.approx(round(correct), abs=1e-9)
+    assert log[1]["train_loss"] < log[0]["train_loss"]  # it learns
     for key in ("forward", "backward", "linear_backward", "optimizer", "eval"):
         assert summary["times"][key] > 0
     assert summary["times"]["linear_backward"] <= summary["times"]["backward"]

@@ -129,3 +129,98 @@ def test_mesimp_run_resumes_with_its_pruned_widths(tiny_lm, tmp_path):
     assert main([*args, "--epochs", "2", "--resume"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_epoch"] > 0 and min(summary["final_widths"].values()) < 32
+
+
+def test_sparse_attention_flag_puts_meprop_on_the_attention_projections(tiny_lm, tmp_path):
+    from meprop import sparsify_
+    from meprop.train import ConfigError
+
+    cfg = TrainConfig(task="lm", hidden=(32,), layers=2, k=4, sparse_attention=True)
+    task = LmTask(cfg, tiny_lm)
+    model = task.build_model(cfg.widths(), cfg)
+    sparsify_(model, cfg.meprop_config(), filter_fn=task.sparsify_filter(model))
+    assert sorted(converted(model)) == sorted(
+        f"blocks.{i}.{p}" for i in (0, 1) for p in ("attn.qkv", "attn.out", "mlp.fc", "mlp.proj")
+    )
+    assert len(task.hidden_layers(model)) == 8  # timed as hidden_backward
+    assert TrainConfig(task="lm").sparse_attention is False
+    with pytest.raises(ConfigError, match="lm task only"):
+        TrainConfig(task="mnist", sparse_attention=True)
+    with pytest.raises(ConfigError, match="needs --method meprop"):
+        TrainConfig(task="lm", method="dense", sparse_attention=True)
+    with pytest.raises(ConfigError, match="true or false"):
+        TrainConfig.from_dict({"task": "lm", "sparse_attention": None})
+
+    out = tmp_path / "run"
+    args = ["train", "lm", "--data-dir", str(tiny_lm), "--out", str(out), *TINY[2:], "--k", "4"]
+    assert main([*args, "--epochs", "1", "--mode", "unified", "--sparse-attention"]) == 0
+    assert json.loads((out / "config.json").read_text())["sparse_attention"] is True
+    assert json.loads((out / "summary.json").read_text())["times"]["hidden_backward"] > 0
+
+
+def test_lm_grid_rows():
+    from meprop.reproduce import GRIDS, PER_RUN, lm_grid
+
+    assert GRIDS["lm"] is lm_grid and len(PER_RUN["lm"]) == 2
+    for quick in (True, False):
+        rows = lm_grid(quick=quick)
+        width = rows[0].config.hidden[0]
+        got = {(r.config.method, r.config.mode, r.config.k) for r in rows[1:]}
+        assert got == {
+            ("meprop", "unified", width // 8),
+            ("meprop", "unified", width // 4),
+            ("meprop", "per_example", width // 8),
+            ("random", "per_example", width // 8),
+            ("mesimp", "unified", width // 8),
+        }
+        assert rows[0].config.method == "dense" and len({r.name for r in rows}) == 6
+        assert all(r.config.eval_every > 0 and not r.config.sparse_attention for r in rows)
+    quick = lm_grid(quick=True)[0].config
+    assert quick.epochs == 1 and quick.train_limit > 0 and quick.hidden[0] <= 128
+
+
+def test_reproduce_lm_writes_bpb_tables_claims_and_loss_plots(tiny_lm, tmp_path, monkeypatch):
+    """`meprop reproduce lm` end to end on the fixture: the quick grid at width 32 (k scaled
+    with it), two seeds for the main rows so the claims are paired."""
+    from dataclasses import replace
+
+    from meprop import reproduce
+
+    def grid(quick, dataset):
+        rows = reproduce.lm_grid(quick=True, dataset=dataset)
+        small = dict(hidden=(32,), epochs=2, batch_size=4, train_limit=0, eval_every=3)
+        k = {r.config.k: r.config.k // 4 for r in rows}  # 16, 32 -> 4, 8
+        return [
+            replace(
+                r,
+                label=r.label.replace(f"k={r.config.k} ", f"k={k[r.config.k]} "),
+                config=replace(r.config, **small, k=k[r.config.k]),
+            )
+            for r in rows
+        ]
+
+    monkeypatch.setitem(reproduce.GRIDS, "lm", grid)
+    out = tmp_path / "results"
+    args = ["reproduce", "lm", "--quick", "--out", str(out), "--data-dir", str(tiny_lm)]
+    assert main([*args, "--no-progress", "--seeds", "1,2", "--seed-groups", "main"]) == 0
+    report = (out / "report.md").read_text()
+    assert "dev bpb (lower is better) | test bpb (lower is better)" in report
+    assert "neg_bpb %" not in report and "training ms/step" in report
+    dense = next(line for line in report.splitlines() if line.startswith("| dense | 2 |"))
+    bpb = float(dense.split("|")[4].split("±")[0])
+    assert 0 < bpb < 8.5  # bits per byte, not a negated percentage
+    assert "| meProp unified k=4 (1/8) | 2 |" in report
+    assert "| meProp unified k=4 at least as good as dense |" in report
+    assert "positive means the claim's side has the lower bpb" in report
+    assert "| top-k better than random-k (k=4) |" in report
+    assert "windows of" in report and "d_model" in report
+    for png in ("dev_bpb_vs_steps.png", "dev_bpb_vs_seconds.png", "mesimp_widths.png"):
+        assert (out / png).stat().st_size > 1000 and f"![{png}]" in report
+    # the claims: b's bpb minus a's, so positive where the meProp run's bpb is lower
+    from meprop.report import claims, load_runs
+
+    runs = load_runs([out])
+    (claim, p, _), *_ = [c for c in claims(runs) if c[0].startswith("meProp unified k=4 ")]
+    mp = {r.seed: r.summary["test_bpb"] for r in runs if r.label.startswith("meProp unified k=4")}
+    de = {r.seed: r.summary["test_bpb"] for r in runs if r.label == "dense"}
+    assert p.n == 2 and math.isclose(p.mean, sum(de[s] - mp[s] for s in (1, 2)) / 2)

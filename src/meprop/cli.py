@@ -61,6 +61,8 @@ HELP = {
     "meact_storage": "meact: dtype of the per-example state (accumulations, cached outputs)",
     "track_updates": "log the mean |parameter change| per step (update) at each evaluation; "
     "costs about a tenth of a dense MNIST step (None: only with --method meact)",
+    "sparse_attention": "lm task: meProp on the attention projections (qkv, out) too, at the "
+    "same k (k at or above a projection's width leaves it dense); default: the MLP only",
 }
 
 

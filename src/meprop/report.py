@@ -4,6 +4,11 @@ Reads each run's ``config.json``, ``summary.json``, ``log.jsonl`` and (if presen
 and writes ``report.md`` and PNG plots. Times are per training step and ratios are taken
 against the dense run with the same optimizer, depth and dropout from the same set of runs,
 so they compare measurements made on one machine.
+
+Scores are percentages (accuracy, UAS: higher is better), except a task whose metric is a
+negated loss (the lm task's ``neg_bpb``, which the trainer maximises): its tables show the
+loss itself (bits per byte, lower is better), its claims compare the loss, and its plots are
+dev loss against steps and against training seconds, one curve per row.
 """
 
 from __future__ import annotations
@@ -37,6 +42,21 @@ class Run:
         """The score that selects the best epoch (accuracy, uas, ...)."""
         return self.summary.get("metric", "accuracy")
 
+    @property
+    def lower_is_better(self) -> bool:
+        """The metric is a negated loss (``neg_bpb``): shown as the loss, lower is better."""
+        return self.metric.startswith("neg_")
+
+    @property
+    def shown_metric(self) -> str:
+        """What the tables show: ``bpb`` for ``neg_bpb``, else the metric (in %)."""
+        return self.metric.removeprefix("neg_")
+
+    def shown(self, score: float) -> float:
+        """A score of ``test()`` / ``dev()`` as the tables show it (the loss for a negated
+        one)."""
+        return -score if self.lower_is_better else score
+
     def per_step_ms(self, key: str) -> float:
         return 1000 * self.summary["times"].get(key, 0.0) / max(1, self.summary["steps"])
 
@@ -44,11 +64,16 @@ class Run:
     def seed(self) -> int:
         return int(self.extra.get("seed", self.config.get("seed", 1)))
 
+    def _score(self, key: str) -> float:
+        value = self.summary[key]
+        return value if self.lower_is_better else 100 * value
+
     def test(self) -> float:
-        return 100 * self.summary[f"test_{self.metric}"]
+        """The test score, higher is better: a percentage, or the negated loss as it is."""
+        return self._score(f"test_{self.metric}")
 
     def dev(self) -> float:
-        return 100 * self.summary[f"dev_{self.metric}"]
+        return self._score(f"dev_{self.metric}")
 
 
 def _label(cfg: dict) -> str:
@@ -115,12 +140,19 @@ def _reference(run: Run, runs: list[Run]) -> Run | None:
 def _table(runs: list[Run], all_runs: list[Run]) -> list[str]:
     """One line per row: scores as mean ± sd over its seeds (with min-max and the count), times
     per step as means, speedups against the dense reference's mean."""
-    metric = runs[0].metric
+    first = runs[0]
+    lower, shown = first.lower_is_better, first.shown_metric
+    unit = f"{shown} (lower is better)" if lower else f"{shown} %"
+    digits = 3 if lower else 2
+    # lm: the whole training step too (its attention and output layer stay dense)
+    whole = first.config["task"] == "lm"
     lines = [
-        f"| run | seeds | hidden | dev {metric} % | test {metric} % | test min-max | "
+        f"| run | seeds | hidden | dev {unit} | test {unit} | test min-max | "
         "hidden-layer backward ms/step | speedup | linear backward ms/step | speedup | "
-        "backward ms/step | speedup | forward ms/step |",
-        "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "backward ms/step | speedup | forward ms/step |"
+        + (" training ms/step | speedup |" * whole),
+        "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        + (" ---: | ---: |" * whole),
     ]
     for (_, label), reps in replicates(runs).items():
         ref = _reference(reps[0], all_runs)
@@ -142,21 +174,33 @@ def _table(runs: list[Run], all_runs: list[Run]) -> list[str]:
             hidden = "->".join(map(str, mean)) + (" (mean)" if len(reps) > 1 else "")
         else:
             hidden = "x".join(map(str, reps[0].summary["widths"]))
-        test = summarize([r.test() for r in reps])
-        dev = summarize([r.dev() for r in reps])
-        span = f"{test.lo:.2f}-{test.hi:.2f}" if len(reps) > 1 else "-"
+        test = summarize([r.shown(r.test()) for r in reps])
+        dev = summarize([r.shown(r.dev()) for r in reps])
+        span = f"{test.lo:.{digits}f}-{test.hi:.{digits}f}" if len(reps) > 1 else "-"
         lines.append(
-            f"| {label} | {len(reps)} | {hidden} | {dev} | {test} | {span} | "
-            f"{ms('hidden_backward'):.2f} | {ratio('hidden_backward')} | "
+            f"| {label} | {len(reps)} | {hidden} | {_fmt(dev, digits)} | {_fmt(test, digits)} | "
+            f"{span} | {ms('hidden_backward'):.2f} | {ratio('hidden_backward')} | "
             f"{ms('linear_backward'):.2f} | {ratio('linear_backward')} | "
             f"{ms('backward'):.2f} | {ratio('backward')} | {ms('forward'):.2f} |"
+            + (f" {ms('train'):.1f} | {ratio('train')} |" if whole else "")
         )
     return lines
 
 
+def _fmt(s, digits: int) -> str:
+    """A ``Summary`` with ``digits`` decimals (bits per byte need three)."""
+    return f"{s.mean:.{digits}f}" + (f" ± {s.sd:.{digits}f}" if s.n > 1 else "")
+
+
 def claims(runs: list[Run]) -> list[tuple[str, Paired, str]]:
     """The paper's claims, each a paired comparison on the seeds both sides share: (claim,
-    the test-score difference a - b with its 95% interval, which runs)."""
+    the test-score difference a - b with its 95% interval, which runs).
+
+    Scores are higher-is-better (``Run.test``): for a negated loss (``neg_bpb``) the difference
+    a - b is b's loss minus a's, positive where a's loss is lower; the claims then say "at
+    least as good as" and "better than" rather than ">=" and ">"."""
+    lower = bool(runs) and runs[0].lower_is_better
+    ge, gt = ("at least as good as", "better than") if lower else (">=", ">")
 
     def scores(pred) -> dict[int, float]:
         return {r.seed: r.test() for r in runs if pred(r)}
@@ -183,7 +227,7 @@ def claims(runs: list[Run]) -> list[tuple[str, Paired, str]]:
                     and r.config["mode"] == mode
                 )
             )
-            add(f"meProp {mode} k={k} >= dense", mp, dense, f"meProp {mode} k={k} - dense")
+            add(f"meProp {mode} k={k} {ge} dense", mp, dense, f"meProp {mode} k={k} - dense")
         top = scores(
             lambda r, k=k: (
                 r.method == "meprop"
@@ -193,9 +237,14 @@ def claims(runs: list[Run]) -> list[tuple[str, Paired, str]]:
             )
         )
         rand = scores(lambda r, k=k: r.method == "random" and r.config["k"] == k and main_opt(r))
-        add(f"top-k > random-k (k={k})", top, rand, f"meProp per_example k={k} - random-k")
+        add(f"top-k {gt} random-k (k={k})", top, rand, f"meProp per_example k={k} - random-k")
         kdim = scores(lambda r, k=k: r.method == "kdim" and r.config["k"] == k and main_opt(r))
-        add(f"meProp > a dense net of width k={k}", top, kdim, f"meProp per_example k={k} - k-dim")
+        add(
+            f"meProp {gt} a dense net of width k={k}",
+            top,
+            kdim,
+            f"meProp per_example k={k} - k-dim",
+        )
     for (_group, label), reps in replicates(
         [r for r in runs if r.method == "mesimp" and r.config["optimizer"] == "adam"]
     ).items():
@@ -207,7 +256,7 @@ def claims(runs: list[Run]) -> list[tuple[str, Paired, str]]:
             if r.summary.get("final_widths")
         ]
         pct = f"{sum(share) / len(share):.0f}%" if share else "?"
-        add(f"{label} >= dense, at {pct} of the width", simp, dense, f"{label} - dense")
+        add(f"{label} {ge} dense, at {pct} of the width", simp, dense, f"{label} - dense")
         names = {r.path.name for r in reps}
         sized = {
             r.seed: r.test()
@@ -216,7 +265,7 @@ def claims(runs: list[Run]) -> list[tuple[str, Paired, str]]:
             and r.path.name.removeprefix("dense-size-of-") in names
         }
         add(
-            f"{label} > a dense net trained at its final widths",
+            f"{label} {gt} a dense net trained at its final widths",
             simp,
             sized,
             f"{label} - dense at its widths",
@@ -228,19 +277,85 @@ def _claims_table(runs: list[Run]) -> list[str]:
     rows = claims(runs)
     if not rows:
         return []
-    metric = runs[0].metric
+    first = runs[0]
+    metric = first.metric
+    if first.lower_is_better:
+        shown = first.shown_metric
+        what = (
+            f"test {shown} (lower is better) on the same seeds (same initialisation and data "
+            f"order): the mean difference, the other side's {shown} minus the claim's side's, "
+            f"so positive means the claim's side has the lower {shown},"
+        )
+        column = f"difference ({shown} of the other side - claim's side)"
+        digits = 3
+    else:
+        what = (
+            f"test {metric} on the same seeds (same initialisation and data order): the mean "
+            "difference,"
+        )
+        column = "difference (points)"
+        digits = 2
     lines = [
         "## The paper's claims, paired over seeds",
         "",
-        f"Each claim compares test {metric} on the same seeds (same initialisation and data "
-        "order): the mean difference with its 95% t-interval. *holds*: the interval is above 0; "
+        f"Each claim compares {what} with its 95% t-interval. *holds*: the interval is above 0; "
         "*does not hold*: below 0; *undecided*: it contains 0.",
         "",
-        "| claim | difference (points) [95% interval] | seeds | verdict |",
+        f"| claim | {column} [95% interval] | seeds | verdict |",
         "| --- | --- | ---: | --- |",
     ]
-    lines += [f"| {c} | {p} | {p.n} | {p.verdict} |" for c, p, _ in rows]
+    lines += [f"| {c} | {_fmt_paired(p, digits)} | {p.n} | {p.verdict} |" for c, p, _ in rows]
     return lines + [""]
+
+
+def _fmt_paired(p: Paired, digits: int) -> str:
+    if p.n < 2:
+        return f"{p.mean:+.{digits}f} (1 pair)"
+    return f"{p.mean:+.{digits}f} [{p.lo:+.{digits}f}, {p.hi:+.{digits}f}]"
+
+
+def _loss_plots(runs: list[Run], out: Path, save) -> None:
+    """A negated-loss metric (lm): dev loss against training steps and against training
+    seconds (the loop's wall-clock, evaluations excluded), one curve per row (its first seed);
+    meSimp's widths against steps."""
+    import matplotlib.pyplot as plt
+
+    first = runs[0]
+    key, shown = f"dev_{first.metric}", first.shown_metric
+    rows = [reps[0] for reps in replicates(runs).values()]
+    for name, xlabel, x in (
+        (f"dev_{shown}_vs_steps.png", "training steps", lambda e: e["step"]),
+        (
+            f"dev_{shown}_vs_seconds.png",
+            "training seconds (wall-clock, evaluations excluded)",
+            lambda e: e["times"].get("train", 0.0),
+        ),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, r in enumerate(rows):
+            ls = ("-", "--", ":", "-.")[i // 10 % 4]
+            ax.plot([x(e) for e in r.log], [-e[key] for e in r.log], ls, label=r.label)
+        ax.set(xlabel=xlabel, ylabel=f"dev {shown} (lower is better)", title=f"dev {shown}")
+        ax.legend(fontsize=7)
+        save(fig, name)
+    simp = [r for r in rows if r.method == "mesimp"]
+    if simp:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, r in enumerate(simp):
+            logged = [e for e in r.log if "widths" in e]
+            if not logged:
+                continue
+            for j, layer in enumerate(logged[0]["widths"]):
+                ax.plot(
+                    [e["step"] for e in logged],
+                    [e["widths"][layer] for e in logged],
+                    color=f"C{i}",
+                    ls=("-", "--", ":", "-.")[j % 4],
+                    label=f"{r.label}: {layer}",
+                )
+        ax.set(xlabel="training steps", ylabel="width", title="meSimp: widths over training")
+        ax.legend(fontsize=7)
+        save(fig, "mesimp_widths.png")
 
 
 def _curve(ax, run: Run, key: str, label: str | None = None, **kw) -> None:
@@ -262,6 +377,9 @@ def _plots(runs: list[Run], out: Path) -> list[str]:
         plt.close(fig)
         made.append(name)
 
+    if runs[0].lower_is_better:
+        _loss_plots(runs, out, save)
+        return made
     dense = [r for r in runs if r.method == "dense" and r.group in ("main", "runs")]
     metric = runs[0].metric
     # the main comparison's depth and dropout (the other groups vary them)
@@ -389,6 +507,34 @@ GROUP_TITLES = {
 }
 
 
+def _settings(runs: list[Run]) -> list[str]:
+    """The shared settings, from the first dense run (else the first run)."""
+    r = next((r for r in runs if r.method == "dense"), runs[0])
+    c = r.config
+    every = f"every {c['eval_every']} steps" if c.get("eval_every") else "once per epoch"
+    limit = f"the first {c['train_limit']} training examples" if c.get("train_limit") else "all"
+    text = (
+        f"Settings ({r.label}; the other rows differ in method, k and mode, and where their "
+        f"label says so): task {c['task']}, hidden {'x'.join(map(str, r.summary['widths']))}, "
+        f"batch {c['batch_size']}, {c['epochs']} epoch{'s' * (c['epochs'] != 1)} "
+        f"({r.summary['steps']} steps), "
+        f"{c['optimizer']} lr {c['lr'] or 'default'}, dropout {c['dropout']:g}, training data: "
+        f"{limit}, dev evaluation {every}."
+    )
+    if c["task"] == "lm":
+        from .tasks.lm import N_HEAD, LmTask
+
+        width = r.summary["widths"][0]
+        text += (
+            f" lm: {len(r.summary['widths'])} pre-norm blocks, d_model "
+            f"{max(N_HEAD, width // 4 // N_HEAD * N_HEAD)}, MLP width {width}, {N_HEAD} heads, "
+            f"windows of {LmTask.block_size} bytes; meProp on the MLP projections"
+            + (" and the attention projections" if c.get("sparse_attention") else "")
+            + "."
+        )
+    return [text, ""]
+
+
 def build_report(paths: list[Path], out: Path) -> Path:
     """Write ``out/report.md`` (and PNG plots beside it) from the runs in ``paths``."""
     from .reproduce import PAPER
@@ -432,6 +578,7 @@ def build_report(paths: list[Path], out: Path) -> Path:
         "in the same grid, on the same machine).",
         "",
     ]
+    lines += _settings(runs)
     groups: dict[str, list[Run]] = {}
     for r in runs:
         groups.setdefault(r.group, []).append(r)

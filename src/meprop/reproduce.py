@@ -17,7 +17,8 @@ from pathlib import Path
 from .train import TrainConfig
 
 __all__ = [
-    "Row", "GRIDS", "PAPER", "mnist_grid", "pos_grid", "parse_grid", "run_grid", "with_seeds"
+    "Row", "GRIDS", "PAPER", "mnist_grid", "pos_grid", "parse_grid", "lm_grid", "run_grid",
+    "with_seeds",
 ]  # fmt: skip
 
 # Published figures (test scores %, hidden 500, Adam unless noted; Penn Treebank for POS
@@ -56,6 +57,7 @@ def _row_name(cfg: TrainConfig) -> str:
             f"L{len(cfg.widths())}",
             "w" + "x".join(map(str, sorted(set(cfg.widths())))),
             f"d{cfg.dropout:g}",
+            "attn" if cfg.sparse_attention else "",
         ]
         if part
     )
@@ -173,7 +175,34 @@ def parse_grid(quick: bool = False, dataset: str = "") -> list[Row]:
     return g.list()
 
 
-GRIDS = {"mnist": mnist_grid, "pos": pos_grid, "parse": parse_grid}
+def lm_grid(quick: bool = False, dataset: str = "") -> list[Row]:
+    """The language-model grid (byte-level transformer on UD English EWT's text, meProp on the
+    MLP projections): dense, meProp unified at k = 1/8 and 1/4 of the MLP width, per_example
+    and random-k at 1/8, meSimp (unified, k = 1/8). Dev bits per byte every ``eval_every``
+    steps: the loss curves against steps and seconds."""
+    hidden = 128 if quick else 512
+    g = _Grid(
+        TrainConfig(
+            task="lm",
+            hidden=(hidden,),
+            layers=2 if quick else 4,
+            epochs=1 if quick else 2,
+            train_limit=6000 if quick else 0,
+            eval_every=15 if quick else 50,
+        )
+    )
+    k8, k4 = hidden // 8, hidden // 4
+    g.add("main", "dense", method="dense")
+    g.add("main", f"meProp unified k={k8} (1/8)", method="meprop", k=k8, mode="unified")
+    g.add("main", f"meProp unified k={k4} (1/4)", method="meprop", k=k4, mode="unified")
+    g.add("main", f"meProp per_example k={k8} (1/8)", method="meprop", k=k8)
+    g.add("control", f"random-k k={k8} (1/8)", method="random", k=k8)
+    g.add("mesimp", f"meSimp unified k={k8} (1/8)", method="mesimp", k=k8, mode="unified",
+          prune_rate=0.1)  # fmt: skip
+    return g.list()
+
+
+GRIDS = {"mnist": mnist_grid, "pos": pos_grid, "parse": parse_grid, "lm": lm_grid}
 
 
 def meact_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
@@ -334,6 +363,7 @@ PER_RUN = {
     "mnist": ("about 1-3 min", "about 10 s"),
     "pos": ("about 30-60 min", "about 1 min"),
     "parse": ("about 5-20 min", "about 30 s"),
+    "lm": ("about 3-5 min", "about 30 s"),
 }
 PER_RUN["meact"] = ("about 10 min", "about 3 min")
 

@@ -147,6 +147,7 @@ class TrainConfig:
     meact_storage: str = "float16"  # meact: dtype of the per-example state
     # log the mean |parameter change| per step ("update"); None: only for meact (its analysis)
     track_updates: bool | None = None
+    sparse_attention: bool = False  # lm: meProp on the attention projections too
 
     def __post_init__(self) -> None:
         from .tasks import DEFAULTS, TASKS
@@ -206,6 +207,20 @@ class TrainConfig:
             raise ConfigError(f"tags must be 'xpos' or 'upos', got {self.tags!r}")
         if self.track_updates is None:
             object.__setattr__(self, "track_updates", self.method == "meact")
+        if not isinstance(self.sparse_attention, bool):
+            raise ConfigError(
+                f"sparse_attention must be true or false, got {self.sparse_attention!r}"
+            )
+        if self.sparse_attention and self.task != "lm":
+            raise ConfigError(
+                f"sparse_attention applies to the lm task only (its attention projections), "
+                f"not {self.task}: leave --sparse-attention out"
+            )
+        if self.sparse_attention and self.method not in ("meprop", "random", "mesimp"):
+            raise ConfigError(
+                f"sparse_attention puts meProp on the attention projections: it needs --method "
+                f"meprop, random or mesimp, got {self.method}"
+            )
         widths = self.widths()
         weights = sum(a * b for a, b in zip(widths, widths[1:], strict=False))
         if max(widths) > MAX_WIDTH or weights > MAX_HIDDEN_WEIGHTS:

@@ -11,8 +11,8 @@ Model (nanoGPT's layout): byte and position embeddings -> ``layers`` pre-norm bl
 (rounded down to a multiple of the 4 heads), as in GPT-2.
 
 meProp goes on the MLP projections (``mlp.fc``, ``mlp.proj``); the attention projections and the
-output layer stay dense (``LmTask.sparse_attention = True`` includes ``attn.qkv`` and
-``attn.out``). meSimp shrinks each block's MLP width: ``mlp.fc``'s units with ``mlp.proj``'s
+output layer stay dense (``TrainConfig.sparse_attention``, ``--sparse-attention``, includes
+``attn.qkv`` and ``attn.out``, at the same k). meSimp shrinks each block's MLP width: ``mlp.fc``'s units with ``mlp.proj``'s
 input columns.
 
 Batches: ``(x, y)`` (B, T) windows of the stream, ``y`` the next bytes; an epoch takes
@@ -132,7 +132,7 @@ class LmTask:
     block_size = 128  # bytes of context per window
     train_eval_windows = 64  # training windows scored at each evaluation (learning curves)
     eval_batch = 32
-    sparse_attention = False  # meProp on the attention projections too
+    sparse_attention = False  # meProp on the attention projections too (the config's default)
 
     def __init__(self, cfg, data_dir=None) -> None:
         if cfg.activation != "gelu":
@@ -140,6 +140,7 @@ class LmTask:
                 f"the lm task's MLP has a fixed GELU activation, got activation="
                 f"{cfg.activation!r}: leave --activation unset"
             )
+        self.sparse_attention = bool(cfg.sparse_attention) or self.sparse_attention
         texts = {
             split: read_texts(ensure_file(_EWT_DATASET, EWT_SPLITS[split], data_dir))
             for split in ("train", "dev", "test")
@@ -167,7 +168,9 @@ class LmTask:
         return lambda module, name: name.endswith(ends)
 
     def hidden_layers(self, model) -> list[nn.Module]:
-        return [m for b in model.blocks for m in (b.mlp.fc, b.mlp.proj)]
+        """The layers meProp sparsifies (their backward is timed as ``hidden_backward``)."""
+        attn = (lambda b: (b.attn.qkv, b.attn.out)) if self.sparse_attention else lambda b: ()
+        return [m for b in model.blocks for m in (*attn(b), b.mlp.fc, b.mlp.proj)]
 
     def widths(self, model) -> list[int]:
         return [b.mlp.fc.out_features for b in model.blocks]

@@ -1,24 +1,63 @@
-"""The README is executable: its Python blocks run, and the CLI it names exists."""
+"""The README and docs/*.md are executable: their Python blocks run, their links resolve.
+
+A ```python block is meant to run and is run here (moving it between pages keeps it tested);
+a ```py block is an illustration that needs more than one process (torch.distributed) and is
+only shown.
+"""
 
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def python_blocks():
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+def python_blocks(page: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors of the page's headings: lower case, punctuation dropped, '-' for ' '."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # '#' comments in code
+    headings = re.findall(r"^#+ (.+)$", text, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def links(page: Path) -> list[str]:
+    """Relative link targets of the page (no URLs, no in-page anchors)."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    targets = re.findall(r"\]\(([^)\s]+)\)", text)
+    return [t for t in targets if not re.match(r"[a-z]+:", t) and not t.startswith("#")]
 
 
 def test_readme_has_a_quickstart():
-    assert python_blocks(), "README.md lost its python quickstart"
+    assert python_blocks(README), "README.md lost its python quickstart"
 
 
-def test_readme_python_blocks_run():
-    for block in python_blocks():
-        exec(compile(block, str(README), "exec"), {})
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_python_blocks_run(page):
+    for block in python_blocks(page):
+        exec(compile(block, str(page), "exec"), {})
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_links_point_to_files(page):
+    for target in links(page):
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve()
+        assert file.is_file(), f"{page.name}: link to {target!r}, which is not a file"
+        if anchor and file.suffix == ".md":
+            assert anchor in anchors(file), f"{page.name}: no heading for {target!r}"
 
 
 def test_readme_names_the_two_setup_commands():
     text = README.read_text()
     assert "make demo" in text and "make test" in text
+
+
+def test_readme_stays_short():
+    # details belong in docs/*.md, linked from the README
+    assert len(README.read_text().splitlines()) <= 250

@@ -1,7 +1,7 @@
-"""Properties of top-k selection, checked on generated gradients (hypothesis).
+"""Properties checked on generated inputs (hypothesis): top-k selection, and shrinking.
 
-Ties are allowed (the generated values repeat often), so "the largest" is checked as: no
-entry left out is larger than an entry kept.
+Ties are allowed in the gradients (the generated values repeat often), so "the largest" is
+checked as: no entry left out is larger than an entry kept.
 """
 
 import numpy as np
@@ -10,9 +10,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from torch import nn
 
 from meprop.kernels import cpu, native
 from meprop.ops import mask_gradient, select_columns, select_rows
+from meprop.prune import prune_in_, prune_out_
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -82,3 +84,23 @@ def test_random_keeps_k_distinct_entries_per_row(gk, seed):
     assert torch.equal(idx, again)  # the global RNG decides the draw
     assert torch.equal(vals, g.gather(1, idx))
     assert all(len(set(row)) == k for row in idx.tolist())
+
+
+@FAST
+@given(st.integers(1, 8), st.data())
+def test_removing_units_without_outgoing_weights_keeps_the_outputs(width, data):
+    keep = sorted(data.draw(st.sets(st.integers(0, width - 1), min_size=1), label="keep"))
+    bias = data.draw(st.booleans(), label="bias")
+    torch.manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    producer, consumer = nn.Linear(5, width, bias=bias), nn.Linear(width, 3)
+    model = nn.Sequential(producer, nn.ReLU(), consumer)
+    dropped = [u for u in range(width) if u not in keep]
+    with torch.no_grad():
+        consumer.weight[:, dropped] = 0  # the dropped units reach nothing
+    x = torch.randn(4, 5)
+    before = model(x)
+    prune_out_(producer, torch.tensor(keep))
+    prune_in_(consumer, torch.tensor(keep))
+    assert (producer.out_features, consumer.in_features) == (len(keep), len(keep))
+    assert producer.weight.shape == (len(keep), 5) and consumer.weight.shape == (3, len(keep))
+    torch.testing.assert_close(model(x), before)

@@ -203,6 +203,8 @@ def test_reproduce_lm_writes_bpb_tables_claims_and_loss_plots(tiny_lm, tmp_path,
     out = tmp_path / "results"
     args = ["reproduce", "lm", "--quick", "--out", str(out), "--data-dir", str(tiny_lm)]
     assert main([*args, "--no-progress", "--seeds", "1,2", "--seed-groups", "main"]) == 0
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert len(runs) == 10 and not any(r.startswith("dense-size-of") for r in runs)
     report = (out / "report.md").read_text()
     assert "dev bpb (lower is better) | test bpb (lower is better)" in report
     assert "neg_bpb %" not in report and "training ms/step" in report

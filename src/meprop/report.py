@@ -563,7 +563,14 @@ def build_report(paths: list[Path], out: Path) -> Path:
     if origin.get("commit"):
         made += f" (commit {origin['commit']})"
     threads = "" if "machine" in origin else f", {first['threads']} threads"
-    hours = f"; grid wall-clock {grid['seconds'] / 3600:.1f} h" if "seconds" in grid else ""
+    hours = ""
+    if "seconds" in grid:
+        sec = grid["seconds"]
+        hours = (
+            f"; grid wall-clock {sec / 3600:.1f} h"
+            if sec >= 3600
+            else f"; grid wall-clock {sec / 60:.1f} min"
+        )
     lines = [
         "# meprop results",
         "",

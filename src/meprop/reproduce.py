@@ -178,8 +178,9 @@ def parse_grid(quick: bool = False, dataset: str = "") -> list[Row]:
 def lm_grid(quick: bool = False, dataset: str = "") -> list[Row]:
     """The language-model grid (byte-level transformer on UD English EWT's text, meProp on the
     MLP projections): dense, meProp unified at k = 1/8 and 1/4 of the MLP width, per_example
-    and random-k at 1/8, meSimp (unified, k = 1/8). Dev bits per byte every ``eval_every``
-    steps: the loss curves against steps and seconds."""
+    and random-k at 1/8, meSimp (unified, k = 1/8; no dense size control: see
+    ``LmTask.dense_hidden``). Dev bits per byte every ``eval_every`` steps: the loss curves
+    against steps and seconds."""
     hidden = 128 if quick else 512
     g = _Grid(
         TrainConfig(
@@ -215,11 +216,14 @@ def meact_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
 GRIDS["meact"] = meact_grid
 
 
-def _size_control(row: Row, summary: dict) -> Row:
-    """A dense net trained from scratch at the widths a meSimp run ended with (same seed)."""
+def _size_control(row: Row, summary: dict) -> Row | None:
+    """A dense net trained from scratch at the widths a meSimp run ended with (same seed);
+    None for a task that cannot build one from a config (lm: ``d_model`` follows the width)."""
     from .tasks import task_class
 
     hidden = task_class(row.config.task).dense_hidden(summary["final_widths"])
+    if hidden is None:
+        return None
     cfg = replace(row.config, method="dense", hidden=hidden, layers=0, k=20)
     name = f"dense-size-of-{row.name}"
     return Row(name, "mesimp", f"dense at the widths of {row.label}", cfg)
@@ -307,7 +311,9 @@ def run_grid(rows: list[Row], out: Path, data_dir=None, progress=True, echo=prin
             tmp.replace(grid_path)
         summary = json.loads(summary_path.read_text())
         if row.config.method == "mesimp" and summary.get("final_widths"):
-            queue.append(_size_control(row, summary))
+            control = _size_control(row, summary)
+            if control is not None:
+                queue.append(control)
     echo(f"grid finished in {time.perf_counter() - t0:.0f} s")
     return dirs
 
@@ -349,8 +355,9 @@ def _reproduce(args: argparse.Namespace) -> None:
     if args.seeds:
         rows = with_seeds(rows, args.seeds, args.seed_groups)
     out = args.out or Path("results") / (f"{args.task}-quick" if args.quick else args.task)
+    control = " (+1 dense size control per meSimp run)" if args.task != "lm" else ""
     print(
-        f"{len(rows)} runs (+1 dense size control per meSimp run), {PER_RUN[args.task][args.quick]} "
+        f"{len(rows)} runs{control}, {PER_RUN[args.task][args.quick]} "
         f"each on 2 cores; results in {out}"
     )
     dirs = run_grid(rows, out, data_dir=args.data_dir, progress=not args.no_progress)
@@ -363,7 +370,7 @@ PER_RUN = {
     "mnist": ("about 1-3 min", "about 10 s"),
     "pos": ("about 30-60 min", "about 1 min"),
     "parse": ("about 5-20 min", "about 30 s"),
-    "lm": ("about 3-5 min", "about 30 s"),
+    "lm": ("about 3-5 min", "about 15 s"),
 }
 PER_RUN["meact"] = ("about 10 min", "about 3 min")
 

@@ -176,9 +176,11 @@ class LmTask:
         return [b.mlp.fc.out_features for b in model.blocks]
 
     @staticmethod
-    def dense_hidden(final_widths: dict[str, int]) -> tuple[int, ...]:
-        """The MLP widths of a dense model the size of a meSimp'd one (one per block)."""
-        return tuple(final_widths.values())
+    def dense_hidden(final_widths: dict[str, int]) -> None:
+        """None: no dense model the size of a meSimp'd one from the config alone, since
+        ``d_model`` follows the first hidden width (MLP widths of 17 would give ``d_model`` 4,
+        not the meSimp'd model's); ``meprop reproduce`` runs no size control for this task."""
+        return None
 
     def _windows(self, split: str) -> int:
         """Training windows per epoch: the same for every offset in [0, T)."""

@@ -47,6 +47,16 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint
+from .comm import (  # noqa: F401  (re-exported: part of this module's API)
+    barrier,
+    mean_over_ranks,
+    rank,
+    seed_rank,
+    set_selection_group,
+    sum_over_ranks,
+    world_size,
+)
+from .comm import several_ranks as _active
 from .config import MeSimpConfig
 from .lstm import SparseLSTM, _names
 from .nn import SparseLinear
@@ -68,47 +78,7 @@ __all__ = [
     "barrier",
 ]
 
-# The process group of scope="global" selection; None: the default group.
-_SELECTION_GROUP = None
-
-
-def _active(group=None) -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
-def rank() -> int:
-    """This process's rank in the default group (0 without torch.distributed)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    """The number of processes in the default group (1 without torch.distributed)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 _rank, _world_size = rank, world_size  # (shard's arguments shadow the names)
-
-
-def set_selection_group(group) -> None:
-    """The process group whose ranks ``scope="global"`` selection sums over (default: all).
-
-    Set it, on every rank, when the model is trained by a subgroup (``DDP(process_group=...)``).
-    """
-    global _SELECTION_GROUP
-    _SELECTION_GROUP = group
-
-
-def sum_over_ranks(scores: Tensor) -> Tensor:
-    """Unified selection's (n,) column scores summed over the ranks (unchanged in one process).
-
-    Runs inside backward, so every rank of the group must run the same backward: the same
-    layers, in the same order. The sum is one all-reduce of n numbers per layer and step.
-    """
-    if not _active(_SELECTION_GROUP):
-        return scores
-    scores = scores.contiguous()  # all_reduce works in place
-    dist.all_reduce(scores, group=_SELECTION_GROUP)
-    return scores
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,15 +362,6 @@ def shard(
     return parts[r], weights[r] * w / total
 
 
-def mean_over_ranks(value: Tensor) -> Tensor:
-    """The mean over the ranks of a tensor (a collective; unchanged in one process)."""
-    if not _active():
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value)
-    return value / dist.get_world_size()
-
-
 def save(
     path: str | Path,
     model: nn.Module,
@@ -422,16 +383,3 @@ def save(
     if rank() != 0:
         return None
     return checkpoint.save(path, model, optimizer, simplifier=simplifier, **extra)
-
-
-def seed_rank(seed: int, epoch: int) -> None:
-    """In a multi-process run, seed this rank's RNG for an epoch: dropout masks and random-k
-    picks differ between ranks, and a resumed run draws the same ones. One process: no-op."""
-    if _active():
-        torch.manual_seed((seed * 1_000_003 + epoch) * 65_537 + rank())
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op in one process)."""
-    if _active():
-        dist.barrier()

@@ -30,7 +30,7 @@ PAPER_CLAIMS = [
 def grid(quick: bool = False, dataset: str = "mnist") -> list:
     """The runs: dense and meAct from the same seed (full: + float32 state, other thresholds,
     other seeds)."""
-    from .reproduce import Row
+    from .grids import Row
 
     base = TrainConfig(
         task="mnist",

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .comm import sum_over_ranks
 from .config import MODES, MePropConfig
 from .kernels import dispatch
 
@@ -81,8 +82,6 @@ def select_columns(g: Tensor, k: int, scope: str = "local") -> Tensor:
     # gradients are summed in float32: their rounded sums would tie or reorder columns.
     scores = g.abs().sum(0, dtype=_SCORE_DTYPE.get(g.dtype))  # (n,)
     if scope == "global":
-        from .distributed import sum_over_ranks
-
         scores = sum_over_ranks(scores)
     return scores.topk(k, sorted=False).indices.sort().values
 

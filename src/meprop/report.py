@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .grids import PAPER
 from .stats import Paired, paired, summarize
 
 __all__ = ["Run", "load_runs", "replicates", "claims", "build_report"]
@@ -537,7 +538,6 @@ def _settings(runs: list[Run]) -> list[str]:
 
 def build_report(paths: list[Path], out: Path) -> Path:
     """Write ``out/report.md`` (and PNG plots beside it) from the runs in ``paths``."""
-    from .reproduce import PAPER
 
     order = list(GROUP_TITLES)
     runs = sorted(

@@ -11,38 +11,16 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
+from .grids import PAPER, PAPER_MNIST, PAPER_PARSE, PAPER_POS, Row  # noqa: F401 (re-exported)
 from .train import TrainConfig
 
 __all__ = [
     "Row", "GRIDS", "PAPER", "mnist_grid", "pos_grid", "parse_grid", "lm_grid", "run_grid",
     "with_seeds",
 ]  # fmt: skip
-
-# Published figures (test scores %, hidden 500, Adam unless noted; Penn Treebank for POS
-# and parsing, where our data is UD English EWT): the targets.
-PAPER_MNIST = {
-    "dense": 98.20,
-    "meprop k=80": 98.27,
-    "speedup k=80": 5.9,
-    "mesimp": 98.31,
-    "mesimp width": 154,
-    "adagrad dense": 97.52,
-    "adagrad meprop k=10": 98.00,
-    "random 4%": 90.5,
-    "topk 4%": 98.0,
-    "kdim 4%": 96.4,
-}
-
-
-@dataclass(frozen=True)
-class Row:
-    name: str  # run directory name, unique in the grid
-    group: str  # the table or plot it belongs to
-    label: str
-    config: TrainConfig
 
 
 def _row_name(cfg: TrainConfig) -> str:
@@ -316,28 +294,6 @@ def run_grid(rows: list[Row], out: Path, data_dir=None, progress=True, echo=prin
                 queue.append(control)
     echo(f"grid finished in {time.perf_counter() - t0:.0f} s")
     return dirs
-
-
-PAPER_POS = {
-    "dense": 97.22,
-    "meprop k=10": 97.25,
-    "speedup k=10": 37.1,
-    "mesimp": 97.25,
-    "mesimp width": 60,
-    "adagrad dense": 96.93,
-    "adagrad meprop k=5": 97.25,
-}
-PAPER_PARSE = {
-    "dense": 89.80,
-    "meprop k=20": 89.84,
-    "speedup k=20": 18.6,
-    "mesimp": 90.11,
-    "mesimp width": 51,
-    "adagrad dense": 88.92,
-    "adagrad meprop k=20": 88.95,
-    "adagrad speedup k=20": 18.1,
-}
-PAPER = {"mnist": PAPER_MNIST, "pos": PAPER_POS, "parse": PAPER_PARSE}
 
 
 def _reproduce(args: argparse.Namespace) -> None:

@@ -35,7 +35,7 @@ from torch import nn
 from _timing import best_of_rounds, cpu_name, environment, load_average
 from meprop import MePropConfig, SparseLinear
 from meprop.kernels import dispatch
-from meprop.ops import _kernel_module, candidates, select_columns
+from meprop.ops import candidates, kernel_module, select_columns
 
 # (batch, in, out, ks)
 FULL = [
@@ -92,7 +92,7 @@ def backward_step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):
 def selection_fns(batch: int, d_out: int, k: int) -> dict:
     """The selection alone, as the fastest kernels here run it."""
     g = torch.randn(batch, d_out)
-    kern = _kernel_module("auto", g)
+    kern = kernel_module("auto", g)
     per = (lambda: kern.topk_rows(g, k)) if kern else (lambda: g.abs().topk(k, dim=1))
     uni = (
         (lambda: kern.top_columns(g, k))

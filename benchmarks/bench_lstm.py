@@ -27,7 +27,7 @@ from torch.utils.benchmark import Timer
 
 from _timing import cpu_name
 from meprop import MePropConfig, SparseLSTM
-from meprop.ops import _kernel_module
+from meprop.ops import kernel_module
 
 HIDDEN, STEPS = 500, 25
 FULL = dict(inputs=(100,), batches=(1, 32), ks=(5, 10, 20), dirs=(1, 2))
@@ -39,7 +39,7 @@ ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER", "NUMBA_NUM
 
 
 def kernel_name(backend: str) -> str:
-    kern = _kernel_module(backend, torch.zeros(1))
+    kern = kernel_module(backend, torch.zeros(1))
     if kern is None:
         return "torch ops"
     return {"native": "C++", "cpu": "numba"}[kern.__name__.rsplit(".", 1)[-1]]

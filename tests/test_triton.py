@@ -40,8 +40,8 @@ def triton_backend(monkeypatch):
         return
     monkeypatch.setattr(config, "BACKENDS", (*config.BACKENDS, "triton"))
     monkeypatch.setitem(ops.IMPLEMENTATIONS, "triton", T.backward)
-    plain = lstm._kernel_module
-    monkeypatch.setattr(lstm, "_kernel_module", lambda b, t: T if b == "triton" else plain(b, t))
+    plain = lstm.kernel_module
+    monkeypatch.setattr(lstm, "kernel_module", lambda b, t: T if b == "triton" else plain(b, t))
 
 
 def problem(m, n, d, dtype, seed=0):

@@ -163,7 +163,7 @@ def _shrinkable(model: nn.Module) -> dict[str, set[int]] | None:
     0), the consumers' inputs (dim 1), norms between, every dimension of a sparse LSTM (its
     cells). None when the model has no structure meSimp knows (then shapes must be equal)."""
     from .lstm import SparseLSTM
-    from .simplify import ELEMENTWISE, NORMS, Pair, _flatten, find_pairs
+    from .simplify import ELEMENTWISE, NORMS, Pair, find_pairs, flatten_sequential
 
     try:
         pairs = find_pairs(model)
@@ -174,7 +174,7 @@ def _shrinkable(model: nn.Module) -> dict[str, set[int]] | None:
     for seq_name, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
             continue
-        chain = _flatten(seq, seq_name)
+        chain = flatten_sequential(seq, seq_name)
         for i, (name, module) in enumerate(chain):
             if not isinstance(module, nn.Linear):
                 continue

@@ -97,9 +97,9 @@ register_layer(nn.LSTM, SparseLSTM, to_sparse_, to_dense_)
 def _register_conv1d() -> None:
     from transformers.pytorch_utils import Conv1D
 
-    from .nn import _sparse_conv1d
+    from .nn import sparse_conv1d_class
 
-    sparse = _sparse_conv1d()
+    sparse = sparse_conv1d_class()
     register_layer(Conv1D, sparse, _swap_class(sparse), _unswap_class(Conv1D), _check_conv1d)
 
 

@@ -36,7 +36,7 @@ def backend_lines(mode: str, k: int = 20, batch: int = 50) -> list[str]:
     except Exception:  # noqa: BLE001 - a description must never stop the demo
         from . import ops
 
-        kern = ops._kernel_module("auto", torch.zeros(1))
+        kern = ops.kernel_module("auto", torch.zeros(1))
         name = "PyTorch ops" if kern is None else kern.__name__.rsplit(".", 1)[-1]
         return [f"kernels: {name}"]
     head = [x for x in lines[1:] if not x.startswith(" ")]

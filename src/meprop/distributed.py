@@ -58,7 +58,7 @@ from .comm import (  # noqa: F401  (re-exported: part of this module's API)
 )
 from .comm import several_ranks as _active
 from .config import MeSimpConfig
-from .lstm import SparseLSTM, _names
+from .lstm import SparseLSTM, param_names
 from .nn import SparseLinear
 from .simplify import Pair, Simplifier
 
@@ -94,7 +94,7 @@ def sparse_grad_parameters(module: nn.Module) -> list[nn.Parameter]:
             out.append(m.weight)
         elif isinstance(m, SparseLSTM) and m.config.sparse_grad:
             for layer, d in m.sizes():
-                w_ih, w_hh, _, _ = _names(layer, d)
+                w_ih, w_hh, _, _ = param_names(layer, d)
                 out += [getattr(m, w_ih), getattr(m, w_hh)]
     return [p for p in out if p.requires_grad]
 

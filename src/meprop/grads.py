@@ -21,10 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["clip_grad_norm_"]
+__all__ = ["clip_grad_norm_", "weight_grad", "lazy_zeros"]
 
 
 def clip_grad_norm_(
@@ -69,3 +70,33 @@ def clip_grad_norm_(
         g = p.grad._values() if p.grad.is_sparse else p.grad
         g.mul_(coef.to(g.device))
     return total
+
+
+def weight_grad(rows: Tensor, dw_rows: Tensor, n: int, sparse: bool) -> Tensor:
+    """dW (n, in) from its non-zero rows: row-sparse COO, or a dense tensor with zero rows."""
+    if sparse:
+        # rows are sorted and distinct, so the tensor is already coalesced.
+        return torch.sparse_coo_tensor(
+            rows.unsqueeze(0),
+            dw_rows,
+            (n, dw_rows.shape[1]),
+            is_coalesced=True,
+            check_invariants=False,
+        )
+    dw = lazy_zeros(n, dw_rows.shape[1], dw_rows)
+    return dw.index_copy_(0, rows, dw_rows)
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+
+
+def lazy_zeros(n: int, d: int, like: Tensor) -> Tensor:
+    """A zero (n, d) tensor whose untouched pages cost nothing.
+
+    torch.zeros writes every byte; numpy's zeros comes from calloc, whose large blocks are
+    fresh zero pages that the kernel maps on first write. A row-sparse dW touches k of n rows,
+    so for a 4096 x 4096 float32 gradient this skips writing ~64 MB per backward.
+    """
+    if like.device.type != "cpu" or like.dtype not in _NUMPY_DTYPES or n * d < (1 << 20):
+        return like.new_zeros(n, d)
+    return torch.from_numpy(np.zeros((n, d), dtype=_NUMPY_DTYPES[like.dtype]))

@@ -39,16 +39,16 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .config import MODES, MePropConfig
+from .grads import weight_grad
 from .ops import (
-    _compact_products,
-    _kernel_module,
-    _weight_grad,
     autocast_cast,
     autocast_dtype,
+    compact_products,
+    kernel_module,
     select_columns,
     select_rows,
 )
-from .prune import Cut, _check_keep, _slice_param, prune_in_
+from .prune import Cut, check_keep, prune_in_, slice_param
 
 __all__ = [
     "SparseLSTM",
@@ -61,7 +61,7 @@ __all__ = [
 Key = tuple[int, int]  # (layer, direction): direction 0 runs forward in time, 1 backward
 
 
-def _names(layer: int, direction: int) -> tuple[str, str, str, str]:
+def param_names(layer: int, direction: int) -> tuple[str, str, str, str]:
     """nn.LSTM's parameter names of one (layer, direction)."""
     s = f"l{layer}{'_reverse' if direction else ''}"
     return f"weight_ih_{s}", f"weight_hh_{s}", f"bias_ih_{s}", f"bias_hh_{s}"
@@ -184,7 +184,7 @@ class _LSTMDirectionFn(torch.autograd.Function):
         dc_from_h = torch.addcmul(o, o, tanh_c * tanh_c, value=-1)  # o (1 - tanh(c)^2) (N, H)
 
         dense = k >= n4
-        kern = None if dense else _kernel_module(backend, acts)  # compiled kernels or None
+        kern = None if dense else kernel_module(backend, acts)  # compiled kernels or None
         dgates = torch.empty_like(acts)  # the full dG of every step (N, 4H)
         idx_t: list = [None] * len(steps)  # per step: selected columns (n, k) and values
         val_t: list = [None] * len(steps)
@@ -214,8 +214,8 @@ class _LSTMDirectionFn(torch.autograd.Function):
                 dw_hh = dgates.t() @ h_prev
             if sparse_grad:
                 rows = torch.arange(n4, device=acts.device)
-                dw_ih = None if dw_ih is None else _weight_grad(rows, dw_ih, n4, True)
-                dw_hh = None if dw_hh is None else _weight_grad(rows, dw_hh, n4, True)
+                dw_ih = None if dw_ih is None else weight_grad(rows, dw_ih, n4, True)
+                dw_hh = None if dw_hh is None else weight_grad(rows, dw_hh, n4, True)
         else:
             # dG~ of all steps in index/value form (N, k): the same row-sparse products as
             # the Linear path, each over all N rows at once.
@@ -287,7 +287,7 @@ def _final_products(sel, w_ih, x, h_prev, kern, need_x, need_wih, need_whh, spar
                 dw = kern.rows_outer_dense(idx, vals, src, n4)
             else:
                 rows, dw_rows = kern.rows_outer(idx, vals, src, n4)
-                dw = _weight_grad(rows, dw_rows, n4, sparse_grad)
+                dw = weight_grad(rows, dw_rows, n4, sparse_grad)
             if slot == 0:
                 dw_ih = dw
             else:
@@ -296,11 +296,11 @@ def _final_products(sel, w_ih, x, h_prev, kern, need_x, need_wih, need_whh, spar
     rows = idx.flatten().unique()  # sorted union of the selected gate rows (R,)
     gm = vals.new_zeros(idx.shape[0], n4).scatter_(1, idx, vals)  # dG~ (N, 4H)
     gc = gm.index_select(1, rows)  # (N, R)
-    dx, dw_rows = _compact_products(gc, rows, w_ih, x, need_x, need_wih)
+    dx, dw_rows = compact_products(gc, rows, w_ih, x, need_x, need_wih)
     if need_wih:
-        dw_ih = _weight_grad(rows, dw_rows, n4, sparse_grad)
+        dw_ih = weight_grad(rows, dw_rows, n4, sparse_grad)
     if need_whh:
-        dw_hh = _weight_grad(rows, gc.t() @ h_prev, n4, sparse_grad)
+        dw_hh = weight_grad(rows, gc.t() @ h_prev, n4, sparse_grad)
     return dx, dw_ih, dw_hh
 
 
@@ -423,7 +423,7 @@ class SparseLSTM(nn.LSTM):
     def sizes(self) -> dict[Key, int]:
         """The hidden width of every (layer, direction), read off its ``weight_hh``."""
         return {
-            (layer, d): getattr(self, _names(layer, d)[1]).shape[1]
+            (layer, d): getattr(self, param_names(layer, d)[1]).shape[1]
             for layer in range(self.num_layers)
             for d in range(self.num_directions)
         }
@@ -559,7 +559,7 @@ class SparseLSTM(nn.LSTM):
         for layer in range(self.num_layers):
             outs = []
             for d in range(dirs):
-                w_ih, w_hh, b_ih, b_hh = (getattr(self, n, None) for n in _names(layer, d))
+                w_ih, w_hh, b_ih, b_hh = (getattr(self, n, None) for n in param_names(layer, d))
                 if amp is not None:
                     w_ih, w_hh, b_ih, b_hh = (
                         autocast_cast(p, amp) for p in (w_ih, w_hh, b_ih, b_hh)
@@ -677,7 +677,7 @@ def lstm_output_columns(lstm: SparseLSTM, direction: int, keep: Tensor) -> Tenso
     layer = lstm.num_layers - 1
     _check_key(lstm, layer, direction)
     sizes = lstm.sizes()
-    keep = _check_keep(keep, sizes[(layer, direction)], f"LSTM layer {layer} cells")
+    keep = check_keep(keep, sizes[(layer, direction)], f"LSTM layer {layer} cells")
     return _layer_columns(sizes, layer, direction, keep)
 
 
@@ -700,20 +700,20 @@ def prune_lstm_cells_(
     _check_key(lstm, layer, direction)
     sizes = lstm.sizes()
     hid = sizes[(layer, direction)]
-    keep = _check_keep(keep, hid, f"LSTM layer {layer} direction {direction} cells")
+    keep = check_keep(keep, hid, f"LSTM layer {layer} direction {direction} cells")
     gate_rows = (torch.arange(4).unsqueeze(1) * hid + keep.cpu().unsqueeze(0)).flatten()
-    w_ih, w_hh, b_ih, b_hh = _names(layer, direction)
+    w_ih, w_hh, b_ih, b_hh = param_names(layer, direction)
     cuts = [
-        _slice_param(lstm, w_ih, 0, gate_rows),
-        _slice_param(lstm, w_hh, 0, gate_rows),
-        _slice_param(lstm, w_hh, 1, keep),  # the cell's own recurrent column
+        slice_param(lstm, w_ih, 0, gate_rows),
+        slice_param(lstm, w_hh, 0, gate_rows),
+        slice_param(lstm, w_hh, 1, keep),  # the cell's own recurrent column
     ]
     if lstm.bias:
-        cuts += [_slice_param(lstm, b_ih, 0, gate_rows), _slice_param(lstm, b_hh, 0, gate_rows)]
+        cuts += [slice_param(lstm, b_ih, 0, gate_rows), slice_param(lstm, b_hh, 0, gate_rows)]
     cols = _layer_columns(sizes, layer, direction, keep)
     if layer + 1 < lstm.num_layers:
         for d in range(lstm.num_directions):
-            cuts.append(_slice_param(lstm, _names(layer + 1, d)[0], 1, cols))
+            cuts.append(slice_param(lstm, param_names(layer + 1, d)[0], 1, cols))
     else:
         for consumer in consumers:
             cuts += prune_in_(consumer, cols)
@@ -801,7 +801,7 @@ def reference_lstm(
     n_steps, batch = x.shape[:2]
     dirs = 2 if lstm.bidirectional else 1
     widths = [
-        getattr(lstm, _names(layer, d)[1]).shape[1]
+        getattr(lstm, param_names(layer, d)[1]).shape[1]
         for layer in range(lstm.num_layers)
         for d in range(dirs)
     ]
@@ -824,7 +824,7 @@ def reference_lstm(
         outs = []
         for d in range(dirs):
             j = layer * dirs + d
-            w_ih, w_hh, b_ih, b_hh = (getattr(lstm, n, None) for n in _names(layer, d))
+            w_ih, w_hh, b_ih, b_hh = (getattr(lstm, n, None) for n in param_names(layer, d))
             hid = w_hh.shape[1]
             h, c = h0s[j], c0s[j]
             ys = [None] * n_steps

@@ -82,7 +82,7 @@ def config_repr(c: MePropConfig) -> str:
 
 
 @functools.cache
-def _sparse_conv1d() -> type:
+def sparse_conv1d_class() -> type:
     from transformers.pytorch_utils import Conv1D
 
     class SparseConv1D(Conv1D):
@@ -112,7 +112,7 @@ def _sparse_conv1d() -> type:
 def __getattr__(name: str):
     # meprop.nn.SparseConv1D imports transformers on first access only.
     if name == "SparseConv1D":
-        return _sparse_conv1d()
+        return sparse_conv1d_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

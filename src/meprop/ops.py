@@ -29,13 +29,13 @@ the fast paths are tested against it.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .comm import sum_over_ranks
 from .config import MODES, MePropConfig
+from .grads import weight_grad
 from .kernels import dispatch
 
 __all__ = [
@@ -55,7 +55,7 @@ __all__ = [
 def select_rows(g: Tensor, k: int, mode: str, kernels=None) -> tuple[Tensor, Tensor]:
     """Per-row selection of ``g`` (M, n): returns ``idx`` (M, k) int64 and ``vals = g[i, idx]``.
 
-    ``kernels``: a kernel module (see ``_kernel_module``) to run top-k with, or None.
+    ``kernels``: a kernel module (see ``kernel_module``) to run top-k with, or None.
     """
     if mode == "random":
         # k distinct columns per row: the k smallest of M*n uniform keys. Uses the global RNG,
@@ -96,12 +96,12 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 def kernels_available(t: Tensor) -> bool:
     """Whether compiled CPU kernels (C++ or numba) can run on tensors like ``t``."""
     try:
-        return _kernel_module("auto", t) is not None
+        return kernel_module("auto", t) is not None
     except ImportError:  # pragma: no cover - numba is a core dependency
         return False
 
 
-def _kernel_module(backend: str, t: Tensor):
+def kernel_module(backend: str, t: Tensor):
     """The implementation of the sparse products for tensors like ``t``, or None (PyTorch ops).
 
     ``meprop.kernels.native`` (C++) first, then ``meprop.kernels.cpu`` (numba), as ``backend``
@@ -160,7 +160,7 @@ def _pick_kernels(backend: str):
     return False
 
 
-def _compact_products(
+def compact_products(
     gc: Tensor, rows: Tensor, weight: Tensor, x: Tensor, need_dx: bool, need_dw: bool
 ) -> tuple[Tensor | None, Tensor | None]:
     """Products from a column-compacted gradient: ``gc`` (M, R) holds the columns ``rows`` (R,).
@@ -170,36 +170,6 @@ def _compact_products(
     dx = gc @ weight.index_select(0, rows) if need_dx else None
     dw_rows = gc.t() @ x if need_dw else None
     return dx, dw_rows
-
-
-def _weight_grad(rows: Tensor, dw_rows: Tensor, n: int, sparse: bool) -> Tensor:
-    """dW (n, in) from its non-zero rows: row-sparse COO, or a dense tensor with zero rows."""
-    if sparse:
-        # rows are sorted and distinct, so the tensor is already coalesced.
-        return torch.sparse_coo_tensor(
-            rows.unsqueeze(0),
-            dw_rows,
-            (n, dw_rows.shape[1]),
-            is_coalesced=True,
-            check_invariants=False,
-        )
-    dw = _lazy_zeros(n, dw_rows.shape[1], dw_rows)
-    return dw.index_copy_(0, rows, dw_rows)
-
-
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
-
-
-def _lazy_zeros(n: int, d: int, like: Tensor) -> Tensor:
-    """A zero (n, d) tensor whose untouched pages cost nothing.
-
-    torch.zeros writes every byte; numpy's zeros comes from calloc, whose large blocks are
-    fresh zero pages that the kernel maps on first write. A row-sparse dW touches k of n rows,
-    so for a 4096 x 4096 float32 gradient this skips writing ~64 MB per backward.
-    """
-    if like.device.type != "cpu" or like.dtype not in _NUMPY_DTYPES or n * d < (1 << 20):
-        return like.new_zeros(n, d)
-    return torch.from_numpy(np.zeros((n, d), dtype=_NUMPY_DTYPES[like.dtype]))
 
 
 def _bias_grad(g: Tensor, sel: tuple, sparse: bool) -> Tensor:
@@ -260,7 +230,7 @@ def _impl_native(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db):
     dw_kind = ("sparse" if sparse_grad else "dense") if need_dw else None
     a, b, dx, dw, db = fused(g, x.contiguous(), weight.contiguous(), k, need_dx, dw_kind, full_db)
     if dw_kind == "sparse":
-        dw = _weight_grad(*dw, weight.shape[0], True)
+        dw = weight_grad(*dw, weight.shape[0], True)
     return ("rows", a, b) if mode == "per_example" else ("cols", a, b), dx, dw, db
 
 
@@ -275,7 +245,7 @@ def _impl_numba(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db):
     dx = cpu.rows_matmul(idx, vals, weight) if need_dx else None
     dw = None
     if need_dw and sparse_grad:
-        dw = _weight_grad(*cpu.rows_outer(idx, vals, x, n), n, True)
+        dw = weight_grad(*cpu.rows_outer(idx, vals, x, n), n, True)
     elif need_dw:  # dense dW written in one pass, untouched rows zero
         dw = cpu.rows_outer_dense(idx, vals, x, n)
     return ("rows", idx, vals), dx, dw, g.sum(0) if full_db else None
@@ -294,8 +264,8 @@ def _impl_torch(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db):
         # Compact to the union of the selected columns (R <= min(n, M*k)).
         rows = idx.flatten().unique()  # sorted
         gr = torch.zeros_like(g).scatter_(1, idx, vals).index_select(1, rows)  # (M, R)
-    dx, dw_rows = _compact_products(gr, rows, weight, x, need_dx, need_dw)
-    dw = _weight_grad(rows, dw_rows, n, sparse_grad) if need_dw else None
+    dx, dw_rows = compact_products(gr, rows, weight, x, need_dx, need_dw)
+    dw = weight_grad(rows, dw_rows, n, sparse_grad) if need_dw else None
     return sel, dx, dw, g.sum(0) if full_db else None
 
 
@@ -314,7 +284,7 @@ def _impl_dense(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db):
         dw = gm.t() @ x
         if sparse_grad:
             rows = sel[1] if mode == "unified" else sel[1].flatten().unique()
-            dw = _weight_grad(rows, dw.index_select(0, rows), weight.shape[0], True)
+            dw = weight_grad(rows, dw.index_select(0, rows), weight.shape[0], True)
     return sel, dx, dw, g.sum(0) if full_db else None
 
 
@@ -360,7 +330,7 @@ def _pick(backend: str, args: tuple) -> str:
     g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db = args
     if backend != "auto":
         if backend in ("native", "numba"):
-            _kernel_module(backend, g)  # raises where it cannot run
+            kernel_module(backend, g)  # raises where it cannot run
         return backend
     # (MEPROP_BACKEND and MEPROP_AUTOTUNE are read when a signature is first seen)
     sig = (
@@ -415,7 +385,7 @@ class _SparseLinearFn(torch.autograd.Function):
             dx = g @ weight if need_dx else None
             dw = g.t() @ x2 if need_dw else None
             if need_dw and sparse_grad:
-                dw = _weight_grad(torch.arange(n, device=g.device), dw, n, True)
+                dw = weight_grad(torch.arange(n, device=g.device), dw, n, True)
             return _finish(x, g, sel, dx, dw, need_db, sparse_bias, counts, sel_n)
         local = mode == "per_example" or (mode == "unified" and scope == "local")
         if local and not torch.compiler.is_compiling():
@@ -428,13 +398,13 @@ class _SparseLinearFn(torch.autograd.Function):
                 db = _bias_grad(g, sel, True)
             return _finish(x, g, sel, dx, dw, False, sparse_bias, counts, sel_n, db)
         # Random selection, unified selection over all ranks, and torch.compile's tracing.
-        kern = _kernel_module(backend, g)
+        kern = kernel_module(backend, g)
         if mode == "unified":
             cols = select_columns(g, k, scope)
             gc = g.index_select(1, cols)  # (M, k)
             sel = ("cols", cols, gc)
-            dx, dw_rows = _compact_products(gc, cols, weight, x2, need_dx, need_dw)
-            dw = _weight_grad(cols, dw_rows, n, sparse_grad) if need_dw else None
+            dx, dw_rows = compact_products(gc, cols, weight, x2, need_dx, need_dw)
+            dw = weight_grad(cols, dw_rows, n, sparse_grad) if need_dw else None
         else:
             g = g.contiguous()
             idx, vals = select_rows(g, k, mode, kernels=kern)  # (M, k) each
@@ -450,11 +420,11 @@ class _SparseLinearFn(torch.autograd.Function):
                 # Compact to the union of the selected columns (R <= min(n, M*k)).
                 rows = idx.flatten().unique()  # sorted
                 gm = torch.zeros_like(g).scatter_(1, idx, vals)  # g~ (M, n)
-                dx, dw_rows = _compact_products(
+                dx, dw_rows = compact_products(
                     gm.index_select(1, rows), rows, weight, x2, need_dx, need_dw
                 )
             if need_dw and dw is None:
-                dw = _weight_grad(rows, dw_rows, n, sparse_grad)
+                dw = weight_grad(rows, dw_rows, n, sparse_grad)
         return _finish(x, g, sel, dx, dw, need_db, sparse_bias, counts, sel_n)
 
 

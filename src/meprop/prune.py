@@ -26,7 +26,7 @@ __all__ = [
 Cut = tuple[nn.Parameter, nn.Parameter, int, Tensor]
 
 
-def _check_keep(keep: Tensor, size: int, what: str) -> Tensor:
+def check_keep(keep: Tensor, size: int, what: str) -> Tensor:
     keep = torch.as_tensor(keep, dtype=torch.long).flatten()
     if keep.numel() == 0:
         raise ValueError(f"cannot remove every unit of {what}: keep at least one")
@@ -37,7 +37,7 @@ def _check_keep(keep: Tensor, size: int, what: str) -> Tensor:
     return keep
 
 
-def _slice_param(module: nn.Module, name: str, dim: int, keep: Tensor) -> Cut:
+def slice_param(module: nn.Module, name: str, dim: int, keep: Tensor) -> Cut:
     old = getattr(module, name)
     keep = keep.to(old.device)
     new = nn.Parameter(old.detach().index_select(dim, keep), requires_grad=old.requires_grad)
@@ -47,19 +47,19 @@ def _slice_param(module: nn.Module, name: str, dim: int, keep: Tensor) -> Cut:
 
 def prune_out_(layer: nn.Linear, keep: Tensor) -> list[Cut]:
     """Keep only the output units ``keep`` of a Linear: rows of its weight and bias."""
-    keep = _check_keep(keep, layer.out_features, f"{type(layer).__name__} outputs")
-    cuts = [_slice_param(layer, "weight", 0, keep)]
+    keep = check_keep(keep, layer.out_features, f"{type(layer).__name__} outputs")
+    cuts = [slice_param(layer, "weight", 0, keep)]
     if layer.bias is not None:
-        cuts.append(_slice_param(layer, "bias", 0, keep))
+        cuts.append(slice_param(layer, "bias", 0, keep))
     layer.out_features = keep.numel()
     return cuts
 
 
 def prune_in_(layer: nn.Linear, keep: Tensor) -> list[Cut]:
     """Keep only the input columns ``keep`` of a Linear's weight."""
-    keep = _check_keep(keep, layer.in_features, f"{type(layer).__name__} inputs")
+    keep = check_keep(keep, layer.in_features, f"{type(layer).__name__} inputs")
     layer.in_features = keep.numel()
-    return [_slice_param(layer, "weight", 1, keep)]
+    return [slice_param(layer, "weight", 1, keep)]
 
 
 def prune_norm_(norm: nn.Module, keep: Tensor) -> list[Cut]:
@@ -72,9 +72,9 @@ def prune_norm_(norm: nn.Module, keep: Tensor) -> list[Cut]:
         size = norm.num_features
     else:
         raise TypeError(f"cannot slice {type(norm).__name__}: only LayerNorm and BatchNorm1d")
-    keep = _check_keep(keep, size, type(norm).__name__)
+    keep = check_keep(keep, size, type(norm).__name__)
     cuts = [
-        _slice_param(norm, n, 0, keep) for n in ("weight", "bias") if getattr(norm, n) is not None
+        slice_param(norm, n, 0, keep) for n in ("weight", "bias") if getattr(norm, n) is not None
     ]
     if isinstance(norm, nn.LayerNorm):
         norm.normalized_shape = (keep.numel(),)

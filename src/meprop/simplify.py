@@ -64,11 +64,13 @@ class Pair:
     norms: tuple[str, ...] = ()
 
 
-def _flatten(seq: nn.Sequential, prefix: str) -> list[tuple[str, nn.Module]]:
+def flatten_sequential(seq: nn.Sequential, prefix: str) -> list[tuple[str, nn.Module]]:
     out = []
     for name, child in seq.named_children():
         full = f"{prefix}.{name}" if prefix else name
-        out += _flatten(child, full) if isinstance(child, nn.Sequential) else [(full, child)]
+        out += (
+            flatten_sequential(child, full) if isinstance(child, nn.Sequential) else [(full, child)]
+        )
     return out
 
 
@@ -88,7 +90,7 @@ def find_pairs(model: nn.Module) -> list[Pair]:
     for seq_name, seq in seqs.items():
         if seq_name in inner:  # flattened into its parent chain
             continue
-        chain = _flatten(seq, seq_name)
+        chain = flatten_sequential(seq, seq_name)
         for i, (name, module) in enumerate(chain):
             if not isinstance(module, SparseLinear):
                 continue

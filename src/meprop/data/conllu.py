@@ -30,7 +30,7 @@ EWT_SPLITS = {
     "dev": "en_ewt-ud-dev.conllu",
     "test": "en_ewt-ud-test.conllu",
 }
-_EWT_DATASET = "ud_english_ewt"
+EWT_DATASET = "ud_english_ewt"
 
 _WORD_ID = re.compile(r"[1-9][0-9]*")
 _RANGE_ID = re.compile(r"([1-9][0-9]*)-([1-9][0-9]*)")
@@ -245,7 +245,7 @@ def load_ud_ewt(
         raise ValueError(f"unknown EWT split(s) {unknown}; the splits are {list(EWT_SPLITS)}")
     return {
         split: read_conllu(
-            ensure_file(_EWT_DATASET, EWT_SPLITS[split], root, download, base_url=base_url)
+            ensure_file(EWT_DATASET, EWT_SPLITS[split], root, download, base_url=base_url)
         )
         for split in splits
     }

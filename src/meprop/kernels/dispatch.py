@@ -110,10 +110,10 @@ def _numba_version() -> str:
         return ""
 
 
-def _cache_dir() -> Path:
-    from .native import _cache_dir
+def cache_dir() -> Path:
+    from .native import cache_dir
 
-    return _cache_dir()
+    return cache_dir()
 
 
 class Tuner:
@@ -126,7 +126,7 @@ class Tuner:
     def __init__(self, path: Path | None = None) -> None:
         self.key = machine_key()
         digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
-        self.path = path or _cache_dir() / f"dispatch_{digest}.json"
+        self.path = path or cache_dir() / f"dispatch_{digest}.json"
         self._choices: dict[str, dict] | None = None
         self._lock = threading.Lock()
         self.measured = 0  # decisions timed by this process (for tests and describe())

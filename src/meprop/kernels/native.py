@@ -135,7 +135,7 @@ _active: list[str] = []  # the build that the kernels run (use_build), else marc
 # Build and load
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     if os.environ.get("MEPROP_CACHE"):
         return Path(os.environ["MEPROP_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meprop"
@@ -158,7 +158,7 @@ def _build(cxx: str, arch: str | None = None) -> Path:
     retried: its error is kept beside)."""
     arch = arch or march()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-    folder = _cache_dir()
+    folder = cache_dir()
     errors = []
     for flags in flag_sets(arch):
         key = hashlib.sha256(

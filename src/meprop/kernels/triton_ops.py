@@ -352,7 +352,7 @@ def backward(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db):
     or None; dW dense (n, in), row-sparse COO (``sparse_grad``) or None; db = g.sum(0) when
     ``full_db``, else None.
     """
-    from ..ops import _weight_grad
+    from ..grads import weight_grad
 
     for t, name in ((g, "g"), (x, "x"), (weight, "weight")):
         require(t, name)
@@ -362,14 +362,14 @@ def backward(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db):
         gc = g.index_select(1, cols)  # (M, k)
         sel = ("cols", cols, gc)
         dx = gc @ weight.index_select(0, cols) if need_dx else None
-        dw = _weight_grad(cols, gc.t() @ x, n, sparse_grad) if need_dw else None
+        dw = weight_grad(cols, gc.t() @ x, n, sparse_grad) if need_dw else None
     elif mode == "per_example":
         idx, vals = topk_rows(g, k)
         sel = ("rows", idx, vals)
         dx = rows_matmul(idx, vals, weight) if need_dx else None
         dw = None  # (idx comes from topk: no range check, which would sync with the GPU)
         if need_dw and sparse_grad:
-            dw = _weight_grad(*_rows_outer(idx, vals, x, n, check=False), n, True)
+            dw = weight_grad(*_rows_outer(idx, vals, x, n, check=False), n, True)
         elif need_dw:
             dw = _rows_outer_dense(idx, vals, x, n, check=False)
     else:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.conllu import _EWT_DATASET, EWT_SPLITS
+from ..data.conllu import EWT_DATASET, EWT_SPLITS
 from ..data.download import ensure_file
 from ..simplify import Pair
 
@@ -142,7 +142,7 @@ class LmTask:
             )
         self.sparse_attention = bool(cfg.sparse_attention) or self.sparse_attention
         texts = {
-            split: read_texts(ensure_file(_EWT_DATASET, EWT_SPLITS[split], data_dir))
+            split: read_texts(ensure_file(EWT_DATASET, EWT_SPLITS[split], data_dir))
             for split in ("train", "dev", "test")
         }
         if cfg.train_limit:

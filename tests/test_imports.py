@@ -1,0 +1,97 @@
+"""The package's import graph: no circles between modules, no private names across them.
+
+Every ``import`` and ``from ... import`` in src/meprop, at any depth (imports inside functions
+count: they make a circle as much as top-level ones), read with ``ast``.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "src" / "meprop"
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in ROOT.rglob("*.py"):
+        parts = path.relative_to(ROOT.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def imports(name: str, path: Path, mods: dict[str, Path]) -> list[tuple[str, str | None]]:
+    """(module imported, name taken from it or None) for every import in ``path``."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                out.append((sub, None) if sub in mods else (target, alias.name))
+        elif isinstance(node, ast.Import):
+            out += [(alias.name, None) for alias in node.names]
+    return [(m, n) for m, n in out if m in mods]
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    # (a package's __init__ only re-exports: edges to it would make every module a circle)
+    return {
+        m: {t for t, _ in imports(m, p, mods) if t != "meprop" and t != m}
+        for m, p in mods.items()
+        if m != "meprop"
+    }
+
+
+def find_circles(g: dict[str, set[str]]) -> list[list[str]]:
+    """The circles a depth-first walk of ``g`` meets (each as a path back to its start)."""
+    circles = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m, path):
+        state[m] = 1
+        for t in sorted(g.get(m, ())):
+            if state.get(t) == 1:
+                circles.append(path[path.index(t) :] + [t])
+            elif t not in state:
+                visit(t, path + [t])
+        state[m] = 2
+
+    for m in sorted(g):
+        if m not in state:
+            visit(m, [m])
+    return circles
+
+
+def test_find_circles_finds_them():
+    assert find_circles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+    assert find_circles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_no_import_circles():
+    circles = find_circles(graph())
+    assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)
+
+
+def test_no_private_names_across_modules():
+    mods = modules()
+    bad = [
+        f"{m} takes {n} from {t}"
+        for m, p in mods.items()
+        for t, n in imports(m, p, mods)
+        if n is not None and n.startswith("_") and not n.startswith("__") and t != m
+    ]
+    assert not bad, "; ".join(bad)
+
+
+@pytest.mark.parametrize("module", ["meprop.ops", "meprop.report", "meprop.lstm"])
+def test_graph_sees_the_edges(module):
+    # the check reads real imports (guards against a parser that finds nothing)
+    assert graph()[module]

@@ -19,6 +19,17 @@ def pytest_configure(config):
         os.environ["MEPROP_DATA"] = str(SHARED_DATA)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-tensor tests: threads only add synchronisation
+    (and on a busy 2-core machine, spinning OpenMP workers make each op milliseconds slower).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

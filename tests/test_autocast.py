@@ -19,12 +19,7 @@ BF16 = torch.bfloat16
 TOL = dict(rtol=2e-2, atol=2e-2)  # bfloat16 rounding of the products
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def distinct_grad(lead, n):

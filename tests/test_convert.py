@@ -16,12 +16,7 @@ from meprop.ops import reference_backward
 CFG = MePropConfig(k=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_nothing_converted_warns_and_returns_model():

@@ -25,14 +25,7 @@ IN, HID, T, B = 4, 5, 6, 3
 LENGTHS = [6, 2, 4]  # unsorted, so packing permutes the batch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: threads only add synchronisation (and on a busy 2-core machine, spinning
-    # OpenMP workers make each op milliseconds slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_pair(k, mode="per_example", layers=1, bidir=False, batch_first=False, **cfg):

@@ -110,12 +110,6 @@ def _numba_version() -> str:
         return ""
 
 
-def cache_dir() -> Path:
-    from .native import cache_dir
-
-    return cache_dir()
-
-
 class Tuner:
     """Choices per shape class, measured on first use and kept in one JSON file per machine key.
 
@@ -124,9 +118,11 @@ class Tuner:
     """
 
     def __init__(self, path: Path | None = None) -> None:
+        from . import native
+
         self.key = machine_key()
         digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
-        self.path = path or cache_dir() / f"dispatch_{digest}.json"
+        self.path = path or native.cache_dir() / f"dispatch_{digest}.json"
         self._choices: dict[str, dict] | None = None
         self._lock = threading.Lock()
         self.measured = 0  # decisions timed by this process (for tests and describe())

@@ -287,8 +287,16 @@ def supports(t: Tensor) -> bool:
 _FNS: dict = {}  # (build, name, dtype) -> the library's function
 
 
+_DEFAULT_ARCH: list[str] = []  # march(), read once: _fn runs in every backward
+
+
 def _fn(name: str, dtype: torch.dtype):
-    arch = _active[-1] if _active else march()
+    if _active:
+        arch = _active[-1]
+    else:
+        if not _DEFAULT_ARCH:
+            _DEFAULT_ARCH.append(march())
+        arch = _DEFAULT_ARCH[0]
     fn = _FNS.get((arch, name, dtype))
     if fn is None:
         lib = _load(arch)

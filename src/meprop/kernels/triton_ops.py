@@ -41,6 +41,8 @@ import os
 import torch
 from torch import Tensor
 
+from . import fakes
+
 try:
     import triton
     import triton.language as tl
@@ -402,25 +404,13 @@ if triton is not None:
     def _column_scores_op(g: Tensor) -> Tensor:
         return column_scores(g)
 
-    @_topk_rows_op.register_fake
-    def _(g: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        torch._check(g.dim() == 2, lambda: f"g must be (M, n), got shape {tuple(g.shape)}")
-        torch._check_value(1 <= k <= g.shape[1], lambda: f"k must be in [1, n], got k={k}")
-        m = g.shape[0]
-        return g.new_empty((m, k), dtype=torch.int64), g.new_empty((m, k))
-
-    @_rows_matmul_op.register_fake
-    def _(idx: Tensor, vals: Tensor, weight: Tensor) -> Tensor:
-        return weight.new_empty((idx.shape[0], weight.shape[1]))
-
-    @_rows_outer_op.register_fake
-    def _(idx: Tensor, vals: Tensor, x: Tensor, n: int) -> tuple[Tensor, Tensor]:
-        r = torch.library.get_ctx().new_dynamic_size()  # distinct rows: data-dependent, <= n
-        return idx.new_empty((r,)), x.new_empty((r, x.shape[1]))
-
-    @_rows_outer_dense_op.register_fake
-    def _(idx: Tensor, vals: Tensor, x: Tensor, n: int) -> Tensor:
-        return x.new_empty((n, x.shape[1]))
+    for _op, _fake in (
+        (_topk_rows_op, fakes.topk_rows),
+        (_rows_matmul_op, fakes.rows_matmul),
+        (_rows_outer_op, fakes.rows_outer),
+        (_rows_outer_dense_op, fakes.rows_outer_dense),
+    ):
+        _op.register_fake(_fake)
 
     @_column_scores_op.register_fake
     def _(g: Tensor) -> Tensor:

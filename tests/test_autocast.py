@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from meprop import MePropConfig, SparseLSTM, sparsify_
-from meprop.ops import reference_backward
+from meprop.reference import reference_backward
 
 BF16 = torch.bfloat16
 TOL = dict(rtol=2e-2, atol=2e-2)  # bfloat16 rounding of the products

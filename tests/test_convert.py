@@ -11,7 +11,7 @@ from torch import nn
 
 from meprop import MePropConfig, convert, converted, densify_, sparsify_
 from meprop.convert import register_layer
-from meprop.ops import reference_backward
+from meprop.reference import reference_backward
 
 CFG = MePropConfig(k=3)
 

@@ -11,7 +11,8 @@ import torch
 
 from meprop import MePropConfig, sparse_linear
 from meprop.kernels import dispatch
-from meprop.ops import IMPLEMENTATIONS, candidates, reference_backward
+from meprop.ops import IMPLEMENTATIONS, candidates
+from meprop.reference import reference_backward
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from meprop import MePropConfig, SparseLinear, densify_, hidden_layers, sparsify_
-from meprop.ops import reference_backward
+from meprop.reference import reference_backward
 
 
 class Block(nn.Module):

@@ -9,11 +9,10 @@ import torch.nn.functional as F
 from meprop.kernels import native
 from meprop.ops import (
     kernels_available,
-    mask_gradient,
-    reference_backward,
     select_columns,
     sparse_linear,
 )
+from meprop.reference import mask_gradient, reference_backward
 
 FLOATS = [torch.float32, torch.float64]
 HALVES = [torch.float16, torch.bfloat16]

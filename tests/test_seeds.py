@@ -100,3 +100,22 @@ def test_reproduce_groups_filter(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--groups nope: no such group" in err and "main" in err
+
+
+def test_reproduce_rows_filter(capsys, monkeypatch):
+    from meprop import reproduce
+
+    seen = []
+    monkeypatch.setattr(reproduce, "run_grid", lambda rows, out, **kw: seen.extend(rows) or [])
+    monkeypatch.setattr("meprop.report.build_report", lambda dirs, out: out / "report.md")
+    assert main(["reproduce", "mnist", "--groups", "ratio", "--rows", "k=40,k=80"]) == 0
+    assert sorted(r.label for r in seen) == [
+        "meProp per_example k=40",
+        "meProp per_example k=80",
+        "meProp unified k=40",
+        "meProp unified k=80",
+    ]
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "mnist", "--rows", "k=999"])
+    assert e.value.code == 2
+    assert "--rows k=999: matches no row label" in capsys.readouterr().err

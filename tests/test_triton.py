@@ -14,7 +14,8 @@ pytest.importorskip("triton", reason="triton is not installed (pip install -e '.
 
 from meprop import config, lstm, ops  # noqa: E402
 from meprop.kernels import triton_ops as T  # noqa: E402
-from meprop.ops import reference_backward, sparse_linear  # noqa: E402
+from meprop.ops import sparse_linear  # noqa: E402
+from meprop.reference import reference_backward  # noqa: E402
 
 # (M, n, in, k): odd sizes, k = 1, k = n - 1 (k >= n never reaches the implementations: the
 # autograd function takes the dense gradient first; see test_triton_k_at_least_n_is_dense).

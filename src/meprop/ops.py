@@ -23,7 +23,7 @@ kernels, the C++ ones of ``meprop.kernels.native`` where they build (per_example
 one fused call for the selection, dx, dW and the bias sum) or else numba's; PyTorch ops
 everywhere else (other dtypes, GPUs) and for ``backend="torch"``.
 
-``reference_backward`` is the obviously-right version (mask ``g``, then the dense formulas):
+``meprop.reference.reference_backward`` is the obviously-right version (mask ``g``, then the dense formulas):
 the fast paths are tested against it.
 """
 
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .comm import sum_over_ranks
-from .config import MODES, MePropConfig
+from .config import MePropConfig
 from .grads import weight_grad
 from .kernels import dispatch
 
@@ -43,7 +43,6 @@ __all__ = [
     "apply_config",
     "select_rows",
     "select_columns",
-    "reference_backward",
     "kernels_available",
 ]
 
@@ -531,54 +530,3 @@ class _Cast(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad.to(ctx.dtype), None
-
-
-# --------------------------------------------------------------------------------------------
-# Reference
-
-
-def mask_gradient(g: Tensor, k: int, mode: str, cols_or_idx: Tensor | None = None) -> Tensor:
-    """``g`` (M, n) with everything but the selected entries set to zero.
-
-    For ``random`` the selection must be passed in (``cols_or_idx``: the (M, k) indices), since
-    it cannot be recomputed.
-    """
-    n = g.shape[1]
-    if k >= n:
-        return g.clone()
-    if mode == "unified":
-        cols = select_columns(g, k) if cols_or_idx is None else cols_or_idx
-        mask = torch.zeros(n, dtype=torch.bool, device=g.device)
-        mask[cols] = True
-        return g * mask
-    if mode == "per_example":
-        idx = g.abs().topk(k, dim=1).indices if cols_or_idx is None else cols_or_idx
-    elif mode == "random":
-        if cols_or_idx is None:
-            raise ValueError("mode='random' needs the drawn indices (cols_or_idx)")
-        idx = cols_or_idx
-    else:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return torch.zeros_like(g).scatter_(1, idx, g.gather(1, idx))
-
-
-def reference_backward(
-    x: Tensor,
-    weight: Tensor,
-    grad_out: Tensor,
-    k: int,
-    mode: str,
-    sparse_bias: bool = False,
-    selection: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The obviously-right meProp backward: mask g, then the dense formulas.
-
-    Returns (dx shaped like x, dW (n, in), db (n,)).
-    """
-    n, d_in = weight.shape
-    g = grad_out.reshape(-1, n)
-    gs = mask_gradient(g, k, mode, selection)
-    dx = (gs @ weight).reshape(x.shape)
-    dw = gs.t() @ x.reshape(-1, d_in)
-    db = (gs if sparse_bias else g).sum(0)
-    return dx, dw, db

@@ -308,6 +308,12 @@ def _reproduce(args: argparse.Namespace) -> None:
             print(f"meprop reproduce: error: {msg}", file=sys.stderr)
             raise SystemExit(2)
         rows = [r for r in rows if r.group in args.groups]
+    if args.rows:
+        rows = [r for r in rows if any(part in r.label for part in args.rows)]
+        if not rows:
+            msg = f"--rows {','.join(args.rows)}: matches no row label of the {args.task} grid"
+            print(f"meprop reproduce: error: {msg}", file=sys.stderr)
+            raise SystemExit(2)
     if args.seeds:
         rows = with_seeds(rows, args.seeds, args.seed_groups)
     out = args.out or Path("results") / (f"{args.task}-quick" if args.quick else args.task)
@@ -361,6 +367,11 @@ def register(subparsers) -> None:
         "--groups",
         type=lambda t: [g for g in t.split(",") if g],
         help="run only the rows of these groups (e.g. main,control,mesimp; default: all)",
+    )
+    p.add_argument(
+        "--rows",
+        type=lambda t: [g for g in t.split(",") if g],
+        help="run only the rows whose label contains one of these texts (e.g. 'k=40,k=80')",
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_reproduce)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import meprop
-from meprop import MePropConfig, MeSimpConfig, Simplifier, hidden_layers, sparsify_
+from meprop import AdaptiveK, MePropConfig, MeSimpConfig, Simplifier, hidden_layers, sparsify_
 from meprop import distributed as mdist
 from meprop.launch import WorkerFailed, spawn
 from meprop.ops import select_columns
@@ -36,7 +36,16 @@ CONFIGS = {  # name -> (MePropConfig, optimizer, steps, global batch sizes)
     "unified_local": (MePropConfig(k=3, mode="unified"), "sgd", 6, SIZES),
     "sparse_grad": (MePropConfig(k=3, sparse_grad=True), "sgd", 6, SIZES),
     "adam": (MePropConfig(k=3), "adam", 6, SIZES),
-}
+    # adaptive k: the unified k's come from the global scores, the same on every rank
+    "adaptive_global": (
+        MePropConfig(k=10, mode="unified", scope="global", adapt=AdaptiveK(min_k=2, s_min=0.2)),
+        "sgd", 6, SIZES,
+    ),
+    "adaptive_mass_global": (
+        MePropConfig(k=10, mode="unified", scope="global", adapt=AdaptiveK(rule="mass", share=0.5)),
+        "sgd", 6, SIZES,
+    ),
+}  # fmt: skip
 
 
 def mlp() -> nn.Sequential:
@@ -96,6 +105,7 @@ def job_worker(out: str) -> None:
     for name, (cfg, opt_name, steps, sizes) in CONFIGS.items():
         model, _, _ = train(cfg, opt_name, global_batches(steps, sizes))
         results[name] = snapshot(model)
+        results[name + ".last_k"] = [m.last_k for m in model if hasattr(m, "last_k")]
         if name == "sparse_grad":
             results["sparse_grad.grad"] = model[0].weight.grad
 
@@ -130,7 +140,11 @@ def assert_states(a: dict, b: dict, exact: bool = False, atol: float = 1e-6) -> 
             torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("name", ["per_example", "unified_global", "sparse_grad", "adam"])
+@pytest.mark.parametrize(
+    "name",
+    ["per_example", "unified_global", "sparse_grad", "adam", "adaptive_global",
+     "adaptive_mass_global"],
+)  # fmt: skip
 def test_two_processes_equal_one_on_the_global_batch(job, name):
     _, ranks = job
     assert ranks[0]["world"] == 2
@@ -138,6 +152,10 @@ def test_two_processes_equal_one_on_the_global_batch(job, name):
     cfg, opt_name, steps, sizes = CONFIGS[name]
     model, _, _ = train(cfg, opt_name, global_batches(steps, sizes))
     assert_states(ranks[0][name], snapshot(model), atol=1e-5 if name == "adam" else 1e-6)
+    if cfg.adapt is not None:  # the same k's on both ranks and in one process
+        one = [m.last_k for m in model if hasattr(m, "last_k")]
+        assert ranks[0][name + ".last_k"] == ranks[1][name + ".last_k"] == one
+        assert all(2 <= k <= 10 for k in one[:2]), one
 
 
 def test_unified_local_scope_selects_per_rank(job):

@@ -7,7 +7,7 @@ Learning: A Minimal Effort Back Propagation Method" (TKDE).
 
 from .analysis import UpdateMonitor
 from .checkpoint import load, save
-from .config import MeActConfig, MePropConfig, MeSimpConfig
+from .config import AdaptiveK, MeActConfig, MePropConfig, MeSimpConfig
 from .convert import converted, densify_, hidden_layers, sparsify_
 from .grads import clip_grad_norm_
 from .lstm import SparseLSTM
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MePropConfig",
+    "AdaptiveK",
     "SparseLinear",
     "SparseLSTM",
     "sparsify_",

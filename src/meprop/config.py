@@ -9,7 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["MODES", "BACKENDS", "SCOPES", "MePropConfig", "MeSimpConfig", "MeActConfig"]
+__all__ = [
+    "MODES",
+    "BACKENDS",
+    "SCOPES",
+    "RULES",
+    "AdaptiveK",
+    "MePropConfig",
+    "MeSimpConfig",
+    "MeActConfig",
+]
 
 # per_example: top-k of each row of the output gradient (the original meProp).
 # unified:     one set of k columns per call, ranked by the sum of |g| over the rows.
@@ -36,10 +45,91 @@ MEACT_BACKENDS = ("auto", "torch", "native", "numba")
 SCOPES = ("local", "global")
 
 
+# How AdaptiveK chooses each step's k (meprop.adaptive):
+# tinyprop: a share of the layer's width that follows the error's size (TinyProp's rule).
+# mass:     the fewest entries that hold a given share of the gradient's mass.
+RULES = ("tinyprop", "mass")
+
+
 def _check_type(name: str, value: Any, expected: type) -> None:
     # bool is a subclass of int: k=True must not pass as k=1.
     if expected is int and isinstance(value, bool) or not isinstance(value, expected):
         raise TypeError(f"{name} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _check_share(name: str, value: Any, low: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not low <= value <= 1.0:
+        raise ValueError(f"{name} must be in [{low:g}, 1], got {value}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class AdaptiveK:
+    """Choose k at every backward instead of fixing it: ``MePropConfig(k=K_MAX, adapt=...)``.
+
+    The config's ``k`` is the upper bound; each step's k lies in ``[min_k, k]``. Per example
+    (``per_example`` mode: one k per row of the output gradient) or per batch (``unified``: one
+    k per call, and with ``scope="global"`` the same k on every rank, from the global scores).
+
+    Rules (``meprop.adaptive`` has the formulas):
+
+    - ``"tinyprop"`` (TinyProp, Rüb et al. 2023): the share of the layer's ``n`` outputs kept is
+      ``(s_min + (s_max - s_min) * Y / Y_max) * damping ** depth``, where ``Y`` is the error's
+      size (the L1 norm of the example's output gradient; in ``unified`` the sum over the
+      batch's rows, which for a mean loss is the mean example's), ``Y_max`` the largest ``Y`` the layer has seen, and ``depth`` the layer's
+      position counted from the network's last converted layer (0) towards the input
+      (``sparsify_`` numbers them). Early in training errors are large and more is kept.
+    - ``"mass"``: the fewest entries (per example) or columns (unified: by their summed |g|)
+      whose ``measure`` (``"abs"``: |g|, ``"square"``: g^2) adds up to at least ``share`` of
+      the row's (or scores') total.
+
+    Args:
+        min_k: the least k (>= 1, <= the config's k).
+        rule: ``"tinyprop"`` or ``"mass"``.
+        s_min, s_max: tinyprop's least and largest share of the width, 0 <= s_min <= s_max <= 1.
+        damping: tinyprop's factor per layer of depth, in (0, 1].
+        share: mass's share of the total, in (0, 1].
+        measure: mass's measure, ``"abs"`` or ``"square"``.
+
+    Example:
+        >>> AdaptiveK(min_k=4, rule="mass", share=0.9)  # doctest: +NORMALIZE_WHITESPACE
+        AdaptiveK(min_k=4, rule='mass', s_min=0.0, s_max=1.0, damping=1.0, share=0.9,
+                  measure='abs')
+    """
+
+    min_k: int = 1
+    rule: str = "tinyprop"
+    s_min: float = 0.0
+    s_max: float = 1.0
+    damping: float = 1.0
+    share: float = 0.9
+    measure: str = "abs"
+
+    def __post_init__(self) -> None:
+        _check_type("min_k", self.min_k, int)
+        if self.min_k < 1:
+            raise ValueError(f"min_k must be >= 1, got {self.min_k}")
+        _check_type("rule", self.rule, str)
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        for name in ("s_min", "s_max"):
+            object.__setattr__(self, name, _check_share(name, getattr(self, name)))
+        if self.s_min > self.s_max:
+            raise ValueError(f"s_min ({self.s_min}) must be <= s_max ({self.s_max})")
+        object.__setattr__(self, "damping", _check_share("damping", self.damping))
+        if self.damping == 0:
+            raise ValueError("damping must be in (0, 1], got 0.0")
+        object.__setattr__(self, "share", _check_share("share", self.share))
+        if self.share == 0:
+            raise ValueError("share must be in (0, 1], got 0.0")
+        if self.measure not in ("abs", "square"):
+            raise ValueError(f"measure must be 'abs' or 'square', got {self.measure!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (for checkpoints and logs)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)
@@ -72,11 +162,14 @@ class MePropConfig:
             must then run the same backward. Per-example and random selection are local to
             each example, so scope does not change them. ``SparseLSTM`` supports ``"local"``
             only (its ranks' batches have different numbers of time steps).
+        adapt: ``None`` (k fixed), or an ``AdaptiveK``: each backward chooses its k in
+            ``[adapt.min_k, k]`` (per example, or per call in ``unified``). Not with
+            ``random`` (it has no magnitudes to follow).
 
     Example:
         >>> MePropConfig(k=20, mode="unified")  # doctest: +NORMALIZE_WHITESPACE
         MePropConfig(k=20, mode='unified', sparse_bias=False, sparse_grad=False, backend='auto',
-                     scope='local')
+                     scope='local', adapt=None)
     """
 
     k: int
@@ -85,6 +178,7 @@ class MePropConfig:
     sparse_grad: bool = False
     backend: str = "auto"
     scope: str = "local"
+    adapt: AdaptiveK | None = None
 
     def __post_init__(self) -> None:
         _check_type("k", self.k, int)
@@ -101,10 +195,27 @@ class MePropConfig:
         _check_type("scope", self.scope, str)
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.adapt is not None:
+            if not isinstance(self.adapt, AdaptiveK):
+                raise TypeError(
+                    f"adapt must be an AdaptiveK or None, got {type(self.adapt).__name__}"
+                )
+            if self.mode == "random":
+                raise ValueError(
+                    "adapt needs mode 'per_example' or 'unified': random-k has no gradient "
+                    "magnitudes to choose k from"
+                )
+            if self.adapt.min_k > self.k:
+                raise ValueError(
+                    f"adapt.min_k ({self.adapt.min_k}) must be <= k ({self.k}), the upper bound"
+                )
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a plain dict (for checkpoints and logs)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The fields as a plain dict (for checkpoints and logs; ``adapt`` as a dict)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.adapt is not None:
+            out["adapt"] = self.adapt.to_dict()
+        return out
 
 
 @dataclass(frozen=True)

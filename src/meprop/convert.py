@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .adaptive import KRecord
 from .config import MePropConfig
 from .lstm import SparseLSTM, to_dense_, to_sparse_
 from .nn import SparseLinear
@@ -78,6 +79,7 @@ def _swap_class(sparse: type) -> Callable[[nn.Module, MePropConfig], None]:
         module.__class__ = sparse
         module.config = config
         module.usage = None
+        module.k_record = KRecord()
 
     return to_sparse
 
@@ -85,7 +87,7 @@ def _swap_class(sparse: type) -> Callable[[nn.Module, MePropConfig], None]:
 def _unswap_class(dense: type) -> Callable[[nn.Module], None]:
     def to_dense(module: nn.Module) -> None:
         module.__class__ = dense
-        del module.config, module.usage
+        del module.config, module.usage, module.k_record
 
     return to_dense
 
@@ -191,6 +193,7 @@ def sparsify_(model: nn.Module, config: MePropConfig, filter_fn: FilterFn | None
             handler.to_sparse(module, config)
         else:  # already a meProp layer: the new config only
             module.config = config
+    _number_depths(model)
     if not todo:
         types = tuple(_BY_DENSE)
         subclasses = sorted(
@@ -207,6 +210,14 @@ def sparsify_(model: nn.Module, config: MePropConfig, filter_fn: FilterFn | None
             stacklevel=2,
         )
     return model
+
+
+def _number_depths(model: nn.Module) -> None:
+    """Each meProp layer's depth for adaptive k (TinyProp's damping): its position counted from
+    the last one registered (0) towards the first (named_modules order)."""
+    layers = [m for m in model.modules() if isinstance(getattr(m, "k_record", None), KRecord)]
+    for depth, layer in enumerate(reversed(layers)):
+        layer.k_record.depth = depth
 
 
 def densify_(model: nn.Module, filter_fn: FilterFn | None = None):

@@ -14,6 +14,7 @@ import functools
 import torch
 from torch import Tensor, nn
 
+from .adaptive import KRecord
 from .config import MePropConfig
 from .ops import apply_config
 
@@ -32,6 +33,8 @@ class SparseLinear(nn.Linear):
         usage: ``None``, or a pair of tensors ``(counts (out_features,), selections (1,))`` that
             backward increments (how often each unit was selected; how many selections). meSimp
             attaches it; see ``meprop.simplify``.
+        k_record: a ``meprop.adaptive.KRecord``: adaptive k's memory and the layer's depth.
+        last_k: the mean k of the latest backward (None before the first).
 
     Example:
         >>> layer = SparseLinear(500, 500, config=MePropConfig(k=20))
@@ -41,6 +44,7 @@ class SparseLinear(nn.Linear):
 
     config: MePropConfig
     usage: tuple[Tensor, Tensor] | None
+    k_record: KRecord
 
     def __init__(
         self,
@@ -59,11 +63,15 @@ class SparseLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device, dtype)
         self.config = config
         self.usage = None
+        self.k_record = KRecord()
+
+    @property
+    def last_k(self) -> float | None:
+        return self.k_record.last_k
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.usage is None:
-            return apply_config(input, self.weight, self.bias, self.config)
-        return apply_config(input, self.weight, self.bias, self.config, *self.usage)
+        usage = (None, None) if self.usage is None else self.usage
+        return apply_config(input, self.weight, self.bias, self.config, *usage, self.k_record)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + config_repr(self.config)
@@ -78,6 +86,8 @@ def config_repr(c: MePropConfig) -> str:
         s += ", sparse_grad=True"
     if c.scope != "local":
         s += f", scope={c.scope}"
+    if c.adapt is not None:
+        s += f", adapt={c.adapt.rule}, min_k={c.adapt.min_k}"
     return s
 
 
@@ -96,10 +106,15 @@ def sparse_conv1d_class() -> type:
 
         config: MePropConfig
         usage: tuple[Tensor, Tensor] | None
+        k_record: KRecord
+
+        @property
+        def last_k(self) -> float | None:
+            return self.k_record.last_k
 
         def forward(self, x: Tensor) -> Tensor:
-            usage = () if self.usage is None else self.usage
-            return apply_config(x, self.weight.t(), self.bias, self.config, *usage)
+            usage = (None, None) if self.usage is None else self.usage
+            return apply_config(x, self.weight.t(), self.bias, self.config, *usage, self.k_record)
 
         def __repr__(self) -> str:
             return f"SparseConv1D(nf={self.nf}, nx={self.nx}{config_repr(self.config)})"

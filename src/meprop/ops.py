@@ -29,12 +29,15 @@ the fast paths are tested against it.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .adaptive import KRecord, batch_k, row_ks
 from .comm import sum_over_ranks
-from .config import MePropConfig
+from .config import AdaptiveK, MePropConfig
 from .grads import weight_grad
 from .kernels import dispatch
 
@@ -44,7 +47,24 @@ __all__ = [
     "select_rows",
     "select_columns",
     "kernels_available",
+    "Selection",
 ]
+
+
+class Selection(NamedTuple):
+    """What one backward kept of the output gradient ``g`` (M, n).
+
+    ``kind``:
+      - ``"dense"``: everything (k >= n); ``index`` and ``values`` are None.
+      - ``"rows"``: each row its own entries: ``index``, ``values`` (M, k), the columns and
+        ``g[i, index[i]]`` (a value may be 0: past an adaptive row's k, or a zero gradient).
+      - ``"cols"``: the same columns for every row: ``index`` (k,), ``values = g[:, index]``
+        (M, k).
+    """
+
+    kind: str
+    index: Tensor | None = None
+    values: Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,17 +191,17 @@ def compact_products(
     return dx, dw_rows
 
 
-def _bias_grad(g: Tensor, sel: tuple, sparse: bool) -> Tensor:
+def _bias_grad(g: Tensor, sel: Selection, sparse: bool) -> Tensor:
     """db (n,): from the full gradient (default) or the sparsified one."""
-    if not sparse or sel[0] == "dense":
+    if not sparse or sel.kind == "dense":
         return g.sum(0)
     db = g.new_zeros(g.shape[1])
-    if sel[0] == "cols":
-        return db.index_copy_(0, sel[1], sel[2].sum(0))
-    return db.index_add_(0, sel[1].flatten(), sel[2].flatten())
+    if sel.kind == "cols":
+        return db.index_copy_(0, sel.index, sel.values.sum(0))
+    return db.index_add_(0, sel.index.flatten(), sel.values.flatten())
 
 
-def _record(counts: Tensor | None, selections: Tensor | None, sel: tuple, g: Tensor) -> None:
+def _record(counts: Tensor | None, selections: Tensor | None, sel: Selection, g: Tensor) -> None:
     """Add this call's selections to a usage record (meSimp): no host sync, no Python loop.
 
     An entry counts when it is kept *and non-zero*: a zero gradient (a unit behind an inactive
@@ -190,25 +210,36 @@ def _record(counts: Tensor | None, selections: Tensor | None, sel: tuple, g: Ten
     than k (where every entry is kept)."""
     if counts is None:
         return
-    kind = sel[0]
-    if kind == "dense":  # g: (M, n), every entry kept
+    if sel.kind == "dense":  # g: (M, n), every entry kept
         counts.add_((g != 0).sum(0).to(counts.dtype))
-    elif kind == "cols":  # the same k columns serve each of the M rows; sel[2]: (M, k)
-        counts.index_add_(0, sel[1], (sel[2] != 0).sum(0).to(counts.dtype))
-    else:  # sel[1], sel[2]: (M, k) indices and values
-        counts.index_add_(0, sel[1].flatten(), (sel[2] != 0).flatten().to(counts.dtype))
+    elif sel.kind == "cols":  # the same k columns serve each of the M rows; values (M, k)
+        counts.index_add_(0, sel.index, (sel.values != 0).sum(0).to(counts.dtype))
+    else:  # index, values: (M, k)
+        counts.index_add_(0, sel.index.flatten(), (sel.values != 0).flatten().to(counts.dtype))
     if selections is not None:
         selections.add_(g.shape[0])
 
 
-def _finish(x, g, sel, dx, dw, need_db, sparse_bias, counts, sel_n, db=None):
-    """Bias gradient, usage record, and backward's return tuple."""
-    if need_db:
-        db = _bias_grad(g, sel, sparse_bias)
-    _record(counts, sel_n, sel, g)
-    if dx is not None and x.dim() != 2:
-        dx = dx.reshape(x.shape)
-    return dx, dw, db, None, None, None, None, None, None, None, None
+def _rows_products(idx, vals, g, x, weight, kern, need_dx, need_dw, sparse_grad):
+    """dx (M, in) and dW from a per-row selection ``idx``, ``vals`` (M, k): the kernels' row
+    products where ``kern`` is a kernel module, else GEMMs on g~ compacted to the union of the
+    selected columns (R <= min(n, M*k))."""
+    n = weight.shape[0]
+    dx = dw = None
+    if kern is not None:
+        if need_dx:
+            dx = kern.rows_matmul(idx, vals, weight)
+        if need_dw and sparse_grad:
+            dw = weight_grad(*kern.rows_outer(idx, vals, x, n), n, True)
+        elif need_dw:  # dense dW written in one pass, untouched rows zero
+            dw = kern.rows_outer_dense(idx, vals, x, n)
+        return dx, dw
+    rows = idx.flatten().unique()  # sorted
+    gm = torch.zeros_like(g).scatter_(1, idx, vals)  # g~ (M, n)
+    dx, dw_rows = compact_products(gm.index_select(1, rows), rows, weight, x, need_dx, need_dw)
+    if need_dw:
+        dw = weight_grad(rows, dw_rows, n, sparse_grad)
+    return dx, dw
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,7 +261,7 @@ def _impl_native(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db):
     a, b, dx, dw, db = fused(g, x.contiguous(), weight.contiguous(), k, need_dx, dw_kind, full_db)
     if dw_kind == "sparse":
         dw = weight_grad(*dw, weight.shape[0], True)
-    return ("rows", a, b) if mode == "per_example" else ("cols", a, b), dx, dw, db
+    return Selection("rows" if mode == "per_example" else "cols", a, b), dx, dw, db
 
 
 def _impl_numba(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db):
@@ -247,7 +278,7 @@ def _impl_numba(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db):
         dw = weight_grad(*cpu.rows_outer(idx, vals, x, n), n, True)
     elif need_dw:  # dense dW written in one pass, untouched rows zero
         dw = cpu.rows_outer_dense(idx, vals, x, n)
-    return ("rows", idx, vals), dx, dw, g.sum(0) if full_db else None
+    return Selection("rows", idx, vals), dx, dw, g.sum(0) if full_db else None
 
 
 def _impl_torch(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db):
@@ -256,10 +287,10 @@ def _impl_torch(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db):
     if mode == "unified":
         cols = select_columns(g, k)
         gc = g.index_select(1, cols)  # (M, k)
-        sel, rows, gr = ("cols", cols, gc), cols, gc
+        sel, rows, gr = Selection("cols", cols, gc), cols, gc
     else:
         idx, vals = select_rows(g, k, mode)  # (M, k) each
-        sel = ("rows", idx, vals)
+        sel = Selection("rows", idx, vals)
         # Compact to the union of the selected columns (R <= min(n, M*k)).
         rows = idx.flatten().unique()  # sorted
         gr = torch.zeros_like(g).scatter_(1, idx, vals).index_select(1, rows)  # (M, R)
@@ -273,16 +304,16 @@ def _impl_dense(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db):
     if mode == "unified":
         cols = select_columns(g, k)
         gc = g.index_select(1, cols)  # (M, k)
-        sel, gm = ("cols", cols, gc), torch.zeros_like(g).index_copy_(1, cols, gc)
+        sel, gm = Selection("cols", cols, gc), torch.zeros_like(g).index_copy_(1, cols, gc)
     else:
         idx, vals = select_rows(g, k, mode)
-        sel, gm = ("rows", idx, vals), torch.zeros_like(g).scatter_(1, idx, vals)  # (M, n)
+        sel, gm = Selection("rows", idx, vals), torch.zeros_like(g).scatter_(1, idx, vals)
     dx = gm @ weight if need_dx else None
     dw = None
     if need_dw:
         dw = gm.t() @ x
         if sparse_grad:
-            rows = sel[1] if mode == "unified" else sel[1].flatten().unique()
+            rows = sel.index if mode == "unified" else sel.index.flatten().unique()
             dw = weight_grad(rows, dw.index_select(0, rows), weight.shape[0], True)
     return sel, dx, dw, g.sum(0) if full_db else None
 
@@ -291,7 +322,10 @@ def _impl_triton(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db):
     """Triton kernels (CUDA; CPU under TRITON_INTERPRET=1): see meprop.kernels.triton_ops."""
     from .kernels import triton_ops
 
-    return triton_ops.backward(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db)
+    sel, dx, dw, db = triton_ops.backward(
+        g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db
+    )
+    return Selection(*sel), dx, dw, db
 
 
 IMPLEMENTATIONS = {
@@ -357,74 +391,92 @@ def _pick(backend: str, args: tuple) -> str:
 
 
 class _SparseLinearFn(torch.autograd.Function):
-    """F.linear forward; backward through the top-k of the output gradient."""
+    """F.linear forward; backward through the top-k of the output gradient.
+
+    ``cfg``: the layer's MePropConfig; ``counts``, ``sel_n``: the meSimp usage record or None;
+    ``record``: the layer's KRecord (adaptive k's memory, ``last_k``) or None."""
 
     @staticmethod
-    def forward(
-        ctx, x, weight, bias, k, mode, sparse_bias, sparse_grad, backend, counts, sel_n, scope
-    ):
+    def forward(ctx, x, weight, bias, cfg, counts, sel_n, record):
         ctx.save_for_backward(x, weight)
-        ctx.opts = (k, mode, sparse_bias, sparse_grad, backend, counts, sel_n, scope)
-        ctx.has_bias = bias is not None
+        ctx.cfg, ctx.usage, ctx.record = cfg, (counts, sel_n), record
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        k, mode, sparse_bias, sparse_grad, backend, counts, sel_n, scope = ctx.opts
+        cfg, record = ctx.cfg, ctx.record
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         n, d_in = weight.shape
         # (M, n) and (M, in): leading dimensions flattened
         g = grad_out if grad_out.dim() == 2 else grad_out.reshape(-1, n)
         x2 = x if x.dim() == 2 else x.reshape(-1, d_in)
-        dx = dw = None
+        k, mode, cols = cfg.k, cfg.mode, None
 
         if k >= n:  # everything is kept: the dense gradient
-            sel = ("dense",)
+            if record is not None:
+                record.last_k = float(n)
             dx = g @ weight if need_dx else None
             dw = g.t() @ x2 if need_dw else None
-            if need_dw and sparse_grad:
+            if need_dw and cfg.sparse_grad:
                 dw = weight_grad(torch.arange(n, device=g.device), dw, n, True)
-            return _finish(x, g, sel, dx, dw, need_db, sparse_bias, counts, sel_n)
-        local = mode == "per_example" or (mode == "unified" and scope == "local")
+            return _finish(ctx, x, g, Selection("dense"), dx, dw, need_db)
+        if cfg.adapt is not None:
+            record = record if record is not None else KRecord()
+            if mode == "per_example":
+                return _adaptive_rows(ctx, x, x2, weight, g.contiguous(), record)
+            k, cols = batch_k(g, k, cfg.adapt, record, cfg.scope)  # unified: one k per call
+        elif record is not None:
+            record.last_k = float(k)
+        local = mode == "per_example" or (mode == "unified" and cfg.scope == "local")
         if local and not torch.compiler.is_compiling():
             g = g.contiguous()
-            full_db = need_db and not sparse_bias
-            args = (g, x2, weight, k, mode, need_dx, need_dw, sparse_grad, full_db)
-            name = _pick(backend, args)
+            full_db = need_db and not cfg.sparse_bias
+            args = (g, x2, weight, k, mode, need_dx, need_dw, cfg.sparse_grad, full_db)
+            name = _pick(cfg.backend, args)
             sel, dx, dw, db = IMPLEMENTATIONS[name](*args)
             if need_db and not full_db:
                 db = _bias_grad(g, sel, True)
-            return _finish(x, g, sel, dx, dw, False, sparse_bias, counts, sel_n, db)
+            return _finish(ctx, x, g, sel, dx, dw, False, db)
         # Random selection, unified selection over all ranks, and torch.compile's tracing.
-        kern = kernel_module(backend, g)
         if mode == "unified":
-            cols = select_columns(g, k, scope)
+            cols = select_columns(g, k, cfg.scope) if cols is None else cols
             gc = g.index_select(1, cols)  # (M, k)
-            sel = ("cols", cols, gc)
+            sel = Selection("cols", cols, gc)
             dx, dw_rows = compact_products(gc, cols, weight, x2, need_dx, need_dw)
-            dw = weight_grad(cols, dw_rows, n, sparse_grad) if need_dw else None
+            dw = weight_grad(cols, dw_rows, n, cfg.sparse_grad) if need_dw else None
         else:
             g = g.contiguous()
+            kern = kernel_module(cfg.backend, g)
             idx, vals = select_rows(g, k, mode, kernels=kern)  # (M, k) each
-            sel = ("rows", idx, vals)
-            if kern is not None:
-                if need_dx:
-                    dx = kern.rows_matmul(idx, vals, weight)
-                if need_dw and sparse_grad:
-                    rows, dw_rows = kern.rows_outer(idx, vals, x2, n)
-                elif need_dw:  # dense dW written in one pass, untouched rows zero
-                    dw = kern.rows_outer_dense(idx, vals, x2, n)
-            else:
-                # Compact to the union of the selected columns (R <= min(n, M*k)).
-                rows = idx.flatten().unique()  # sorted
-                gm = torch.zeros_like(g).scatter_(1, idx, vals)  # g~ (M, n)
-                dx, dw_rows = compact_products(
-                    gm.index_select(1, rows), rows, weight, x2, need_dx, need_dw
-                )
-            if need_dw and dw is None:
-                dw = weight_grad(rows, dw_rows, n, sparse_grad)
-        return _finish(x, g, sel, dx, dw, need_db, sparse_bias, counts, sel_n)
+            sel = Selection("rows", idx, vals)
+            dx, dw = _rows_products(idx, vals, g, x2, weight, kern, need_dx, need_dw,
+                                    cfg.sparse_grad)  # fmt: skip
+        return _finish(ctx, x, g, sel, dx, dw, need_db)
+
+
+def _adaptive_rows(ctx, x, x2, weight, g, record):
+    """Per-example adaptive k: each row keeps its own number of its largest |g| (at most the
+    config's k); the products run on (M, K) selections, K the batch's largest k, whose entries
+    past a row's k are zero."""
+    cfg = ctx.cfg
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    idx, ks, big = row_ks(g, cfg.k, cfg.adapt, record)  # (M, K) by |g| descending, (M,), K
+    vals = g.gather(1, idx)
+    vals.masked_fill_(torch.arange(big, device=g.device) >= ks.unsqueeze(1), 0)
+    kern = kernel_module(cfg.backend, g) if cfg.backend != "dense" else None
+    dx, dw = _rows_products(idx, vals, g, x2, weight, kern, need_dx, need_dw, cfg.sparse_grad)
+    return _finish(ctx, x, g, Selection("rows", idx, vals), dx, dw, need_db)
+
+
+def _finish(ctx, x, g, sel: Selection, dx, dw, need_db, db=None):
+    """Bias gradient, usage record, and backward's return tuple (one entry per forward input)."""
+    if need_db:
+        db = _bias_grad(g, sel, ctx.cfg.sparse_bias)
+    _record(*ctx.usage, sel, g)
+    if dx is not None and x.dim() != 2:
+        dx = dx.reshape(x.shape)
+    return dx, dw, db, None, None, None, None
 
 
 def sparse_linear(
@@ -440,6 +492,8 @@ def sparse_linear(
     scope: str = "local",
     counts: Tensor | None = None,
     selections: Tensor | None = None,
+    adapt: AdaptiveK | None = None,
+    record: KRecord | None = None,
 ) -> Tensor:
     """``F.linear(x, weight, bias)`` whose backward keeps only the top-k output-gradient entries.
 
@@ -459,6 +513,9 @@ def sparse_linear(
         counts: optional (out_features,) tensor; backward adds, per output unit, how many rows
             selected it (the meSimp usage record).
         selections: optional one-element tensor; backward adds the number of selections made.
+        adapt: an ``AdaptiveK``: choose each backward's k in ``[adapt.min_k, k]``.
+        record: a ``meprop.adaptive.KRecord``: backward sets its ``last_k`` and keeps adaptive
+            k's memory there across calls (without one, each call starts afresh).
 
     Example:
         >>> x = torch.randn(8, 50, requires_grad=True)
@@ -474,8 +531,9 @@ def sparse_linear(
         sparse_grad=sparse_grad,
         backend=backend,
         scope=scope,
+        adapt=adapt,
     )
-    return apply_config(x, weight, bias, cfg, counts, selections)
+    return apply_config(x, weight, bias, cfg, counts, selections, record)
 
 
 def apply_config(
@@ -485,20 +543,23 @@ def apply_config(
     cfg: MePropConfig,
     counts: Tensor | None = None,
     selections: Tensor | None = None,
+    record: KRecord | None = None,
 ) -> Tensor:
     """``sparse_linear`` with an already validated config (the modules' hot path)."""
     if counts is None and cfg.k >= weight.shape[0] and not cfg.sparse_grad:
+        if record is not None:
+            record.last_k = float(weight.shape[0])
         return F.linear(x, weight, bias)  # keeps everything: plain autograd, bit-exact
-    args = (cfg.k, cfg.mode, cfg.sparse_bias, cfg.sparse_grad, cfg.backend, counts, selections)
+    args = (cfg, counts, selections, record)
     dtype = autocast_dtype(x)
     if dtype is None:
-        return _SparseLinearFn.apply(x, weight, bias, *args, cfg.scope)
+        return _SparseLinearFn.apply(x, weight, bias, *args)
     # Under autocast, F.linear's policy: the casts are autograd ops, so backward (inside or
     # outside the autocast block) sees g, x and W in one dtype, and dW goes back to the
     # parameter's dtype through the cast's backward.
     x, weight, bias = (autocast_cast(t, dtype) for t in (x, weight, bias))
     with torch.autocast(x.device.type, enabled=False):
-        return _SparseLinearFn.apply(x, weight, bias, *args, cfg.scope)
+        return _SparseLinearFn.apply(x, weight, bias, *args)
 
 
 def autocast_dtype(t: Tensor) -> torch.dtype | None:

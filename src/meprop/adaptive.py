@@ -1,0 +1,125 @@
+"""Adaptive k: how many output-gradient entries a layer keeps, chosen at every backward.
+
+``MePropConfig(k=K_MAX, adapt=AdaptiveK(...))`` (``meprop.config``) turns it on; the functions
+here compute the k's from the gradient, and ``KRecord`` is the per-layer memory they need
+(TinyProp's largest error so far) and what a layer reports (``last_k``).
+
+Each function returns integer k's clamped to ``[adapt.min_k, k_max]`` as a tensor on the
+gradient's device, and updates the record in one host read (the bound of the selection that
+follows is needed on the host anyway).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .comm import sum_over_ranks
+from .config import AdaptiveK
+
+__all__ = ["KRecord", "row_ks", "batch_k"]
+
+_SCORE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
+@dataclass
+class KRecord:
+    """One meProp layer's adaptive-k state and report.
+
+    Attributes:
+        depth: the layer's position counted from the network's last converted layer (0)
+            towards the input; TinyProp's ``damping ** depth`` (``sparsify_`` sets it).
+        y_max: the largest error size (TinyProp's ``Y``) this layer has seen; 0 before any.
+        last_k: the mean k of the layer's latest backward (per example: over the rows), or
+            None before its first one. With a fixed k: ``min(k, out_features)``.
+    """
+
+    depth: int = 0
+    y_max: float = 0.0
+    last_k: float | None = None
+
+
+def _tinyprop_share(y: Tensor, y_max: Tensor, adapt: AdaptiveK, depth: int) -> Tensor:
+    span = adapt.s_max - adapt.s_min
+    # y_max > 0 unless every error so far was zero (then keep the least share)
+    ratio = torch.where(y_max > 0, y / y_max.clamp_min(torch.finfo(y.dtype).tiny), 0.0)
+    return (adapt.s_min + span * ratio) * adapt.damping**depth
+
+
+def _mass_count(top: Tensor, total: Tensor, share: float) -> Tensor:
+    """The fewest leading entries of ``top`` (..., K) (sorted, descending) whose sum reaches
+    ``share * total`` (...): the number of prefix sums below the target, plus one."""
+    cum = top.cumsum(-1)
+    return (cum < share * total.unsqueeze(-1)).sum(-1) + 1
+
+
+def row_ks(g: Tensor, k_max: int, adapt: AdaptiveK, record: KRecord) -> tuple[Tensor, Tensor, int]:
+    """Per-example k's of ``g`` (M, n) with ``k_max < n``.
+
+    Returns ``(idx, ks, K)``: ``idx`` (M, K) the columns of each row's K largest |g|, in
+    descending order; ``ks`` (M,) int64 each row's k (``<= K``); ``K = max(ks)``. The row's
+    selection is ``idx[i, :ks[i]]``. Sets ``record.last_k`` (and ``y_max``).
+    """
+    a = g.abs()
+    dt = _SCORE_DTYPE.get(g.dtype, g.dtype)
+    top, idx = a.topk(k_max, dim=1, sorted=True)  # (M, k_max), descending
+    if adapt.rule == "mass":
+        if adapt.measure == "square":
+            top, total = top.to(dt).square(), a.to(dt).square().sum(1)
+        else:
+            top, total = top.to(dt), a.sum(1, dtype=dt)
+        ks = _mass_count(top, total, adapt.share)
+        y_max = None
+    else:
+        y = a.sum(1, dtype=dt)  # (M,) the error size of each example
+        y_max = torch.maximum(y.max(), y.new_tensor(record.y_max))
+        share = _tinyprop_share(y, y_max, adapt, record.depth)
+        ks = (share * g.shape[1]).round().long()
+    ks = ks.clamp_(adapt.min_k, k_max)
+    if g.shape[0] == 0:
+        record.last_k = float(k_max)
+        return idx, ks, 0
+    ym = y_max if y_max is not None else top.new_zeros((), dtype=dt)
+    big, total_k, ym = torch.stack([ks.max().to(dt), ks.sum().to(dt), ym]).tolist()  # one read
+    if y_max is not None:
+        record.y_max = ym
+    record.last_k = total_k / g.shape[0]
+    big = int(big)
+    return idx[:, :big], ks, big
+
+
+def batch_k(
+    g: Tensor, k_max: int, adapt: AdaptiveK, record: KRecord, scope: str = "local"
+) -> tuple[int, Tensor]:
+    """The unified k of ``g`` (M, n) with ``k_max < n``, and its columns.
+
+    Returns ``(k, cols)``: ``cols`` (k,) sorted, the k columns with the largest summed |g|.
+    ``scope="global"``: the column scores are summed over the ranks of a torch.distributed job
+    first (one all-reduce), so every rank computes the same k and columns.
+    """
+    dt = _SCORE_DTYPE.get(g.dtype, g.dtype)
+    scores = g.abs().sum(0, dtype=dt)  # (n,)
+    if scope == "global":
+        scores = sum_over_ranks(scores)
+    top, cols = scores.topk(k_max, sorted=True)  # (k_max,), descending
+    if adapt.rule == "mass":
+        if adapt.measure == "square":
+            k = _mass_count(top.square(), scores.square().sum(), adapt.share)
+        else:
+            k = _mass_count(top, scores.sum(), adapt.share)
+        y_max = scores.new_zeros(())
+    else:
+        # The batch's error size: the sum over its rows (for a mean loss, whose g carries the
+        # 1/M, the mean example's), the same on every rank with scope="global".
+        y = scores.sum()
+        y_max = torch.maximum(y, y.new_tensor(record.y_max))
+        k = (_tinyprop_share(y, y_max, adapt, record.depth) * g.shape[1]).round()
+    k = k.clamp(adapt.min_k, k_max)
+    kk, ym = torch.stack([k.to(dt), y_max]).tolist()  # the one host read
+    if adapt.rule == "tinyprop":
+        record.y_max = ym
+    kk = int(kk)
+    record.last_k = float(kk)
+    return kk, cols[:kk].sort().values

@@ -580,10 +580,10 @@ def test_cli_meact_errors(tiny_mnist, tmp_path, capsys):
     bad = ["--method", "meact", "--meact-start", "1", "--meact-threshold", "101"]
     assert train(tiny_mnist, tmp_path / "y", *bad) == 2
     assert re.search(r"threshold is a percentage .* got 101", capsys.readouterr().err)
-    from meprop.train import _examples
+    from meprop.parts import MeActPart
 
     with pytest.raises(ValueError, match="do not carry example numbers"):
-        _examples(object(), (torch.zeros(2, 3), torch.zeros(2)), "pos")
+        MeActPart(object(), "pos").forward((torch.zeros(2, 3), torch.zeros(2)))
     batch = IndexedBatch((torch.zeros(2, 3), torch.ones(2)), torch.arange(2))
     x, y = batch  # unpacks as the plain pair
     assert x.shape == (2, 3) and batch.ids.tolist() == [0, 1]

@@ -225,3 +225,56 @@ def test_train_with_row_sparse_gradients(tiny_mnist, tmp_path, optimizer):
     extra = ["--k", "4", "--sparse-grad", "--optimizer", optimizer]
     assert train(tiny_mnist, out, "--method", "meprop", *extra) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 16
+
+
+class KeptK(torch.nn.Module):
+    """A stand-in for a meProp layer that sets ``last_k`` in its backward: here the number of
+    rows of its output gradient (20 per batch, 10 in each epoch's last of 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.last_k = None
+
+    def forward(self, x):
+        if x.requires_grad:
+            x.register_hook(lambda g: setattr(self, "last_k", float(g.shape[0])))
+        return x
+
+
+def test_mean_k_per_layer_in_the_epoch_records(tiny_mnist, tmp_path, monkeypatch):
+    from meprop.tasks.mnist import MnistTask
+
+    build = MnistTask.build_model
+    monkeypatch.setattr(
+        MnistTask, "build_model", lambda self, *a: torch.nn.Sequential(*build(self, *a), KeptK())
+    )
+    args = ["--method", "dense", "--eval-every", "3", "--dropout", "0.2"]
+    assert train(tiny_mnist, tmp_path / "a", *args) == 0
+    log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [3, 6, 8, 11, 14, 16]
+    # the epochs' last records only, the mean over the epoch's 8 steps
+    assert [list(r.get("mean_k", {}).values()) for r in log] == [[], [], [18.75]] * 2
+    (name,) = log[-1]["mean_k"]
+    assert name == "7"  # the module's name in the model (after the MLP's 7 modules)
+
+    # a run resumed within an epoch logs the mean over the whole epoch too
+    loss, calls = MnistTask.loss, []
+
+    def dying(self, model, batch):
+        calls.append(1)
+        if len(calls) == 1 + 13:  # the warm-up, then 12 steps: last.pt holds step 11
+            raise KeyboardInterrupt
+        return loss(self, model, batch)
+
+    monkeypatch.setattr(MnistTask, "loss", dying)
+    assert train(tiny_mnist, tmp_path / "b", *args) == 130
+    monkeypatch.setattr(MnistTask, "loss", loss)
+    assert train(tiny_mnist, tmp_path / "b", *args, "--resume") == 0
+    resumed = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r.get("mean_k") for r in resumed] == [r.get("mean_k") for r in log]
+
+    # no layer with last_k: no field
+    monkeypatch.setattr(MnistTask, "build_model", build)
+    assert train(tiny_mnist, tmp_path / "c", "--method", "dense") == 0
+    plain = (tmp_path / "c" / "log.jsonl").read_text().splitlines()
+    assert all("mean_k" not in json.loads(x) for x in plain)

@@ -37,7 +37,7 @@ import os
 import tempfile
 import time
 import typing
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -46,17 +46,25 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, distributed
-from .analysis import UpdateMonitor
 from .config import MeActConfig, MePropConfig, MeSimpConfig
 from .convert import sparsify_
-from .simplify import Simplifier
-from .timing import BackwardTimer, Stopwatch, linear_maps
+from .parts import (
+    BackwardClocks,
+    Distribution,
+    KLog,
+    MeActPart,
+    MeSimpPart,
+    Part,
+    UpdatePart,
+)
+from .timing import Stopwatch
 
 __all__ = [
     "TrainConfig",
     "METHODS",
     "OPTIMIZERS",
     "run",
+    "Trainer",
     "make_optimizer",
     "ConfigError",
     "RunDirError",
@@ -299,6 +307,14 @@ class TrainConfig:
             scope=self.scope,
         )
 
+    def mesimp_config(self, steps_per_epoch: int) -> MeSimpConfig:
+        """meSimp's settings, its interval and cycle counted in steps."""
+        interval = self.prune_interval or max(1, steps_per_epoch // 4)
+        cycle = None
+        if self.cycle:
+            cycle = (self.cycle[0] * steps_per_epoch, self.cycle[1] * steps_per_epoch)
+        return MeSimpConfig(prune_rate=self.prune_rate, interval=interval, cycle=cycle)
+
     def meact_config(self) -> MeActConfig:
         return MeActConfig(
             start_epoch=self.meact_start,
@@ -374,19 +390,6 @@ def make_optimizer(
         except (RuntimeError, TypeError):  # no fused kernel here (device, dtype, torch version)
             pass
     return cls[name](params, lr=lr)
-
-
-def _examples(meact, batch, task: str):
-    """meAct's context for a training forward (it needs the batch's example numbers)."""
-    if meact is None:
-        return nullcontext()
-    ids = getattr(batch, "ids", None)
-    if ids is None:
-        raise ValueError(
-            f"the {task} task's batches do not carry example numbers (an IndexedBatch), which "
-            "meAct needs: use --method meact with the mnist task"
-        )
-    return meact.batch(ids)
 
 
 def _warm_up(model: torch.nn.Module, task, cfg: TrainConfig) -> None:
@@ -565,18 +568,6 @@ def _remove_stray_files(out: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def _gather_rng(world: int) -> list[torch.Tensor] | None:
-    """Every rank's torch RNG state (a collective), for an exact resume within an epoch."""
-    if world == 1:
-        return None
-    import torch.distributed as dist
-
-    mine = torch.get_rng_state()
-    states = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(states, mine)
-    return states
-
-
 def run(
     cfg: TrainConfig,
     out_dir: str | Path,
@@ -600,282 +591,328 @@ def run(
     else:
         held = nullcontext()
     with held:
-        return _run(cfg, Path(out_dir), data_dir, resume, progress, echo)
+        trainer = Trainer(cfg, out_dir, data_dir=data_dir, progress=progress, echo=echo)
+        return trainer.fit(resume)
 
 
-def _run(cfg, out, data_dir, resume, progress, echo) -> dict[str, Any]:
-    from .tasks import get_task
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """The echo of ranks other than 0."""
 
-    world = distributed.world_size()
-    main = distributed.rank() == 0
-    if not main:
-        progress, echo = False, lambda *a, **k: None
 
-    cfg_path, log_path, last_path, best_path = (
-        out / "config.json",
-        out / "log.jsonl",
-        out / "last.pt",
-        out / "best.pt",
-    )
-    saved = check_run_dir(cfg, out, resume)
-    _out_dir(out)
-    distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
-    if main:
-        _remove_stray_files(out)
+class Trainer:
+    """One run, read top to bottom in ``fit``: the run folder, build, restore (on resume),
+    then per epoch the steps, with an evaluation and a checkpoint every ``eval_every`` steps
+    and at the epoch's end; last, the best checkpoint scored on test.
 
-    task = get_task(cfg, data_dir)
-    torch.manual_seed(cfg.seed)
-    model = task.build_model(cfg.widths(), cfg)
-    mp = cfg.meprop_config()
-    if mp is not None:
-        sparsify_(model, mp, filter_fn=task.sparsify_filter(model))
-    _warm_up(model, task, cfg)
-    opt = make_optimizer(
-        cfg.optimizer,
-        model.parameters(),
-        cfg.learning_rate(),
-        sparse_grad=mp is not None and mp.sparse_grad,
-    )
-    steps_per_epoch = task.steps_per_epoch(cfg.batch_size)
-    simp = None
-    if cfg.method == "mesimp":
-        interval = cfg.prune_interval or max(1, steps_per_epoch // 4)
-        cycle = None
-        if cfg.cycle:
-            cycle = (cfg.cycle[0] * steps_per_epoch, cfg.cycle[1] * steps_per_epoch)
-        simplifier = distributed.DistributedSimplifier if world > 1 else Simplifier
-        simp = simplifier(
-            model, MeSimpConfig(prune_rate=cfg.prune_rate, interval=interval, cycle=cycle), opt
+    What the run adds to that loop it calls at fixed points: ``dist`` (a ``Distribution``:
+    DDP, shards, seeds, rank-0 saves) and ``parts`` (``meprop.parts``: the update statistic,
+    meSimp, meAct, the per-layer k; after each step, at each evaluation and checkpoint)."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        out_dir: str | Path,
+        *,
+        data_dir: str | Path | None = None,
+        progress: bool = True,
+        echo=print,
+    ) -> None:
+        self.cfg, self.out, self.data_dir = cfg, Path(out_dir), data_dir
+        self.dist = Distribution()
+        self.progress = progress and self.dist.main
+        self.echo = echo if self.dist.main else _quiet
+        self.log_path, self.last_path, self.best_path = (
+            self.out / name for name in ("log.jsonl", "last.pt", "best.pt")
         )
+        self.sw = Stopwatch()  # seconds per phase, the log's "times"
+        # Where the run is: saved in every checkpoint, restored on resume.
+        self.state: dict[str, Any] = {
+            "epoch": 0, "batch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1,
+            "times": {},
+        }  # fmt: skip
 
-    meact = None
-    if cfg.method == "meact":
-        from .meact import MeAct
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        saved = self._open_folder(resume)
+        self._build()
+        self._restore(resume, saved)
+        self.dist.prepare(self.model)
+        self._bind()
+        first, skip = self.state["epoch"], self.state["batch"]
+        for epoch in range(first, self.cfg.epochs):
+            self._epoch(epoch, skip=skip if epoch == first else 0)
+        self.clocks.close()
+        return self._finish() if self.dist.main else {}  # rank 0 writes the summary
 
-        if world > 1:
-            raise ConfigError(
-                f"--method meact runs in one process (its per-example state is not sharded), "
-                f"got {world} processes: drop --nproc"
-            )
-        meact = MeAct(
-            model, cfg.meact_config(), task.num_examples("train"), task.sparsify_filter(model)
+    # -- build -------------------------------------------------------------------------------
+
+    def _open_folder(self, resume: bool) -> TrainConfig | None:
+        """Refuse a folder that does not fit the request, create it, clear a kill's leftovers;
+        returns the run's saved config on resume."""
+        saved = check_run_dir(self.cfg, self.out, resume)
+        _out_dir(self.out)
+        self.dist.barrier()  # every rank has checked the folder before rank 0 writes to it
+        if self.dist.main:
+            _remove_stray_files(self.out)
+        return saved
+
+    def _build(self) -> None:
+        """The task, its model with meProp swapped in, a warm-up step, the optimizer, the
+        method's parts."""
+        from .tasks import get_task
+
+        cfg = self.cfg
+        self.task = task = get_task(cfg, self.data_dir)
+        torch.manual_seed(cfg.seed)
+        self.model = model = task.build_model(cfg.widths(), cfg)
+        mp = cfg.meprop_config()
+        if mp is not None:
+            sparsify_(model, mp, filter_fn=task.sparsify_filter(model))
+        _warm_up(model, task, cfg)
+        sparse_grad = mp is not None and mp.sparse_grad
+        self.opt = make_optimizer(
+            cfg.optimizer, model.parameters(), cfg.learning_rate(), sparse_grad=sparse_grad
         )
+        self.steps_per_epoch = task.steps_per_epoch(cfg.batch_size)
+        self.simplifier = None
+        if cfg.method == "mesimp":
+            simp = cfg.mesimp_config(self.steps_per_epoch)
+            self.simplifier = self.dist.simplifier(model, simp, self.opt)
+        self.parts = self._parts()
+        self.clocks = BackwardClocks(self.sw.totals, task.hidden_layers)
 
-    state = {
-        "epoch": 0, "batch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1, "times": {}
-    }  # fmt: skip
-    rank_rng = None
-    if resume and last_path.exists():
-        extra = checkpoint.load(last_path, model, opt, simplifier=simp)
-        state = {"batch": 0, **extra["state"]}
-        rank_rng = extra.get("rank_rng")
-        if meact is not None:
-            meact.load_state_dict(extra["meact"])
-        done = state["epoch"] + (state["batch"] > 0)
-        if cfg.epochs < done:
-            raise RunDirError(
-                f"--resume --epochs {cfg.epochs}: the run in {out} has trained "
-                f"{state['epoch'] + state['batch'] / steps_per_epoch:g} epochs already: give "
-                f"--epochs {done} or more, or leave it out"
+    def _parts(self) -> list[Part]:
+        """What the run adds to the loop, in the order it runs after each step (the update
+        statistic before meSimp, which may replace the Parameters it watches)."""
+        cfg, model, parts = self.cfg, self.model, []
+        if cfg.track_updates:
+            parts.append(UpdatePart(model))
+        if self.simplifier is not None:
+            parts.append(MeSimpPart(self.simplifier))
+        if cfg.method == "meact":
+            if self.dist.world > 1:
+                raise ConfigError(
+                    f"--method meact runs in one process (its per-example state is not "
+                    f"sharded), got {self.dist.world} processes: drop --nproc"
+                )
+            from .meact import MeAct
+
+            meact = MeAct(
+                model, cfg.meact_config(), self.task.num_examples("train"),
+                self.task.sparsify_filter(model),
+            )  # fmt: skip
+            parts.append(MeActPart(meact, cfg.task))
+        parts.append(KLog(model))
+        return parts
+
+    def _restore(self, resume: bool, saved: TrainConfig | None) -> None:
+        """On resume, last.pt's state (model, optimizer, meSimp, the parts, where the run is);
+        then config.json (with a new --epochs) and the log cut back to the checkpoint's steps."""
+        cfg = self.cfg
+        if resume and self.last_path.exists():
+            extra = checkpoint.load(
+                self.last_path, self.model, self.opt, simplifier=self.simplifier
             )
-        where = f"epoch {state['epoch']}" + (f", batch {state['batch']}" if state["batch"] else "")
-        echo(f"resumed from {last_path} at {where}")
-    if saved is not None and saved.epochs != cfg.epochs:
-        echo(f"--epochs {cfg.epochs} replaces the run's {saved.epochs} (config.json updated)")
-    if main:
-        _write_atomic(cfg_path, json.dumps(cfg.to_dict(), indent=2) + "\n")
-        _repair_log(log_path, state["step"])  # drops the records after the checkpoint
-    net = distributed.wrap(model) if world > 1 else model  # what forward runs through
-    # The mean |parameter change| per step, logged per evaluation (the meAct analysis).
-    monitor = UpdateMonitor(model.parameters()) if cfg.track_updates else None
-    sw = Stopwatch()
-    sw.totals.update(state["times"])
+            self.state = {"batch": 0, **extra["state"]}
+            self.dist.load(extra)
+            for part in self.parts:
+                part.load(extra)
+            epoch, batch = self.state["epoch"], self.state["batch"]
+            done = epoch + (batch > 0)
+            if cfg.epochs < done:
+                raise RunDirError(
+                    f"--resume --epochs {cfg.epochs}: the run in {self.out} has trained "
+                    f"{epoch + batch / self.steps_per_epoch:g} epochs already: give "
+                    f"--epochs {done} or more, or leave it out"
+                )
+            where = f"epoch {epoch}" + (f", batch {batch}" if batch else "")
+            self.echo(f"resumed from {self.last_path} at {where}")
+        if saved is not None and saved.epochs != cfg.epochs:
+            self.echo(
+                f"--epochs {cfg.epochs} replaces the run's {saved.epochs} (config.json updated)"
+            )
+        if self.dist.main:
+            _write_atomic(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+            _repair_log(self.log_path, self.state["step"])  # drops the records after last.pt
+        self.sw.totals.update(self.state["times"])
 
-    def timers() -> dict[str, BackwardTimer]:
-        # "linear_backward": every Linear and LSTM; "hidden_backward": the layers meProp
-        # sparsifies (what its speedup is about).
-        return {
-            "linear_backward": BackwardTimer(linear_maps(model)),
-            "hidden_backward": BackwardTimer(task.hidden_layers(model)),
-        }
+    def _bind(self) -> None:
+        """Hook the backward clocks and the parts onto the model's current Parameters."""
+        self.clocks.rebind(self.model)
+        for part in self.parts:
+            part.rebind(self.model)
 
-    layer_timers = timers()
-    eval_every = cfg.eval_every or steps_per_epoch
+    # -- the loop ----------------------------------------------------------------------------
 
-    def evaluate(epoch_float: float, train_loss: float) -> dict:
-        with sw("eval"):
-            dev = task.evaluate(model, "dev")
-            train_score = task.evaluate(model, "train_eval")
-        score = dev[task.metric]
+    def _epoch(self, epoch: int, skip: int = 0) -> None:
+        """One pass over the training batches (from batch ``skip``: resumed within the epoch),
+        with an evaluation and a checkpoint every ``eval_every`` steps and at its end."""
+        cfg, n = self.cfg, self.steps_per_epoch
+        eval_every = cfg.eval_every or n
+        self.model.train()
+        for part in self.parts:
+            part.start_epoch(epoch)
+        batches = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        self.dist.seed(cfg.seed, epoch, resumed=skip > 0)
+        bar = tqdm(
+            total=n, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+            disable=not self.progress, dynamic_ncols=True,
+        )  # fmt: skip
+        losses = []
+        # "train": wall-clock seconds of the training loop (batches, steps, bookkeeping) outside
+        # evaluations and checkpoints; the other phases are its timed parts.
+        lap = time.perf_counter()
+        for i, batch in enumerate(self.task.batches("train", cfg.batch_size, batches)):
+            if i < skip:
+                continue  # done before the checkpoint (the batches are drawn from gen alone)
+            loss = self._step(batch)
+            losses.append(loss.detach())
+            bar.update(1)
+            if (i + 1) % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}", best=f"{self.state['best_score']:.4f}")
+            if (i + 1) % eval_every and i + 1 != n:
+                continue
+            train_loss = self.dist.mean(torch.stack(losses).mean())
+            losses.clear()
+            self.sw.totals["train"] += time.perf_counter() - lap
+            epoch_float = epoch + (i + 1) / n
+            if not math.isfinite(train_loss):  # the same on every rank (a mean over them)
+                bar.close()
+                raise self._diverged(train_loss, epoch_float)
+            record = self._evaluate(epoch_float, train_loss, end_of_epoch=i + 1 == n)
+            self._checkpoint(epoch, i + 1)
+            if i + 1 == n:
+                self.echo(self._epoch_line(epoch, record))
+            self.model.train()
+            lap = time.perf_counter()
+        bar.close()
+
+    def _step(self, batch) -> torch.Tensor:
+        """One optimizer step on a global batch (this rank's part of it); returns its loss."""
+        with ExitStack() as forward:  # the parts' contexts of a training forward (meAct's)
+            for part in self.parts:
+                forward.enter_context(part.forward(batch))
+            batch, share = self.dist.shard(batch, self.task)  # one process: (batch, 1.0)
+            with self.sw("forward"):
+                loss = self.task.loss(self.dist.net, batch)
+                if share != 1.0:  # a rank's part of uneven size: weigh its mean loss
+                    loss = loss * share
+        with self.sw("backward"):
+            loss.backward()
+        self.clocks.lap()
+        with self.sw("optimizer"):
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        for part in self.parts:
+            with self.sw(part.phase) if part.phase else nullcontext():
+                if part.after_step():  # new Parameters (meSimp): rewrap DDP, hook onto them
+                    self.dist.rewrap()
+                    self._bind()
+        self.state["step"] += 1
+        return loss
+
+    def _evaluate(self, epoch_float: float, train_loss: float, end_of_epoch: bool) -> dict:
+        """Dev and train scores with the parts' fields, logged (rank 0); best.pt when the dev
+        score is the best so far (model selection as in the paper)."""
+        task, state = self.task, self.state
+        with self.sw("eval"):
+            dev = task.evaluate(self.model, "dev")
+            train_score = task.evaluate(self.model, "train_eval")
         record = {
             "epoch": round(epoch_float, 4),
             "step": state["step"],
             "train_loss": train_loss,
             **{f"dev_{k}": v for k, v in dev.items()},
             **{f"train_{k}": v for k, v in train_score.items()},
-            "times": {k: round(v, 4) for k, v in sw.totals.items()},
+            "times": {k: round(v, 4) for k, v in self.sw.totals.items()},
         }
-        if simp is not None:
-            record["widths"] = simp.sizes()
-        if monitor is not None:
-            record["update"] = monitor.read()
-        if meact is not None:
-            record["meact"] = meact.applies
-            active = meact.read_active()
-            if active:
-                record["active"] = active  # mean active neurons per example, per layer
-        if main:
-            _json_line(log_path, record)
+        for part in self.parts:
+            record.update(part.record(end_of_epoch))
+        if self.dist.main:
+            _json_line(self.log_path, record)
+        score = dev[task.metric]
         if score > state["best_score"]:
             state["best_score"], state["best_epoch"] = score, epoch_float
-            distributed.save(best_path, model, state=dict(state))
+            self.dist.save(self.best_path, self.model, state=dict(state))
         return record
 
-    def save_last() -> None:
-        """The checkpoint a resume continues from, after each evaluation (with --eval-every
-        too: a kill loses at most the steps since the last evaluation)."""
-        state["times"] = dict(sw.totals)
-        extra = {} if meact is None else {"meact": meact.state_dict()}
-        ranks = _gather_rng(world)
-        if ranks is not None:
-            extra["rank_rng"] = ranks
-        distributed.save(last_path, model, opt, simplifier=simp, state=dict(state), **extra)
+    def _checkpoint(self, epoch: int, done: int) -> None:
+        """last.pt, which a resume continues from, after each evaluation (with --eval-every
+        too: a kill loses at most the steps since the last evaluation). ``done``: the epoch's
+        batches trained."""
+        state = self.state
+        end = done == self.steps_per_epoch
+        state["epoch"], state["batch"] = (epoch + 1, 0) if end else (epoch, done)
+        state["times"] = dict(self.sw.totals)
+        extra = {k: v for part in self.parts for k, v in part.state().items()}
+        extra.update(self.dist.state())  # a collective
+        self.dist.save(
+            self.last_path, self.model, self.opt, simplifier=self.simplifier, state=dict(state),
+            **extra,
+        )  # fmt: skip
 
-    first_epoch, skip = state["epoch"], state["batch"]
-    for epoch in range(first_epoch, cfg.epochs):
-        model.train()
-        if meact is not None:
-            meact.set_epoch(epoch)
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        within = epoch == first_epoch and skip > 0  # resumed within this epoch
-        if not within:
-            distributed.seed_rank(cfg.seed, epoch)  # several ranks: each its own dropout masks
-        elif rank_rng is not None and len(rank_rng) == world:
-            torch.set_rng_state(rank_rng[distributed.rank()])  # this rank's, as when saved
-        losses, bar = (
-            [],
-            tqdm(
-                total=steps_per_epoch,
-                initial=skip if within else 0,
-                desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                leave=False,
-                disable=not progress,
-                dynamic_ncols=True,
-            ),
+    # -- messages and the end ----------------------------------------------------------------
+
+    def _epoch_line(self, epoch: int, record: dict) -> str:
+        metric = self.task.metric
+        widths = f"  widths {record['widths']}" if "widths" in record else ""
+        if "active" in record:
+            widths += "  active " + " ".join(f"{v:.1f}" for v in record["active"].values())
+        return (
+            f"epoch {epoch + 1}/{self.cfg.epochs}  loss {record['train_loss']:.4f}  "
+            f"dev {metric} {record['dev_' + metric]:.4f}{widths}"
         )
-        # "train": wall-clock seconds of the training loop (batches, steps, bookkeeping) outside
-        # evaluations and checkpoints; the phases above are its timed parts.
-        lap = time.perf_counter()
-        for i, batch in enumerate(task.batches("train", cfg.batch_size, gen)):
-            if within and i < skip:
-                continue  # done before the checkpoint (the batches are drawn from gen alone)
-            with _examples(meact, batch, cfg.task):
-                batch, share = distributed.shard(batch, task)  # one process: (batch, 1.0)
-                with sw("forward"):
-                    loss = task.loss(net, batch)
-                    if share != 1.0:  # a rank's part of uneven size: weigh its mean loss
-                        loss = loss * share
-            with sw("backward"):
-                loss.backward()
-            for key, timer in layer_timers.items():
-                sw.totals[key] += timer.lap()
-            with sw("optimizer"):
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            if monitor is not None:
-                with sw("analysis"):
-                    monitor.step()
-            if simp is not None:
-                with sw("simplify"):
-                    if simp.step():  # new Parameters: hook the timers (and DDP) onto them
-                        if world > 1:
-                            net = net.rewrap()
-                        for timer in layer_timers.values():
-                            timer.remove()
-                        layer_timers = timers()
-                        if monitor is not None:
-                            monitor.rebind(model.parameters())
-            state["step"] += 1
-            losses.append(loss.detach())
-            bar.update(1)
-            if (i + 1) % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}", best=f"{state['best_score']:.4f}")
-            if (i + 1) % eval_every == 0 or i + 1 == steps_per_epoch:
-                train_loss = distributed.mean_over_ranks(torch.stack(losses).mean()).item()
-                losses.clear()
-                sw.totals["train"] += time.perf_counter() - lap
-                epoch_float = epoch + (i + 1) / steps_per_epoch
-                if not math.isfinite(train_loss):  # the same on every rank (a mean over them)
-                    bar.close()
-                    kept = (
-                        f"{last_path} keeps the last good state (epoch "
-                        f"{state['epoch'] + state['batch'] / steps_per_epoch:g}, step "
-                        f"{_saved_step(last_path)})"
-                        if last_path.exists()
-                        else "no checkpoint was written before"
-                    )
-                    raise Diverged(
-                        f"the training loss became {train_loss} at epoch {epoch_float:g} (step "
-                        f"{state['step']}): the run stopped; {kept}. Lower --lr (now "
-                        f"{cfg.learning_rate():g}) or change the settings, and start a new run "
-                        "in another --out"
-                    )
-                record = evaluate(epoch_float, train_loss)
-                if i + 1 == steps_per_epoch:
-                    state["epoch"], state["batch"] = epoch + 1, 0
-                else:
-                    state["epoch"], state["batch"] = epoch, i + 1
-                save_last()
-                if i + 1 == steps_per_epoch:
-                    widths = f"  widths {record['widths']}" if "widths" in record else ""
-                    if "active" in record:
-                        widths += "  active " + " ".join(
-                            f"{v:.1f}" for v in record["active"].values()
-                        )
-                    echo(
-                        f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
-                        f"dev {task.metric} {record['dev_' + task.metric]:.4f}{widths}"
-                    )
-                model.train()
-                lap = time.perf_counter()
-        bar.close()
-    for timer in layer_timers.values():
-        timer.remove()
-    if not main:  # rank 0 scores the best checkpoint and writes the summary
-        return {}
 
-    # Model selection as in the paper: the best dev checkpoint is scored on test.
-    final_widths = simp.sizes() if simp is not None else None
-    checkpoint.load(best_path, model, restore_rng=False)
-    with sw("eval"):
-        test = task.evaluate(model, "test")
-    summary = {
-        "config": cfg.to_dict(),
-        "best_epoch": state["best_epoch"],
-        f"dev_{task.metric}": state["best_score"],
-        **{f"test_{k}": v for k, v in test.items()},
-        "times": {k: round(v, 4) for k, v in sw.totals.items()},
-        "steps": state["step"],
-        "widths": cfg.widths(),
-        "final_widths": final_widths,
-        "best_widths": task.widths(model),
-        "metric": task.metric,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "meact": None
-        if meact is None
-        else {"memory_bytes": meact.memory_bytes(), "examples": meact.num_examples},
-        "threads": torch.get_num_threads(),
-        "processes": world,
-        "torch": torch.__version__,
-        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    echo(
-        f"best epoch {state['best_epoch']:g}: dev {task.metric} {state['best_score']:.4f}, "
-        f"test {task.metric} {test[task.metric]:.4f}  (backward {sw.totals['backward']:.1f} s, "
-        f"linear part {sw.totals['linear_backward']:.1f} s)"
-    )
-    return summary
+    def _diverged(self, train_loss: float, epoch_float: float) -> Diverged:
+        state, last = self.state, self.last_path
+        kept = (
+            f"{last} keeps the last good state (epoch "
+            f"{state['epoch'] + state['batch'] / self.steps_per_epoch:g}, step "
+            f"{_saved_step(last)})"
+            if last.exists()
+            else "no checkpoint was written before"
+        )
+        return Diverged(
+            f"the training loss became {train_loss} at epoch {epoch_float:g} (step "
+            f"{state['step']}): the run stopped; {kept}. Lower --lr (now "
+            f"{self.cfg.learning_rate():g}) or change the settings, and start a new run "
+            "in another --out"
+        )
+
+    def _finish(self) -> dict[str, Any]:
+        """Model selection as in the paper: the best dev checkpoint is scored on test; writes
+        summary.json and returns it."""
+        cfg, task, state, sw = self.cfg, self.task, self.state, self.sw
+        ends = {"final_widths": None, "meact": None}  # the parts' (before best.pt resizes)
+        for part in self.parts:
+            ends.update(part.summary())
+        checkpoint.load(self.best_path, self.model, restore_rng=False)
+        with sw("eval"):
+            test = task.evaluate(self.model, "test")
+        summary = {
+            "config": cfg.to_dict(),
+            "best_epoch": state["best_epoch"],
+            f"dev_{task.metric}": state["best_score"],
+            **{f"test_{k}": v for k, v in test.items()},
+            "times": {k: round(v, 4) for k, v in sw.totals.items()},
+            "steps": state["step"],
+            "widths": cfg.widths(),
+            "final_widths": ends["final_widths"],
+            "best_widths": task.widths(self.model),
+            "metric": task.metric,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "meact": ends["meact"],
+            "threads": torch.get_num_threads(),
+            "processes": self.dist.world,
+            "torch": torch.__version__,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        _write_atomic(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        self.echo(
+            f"best epoch {state['best_epoch']:g}: dev {task.metric} {state['best_score']:.4f}, "
+            f"test {task.metric} {test[task.metric]:.4f}  (backward {sw.totals['backward']:.1f} "
+            f"s, linear part {sw.totals['linear_backward']:.1f} s)"
+        )
+        return summary
 
 
 def _saved_step(path: Path) -> int | str:

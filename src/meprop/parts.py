@@ -1,0 +1,290 @@
+"""The small objects the trainer's loop (``meprop.train``) calls at fixed points.
+
+The loop itself is build, data, then per epoch: steps, evaluation, checkpoint. What a run adds
+to it sits here, each piece a small object with the same few methods, so that the loop has no
+branch for any of them:
+
+* ``Distribution``: the run's processes, as accelerate's ``Accelerator`` prepares a model and
+  loop: wraps the model in DDP (and rewraps it after meSimp), shards each global batch, seeds
+  each rank, averages the loss, saves on rank 0. In one process each method is the identity.
+* ``Part``s, called after each optimizer step and at each evaluation and checkpoint:
+  ``MeSimpPart`` (usage counting, shrinking, the cycle's optimizer resets: the
+  ``Simplifier``), ``MeActPart`` (the epoch and the example numbers meAct needs),
+  ``UpdatePart`` (the mean |parameter change| per step) and ``KLog`` (the mean k each layer
+  kept over an epoch).
+* ``BackwardClocks``: the seconds of the linear maps' backward, within the backward.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed
+from .analysis import UpdateMonitor
+from .config import MeSimpConfig
+from .meact import MeAct
+from .simplify import Simplifier
+from .timing import BackwardTimer, linear_maps
+
+__all__ = [
+    "Distribution",
+    "Part",
+    "MeSimpPart",
+    "MeActPart",
+    "UpdatePart",
+    "KLog",
+    "BackwardClocks",
+]
+
+
+class Distribution:
+    """The run's processes as the loop sees them; one process makes each method the identity.
+
+    Every rank trains on its own part of each global batch (``shard``) through the DDP wrapper
+    ``net`` (``prepare``); the ranks' models stay identical, so rank 0 alone writes
+    (``main``, ``save``)."""
+
+    def __init__(self) -> None:
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.main = self.rank == 0
+        self.net: nn.Module | None = None  # what the forward runs through
+        self._rank_rng: list[Tensor] | None = None  # every rank's RNG state, from last.pt
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """The module the forward runs through: ``model`` itself, or its DDP wrapper."""
+        self.net = distributed.wrap(model) if self.world > 1 else model
+        return self.net
+
+    def rewrap(self) -> None:
+        """After meSimp replaced the Parameters (a collective)."""
+        if self.world > 1:
+            self.net = self.net.rewrap()
+
+    def simplifier(self, model: nn.Module, config: MeSimpConfig, optimizer) -> Simplifier:
+        """A Simplifier whose pruning decisions every rank takes alike."""
+        cls = distributed.DistributedSimplifier if self.world > 1 else Simplifier
+        return cls(model, config, optimizer)
+
+    def shard(self, batch, task) -> tuple[Any, float]:
+        """This rank's part of a global batch and the weight of its mean loss."""
+        return distributed.shard(batch, task)
+
+    def seed(self, seed: int, epoch: int, resumed: bool) -> None:
+        """Each rank its own dropout masks and random-k picks for the epoch; an epoch resumed
+        within takes this rank's RNG state as it was saved (one process: last.pt restored it)."""
+        if not resumed:
+            distributed.seed_rank(seed, epoch)
+        elif self._rank_rng is not None and len(self._rank_rng) == self.world:
+            torch.set_rng_state(self._rank_rng[self.rank])
+
+    def mean(self, value: Tensor) -> float:
+        """The mean over the ranks (a collective), as a float."""
+        return distributed.mean_over_ranks(value).item()
+
+    def barrier(self) -> None:
+        distributed.barrier()
+
+    def save(self, path, model: nn.Module, optimizer=None, **extra: Any) -> None:
+        """A checkpoint of the whole job, written by rank 0 (atomically); on every rank."""
+        distributed.save(path, model, optimizer, **extra)
+
+    def state(self) -> dict[str, Any]:
+        """Every rank's torch RNG state (a collective), for an exact resume within an epoch."""
+        if self.world == 1:
+            return {}
+        import torch.distributed as dist
+
+        mine = torch.get_rng_state()
+        states = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(states, mine)
+        return {"rank_rng": states}
+
+    def load(self, extra: dict[str, Any]) -> None:
+        self._rank_rng = extra.get("rank_rng")
+
+
+class Part:
+    """A piece of a run that the loop calls at its fixed points; each default does nothing.
+
+    ``phase``: the Stopwatch phase that times ``after_step`` (None: not timed apart)."""
+
+    phase: str | None = None
+
+    def start_epoch(self, epoch: int) -> None:
+        """Before the epoch's first step (counting from 0)."""
+
+    def forward(self, batch) -> AbstractContextManager:
+        """The context of a training forward on ``batch`` (the global batch)."""
+        return nullcontext()
+
+    def after_step(self) -> bool:
+        """After each optimizer step; True when the model's Parameters were replaced."""
+        return False
+
+    def rebind(self, model: nn.Module) -> None:
+        """The model's Parameters are new (the run starts, a checkpoint resized them, meSimp
+        shrank them): watch these from now on."""
+
+    def record(self, end_of_epoch: bool) -> dict[str, Any]:
+        """Fields of the evaluation's log record."""
+        return {}
+
+    def state(self) -> dict[str, Any]:
+        """Values for last.pt, given back to ``load`` on resume."""
+        return {}
+
+    def load(self, extra: dict[str, Any]) -> None:
+        """The values ``state`` saved (a resume)."""
+
+    def summary(self) -> dict[str, Any]:
+        """Fields of summary.json, at the end of training."""
+        return {}
+
+
+class MeSimpPart(Part):
+    """meSimp: the Simplifier counts the top-k usage, shrinks the model every interval and, with
+    a cycle, resets the optimizer at each period's start."""
+
+    phase = "simplify"
+
+    def __init__(self, simplifier: Simplifier) -> None:
+        self.simplifier = simplifier
+
+    def after_step(self) -> bool:
+        return self.simplifier.step()
+
+    def record(self, end_of_epoch: bool) -> dict[str, Any]:
+        return {"widths": self.simplifier.sizes()}
+
+    def summary(self) -> dict[str, Any]:
+        return {"final_widths": self.simplifier.sizes()}
+
+
+class MeActPart(Part):
+    """meAct: tells it the epoch, and runs each training forward with the batch's example
+    numbers (an ``IndexedBatch``'s ``ids``)."""
+
+    def __init__(self, meact: MeAct, task_name: str) -> None:
+        self.meact, self.task_name = meact, task_name
+
+    def start_epoch(self, epoch: int) -> None:
+        self.meact.set_epoch(epoch)
+
+    def forward(self, batch) -> AbstractContextManager:
+        ids = getattr(batch, "ids", None)
+        if ids is None:
+            raise ValueError(
+                f"the {self.task_name} task's batches do not carry example numbers (an "
+                "IndexedBatch), which meAct needs: use --method meact with the mnist task"
+            )
+        return self.meact.batch(ids)
+
+    def record(self, end_of_epoch: bool) -> dict[str, Any]:
+        record: dict[str, Any] = {"meact": self.meact.applies}
+        active = self.meact.read_active()
+        if active:
+            record["active"] = active  # mean active neurons per example, per layer
+        return record
+
+    def state(self) -> dict[str, Any]:
+        return {"meact": self.meact.state_dict()}
+
+    def load(self, extra: dict[str, Any]) -> None:
+        self.meact.load_state_dict(extra["meact"])
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "meact": {
+                "memory_bytes": self.meact.memory_bytes(),
+                "examples": self.meact.num_examples,
+            }
+        }
+
+
+class UpdatePart(Part):
+    """The mean |parameter change| per step since the last evaluation (``update``; the meAct
+    analysis' statistic, ``UpdateMonitor``)."""
+
+    phase = "analysis"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.monitor = UpdateMonitor(model.parameters())
+
+    def after_step(self) -> bool:
+        self.monitor.step()
+        return False
+
+    def rebind(self, model: nn.Module) -> None:
+        self.monitor.rebind(model.parameters())
+
+    def record(self, end_of_epoch: bool) -> dict[str, Any]:
+        return {"update": self.monitor.read()}
+
+
+class KLog(Part):
+    """The mean k each meProp layer kept over an epoch's steps (``mean_k``), read from the
+    layers' ``last_k`` (the mean k of their latest backward; None or absent: nothing to log)
+    after each step: one Python float per layer and step, no tensor sync.
+
+    The sums run over the whole epoch, a resume within it included (they are in last.pt); the
+    epoch's last record logs them, when some layer set ``last_k``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.rebind(model)
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+
+    def rebind(self, model: nn.Module) -> None:
+        self._modules = list(model.named_modules())
+
+    def after_step(self) -> bool:
+        for name, module in self._modules:
+            k = getattr(module, "last_k", None)
+            if k is not None:
+                self._sums[name] = self._sums.get(name, 0.0) + float(k)
+                self._counts[name] = self._counts.get(name, 0) + 1
+        return False
+
+    def record(self, end_of_epoch: bool) -> dict[str, Any]:
+        if not end_of_epoch:
+            return {}
+        means = {n: self._sums[n] / c for n, c in self._counts.items()}
+        self._sums, self._counts = {}, {}  # the next epoch's
+        return {"mean_k": means} if means else {}
+
+    def state(self) -> dict[str, Any]:
+        return {"mean_k": {"sums": dict(self._sums), "counts": dict(self._counts)}}
+
+    def load(self, extra: dict[str, Any]) -> None:
+        saved = extra.get("mean_k") or {}  # (none in a checkpoint of an older version)
+        self._sums, self._counts = dict(saved.get("sums", {})), dict(saved.get("counts", {}))
+
+
+class BackwardClocks:
+    """Seconds of backward, summed into ``totals``: ``linear_backward`` (every Linear and LSTM)
+    and ``hidden_backward`` (the layers meProp sparsifies: what its speedup is about)."""
+
+    def __init__(self, totals: dict[str, float], hidden_layers) -> None:
+        self.totals, self.hidden_layers = totals, hidden_layers
+        self.timers: dict[str, BackwardTimer] = {}
+
+    def rebind(self, model: nn.Module) -> None:
+        """Hook onto the model's current Parameters (the timers' hooks sit on them)."""
+        self.close()
+        self.timers = {
+            "linear_backward": BackwardTimer(linear_maps(model)),
+            "hidden_backward": BackwardTimer(self.hidden_layers(model)),
+        }
+
+    def lap(self) -> None:
+        """After each backward."""
+        for key, timer in self.timers.items():
+            self.totals[key] += timer.lap()
+
+    def close(self) -> None:
+        for timer in self.timers.values():
+            timer.remove()

@@ -10,14 +10,10 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from meprop import MePropConfig, SparseLSTM, densify_, sparsify_
-from meprop.lstm import (
-    lstm_output_columns,
-    mask_topk_grad,
-    prune_lstm_cells_,
-    reference_lstm,
-)
+from meprop.lstm_prune import lstm_output_columns, prune_lstm_cells_
 from meprop.ops import kernels_available
 from meprop.prune import update_optimizer_
+from meprop.reference import mask_topk_grad, reference_lstm
 
 F64 = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)

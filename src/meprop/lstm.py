@@ -1,4 +1,4 @@
-"""meProp for LSTMs, and meSimp's memory-cell pruning.
+"""meProp for LSTMs: ``SparseLSTM``, an ``nn.LSTM`` with a sparse backward through time.
 
 Sun et al., "meProp" (ICML 2017), section on LSTMs: top-k is applied to the gradients of the
 gate pre-activations (the linear maps of the input and of the hidden state into the four gates)
@@ -18,13 +18,12 @@ Only the recurrence dh_{t-1} has to run step by step; the four other sums are on
 product each over all (T*B) rows at the end. Bias gradients come from the full dG_t (default)
 or from dG~_t (``sparse_bias``).
 
-meSimp (Sun et al., TKDE): the selected gate indices of a step are merged into the usage record
-of their memory cells (index mod H); pruning removes a cell's four gate rows, its column in the
-recurrent matrix and the next layer's input column (``prune_lstm_cells_``).
+meSimp (Sun et al., TKDE): backward merges the selected gate indices of a step into the usage
+record of their memory cells (index mod H); ``meprop.lstm_prune`` removes the cells.
 
-``reference_lstm`` is the obviously-right version (a Python cell loop under autograd whose gate
-pre-activations have their gradient masked to the selected entries); the fast path is tested
-against it.
+``meprop.reference.reference_lstm`` is the obviously-right version (a Python cell loop under
+autograd whose gate pre-activations have their gradient masked to the selected entries); the
+fast path is tested against it.
 """
 
 from __future__ import annotations
@@ -32,15 +31,17 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
-from .config import MODES, MePropConfig
+from .config import MePropConfig
 from .grads import weight_grad
 from .ops import (
+    Selection,
     autocast_cast,
     autocast_dtype,
     compact_products,
@@ -48,15 +49,8 @@ from .ops import (
     select_columns,
     select_rows,
 )
-from .prune import Cut, check_keep, prune_in_, slice_param
 
-__all__ = [
-    "SparseLSTM",
-    "prune_lstm_cells_",
-    "lstm_output_columns",
-    "reference_lstm",
-    "mask_topk_grad",
-]
+__all__ = ["SparseLSTM"]
 
 Key = tuple[int, int]  # (layer, direction): direction 0 runs forward in time, 1 backward
 
@@ -109,11 +103,23 @@ def _previous_rows(steps: Steps, reverse: bool) -> Tensor:
 # One layer, one direction, the whole sequence
 
 
+class DebugSink(NamedTuple):
+    """Where backward records one (layer, direction)'s selections (``debug_selections``)."""
+
+    store: dict
+    key: Key
+    sorted_indices: Tensor | None  # the PackedSequence's batch order, or None
+
+
 class _LSTMDirectionFn(torch.autograd.Function):
-    """One (layer, direction) over all time steps; backward through the top-k of each dG_t."""
+    """One (layer, direction) over all time steps; backward through the top-k of each dG_t.
+
+    ``config`` gives k, the mode and the gradient options; backward adds its selections to
+    ``usage`` (counts (H,), selections (1,)) and ``debug`` where they are not None.
+    """
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, steps, reverse, opts, save):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, steps, reverse, config, usage, debug, save):
         # x (N, in) packed rows; h0, c0 (B, H); w_ih (4H, in); w_hh (4H, H); b_* (4H,) or None.
         hid = w_hh.shape[1]
         n_rows, batch = x.shape[0], h0.shape[0]
@@ -150,7 +156,8 @@ class _LSTMDirectionFn(torch.autograd.Function):
         if save:
             # h_{t-1} and c_{t-1} are rebuilt in backward from y, cells and h0, c0.
             ctx.save_for_backward(x, h0, c0, w_ih, w_hh, acts, cells, tanh_c, y)
-            ctx.meta = (steps, reverse, opts, b_ih is not None)
+            ctx.steps, ctx.reverse, ctx.has_bias = steps, reverse, b_ih is not None
+            ctx.config, ctx.usage, ctx.debug = config, usage, debug
         # h and c may be views of y and cells: outputs must not alias each other or saved
         # tensors.
         return y, h.clone(), c.clone()
@@ -158,14 +165,14 @@ class _LSTMDirectionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dhn, dcn):
         x, h0, c0, w_ih, w_hh, acts, cells, tanh_c, y = ctx.saved_tensors
-        steps, reverse, opts, has_bias = ctx.meta
+        steps, reverse, cfg = ctx.steps, ctx.reverse, ctx.config
         # h_{t-1}, c_{t-1} of every row (N, H): one gather each from [y; h0] and [cells; c0].
         prev = _previous_rows(steps, reverse).to(acts.device)
         h_prev = torch.cat([y, h0]).index_select(0, prev)
         c_prev = torch.cat([cells, c0]).index_select(0, prev)
-        k, mode, sparse_bias, sparse_grad, backend, usage, debug = opts
+        k, mode = cfg.k, cfg.mode
         need_x, need_h0, need_c0, need_wih, need_whh = ctx.needs_input_grad[:5]
-        need_b = has_bias and any(ctx.needs_input_grad[5:7])
+        need_b = ctx.has_bias and any(ctx.needs_input_grad[5:7])
         hid = w_hh.shape[1]
         n4 = 4 * hid
         n_rows, batch = acts.shape[0], dhn.shape[0]
@@ -184,7 +191,7 @@ class _LSTMDirectionFn(torch.autograd.Function):
         dc_from_h = torch.addcmul(o, o, tanh_c * tanh_c, value=-1)  # o (1 - tanh(c)^2) (N, H)
 
         dense = k >= n4
-        kern = None if dense else kernel_module(backend, acts)  # compiled kernels or None
+        kern = None if dense else kernel_module(cfg.backend, acts)  # compiled kernels or None
         dgates = torch.empty_like(acts)  # the full dG of every step (N, 4H)
         idx_t: list = [None] * len(steps)  # per step: selected columns (n, k) and values
         val_t: list = [None] * len(steps)
@@ -206,33 +213,34 @@ class _LSTMDirectionFn(torch.autograd.Function):
 
         dx = dw_ih = dw_hh = db = None
         if dense:
-            sel = None
+            sel = Selection("dense")
             dx = dgates @ w_ih if need_x else None
             if need_wih:
                 dw_ih = dgates.t() @ x
             if need_whh:
                 dw_hh = dgates.t() @ h_prev
-            if sparse_grad:
+            if cfg.sparse_grad:
                 rows = torch.arange(n4, device=acts.device)
                 dw_ih = None if dw_ih is None else weight_grad(rows, dw_ih, n4, True)
                 dw_hh = None if dw_hh is None else weight_grad(rows, dw_hh, n4, True)
         else:
-            # dG~ of all steps in index/value form (N, k): the same row-sparse products as
-            # the Linear path, each over all N rows at once.
-            sel = (torch.cat(idx_t), torch.cat(val_t))
+            # dG~ of all steps in index/value form (N, k) (a unified step's columns repeated
+            # on each of its rows): the same row-sparse products as the Linear path, each over
+            # all N rows at once.
+            sel = Selection("rows", torch.cat(idx_t), torch.cat(val_t))
             dx, dw_ih, dw_hh = _final_products(
-                sel, w_ih, x, h_prev, kern, need_x, need_wih, need_whh, sparse_grad
+                sel, w_ih, x, h_prev, kern, need_x, need_wih, need_whh, cfg.sparse_grad
             )
         if need_b:
-            if sparse_bias and sel is not None:
-                db = dgates.new_zeros(n4).index_add_(0, sel[0].flatten(), sel[1].flatten())
+            if cfg.sparse_bias and sel.kind == "rows":
+                db = dgates.new_zeros(n4).index_add_(0, sel.index.flatten(), sel.values.flatten())
             else:
                 db = dgates.sum(0)
-        if usage is not None:
-            _record_cells(usage, sel, hid, n_rows)
-        if debug is not None and sel is not None:
-            store, key, sorted_indices = debug
-            store[key] = _padded_selection(sel[0], steps, batch, sorted_indices)
+        if ctx.usage is not None:
+            _record_cells(ctx.usage, sel, hid, n_rows)
+        if ctx.debug is not None and sel.kind == "rows":
+            dbg = ctx.debug
+            dbg.store[dbg.key] = _padded_selection(sel.index, steps, batch, dbg.sorted_indices)
         return (
             dx,
             dh if need_h0 else None,
@@ -241,6 +249,9 @@ class _LSTMDirectionFn(torch.autograd.Function):
             dw_hh,
             db if need_b and ctx.needs_input_grad[5] else None,
             db if need_b and ctx.needs_input_grad[6] else None,
+            None,
+            None,
+            None,
             None,
             None,
             None,
@@ -268,13 +279,13 @@ def _select_step(dg: Tensor, k: int, mode: str, kern, w_hh: Tensor):
     return idx, vals, dh_p
 
 
-def _final_products(sel, w_ih, x, h_prev, kern, need_x, need_wih, need_whh, sparse_grad):
+def _final_products(sel: Selection, w_ih, x, h_prev, kern, need_x, need_wih, need_whh, sparse_grad):
     """dX = dG~ W_ih (N, in), dW_ih = dG~^T X (4H, in), dW_hh = dG~^T H_prev (4H, H).
 
-    ``sel`` = (idx, vals), each (N, k): dG~ of all steps. The kernels work from that form;
-    otherwise dG~ is compacted to the union of its columns, as in ``meprop.ops``.
+    The kernels work from the index/value form of dG~ (``sel``, kind "rows"); otherwise dG~
+    is compacted to the union of its columns, as in ``meprop.ops``.
     """
-    idx, vals = sel
+    idx, vals = sel.index, sel.values
     n4 = w_ih.shape[0]
     dx = dw_ih = dw_hh = None
     if kern is not None:
@@ -304,7 +315,7 @@ def _final_products(sel, w_ih, x, h_prev, kern, need_x, need_wih, need_whh, spar
     return dx, dw_ih, dw_hh
 
 
-def _record_cells(usage: tuple[Tensor, Tensor], sel, hid: int, n_rows: int) -> None:
+def _record_cells(usage: tuple[Tensor, Tensor], sel: Selection, hid: int, n_rows: int) -> None:
     """Add one backward's selections to a (layer, direction)'s record: no host sync.
 
     A cell counts once per (example, step) in which any of its four gates was selected (the
@@ -313,10 +324,10 @@ def _record_cells(usage: tuple[Tensor, Tensor], sel, hid: int, n_rows: int) -> N
     for LSTM cells as for Linear units. ``selections`` grows by the rows (valid example-steps).
     """
     counts, selections = usage
-    if sel is None:  # dense: every cell of every row
+    if sel.kind == "dense":  # every cell of every row
         counts.add_(n_rows)
     else:
-        cells = (sel[0] % hid).sort(1).values  # (N, k)
+        cells = (sel.index % hid).sort(1).values  # (N, k)
         first = torch.ones_like(cells, dtype=torch.bool)
         first[:, 1:] = cells[:, 1:] != cells[:, :-1]
         counts.index_add_(0, cells.flatten(), first.flatten().to(counts.dtype))
@@ -569,21 +580,13 @@ class SparseLSTM(nn.LSTM):
                 usage = None if self.usage is None else self.usage.get((layer, d))
                 debug = None
                 if self.debug_selections is not None:
-                    debug = (self.debug_selections, (layer, d), sorted_indices)
-                opts = (
-                    cfg.k,
-                    cfg.mode,
-                    cfg.sparse_bias,
-                    cfg.sparse_grad,
-                    cfg.backend,
-                    usage,
-                    debug,
-                )
+                    debug = DebugSink(self.debug_selections, (layer, d), sorted_indices)
                 j = layer * dirs + d
                 with no_amp:
                     y, h_n, c_n = _LSTMDirectionFn.apply(
-                        layer_in, h0s[j], c0s[j], w_ih, w_hh, b_ih, b_hh, steps, d == 1, opts, save
-                    )
+                        layer_in, h0s[j], c0s[j], w_ih, w_hh, b_ih, b_hh,
+                        steps, d == 1, cfg, usage, debug, save,
+                    )  # fmt: skip
                 outs.append(y)
                 hs.append(h_n)
                 cs.append(c_n)
@@ -641,223 +644,3 @@ def to_dense_(lstm: SparseLSTM) -> nn.LSTM:
     lstm.__class__ = nn.LSTM
     del lstm.config, lstm.usage, lstm.debug_selections
     return lstm
-
-
-# --------------------------------------------------------------------------------------------
-# Pruning (meSimp): remove memory cells
-
-
-def _check_key(lstm: nn.Module, layer: int, direction: int) -> None:
-    if not isinstance(lstm, SparseLSTM):
-        raise TypeError(
-            f"cell pruning needs a SparseLSTM (per-direction widths), got {type(lstm).__name__}:"
-            " convert it with sparsify_ first"
-        )
-    if not 0 <= layer < lstm.num_layers:
-        raise IndexError(f"layer must be in [0, {lstm.num_layers}), got {layer}")
-    if not 0 <= direction < lstm.num_directions:
-        raise IndexError(f"direction must be in [0, {lstm.num_directions}), got {direction}")
-
-
-def _layer_columns(sizes: dict[Key, int], layer: int, direction: int, keep: Tensor) -> Tensor:
-    """Columns of layer ``layer``'s output [forward H_f, backward H_b] kept when ``direction``
-    keeps only the cells ``keep``."""
-    h_f = sizes[(layer, 0)]
-    total = h_f + sizes.get((layer, 1), 0)
-    start = 0 if direction == 0 else h_f
-    width = sizes[(layer, direction)]
-    return torch.cat([torch.arange(start), start + keep.cpu(), torch.arange(start + width, total)])
-
-
-def lstm_output_columns(lstm: SparseLSTM, direction: int, keep: Tensor) -> Tensor:
-    """Columns of the LSTM's output (its last layer, [forward H_f, backward H_b]) that remain
-    when that layer's ``direction`` keeps only the cells ``keep``: the input columns a consumer
-    Linear keeps (``meprop.prune.prune_in_``). Call it before pruning (it reads the widths).
-    """
-    layer = lstm.num_layers - 1
-    _check_key(lstm, layer, direction)
-    sizes = lstm.sizes()
-    keep = check_keep(keep, sizes[(layer, direction)], f"LSTM layer {layer} cells")
-    return _layer_columns(sizes, layer, direction, keep)
-
-
-def prune_lstm_cells_(
-    lstm: SparseLSTM,
-    layer: int,
-    direction: int,
-    keep: Tensor,
-    consumers: Sequence[nn.Linear] = (),
-) -> list[Cut]:
-    """Keep only the memory cells ``keep`` of one (layer, direction); returns the cuts.
-
-    Removes each other cell's four gate rows (g * H + j, g = i, f, g, o) of weight_ih,
-    weight_hh, bias_ih and bias_hh, its column of weight_hh, and its input column in the next
-    layer's weight_ih (both directions; the backward half starts at H_f). For the last layer,
-    ``consumers`` (Linear modules reading the LSTM output) lose the matching input columns.
-    Cuts are (old Parameter, new Parameter, dim, kept indices), as in ``meprop.prune``; pass
-    them to ``update_optimizer_``. A usage record of that (layer, direction) is sliced too.
-    """
-    _check_key(lstm, layer, direction)
-    sizes = lstm.sizes()
-    hid = sizes[(layer, direction)]
-    keep = check_keep(keep, hid, f"LSTM layer {layer} direction {direction} cells")
-    gate_rows = (torch.arange(4).unsqueeze(1) * hid + keep.cpu().unsqueeze(0)).flatten()
-    w_ih, w_hh, b_ih, b_hh = param_names(layer, direction)
-    cuts = [
-        slice_param(lstm, w_ih, 0, gate_rows),
-        slice_param(lstm, w_hh, 0, gate_rows),
-        slice_param(lstm, w_hh, 1, keep),  # the cell's own recurrent column
-    ]
-    if lstm.bias:
-        cuts += [slice_param(lstm, b_ih, 0, gate_rows), slice_param(lstm, b_hh, 0, gate_rows)]
-    cols = _layer_columns(sizes, layer, direction, keep)
-    if layer + 1 < lstm.num_layers:
-        for d in range(lstm.num_directions):
-            cuts.append(slice_param(lstm, param_names(layer + 1, d)[0], 1, cols))
-    else:
-        for consumer in consumers:
-            cuts += prune_in_(consumer, cols)
-    if lstm.usage is not None and (layer, direction) in lstm.usage:
-        counts, selections = lstm.usage[(layer, direction)]
-        lstm.usage[(layer, direction)] = (counts[keep.to(counts.device)], selections)
-    return cuts
-
-
-# --------------------------------------------------------------------------------------------
-# Reference
-
-
-class _MaskTopkGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gates, k, mode, valid, idx):
-        ctx.opts = (k, mode, valid, idx)
-        return gates.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        k, mode, valid, idx = ctx.opts
-        if valid is None:
-            valid = torch.ones(g.shape[0], dtype=torch.bool, device=g.device)
-        mask = torch.zeros_like(g, dtype=torch.bool)
-        if idx is not None:  # given selections (random mode): -1 marks ended sequences
-            mask[valid] = mask[valid].scatter(1, idx[valid], True)
-        elif mode == "unified":
-            mask[:, select_columns(g[valid], k)] = True  # scores summed in float32
-        elif mode == "per_example":
-            mask.scatter_(1, g.abs().topk(k, dim=1).indices, True)
-        else:
-            raise ValueError(f"mode={mode!r} needs the selections (idx); modes: {MODES}")
-        return g * (mask & valid.unsqueeze(1)), None, None, None, None
-
-
-def mask_topk_grad(
-    gates: Tensor, k: int, mode: str, valid: Tensor | None = None, idx: Tensor | None = None
-) -> Tensor:
-    """Identity on ``gates`` (B, 4H) whose backward keeps only the selected gradient entries.
-
-    ``per_example``: the top-k |grad| of each row; ``unified``: the k columns with the largest
-    sum of |grad| over the ``valid`` rows (B,) bool; or the given ``idx`` (B, k) (any mode).
-    Rows not ``valid`` get no gradient.
-    """
-    return _MaskTopkGrad.apply(gates, k, mode, valid, idx)
-
-
-def reference_lstm(
-    lstm: nn.LSTM,
-    input,
-    hx=None,
-    *,
-    k: int | None = None,
-    mode: str | None = None,
-    sparse_bias: bool | None = None,
-    selections: dict | None = None,
-):
-    """The obviously-right meProp LSTM: a Python cell loop under autograd, with each step's gate
-    pre-activations masked in backward (``mask_topk_grad``).
-
-    Same inputs and outputs as ``SparseLSTM`` (padded, batch_first, PackedSequence; hx as a
-    stacked tensor or per-(layer, direction) sequences). ``k``, ``mode``, ``sparse_bias``
-    default to ``lstm.config`` (a plain nn.LSTM: no masking). The bias gradient comes from the
-    unmasked gradient unless ``sparse_bias``. ``selections``: ``{(layer, direction): idx (T, B,
-    k)}`` to use instead of selecting (as ``SparseLSTM.debug_selections`` records them).
-    Dropout is not applied: call it in eval mode or with dropout=0.
-    """
-    cfg = getattr(lstm, "config", None)
-    k = k if k is not None else (cfg.k if cfg is not None else None)
-    mode = mode if mode is not None else (cfg.mode if cfg is not None else "per_example")
-    if sparse_bias is None:
-        sparse_bias = cfg.sparse_bias if cfg is not None else False
-    if lstm.training and lstm.dropout:
-        raise ValueError("reference_lstm applies no dropout: call lstm.eval() or use dropout=0")
-    packed = isinstance(input, PackedSequence)
-    unbatched = False
-    if packed:
-        x, lengths = pad_packed_sequence(input)  # (T, B, in), original batch order
-    else:
-        unbatched = input.dim() == 2
-        x = input.unsqueeze(1) if unbatched else input
-        x = x.transpose(0, 1) if lstm.batch_first and not unbatched else x
-        lengths = torch.full((x.shape[1],), x.shape[0])
-    n_steps, batch = x.shape[:2]
-    dirs = 2 if lstm.bidirectional else 1
-    widths = [
-        getattr(lstm, param_names(layer, d)[1]).shape[1]
-        for layer in range(lstm.num_layers)
-        for d in range(dirs)
-    ]
-    if hx is None:
-        h0s = [x.new_zeros(batch, h) for h in widths]
-        c0s = [x.new_zeros(batch, h) for h in widths]
-    else:
-        h0s, c0s = (
-            [
-                p.unsqueeze(0) if unbatched else p
-                for p in (list(s.unbind(0)) if isinstance(s, Tensor) else s)
-            ]
-            for s in hx
-        )
-    valid = torch.arange(n_steps).unsqueeze(1) < lengths.unsqueeze(0)  # (T, B)
-    valid = valid.to(x.device)
-    hs, cs = [], []
-    layer_in = x  # (T, B, in)
-    for layer in range(lstm.num_layers):
-        outs = []
-        for d in range(dirs):
-            j = layer * dirs + d
-            w_ih, w_hh, b_ih, b_hh = (getattr(lstm, n, None) for n in param_names(layer, d))
-            hid = w_hh.shape[1]
-            h, c = h0s[j], c0s[j]
-            ys = [None] * n_steps
-            sel = None if selections is None else selections[(layer, d)]
-            for t in range(n_steps - 1, -1, -1) if d else range(n_steps):
-                m = valid[t].unsqueeze(1)
-                pre = layer_in[t] @ w_ih.t() + h @ w_hh.t()
-                if lstm.bias and sparse_bias:
-                    pre = pre + b_ih + b_hh
-                if k is not None and (k < 4 * hid or sel is not None):
-                    pre = mask_topk_grad(pre, k, mode, valid[t], None if sel is None else sel[t])
-                if lstm.bias and not sparse_bias:  # the bias sees the unmasked gradient
-                    pre = pre + b_ih + b_hh
-                i, f, g, o = pre.split(hid, 1)
-                i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
-                c_new = f * c + i * g
-                h_new = o * c_new.tanh()
-                h = torch.where(m, h_new, h)  # a sequence's state stops at its length
-                c = torch.where(m, c_new, c)
-                ys[t] = h_new * m  # zero past the end, as pad_packed_sequence gives
-            outs.append(torch.stack(ys))
-            hs.append(h)
-            cs.append(c)
-        layer_in = torch.cat(outs, 2)
-    if unbatched:
-        hs, cs = [h.squeeze(0) for h in hs], [c.squeeze(0) for c in cs]
-    stack = len(set(widths)) == 1
-    h_n = torch.stack(hs) if stack else tuple(hs)
-    c_n = torch.stack(cs) if stack else tuple(cs)
-    if packed:
-        out = torch.nn.utils.rnn.pack_padded_sequence(layer_in, lengths, enforce_sorted=False)
-    elif unbatched:
-        out = layer_in.squeeze(1)
-    else:
-        out = layer_in.transpose(0, 1) if lstm.batch_first else layer_in
-    return out, (h_n, c_n)

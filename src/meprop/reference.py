@@ -1,17 +1,23 @@
 """The obviously-right meProp backward, for tests and checks: mask the output gradient, then
 the dense formulas. Every fast path (``meprop.ops``, the kernels, ``SparseLSTM``) is tested
 against these.
+
+* Linear: ``mask_gradient`` and ``reference_backward``.
+* LSTM: ``reference_lstm``, a Python cell loop under autograd whose gate pre-activations have
+  their gradient masked to the selected entries (``mask_topk_grad``) at every step.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .config import MODES
+from .lstm import param_names
 from .ops import select_columns
 
-__all__ = ["mask_gradient", "reference_backward"]
+__all__ = ["mask_gradient", "reference_backward", "mask_topk_grad", "reference_lstm"]
 
 
 def mask_gradient(g: Tensor, k: int, mode: str, cols_or_idx: Tensor | None = None) -> Tensor:
@@ -59,3 +65,143 @@ def reference_backward(
     dw = gs.t() @ x.reshape(-1, d_in)
     db = (gs if sparse_bias else g).sum(0)
     return dx, dw, db
+
+
+# --------------------------------------------------------------------------------------------
+# LSTM
+
+
+class _MaskTopkGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gates, k, mode, valid, idx):
+        ctx.k, ctx.mode, ctx.valid, ctx.idx = k, mode, valid, idx
+        return gates.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        k, mode, valid, idx = ctx.k, ctx.mode, ctx.valid, ctx.idx
+        if valid is None:
+            valid = torch.ones(g.shape[0], dtype=torch.bool, device=g.device)
+        mask = torch.zeros_like(g, dtype=torch.bool)
+        if idx is not None:  # given selections (random mode): -1 marks ended sequences
+            mask[valid] = mask[valid].scatter(1, idx[valid], True)
+        elif mode == "unified":
+            mask[:, select_columns(g[valid], k)] = True  # scores summed in float32
+        elif mode == "per_example":
+            mask.scatter_(1, g.abs().topk(k, dim=1).indices, True)
+        else:
+            raise ValueError(f"mode={mode!r} needs the selections (idx); modes: {MODES}")
+        return g * (mask & valid.unsqueeze(1)), None, None, None, None
+
+
+def mask_topk_grad(
+    gates: Tensor, k: int, mode: str, valid: Tensor | None = None, idx: Tensor | None = None
+) -> Tensor:
+    """Identity on ``gates`` (B, 4H) whose backward keeps only the selected gradient entries.
+
+    ``per_example``: the top-k |grad| of each row; ``unified``: the k columns with the largest
+    sum of |grad| over the ``valid`` rows (B,) bool; or the given ``idx`` (B, k) (any mode).
+    Rows not ``valid`` get no gradient.
+    """
+    return _MaskTopkGrad.apply(gates, k, mode, valid, idx)
+
+
+def reference_lstm(
+    lstm: nn.LSTM,
+    input,
+    hx=None,
+    *,
+    k: int | None = None,
+    mode: str | None = None,
+    sparse_bias: bool | None = None,
+    selections: dict | None = None,
+):
+    """The obviously-right meProp LSTM: a Python cell loop under autograd, with each step's gate
+    pre-activations masked in backward (``mask_topk_grad``).
+
+    Same inputs and outputs as ``SparseLSTM`` (padded, batch_first, PackedSequence; hx as a
+    stacked tensor or per-(layer, direction) sequences). ``k``, ``mode``, ``sparse_bias``
+    default to ``lstm.config`` (a plain nn.LSTM: no masking). The bias gradient comes from the
+    unmasked gradient unless ``sparse_bias``. ``selections``: ``{(layer, direction): idx (T, B,
+    k)}`` to use instead of selecting (as ``SparseLSTM.debug_selections`` records them).
+    Dropout is not applied: call it in eval mode or with dropout=0.
+    """
+    cfg = getattr(lstm, "config", None)
+    k = k if k is not None else (cfg.k if cfg is not None else None)
+    mode = mode if mode is not None else (cfg.mode if cfg is not None else "per_example")
+    if sparse_bias is None:
+        sparse_bias = cfg.sparse_bias if cfg is not None else False
+    if lstm.training and lstm.dropout:
+        raise ValueError("reference_lstm applies no dropout: call lstm.eval() or use dropout=0")
+    packed = isinstance(input, PackedSequence)
+    unbatched = False
+    if packed:
+        x, lengths = pad_packed_sequence(input)  # (T, B, in), original batch order
+    else:
+        unbatched = input.dim() == 2
+        x = input.unsqueeze(1) if unbatched else input
+        x = x.transpose(0, 1) if lstm.batch_first and not unbatched else x
+        lengths = torch.full((x.shape[1],), x.shape[0])
+    n_steps, batch = x.shape[:2]
+    dirs = 2 if lstm.bidirectional else 1
+    widths = [
+        getattr(lstm, param_names(layer, d)[1]).shape[1]
+        for layer in range(lstm.num_layers)
+        for d in range(dirs)
+    ]
+    if hx is None:
+        h0s = [x.new_zeros(batch, h) for h in widths]
+        c0s = [x.new_zeros(batch, h) for h in widths]
+    else:
+        h0s, c0s = (
+            [
+                p.unsqueeze(0) if unbatched else p
+                for p in (list(s.unbind(0)) if isinstance(s, Tensor) else s)
+            ]
+            for s in hx
+        )
+    valid = torch.arange(n_steps).unsqueeze(1) < lengths.unsqueeze(0)  # (T, B)
+    valid = valid.to(x.device)
+    hs, cs = [], []
+    layer_in = x  # (T, B, in)
+    for layer in range(lstm.num_layers):
+        outs = []
+        for d in range(dirs):
+            j = layer * dirs + d
+            w_ih, w_hh, b_ih, b_hh = (getattr(lstm, n, None) for n in param_names(layer, d))
+            hid = w_hh.shape[1]
+            h, c = h0s[j], c0s[j]
+            ys = [None] * n_steps
+            sel = None if selections is None else selections[(layer, d)]
+            for t in range(n_steps - 1, -1, -1) if d else range(n_steps):
+                m = valid[t].unsqueeze(1)
+                pre = layer_in[t] @ w_ih.t() + h @ w_hh.t()
+                if lstm.bias and sparse_bias:
+                    pre = pre + b_ih + b_hh
+                if k is not None and (k < 4 * hid or sel is not None):
+                    pre = mask_topk_grad(pre, k, mode, valid[t], None if sel is None else sel[t])
+                if lstm.bias and not sparse_bias:  # the bias sees the unmasked gradient
+                    pre = pre + b_ih + b_hh
+                i, f, g, o = pre.split(hid, 1)
+                i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+                c_new = f * c + i * g
+                h_new = o * c_new.tanh()
+                h = torch.where(m, h_new, h)  # a sequence's state stops at its length
+                c = torch.where(m, c_new, c)
+                ys[t] = h_new * m  # zero past the end, as pad_packed_sequence gives
+            outs.append(torch.stack(ys))
+            hs.append(h)
+            cs.append(c)
+        layer_in = torch.cat(outs, 2)
+    if unbatched:
+        hs, cs = [h.squeeze(0) for h in hs], [c.squeeze(0) for c in cs]
+    stack = len(set(widths)) == 1
+    h_n = torch.stack(hs) if stack else tuple(hs)
+    c_n = torch.stack(cs) if stack else tuple(cs)
+    if packed:
+        out = torch.nn.utils.rnn.pack_padded_sequence(layer_in, lengths, enforce_sorted=False)
+    elif unbatched:
+        out = layer_in.squeeze(1)
+    else:
+        out = layer_in.transpose(0, 1) if lstm.batch_first else layer_in
+    return out, (h_n, c_n)

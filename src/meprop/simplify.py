@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import MeSimpConfig
-from .lstm import SparseLSTM, prune_lstm_cells_
+from .lstm import SparseLSTM
+from .lstm_prune import prune_lstm_cells_
 from .nn import Cube, SparseLinear
 from .prune import (
     Cut,

@@ -27,6 +27,29 @@ def test_train_help_is_derived_from_the_config(capsys):
         assert flag in out
 
 
+def test_train_flags_take_help_and_choices_from_the_fields():
+    from dataclasses import fields
+
+    from meprop import MePropConfig
+    from meprop.cli import build_parser
+    from meprop.config import BACKENDS
+    from meprop.train import METHODS, TrainConfig
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    actions = {a.dest: a for a in sub.choices["train"]._actions}
+    for f in fields(TrainConfig):
+        if f.name == "task":
+            continue
+        action = actions[f.name]  # one flag per field
+        assert action.choices == f.metadata.get("choices"), f.name
+        assert action.help.startswith(f.metadata.get("help", f.name.replace("_", " "))), f.name
+    assert actions["method"].choices == METHODS and actions["backend"].choices == BACKENDS
+    # the meProp settings' help is MePropConfig's own
+    backend = next(f for f in fields(MePropConfig) if f.name == "backend")
+    assert actions["backend"].help.startswith(backend.metadata["help"])
+    assert "random" not in actions["mode"].choices  # random-k is --method random
+
+
 def test_demo_runs(tiny_mnist, tmp_path, capsys):
     args = ["demo", "--epochs", "1", "--k", "4", "--data-dir", str(tiny_mnist)]
     assert main(args + ["--out", str(tmp_path), "--no-progress"]) == 0

@@ -1,7 +1,7 @@
 """The ``meprop`` command line: one parser, with subcommands registered by their modules.
 
-``meprop train TASK`` takes its options from ``TrainConfig``'s fields (one flag per field), or
-from a JSON file (``--config``, e.g. a run's own ``config.json``) with flags overriding it.
+``meprop train TASK`` takes its options from ``TrainConfig``'s fields (one flag per field, with
+the help and choices of the field's metadata), or from a JSON file (``--config``, e.g. a run's own ``config.json``) with flags overriding it.
 """
 
 from __future__ import annotations
@@ -16,55 +16,6 @@ from pathlib import Path
 
 from . import __version__, demo
 
-CHOICES = {
-    "method": ("dense", "meprop", "random", "kdim", "mesimp", "meact"),
-    "mode": ("per_example", "unified"),
-    "optimizer": ("adam", "adagrad", "sgd"),
-    "dataset": ("mnist", "fashion"),
-    "backend": ("auto", "native", "numba", "torch", "dense", "triton"),
-    "activation": ("relu", "tanh", "cube"),
-    "tags": ("xpos", "upos"),
-    "scope": ("local", "global"),
-    "meact_storage": ("float16", "float32"),
-}
-HELP = {
-    "dataset": "MNIST-style dataset (mnist task)",
-    "method": "dense | meprop (top-k) | random (random-k) | kdim (dense net of width k) | "
-    "mesimp (meProp + simplification) | meact (dense, then minimal effort activation)",
-    "k": "top-k kept per example (unified: per mini-batch)",
-    "mode": "top-k selection: per example, or unified over the mini-batch",
-    "hidden": "hidden width, or one width per layer: 500 or 154,160",
-    "lr": "learning rate (0: adam 1e-3, adagrad 1e-2, sgd 0.1)",
-    "eval_every": "steps between dev evaluations (0: once per epoch)",
-    "train_limit": "use only the first N training examples (pos, parse: sentences; 0: all)",
-    "prune_rate": "meSimp: drop units selected in fewer than this share of top-k selections",
-    "prune_interval": "meSimp: steps between prunings (0: a quarter of an epoch)",
-    "cycle": "meSimp cycle in epochs: SIMPLIFY,NORMAL (optimizer reset at each period start)",
-    "sparse_grad": "row-sparse weight gradients (for SGD/Adagrad)",
-    "backend": "implementation of the sparse backward: auto (the fastest here, measured on "
-    "first use and cached; see `meprop info`), native (C++), numba, torch, dense (masked), "
-    "triton (CUDA)",
-    "activation": "hidden activation (default: the task's; mnist relu, parse cube)",
-    "tags": "pos and parse tasks: tag column, xpos (Penn Treebank) or upos",
-    "layers": "number of hidden layers when --hidden gives one width (0: the task's)",
-    "batch_size": "mini-batch size (0: the task's; mnist 50 images, pos 16 sentences, parse "
-    "1000 transitions)",
-    "epochs": "training epochs (0: the task's)",
-    "dropout": "dropout rate after each hidden layer (-1: the task's; mnist 0.1, pos 0.5, "
-    "parse 0.5)",
-    "scope": "unified top-k with --nproc > 1: columns ranked by each rank's rows (local) or by "
-    "the global batch's, as one process would (global; not for the pos task's LSTM)",
-    "meact_start": "meact: first epoch, counting from 0, with active-only forwards",
-    "meact_threshold": "meact: a neuron is active for an example when its share of the "
-    "accumulated |gradient| is at least this percentage",
-    "meact_cap": "meact: at most this many active neurons per example and layer (0: no cap)",
-    "meact_storage": "meact: dtype of the per-example state (accumulations, cached outputs)",
-    "track_updates": "log the mean |parameter change| per step (update) at each evaluation; "
-    "costs about a tenth of a dense MNIST step (None: only with --method meact)",
-    "sparse_attention": "lm task: meProp on the attention projections (qkv, out) too, at the "
-    "same k (k at or above a projection's width leaves it dense); default: the MLP only",
-}
-
 
 def _int_tuple(text: str) -> tuple[int, ...]:
     try:
@@ -76,7 +27,8 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> None:
-    """One ``--flag`` per dataclass field; defaults stay None so a --config file can fill them."""
+    """One ``--flag`` per dataclass field, its help and choices from the field's metadata
+    (``help``, ``choices``); defaults stay None so a --config file can fill them."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         if f.name in skip:
@@ -84,7 +36,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
         hint = hints[f.name]
-        help_ = f"{HELP.get(f.name, f.name.replace('_', ' '))} (default: {default})"
+        help_ = f"{f.metadata.get('help', f.name.replace('_', ' '))} (default: {default})"
         if hint is bool or set(typing.get_args(hint)) == {bool, type(None)}:  # bool | None
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_
@@ -93,7 +45,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> None:
             parser.add_argument(flag, type=_int_tuple, default=None, metavar="N[,N...]", help=help_)
         else:
             parser.add_argument(
-                flag, type=hint, default=None, choices=CHOICES.get(f.name), help=help_
+                flag, type=hint, default=None, choices=f.metadata.get("choices"), help=help_
             )
 
 

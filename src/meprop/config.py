@@ -6,7 +6,7 @@ setting fails where it was written rather than in the middle of a backward pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 __all__ = [
@@ -172,12 +172,36 @@ class MePropConfig:
                      scope='local', adapt=None)
     """
 
-    k: int
-    mode: str = "per_example"
+    # metadata: the command line's help and choices (meprop train's flags)
+    k: int = field(metadata={"help": "top-k kept per example (unified: per mini-batch)"})
+    mode: str = field(
+        default="per_example",
+        metadata={
+            "help": "top-k selection: per example, unified over the mini-batch, or random",
+            "choices": MODES,
+        },
+    )
     sparse_bias: bool = False
-    sparse_grad: bool = False
-    backend: str = "auto"
-    scope: str = "local"
+    sparse_grad: bool = field(
+        default=False, metadata={"help": "row-sparse weight gradients (for SGD/Adagrad)"}
+    )
+    backend: str = field(
+        default="auto",
+        metadata={
+            "help": "implementation of the sparse backward: auto (the fastest here, measured on "
+            "first use and cached; see `meprop info`), native (C++), numba, torch, dense "
+            "(masked), triton (CUDA)",
+            "choices": BACKENDS,
+        },
+    )
+    scope: str = field(
+        default="local",
+        metadata={
+            "help": "unified top-k under torch.distributed: columns ranked by each rank's rows "
+            "(local) or by every rank's, as one process would (global)",
+            "choices": SCOPES,
+        },
+    )
     adapt: AdaptiveK | None = None
 
     def __post_init__(self) -> None:

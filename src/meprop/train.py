@@ -38,7 +38,7 @@ import tempfile
 import time
 import typing
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ __all__ = [
 METHODS = ("dense", "meprop", "random", "kdim", "mesimp", "meact")
 OPTIMIZERS = {"adam": 1e-3, "adagrad": 1e-2, "sgd": 0.1}  # name -> default learning rate
 ACTIVATIONS = ("relu", "tanh", "cube", "gelu")  # gelu: the lm task's MLP
+TAGS = ("xpos", "upos")  # the pos and parse tasks' tag column
 #: Largest hidden width, and most weights between hidden layers (1 GiB of float32), that a
 #: config may ask for: beyond them a typo (``--k 100000``) would try to allocate tens of GB.
 MAX_WIDTH = 1 << 20
@@ -104,6 +105,18 @@ class Diverged(RuntimeError):
     exit_status = 1
 
 
+def _field(default: Any, help: str | None = None, choices: tuple | None = None) -> Any:
+    """A TrainConfig field whose metadata holds its command-line help and choices."""
+    meta = {k: v for k, v in (("help", help), ("choices", choices)) if v is not None}
+    return field(default=default, metadata=meta)
+
+
+def _meprop(name: str, **override: Any) -> dict[str, Any]:
+    """The help and choices of MePropConfig's field ``name`` (``override`` replaces some)."""
+    meta = next(f.metadata for f in fields(MePropConfig) if f.name == name)
+    return {**meta, **override}
+
+
 @functools.cache
 def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
@@ -126,36 +139,91 @@ class TrainConfig:
     ``dataclasses.replace`` from a resolved one keeps the resolved value).
     """
 
+    # Each field's metadata gives its command-line flag's help and choices (meprop.cli).
     task: str = "mnist"
-    dataset: str = "mnist"
-    method: str = "meprop"
-    k: int = 20
-    mode: str = "per_example"
-    hidden: tuple[int, ...] = (500,)
-    layers: int = 0  # hidden layers; 0: len(hidden) if it lists several widths, else the task's
-    dropout: float = -1.0  # -1: the task's (mnist 0.1, pos 0.5, parse 0.5)
-    optimizer: str = "adam"
-    lr: float = 0.0  # 0: the optimizer's default (adam 1e-3, adagrad 1e-2, sgd 0.1)
-    batch_size: int = 0  # 0: the task's default
-    epochs: int = 0  # 0: the task's default
+    dataset: str = _field("mnist", "MNIST-style dataset (mnist task)", ("mnist", "fashion"))
+    method: str = _field(
+        "meprop",
+        "dense | meprop (top-k) | random (random-k) | kdim (dense net of width k) | "
+        "mesimp (meProp + simplification) | meact (dense, then minimal effort activation)",
+        METHODS,
+    )
+    k: int = _field(20, **_meprop("k"))
+    # ("random" selection is --method random)
+    mode: str = _field(
+        "per_example",
+        "top-k selection: per example, or unified over the mini-batch",
+        ("per_example", "unified"),
+    )
+    hidden: tuple[int, ...] = _field((500,), "hidden width, or one width per layer: 500 or 154,160")
+    layers: int = _field(
+        0, "number of hidden layers when --hidden gives one width (0: the task's)"
+    )  # 0 with several widths in hidden: len(hidden)
+    dropout: float = _field(
+        -1.0,
+        "dropout rate after each hidden layer (-1: the task's; mnist 0.1, pos 0.5, parse 0.5)",
+    )
+    optimizer: str = _field("adam", choices=tuple(OPTIMIZERS))
+    lr: float = _field(0.0, "learning rate (0: adam 1e-3, adagrad 1e-2, sgd 0.1)")
+    batch_size: int = _field(
+        0,
+        "mini-batch size (0: the task's; mnist 50 images, pos 16 sentences, parse 1000 "
+        "transitions)",
+    )
+    epochs: int = _field(0, "training epochs (0: the task's)")
     seed: int = 1
-    eval_every: int = 0  # steps between dev evaluations; 0: once per epoch
-    train_limit: int = 0  # use only the first N training examples; 0: all
-    prune_rate: float = 0.1
-    prune_interval: int = 0  # steps between meSimp prunings; 0: a quarter of an epoch
-    cycle: tuple[int, ...] = ()  # meSimp cycle in epochs: (simplify, normal); () = off
-    sparse_grad: bool = False
-    backend: str = "auto"
-    activation: str = ""  # hidden activation; "": the task's (mnist relu, parse cube)
-    tags: str = "xpos"  # pos: the tag column, xpos (Penn Treebank tags) or upos
-    scope: str = "local"  # unified top-k under --nproc: each rank's rows, or the global batch
-    meact_start: int = 10  # meact: first epoch (from 0) with active-only forwards
-    meact_threshold: float = 0.5  # meact: least share (%) of the accumulated |gradient|
-    meact_cap: int = 0  # meact: most active neurons per example and layer; 0: no cap
-    meact_storage: str = "float16"  # meact: dtype of the per-example state
-    # log the mean |parameter change| per step ("update"); None: only for meact (its analysis)
-    track_updates: bool | None = None
-    sparse_attention: bool = False  # lm: meProp on the attention projections too
+    eval_every: int = _field(0, "steps between dev evaluations (0: once per epoch)")
+    train_limit: int = _field(
+        0, "use only the first N training examples (pos, parse: sentences; 0: all)"
+    )
+    prune_rate: float = _field(
+        0.1, "meSimp: drop units selected in fewer than this share of top-k selections"
+    )
+    prune_interval: int = _field(0, "meSimp: steps between prunings (0: a quarter of an epoch)")
+    cycle: tuple[int, ...] = _field(
+        (), "meSimp cycle in epochs: SIMPLIFY,NORMAL (optimizer reset at each period start)"
+    )  # (): no cycle
+    sparse_grad: bool = _field(False, **_meprop("sparse_grad"))
+    backend: str = _field("auto", **_meprop("backend"))
+    # (gelu: the lm task's own activation, not a choice on the command line)
+    activation: str = _field(
+        "", "hidden activation (default: the task's; mnist relu, parse cube)", ACTIVATIONS[:3]
+    )
+    tags: str = _field(
+        "xpos", "pos and parse tasks: tag column, xpos (Penn Treebank) or upos", TAGS
+    )
+    scope: str = _field(
+        "local",
+        **_meprop(
+            "scope",
+            help="unified top-k with --nproc > 1: columns ranked by each rank's rows (local) or "
+            "by the global batch's, as one process would (global; not for the pos task's LSTM)",
+        ),
+    )
+    meact_start: int = _field(10, "meact: first epoch, counting from 0, with active-only forwards")
+    meact_threshold: float = _field(
+        0.5,
+        "meact: a neuron is active for an example when its share of the accumulated "
+        "|gradient| is at least this percentage",
+    )
+    meact_cap: int = _field(
+        0, "meact: at most this many active neurons per example and layer (0: no cap)"
+    )
+    meact_storage: str = _field(
+        "float16",
+        "meact: dtype of the per-example state (accumulations, cached outputs)",
+        ("float16", "float32"),
+    )
+    track_updates: bool | None = _field(
+        None,
+        "log the mean |parameter change| per step (update) at each evaluation; costs about a "
+        "tenth of a dense MNIST step (None: only with --method meact)",
+    )
+    sparse_attention: bool = _field(
+        False,
+        "lm task: meProp on the attention projections (qkv, out) too, at the same k (k at or "
+        "above a projection's width leaves it dense); default: the MLP only",
+    )
 
     def __post_init__(self) -> None:
         from .tasks import DEFAULTS, TASKS
@@ -211,7 +279,7 @@ class TrainConfig:
             raise ConfigError(f"lr must be >= 0 (0: the optimizer's default), got {self.lr}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.tags not in ("xpos", "upos"):
+        if self.tags not in TAGS:
             raise ConfigError(f"tags must be 'xpos' or 'upos', got {self.tags!r}")
         if self.track_updates is None:
             object.__setattr__(self, "track_updates", self.method == "meact")
@@ -626,10 +694,9 @@ class Trainer:
         )
         self.sw = Stopwatch()  # seconds per phase, the log's "times"
         # Where the run is: saved in every checkpoint, restored on resume.
-        self.state: dict[str, Any] = {
-            "epoch": 0, "batch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1,
-            "times": {},
-        }  # fmt: skip
+        self.state: dict[str, Any] = dict(
+            epoch=0, batch=0, step=0, best_score=-math.inf, best_epoch=-1, times={}
+        )
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         saved = self._open_folder(resume)
@@ -696,10 +763,8 @@ class Trainer:
                 )
             from .meact import MeAct
 
-            meact = MeAct(
-                model, cfg.meact_config(), self.task.num_examples("train"),
-                self.task.sparsify_filter(model),
-            )  # fmt: skip
+            examples = self.task.num_examples("train")
+            meact = MeAct(model, cfg.meact_config(), examples, self.task.sparsify_filter(model))
             parts.append(MeActPart(meact, cfg.task))
         parts.append(KLog(model))
         return parts
@@ -751,17 +816,22 @@ class Trainer:
         self.model.train()
         for part in self.parts:
             part.start_epoch(epoch)
-        batches = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # the batches' order
         self.dist.seed(cfg.seed, epoch, resumed=skip > 0)
+        desc = f"epoch {epoch + 1}/{cfg.epochs}"
         bar = tqdm(
-            total=n, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-            disable=not self.progress, dynamic_ncols=True,
-        )  # fmt: skip
+            total=n,
+            initial=skip,
+            desc=desc,
+            leave=False,
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         losses = []
         # "train": wall-clock seconds of the training loop (batches, steps, bookkeeping) outside
         # evaluations and checkpoints; the other phases are its timed parts.
         lap = time.perf_counter()
-        for i, batch in enumerate(self.task.batches("train", cfg.batch_size, batches)):
+        for i, batch in enumerate(self.task.batches("train", cfg.batch_size, gen)):
             if i < skip:
                 continue  # done before the checkpoint (the batches are drawn from gen alone)
             loss = self._step(batch)
@@ -770,7 +840,7 @@ class Trainer:
             if (i + 1) % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}", best=f"{self.state['best_score']:.4f}")
             if (i + 1) % eval_every and i + 1 != n:
-                continue
+                continue  # not an evaluation point
             train_loss = self.dist.mean(torch.stack(losses).mean())
             losses.clear()
             self.sw.totals["train"] += time.perf_counter() - lap
@@ -846,9 +916,13 @@ class Trainer:
         extra = {k: v for part in self.parts for k, v in part.state().items()}
         extra.update(self.dist.state())  # a collective
         self.dist.save(
-            self.last_path, self.model, self.opt, simplifier=self.simplifier, state=dict(state),
+            self.last_path,
+            self.model,
+            self.opt,
+            simplifier=self.simplifier,
+            state=dict(state),
             **extra,
-        )  # fmt: skip
+        )
 
     # -- messages and the end ----------------------------------------------------------------
 

@@ -583,7 +583,7 @@ def test_cli_meact_errors(tiny_mnist, tmp_path, capsys):
     from meprop.parts import MeActPart
 
     with pytest.raises(ValueError, match="do not carry example numbers"):
-        MeActPart(object(), "pos").forward((torch.zeros(2, 3), torch.zeros(2)))
+        MeActPart(object(), "pos").forward_context((torch.zeros(2, 3), torch.zeros(2)))
     batch = IndexedBatch((torch.zeros(2, 3), torch.ones(2)), torch.arange(2))
     x, y = batch  # unpacks as the plain pair
     assert x.shape == (2, 3) and batch.ids.tolist() == [0, 1]

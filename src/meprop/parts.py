@@ -1,8 +1,8 @@
 """The small objects the trainer's loop (``meprop.train``) calls at fixed points.
 
 The loop itself is build, data, then per epoch: steps, evaluation, checkpoint. What a run adds
-to it sits here, each piece a small object with the same few methods, so that the loop has no
-branch for any of them:
+to it sits here as small objects that the loop calls at the same points whichever of them a run
+has, so that it has no branch for any of them:
 
 * ``Distribution``: the run's processes, as accelerate's ``Accelerator`` prepares a model and
   loop: wraps the model in DDP (and rewraps it after meSimp), shards each global batch, seeds
@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import distributed
@@ -96,8 +97,6 @@ class Distribution:
         """Every rank's torch RNG state (a collective), for an exact resume within an epoch."""
         if self.world == 1:
             return {}
-        import torch.distributed as dist
-
         mine = torch.get_rng_state()
         states = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(states, mine)
@@ -117,7 +116,7 @@ class Part:
     def start_epoch(self, epoch: int) -> None:
         """Before the epoch's first step (counting from 0)."""
 
-    def forward(self, batch) -> AbstractContextManager:
+    def forward_context(self, batch) -> AbstractContextManager:
         """The context of a training forward on ``batch`` (the global batch)."""
         return nullcontext()
 
@@ -174,7 +173,7 @@ class MeActPart(Part):
     def start_epoch(self, epoch: int) -> None:
         self.meact.set_epoch(epoch)
 
-    def forward(self, batch) -> AbstractContextManager:
+    def forward_context(self, batch) -> AbstractContextManager:
         ids = getattr(batch, "ids", None)
         if ids is None:
             raise ValueError(

@@ -1,14 +1,17 @@
 """The experiment trainer: one run of one task with one method, logged, timed, resumable.
 
 It is one user of the library, not the only way in: it builds the task's model, applies the
-method (``sparsify_`` for meProp, a ``Simplifier`` for meSimp), and runs an ordinary loop.
-Each run directory holds:
+method (``sparsify_`` for meProp, a ``Simplifier`` for meSimp), and runs an ordinary loop
+(``Trainer.fit``: build, data, then per epoch the steps, evaluations and checkpoints), which
+calls what the method adds at fixed points (``meprop.parts``). Each run directory holds:
 
     config.json    the TrainConfig (rerun with ``meprop train --config config.json``)
     log.jsonl      one JSON object per evaluation (epoch or chunk): losses, scores, widths, and
                    cumulative seconds ("times"): forward, backward (linear_backward and
                    hidden_backward its parts), optimizer, analysis, simplify, eval, and train
-                   (the training loop's wall-clock outside evaluations and checkpoints)
+                   (the training loop's wall-clock outside evaluations and checkpoints); an
+                   epoch's last record also "mean_k" ({layer: mean k kept over the epoch's
+                   steps}) when meProp layers report their ``last_k``
     last.pt        the checkpoint after the latest evaluation (each epoch, and each
                    ``eval_every`` steps; atomic; ``--resume`` continues from it, within an
                    epoch too, exactly as the uninterrupted run)
@@ -48,6 +51,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, distributed
 from .config import MeActConfig, MePropConfig, MeSimpConfig
 from .convert import sparsify_
+from .meact import MeAct
 from .parts import (
     BackwardClocks,
     Distribution,
@@ -761,8 +765,6 @@ class Trainer:
                     f"--method meact runs in one process (its per-example state is not "
                     f"sharded), got {self.dist.world} processes: drop --nproc"
                 )
-            from .meact import MeAct
-
             examples = self.task.num_examples("train")
             meact = MeAct(model, cfg.meact_config(), examples, self.task.sparsify_filter(model))
             parts.append(MeActPart(meact, cfg.task))
@@ -860,7 +862,7 @@ class Trainer:
         """One optimizer step on a global batch (this rank's part of it); returns its loss."""
         with ExitStack() as forward:  # the parts' contexts of a training forward (meAct's)
             for part in self.parts:
-                forward.enter_context(part.forward(batch))
+                forward.enter_context(part.forward_context(batch))
             batch, share = self.dist.shard(batch, self.task)  # one process: (batch, 1.0)
             with self.sw("forward"):
                 loss = self.task.loss(self.dist.net, batch)

@@ -56,19 +56,19 @@ def test_mass_keeps_exactly_the_required_share():
     # four of 1+1+1+1 for 100%.
     g = torch.tensor([[8.0, -1.0, 4.0, 2.0, 1.0, 0.0], [1.0, 0.0, -1.0, 1.0, 0.0, 1.0]])
     rec = KRecord()
-    idx, ks, big = row_ks(g, 5, AdaptiveK(rule="mass", share=0.75), rec)
+    idx, _, ks, big = row_ks(g, 5, AdaptiveK(rule="mass", share=0.75), rec)
     assert ks.tolist() == [2, 3] and big == 3
     assert idx[0, :2].tolist() == [0, 2]  # 8 then 4
     assert rec.last_k == 2.5
-    _, ks, _ = row_ks(g, 5, AdaptiveK(rule="mass", share=1.0), rec)
+    _, _, ks, _ = row_ks(g, 5, AdaptiveK(rule="mass", share=1.0), rec)
     assert ks.tolist() == [5, 4]  # row 0: 8+4+2+1+1 = 16 needs 5 entries
     # just above a boundary: one more entry
-    _, ks, _ = row_ks(g, 5, AdaptiveK(rule="mass", share=0.7501), rec)
+    _, _, ks, _ = row_ks(g, 5, AdaptiveK(rule="mass", share=0.7501), rec)
     assert ks[0] == 3
     # squares: 64 of 64+16+4+1+1 = 86 is 74%: share 0.74 needs one entry, 0.75 two
-    _, ks, _ = row_ks(g[:1], 5, AdaptiveK(rule="mass", share=64 / 86, measure="square"), rec)
+    _, _, ks, _ = row_ks(g[:1], 5, AdaptiveK(rule="mass", share=64 / 86, measure="square"), rec)
     assert ks.tolist() == [1]
-    _, ks, _ = row_ks(g[:1], 5, AdaptiveK(rule="mass", share=0.75, measure="square"), rec)
+    _, _, ks, _ = row_ks(g[:1], 5, AdaptiveK(rule="mass", share=0.75, measure="square"), rec)
     assert ks.tolist() == [2]
 
 
@@ -90,14 +90,14 @@ def test_tinyprop_follows_the_error_relative_to_its_largest():
     g[2, :2] = 1.0
     adapt = AdaptiveK(rule="tinyprop", s_min=0.25, s_max=1.0)
     rec = KRecord()
-    _, ks, big = row_ks(g, 7, adapt, rec)
+    _, _, ks, big = row_ks(g, 7, adapt, rec)
     # share = 0.25 + 0.75 * Y / 8: 1.0, 0.625, 0.4375 -> k = 8 (capped at 7), 5, 3.5 -> 4
     assert ks.tolist() == [7, 5, 4] and big == 7 and rec.y_max == 8.0
-    _, ks, _ = row_ks(g[1:] / 2, 7, adapt, rec)  # smaller errors: the largest stays 8
+    _, _, ks, _ = row_ks(g[1:] / 2, 7, adapt, rec)  # smaller errors: the largest stays 8
     assert ks.tolist() == [round(8 * (0.25 + 0.75 * 2 / 8)), round(8 * (0.25 + 0.75 * 1 / 8))]
     assert rec.y_max == 8.0
     deep = KRecord(depth=2, y_max=8.0)
-    _, ks, _ = row_ks(g, 7, AdaptiveK(s_min=0.25, s_max=1.0, damping=0.5), deep)
+    _, _, ks, _ = row_ks(g, 7, AdaptiveK(s_min=0.25, s_max=1.0, damping=0.5), deep)
     assert ks.tolist() == [2, 1, 1]  # shares x 0.25: 0.25, 0.156, 0.109 of 8 (min_k 1)
     # unified: Y is the batch's total |g| (14), the first call's own largest
     rec = KRecord()
@@ -114,7 +114,7 @@ def test_k_stays_in_its_bounds():
         rec = KRecord()
         for scale in (1.0, 10.0, 0.01, 0.0):
             g = torch.randn(16, 40, generator=gen) * scale
-            _, ks, big = row_ks(g, 12, adapt, rec)
+            _, _, ks, big = row_ks(g, 12, adapt, rec)
             assert 3 <= ks.min() and ks.max() <= 12 and big == ks.max()
             k, cols = batch_k(g, 12, adapt, rec)
             assert 3 <= k <= 12 and cols.shape == (k,)
@@ -158,7 +158,7 @@ def test_adaptive_gradients_match_the_reference(backend, rule, mode, sparse_grad
                       record=rec)  # fmt: skip
     y.backward(g)
     if mode == "per_example":
-        _, ks, _ = row_ks(g, k, adapt, KRecord())
+        _, _, ks, _ = row_ks(g, k, adapt, KRecord())
         keep = row_keep(g, ks)
         assert rec.last_k == pytest.approx(ks.double().mean().item())
         assert len(set(ks.tolist())) > 1  # the rows' k's differ: the test means something
@@ -183,7 +183,7 @@ def test_float32_and_leading_dimensions(backend):
     g = torch.randn(2, 5, 30)
     adapt = AdaptiveK(min_k=1, rule="mass", share=0.5)
     sparse_linear(x, w, None, 12, backend=backend, adapt=adapt).backward(g)
-    _, ks, _ = row_ks(g.reshape(10, 30), 12, adapt, KRecord())
+    _, _, ks, _ = row_ks(g.reshape(10, 30), 12, adapt, KRecord())
     rx, rw, _ = masked_reference(x.detach().reshape(10, 7), w.detach(), g.reshape(10, 30),
                                  row_keep(g.reshape(10, 30), ks))  # fmt: skip
     torch.testing.assert_close(x.grad.reshape(10, 7), rx)
@@ -214,7 +214,7 @@ def test_usage_record_counts_what_was_kept():
     counts, sel = torch.zeros(16), torch.zeros(1)
     adapt = AdaptiveK(min_k=1, rule="mass", share=0.5)
     sparse_linear(x, w, None, 10, counts=counts, selections=sel, adapt=adapt).backward(g)
-    _, ks, _ = row_ks(g, 10, adapt, KRecord())
+    _, _, ks, _ = row_ks(g, 10, adapt, KRecord())
     assert counts.sum() == ks.sum() and sel.item() == 7
     torch.testing.assert_close(counts, row_keep(g, ks).sum(0).float())
 
@@ -264,3 +264,33 @@ def test_adaptive_training_decreases_loss_and_k():
         ks.append(mlp[0].last_k)
     assert losses[-1] < 0.5 * losses[0]
     assert sum(ks[-10:]) / 10 < sum(ks[:3]) / 3  # errors shrink, so does k
+
+
+@pytest.mark.parametrize("rule", ["tinyprop", "mass"])
+def test_backends_keep_the_same_record(rule):
+    """The C++ kernels compute the k's themselves: the same k's, last_k and largest error as
+    the PyTorch path over a few calls of shrinking errors."""
+    torch.manual_seed(6)
+    x = torch.randn(12, 9)
+    w = torch.randn(40, 9, requires_grad=True)
+    adapt = AdaptiveK(min_k=2, rule=rule, s_min=0.05, damping=0.8, share=0.7)
+    records = {b: KRecord(depth=1) for b in BACKENDS}
+    for scale in (1.0, 0.5, 0.7, 0.2):
+        g = torch.randn(12, 40) * scale * torch.rand(12, 1)
+        for backend, rec in records.items():
+            w.grad = None
+            sparse_linear(x, w, None, 16, backend=backend, adapt=adapt, record=rec).backward(g)
+        want = records["torch"]
+        for backend, rec in records.items():
+            assert rec.last_k == pytest.approx(want.last_k), backend
+            assert rec.y_max == pytest.approx(want.y_max, rel=1e-6), backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    x = torch.randn(0, 6, requires_grad=True)
+    w = torch.randn(20, 6, requires_grad=True)
+    for adapt in (AdaptiveK(), AdaptiveK(rule="mass")):
+        rec = KRecord()
+        sparse_linear(x, w, None, 8, backend=backend, adapt=adapt, record=rec).sum().backward()
+        assert x.grad.shape == (0, 6) and not w.grad.any() and rec.y_max == 0.0

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from meprop import MePropConfig, SparseLSTM, densify_, sparsify_
+from meprop import AdaptiveK, MePropConfig, SparseLSTM, densify_, sparsify_
 from meprop.lstm_prune import lstm_output_columns, prune_lstm_cells_
 from meprop.ops import kernels_available
 from meprop.prune import update_optimizer_
@@ -258,6 +258,31 @@ def test_random_selection_properties_and_reference():
     sparse.debug_selections = {}
     run(sparse, x, inp, hx, weights)
     assert not torch.equal(sparse.debug_selections[(0, 0)], sel[(0, 0)])
+
+
+@pytest.mark.parametrize("mode", ["per_example", "unified"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", ["tinyprop", "mass"])
+def test_adaptive_k_against_the_reference(mode, backend, rule):
+    """Adaptive k in every step: the kept entries (recorded, padded with a kept column) through
+    the reference give the same gradients; k's differ between rows and stay in bounds."""
+    k = 9
+    adapt = AdaptiveK(min_k=2, rule=rule, s_min=0.1, share=0.5)
+    _, sparse = make_pair(k, mode, layers=2, bidir=True, backend=backend, adapt=adapt)
+    x, inp = make_input(packed=True)
+    hx = initial_state(2, 2)
+    weights = loss_weights((T, B, 2 * HID), 2, 2)
+    sparse.debug_selections = {}
+    got = run(sparse, x, inp, hx, weights)
+    sel = sparse.debug_selections
+    valid = torch.arange(T).unsqueeze(1) < torch.tensor(LENGTHS)  # (T, B)
+    counts = torch.cat(
+        [torch.tensor([len(set(r.tolist())) for r in idx[valid]]) for idx in sel.values()]
+    )
+    assert counts.min() >= 2 and counts.max() <= k and len(set(counts.tolist())) > 1
+    assert 2 <= sparse.last_k <= k
+    want = run(sparse, x, inp, hx, weights, fn=ref_fn(sparse, selections=sel))
+    assert_same(got, want)
 
 
 def test_reference_mask_keeps_k_per_row():

@@ -19,7 +19,7 @@ from torch import Tensor
 from .comm import sum_over_ranks
 from .config import AdaptiveK
 
-__all__ = ["KRecord", "row_ks", "batch_k"]
+__all__ = ["KRecord", "row_ks", "tinyprop_ks", "batch_k"]
 
 _SCORE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
@@ -55,39 +55,66 @@ def _mass_count(top: Tensor, total: Tensor, share: float) -> Tensor:
     return (cum < share * total.unsqueeze(-1)).sum(-1) + 1
 
 
-def row_ks(g: Tensor, k_max: int, adapt: AdaptiveK, record: KRecord) -> tuple[Tensor, Tensor, int]:
-    """Per-example k's of ``g`` (M, n) with ``k_max < n``.
+def row_ks(
+    g: Tensor, k_max: int, adapt: AdaptiveK, record: KRecord, kernels=None
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Per-example k's of ``g`` (M, n) with ``k_max < n``, and the selection they make.
 
-    Returns ``(idx, ks, K)``: ``idx`` (M, K) the columns of each row's K largest |g|, in
-    descending order; ``ks`` (M,) int64 each row's k (``<= K``); ``K = max(ks)``. The row's
-    selection is ``idx[i, :ks[i]]``. Sets ``record.last_k`` (and ``y_max``).
+    Returns ``(idx, vals, ks, K)``: ``ks`` (M,) int64 each row's k, ``K = max(ks)``; ``idx``,
+    ``vals`` (M, K) each row's K largest |g| (columns and values) in descending order of |g|,
+    with the values past the row's k set to zero. Sets ``record.last_k`` (and ``y_max``).
+    ``kernels``: a kernel module whose (unsorted) ``topk_rows`` to use; None: ``torch.topk``.
     """
-    a = g.abs()
     dt = _SCORE_DTYPE.get(g.dtype, g.dtype)
-    top, idx = a.topk(k_max, dim=1, sorted=True)  # (M, k_max), descending
-    if adapt.rule == "mass":
+    if adapt.rule == "tinyprop":  # k's first, from the rows' L1 norms: then the top K only
+        ks, big = tinyprop_ks(g, k_max, adapt, record)
+        idx, vals, top = _sorted_topk(g, big, kernels)
+    else:  # mass: the top k_max sorted, then how many of them reach the share
+        idx, vals, top = _sorted_topk(g, k_max, kernels)
         if adapt.measure == "square":
-            top, total = top.to(dt).square(), a.to(dt).square().sum(1)
+            top, total = top.to(dt).square(), g.to(dt).square().sum(1)
         else:
-            top, total = top.to(dt), a.sum(1, dtype=dt)
-        ks = _mass_count(top, total, adapt.share)
-        y_max = None
-    else:
-        y = a.sum(1, dtype=dt)  # (M,) the error size of each example
-        y_max = torch.maximum(y.max(), y.new_tensor(record.y_max))
-        share = _tinyprop_share(y, y_max, adapt, record.depth)
-        ks = (share * g.shape[1]).round().long()
-    ks = ks.clamp_(adapt.min_k, k_max)
-    if g.shape[0] == 0:
-        record.last_k = float(k_max)
-        return idx, ks, 0
-    ym = y_max if y_max is not None else top.new_zeros((), dtype=dt)
-    big, total_k, ym = torch.stack([ks.max().to(dt), ks.sum().to(dt), ym]).tolist()  # one read
+            top, total = top.to(dt), g.abs().sum(1, dtype=dt)
+        ks = _mass_count(top, total, adapt.share).clamp_(adapt.min_k, k_max)
+        big = _read(ks, None, record, dt)
+        idx, vals = idx[:, :big], vals[:, :big]
+    vals = vals.masked_fill(torch.arange(big, device=g.device) >= ks.unsqueeze(1), 0)
+    return idx, vals, ks, big
+
+
+def tinyprop_ks(g: Tensor, k_max: int, adapt: AdaptiveK, record: KRecord) -> tuple[Tensor, int]:
+    """TinyProp's per-example k's of ``g`` (M, n): ``(ks (M,) int64, max(ks))``; updates the
+    record's largest error and ``last_k``."""
+    dt = _SCORE_DTYPE.get(g.dtype, g.dtype)
+    y = g.abs().sum(1, dtype=dt)  # (M,) the error size of each example
+    y_max = torch.maximum(y.max(), y.new_tensor(record.y_max)) if len(y) else y.new_zeros(())
+    share = _tinyprop_share(y, y_max, adapt, record.depth)
+    ks = (share * g.shape[1]).round().long().clamp_(adapt.min_k, k_max)
+    return ks, _read(ks, y_max, record, dt)
+
+
+def _sorted_topk(g: Tensor, k: int, kernels) -> tuple[Tensor, Tensor, Tensor]:
+    """(idx, vals, |vals|), (M, k) each, the k largest |g| of each row in descending order."""
+    if kernels is None:
+        top, idx = g.abs().topk(k, dim=1, sorted=True)
+        return idx, g.gather(1, idx), top
+    idx, vals = kernels.topk_rows(g, k)  # (M, k), unsorted: sort the k (cheap next to n)
+    top, order = vals.abs().sort(dim=1, descending=True)
+    return idx.gather(1, order), vals.gather(1, order), top
+
+
+def _read(ks: Tensor, y_max: Tensor | None, record: KRecord, dt: torch.dtype) -> int:
+    """The one host read of a call: the largest k (returned), the mean k and the largest error
+    (into the record)."""
+    if ks.numel() == 0:
+        record.last_k = None
+        return 1
+    ym = y_max if y_max is not None else ks.new_zeros((), dtype=dt)
+    big, total_k, ym = torch.stack([ks.max().to(dt), ks.sum().to(dt), ym]).tolist()
     if y_max is not None:
         record.y_max = ym
-    record.last_k = total_k / g.shape[0]
-    big = int(big)
-    return idx[:, :big], ks, big
+    record.last_k = total_k / ks.numel()
+    return int(big)
 
 
 def batch_k(

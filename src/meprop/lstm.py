@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .adaptive import KRecord, batch_k, row_ks
 from .config import MePropConfig
 from .grads import weight_grad
 from .ops import (
@@ -115,11 +116,14 @@ class _LSTMDirectionFn(torch.autograd.Function):
     """One (layer, direction) over all time steps; backward through the top-k of each dG_t.
 
     ``config`` gives k, the mode and the gradient options; backward adds its selections to
-    ``usage`` (counts (H,), selections (1,)) and ``debug`` where they are not None.
+    ``usage`` (counts (H,), selections (1,)) and ``debug`` where they are not None, and sets
+    ``record.last_k`` (the mean k over the steps' rows; adaptive k's memory lives there too).
     """
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, steps, reverse, config, usage, debug, save):
+    def forward(
+        ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, steps, reverse, config, usage, debug, record, save
+    ):
         # x (N, in) packed rows; h0, c0 (B, H); w_ih (4H, in); w_hh (4H, H); b_* (4H,) or None.
         hid = w_hh.shape[1]
         n_rows, batch = x.shape[0], h0.shape[0]
@@ -157,7 +161,7 @@ class _LSTMDirectionFn(torch.autograd.Function):
             # h_{t-1} and c_{t-1} are rebuilt in backward from y, cells and h0, c0.
             ctx.save_for_backward(x, h0, c0, w_ih, w_hh, acts, cells, tanh_c, y)
             ctx.steps, ctx.reverse, ctx.has_bias = steps, reverse, b_ih is not None
-            ctx.config, ctx.usage, ctx.debug = config, usage, debug
+            ctx.config, ctx.usage, ctx.debug, ctx.record = config, usage, debug, record
         # h and c may be views of y and cells: outputs must not alias each other or saved
         # tensors.
         return y, h.clone(), c.clone()
@@ -192,6 +196,9 @@ class _LSTMDirectionFn(torch.autograd.Function):
 
         dense = k >= n4
         kern = None if dense else kernel_module(cfg.backend, acts)  # compiled kernels or None
+        adapt = None if dense else cfg.adapt
+        record = ctx.record if ctx.record is not None else KRecord()
+        kept = [0.0]  # adaptive: the k's kept, summed over the steps' rows
         dgates = torch.empty_like(acts)  # the full dG of every step (N, 4H)
         idx_t: list = [None] * len(steps)  # per step: selected columns (n, k) and values
         val_t: list = [None] * len(steps)
@@ -207,10 +214,13 @@ class _LSTMDirectionFn(torch.autograd.Function):
             if dense:
                 dh_p = dg @ w_hh
             else:
-                idx_t[t], val_t[t], dh_p = _select_step(dg, k, mode, kern, w_hh)
+                idx_t[t], val_t[t], dh_p = _select_step(
+                    dg, k, mode, kern, w_hh, adapt, record, kept
+                )
             dh = dh_p if n == batch else torch.cat([dh_p, dh[n:]])
             dc = dc_p if n == batch else torch.cat([dc_p, dc[n:]])
 
+        record.last_k = kept[0] / n_rows if adapt is not None and n_rows else float(min(k, n4))
         dx = dw_ih = dw_hh = db = None
         if dense:
             sel = Selection("dense")
@@ -256,15 +266,41 @@ class _LSTMDirectionFn(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
-def _select_step(dg: Tensor, k: int, mode: str, kern, w_hh: Tensor):
+def _select_step(dg: Tensor, k: int, mode: str, kern, w_hh: Tensor, adapt=None, record=None,
+                 kept=None):  # fmt: skip
     """Sparsify one step's gate gradient dg (n, 4H) and push it through W_hh.
 
     Returns the selection as idx, vals (n, k) and dh_{t-1} = dG~ W_hh (n, H), computed from the
-    k selected rows of W_hh only.
+    k selected rows of W_hh only. With ``adapt`` (an AdaptiveK): each row's (per_example) or
+    the step's (unified) k from ``meprop.adaptive`` with ``record``, at most k; the selection is
+    padded to width k (value 0) and ``kept[0]`` adds the k's.
     """
+    if adapt is not None:
+        n = dg.shape[0]
+        if mode == "unified":
+            kb, cols = batch_k(dg, k, adapt, record)  # (kb,)
+            vals = dg.index_select(1, cols)  # (n, kb)
+            dh_p = vals @ w_hh.index_select(0, cols)
+            idx = cols.expand(n, kb)
+            kept[0] += kb * n
+        else:
+            idx, vals, ks, big = row_ks(dg, k, adapt, record, kern)  # (n, K), zero past ks
+            # past a row's k: its first (kept) column, so the recorded selection is what was kept
+            past = torch.arange(big, device=dg.device) >= ks.unsqueeze(1)
+            idx = torch.where(past, idx[:, :1], idx)
+            dh_p = kern.rows_matmul(idx, vals, w_hh) if kern is not None else None
+            if dh_p is None:
+                dh_p = torch.bmm(vals.unsqueeze(1), w_hh[idx]).squeeze(1)
+            kept[0] += record.last_k * n  # (row_ks: the mean over the rows)
+        pad = k - idx.shape[1]  # one width for every step (torch.cat), the padding worth 0
+        if pad:
+            idx = torch.cat([idx, idx[:, :1].expand(n, pad)], 1)
+            vals = torch.cat([vals, vals.new_zeros(n, pad)], 1)
+        return idx, vals, dh_p
     if mode == "unified":
         cols = select_columns(dg, k)  # (k,): one set for the whole step
         vals = dg.index_select(1, cols)  # (n, k)
@@ -305,7 +341,8 @@ def _final_products(sel: Selection, w_ih, x, h_prev, kern, need_x, need_wih, nee
                 dw_hh = dw
         return dx, dw_ih, dw_hh
     rows = idx.flatten().unique()  # sorted union of the selected gate rows (R,)
-    gm = vals.new_zeros(idx.shape[0], n4).scatter_(1, idx, vals)  # dG~ (N, 4H)
+    gm = vals.new_zeros(idx.shape[0], n4).scatter_add_(1, idx, vals)  # dG~ (N, 4H) (adaptive
+    # k pads rows with a kept column, value 0: added, not written over the kept value)
     gc = gm.index_select(1, rows)  # (N, R)
     dx, dw_rows = compact_products(gc, rows, w_ih, x, need_x, need_wih)
     if need_wih:
@@ -422,6 +459,12 @@ class SparseLSTM(nn.LSTM):
         self.config = config
         self.usage = None
         self.debug_selections = None
+        self.k_record = KRecord()
+
+    @property
+    def last_k(self) -> float | None:
+        """The mean k of the latest backward over its steps' rows (None before the first)."""
+        return self.k_record.last_k
 
     # nn.LSTM's cuDNN weight flattening assumes one hidden size; this module never uses it.
     def flatten_parameters(self) -> None:
@@ -585,7 +628,7 @@ class SparseLSTM(nn.LSTM):
                 with no_amp:
                     y, h_n, c_n = _LSTMDirectionFn.apply(
                         layer_in, h0s[j], c0s[j], w_ih, w_hh, b_ih, b_hh,
-                        steps, d == 1, cfg, usage, debug, save,
+                        steps, d == 1, cfg, usage, debug, self.k_record, save,
                     )  # fmt: skip
                 outs.append(y)
                 hs.append(h_n)
@@ -624,6 +667,7 @@ def to_sparse_(lstm: nn.LSTM, config: MePropConfig) -> SparseLSTM:
     lstm.config = config
     lstm.usage = None
     lstm.debug_selections = None
+    lstm.k_record = KRecord()
     return lstm
 
 
@@ -642,5 +686,5 @@ def to_dense_(lstm: SparseLSTM) -> nn.LSTM:
         )
     lstm.hidden_size = widths.pop()
     lstm.__class__ = nn.LSTM
-    del lstm.config, lstm.usage, lstm.debug_selections
+    del lstm.config, lstm.usage, lstm.debug_selections, lstm.k_record
     return lstm

@@ -461,10 +461,22 @@ def _adaptive_rows(ctx, x, x2, weight, g, record):
     past a row's k are zero."""
     cfg = ctx.cfg
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    idx, ks, big = row_ks(g, cfg.k, cfg.adapt, record)  # (M, K) by |g| descending, (M,), K
-    vals = g.gather(1, idx)
-    vals.masked_fill_(torch.arange(big, device=g.device) >= ks.unsqueeze(1), 0)
+    adapt = cfg.adapt
     kern = kernel_module(cfg.backend, g) if cfg.backend != "dense" else None
+    if getattr(kern, "per_example_backward_var", None) is not None:  # the C++ kernels: fused
+        full_db = need_db and not cfg.sparse_bias
+        dw_kind = ("sparse" if cfg.sparse_grad else "dense") if need_dw else None
+        idx, vals, ks, y_max, dx, dw, db = kern.per_example_backward_var(
+            g, x2.contiguous(), weight.contiguous(), cfg.k, adapt, record.y_max, record.depth,
+            need_dx, dw_kind, full_db,
+        )  # fmt: skip
+        record.y_max = y_max
+        record.last_k = ks.sum().item() / len(ks) if len(ks) else None  # (CPU: no sync)
+        if dw_kind == "sparse":
+            dw = weight_grad(*dw, weight.shape[0], True)
+        sel = Selection("rows", idx, vals)
+        return _finish(ctx, x, g, sel, dx, dw, need_db and not full_db, db)
+    idx, vals, _, _ = row_ks(g, cfg.k, adapt, record, kern)  # (M, K), K the largest k
     dx, dw = _rows_products(idx, vals, g, x2, weight, kern, need_dx, need_dw, cfg.sparse_grad)
     return _finish(ctx, x, g, Selection("rows", idx, vals), dx, dw, need_db)
 

@@ -567,9 +567,10 @@ i64 count_bad(const i64* idx, i64 size, i64 n) {
 }
 
 // out (M, d) = sum_j vals[i, j] * w[idx[i, j]], w (n, d). idx_stride 0: every row uses idx[0, :].
+// counts (M,), if not null: row i uses its first counts[i] <= k pairs only (adaptive k).
 template <class F>
 void rows_matmul(const i64* idx, i64 idx_stride, const F* vals, i64 m, i64 k, const F* w, i64 n,
-                 i64 d, F* out, int nt) {
+                 i64 d, F* out, int nt, const i64* counts = nullptr) {
   i64 block = column_block(m, d, nt, n, m * k, sizeof(F));
   i64 nb = (d + block - 1) / block;
   nt = threads_for(nt, nb * m);
@@ -577,28 +578,31 @@ void rows_matmul(const i64* idx, i64 idx_stride, const F* vals, i64 m, i64 k, co
   for (i64 task = 0; task < nb * m; task++) {
     i64 b = task / m, i = task % m;
     i64 c0 = b * block, wd = std::min(block, d - c0);
-    gather_axpy<F>(out + i * d + c0, wd, idx + i * idx_stride, 1, vals + i * k, 1, k, w + c0, d);
+    i64 ki = counts ? counts[i] : k;
+    gather_axpy<F>(out + i * d + c0, wd, idx + i * idx_stride, 1, vals + i * k, 1, ki, w + c0, d);
   }
 }
 
 // The (i, j) pairs of idx (M, k) grouped by their row idx[i, j] in [0, n) (a counting sort):
 // the pairs of row r are ex[start[r]:start[r + 1]] (example numbers, in order) with values vs.
+// counts (M,), if not null: example i's first counts[i] pairs only (adaptive k).
 template <class F>
 struct Groups {
   std::vector<i64> start, ex;
   std::vector<F> vs;
   i64 rows = 0;  // rows with at least one pair
   i64 m = 0;     // examples (the rows of x that the pairs read)
-  Groups(const i64* idx, const F* vals, i64 m, i64 k, i64 n)
+  Groups(const i64* idx, const F* vals, i64 m, i64 k, i64 n, const i64* counts = nullptr)
       : start(n + 1, 0), ex(m * k), vs(m * k), m(m) {
-    for (i64 t = 0; t < m * k; t++) start[idx[t] + 1]++;
+    for (i64 i = 0; i < m; i++)
+      for (i64 j = 0, kj = counts ? counts[i] : k; j < kj; j++) start[idx[i * k + j] + 1]++;
     for (i64 r = 0; r < n; r++) {
       rows += start[r + 1] > 0;
       start[r + 1] += start[r];
     }
     std::vector<i64> cur(start.begin(), start.end() - 1);
     for (i64 i = 0; i < m; i++)
-      for (i64 j = 0; j < k; j++) {
+      for (i64 j = 0, kj = counts ? counts[i] : k; j < kj; j++) {
         i64 p = cur[idx[i * k + j]]++;
         ex[p] = i;
         vs[p] = vals[i * k + j];
@@ -714,6 +718,104 @@ i64 per_example(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, 
   if (dx) rows_matmul<F>(idx, k, vals, m, k, w, n, d, dx, nt_products);
   if (dw_mode == 0) return 0;
   Groups<F> gr(idx, vals, m, k, n);
+  if (dw_mode == 3) return outer_compact<F>(gr, n, x, d, rows, dw, nt_products);
+  return outer_dense<F>(gr, n, x, d, dw, dw_mode == 2, rows, nt_products);
+}
+
+// Adaptive k's selection (meprop.adaptive): row i keeps ks_in[i] of its largest |g| (tinyprop:
+// the k's come from the caller) or, with ks_in null (mass), the fewest of its kmax largest whose
+// |g| (square: g^2) adds up to share of the row's total, at least min_k. idx, vals (M, kmax):
+// row i's ks_out[i] kept pairs first (mass: in descending |g|), then padding (its first column,
+// value 0).
+template <class F>
+void topk_rows_var(const F* g, i64 m, i64 n, i64 kmax, const i64* ks_in, i64 min_k, F share,
+                   bool square, i64* idx, F* vals, i64* ks_out, int nt) {
+  using U = typename Key<F>::U;
+  constexpr i64 L = Vec<U>::lanes;
+  constexpr U mask = Key<F>::mask;
+  nt = threads_for(nt, m);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    TopkScratch<F> s(n, (2 * kmax + L - 1) / L * L);
+    std::vector<std::pair<U, i64>> order(ks_in ? 0 : kmax);
+#pragma omp for schedule(static)
+    for (i64 i = 0; i < m; i++) {
+      const F* gi = g + i * n;
+      const U* row = reinterpret_cast<const U*>(gi);
+      i64* out = idx + i * kmax;
+      F* ov = vals + i * kmax;
+      i64 k = ks_in ? std::max<i64>(1, std::min(ks_in[i], kmax)) : kmax;
+      topk_row<F>(row, n, k, out, s);
+      if (!ks_in) {
+        // |g| orders like its bit pattern (the key); ties: the lower column first
+        for (i64 t = 0; t < k; t++) order[t] = {U(row[out[t]] & mask), out[t]};
+        std::sort(order.begin(), order.begin() + k, [](const auto& a, const auto& b) {
+          return a.first > b.first || (a.first == b.first && a.second < b.second);
+        });
+        F total = 0;
+        for (i64 j = 0; j < n; j++) total += square ? gi[j] * gi[j] : std::abs(gi[j]);
+        F target = share * total, cum = 0;
+        i64 kk = k;
+        for (i64 t = 0; t < k; t++) {
+          out[t] = order[t].second;
+          F v = std::abs(gi[out[t]]);
+          cum += square ? v * v : v;
+          if (kk == k && !(cum < target)) kk = t + 1;
+        }
+        k = std::min(kmax, std::max(kk, min_k));
+      }
+      for (i64 t = 0; t < k; t++) ov[t] = gi[out[t]];
+      for (i64 t = k; t < kmax; t++) {
+        out[t] = out[0];
+        ov[t] = 0;
+      }
+      ks_out[i] = k;
+    }
+  }
+}
+
+// TinyProp's k's (meprop.adaptive): y_i = sum_j |g_ij|, y_max = max(*y_max, y_i) (written
+// back), ks[i] = clamp(round(n (s_min + span y_i / y_max) damp), min_k, kmax), damp the
+// layer's damping ** depth; rounding half to even, as torch.round.
+template <class F>
+void tinyprop_ks(const F* g, i64 m, i64 n, i64 kmax, i64 min_k, F s_min, F span, F damp,
+                 F* y_max, i64* ks) {
+  std::vector<F> y(m);
+  F ym = *y_max;
+  for (i64 i = 0; i < m; i++) {
+    F t = 0;
+    for (i64 j = 0; j < n; j++) t += std::abs(g[i * n + j]);
+    y[i] = t;
+    ym = std::max(ym, t);
+  }
+  *y_max = ym;
+  for (i64 i = 0; i < m; i++) {
+    F share = (s_min + span * (ym > 0 ? y[i] / ym : F(0))) * damp;
+    F k = std::nearbyint(share * F(n));
+    ks[i] = std::min(kmax, std::max(min_k, k >= F(kmax) ? kmax : i64(k)));
+  }
+}
+
+// per_example with adaptive k's (topk_rows_var): the products read each row's kept pairs only.
+// rule 0: the k's ks_in from the caller; 1: mass (share, square); 2: tinyprop (tp: s_min, span,
+// damp; y_max in and out).
+template <class F>
+i64 per_example_var(const F* g, i64 m, i64 n, i64 kmax, int rule, const i64* ks_in, i64 min_k,
+                    F share, bool square, const F* tp, F* y_max, const F* x, const F* w, i64 d,
+                    i64* idx, F* vals, i64* ks_out, F* dx, int dw_mode, F* dw, i64* rows,
+                    const i64* stale, i64 nstale, F* db, int nt, int nt_products) {
+  if (nstale) zero_rows<F>(dw, d, stale, nstale, n * d * i64(sizeof(F)) >= kStreamBytes, 1);
+  std::vector<i64> ks(rule == 2 ? m : 0);
+  if (rule == 2) {
+    tinyprop_ks<F>(g, m, n, kmax, min_k, tp[0], tp[1], tp[2], y_max, ks.data());
+    ks_in = ks.data();
+  }
+  topk_rows_var<F>(g, m, n, kmax, rule == 1 ? nullptr : ks_in, min_k, share, square, idx, vals,
+                   ks_out, nt);
+  if (db) column_sums<F>(g, m, n, db);
+  if (dx) rows_matmul<F>(idx, kmax, vals, m, kmax, w, n, d, dx, nt_products, ks_out);
+  if (dw_mode == 0) return 0;
+  Groups<F> gr(idx, vals, m, kmax, n, ks_out);
   if (dw_mode == 3) return outer_compact<F>(gr, n, x, d, rows, dw, nt_products);
   return outer_dense<F>(gr, n, x, d, dw, dw_mode == 2, rows, nt_products);
 }
@@ -855,6 +957,15 @@ void unified(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64
       int nt_products) {                                                                       \
     return per_example<F>(g, m, n, k, x, w, d, idx, vals, dx, dw_mode, dw, rows, stale,        \
                           nstale, db, nt, nt_products);                                        \
+  }                                                                                            \
+  MEPROP_EXPORT i64 meprop_per_example_var_##SUFFIX(                                           \
+      const F* g, i64 m, i64 n, i64 kmax, int rule, const i64* ks_in, i64 min_k, F share,        \
+      int square, const F* tp, F* y_max, const F* x, const F* w, i64 d, i64* idx, F* vals,       \
+      i64* ks_out, F* dx, int dw_mode, F* dw, i64* rows, const i64* stale, i64 nstale, F* db,    \
+      int nt, int nt_products) {                                                               \
+    return per_example_var<F>(g, m, n, kmax, rule, ks_in, min_k, share, square != 0, tp, y_max,  \
+                              x, w, d, idx, vals, ks_out, dx, dw_mode, dw, rows, stale, nstale,  \
+                              db, nt, nt_products);                                              \
   }                                                                                            \
   MEPROP_EXPORT void meprop_top_columns_##SUFFIX(const F* g, i64 m, i64 n, i64 k, i64* cols) {  \
     top_columns<F>(g, m, n, k, cols);                                                          \

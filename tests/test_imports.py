@@ -91,7 +91,18 @@ def test_no_private_names_across_modules():
     assert not bad, "; ".join(bad)
 
 
-@pytest.mark.parametrize("module", ["meprop.ops", "meprop.report", "meprop.lstm"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "meprop.ops",
+        "meprop.report",
+        "meprop.lstm",
+        "meprop.lstm_prune",
+        "meprop.reference",
+        "meprop.kernels.native",
+        "meprop.kernels.pool",
+    ],
+)
 def test_graph_sees_the_edges(module):
     # the check reads real imports (guards against a parser that finds nothing)
     assert graph()[module]

@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 
-from meprop.kernels import cpu, native, registry
+from meprop.kernels import build, checks, cpu, native, pool, registry
 from meprop.ops import select_columns
 from meprop.reference import mask_gradient
 
@@ -66,7 +66,7 @@ def _run_as(request, monkeypatch):
         monkeypatch.setattr(native, "_PAR_MIN_ENTRIES", 0)
         monkeypatch.setattr(native, "_PAR_MIN_FMAS", 0)
     if arch is not None:
-        monkeypatch.setattr(native, "_active", [arch])
+        monkeypatch.setattr(build, "_active", [arch])
     return before
 
 
@@ -240,8 +240,7 @@ def test_products_wide(kern, dtype, big, monkeypatch):
     # Wider than a column block, few rows: the blocked task split (and its remainder block).
     # big: the path for large outputs (numpy-allocated; numba: two calls).
     if big:
-        monkeypatch.setattr(cpu, "_BIG_OUTPUT", 0)
-        monkeypatch.setattr(native, "_BIG", 0)
+        monkeypatch.setattr(checks, "BIG_BYTES", 0)
     for m, k in [(0, 3), (1, 5), (3, 17), (40, 8)]:
         check_products(kern, *products_case(kern, m, 600, 1111, k, dtype, False), 600)
     for dup in (False, True):
@@ -277,8 +276,7 @@ def test_products_noncontiguous(kern):
 @pytest.mark.parametrize("big", [False, True], ids=["small", "big"])
 def test_products_bad_indices(kern, big, monkeypatch):
     if big:
-        monkeypatch.setattr(cpu, "_BIG_OUTPUT", 0)
-        monkeypatch.setattr(native, "_BIG", 0)
+        monkeypatch.setattr(checks, "BIG_BYTES", 0)
     idx = torch.tensor([[0, 5], [1, 2]])
     vals = torch.randn(2, 2)
     with pytest.raises(IndexError, match="1 value"):
@@ -317,8 +315,7 @@ def test_products_wide_rows_keep_inf(kern, dtype, big, monkeypatch):
     # (big: with streaming stores). Rows named 1 to 5 times, an inf in x: the sums must be
     # inf where the reference's are, never NaN from a padded 0 * inf.
     if big:
-        monkeypatch.setattr(cpu, "_BIG_OUTPUT", 0)
-        monkeypatch.setattr(native, "_BIG", 0)
+        monkeypatch.setattr(checks, "BIG_BYTES", 0)
     n, d = 6, 1100
     idx = torch.tensor([[0, 1, 1], [2, 2, 2], [3, 3, 3], [4, 4, 3], [4, 4, 4], [5, 0, 1]])
     vals = torch.rand(6, 3, dtype=dtype) + 0.5
@@ -430,7 +427,7 @@ def check_dw(dw, kind, g_sparse, x, tol):
 @pytest.mark.parametrize("big", [False, True], ids=["small", "big"])
 def test_per_example_backward(fused, dtype, kind, big, monkeypatch):
     if big:  # large dense dW: zeroed by numpy (calloc), touched rows written only
-        monkeypatch.setattr(native, "_BIG", 0)
+        monkeypatch.setattr(checks, "BIG_BYTES", 0)
     tol = TOL[dtype]
     for m, n, d, k in FUSED_SHAPES:
         g, x, w = (torch.randn(*s, dtype=dtype) for s in ((m, n), (m, d), (n, d)))
@@ -450,7 +447,7 @@ def test_per_example_backward(fused, dtype, kind, big, monkeypatch):
 @pytest.mark.parametrize("big", [False, True], ids=["small", "big"])
 def test_unified_backward(fused, dtype, kind, big, monkeypatch):
     if big:
-        monkeypatch.setattr(native, "_BIG", 0)
+        monkeypatch.setattr(checks, "BIG_BYTES", 0)
     tol = TOL[dtype]
     for m, n, d, k in FUSED_SHAPES:
         g, x, w = (torch.randn(*s, dtype=dtype) for s in ((m, n), (m, d), (n, d)))
@@ -513,9 +510,9 @@ def test_native_disabled_falls_back(tmp_path):
 
 @needs_native
 def test_native_build_is_cached():
-    lib = native._build(native.os.environ.get("CXX", "g++"))
+    lib = build._build(build.os.environ.get("CXX", "g++"))
     stamp = lib.stat().st_mtime_ns
-    assert native._build(native.os.environ.get("CXX", "g++")) == lib
+    assert build._build(build.os.environ.get("CXX", "g++")) == lib
     assert lib.stat().st_mtime_ns == stamp
 
 
@@ -524,15 +521,15 @@ def test_native_build_falls_back_to_other_flags(tmp_path, monkeypatch):
     # A flag set that does not compile is recorded (and not retried); the next one is used.
     monkeypatch.setenv("MEPROP_CACHE", str(tmp_path))
     bad = ["-O3", "--no-such-flag-for-meprop", "-shared", "-fPIC"]
-    good = native.flag_sets("native")[-1]
-    monkeypatch.setattr(native, "flag_sets", lambda arch: [bad, good])
-    lib = native._build(native.os.environ.get("CXX", "g++"))
+    good = build.flag_sets("native")[-1]
+    monkeypatch.setattr(build, "flag_sets", lambda arch: [bad, good])
+    lib = build._build(build.os.environ.get("CXX", "g++"))
     assert lib.exists() and len(list(tmp_path.glob("*.failed"))) == 1
-    assert native._build(native.os.environ.get("CXX", "g++")) == lib
+    assert build._build(build.os.environ.get("CXX", "g++")) == lib
 
 
 # --------------------------------------------------------------------------------------------
-# Reused dense gradient buffers (native._GradPool)
+# Reused dense gradient buffers (pool.GradPool)
 
 
 @pytest.fixture
@@ -540,10 +537,10 @@ def pooled(monkeypatch):
     """Every dense dW of the C++ kernels goes through the pool (normally from 4 MiB on)."""
     if not native.available():
         pytest.skip(str(native.build_error()))
-    monkeypatch.setattr(native, "_BIG", 0)
-    monkeypatch.setattr(native._POOL, "enabled", True)
+    monkeypatch.setattr(checks, "BIG_BYTES", 0)
+    monkeypatch.setattr(pool.POOL, "enabled", True)
     native.clear_grad_pool()
-    yield native._POOL
+    yield pool.POOL
     native.clear_grad_pool()
 
 

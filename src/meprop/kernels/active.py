@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from . import cpu as _cpu  # (first: it configures numba's threading layer)
+from .checks import check_float, raise_bad
 
 __all__ = [
     "available",
@@ -71,7 +72,6 @@ else:  # pragma: no cover - numba missing or broken
     numba = None
     prange = range
 
-_DTYPES = (torch.float32, torch.float64)
 _ZERO = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
 
 
@@ -365,11 +365,10 @@ def _accumulate_impl(share, total, g, offsets, cols):
 
 def _array(name: str, t: Tensor, ndim: int) -> np.ndarray:
     """A float32/float64 CPU tensor of rank ``ndim`` as a C-contiguous numpy array."""
-    if not (t.is_cpu and t.dtype in _DTYPES and t.layout == torch.strided):
-        raise TypeError(f"{name} must be a float32/float64 CPU tensor, got {t.dtype} on {t.device}")
+    t = check_float(name, t)
     if t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    return t.detach().contiguous().numpy()
+    return t.detach().numpy()
 
 
 def _csr(offsets: Tensor, cols: Tensor, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -397,11 +396,6 @@ def _same_dtype(**arrays: np.ndarray) -> None:
         raise ValueError(f"dtypes must match, got {dtypes}")
 
 
-def _raise_bad(bad: int, n: int) -> None:
-    if bad:
-        raise IndexError(f"{bad} value(s) of cols outside [0, {n})")
-
-
 def active_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, offsets: Tensor, cols: Tensor, base: Tensor
 ) -> Tensor:
@@ -427,7 +421,7 @@ def active_linear(
     if cn.shape[0]:
         work = cn.shape[0] * d / 8  # ns: ~8 multiply-adds per ns
         bad = _forward_impl(work, xn, wn, bn, bias is not None, off, cn, out, _ZERO[x.dtype])
-        _raise_bad(bad, n)
+        raise_bad(bad, n, "cols")
     return torch.from_numpy(out)
 
 
@@ -444,7 +438,7 @@ def active_linear_dx(offsets: Tensor, cols: Tensor, grad: Tensor, weight: Tensor
     out = np.empty((gn.shape[0], wn.shape[1]), wn.dtype)
     if out.size:
         work = cn.shape[0] * wn.shape[1] / 8
-        _raise_bad(_dx_impl(work, off, cn, gn, wn, out), wn.shape[0])
+        raise_bad(_dx_impl(work, off, cn, gn, wn, out), wn.shape[0], "cols")
     return torch.from_numpy(out)
 
 
@@ -465,7 +459,7 @@ def active_linear_dw(
     db = np.empty(n, xn.dtype)
     if n:
         work = (cn.shape[0] + n) * xn.shape[1] / 8
-        _raise_bad(_dw_impl(work, off, cn, gn, xn, dw, db, _ZERO[x.dtype]), n)
+        raise_bad(_dw_impl(work, off, cn, gn, xn, dw, db, _ZERO[x.dtype]), n, "cols")
     return torch.from_numpy(dw), torch.from_numpy(db)
 
 
@@ -513,7 +507,7 @@ def accumulate_active(
         )
     off, cn = _csr(offsets, cols, sn.shape[0])
     if cn.shape[0] and (cn.min() < 0 or cn.max() >= sn.shape[1]):
-        _raise_bad(int(((cn < 0) | (cn >= sn.shape[1])).sum()), sn.shape[1])
+        raise_bad(int(((cn < 0) | (cn >= sn.shape[1])).sum()), sn.shape[1], "cols")
     if sn.shape[0]:
         _accumulate_impl(sn.size / 4, sn, tn, gn, off, cn)
     return torch.from_numpy(sn), torch.from_numpy(tn)

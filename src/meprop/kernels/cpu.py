@@ -40,6 +40,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import checks
+from .checks import check_float, check_n, check_pairs, raise_bad, supports
+
 __all__ = [
     "available",
     "supports",
@@ -68,7 +71,6 @@ except Exception:  # pragma: no cover - ImportError, or numba refusing this nump
     _NUMBA = False
     _MAX_THREADS = 1
 
-_DTYPES = (torch.float32, torch.float64)
 # Bit views used by topk_rows: |v| as an integer key (sign bit cleared). For IEEE floats this
 # orders every number by magnitude, then +-inf, then NaN: exactly the ranking we want, with
 # integer compares (cheap, and vectorisable without fastmath).
@@ -103,11 +105,6 @@ def _jit(parallel: bool, inline: bool = False):
 def available() -> bool:
     """Whether numba imported, so the compiled kernels can run."""
     return _NUMBA
-
-
-def supports(t: Tensor) -> bool:
-    """Whether the kernels accept tensors like ``t``: dense float32/float64 on the CPU."""
-    return t.is_cpu and t.dtype in _DTYPES and t.layout == torch.strided
 
 
 # Parallel kernels only above ~4 us of estimated serial work: waking numba's threads costs a
@@ -421,10 +418,6 @@ _K = {
 
 
 _tls = threading.local()
-# Outputs this large are allocated by numpy rather than inside numba: numpy asks the kernel
-# for huge pages from 4 MiB on, which makes first-touch page faults many times cheaper (a
-# fresh 64 MiB dW costs ~10 ms instead of ~40 ms here).
-_BIG_OUTPUT = 4 << 20
 
 
 def _kernel(name: str, ns: int):
@@ -457,43 +450,15 @@ def _block(m: int, d: int) -> int:
 # are numpy-allocated (cheaper than torch.empty here) and shared with torch via from_numpy.
 
 
-def _array(name: str, t: Tensor) -> np.ndarray:
-    """A float32/float64 CPU tensor as a C-contiguous numpy array (no copy when possible)."""
-    if not (t.is_cpu and t.dtype in _DTYPES and t.layout == torch.strided):
-        raise TypeError(f"{name} must be a float32/float64 CPU tensor, got {t.dtype} on {t.device}")
-    if t.requires_grad:
-        t = t.detach()
-    return t.contiguous().numpy()
+def _numpy(t: Tensor) -> np.ndarray:
+    """A checked contiguous CPU tensor as a numpy array (no copy)."""
+    return (t.detach() if t.requires_grad else t).numpy()
 
 
 def _pairs(idx: Tensor, vals: Tensor, other: Tensor, other_name: str, rows: int):
-    """Checked numpy views of idx, vals (M, k) and the dense operand (rows or any, width)."""
-    if idx.dim() != 2 or idx.shape != vals.shape:
-        raise ValueError(
-            f"idx and vals must both be (M, k), got {tuple(idx.shape)} and {tuple(vals.shape)}"
-        )
-    if idx.dtype != torch.int64 or not idx.is_cpu:
-        raise TypeError(f"idx must be an int64 CPU tensor, got {idx.dtype} on {idx.device}")
-    v = _array("vals", vals)
-    o = _array(other_name, other)
-    if o.ndim != 2 or o.dtype != v.dtype:
-        raise ValueError(
-            f"{other_name} must be 2-D with the dtype of vals ({vals.dtype}), got "
-            f"{tuple(other.shape)} {other.dtype}"
-        )
-    if rows >= 0 and o.shape[0] != rows:
-        raise ValueError(f"{other_name} must have M={rows} rows, got {tuple(other.shape)}")
-    return idx.contiguous().numpy(), v, o
-
-
-def _check_n(n: int) -> None:
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-
-
-def _raise_bad(bad: int, bound: int) -> None:
-    if bad:
-        raise IndexError(f"{bad} value(s) of idx outside [0, {bound})")
+    """``checks.check_pairs``, as numpy arrays."""
+    i, v, o = check_pairs(idx, vals, other, other_name, rows)
+    return i.numpy(), _numpy(v), _numpy(o)
 
 
 def topk_rows(g: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -503,7 +468,7 @@ def topk_rows(g: Tensor, k: int) -> tuple[Tensor, Tensor]:
     within a row is unspecified. NaN ranks above +-inf, which ranks above every number; among
     equal magnitudes the lower columns win.
     """
-    gn = _array("g", g)
+    gn = _numpy(check_float("g", g))
     if gn.ndim != 2:
         raise ValueError(f"g must be (M, n), got shape {tuple(g.shape)}")
     m, n = gn.shape
@@ -527,7 +492,7 @@ def rows_matmul(idx: Tensor, vals: Tensor, weight: Tensor) -> Tensor:
     out = np.empty((m, d), w.dtype)
     if m and d:
         bad = _kernel("matmul", i.size * d // 8)(i, v, w, out, _block(m, d))
-        _raise_bad(bad, w.shape[0])
+        raise_bad(bad, w.shape[0])
     return torch.from_numpy(out)
 
 
@@ -539,16 +504,16 @@ def rows_outer(idx: Tensor, vals: Tensor, x: Tensor, n: int) -> tuple[Tensor, Te
     dw_rows[r] = sum of vals[i, j] * x[i] over the (i, j) with idx[i, j] == rows[r].
     """
     i, v, xn = _pairs(idx, vals, x, "x", idx.shape[0])
-    _check_n(n)
+    check_n(n)
     d = xn.shape[1]
     r_max = min(n, i.size)  # R <= r_max
     ns = i.size * d // 8
-    if r_max * d * xn.itemsize < _BIG_OUTPUT:  # one call; the kernel allocates dw_rows
+    if r_max * d * xn.itemsize < checks.BIG_BYTES:  # one call; the kernel allocates dw_rows
         rows, out, bad = _kernel("outer", ns)(i, v, xn, n, _block(r_max, d))
-        _raise_bad(bad, n)
+        raise_bad(bad, n)
     else:  # group the pairs, then fill a numpy-allocated dw_rows (R, in)
         start, ex, vs, rows, bad = _group_by_row(i, v, n)
-        _raise_bad(bad, n)
+        raise_bad(bad, n)
         out = np.empty((rows.shape[0], d), xn.dtype)
         block = _block(rows.shape[0], d)
         _kernel("outer_rows", ns)(out, rows, start, ex, vs, xn, block)
@@ -558,12 +523,12 @@ def rows_outer(idx: Tensor, vals: Tensor, x: Tensor, n: int) -> tuple[Tensor, Te
 def rows_outer_dense(idx: Tensor, vals: Tensor, x: Tensor, n: int) -> Tensor:
     """g~^T @ x as a dense (n, in) tensor, zero in the rows idx never names; see rows_outer."""
     i, v, xn = _pairs(idx, vals, x, "x", idx.shape[0])
-    _check_n(n)
+    check_n(n)
     d = xn.shape[1]
     out = np.empty((n, d), xn.dtype)
     if n and d:
         bad = _kernel("outer_dense", (i.size + n) * d // 8)(i, v, xn, out, _block(n, d))
-        _raise_bad(bad, n)
+        raise_bad(bad, n)
     return torch.from_numpy(out)
 
 

@@ -1,0 +1,265 @@
+"""Building and loading the C++ kernels (``native.cpp``): compiler flags, the -march level,
+the on-disk cache, and the lookup of the library's functions (``meprop.kernels.native`` wraps
+them).
+
+``$CXX`` (default ``g++``) with ``-O3 -march=native -fopenmp -shared`` (then without OpenMP,
+then without ``-march=native``, if those fail), about 2 s, once per machine and source
+version. ``$MEPROP_MARCH`` sets another ``-march`` (``x86-64-v3``: AVX2, ``x86-64``: SSE2); a
+level this CPU cannot run is refused. The vector width follows the target (64 bytes with
+AVX-512, 32 with AVX2, 16 otherwise); ``build_info()`` reports it. The library is cached in
+``$MEPROP_CACHE`` (default ``~/.cache/meprop``) under a name that hashes the source, the
+compiler, the flags and the CPU's feature flags, written atomically (so concurrent builds are
+safe). ``MEPROP_NATIVE=0`` turns it off. Where no compiler works, ``available()`` is False
+and meprop uses the numba kernels, or PyTorch ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "SOURCE",
+    "available",
+    "build_error",
+    "build_info",
+    "cache_dir",
+    "cpu_supports",
+    "flag_sets",
+    "kernel",
+    "march",
+    "use_build",
+]
+
+SOURCE = Path(__file__).with_name("native.cpp")
+
+# x86-64 micro-architecture levels (as GCC's -march names them) and the /proc/cpuinfo flags
+# each needs on top of the one below: a library built for a level the CPU lacks would die on
+# an illegal instruction, so such a build is refused before it is loaded.
+X86_LEVELS = {
+    "x86-64": (),
+    "x86-64-v2": ("cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"),
+    "x86-64-v3": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"),
+    "x86-64-v4": ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+}
+
+
+def march() -> str:
+    """The ``-march`` of the default build: ``$MEPROP_MARCH``, else ``native`` (this CPU).
+
+    ``MEPROP_MARCH=x86-64-v3`` builds AVX2 kernels (for a binary that must run on any CPU of
+    the last decade, or to measure them on a machine with AVX-512); ``x86-64`` builds SSE2 ones.
+    """
+    return os.environ.get("MEPROP_MARCH", "").strip() or "native"
+
+
+def flag_sets(arch: str) -> list[list[str]]:
+    """Compiler flags tried in turn: a compiler without OpenMP builds serial kernels, and for
+    ``native`` one without -march=native (some non-x86 compilers) builds portable ones."""
+    flags = ["-O3", f"-march={arch}", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
+    sets = [flags, [f for f in flags if f != "-fopenmp"]]
+    if arch == "native":
+        sets.append([f for f in flags if f not in ("-fopenmp", "-march=native")])
+    return sets
+
+
+def cpu_supports(arch: str) -> bool | None:
+    """Whether this CPU runs code built with ``-march=arch``: True/False for ``native`` and the
+    x86-64 levels, None (unknown) for other names."""
+    if arch == "native":
+        return True
+    if arch not in X86_LEVELS:
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    flags = set(_cpu_flags().split(":", 1)[-1].split())
+    levels = list(X86_LEVELS)
+    needed = [f for lvl in levels[: levels.index(arch) + 1] for f in X86_LEVELS[lvl]]
+    return all(f in flags for f in needed)
+
+
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+_lock = threading.Lock()
+_libs: dict[str, ctypes.CDLL] = {}  # -march -> its loaded library
+_errors: dict[str, str] = {}  # -march -> why it did not build or load
+_active: list[str] = []  # the build that the kernels run (use_build), else march()
+
+
+# --------------------------------------------------------------------------------------------
+# Build and load
+
+
+def cache_dir() -> Path:
+    if os.environ.get("MEPROP_CACHE"):
+        return Path(os.environ["MEPROP_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meprop"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build(cxx: str, arch: str | None = None) -> Path:
+    """The compiled library for this machine and ``arch`` (default ``march()``): cached, else
+    built with the first set of flags that compiles (a set that failed here once is not
+    retried: its error is kept beside)."""
+    arch = arch or march()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+    folder = cache_dir()
+    errors = []
+    for flags in flag_sets(arch):
+        key = hashlib.sha256(
+            "\0".join([SOURCE.read_text(), cxx, version, " ".join(flags), _cpu_flags()]).encode()
+        ).hexdigest()[:16]
+        lib = folder / f"meprop_native_{key}.so"
+        failed = lib.with_suffix(".failed")
+        if lib.exists():
+            return lib
+        if failed.exists():
+            errors.append(failed.read_text())
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+        os.close(fd)
+        try:
+            out = subprocess.run(
+                [cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
+            )
+            if out.returncode == 0:
+                os.replace(tmp, lib)  # atomic: a concurrent build writes the same bytes
+                return lib
+            msg = f"{cxx} {' '.join(flags)}: exit {out.returncode}\n{out.stderr[-2000:]}"
+            errors.append(msg)
+            failed.write_text(msg)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError("\n".join(errors))
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i, c = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    sigs = {
+        "topk_rows": ([p, i, i, i, p, p, c], None),
+        "rows_matmul": ([p, p, i, i, p, i, i, p, c], i),
+        "rows_outer": ([p, p, i, i, p, i, i, c, p, p, c], i),
+        "per_example": ([p, i, i, i, p, p, i, p, p, p, c, p, p, p, i, p, c, c], i),
+        "unified": ([p, i, i, i, p, p, i, p, p, p, c, p, p, i, p, c], None),
+        "zero_rows": ([p, i, p, i, c, c], None),
+        "top_columns": ([p, i, i, i, p], None),
+    }
+    for name, (args, res) in sigs.items():
+        for suffix in ("f32", "f64"):
+            fn = getattr(lib, f"meprop_{name}_{suffix}")
+            fn.argtypes = args
+            fn.restype = res
+    for name in ("meprop_vector_bytes", "meprop_l2_bytes"):
+        getattr(lib, name).argtypes = []
+        getattr(lib, name).restype = i
+
+
+def _load(arch: str | None = None) -> ctypes.CDLL | None:
+    """The library built for ``arch`` (default: the active build), building it if needed;
+    None (reason in ``build_error(arch)``)."""
+    arch = arch or (_active[-1] if _active else march())
+    lib = _libs.get(arch)
+    if lib is not None or arch in _errors:
+        return lib
+    with _lock:
+        if arch in _libs or arch in _errors:
+            return _libs.get(arch)
+        if os.environ.get("MEPROP_NATIVE", "1") == "0":
+            _errors[arch] = "disabled by MEPROP_NATIVE=0"
+            return None
+        if cpu_supports(arch) is False:
+            _errors[arch] = f"this CPU cannot run code built with -march={arch}"
+            return None
+        cxx = os.environ.get("CXX", "g++")
+        if shutil.which(cxx) is None:
+            _errors[arch] = f"no C++ compiler: {cxx!r} not found (set CXX)"
+            return None
+        try:
+            lib = ctypes.CDLL(str(_build(cxx, arch)))
+            _declare(lib)
+        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+            _errors[arch] = f"building {SOURCE.name} (-march={arch}) failed: {e}"
+            return None
+        _libs[arch] = lib
+    return lib
+
+
+def available(arch: str | None = None) -> bool:
+    """Whether the C++ kernels (of the active build, or of ``arch``) are built (building them
+    now if needed) and loaded."""
+    return _load(arch) is not None
+
+
+def build_error(arch: str | None = None) -> str | None:
+    """Why ``available(arch)`` is False (None while it is True or has not been asked)."""
+    return _errors.get(arch or (_active[-1] if _active else march()))
+
+
+@contextlib.contextmanager
+def use_build(arch: str):
+    """Run the kernels of the library built with ``-march=arch`` inside the block (the kernel
+    tests run every build this machine can run). Raises RuntimeError where it cannot load."""
+    if _load(arch) is None:
+        raise RuntimeError(f"no -march={arch} build: {_errors.get(arch)}")
+    _active.append(arch)
+    try:
+        yield
+    finally:
+        _active.pop()
+
+
+def build_info(arch: str | None = None) -> dict:
+    """The build's -march, its vector width in bytes and the L2 size its blocking assumes
+    (empty where it does not load)."""
+    arch = arch or (_active[-1] if _active else march())
+    lib = _load(arch)
+    if lib is None:
+        return {}
+    return {
+        "march": arch,
+        "vector_bytes": lib.meprop_vector_bytes(),
+        "l2_bytes": lib.meprop_l2_bytes(),
+    }
+
+
+_FNS: dict = {}  # (build, name, dtype) -> the library's function
+_DEFAULT_ARCH: list[str] = []  # march(), read once: kernel() runs in every backward
+
+
+def kernel(name: str, dtype: torch.dtype):
+    """The library's ``meprop_<name>_<f32|f64>`` of the active build (loaded on first use)."""
+    if _active:
+        arch = _active[-1]
+    else:
+        if not _DEFAULT_ARCH:
+            _DEFAULT_ARCH.append(march())
+        arch = _DEFAULT_ARCH[0]
+    fn = _FNS.get((arch, name, dtype))
+    if fn is None:
+        lib = _load(arch)
+        if lib is None:
+            raise RuntimeError(f"meprop's C++ kernels are unavailable: {_errors.get(arch)}")
+        fn = _FNS[arch, name, dtype] = getattr(lib, f"meprop_{name}_{_SUFFIX[dtype]}")
+    return fn

@@ -230,7 +230,8 @@ class KLog(Part):
     after each step: one Python float per layer and step, no tensor sync.
 
     The sums run over the whole epoch, a resume within it included (they are in last.pt); the
-    epoch's last record logs them, when some layer set ``last_k``."""
+    epoch's last record logs them, when some layer set ``last_k``. Under several processes the
+    log holds rank 0's (each rank selects on its own part of the batch)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.rebind(model)

@@ -104,6 +104,11 @@ def test_config_file_and_flags(tiny_mnist, tmp_path):
         (dict(dropout=1.0), "dropout must be in"),
         (dict(cycle=(1,)), "cycle must be two epoch counts"),
         (dict(task="pos", dataset="fashion"), "applies to the mnist task only"),
+        (dict(method="meprop", adaptive="topk"), "adaptive must be 'tinyprop' or 'mass'"),
+        (dict(method="dense", adaptive="mass"), "applies to --method meprop or mesimp"),
+        (dict(method="meprop", adaptive="mass", k=10, min_k=20), r"adapt.min_k \(20\) must be"),
+        (dict(method="meprop", adaptive="tinyprop", s_min=0.9, s_max=0.5), "s_min"),
+        (dict(method="meprop", adaptive="mass", mass_share=0.0), "share must be in"),
     ],
 )
 def test_bad_train_config(kw, match):
@@ -278,3 +283,15 @@ def test_mean_k_per_layer_in_the_epoch_records(tiny_mnist, tmp_path, monkeypatch
     assert train(tiny_mnist, tmp_path / "c", "--method", "dense") == 0
     plain = (tmp_path / "c" / "log.jsonl").read_text().splitlines()
     assert all("mean_k" not in json.loads(x) for x in plain)
+
+
+def test_adaptive_k_logs_each_layers_k(tiny_mnist, tmp_path):
+    args = ["--method", "meprop", "--k", "12", "--adaptive", "mass", "--min-k", "3",
+            "--mass-share", "0.5", "--hidden", "24"]  # fmt: skip
+    assert train(tiny_mnist, tmp_path / "a", *args) == 0
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (cfg["adaptive"], cfg["min_k"], cfg["mass_share"]) == ("mass", 3, 0.5)
+    log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    ks = [k for r in log for k in r["mean_k"].values()]
+    assert len(log[-1]["mean_k"]) == 2 and all(3 <= k <= 12 for k in ks)
+    assert any(k < 12 for k in ks)  # the rule chose fewer than the bound

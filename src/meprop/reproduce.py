@@ -36,9 +36,24 @@ def _row_name(cfg: TrainConfig) -> str:
             "w" + "x".join(map(str, sorted(set(cfg.widths())))),
             f"d{cfg.dropout:g}",
             "attn" if cfg.sparse_attention else "",
+            _adaptive_part(cfg),
         ]
         if part
     )
+
+
+def _adaptive_part(cfg: TrainConfig) -> str:
+    """The row name's part for adaptive k ("" for a fixed k): rule, min_k and the rule's
+    settings that differ from the defaults."""
+    if not cfg.adaptive:
+        return ""
+    part = f"{cfg.adaptive}{cfg.min_k}"
+    base = TrainConfig(task=cfg.task)
+    names = ("s_min", "s_max", "damping") if cfg.adaptive == "tinyprop" else ("mass_share",)
+    for name in names:
+        if getattr(cfg, name) != getattr(base, name):
+            part += f"_{name.replace('_', '')}{getattr(cfg, name):g}"
+    return part
 
 
 class _Grid:
@@ -76,6 +91,14 @@ def mnist_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
             g.add("ratio", f"meProp {mode} k={k}", method="meprop", k=k, mode=mode)
     g.add("control", "random-k k=20", method="random", k=20)
     g.add("control", "k-dim net k=20", method="kdim", k=20)
+    # Adaptive k under the bound 80 (the best fixed k of the ratio rows), against fixed k.
+    bound = 40 if quick else 80
+    for mode in ("per_example", "unified"):
+        g.add("adaptive", f"meProp {mode} k={bound} (fixed)", method="meprop", k=bound, mode=mode)
+        g.add("adaptive", f"meProp {mode} adaptive tinyprop, k <= {bound}", method="meprop",
+              k=bound, mode=mode, adaptive="tinyprop", min_k=4)  # fmt: skip
+    g.add("adaptive", f"meProp per_example adaptive mass 0.8, k <= {bound}", method="meprop",
+          k=bound, adaptive="mass", min_k=4, mass_share=0.8)  # fmt: skip
     g.add("mesimp", "meSimp k=160 per_example", method="mesimp", k=160, prune_rate=0.1)
     # unified with the paper's cycle (5 epochs simplifying, 5 plain meProp, optimizer reset)
     g.add("mesimp", "meSimp k=160 unified, cycle 5+5", method="mesimp", k=160, mode="unified",

@@ -49,7 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, distributed
-from .config import MeActConfig, MePropConfig, MeSimpConfig
+from .config import AdaptiveK, MeActConfig, MePropConfig, MeSimpConfig
 from .convert import sparsify_
 from .meact import MeAct
 from .parts import (
@@ -228,6 +228,17 @@ class TrainConfig:
         "lm task: meProp on the attention projections (qkv, out) too, at the same k (k at or "
         "above a projection's width leaves it dense); default: the MLP only",
     )
+    adaptive: str = _field(
+        "",
+        "adaptive k (meprop.AdaptiveK): each backward chooses its k in [--min-k, --k] by "
+        "TinyProp's rule or the gradient mass rule; default: k fixed",
+        ("tinyprop", "mass"),
+    )
+    min_k: int = _field(1, "adaptive k: the least k")
+    s_min: float = _field(0.0, "adaptive tinyprop: the least share of a layer's width kept")
+    s_max: float = _field(1.0, "adaptive tinyprop: the largest share of a layer's width kept")
+    damping: float = _field(1.0, "adaptive tinyprop: share factor per layer from the output")
+    mass_share: float = _field(0.9, "adaptive mass: share of each row's |gradient| kept")
 
     def __post_init__(self) -> None:
         from .tasks import DEFAULTS, TASKS
@@ -260,6 +271,20 @@ class TrainConfig:
         for name in ("k", "batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.adaptive:
+            if self.adaptive not in ("tinyprop", "mass"):
+                raise ConfigError(
+                    f"adaptive must be 'tinyprop' or 'mass' (or empty: k fixed), got "
+                    f"{self.adaptive!r}"
+                )
+            if self.method not in ("meprop", "mesimp"):
+                raise ConfigError(
+                    f"--adaptive applies to --method meprop or mesimp, not {self.method!r}"
+                )
+            try:
+                MePropConfig(k=self.k, mode=self.mode, adapt=self.adapt_config())
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"adaptive k: {e}") from None
         for name in ("layers", "eval_every", "train_limit", "prune_interval", "seed",
                      "meact_start", "meact_cap"):  # fmt: skip
             if getattr(self, name) < 0:
@@ -377,6 +402,20 @@ class TrainConfig:
             sparse_grad=self.sparse_grad,
             backend=self.backend,
             scope=self.scope,
+            adapt=self.adapt_config(),
+        )
+
+    def adapt_config(self) -> AdaptiveK | None:
+        """Adaptive k's settings (``--adaptive``), or None for a fixed k."""
+        if not self.adaptive:
+            return None
+        return AdaptiveK(
+            min_k=self.min_k,
+            rule=self.adaptive,
+            s_min=self.s_min,
+            s_max=self.s_max,
+            damping=self.damping,
+            share=self.mass_share,
         )
 
     def mesimp_config(self, steps_per_epoch: int) -> MeSimpConfig:

@@ -162,14 +162,18 @@ def _declare(lib: ctypes.CDLL) -> None:
         "rows_matmul": ([p, p, i, i, p, i, i, p, c], i),
         "rows_outer": ([p, p, i, i, p, i, i, c, p, p, c], i),
         "per_example": ([p, i, i, i, p, p, i, p, p, p, c, p, p, p, i, p, c, c], i),
+        "per_example_var": (
+            [p, i, i, i, c, p, i, None, c, p, p, p, p, i, p, p, p, p, c, p, p, p, i, p, c, c],
+            i,
+        ),  # (None: the float type)
         "unified": ([p, i, i, i, p, p, i, p, p, p, c, p, p, i, p, c], None),
         "zero_rows": ([p, i, p, i, c, c], None),
         "top_columns": ([p, i, i, i, p], None),
     }
     for name, (args, res) in sigs.items():
-        for suffix in ("f32", "f64"):
+        for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
             fn = getattr(lib, f"meprop_{name}_{suffix}")
-            fn.argtypes = args
+            fn.argtypes = [real if a is None else a for a in args]  # None: the float type
             fn.restype = res
     for name in ("meprop_vector_bytes", "meprop_l2_bytes"):
         getattr(lib, name).argtypes = []

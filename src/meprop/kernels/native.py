@@ -234,6 +234,62 @@ def per_example_backward(
     return idx, vals, dx, out, db
 
 
+def per_example_backward_var(
+    g: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    k_max: int,
+    adapt,
+    y_max: float,
+    depth: int,
+    need_dx: bool,
+    dw: str | None,
+    need_db: bool,
+):
+    """``per_example_backward`` with a k per row (``adapt``: a ``meprop.AdaptiveK``), 1 <=
+    k_max < n: the k's of ``meprop.adaptive`` (TinyProp's from ``y_max``, the largest error seen
+    so far, and the layer's ``depth``; or the mass rule's), computed in the kernel. The products
+    read each row's kept entries only.
+
+    Returns ``(idx, vals, ks, y_max, dx, dw, db)``: idx, vals (M, k_max), row i's ``ks[i]``
+    kept entries first, then padding (value 0); ks (M,) int64; the updated largest error; the
+    rest as ``per_example_backward``.
+    """
+    m, n = g.shape
+    d = weight.shape[1]
+    dtype = g.dtype
+    idx = torch.empty(m, k_max, dtype=torch.int64)
+    vals = torch.empty(m, k_max, dtype=dtype)
+    ks = torch.empty(m, dtype=torch.int64)
+    tinyprop = adapt.rule == "tinyprop"
+    span = adapt.s_max - adapt.s_min
+    tp = torch.tensor([adapt.s_min, span, adapt.damping**depth], dtype=dtype)
+    ym = torch.tensor([y_max], dtype=dtype)
+    dx = torch.empty(m, d, dtype=dtype) if need_dx else None
+    db = torch.empty(n, dtype=dtype) if need_db else None
+    rows = out = entry = stale = None
+    mode = 0
+    if dw == "dense":
+        out, entry, stale, mode = pool.dense_dw(n, d, dtype, m * k_max, defer=True)
+        if entry is not None:  # the rows written, for the pool
+            rows = torch.empty(n, dtype=torch.int64)
+    elif dw == "sparse":
+        cap = min(n, m * k_max)
+        rows, out, mode = torch.empty(cap, dtype=torch.int64), pool.output(cap, d, dtype), 3
+    r = build.kernel("per_example_var", dtype)(
+        g.data_ptr(), m, n, k_max, 2 if tinyprop else 1, None, adapt.min_k, adapt.share,
+        int(adapt.measure == "square"), tp.data_ptr(), ym.data_ptr(), x.data_ptr(),
+        weight.data_ptr(), d, idx.data_ptr(), vals.data_ptr(), ks.data_ptr(), _ptr(dx), mode,
+        _ptr(out), _ptr(rows), _ptr(stale), 0 if stale is None else stale.numel(), _ptr(db),
+        _threads(m * n, _PAR_MIN_ENTRIES), _threads(m * k_max * d, _PAR_MIN_FMAS),
+    )  # fmt: skip
+    if mode == 3:
+        out = _compact(rows, out, r)
+    elif entry is not None:
+        pool.POOL.written(entry, rows[:r])
+    return idx, vals, ks, ym.item(), dx, out, db
+
+
 def unified_backward(
     g: Tensor, x: Tensor, weight: Tensor, k: int, need_dx: bool, dw: str | None, need_db: bool
 ):

@@ -414,8 +414,6 @@ class _SparseLinearFn(torch.autograd.Function):
         k, mode, cols = cfg.k, cfg.mode, None
 
         if k >= n:  # everything is kept: the dense gradient
-            if record is not None:
-                record.last_k = float(n)
             dx = g @ weight if need_dx else None
             dw = g.t() @ x2 if need_dw else None
             if need_dw and cfg.sparse_grad:
@@ -426,8 +424,6 @@ class _SparseLinearFn(torch.autograd.Function):
             if mode == "per_example":
                 return _adaptive_rows(ctx, x, x2, weight, g.contiguous(), record)
             k, cols = batch_k(g, k, cfg.adapt, record, cfg.scope)  # unified: one k per call
-        elif record is not None:
-            record.last_k = float(k)
         local = mode == "per_example" or (mode == "unified" and cfg.scope == "local")
         if local and not torch.compiler.is_compiling():
             g = g.contiguous()
@@ -558,9 +554,12 @@ def apply_config(
     record: KRecord | None = None,
 ) -> Tensor:
     """``sparse_linear`` with an already validated config (the modules' hot path)."""
-    if counts is None and cfg.k >= weight.shape[0] and not cfg.sparse_grad:
-        if record is not None:
-            record.last_k = float(weight.shape[0])
+    n = weight.shape[0]
+    if record is not None and (cfg.adapt is None or cfg.k >= n):
+        # A fixed k is known now; backward then changes no state outside the graph (which
+        # torch.compile would have to break on). Adaptive k's record goes to backward.
+        record.last_k, record = float(min(cfg.k, n)), None
+    if counts is None and cfg.k >= n and not cfg.sparse_grad:
         return F.linear(x, weight, bias)  # keeps everything: plain autograd, bit-exact
     args = (cfg, counts, selections, record)
     dtype = autocast_dtype(x)

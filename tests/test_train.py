@@ -295,3 +295,29 @@ def test_adaptive_k_logs_each_layers_k(tiny_mnist, tmp_path):
     ks = [k for r in log for k in r["mean_k"].values()]
     assert len(log[-1]["mean_k"]) == 2 and all(3 <= k <= 12 for k in ks)
     assert any(k < 12 for k in ks)  # the rule chose fewer than the bound
+
+
+def test_adaptive_k_resumes_with_its_memory(tiny_mnist, tmp_path, monkeypatch):
+    """TinyProp's largest error per layer is in last.pt: a run killed mid-training and resumed
+    chooses the k's (and logs the mean k's) an uninterrupted one does."""
+    from meprop.tasks.mnist import MnistTask
+
+    args = ["--method", "meprop", "--k", "12", "--adaptive", "tinyprop", "--min-k", "2",
+            "--hidden", "24", "--eval-every", "3", "--epochs", "2"]  # fmt: skip
+    assert train(tiny_mnist, tmp_path / "a", *args) == 0
+    log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    loss, calls = MnistTask.loss, []
+
+    def dying(self, model, batch):
+        calls.append(1)
+        if len(calls) == 1 + 13:  # the warm-up, then 12 steps: last.pt holds step 9
+            raise KeyboardInterrupt
+        return loss(self, model, batch)
+
+    monkeypatch.setattr(MnistTask, "loss", dying)
+    assert train(tiny_mnist, tmp_path / "b", *args) == 130
+    monkeypatch.setattr(MnistTask, "loss", loss)
+    assert train(tiny_mnist, tmp_path / "b", *args, "--resume") == 0
+    resumed = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r.get("mean_k") for r in resumed] == [r.get("mean_k") for r in log]
+    assert any(k < 12 for r in log for k in r.get("mean_k", {}).values())

@@ -257,11 +257,18 @@ class KLog(Part):
         return {"mean_k": means} if means else {}
 
     def state(self) -> dict[str, Any]:
-        return {"mean_k": {"sums": dict(self._sums), "counts": dict(self._counts)}}
+        # and adaptive k's memory (TinyProp's largest error per layer), so a resumed run
+        # chooses the k's an uninterrupted one would
+        y_max = {n: m.k_record.y_max for n, m in self._modules if hasattr(m, "k_record")}
+        return {"mean_k": {"sums": dict(self._sums), "counts": dict(self._counts), "y_max": y_max}}
 
     def load(self, extra: dict[str, Any]) -> None:
         saved = extra.get("mean_k") or {}  # (none in a checkpoint of an older version)
         self._sums, self._counts = dict(saved.get("sums", {})), dict(saved.get("counts", {}))
+        y_max = saved.get("y_max", {})
+        for name, module in self._modules:
+            if name in y_max and hasattr(module, "k_record"):
+                module.k_record.y_max = y_max[name]
 
 
 class BackwardClocks:

@@ -510,10 +510,14 @@ def _warm_up(model: torch.nn.Module, task, cfg: TrainConfig) -> None:
     then read from its cache), so that neither counts in the run's timings and a run's results
     do not depend on whether it happened. (meSimp's later widths are timed when first met.)"""
     batch = next(iter(task.batches("train", cfg.batch_size, torch.Generator().manual_seed(0))))
+    records = [m.k_record for m in model.modules() if hasattr(m, "k_record")]
+    saved = [(r.y_max, r.last_k) for r in records]
     with torch.random.fork_rng(devices=[]):
         task.loss(model, batch).backward()
     for p in model.parameters():
         p.grad = None
+    for r, (y_max, last_k) in zip(records, saved, strict=True):  # adaptive k's memory too
+        r.y_max, r.last_k = y_max, last_k
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -169,6 +169,9 @@ def parse_grid(quick: bool = False, dataset: str = "") -> list[Row]:
         )
     )
     _paper_rows(g, k=20, mesimp_k=20, adagrad_k=20)
+    # Adaptive k under the paper's k (the fixed row: main's per_example k=20)
+    g.add("adaptive", "meProp per_example adaptive tinyprop, k <= 20", method="meprop", k=20,
+          adaptive="tinyprop", min_k=2)  # fmt: skip
     # At the ~15% width meSimp reaches, dropout 0.5 costs accuracy: the row with 0.25 (and its
     # size control) shows how much.
     g.add("mesimp", "meSimp k=20, dropout 0.25", method="mesimp", k=20, prune_rate=0.1,

@@ -20,6 +20,7 @@ is time to target / dense's time to target (below 1: faster than dense).
     python benchmarks/bench_time_to_accuracy.py                       # the full grid, 20 epochs
     python benchmarks/bench_time_to_accuracy.py --epochs 10 --methods dense,unified,per_example,mesimp --ks 20
     python benchmarks/bench_time_to_accuracy.py --train-limit 2000 --epochs 2   # a smoke test
+    python benchmarks/bench_time_to_accuracy.py --methods dense,per_example,tinyprop --ks 40,80  # adaptive k
 
 Prints a Markdown table; writes a PNG (dev accuracy against train seconds, one curve per run;
 needs matplotlib, ``pip install -e ".[experiments]"``) and keeps the runs in ``--out``
@@ -42,7 +43,7 @@ import torch
 from _timing import cpu_name, load_average
 from meprop.train import TrainConfig
 
-METHODS = ("dense", "per_example", "unified", "mesimp")
+METHODS = ("dense", "per_example", "unified", "mesimp", "tinyprop", "mass")
 MARGIN = 0.001  # 0.1 point of accuracy
 STEP_PHASES = ("forward", "backward", "optimizer", "analysis", "simplify")
 
@@ -60,6 +61,8 @@ class Run:
             return "dense"
         if self.method == "mesimp":
             return f"meSimp ({self.config.mode}) k={self.k}"
+        if self.method in ("tinyprop", "mass"):
+            return f"meProp per_example adaptive {self.method}, k <= {self.k}"
         return f"meProp {self.method} k={self.k}"
 
 
@@ -208,6 +211,11 @@ def grid(args) -> list[Run]:
             for k in args.ks:
                 cfg = replace(base, method="meprop", mode=method, k=k)
                 runs.append(Run(f"meprop-{method}-k{k}", method, k, cfg))
+        elif method in ("tinyprop", "mass"):  # adaptive k, per example, bounded by each k
+            for k in args.ks:
+                cfg = replace(base, method="meprop", k=k, adaptive=method, min_k=args.min_k,
+                              mass_share=args.mass_share)  # fmt: skip
+                runs.append(Run(f"adaptive-{method}-k{k}", method, k, cfg))
         else:
             cfg = replace(base, method="mesimp", mode="per_example", k=args.mesimp_k)
             runs.append(Run(f"mesimp-k{args.mesimp_k}", "mesimp", args.mesimp_k, cfg))
@@ -295,6 +303,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", type=_methods, default=list(METHODS), help=",".join(METHODS))
     ap.add_argument("--ks", type=_ints, default=[20, 40, 80], help="meProp's k values")
     ap.add_argument("--mesimp-k", type=int, default=160, help="meSimp's k (the README's run: 160)")
+    ap.add_argument("--min-k", type=int, default=4, help="adaptive k (tinyprop, mass): least k")
+    ap.add_argument("--mass-share", type=float, default=0.8, help="adaptive mass: share kept")
     ap.add_argument("--train-limit", type=int, default=0, help="first N training images (0: all)")
     ap.add_argument(
         "--eval-every", type=int, default=0, help="steps between dev evaluations (0: 10 per epoch)"

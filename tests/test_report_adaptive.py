@@ -285,3 +285,23 @@ def test_reproduce_adaptive_group_end_to_end(tiny_mnist, tmp_path, monkeypatch):
     claims = [x for x in lines if x.startswith("| meProp") and ">= fixed k=40" in x]
     assert len(claims) == 3  # each adaptive row against k=40 (its bound and the best)
     assert (out / "adaptive_k.png").stat().st_size > 5000
+
+
+def test_claims_include_the_k_sweep_rows_with_seeds(tmp_path):
+    """Rows of the k sweep ("ratio") run with two seeds or more are paired against dense; a
+    sweep row of one seed is not."""
+    from meprop.report import claims
+
+    for s in (1, 2):
+        tag = "" if s == 1 else f"-s{s}"
+        write_run(tmp_path, f"dense{tag}", group="main", label="dense", seed=s, method="dense",
+                  dev=(0.9, 0.95, 0.96), train=(1, 2, 3), test=[0.970, 0.972][s - 1])  # fmt: skip
+        write_run(tmp_path, f"k80{tag}", group="ratio", label="meProp per_example k=80", seed=s,
+                  method="meprop", k=80, dev=(0.9, 0.95, 0.96), train=(1, 2, 3),
+                  test=[0.975, 0.980][s - 1])  # fmt: skip
+    write_run(tmp_path, "k5", group="ratio", label="meProp per_example k=5", seed=1,
+              method="meprop", k=5, dev=(0.9, 0.95, 0.96), train=(1, 2, 3), test=0.9)  # fmt: skip
+    rows = {c: p for c, p, _ in claims(load_runs(sorted(tmp_path.iterdir())))}
+    assert set(rows) == {"meProp per_example k=80 >= dense"}
+    p = rows["meProp per_example k=80 >= dense"]
+    assert p.n == 2 and p.mean == pytest.approx(0.65)  # percentage points

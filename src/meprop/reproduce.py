@@ -35,6 +35,7 @@ def _row_name(cfg: TrainConfig) -> str:
             f"L{len(cfg.widths())}",
             "w" + "x".join(map(str, sorted(set(cfg.widths())))),
             f"d{cfg.dropout:g}",
+            f"lr{cfg.lr:g}" if cfg.lr else "",
             "attn" if cfg.sparse_attention else "",
             _adaptive_part(cfg),
         ]
@@ -120,6 +121,13 @@ def mnist_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
     for mode in ("per_example", "unified"):
         g.add("dropout", f"meProp {mode} k=20, no dropout", method="meprop", k=20, mode=mode,
               dropout=0.0)  # fmt: skip
+    # The shared settings (Adam's lr, dropout) chosen for dense on dev, the paper's protocol:
+    # the grid's lr x dropout for dense (lr 0: Adam's default 1e-3; two of these are the
+    # main and no-dropout dense rows above).
+    for lr in (5e-4, 0.0, 2e-3):
+        for dropout in (0.0, 0.1, 0.2):
+            g.add("tuning", f"dense lr {lr or 1e-3:g}, dropout {dropout:g}", method="dense",
+                  lr=lr, dropout=dropout)  # fmt: skip
     return g.list()
 
 

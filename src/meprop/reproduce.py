@@ -210,6 +210,8 @@ def lm_grid(quick: bool = False, dataset: str = "") -> list[Row]:
     g.add("main", f"meProp unified k={k4} (1/4)", method="meprop", k=k4, mode="unified")
     g.add("main", f"meProp per_example k={k8} (1/8)", method="meprop", k=k8)
     g.add("control", f"random-k k={k8} (1/8)", method="random", k=k8)
+    g.add("adaptive", f"meProp unified adaptive tinyprop, k <= {k4} (1/4)", method="meprop",
+          k=k4, mode="unified", adaptive="tinyprop", min_k=max(1, k8 // 4))  # fmt: skip
     g.add("mesimp", f"meSimp unified k={k8} (1/8)", method="mesimp", k=k8, mode="unified",
           prune_rate=0.1)  # fmt: skip
     return g.list()

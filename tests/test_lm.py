@@ -165,15 +165,16 @@ def test_lm_grid_rows():
     for quick in (True, False):
         rows = lm_grid(quick=quick)
         width = rows[0].config.hidden[0]
-        got = {(r.config.method, r.config.mode, r.config.k) for r in rows[1:]}
+        got = {(r.config.method, r.config.mode, r.config.k, r.config.adaptive) for r in rows[1:]}
         assert got == {
-            ("meprop", "unified", width // 8),
-            ("meprop", "unified", width // 4),
-            ("meprop", "per_example", width // 8),
-            ("random", "per_example", width // 8),
-            ("mesimp", "unified", width // 8),
+            ("meprop", "unified", width // 8, ""),
+            ("meprop", "unified", width // 4, ""),
+            ("meprop", "per_example", width // 8, ""),
+            ("random", "per_example", width // 8, ""),
+            ("mesimp", "unified", width // 8, ""),
+            ("meprop", "unified", width // 4, "tinyprop"),
         }
-        assert rows[0].config.method == "dense" and len({r.name for r in rows}) == 6
+        assert rows[0].config.method == "dense" and len({r.name for r in rows}) == 7
         assert all(r.config.eval_every > 0 and not r.config.sparse_attention for r in rows)
     quick = lm_grid(quick=True)[0].config
     assert quick.epochs == 1 and quick.train_limit > 0 and quick.hidden[0] <= 128

@@ -198,6 +198,7 @@ def test_reproduce_lm_writes_bpb_tables_claims_and_loss_plots(tiny_lm, tmp_path,
                 config=replace(r.config, **small, k=k[r.config.k]),
             )
             for r in rows
+            if not r.config.adaptive  # (the adaptive row: tests/test_report_adaptive.py)
         ]
 
     monkeypatch.setitem(reproduce.GRIDS, "lm", grid)

@@ -39,8 +39,11 @@ def test_adaptive_k_rejects_bad_values(kw, err):
 def test_config_checks_adapt():
     with pytest.raises(ValueError, match=r"adapt.min_k \(30\) must be <= k \(20\)"):
         MePropConfig(k=20, adapt=AdaptiveK(min_k=30))
-    with pytest.raises(ValueError, match="random-k has no gradient magnitudes"):
-        MePropConfig(k=20, mode="random", adapt=AdaptiveK())
+    for mode in ("random", "symmetric"):
+        with pytest.raises(
+            ValueError, match=f"adapt needs mode 'per_example' or 'unified', got '{mode}'"
+        ):
+            MePropConfig(k=20, mode=mode, adapt=AdaptiveK())
     with pytest.raises(TypeError, match="adapt must be an AdaptiveK"):
         MePropConfig(k=20, adapt={"rule": "mass"})
     cfg = MePropConfig(k=20, adapt=AdaptiveK(min_k=2, rule="mass"))

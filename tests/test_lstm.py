@@ -187,7 +187,7 @@ def ref_fn(lstm, **kw):
 BACKENDS = ["torch"] + (["auto"] if kernels_available(torch.zeros(1, dtype=F64)) else [])
 
 
-@pytest.mark.parametrize("mode", ["per_example", "unified"])
+@pytest.mark.parametrize("mode", ["per_example", "unified", "symmetric"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sparse_bias", [False, True])
 @pytest.mark.parametrize(

@@ -284,3 +284,39 @@ def test_half_column_scores_accumulate_in_float32(dtype):
         g = torch.randn(64, 50, generator=gen).to(dtype)
         exact = g.double().abs().sum(0).topk(10).indices.sort().values
         assert torch.equal(select_columns(g, 10), exact)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 2, 5, 6])
+def test_symmetric_matches_reference(backend, k):
+    """symmetric: per row the k//2 largest positive and k - k//2 largest negative entries,
+    through every backend, against the mask-then-dense reference; rows with fewer entries of
+    one sign than asked (all positive, all zero) count no entry twice."""
+    torch.manual_seed(k)
+    x = torch.randn(6, 7, dtype=torch.float64)
+    w = torch.randn(9, 7, dtype=torch.float64)
+    g = torch.randn(6, 9, dtype=torch.float64)
+    g[1] = g[1].abs()  # no negative entry
+    g[2] = 0.0
+    g[3, :7] = -g[3, :7].abs()  # two non-negative entries at most
+    _, dx, dw, db = run(x, w, torch.zeros(9, dtype=torch.float64), g, k=k, mode="symmetric",
+                        backend=backend)  # fmt: skip
+    rx, rw, rb = reference_backward(x, w, g, k, "symmetric")
+    torch.testing.assert_close(dx, rx)
+    torch.testing.assert_close(dw, rw)
+    torch.testing.assert_close(db, rb)
+    kept = mask_gradient(g, k, "symmetric")
+    pos, neg = (kept > 0).sum(1), (kept < 0).sum(1)
+    assert (pos <= k // 2).all() and (neg <= k - k // 2).all()
+    assert neg[1] == 0 and kept[2].abs().sum() == 0
+    full = (g[0] > 0).sum() >= k // 2 and (g[0] < 0).sum() >= k - k // 2
+    assert not full or (pos[0], neg[0]) == (k // 2, k - k // 2)
+
+
+def test_symmetric_usage_record_counts_each_kept_entry_once():
+    g = torch.tensor([[3.0, 2.0, 1.0, 0.5], [-1.0, -2.0, 0.0, 0.0]])
+    x, w = torch.randn(2, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    counts, sel = torch.zeros(4), torch.zeros(1)
+    sparse_linear(x, w, None, 2, "symmetric", counts=counts, selections=sel).backward(g)
+    # row 0: its largest positive (col 0), no negative; row 1: its largest negative (col 1)
+    assert counts.tolist() == [1.0, 1.0, 0.0, 0.0]

@@ -23,7 +23,9 @@ __all__ = [
 # per_example: top-k of each row of the output gradient (the original meProp).
 # unified:     one set of k columns per call, ranked by the sum of |g| over the rows.
 # random:      k columns drawn uniformly per row (the paper's control).
-MODES = ("per_example", "unified", "random")
+# symmetric:   per row, the k/2 largest positive and the k - k/2 largest negative entries: a
+#              per-example selection that keeps the gradient's sign balance (docs/per_example.md)
+MODES = ("per_example", "unified", "random", "symmetric")
 
 # auto:   the fastest of the implementations below that can run a call, timed on this machine
 #         on first use and cached (meprop.kernels.dispatch; MEPROP_AUTOTUNE=0: native, else
@@ -177,7 +179,9 @@ class MePropConfig:
     mode: str = field(
         default="per_example",
         metadata={
-            "help": "top-k selection: per example, unified over the mini-batch, or random",
+            "help": "top-k selection: per example, unified over the mini-batch, random, or "
+            "symmetric (per example, half the largest positive and half the largest negative "
+            "entries)",
             "choices": MODES,
         },
     )
@@ -224,11 +228,8 @@ class MePropConfig:
                 raise TypeError(
                     f"adapt must be an AdaptiveK or None, got {type(self.adapt).__name__}"
                 )
-            if self.mode == "random":
-                raise ValueError(
-                    "adapt needs mode 'per_example' or 'unified': random-k has no gradient "
-                    "magnitudes to choose k from"
-                )
+            if self.mode not in ("per_example", "unified"):
+                raise ValueError(f"adapt needs mode 'per_example' or 'unified', got {self.mode!r}")
             if self.adapt.min_k > self.k:
                 raise ValueError(
                     f"adapt.min_k ({self.adapt.min_k}) must be <= k ({self.k}), the upper bound"

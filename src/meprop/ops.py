@@ -15,6 +15,8 @@ Selection (see ``MODES`` in ``meprop.config``):
 * ``unified``: one column set ``cols`` (k,) per call, the k largest column sums of |g|; the
   products are then compacted dense GEMMs on ``g[:, cols]`` and ``W[cols]``.
 * ``random``: k distinct columns per row, uniformly (the paper's control).
+* ``symmetric``: per row, the k//2 largest positive and the k - k//2 largest negative entries
+  (the sign balance per-example top-k loses; docs/per_example.md).
 
 NaN and inf count as the largest magnitudes, so they propagate as they would in dense backward.
 
@@ -81,6 +83,16 @@ def select_rows(g: Tensor, k: int, mode: str, kernels=None) -> tuple[Tensor, Ten
         # so torch.manual_seed makes it reproducible.
         idx = torch.rand(g.shape, device=g.device).topk(k, dim=1, sorted=False).indices
         return idx, g.gather(1, idx)
+    if mode == "symmetric":
+        # The k//2 largest positive and k - k//2 largest negative entries of each row. A row
+        # with fewer of one sign gets zeros there (the values come from the clamped parts), so
+        # a column picked by both halves carries its value once and 0 once.
+        h = k // 2
+        pos, neg = g.clamp(min=0), g.clamp(max=0)
+        ip = pos.topk(h, dim=1, sorted=False).indices
+        ineg = neg.neg().topk(k - h, dim=1, sorted=False).indices
+        idx = torch.cat([ip, ineg], 1)
+        return idx, torch.cat([pos.gather(1, ip), neg.gather(1, ineg)], 1)
     if kernels is not None:
         return kernels.topk_rows(g, k)
     # torch.topk orders NaN above every number, so NaN gradients are always kept.
@@ -235,7 +247,9 @@ def _rows_products(idx, vals, g, x, weight, kern, need_dx, need_dw, sparse_grad)
             dw = kern.rows_outer_dense(idx, vals, x, n)
         return dx, dw
     rows = idx.flatten().unique()  # sorted
-    gm = torch.zeros_like(g).scatter_(1, idx, vals)  # g~ (M, n)
+    # g~ (M, n); added, not written: a column picked twice in a row (symmetric's zero picks)
+    # carries its value once and 0 once
+    gm = torch.zeros_like(g).scatter_add_(1, idx, vals)
     dx, dw_rows = compact_products(gm.index_select(1, rows), rows, weight, x, need_dx, need_dw)
     if need_dw:
         dw = weight_grad(rows, dw_rows, n, sparse_grad)

@@ -40,6 +40,17 @@ def mask_gradient(g: Tensor, k: int, mode: str, cols_or_idx: Tensor | None = Non
         if cols_or_idx is None:
             raise ValueError("mode='random' needs the drawn indices (cols_or_idx)")
         idx = cols_or_idx
+    elif mode == "symmetric":  # the k//2 largest positive, the k - k//2 largest negative
+        h = k // 2
+        pos, neg = g.clamp(min=0), g.clamp(max=0)
+        keep_p = torch.zeros_like(g, dtype=torch.bool)
+        keep_n = torch.zeros_like(g, dtype=torch.bool)
+        if h:
+            keep_p.scatter_(1, pos.topk(h, dim=1).indices, True)
+        keep_n.scatter_(1, (-neg).topk(k - h, dim=1).indices, True)
+        # each half keeps only its sign: where a row has fewer entries of one sign, that
+        # half's extra picks are worth 0
+        return pos * keep_p + neg * keep_n
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     return torch.zeros_like(g).scatter_(1, idx, g.gather(1, idx))
@@ -89,6 +100,8 @@ class _MaskTopkGrad(torch.autograd.Function):
             mask[:, select_columns(g[valid], k)] = True  # scores summed in float32
         elif mode == "per_example":
             mask.scatter_(1, g.abs().topk(k, dim=1).indices, True)
+        elif mode == "symmetric":
+            return mask_gradient(g, k, mode) * valid.unsqueeze(1), None, None, None, None
         else:
             raise ValueError(f"mode={mode!r} needs the selections (idx); modes: {MODES}")
         return g * (mask & valid.unsqueeze(1)), None, None, None, None

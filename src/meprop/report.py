@@ -785,6 +785,7 @@ GROUP_TITLES = {
     "main": "dense vs meProp (Adam)",
     "ratio": "accuracy vs backprop ratio k/h",
     "control": "controls: random-k and a k-dimensional network",
+    "symmetric": "per example with the sign balance kept (symmetric top-k)",
     "adaptive": "adaptive k against fixed k",
     "mesimp": "meSimp, and dense nets trained at meSimp's final widths",
     "adagrad": "AdaGrad",

@@ -92,6 +92,8 @@ def mnist_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
             g.add("ratio", f"meProp {mode} k={k}", method="meprop", k=k, mode=mode)
     g.add("control", "random-k k=20", method="random", k=20)
     g.add("control", "k-dim net k=20", method="kdim", k=20)
+    # Per example with the sign balance kept (docs/per_example.md)
+    g.add("symmetric", "meProp symmetric k=20", method="meprop", k=20, mode="symmetric")
     # Adaptive k under the bound 80 (the best fixed k of the ratio rows), against fixed k.
     bound = 40 if quick else 80
     for mode in ("per_example", "unified"):

@@ -156,8 +156,10 @@ class TrainConfig:
     # ("random" selection is --method random)
     mode: str = _field(
         "per_example",
-        "top-k selection: per example, or unified over the mini-batch",
-        ("per_example", "unified"),
+        "top-k selection: per example, unified over the mini-batch, or symmetric (per example, "
+        "half the largest positive and half the largest negative entries: keeps the sign "
+        "balance, docs/per_example.md)",
+        ("per_example", "unified", "symmetric"),
     )
     hidden: tuple[int, ...] = _field((500,), "hidden width, or one width per layer: 500 or 154,160")
     layers: int = _field(

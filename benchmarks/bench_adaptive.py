@@ -46,42 +46,42 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     for m, d, n, k in SHAPES:
-        x = torch.randn(m, d, generator=gen, requires_grad=True)
-        w = torch.randn(n, d, generator=gen, requires_grad=True)
-        g = gradient(m, n, gen)
-        # TinyProp's memory: as after an early, larger error (twice this one's largest row)
-        y_max = 2 * g.abs().sum(1).max().item()
-
-        def run(kk, adapt=None, rec=None):
-            def call():
-                x.grad = w.grad = None
-                if rec is not None:
-                    rec.y_max = y_max
-                sparse_linear(x, w, None, kk, adapt=adapt, record=rec).backward(g)
-
-            return call
-
-        def dense():
-            x.grad = w.grad = None
-            torch.nn.functional.linear(x, w).backward(g)
-
-        sides = {"dense": dense, f"fixed k={k}": run(k)}
-        means = {}
-        for name, adapt in RULES.items():
-            rec = KRecord(y_max=y_max)
-            run(k, adapt, rec)()
-            means[name] = (rec.last_k, _kmax(g, k, adapt, y_max))
-            sides[f"adaptive {name}"] = run(k, adapt, rec)
-            km = max(1, round(rec.last_k))
-            sides[f"fixed k={km} (= mean of {name})"] = run(km)
-        times = best_of_rounds(sides, args.rounds, args.min_time)
-        for side, t in times.items():
-            mean, big = "", ""
-            for name, (mk, kk) in means.items():
-                if side == f"adaptive {name}":
-                    mean, big = f"{mk:.1f}", str(kk)
-            ratio = times["dense"] / t
+        for side, t, mean, big, ratio in _compare(m, d, n, k, gen, args):
             print(f"| {m} | {d} -> {n} | {k} | {side} | {mean} | {big} | {t * 1e3:.3f} | {ratio:.2f}x |")  # fmt: skip
+
+
+def _compare(m: int, d: int, n: int, k: int, gen: torch.Generator, args) -> list[tuple]:
+    """(side, seconds, mean k, K, dense / side) for one shape."""
+    x = torch.randn(m, d, generator=gen, requires_grad=True)
+    w = torch.randn(n, d, generator=gen, requires_grad=True)
+    g = gradient(m, n, gen)
+    # TinyProp's memory: as after an early, larger error (twice this one's largest row)
+    y_max = 2 * g.abs().sum(1).max().item()
+
+    def run(kk, adapt=None, rec=None):
+        def call():
+            x.grad = w.grad = None
+            if rec is not None:
+                rec.y_max = y_max
+            sparse_linear(x, w, None, kk, adapt=adapt, record=rec).backward(g)
+
+        return call
+
+    def dense():
+        x.grad = w.grad = None
+        torch.nn.functional.linear(x, w).backward(g)
+
+    sides = {"dense": dense, f"fixed k={k}": run(k)}
+    means = {}
+    for name, adapt in RULES.items():
+        rec = KRecord(y_max=y_max)
+        run(k, adapt, rec)()
+        means[f"adaptive {name}"] = (f"{rec.last_k:.1f}", str(_kmax(g, k, adapt, y_max)))
+        sides[f"adaptive {name}"] = run(k, adapt, rec)
+        km = max(1, round(rec.last_k))
+        sides[f"fixed k={km} (= mean of {name})"] = run(km)
+    times = best_of_rounds(sides, args.rounds, args.min_time)
+    return [(side, t, *means.get(side, ("", "")), times["dense"] / t) for side, t in times.items()]
 
 
 def _kmax(g, k, adapt, y_max):

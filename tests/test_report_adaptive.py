@@ -305,3 +305,21 @@ def test_claims_include_the_k_sweep_rows_with_seeds(tmp_path):
     assert set(rows) == {"meProp per_example k=80 >= dense"}
     p = rows["meProp per_example k=80 >= dense"]
     assert p.n == 2 and p.mean == pytest.approx(0.65)  # percentage points
+
+
+def test_claims_pair_symmetric_with_dense_and_per_example(tmp_path):
+    from meprop.report import claims
+
+    for s in (1, 2):
+        tag = "" if s == 1 else f"-s{s}"
+        common = dict(seed=s, dev=(0.9, 0.95, 0.96), train=(1, 2, 3))
+        write_run(tmp_path, f"dense{tag}", group="main", label="dense", method="dense",
+                  test=[0.970, 0.972][s - 1], **common)  # fmt: skip
+        write_run(tmp_path, f"pe{tag}", group="main", label="meProp per_example k=20",
+                  method="meprop", k=20, test=[0.960, 0.962][s - 1], **common)  # fmt: skip
+        write_run(tmp_path, f"sym{tag}", group="symmetric", label="meProp symmetric k=20",
+                  method="meprop", k=20, mode="symmetric", test=[0.968, 0.971][s - 1],
+                  **common)  # fmt: skip
+    rows = {c: p for c, p, _ in claims(load_runs(sorted(tmp_path.iterdir())))}
+    assert rows["meProp symmetric k=20 >= dense"].mean == pytest.approx(-0.15)
+    assert rows["meProp symmetric k=20 > per_example k=20"].mean == pytest.approx(0.85)

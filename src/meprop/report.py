@@ -254,6 +254,15 @@ def claims(runs: list[Run]) -> list[tuple[str, Paired, str]]:
             kdim,
             f"meProp per_example k={k} - k-dim",
         )
+    # Symmetric per-example selection (docs/per_example.md): against dense and per_example.
+    for k in sorted({r.config["k"] for r in runs if r.config.get("mode") == "symmetric"}):
+        sym = scores(lambda r, k=k: r.config.get("mode") == "symmetric" and r.config["k"] == k
+                     and r.method == "meprop")  # fmt: skip
+        pe = scores(lambda r, k=k: r.method == "meprop" and r.group == "main"
+                    and r.config["mode"] == "per_example" and r.config["k"] == k)  # fmt: skip
+        add(f"meProp symmetric k={k} {ge} dense", sym, dense, f"meProp symmetric k={k} - dense")
+        add(f"meProp symmetric k={k} {gt} per_example k={k}", sym, pe,
+            f"meProp symmetric k={k} - per_example k={k}")  # fmt: skip
     # The k sweep's rows with several seeds (the paper's MNIST claim is at k=80): against dense.
     swept: dict[tuple[int, str], dict[int, float]] = {}
     for r in runs:

@@ -19,9 +19,15 @@ from torch import Tensor
 from .comm import sum_over_ranks
 from .config import AdaptiveK
 
-__all__ = ["KRecord", "row_ks", "tinyprop_ks", "batch_k"]
+__all__ = ["KRecord", "row_ks", "tinyprop_ks", "batch_k", "score_dtype"]
 
 _SCORE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype gradient magnitudes are summed in: float32 for half-precision gradients (their
+    rounded sums would tie or reorder columns), else the gradient's own."""
+    return _SCORE_DTYPE.get(dtype, dtype)
 
 
 @dataclass
@@ -65,7 +71,7 @@ def row_ks(
     with the values past the row's k set to zero. Sets ``record.last_k`` (and ``y_max``).
     ``kernels``: a kernel module whose (unsorted) ``topk_rows`` to use; None: ``torch.topk``.
     """
-    dt = _SCORE_DTYPE.get(g.dtype, g.dtype)
+    dt = score_dtype(g.dtype)
     if adapt.rule == "tinyprop":  # k's first, from the rows' L1 norms: then the top K only
         ks, big = tinyprop_ks(g, k_max, adapt, record)
         idx, vals, top = _sorted_topk(g, big, kernels)
@@ -85,7 +91,7 @@ def row_ks(
 def tinyprop_ks(g: Tensor, k_max: int, adapt: AdaptiveK, record: KRecord) -> tuple[Tensor, int]:
     """TinyProp's per-example k's of ``g`` (M, n): ``(ks (M,) int64, max(ks))``; updates the
     record's largest error and ``last_k``."""
-    dt = _SCORE_DTYPE.get(g.dtype, g.dtype)
+    dt = score_dtype(g.dtype)
     y = g.abs().sum(1, dtype=dt)  # (M,) the error size of each example
     y_max = torch.maximum(y.max(), y.new_tensor(record.y_max)) if len(y) else y.new_zeros(())
     share = _tinyprop_share(y, y_max, adapt, record.depth)
@@ -126,7 +132,7 @@ def batch_k(
     ``scope="global"``: the column scores are summed over the ranks of a torch.distributed job
     first (one all-reduce), so every rank computes the same k and columns.
     """
-    dt = _SCORE_DTYPE.get(g.dtype, g.dtype)
+    dt = score_dtype(g.dtype)
     scores = g.abs().sum(0, dtype=dt)  # (n,)
     if scope == "global":
         scores = sum_over_ranks(scores)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .adaptive import KRecord, batch_k, row_ks
+from .adaptive import KRecord, batch_k, row_ks, score_dtype
 from .comm import sum_over_ranks
 from .config import AdaptiveK, MePropConfig
 from .grads import weight_grad
@@ -100,9 +100,6 @@ def select_rows(g: Tensor, k: int, mode: str, kernels=None) -> tuple[Tensor, Ten
     return idx, g.gather(1, idx)
 
 
-_SCORE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
-
-
 def select_columns(g: Tensor, k: int, scope: str = "local") -> Tensor:
     """Unified selection: the k columns of ``g`` (M, n) with the largest sum of |g|; (k,) sorted.
 
@@ -111,7 +108,7 @@ def select_columns(g: Tensor, k: int, scope: str = "local") -> Tensor:
     """
     # A NaN anywhere in a column makes its score NaN, which topk ranks highest. Half-precision
     # gradients are summed in float32: their rounded sums would tie or reorder columns.
-    scores = g.abs().sum(0, dtype=_SCORE_DTYPE.get(g.dtype))  # (n,)
+    scores = g.abs().sum(0, dtype=score_dtype(g.dtype))  # (n,)
     if scope == "global":
         scores = sum_over_ranks(scores)
     return scores.topk(k, sorted=False).indices.sort().values

@@ -801,6 +801,8 @@ GROUP_TITLES = {
     "depth": "deeper networks",
     "dropout": "without dropout",
     "meact": "dense vs meAct (same seed)",
+    "tuning": "dense at other learning rates and dropouts: the shared settings are the best "
+    "dev score's (one seed each)",
     "runs": "runs",
 }
 

@@ -11,6 +11,7 @@ from meprop import AdaptiveK, MePropConfig, SparseLinear, sparse_linear, sparsif
 from meprop.adaptive import KRecord, batch_k, row_ks
 from meprop.convert import hidden_layers
 from meprop.kernels import native
+from meprop.ops import column_scores
 
 BACKENDS = ["torch", "dense", "auto", "numba"] + (["native"] if native.available() else [])
 
@@ -79,9 +80,9 @@ def test_mass_unified_counts_columns_by_their_sums():
     # column sums of |g|: 8, 4, 2, 1, 1
     g = torch.tensor([[4.0, -2.0, 1.0, 0.5, 0.5], [4.0, 2.0, -1.0, 0.5, 0.5]])
     rec = KRecord()
-    k, cols = batch_k(g, 4, AdaptiveK(rule="mass", share=12 / 16), rec)
+    k, cols = batch_k(column_scores(g), 4, AdaptiveK(rule="mass", share=12 / 16), rec)
     assert k == 2 and cols.tolist() == [0, 1] and rec.last_k == 2.0
-    k, cols = batch_k(g, 4, AdaptiveK(rule="mass", share=1.0), rec)
+    k, cols = batch_k(column_scores(g), 4, AdaptiveK(rule="mass", share=1.0), rec)
     assert k == 4  # capped at k_max (all five would be needed)
 
 
@@ -104,9 +105,9 @@ def test_tinyprop_follows_the_error_relative_to_its_largest():
     assert ks.tolist() == [2, 1, 1]  # shares x 0.25: 0.25, 0.156, 0.109 of 8 (min_k 1)
     # unified: Y is the batch's total |g| (14), the first call's own largest
     rec = KRecord()
-    k, cols = batch_k(g, 7, adapt, rec)
+    k, cols = batch_k(column_scores(g), 7, adapt, rec)
     assert k == 7 and rec.y_max == 14.0
-    k, _ = batch_k(g / 2, 7, adapt, rec)
+    k, _ = batch_k(column_scores(g / 2), 7, adapt, rec)
     assert k == round(8 * (0.25 + 0.75 * 0.5)) and rec.last_k == k
 
 
@@ -119,7 +120,7 @@ def test_k_stays_in_its_bounds():
             g = torch.randn(16, 40, generator=gen) * scale
             _, _, ks, big = row_ks(g, 12, adapt, rec)
             assert 3 <= ks.min() and ks.max() <= 12 and big == ks.max()
-            k, cols = batch_k(g, 12, adapt, rec)
+            k, cols = batch_k(column_scores(g), 12, adapt, rec)
             assert 3 <= k <= 12 and cols.shape == (k,)
 
 
@@ -166,7 +167,7 @@ def test_adaptive_gradients_match_the_reference(backend, rule, mode, sparse_grad
         assert rec.last_k == pytest.approx(ks.double().mean().item())
         assert len(set(ks.tolist())) > 1  # the rows' k's differ: the test means something
     else:
-        kb, cols = batch_k(g, k, adapt, KRecord(y_max=y_max))
+        kb, cols = batch_k(column_scores(g), k, adapt, KRecord(y_max=y_max))
         keep = torch.zeros_like(g, dtype=torch.bool)
         keep[:, cols] = True
         assert rec.last_k == kb and 2 <= kb < k

@@ -235,15 +235,27 @@ def test_float32_and_bfloat16(mode):
             assert all(torch.isfinite(v).all() for v in got.values())
 
 
-def test_random_selection_properties_and_reference():
-    k = 3
-    _, sparse = make_pair(k, "random", layers=2, bidir=True)
+def run_recorded(sparse):
+    """A packed batch through a 2-layer bidirectional ``sparse`` recording its selections:
+    (the gradients, the selections, the reference's gradients on those selections, a function
+    that runs it again recording anew)."""
     x, inp = make_input(packed=True)
     hx = initial_state(2, 2)
     weights = loss_weights((T, B, 2 * HID), 2, 2)
-    sparse.debug_selections = {}
-    got = run(sparse, x, inp, hx, weights)
-    sel = sparse.debug_selections
+
+    def again():
+        sparse.debug_selections = {}
+        return run(sparse, x, inp, hx, weights), sparse.debug_selections
+
+    got, sel = again()
+    want = run(sparse, x, inp, hx, weights, fn=ref_fn(sparse, selections=sel))
+    return got, sel, want, again
+
+
+def test_random_selection_properties_and_reference():
+    k = 3
+    _, sparse = make_pair(k, "random", layers=2, bidir=True)
+    got, sel, want, again = run_recorded(sparse)
     assert set(sel) == {(0, 0), (0, 1), (1, 0), (1, 1)}
     valid = torch.arange(T).unsqueeze(1) < torch.tensor(LENGTHS)  # (T, B)
     for idx in sel.values():
@@ -252,12 +264,10 @@ def test_random_selection_properties_and_reference():
         rows = idx[valid]
         assert ((rows >= 0) & (rows < 4 * HID)).all()
         assert (rows.sort(1).values.diff(dim=1) > 0).all()  # k distinct entries per row
-    want = run(sparse, x, inp, hx, weights, fn=ref_fn(sparse, selections=sel))
     assert_same(got, want)
     # A fresh draw selects differently.
-    sparse.debug_selections = {}
-    run(sparse, x, inp, hx, weights)
-    assert not torch.equal(sparse.debug_selections[(0, 0)], sel[(0, 0)])
+    _, fresh = again()
+    assert not torch.equal(fresh[(0, 0)], sel[(0, 0)])
 
 
 @pytest.mark.parametrize("mode", ["per_example", "unified"])
@@ -269,19 +279,13 @@ def test_adaptive_k_against_the_reference(mode, backend, rule):
     k = 9
     adapt = AdaptiveK(min_k=2, rule=rule, s_min=0.1, share=0.5)
     _, sparse = make_pair(k, mode, layers=2, bidir=True, backend=backend, adapt=adapt)
-    x, inp = make_input(packed=True)
-    hx = initial_state(2, 2)
-    weights = loss_weights((T, B, 2 * HID), 2, 2)
-    sparse.debug_selections = {}
-    got = run(sparse, x, inp, hx, weights)
-    sel = sparse.debug_selections
+    got, sel, want, _ = run_recorded(sparse)
     valid = torch.arange(T).unsqueeze(1) < torch.tensor(LENGTHS)  # (T, B)
     counts = torch.cat(
         [torch.tensor([len(set(r.tolist())) for r in idx[valid]]) for idx in sel.values()]
     )
     assert counts.min() >= 2 and counts.max() <= k and len(set(counts.tolist())) > 1
     assert 2 <= sparse.last_k <= k
-    want = run(sparse, x, inp, hx, weights, fn=ref_fn(sparse, selections=sel))
     assert_same(got, want)
 
 

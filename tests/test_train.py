@@ -246,6 +246,26 @@ class KeptK(torch.nn.Module):
         return x
 
 
+def killed_and_resumed(data, folder, args, monkeypatch, steps: int = 12) -> list[dict]:
+    """Train with ``args`` into ``folder``, interrupted (Ctrl-C) after ``steps`` steps (and the
+    warm-up), then resume it to the end; the log's records."""
+    from meprop.tasks.mnist import MnistTask
+
+    loss, calls = MnistTask.loss, []
+
+    def dying(self, model, batch):
+        calls.append(1)
+        if len(calls) == 1 + steps + 1:
+            raise KeyboardInterrupt
+        return loss(self, model, batch)
+
+    monkeypatch.setattr(MnistTask, "loss", dying)
+    assert train(data, folder, *args) == 130
+    monkeypatch.setattr(MnistTask, "loss", loss)
+    assert train(data, folder, *args, "--resume") == 0
+    return [json.loads(x) for x in (folder / "log.jsonl").read_text().splitlines()]
+
+
 def test_mean_k_per_layer_in_the_epoch_records(tiny_mnist, tmp_path, monkeypatch):
     from meprop.tasks.mnist import MnistTask
 
@@ -262,20 +282,8 @@ def test_mean_k_per_layer_in_the_epoch_records(tiny_mnist, tmp_path, monkeypatch
     (name,) = log[-1]["mean_k"]
     assert name == "7"  # the module's name in the model (after the MLP's 7 modules)
 
-    # a run resumed within an epoch logs the mean over the whole epoch too
-    loss, calls = MnistTask.loss, []
-
-    def dying(self, model, batch):
-        calls.append(1)
-        if len(calls) == 1 + 13:  # the warm-up, then 12 steps: last.pt holds step 11
-            raise KeyboardInterrupt
-        return loss(self, model, batch)
-
-    monkeypatch.setattr(MnistTask, "loss", dying)
-    assert train(tiny_mnist, tmp_path / "b", *args) == 130
-    monkeypatch.setattr(MnistTask, "loss", loss)
-    assert train(tiny_mnist, tmp_path / "b", *args, "--resume") == 0
-    resumed = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    # a run resumed within an epoch logs the mean over the whole epoch too (last.pt: step 11)
+    resumed = killed_and_resumed(tiny_mnist, tmp_path / "b", args, monkeypatch)
     assert [r.get("mean_k") for r in resumed] == [r.get("mean_k") for r in log]
 
     # no layer with last_k: no field
@@ -300,24 +308,10 @@ def test_adaptive_k_logs_each_layers_k(tiny_mnist, tmp_path):
 def test_adaptive_k_resumes_with_its_memory(tiny_mnist, tmp_path, monkeypatch):
     """TinyProp's largest error per layer is in last.pt: a run killed mid-training and resumed
     chooses the k's (and logs the mean k's) an uninterrupted one does."""
-    from meprop.tasks.mnist import MnistTask
-
     args = ["--method", "meprop", "--k", "12", "--adaptive", "tinyprop", "--min-k", "2",
             "--hidden", "24", "--eval-every", "3", "--epochs", "2"]  # fmt: skip
     assert train(tiny_mnist, tmp_path / "a", *args) == 0
     log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
-    loss, calls = MnistTask.loss, []
-
-    def dying(self, model, batch):
-        calls.append(1)
-        if len(calls) == 1 + 13:  # the warm-up, then 12 steps: last.pt holds step 9
-            raise KeyboardInterrupt
-        return loss(self, model, batch)
-
-    monkeypatch.setattr(MnistTask, "loss", dying)
-    assert train(tiny_mnist, tmp_path / "b", *args) == 130
-    monkeypatch.setattr(MnistTask, "loss", loss)
-    assert train(tiny_mnist, tmp_path / "b", *args, "--resume") == 0
-    resumed = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    resumed = killed_and_resumed(tiny_mnist, tmp_path / "b", args, monkeypatch)  # (at step 9)
     assert [r.get("mean_k") for r in resumed] == [r.get("mean_k") for r in log]
     assert any(k < 12 for r in log for k in r.get("mean_k", {}).values())

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .comm import sum_over_ranks
 from .config import AdaptiveK
 
 __all__ = ["KRecord", "row_ks", "tinyprop_ks", "batch_k", "score_dtype"]
@@ -123,19 +122,13 @@ def _read(ks: Tensor, y_max: Tensor | None, record: KRecord, dt: torch.dtype) ->
     return int(big)
 
 
-def batch_k(
-    g: Tensor, k_max: int, adapt: AdaptiveK, record: KRecord, scope: str = "local"
-) -> tuple[int, Tensor]:
-    """The unified k of ``g`` (M, n) with ``k_max < n``, and its columns.
+def batch_k(scores: Tensor, k_max: int, adapt: AdaptiveK, record: KRecord) -> tuple[int, Tensor]:
+    """The unified k, and its columns, from the (n,) column scores of a gradient (M, n) with
+    ``k_max < n``: ``ops.column_scores``, the summed |g| of each column (under
+    ``scope="global"`` summed over the ranks, so every rank computes the same k and columns).
 
-    Returns ``(k, cols)``: ``cols`` (k,) sorted, the k columns with the largest summed |g|.
-    ``scope="global"``: the column scores are summed over the ranks of a torch.distributed job
-    first (one all-reduce), so every rank computes the same k and columns.
+    Returns ``(k, cols)``: ``cols`` (k,) sorted, the k columns with the largest scores.
     """
-    dt = score_dtype(g.dtype)
-    scores = g.abs().sum(0, dtype=dt)  # (n,)
-    if scope == "global":
-        scores = sum_over_ranks(scores)
     top, cols = scores.topk(k_max, sorted=True)  # (k_max,), descending
     if adapt.rule == "mass":
         if adapt.measure == "square":
@@ -148,9 +141,9 @@ def batch_k(
         # 1/M, the mean example's), the same on every rank with scope="global".
         y = scores.sum()
         y_max = torch.maximum(y, y.new_tensor(record.y_max))
-        k = (_tinyprop_share(y, y_max, adapt, record.depth) * g.shape[1]).round()
+        k = (_tinyprop_share(y, y_max, adapt, record.depth) * len(scores)).round()
     k = k.clamp(adapt.min_k, k_max)
-    kk, ym = torch.stack([k.to(dt), y_max]).tolist()  # the one host read
+    kk, ym = torch.stack([k.to(scores.dtype), y_max]).tolist()  # the one host read
     if adapt.rule == "tinyprop":
         record.y_max = ym
     kk = int(kk)

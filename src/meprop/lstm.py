@@ -45,6 +45,7 @@ from .ops import (
     Selection,
     autocast_cast,
     autocast_dtype,
+    column_scores,
     compact_products,
     kernel_module,
     select_columns,
@@ -282,7 +283,7 @@ def _select_step(dg: Tensor, k: int, mode: str, kern, w_hh: Tensor, adapt=None, 
     if adapt is not None:
         n = dg.shape[0]
         if mode == "unified":
-            kb, cols = batch_k(dg, k, adapt, record)  # (kb,)
+            kb, cols = batch_k(column_scores(dg), k, adapt, record)  # (kb,)
             vals = dg.index_select(1, cols)  # (n, kb)
             dh_p = vals @ w_hh.index_select(0, cols)
             idx = cols.expand(n, kb)

@@ -48,6 +48,7 @@ __all__ = [
     "apply_config",
     "select_rows",
     "select_columns",
+    "column_scores",
     "kernels_available",
     "Selection",
 ]
@@ -100,18 +101,22 @@ def select_rows(g: Tensor, k: int, mode: str, kernels=None) -> tuple[Tensor, Ten
     return idx, g.gather(1, idx)
 
 
-def select_columns(g: Tensor, k: int, scope: str = "local") -> Tensor:
-    """Unified selection: the k columns of ``g`` (M, n) with the largest sum of |g|; (k,) sorted.
+def column_scores(g: Tensor, scope: str = "local") -> Tensor:
+    """The (n,) sums of |g| over the rows of ``g`` (M, n), what unified selection ranks.
 
-    ``scope="global"``: the (n,) column sums are summed over the ranks of a torch.distributed
-    job first (see ``meprop.distributed``), so every rank picks the columns of the global batch.
+    ``scope="global"``: summed over the ranks of a torch.distributed job too (see
+    ``meprop.distributed``), so every rank ranks the columns of the global batch.
     """
     # A NaN anywhere in a column makes its score NaN, which topk ranks highest. Half-precision
     # gradients are summed in float32: their rounded sums would tie or reorder columns.
     scores = g.abs().sum(0, dtype=score_dtype(g.dtype))  # (n,)
-    if scope == "global":
-        scores = sum_over_ranks(scores)
-    return scores.topk(k, sorted=False).indices.sort().values
+    return sum_over_ranks(scores) if scope == "global" else scores
+
+
+def select_columns(g: Tensor, k: int, scope: str = "local") -> Tensor:
+    """Unified selection: the k columns of ``g`` (M, n) with the largest sum of |g| (over all
+    ranks with ``scope="global"``: ``column_scores``); (k,) sorted."""
+    return column_scores(g, scope).topk(k, sorted=False).indices.sort().values
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,7 +439,7 @@ class _SparseLinearFn(torch.autograd.Function):
             record = record if record is not None else KRecord()
             if mode == "per_example":
                 return _adaptive_rows(ctx, x, x2, weight, g.contiguous(), record)
-            k, cols = batch_k(g, k, cfg.adapt, record, cfg.scope)  # unified: one k per call
+            k, cols = batch_k(column_scores(g, cfg.scope), k, cfg.adapt, record)  # one k a call
         local = mode == "per_example" or (mode == "unified" and cfg.scope == "local")
         if local and not torch.compiler.is_compiling():
             g = g.contiguous()

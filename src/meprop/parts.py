@@ -239,11 +239,12 @@ class KLog(Part):
         self._counts: dict[str, int] = {}
 
     def rebind(self, model: nn.Module) -> None:
-        self._modules = list(model.named_modules())
+        # only the layers that report a k: the per-step loop reads those
+        self._modules = [(n, m) for n, m in model.named_modules() if hasattr(m, "last_k")]
 
     def after_step(self) -> bool:
         for name, module in self._modules:
-            k = getattr(module, "last_k", None)
+            k = module.last_k
             if k is not None:
                 self._sums[name] = self._sums.get(name, 0.0) + float(k)
                 self._counts[name] = self._counts.get(name, 0) + 1

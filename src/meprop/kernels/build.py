@@ -163,7 +163,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "rows_outer": ([p, p, i, i, p, i, i, c, p, p, c], i),
         "per_example": ([p, i, i, i, p, p, i, p, p, p, c, p, p, p, i, p, c, c], i),
         "per_example_var": (
-            [p, i, i, i, c, p, i, None, c, p, p, p, p, i, p, p, p, p, c, p, p, p, i, p, c, c],
+            [p, i, i, i, c, i, None, c, p, p, p, p, i, p, p, p, p, c, p, p, p, i, p, c, c],
             i,
         ),  # (None: the float type)
         "unified": ([p, i, i, i, p, p, i, p, p, p, c, p, p, i, p, c], None),

@@ -797,21 +797,17 @@ void tinyprop_ks(const F* g, i64 m, i64 n, i64 kmax, i64 min_k, F s_min, F span,
 }
 
 // per_example with adaptive k's (topk_rows_var): the products read each row's kept pairs only.
-// rule 0: the k's ks_in from the caller; 1: mass (share, square); 2: tinyprop (tp: s_min, span,
-// damp; y_max in and out).
+// rule 1: mass (share, square); 2: tinyprop (tp: s_min, span, damp; y_max in and out).
 template <class F>
-i64 per_example_var(const F* g, i64 m, i64 n, i64 kmax, int rule, const i64* ks_in, i64 min_k,
-                    F share, bool square, const F* tp, F* y_max, const F* x, const F* w, i64 d,
+i64 per_example_var(const F* g, i64 m, i64 n, i64 kmax, int rule, i64 min_k, F share,
+                    bool square, const F* tp, F* y_max, const F* x, const F* w, i64 d,
                     i64* idx, F* vals, i64* ks_out, F* dx, int dw_mode, F* dw, i64* rows,
                     const i64* stale, i64 nstale, F* db, int nt, int nt_products) {
   if (nstale) zero_rows<F>(dw, d, stale, nstale, n * d * i64(sizeof(F)) >= kStreamBytes, 1);
-  std::vector<i64> ks(rule == 2 ? m : 0);
-  if (rule == 2) {
-    tinyprop_ks<F>(g, m, n, kmax, min_k, tp[0], tp[1], tp[2], y_max, ks.data());
-    ks_in = ks.data();
-  }
-  topk_rows_var<F>(g, m, n, kmax, rule == 1 ? nullptr : ks_in, min_k, share, square, idx, vals,
-                   ks_out, nt);
+  std::vector<i64> ks(rule == 2 ? m : 0);  // tinyprop's k's, before the selection
+  if (rule == 2) tinyprop_ks<F>(g, m, n, kmax, min_k, tp[0], tp[1], tp[2], y_max, ks.data());
+  topk_rows_var<F>(g, m, n, kmax, rule == 2 ? ks.data() : nullptr, min_k, share, square, idx,
+                   vals, ks_out, nt);
   if (db) column_sums<F>(g, m, n, db);
   if (dx) rows_matmul<F>(idx, kmax, vals, m, kmax, w, n, d, dx, nt_products, ks_out);
   if (dw_mode == 0) return 0;
@@ -959,11 +955,11 @@ void unified(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64
                           nstale, db, nt, nt_products);                                        \
   }                                                                                            \
   MEPROP_EXPORT i64 meprop_per_example_var_##SUFFIX(                                           \
-      const F* g, i64 m, i64 n, i64 kmax, int rule, const i64* ks_in, i64 min_k, F share,        \
+      const F* g, i64 m, i64 n, i64 kmax, int rule, i64 min_k, F share,                         \
       int square, const F* tp, F* y_max, const F* x, const F* w, i64 d, i64* idx, F* vals,       \
       i64* ks_out, F* dx, int dw_mode, F* dw, i64* rows, const i64* stale, i64 nstale, F* db,    \
       int nt, int nt_products) {                                                               \
-    return per_example_var<F>(g, m, n, kmax, rule, ks_in, min_k, share, square != 0, tp, y_max,  \
+    return per_example_var<F>(g, m, n, kmax, rule, min_k, share, square != 0, tp, y_max,         \
                               x, w, d, idx, vals, ks_out, dx, dw_mode, dw, rows, stale, nstale,  \
                               db, nt, nt_products);                                              \
   }                                                                                            \

@@ -193,6 +193,39 @@ def top_columns(g: Tensor, k: int) -> Tensor:
 # Fused backward of one linear layer
 
 
+class _RowsDw:
+    """The dW buffer of a per-example backward (``dw``: "dense", "sparse" or None) with at most
+    ``pairs`` (row, example) pairs: the kernel's dw_mode, output, rows and stale-row arguments,
+    and the result it leaves (a dense tensor from the pool, or row-compact (rows, dw_rows))."""
+
+    def __init__(self, dw: str | None, n: int, d: int, dtype: torch.dtype, pairs: int) -> None:
+        self.rows = self.out = self.entry = self.stale = None
+        self.mode = 0
+        if dw == "dense":
+            self.out, self.entry, self.stale, self.mode = pool.dense_dw(
+                n, d, dtype, pairs, defer=True
+            )
+            if self.entry is not None:  # the rows written, for the pool
+                self.rows = torch.empty(n, dtype=torch.int64)
+        elif dw == "sparse":
+            cap = min(n, pairs)
+            self.rows, self.out = torch.empty(cap, dtype=torch.int64), pool.output(cap, d, dtype)
+            self.mode = 3
+
+    def args(self) -> tuple:
+        """dw_mode, out, rows, stale, nstale: the kernel's arguments."""
+        nstale = 0 if self.stale is None else self.stale.numel()
+        return self.mode, _ptr(self.out), _ptr(self.rows), _ptr(self.stale), nstale
+
+    def result(self, r: int):
+        """dW after the kernel touched ``r`` rows."""
+        if self.mode == 3:
+            return _compact(self.rows, self.out, r)
+        if self.entry is not None:
+            pool.POOL.written(self.entry, self.rows[:r])
+        return self.out
+
+
 def per_example_backward(
     g: Tensor, x: Tensor, weight: Tensor, k: int, need_dx: bool, dw: str | None, need_db: bool
 ):
@@ -212,26 +245,13 @@ def per_example_backward(
     vals = torch.empty(m, k, dtype=dtype)
     dx = torch.empty(m, d, dtype=dtype) if need_dx else None
     db = torch.empty(n, dtype=dtype) if need_db else None
-    rows = out = entry = stale = None
-    mode = 0
-    if dw == "dense":
-        out, entry, stale, mode = pool.dense_dw(n, d, dtype, m * k, defer=True)
-        if entry is not None:  # the rows written, for the pool
-            rows = torch.empty(n, dtype=torch.int64)
-    elif dw == "sparse":
-        cap = min(n, m * k)
-        rows, out, mode = torch.empty(cap, dtype=torch.int64), pool.output(cap, d, dtype), 3
+    buf = _RowsDw(dw, n, d, dtype, m * k)
     r = build.kernel("per_example", dtype)(
         g.data_ptr(), m, n, k, x.data_ptr(), weight.data_ptr(), d, idx.data_ptr(),
-        vals.data_ptr(), _ptr(dx), mode, _ptr(out), _ptr(rows), _ptr(stale),
-        0 if stale is None else stale.numel(), _ptr(db), _threads(m * n, _PAR_MIN_ENTRIES),
+        vals.data_ptr(), _ptr(dx), *buf.args(), _ptr(db), _threads(m * n, _PAR_MIN_ENTRIES),
         _threads(m * k * d, _PAR_MIN_FMAS),
     )  # fmt: skip
-    if mode == 3:
-        out = _compact(rows, out, r)
-    elif entry is not None:
-        pool.POOL.written(entry, rows[:r])
-    return idx, vals, dx, out, db
+    return idx, vals, dx, buf.result(r), db
 
 
 def per_example_backward_var(
@@ -267,27 +287,15 @@ def per_example_backward_var(
     ym = torch.tensor([y_max], dtype=dtype)
     dx = torch.empty(m, d, dtype=dtype) if need_dx else None
     db = torch.empty(n, dtype=dtype) if need_db else None
-    rows = out = entry = stale = None
-    mode = 0
-    if dw == "dense":
-        out, entry, stale, mode = pool.dense_dw(n, d, dtype, m * k_max, defer=True)
-        if entry is not None:  # the rows written, for the pool
-            rows = torch.empty(n, dtype=torch.int64)
-    elif dw == "sparse":
-        cap = min(n, m * k_max)
-        rows, out, mode = torch.empty(cap, dtype=torch.int64), pool.output(cap, d, dtype), 3
+    buf = _RowsDw(dw, n, d, dtype, m * k_max)
     r = build.kernel("per_example_var", dtype)(
-        g.data_ptr(), m, n, k_max, 2 if tinyprop else 1, None, adapt.min_k, adapt.share,
+        g.data_ptr(), m, n, k_max, 2 if tinyprop else 1, adapt.min_k, adapt.share,
         int(adapt.measure == "square"), tp.data_ptr(), ym.data_ptr(), x.data_ptr(),
-        weight.data_ptr(), d, idx.data_ptr(), vals.data_ptr(), ks.data_ptr(), _ptr(dx), mode,
-        _ptr(out), _ptr(rows), _ptr(stale), 0 if stale is None else stale.numel(), _ptr(db),
+        weight.data_ptr(), d, idx.data_ptr(), vals.data_ptr(), ks.data_ptr(), _ptr(dx),
+        *buf.args(), _ptr(db),
         _threads(m * n, _PAR_MIN_ENTRIES), _threads(m * k_max * d, _PAR_MIN_FMAS),
     )  # fmt: skip
-    if mode == 3:
-        out = _compact(rows, out, r)
-    elif entry is not None:
-        pool.POOL.written(entry, rows[:r])
-    return idx, vals, ks, ym.item(), dx, out, db
+    return idx, vals, ks, ym.item(), dx, buf.result(r), db
 
 
 def unified_backward(

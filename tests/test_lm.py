@@ -158,6 +158,40 @@ def test_sparse_attention_flag_puts_meprop_on_the_attention_projections(tiny_lm,
     assert json.loads((out / "summary.json").read_text())["times"]["hidden_backward"] > 0
 
 
+def test_fc_only_leaves_mlp_proj_dense(tiny_lm, tmp_path):
+    from meprop.train import ConfigError
+
+    cfg = TrainConfig(task="lm", hidden=(32,), layers=2, k=4, mode="unified", fc_only=True)
+    task = LmTask(cfg, tiny_lm)
+    model = task.build_model(cfg.widths(), cfg)
+    from meprop import sparsify_
+
+    sparsify_(model, cfg.meprop_config(), filter_fn=task.sparsify_filter(model))
+    assert sorted(converted(model)) == ["blocks.0.mlp.fc", "blocks.1.mlp.fc"]
+    assert task.hidden_layers(model) == [b.mlp.fc for b in model.blocks]
+    x, y = next(task.batches("train", 4, torch.Generator().manual_seed(0)))
+    task.loss(model, (x, y)).backward()
+    fc, proj = model.blocks[0].mlp.fc, model.blocks[0].mlp.proj
+    # unified: 4 of fc's 32 units get a gradient; proj (dense) gets one in every row
+    assert int((fc.weight.grad != 0).any(1).sum()) == 4
+    assert bool((proj.weight.grad != 0).any(1).all())
+    with pytest.raises(ConfigError, match="needs --task lm and --method"):
+        TrainConfig(task="mnist", fc_only=True)
+    with pytest.raises(ConfigError, match="needs --task lm and --method"):
+        TrainConfig(task="lm", method="dense", fc_only=True)
+    with pytest.raises(ConfigError, match="fc_only .--fc-only. must be true, false"):
+        TrainConfig(task="lm", method="meprop", fc_only=1)
+
+    # meSimp with mlp.proj dense still shrinks the MLP width (proj's input columns follow)
+    out = tmp_path / "run"
+    args = ["train", "lm", "--data-dir", str(tiny_lm), "--out", str(out), *TINY, "--k", "4"]
+    args += ["--method", "mesimp", "--mode", "unified", "--prune-interval", "2", "--fc-only"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert json.loads((out / "config.json").read_text())["fc_only"] is True
+    assert min(summary["final_widths"].values()) < 32
+
+
 def test_lm_grid_rows():
     from meprop.reproduce import GRIDS, PER_RUN, lm_grid
 
@@ -165,16 +199,21 @@ def test_lm_grid_rows():
     for quick in (True, False):
         rows = lm_grid(quick=quick)
         width = rows[0].config.hidden[0]
-        got = {(r.config.method, r.config.mode, r.config.k, r.config.adaptive) for r in rows[1:]}
-        assert got == {
-            ("meprop", "unified", width // 8, ""),
-            ("meprop", "unified", width // 4, ""),
-            ("meprop", "per_example", width // 8, ""),
-            ("random", "per_example", width // 8, ""),
-            ("mesimp", "unified", width // 8, ""),
-            ("meprop", "unified", width // 4, "tinyprop"),
+        got = {
+            (r.config.method, r.config.mode, r.config.k, r.config.adaptive, r.config.fc_only)
+            for r in rows[1:]
         }
-        assert rows[0].config.method == "dense" and len({r.name for r in rows}) == 7
+        assert got == {
+            ("meprop", "unified", width // 8, "", False),
+            ("meprop", "unified", width // 8, "", True),
+            ("meprop", "unified", width // 4, "", False),
+            ("meprop", "per_example", width // 8, "", False),
+            ("random", "per_example", width // 8, "", False),
+            ("mesimp", "unified", width // 8, "", False),
+            ("mesimp", "unified", width // 8, "", True),
+            ("meprop", "unified", width // 4, "tinyprop", False),
+        }
+        assert rows[0].config.method == "dense" and len({r.name for r in rows}) == 9
         assert all(r.config.eval_every > 0 and not r.config.sparse_attention for r in rows)
     quick = lm_grid(quick=True)[0].config
     assert quick.epochs == 1 and quick.train_limit > 0 and quick.hidden[0] <= 128
@@ -198,7 +237,9 @@ def test_reproduce_lm_writes_bpb_tables_claims_and_loss_plots(tiny_lm, tmp_path,
                 config=replace(r.config, **small, k=k[r.config.k]),
             )
             for r in rows
-            if not r.config.adaptive  # (the adaptive row: tests/test_report_adaptive.py)
+            # (the adaptive row: tests/test_report_adaptive.py; fc_only's runs:
+            # test_fc_only_leaves_mlp_proj_dense)
+            if not r.config.adaptive and not r.config.fc_only
         ]
 
     monkeypatch.setitem(reproduce.GRIDS, "lm", grid)

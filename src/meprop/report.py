@@ -828,7 +828,8 @@ def _settings(runs: list[Run]) -> list[str]:
         text += (
             f" lm: {len(r.summary['widths'])} pre-norm blocks, d_model "
             f"{max(N_HEAD, width // 4 // N_HEAD * N_HEAD)}, MLP width {width}, {N_HEAD} heads, "
-            f"windows of {LmTask.block_size} bytes; meProp on the MLP projections"
+            f"windows of {LmTask.block_size} bytes; meProp on "
+            + ("mlp.fc only" if c.get("fc_only") else "the MLP projections")
             + (" and the attention projections" if c.get("sparse_attention") else "")
             + "."
         )

@@ -37,6 +37,7 @@ def _row_name(cfg: TrainConfig) -> str:
             f"d{cfg.dropout:g}",
             f"lr{cfg.lr:g}" if cfg.lr else "",
             "attn" if cfg.sparse_attention else "",
+            "fc" if cfg.fc_only else "",
             _adaptive_part(cfg),
         ]
         if part
@@ -191,8 +192,9 @@ def parse_grid(quick: bool = False, dataset: str = "") -> list[Row]:
 
 def lm_grid(quick: bool = False, dataset: str = "") -> list[Row]:
     """The language-model grid (byte-level transformer on UD English EWT's text, meProp on the
-    MLP projections): dense, meProp unified at k = 1/8 and 1/4 of the MLP width, per_example
-    and random-k at 1/8, meSimp (unified, k = 1/8; no dense size control: see
+    MLP projections): dense, meProp unified at k = 1/8 and 1/4 of the MLP width and at 1/8 on
+    mlp.fc only, per_example and random-k at 1/8, meSimp (unified, k = 1/8, both projections
+    and mlp.fc only; no dense size control: see
     ``LmTask.dense_hidden``). Dev bits per byte every ``eval_every`` steps: the loss curves
     against steps and seconds."""
     hidden = 128 if quick else 512
@@ -210,12 +212,17 @@ def lm_grid(quick: bool = False, dataset: str = "") -> list[Row]:
     g.add("main", "dense", method="dense")
     g.add("main", f"meProp unified k={k8} (1/8)", method="meprop", k=k8, mode="unified")
     g.add("main", f"meProp unified k={k4} (1/4)", method="meprop", k=k4, mode="unified")
+    # k counts MLP units only with mlp.proj dense (its output is d_model, not the MLP width)
+    g.add("main", f"meProp unified k={k8} (1/8), mlp.fc only", method="meprop", k=k8,
+          mode="unified", fc_only=True)  # fmt: skip
     g.add("main", f"meProp per_example k={k8} (1/8)", method="meprop", k=k8)
     g.add("control", f"random-k k={k8} (1/8)", method="random", k=k8)
     g.add("adaptive", f"meProp unified adaptive tinyprop, k <= {k4} (1/4)", method="meprop",
           k=k4, mode="unified", adaptive="tinyprop", min_k=max(1, k8 // 4))  # fmt: skip
     g.add("mesimp", f"meSimp unified k={k8} (1/8)", method="mesimp", k=k8, mode="unified",
           prune_rate=0.1)  # fmt: skip
+    g.add("mesimp", f"meSimp unified k={k8} (1/8), mlp.fc only", method="mesimp", k=k8,
+          mode="unified", prune_rate=0.1, fc_only=True)  # fmt: skip
     return g.list()
 
 

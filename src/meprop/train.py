@@ -230,6 +230,11 @@ class TrainConfig:
         "lm task: meProp on the attention projections (qkv, out) too, at the same k (k at or "
         "above a projection's width leaves it dense); default: the MLP only",
     )
+    fc_only: bool = _field(
+        False,
+        "lm task: meProp on mlp.fc only (its output is the MLP width), mlp.proj (output "
+        "d_model) dense; default: both MLP projections",
+    )
     adaptive: str = _field(
         "",
         "adaptive k (meprop.AdaptiveK): each backward chooses its k in [--min-k, --k] by "
@@ -327,6 +332,13 @@ class TrainConfig:
             raise ConfigError(
                 f"sparse_attention puts meProp on the attention projections: it needs --method "
                 f"meprop, random or mesimp, got {self.method}"
+            )
+        if self.fc_only and (
+            self.task != "lm" or self.method not in ("meprop", "random", "mesimp")
+        ):
+            raise ConfigError(
+                f"fc_only keeps the lm task's mlp.proj dense: it needs --task lm and --method "
+                f"meprop, random or mesimp, got task {self.task}, method {self.method}"
             )
         widths = self.widths()
         weights = sum(a * b for a, b in zip(widths, widths[1:], strict=False))

@@ -12,7 +12,8 @@ Model (nanoGPT's layout): byte and position embeddings -> ``layers`` pre-norm bl
 
 meProp goes on the MLP projections (``mlp.fc``, ``mlp.proj``); the attention projections and the
 output layer stay dense (``TrainConfig.sparse_attention``, ``--sparse-attention``, includes
-``attn.qkv`` and ``attn.out``, at the same k). meSimp shrinks each block's MLP width: ``mlp.fc``'s units with ``mlp.proj``'s
+``attn.qkv`` and ``attn.out``, at the same k); ``TrainConfig.fc_only`` (``--fc-only``) leaves
+``mlp.proj`` dense too, so k counts MLP units only (``mlp.proj``'s output is d_model). meSimp shrinks each block's MLP width: ``mlp.fc``'s units with ``mlp.proj``'s
 input columns.
 
 Batches: ``(x, y)`` (B, T) windows of the stream, ``y`` the next bytes; an epoch takes
@@ -141,6 +142,7 @@ class LmTask:
                 f"{cfg.activation!r}: leave --activation unset"
             )
         self.sparse_attention = bool(cfg.sparse_attention) or self.sparse_attention
+        self.fc_only = bool(cfg.fc_only)
         texts = {
             split: read_texts(ensure_file(EWT_DATASET, EWT_SPLITS[split], data_dir))
             for split in ("train", "dev", "test")
@@ -162,15 +164,18 @@ class LmTask:
         return ByteLM(d_model, widths, self.block, cfg.dropout)
 
     def sparsify_filter(self, model):
-        ends = (".mlp.fc", ".mlp.proj") + (
-            (".attn.qkv", ".attn.out") if self.sparse_attention else ()
+        ends = (
+            (".mlp.fc",)
+            + (() if self.fc_only else (".mlp.proj",))
+            + ((".attn.qkv", ".attn.out") if self.sparse_attention else ())
         )
         return lambda module, name: name.endswith(ends)
 
     def hidden_layers(self, model) -> list[nn.Module]:
         """The layers meProp sparsifies (their backward is timed as ``hidden_backward``)."""
         attn = (lambda b: (b.attn.qkv, b.attn.out)) if self.sparse_attention else lambda b: ()
-        return [m for b in model.blocks for m in (*attn(b), b.mlp.fc, b.mlp.proj)]
+        mlp = (lambda b: (b.mlp.fc,)) if self.fc_only else lambda b: (b.mlp.fc, b.mlp.proj)
+        return [m for b in model.blocks for m in (*attn(b), *mlp(b))]
 
     def widths(self, model) -> list[int]:
         return [b.mlp.fc.out_features for b in model.blocks]

@@ -76,7 +76,7 @@ def test_reproduce_with_seeds_reports_means_and_claims(tiny_mnist, tmp_path, mon
     assert {"seed", "machine", "torch", "meprop", "commit"} <= set(info)
     assert json.loads((out / "grid.json").read_text())["seconds"] > 0
     report = (out / "report.md").read_text()
-    assert "seeds 1,2" in report and info["machine"] in report
+    assert "seeds 1,2" in report and info["machine"] in report and "grid time " in report
     assert "| dense | 2 |" in report  # two seeds in the dense row
     assert "| random-k k=20 | 1 |" in report
     assert "## The paper's claims, paired over seeds" in report
@@ -84,6 +84,19 @@ def test_reproduce_with_seeds_reports_means_and_claims(tiny_mnist, tmp_path, mon
     assert any(">= dense" in line and "| 2 |" in line for line in claims)
     # top-k vs random-k shares only seed 1: one pair, undecided
     assert "| top-k > random-k (k=20) |" in report and "one seed" in report
+
+
+def test_grid_seconds_add_up_across_processes(tmp_path):
+    from meprop.reproduce import add_grid_seconds
+
+    path = tmp_path / "out" / "grid.json"
+    add_grid_seconds(path, 5.0)
+    add_grid_seconds(path, 2.5)
+    # another process adds its 10 s between this one's writes: both are kept
+    path.write_text(json.dumps({"seconds": json.loads(path.read_text())["seconds"] + 10}))
+    add_grid_seconds(path, 1.0)
+    assert json.loads(path.read_text()) == {"seconds": 18.5}
+    assert [p.name for p in path.parent.iterdir()] == ["grid.json"]  # no temporary left
 
 
 def test_reproduce_rejects_bad_seeds(capsys):

@@ -866,11 +866,8 @@ def build_report(paths: list[Path], out: Path) -> Path:
     hours = ""
     if "seconds" in grid:
         sec = grid["seconds"]
-        hours = (
-            f"; grid wall-clock {sec / 3600:.1f} h"
-            if sec >= 3600
-            else f"; grid wall-clock {sec / 60:.1f} min"
-        )
+        span = f"{sec / 3600:.1f} h" if sec >= 3600 else f"{sec / 60:.1f} min"
+        hours = f"; grid time {span} (summed over its sittings and parallel processes)"
     lines = [
         "# meprop results",
         "",

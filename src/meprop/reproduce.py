@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import replace
@@ -295,16 +296,26 @@ def provenance() -> dict:
     }
 
 
+def add_grid_seconds(grid_path: Path, seconds: float) -> None:
+    """Add ``seconds`` to ``grid_path``'s total, read just before the write, so that another
+    process adding its own time to the same grid in between is kept (the write is atomic)."""
+    grid_path.parent.mkdir(parents=True, exist_ok=True)
+    spent = json.loads(grid_path.read_text()).get("seconds", 0.0) if grid_path.exists() else 0.0
+    tmp = grid_path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"seconds": spent + seconds}) + "\n")
+    tmp.replace(grid_path)
+
+
 def run_grid(rows: list[Row], out: Path, data_dir=None, progress=True, echo=print) -> list[Path]:
     """Run every row not finished yet (and, after each meSimp row, a dense net at its final
-    widths); the grid's wall-clock time over all sittings accumulates in ``out/grid.json``."""
+    widths); the grid's time over all sittings accumulates in ``out/grid.json`` (summed over
+    processes where several run disjoint rows of one grid at once)."""
     from .train import run
 
     dirs = []
     queue = list(rows)
     grid_path = out / "grid.json"
-    spent = json.loads(grid_path.read_text()).get("seconds", 0.0) if grid_path.exists() else 0.0
-    t0 = time.perf_counter()
+    t0 = last = time.perf_counter()
     i = 0
     origin = provenance()
     while queue:
@@ -328,10 +339,9 @@ def run_grid(rows: list[Row], out: Path, data_dir=None, progress=True, echo=prin
                 progress=progress,
                 echo=lambda s: echo("    " + s),
             )
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = grid_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"seconds": spent + time.perf_counter() - t0}) + "\n")
-            tmp.replace(grid_path)
+            now = time.perf_counter()
+            add_grid_seconds(grid_path, now - last)
+            last = now
         summary = json.loads(summary_path.read_text())
         if row.config.method == "mesimp" and summary.get("final_widths"):
             control = _size_control(row, summary)

@@ -237,9 +237,9 @@ def test_reproduce_lm_writes_bpb_tables_claims_and_loss_plots(tiny_lm, tmp_path,
                 config=replace(r.config, **small, k=k[r.config.k]),
             )
             for r in rows
-            # (the adaptive row: tests/test_report_adaptive.py; fc_only's runs:
+            # (the adaptive row: tests/test_report_adaptive.py; meSimp on mlp.fc only:
             # test_fc_only_leaves_mlp_proj_dense)
-            if not r.config.adaptive and not r.config.fc_only
+            if not r.config.adaptive and not (r.config.fc_only and r.config.method == "mesimp")
         ]
 
     monkeypatch.setitem(reproduce.GRIDS, "lm", grid)
@@ -247,7 +247,7 @@ def test_reproduce_lm_writes_bpb_tables_claims_and_loss_plots(tiny_lm, tmp_path,
     args = ["reproduce", "lm", "--quick", "--out", str(out), "--data-dir", str(tiny_lm)]
     assert main([*args, "--no-progress", "--seeds", "1,2", "--seed-groups", "main"]) == 0
     runs = sorted(p.name for p in (out / "runs").iterdir())
-    assert len(runs) == 10 and not any(r.startswith("dense-size-of") for r in runs)
+    assert len(runs) == 12 and not any(r.startswith("dense-size-of") for r in runs)
     report = (out / "report.md").read_text()
     assert "dev bpb (lower is better) | test bpb (lower is better)" in report
     assert "neg_bpb %" not in report and "training ms/step" in report
@@ -256,6 +256,9 @@ def test_reproduce_lm_writes_bpb_tables_claims_and_loss_plots(tiny_lm, tmp_path,
     assert 0 < bpb < 8.5  # bits per byte, not a negated percentage
     assert "| meProp unified k=4 (1/8) | 2 |" in report
     assert "| meProp unified k=4 at least as good as dense |" in report
+    # the mlp.fc-only row (same k and mode) is its own row and claim, not merged into the above
+    assert "| meProp unified k=4 (1/8), mlp.fc only | 2 |" in report
+    assert "| meProp unified k=4 on mlp.fc only at least as good as dense |" in report
     assert "positive means the claim's side has the lower bpb" in report
     assert "| top-k better than random-k (k=4) |" in report
     assert "windows of" in report and "d_model" in report
@@ -266,6 +269,7 @@ def test_reproduce_lm_writes_bpb_tables_claims_and_loss_plots(tiny_lm, tmp_path,
 
     runs = load_runs([out])
     (claim, p, _), *_ = [c for c in claims(runs) if c[0].startswith("meProp unified k=4 ")]
-    mp = {r.seed: r.summary["test_bpb"] for r in runs if r.label.startswith("meProp unified k=4")}
+    mp = {r.seed: r.summary["test_bpb"] for r in runs if r.label == "meProp unified k=4 (1/8)"}
     de = {r.seed: r.summary["test_bpb"] for r in runs if r.label == "dense"}
     assert p.n == 2 and math.isclose(p.mean, sum(de[s] - mp[s] for s in (1, 2)) / 2)
+    assert claim == "meProp unified k=4 at least as good as dense"

@@ -228,21 +228,25 @@ def claims(runs: list[Run]) -> list[tuple[str, Paired, str]]:
     ks = sorted({r.config["k"] for r in runs if r.method == "meprop" and r.group == "main"})
     for k in ks:
         for mode in ("per_example", "unified"):
-            mp = scores(
-                lambda r, k=k, mode=mode: (
-                    r.method == "meprop"
-                    and r.group == "main"
-                    and r.config["k"] == k
-                    and r.config["mode"] == mode
+            for fc in (False, True):  # lm: meProp on mlp.fc only (TrainConfig.fc_only)
+                mp = scores(
+                    lambda r, k=k, mode=mode, fc=fc: (
+                        r.method == "meprop"
+                        and r.group == "main"
+                        and r.config["k"] == k
+                        and r.config["mode"] == mode
+                        and bool(r.config.get("fc_only")) == fc
+                    )
                 )
-            )
-            add(f"meProp {mode} k={k} {ge} dense", mp, dense, f"meProp {mode} k={k} - dense")
+                name = f"meProp {mode} k={k}" + (" on mlp.fc only" if fc else "")
+                add(f"{name} {ge} dense", mp, dense, f"{name} - dense")
         top = scores(
             lambda r, k=k: (
                 r.method == "meprop"
                 and r.group == "main"
                 and r.config["k"] == k
                 and r.config["mode"] == "per_example"
+                and not r.config.get("fc_only")
             )
         )
         rand = scores(lambda r, k=k: r.method == "random" and r.config["k"] == k and main_opt(r))

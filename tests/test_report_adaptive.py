@@ -232,6 +232,28 @@ def test_no_adaptive_rows_no_section(tmp_path):
     assert adaptive_claims(load_runs(sorted((tmp_path / "runs").iterdir()))) == []
 
 
+def test_no_control_no_control_plot(tmp_path):
+    """Without random-k / k-dim runs (e.g. the POS grid's dense, meProp, meSimp rows) the
+    plots named after them are not drawn, nor a k/h curve from a single k."""
+    runs = tmp_path / "runs"
+    for s in (1, 2):
+        tag = "" if s == 1 else f"-s{s}"
+        write_run(runs, f"dense{tag}", group="main", label="dense", seed=s, method="dense",
+                  dev=(0.3, 0.35, 0.4), train=(4, 8, 12), test=0.40)  # fmt: skip
+        write_run(runs, f"k20{tag}", group="main", label="meProp per_example k=20", seed=s,
+                  method="meprop", k=20, dev=(0.3, 0.35, 0.4), train=(1, 2, 3),
+                  test=0.39)  # fmt: skip
+    out = tmp_path / "out"
+    build_report(sorted(runs.iterdir()), out)
+    made = {p.name for p in out.glob("*.png")}
+    assert "learning_curves.png" in made
+    assert not made & {"topk_vs_random.png", "meprop_vs_kdim.png", "accuracy_vs_ratio.png"}
+    write_run(runs, "random", group="control", label="random-k k=20", seed=1, method="random",
+              k=20, dev=(0.2, 0.25, 0.3), train=(1, 2, 3), test=0.3)  # fmt: skip
+    build_report(sorted(runs.iterdir()), out)
+    assert (out / "topk_vs_random.png").exists() and not (out / "meprop_vs_kdim.png").exists()
+
+
 def test_reproduce_adaptive_group_end_to_end(tiny_mnist, tmp_path, monkeypatch):
     """The quick grid's adaptive group (bound 40) and the fixed k=40 rows trained for real: the
     report reads the trainer's own mean_k (hidden 48, above the bound: at a bound >= the width

@@ -151,7 +151,8 @@ def test_reproduce_and_report(tiny_mnist, tmp_path, monkeypatch):
     assert any(r.startswith("dense-size-of-mesimp") for r in runs)  # the size control ran
     report = (out / "report.md").read_text()
     assert "| dense |" in report and "meSimp" in report and "random-k" in report
-    for png in ("accuracy_vs_ratio.png", "mesimp_widths.png", "mesimp_vs_size.png"):
+    # (one k: no accuracy-vs-ratio curve; tests/test_report_adaptive.py has the sweep's)
+    for png in ("learning_curves.png", "mesimp_widths.png", "mesimp_vs_size.png"):
         assert (out / png).stat().st_size > 1000
     # a second call skips finished rows; report rebuilds from the runs alone
     assert main([*args, "--no-progress"]) == 0

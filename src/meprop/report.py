@@ -424,7 +424,10 @@ def _plots(runs: list[Run], out: Path) -> list[str]:
         and len(r.summary["widths"]) == depth
         and r.config["dropout"] == dropout
     ]
-    if sweep:
+    # a curve needs two ratios at least: one k is a point, already in the tables
+    if len({(r.config["k"], r.config["mode"]) for r in sweep}) > len(
+        {r.config["mode"] for r in sweep}
+    ):
         fig, ax = plt.subplots(figsize=(6, 4))
         for mode in ("per_example", "unified"):
             pts = sorted(
@@ -446,9 +449,11 @@ def _plots(runs: list[Run], out: Path) -> list[str]:
         save(fig, "accuracy_vs_ratio.png")
 
     def curves(name, title, picks, key=f"dev_{metric}"):
-        picks = [r for r in picks if r is not None]
-        if len(picks) < 2:
+        """Dev curves of ``picks``, the last of which is the control the title names: no
+        plot without it."""
+        if picks[-1] is None:
             return
+        picks = [r for r in picks if r is not None]
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in picks:
             _curve(ax, r, key)

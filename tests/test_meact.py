@@ -617,5 +617,16 @@ def test_reproduce_meact_quick(tiny_mnist, tmp_path, monkeypatch):
     assert "drops sharply" in report and "active neurons per example" in report
     assert "are identical to those of the baseline with its seed" in report
     assert "### seeds" in report and "| 2 |" in report
+    # the claims, paired over the two seeds, from the runs' own numbers
+    from meprop.report import load_runs
+    from meprop.stats import paired
+
+    runs = {r.path.name: r for r in load_runs([out])}
+    a = {1: runs["meact"].test(), 2: runs["meact-seed2"].test()}
+    b = {1: runs["dense"].test(), 2: runs["dense-seed2"].test()}
+    p = paired(a, b)
+    line = next(x for x in report.splitlines() if x.startswith("| meAct's test accuracy >"))
+    assert f"| {p.mean:+.2f} [{p.lo:+.2f}, {p.hi:+.2f}] | 2 | {p.verdict} |" in line
+    assert "| the update per iteration after the start drops below" in report
     for png in ("meact_accuracy.png", "meact_update.png", "meact_active.png", "meact_seeds.png"):
         assert (out / png).stat().st_size > 1000

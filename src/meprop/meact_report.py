@@ -223,6 +223,7 @@ def section(runs: list, out: Path) -> list[str]:
     seeds = [(d, r) for d, r in pairs if all(r.config[k] == main.config[k] for k in keys)]
     seeds.sort(key=lambda p: p[1].config["seed"])
     lines += _seeds_table(seeds, main, start)
+    lines += _claims_table(seeds, start)
     lines += [
         "",
         "Forward times are whole training forwards per step (for meAct after the start: "
@@ -262,6 +263,63 @@ def _seeds_table(pairs: list, main, start: int) -> list[str]:
             f"{_fmt(up, '.2e')} | {_fmt(up / up_d if up and up_d else None, '.3f')} |"
         )
     return lines
+
+
+def _claims_table(pairs: list, start: int) -> list[str]:
+    """The paper's claims as paired comparisons over the seeds (meAct against the baseline of
+    its seed), each with its 95% t-interval and verdict (``meprop.stats.paired``)."""
+    import math
+
+    from .stats import paired
+
+    if not pairs:
+        return []
+
+    def per_seed(f):
+        return {r.config["seed"]: f(r) for r in (p[1] for p in pairs)}, {
+            d.config["seed"]: f(d) for d in (p[0] for p in pairs)
+        }
+
+    def dev_after(r):
+        return _mean([100 * e["dev_" + r.metric] for e in r.log[start:]])
+
+    def log_update_after(r):
+        # log10 of the mean update after the start: meAct's below the baseline's is a
+        # positive difference baseline - meAct (a factor of 10**difference)
+        return math.log10(_mean([e.get("update") for e in r.log[start:]]) or math.nan)
+
+    test = paired(*per_seed(lambda r: r.test()))
+    dev = paired(*per_seed(dev_after))
+    b, a = per_seed(log_update_after)
+    drop = paired(a, b)
+
+    def pts(p):
+        if p.n < 2:
+            return f"{p.mean:+.2f} (1 pair)"
+        return f"{p.mean:+.2f} [{p.lo:+.2f}, {p.hi:+.2f}]"
+
+    def factor(p):
+        if p.n < 2:
+            return f"{10**p.mean:.1f}x (1 pair)"
+        return f"{10**p.mean:.1f}x [{10**p.lo:.1f}x, {10**p.hi:.1f}x]"
+
+    return [
+        "",
+        "### the paper's claims, paired over seeds",
+        "",
+        "meAct against the baseline of its seed, the mean over the seeds with its 95% "
+        "t-interval. *holds*: the interval is above 0 (a factor above 1x); *does not hold*: "
+        "below; *undecided*: it contains 0 (1x).",
+        "",
+        "| claim | meAct - baseline [95% interval] | seeds | verdict |",
+        "| --- | --- | ---: | --- |",
+        f"| meAct's test accuracy > the baseline's (points) | {pts(test)} | {test.n} | "
+        f"{test.verdict} |",
+        f"| dev accuracy after the start > the baseline's (mean over those epochs, points) | "
+        f"{pts(dev)} | {dev.n} | {dev.verdict} |",
+        f"| the update per iteration after the start drops below the baseline's (baseline / "
+        f"meAct, geometric mean) | {factor(drop)} | {drop.n} | {drop.verdict} |",
+    ]
 
 
 def _seed_plot(pairs: list, start: int, out: Path) -> list[str]:

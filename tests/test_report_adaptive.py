@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from meprop.report import adaptive_claims, build_report, load_runs
+from meprop.report import adaptive_claims, build_report, claims, load_runs
 from meprop.train import TrainConfig
 
 STEPS = (10, 20, 30)  # one evaluation per epoch, 10 steps each
@@ -252,6 +252,27 @@ def test_no_control_no_control_plot(tmp_path):
               k=20, dev=(0.2, 0.25, 0.3), train=(1, 2, 3), test=0.3)  # fmt: skip
     build_report(sorted(runs.iterdir()), out)
     assert (out / "topk_vs_random.png").exists() and not (out / "meprop_vs_kdim.png").exists()
+
+
+def test_mesimp_rows_without_dense_report(tmp_path):
+    """`reproduce TASK --groups mesimp` alone: no dense run to pair with, still a report (the
+    width share is of the meSimp run's own starting width)."""
+    runs = tmp_path / "runs"
+    for s in (1, 2):
+        d = write_run(runs, f"simp-s{s}", group="mesimp", label="meSimp k=20", seed=s,
+                      method="mesimp", k=20, dev=(0.3, 0.35, 0.4), train=(1, 2, 3),
+                      test=0.39)  # fmt: skip
+        summary = json.loads((d / "summary.json").read_text())
+        summary["final_widths"] = {"0": 30, "1": 20}
+        (d / "summary.json").write_text(json.dumps(summary))
+        log = [json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()]
+        log = [{**e, "widths": summary["final_widths"]} for e in log]
+        (d / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+    text = build_report(sorted(runs.iterdir()), tmp_path / "out").read_text()
+    assert "| meSimp k=20 | 2 |" in text
+    assert ">= dense" not in text  # nothing to pair with
+    got = claims(load_runs(sorted(runs.iterdir())))
+    assert got == []
 
 
 def test_reproduce_adaptive_group_end_to_end(tiny_mnist, tmp_path, monkeypatch):

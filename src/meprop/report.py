@@ -275,11 +275,13 @@ def claims(runs: list[Run]) -> list[tuple[str, Paired, str]]:
     for (k, mode), mp in sorted(swept.items()):
         if len(mp) >= 2 and k not in ks:
             add(f"meProp {mode} k={k} {ge} dense", mp, dense, f"meProp {mode} k={k} - dense")
+    dense_runs = [r for r in runs if r.method == "dense" and r.group == "main"]
     for (_group, label), reps in replicates(
         [r for r in runs if r.method == "mesimp" and r.config["optimizer"] == "adam"]
     ).items():
         simp = {r.seed: r.test() for r in reps}
-        full = max(max(r.summary["widths"]) for r in runs if r.method == "dense") or 1
+        # the share of the dense width (without a dense run: of the meSimp run's own start)
+        full = max(max(r.summary["widths"]) for r in [*dense_runs, *reps]) or 1
         share = [
             100 * sum(r.summary["final_widths"].values()) / (full * len(r.summary["final_widths"]))
             for r in reps

@@ -389,7 +389,7 @@ PER_RUN = {
     "parse": ("about 5-20 min", "about 30 s"),
     "lm": ("about 3-5 min", "about 15 s"),
 }
-PER_RUN["meact"] = ("about 10 min", "about 3 min")
+PER_RUN["meact"] = ("about 2 min", "about 3 min")
 
 
 def register(subparsers) -> None:

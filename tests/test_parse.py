@@ -453,6 +453,14 @@ def test_parse_grid():
         assert ("dense", "per_example", "adagrad") in methods
         assert all(r.config.task == "parse" for r in rows)
         assert len({r.name for r in rows}) == len(rows)
+        # the lr x dropout grid for dense; its lr 1e-3 (0: Adam's default), dropout 0.5 cell
+        # is the main dense row's run
+        tuning = {(r.config.lr, r.config.dropout) for r in rows if r.group == "tuning"}
+        main = next(r for r in rows if r.group == "main" and r.config.method == "dense")
+        assert tuning | {(main.config.lr, main.config.dropout)} == {
+            (lr, d) for lr in (5e-4, 0.0, 2e-3) for d in (0.25, 0.5)
+        }
+        assert len(tuning) == 5
     assert "dense" in PAPER["parse"]
 
 

@@ -275,6 +275,27 @@ def test_mesimp_rows_without_dense_report(tmp_path):
     assert got == []
 
 
+def test_tuning_says_whether_the_shared_settings_are_best(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "dense", group="main", label="dense", seed=1, method="dense",
+              dev=(0.3, 0.35, 0.40), train=(1, 2, 3), test=0.4)  # fmt: skip
+    write_run(runs, "lr2", group="tuning", label="dense lr 0.002, dropout 0.1", seed=1,
+              method="dense", lr=2e-3, dev=(0.3, 0.35, 0.42), train=(1, 2, 3),
+              test=0.4)  # fmt: skip
+    write_run(runs, "d2", group="tuning", label="dense lr 0.001, dropout 0.2", seed=1,
+              method="dense", dropout=0.2, dev=(0.3, 0.35, 0.38), train=(1, 2, 3),
+              test=0.4)  # fmt: skip
+    text = build_report(sorted(runs.iterdir()), tmp_path / "out").read_text()
+    assert (
+        "On dev (seed 1), the shared settings (lr default, dropout 0.1: 40.00) are not the "
+        "best: lr 0.002, dropout 0.1 scores 42.00 (number 2 of 3); next: lr default, dropout "
+        "0.1 40.00, lr default, dropout 0.2 38.00." in text
+    )
+    (runs / "lr2").rename(tmp_path / "lr2")  # without it the shared settings are the best
+    text = build_report(sorted(runs.iterdir()), tmp_path / "out").read_text()
+    assert "dropout 0.1: 40.00) are the best; next: lr default, dropout 0.2 38.00." in text
+
+
 def test_reproduce_adaptive_group_end_to_end(tiny_mnist, tmp_path, monkeypatch):
     """The quick grid's adaptive group (bound 40) and the fixed k=40 rows trained for real: the
     report reads the trainer's own mean_k (hidden 48, above the bound: at a bound >= the width

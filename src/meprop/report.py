@@ -812,8 +812,8 @@ GROUP_TITLES = {
     "depth": "deeper networks",
     "dropout": "without dropout",
     "meact": "dense vs meAct (same seed)",
-    "tuning": "dense at other learning rates and dropouts: the shared settings are the best "
-    "dev score's (one seed each)",
+    "tuning": "dense at other learning rates and dropouts (one seed each): the shared "
+    "settings chosen on dev",
     "runs": "runs",
 }
 
@@ -899,6 +899,8 @@ def build_report(paths: list[Path], out: Path) -> Path:
         groups.setdefault(r.group, []).append(r)
     for group, members in groups.items():
         lines += [f"## {GROUP_TITLES.get(group, group)}", ""] + _table(members, runs) + [""]
+        if group == "tuning":
+            lines += _tuning_verdict(members, groups.get("main", []))
     lines += _claims_table(runs)
     lines += adaptive_section(runs, out)
     task = runs[0].config["task"]
@@ -925,6 +927,40 @@ def build_report(paths: list[Path], out: Path) -> Path:
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def _tuning_verdict(tuning: list[Run], main: list[Run]) -> list[str]:
+    """Which tuning run has the best dev score, and whether it is the shared settings (the
+    main dense row's learning rate and dropout), on the seed the tuning runs share."""
+    seeds = {r.seed for r in tuning}
+    shared = [r for r in main if r.method == "dense" and r.seed in seeds]
+    if not tuning or not shared:
+        return []
+    key = f"dev_{tuning[0].metric}"
+    ref = shared[0]
+    pool = {r.path.name: r for r in [*tuning, ref] if r.seed == ref.seed}
+    ranked = sorted(pool.values(), key=lambda r: r.summary[key], reverse=True)
+    scale = 1 if ref.lower_is_better else 100
+
+    def settings(r):
+        return f"lr {r.config['lr'] or 'default'}, dropout {r.config['dropout']:g}"
+
+    def score(r):
+        return f"{scale * abs(r.summary[key]):.2f}"
+
+    best = ranked[0]
+    same = settings(best) == settings(ref)
+    verdict = (
+        "are the best"
+        if same
+        else f"are not the best: {settings(best)} scores {score(best)} (number "
+        f"{[settings(r) for r in ranked].index(settings(ref)) + 1} of {len(ranked)})"
+    )
+    return [
+        f"On dev (seed {ref.seed}), the shared settings ({settings(ref)}: {score(ref)}) {verdict}; "
+        f"next: " + ", ".join(f"{settings(r)} {score(r)}" for r in ranked[1:3]) + ".",
+        "",
+    ]
 
 
 def _report(args: argparse.Namespace) -> None:

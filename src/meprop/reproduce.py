@@ -188,6 +188,12 @@ def parse_grid(quick: bool = False, dataset: str = "") -> list[Row]:
     # size control) shows how much.
     g.add("mesimp", "meSimp k=20, dropout 0.25", method="mesimp", k=20, prune_rate=0.1,
           dropout=0.25)  # fmt: skip
+    # The shared settings chosen on dev for dense (Adam's lr 0: its default 1e-3; the lr 1e-3,
+    # dropout 0.5 row is the main dense row's run)
+    for lr in (5e-4, 0.0, 2e-3):
+        for dropout in (0.25, 0.5):
+            g.add("tuning", f"dense lr {lr or 1e-3:g}, dropout {dropout:g}", method="dense",
+                  lr=lr, dropout=dropout)  # fmt: skip
     return g.list()
 
 

@@ -168,7 +168,8 @@ def test_fc_only_leaves_mlp_proj_dense(tiny_lm, tmp_path):
 
     sparsify_(model, cfg.meprop_config(), filter_fn=task.sparsify_filter(model))
     assert sorted(converted(model)) == ["blocks.0.mlp.fc", "blocks.1.mlp.fc"]
-    assert task.hidden_layers(model) == [b.mlp.fc for b in model.blocks]
+    # timed as hidden_backward: the same layers as a dense run's (proj dense here)
+    assert task.hidden_layers(model) == [m for b in model.blocks for m in (b.mlp.fc, b.mlp.proj)]
     x, y = next(task.batches("train", 4, torch.Generator().manual_seed(0)))
     task.loss(model, (x, y)).backward()
     fc, proj = model.blocks[0].mlp.fc, model.blocks[0].mlp.proj

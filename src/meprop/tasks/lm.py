@@ -172,10 +172,12 @@ class LmTask:
         return lambda module, name: name.endswith(ends)
 
     def hidden_layers(self, model) -> list[nn.Module]:
-        """The layers meProp sparsifies (their backward is timed as ``hidden_backward``)."""
+        """The MLP projections (and the attention projections under ``sparse_attention``),
+        whose backward is timed as ``hidden_backward``."""
         attn = (lambda b: (b.attn.qkv, b.attn.out)) if self.sparse_attention else lambda b: ()
-        mlp = (lambda b: (b.mlp.fc,)) if self.fc_only else lambda b: (b.mlp.fc, b.mlp.proj)
-        return [m for b in model.blocks for m in (*attn(b), *mlp(b))]
+        # both MLP projections even under fc_only (mlp.proj then dense), so that the column
+        # times the same layers as dense's row does
+        return [m for b in model.blocks for m in (*attn(b), b.mlp.fc, b.mlp.proj)]
 
     def widths(self, model) -> list[int]:
         return [b.mlp.fc.out_features for b in model.blocks]

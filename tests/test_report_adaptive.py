@@ -288,12 +288,18 @@ def test_tuning_says_whether_the_shared_settings_are_best(tmp_path):
     text = build_report(sorted(runs.iterdir()), tmp_path / "out").read_text()
     assert (
         "On dev (seed 1), the shared settings (lr default, dropout 0.1: 40.00) are not the "
-        "best: lr 0.002, dropout 0.1 scores 42.00 (number 2 of 3); next: lr default, dropout "
-        "0.1 40.00, lr default, dropout 0.2 38.00." in text
+        "best: lr 0.002, dropout 0.1 scores 42.00 (number 2 of 3); the others: lr 0.002, "
+        "dropout 0.1 42.00, lr default, dropout 0.2 38.00." in text
     )
     (runs / "lr2").rename(tmp_path / "lr2")  # without it the shared settings are the best
     text = build_report(sorted(runs.iterdir()), tmp_path / "out").read_text()
-    assert "dropout 0.1: 40.00) are the best; next: lr default, dropout 0.2 38.00." in text
+    assert "dropout 0.1: 40.00) are the best; the others: lr default, dropout 0.2 38.00." in text
+    # an exact tie (the same number of correct examples) is a tie, not a loss
+    write_run(runs, "lr5", group="tuning", label="dense lr 0.0005, dropout 0.1", seed=1,
+              method="dense", lr=5e-4, dev=(0.3, 0.35, 0.40), train=(1, 2, 3),
+              test=0.4)  # fmt: skip
+    text = build_report(sorted(runs.iterdir()), tmp_path / "out").read_text()
+    assert "dropout 0.1: 40.00) are the best (tied with lr 0.0005, dropout 0.1)" in text
 
 
 def test_reproduce_adaptive_group_end_to_end(tiny_mnist, tmp_path, monkeypatch):

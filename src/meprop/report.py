@@ -949,16 +949,19 @@ def _tuning_verdict(tuning: list[Run], main: list[Run]) -> list[str]:
         return f"{scale * abs(r.summary[key]):.2f}"
 
     best = ranked[0]
-    same = settings(best) == settings(ref)
-    verdict = (
-        "are the best"
-        if same
-        else f"are not the best: {settings(best)} scores {score(best)} (number "
-        f"{[settings(r) for r in ranked].index(settings(ref)) + 1} of {len(ranked)})"
-    )
+    others = [r for r in ranked if settings(r) != settings(ref)]
+    tied = [settings(r) for r in others if r.summary[key] == ref.summary[key]]
+    if ref.summary[key] >= best.summary[key]:
+        verdict = "are the best" + (f" (tied with {', '.join(tied)})" if tied else "")
+    else:
+        rank = 1 + sum(r.summary[key] > ref.summary[key] for r in ranked)
+        verdict = (
+            f"are not the best: {settings(best)} scores {score(best)} (number {rank} of "
+            f"{len(ranked)})"
+        )
     return [
         f"On dev (seed {ref.seed}), the shared settings ({settings(ref)}: {score(ref)}) {verdict}; "
-        f"next: " + ", ".join(f"{settings(r)} {score(r)}" for r in ranked[1:3]) + ".",
+        f"the others: " + ", ".join(f"{settings(r)} {score(r)}" for r in others[:3]) + ".",
         "",
     ]
 

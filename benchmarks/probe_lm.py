@@ -74,15 +74,18 @@ class SeqUnifiedLinear(nn.Linear):
         return SeqUnifiedFn.apply(x, self.weight, self.bias, self.k)
 
 
+# --layers: the name endings of the linear layers that get the selection
+LAYERS = {"both": (".mlp.fc", ".mlp.proj"), "fc": (".mlp.fc",), "proj": (".mlp.proj",)}
+
+
 def build(task, cfg, args, method: str) -> nn.Module:
     """The task's model from the seed, with ``method``'s selection on the ``--layers``."""
     torch.manual_seed(args.seed)
     model = task.build_model(cfg.widths(), cfg)
-    kinds = {"both": (".mlp.fc", ".mlp.proj"), "fc": (".mlp.fc",), "proj": (".mlp.proj",)}
     k_of = {".mlp.fc": args.k, ".mlp.proj": args.k_proj or args.k}
     if method == "dense":
         return model
-    for end in kinds[args.layers]:
+    for end in LAYERS[args.layers]:
         if args.rule:
             for block in model.blocks:
                 name = end.split(".")[-1]
@@ -104,12 +107,11 @@ def build(task, cfg, args, method: str) -> nn.Module:
 
 def make_opt(model: nn.Module, args) -> torch.optim.Optimizer:
     """Fused Adam; the weights of the meProp layers at ``--sparse-lr-mult`` times the lr."""
-    ends = {"both": (".mlp.fc", ".mlp.proj"), "fc": (".mlp.fc",), "proj": (".mlp.proj",)}
     sparse = [
         p
         for n, p in model.named_parameters()
         if args.sparse_lr_mult != 1
-        and n.endswith(tuple(e[1:] + ".weight" for e in ends[args.layers]))
+        and n.endswith(tuple(e[1:] + ".weight" for e in LAYERS[args.layers]))
     ]
     ids = {id(p) for p in sparse}
     rest = [p for p in model.parameters() if id(p) not in ids]

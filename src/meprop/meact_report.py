@@ -275,10 +275,12 @@ def _claims_table(pairs: list, start: int) -> list[str]:
     if not pairs:
         return []
 
-    def per_seed(f):
-        return {r.config["seed"]: f(r) for r in (p[1] for p in pairs)}, {
-            d.config["seed"]: f(d) for d in (p[0] for p in pairs)
-        }
+    def sides(f):
+        """(meAct's, the baselines') seed -> f(run)."""
+        return (
+            {r.config["seed"]: f(r) for _, r in pairs},
+            {d.config["seed"]: f(d) for d, _ in pairs},
+        )
 
     def dev_after(r):
         return _mean([100 * e["dev_" + r.metric] for e in r.log[start:]])
@@ -288,15 +290,10 @@ def _claims_table(pairs: list, start: int) -> list[str]:
         # positive difference baseline - meAct (a factor of 10**difference)
         return math.log10(_mean([e.get("update") for e in r.log[start:]]) or math.nan)
 
-    test = paired(*per_seed(lambda r: r.test()))
-    dev = paired(*per_seed(dev_after))
-    b, a = per_seed(log_update_after)
-    drop = paired(a, b)
-
-    def pts(p):
-        if p.n < 2:
-            return f"{p.mean:+.2f} (1 pair)"
-        return f"{p.mean:+.2f} [{p.lo:+.2f}, {p.hi:+.2f}]"
+    test = paired(*sides(lambda r: r.test()))
+    dev = paired(*sides(dev_after))
+    meact_up, base_up = sides(log_update_after)
+    drop = paired(base_up, meact_up)
 
     def factor(p):
         if p.n < 2:
@@ -313,10 +310,9 @@ def _claims_table(pairs: list, start: int) -> list[str]:
         "",
         "| claim | meAct - baseline [95% interval] | seeds | verdict |",
         "| --- | --- | ---: | --- |",
-        f"| meAct's test accuracy > the baseline's (points) | {pts(test)} | {test.n} | "
-        f"{test.verdict} |",
+        f"| meAct's test accuracy > the baseline's (points) | {test} | {test.n} | {test.verdict} |",
         f"| dev accuracy after the start > the baseline's (mean over those epochs, points) | "
-        f"{pts(dev)} | {dev.n} | {dev.verdict} |",
+        f"{dev} | {dev.n} | {dev.verdict} |",
         f"| the update per iteration after the start drops below the baseline's (baseline / "
         f"meAct, geometric mean) | {factor(drop)} | {drop.n} | {drop.verdict} |",
     ]

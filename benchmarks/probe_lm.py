@@ -34,7 +34,7 @@ from meprop.tasks.lm import LmTask
 from meprop.train import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from probe_per_example import MaskedLinear, mask_rule  # noqa: E402
+from probe_per_example import GradMask, MaskedLinear, mask_rule  # noqa: E402
 
 
 class SeqUnifiedFn(torch.autograd.Function):
@@ -155,13 +155,29 @@ def main(argv=None) -> int:
     p.add_argument(
         "--rule",
         default="",
-        choices=["", "per_example", "unified", "union", "seq"],
+        choices=[
+            "",
+            "per_example",
+            "unified",
+            "union",
+            "seq",
+            "unified_l2",
+            "random_cols",
+            "gumbel",
+            "explore",
+        ],
         help="this script's selection instead of the library's: a masked reference, or seq"
         " (unified per window, batched GEMMs)",
     )
     p.add_argument("--hidden", type=int, default=512, help="MLP width (d_model = hidden / 4)")
     p.add_argument("--blocks", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--dense-steps",
+        type=int,
+        default=0,
+        help="with --rule: the first N steps back-propagate the whole gradient (dense warm-up)",
+    )
     p.add_argument(
         "--sparse-lr-mult",
         type=float,
@@ -230,6 +246,7 @@ def main(argv=None) -> int:
         model.train()
         gen = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
         for batch in task.batches("train", args.batch_size, gen):
+            GradMask.dense = step < args.dense_steps
             t0 = time.perf_counter()
             loss = task.loss(model, batch)
             loss.backward()

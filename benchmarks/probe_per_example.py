@@ -99,6 +99,25 @@ def mask_rule(g: torch.Tensor, k: int, rule: str) -> torch.Tensor:
         mask.scatter_(1, g.topk(h, dim=1).indices, 1.0)
         mask.scatter_(1, (-g).topk(k - h, dim=1).indices, 1.0)
         mask *= g != 0
+    elif rule == "unified_l2":
+        mask[:, g.square().sum(0).topk(k).indices] = 1.0
+    elif rule == "random_cols":
+        mask[:, torch.randperm(g.shape[1], device=g.device)[:k]] = 1.0
+    elif rule == "gumbel":
+        # k columns drawn without replacement with probability proportional to sum |g|
+        # (Gumbel top-k on the log score)
+        score = g.abs().sum(0).clamp_min(1e-30).log()
+        u = torch.rand_like(score).clamp_(1e-20, 1.0)
+        mask[:, (score - (-u.log()).log()).topk(k).indices] = 1.0
+    elif rule == "explore":
+        # the k/2 columns of largest sum |g|, and k - k/2 drawn uniformly from the others
+        score = g.abs().sum(0)
+        top = score.topk(k // 2).indices
+        rest = torch.ones_like(score, dtype=torch.bool)
+        rest[top] = False
+        others = rest.nonzero().squeeze(1)
+        extra = others[torch.randperm(others.numel(), device=g.device)[: k - k // 2]]
+        mask[:, torch.cat([top, extra])] = 1.0
     elif rule == "union":
         pick = torch.zeros_like(g).scatter_(1, g.abs().topk(k, dim=1).indices, 1.0)
         mask[:, pick.any(0)] = 1.0
@@ -116,9 +135,14 @@ class GradMask(torch.autograd.Function):
         ctx.k, ctx.rule = k, rule
         return z.view_as(z)
 
+    dense = False  # True: pass the whole gradient (probe_lm.py's --dense-steps)
+
     @staticmethod
     def backward(ctx, g):
-        return g * mask_rule(g, ctx.k, ctx.rule), None, None
+        if GradMask.dense:
+            return g, None, None
+        flat = g.reshape(-1, g.shape[-1])  # (rows, n): a sequence model's (B, T, n) too
+        return (flat * mask_rule(flat, ctx.k, ctx.rule)).view_as(g), None, None
 
 
 class UnionFn(torch.autograd.Function):

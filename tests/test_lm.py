@@ -200,6 +200,8 @@ def test_lm_grid_rows():
     for quick in (True, False):
         rows = lm_grid(quick=quick)
         width = rows[0].config.hidden[0]
+        tuning = [r for r in rows if r.group == "tuning"]
+        rows = [r for r in rows if r.group != "tuning"]
         got = {
             (r.config.method, r.config.mode, r.config.k, r.config.adaptive, r.config.fc_only)
             for r in rows[1:]
@@ -212,10 +214,16 @@ def test_lm_grid_rows():
             ("random", "per_example", width // 8, "", False),
             ("mesimp", "unified", width // 8, "", False),
             ("mesimp", "unified", width // 8, "", True),
+            ("mesimp", "unified", width // 4, "", True),
             ("meprop", "unified", width // 4, "tinyprop", False),
         }
-        assert rows[0].config.method == "dense" and len({r.name for r in rows}) == 9
+        assert rows[0].config.method == "dense" and len({r.name for r in rows}) == 10
         assert all(r.config.eval_every > 0 and not r.config.sparse_attention for r in rows)
+        # every row at the task's Adam lr; the tuning rows: dense at the others (full grid)
+        assert {r.config.lr for r in rows} == {4e-3}
+        assert [(r.config.method, r.config.lr) for r in tuning] == (
+            [] if quick else [("dense", 1e-3), ("dense", 2e-3), ("dense", 8e-3)]
+        )
     quick = lm_grid(quick=True)[0].config
     assert quick.epochs == 1 and quick.train_limit > 0 and quick.hidden[0] <= 128
 
@@ -274,3 +282,16 @@ def test_reproduce_lm_writes_bpb_tables_claims_and_loss_plots(tiny_lm, tmp_path,
     de = {r.seed: r.summary["test_bpb"] for r in runs if r.label == "dense"}
     assert p.n == 2 and math.isclose(p.mean, sum(de[s] - mp[s] for s in (1, 2)) / 2)
     assert claim == "meProp unified k=4 at least as good as dense"
+
+
+def test_lm_adam_lr_default():
+    """The lm task's Adam lr (tasks.ADAM_LR, chosen on dev) fills an unset lr and is saved in
+    the config; other optimizers, other tasks and a given lr keep theirs."""
+    from meprop.tasks import ADAM_LR
+
+    assert TrainConfig(task="lm").lr == ADAM_LR["lm"] == 4e-3
+    assert TrainConfig(task="lm").learning_rate() == 4e-3
+    assert TrainConfig(task="lm", lr=1e-3).learning_rate() == 1e-3
+    assert TrainConfig(task="lm", optimizer="sgd").learning_rate() == 0.1
+    assert TrainConfig(task="lm", optimizer="adagrad").learning_rate() == 1e-2
+    assert TrainConfig(task="mnist").lr == 0 and TrainConfig(task="mnist").learning_rate() == 1e-3

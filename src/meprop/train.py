@@ -170,7 +170,9 @@ class TrainConfig:
         "dropout rate after each hidden layer (-1: the task's; mnist 0.1, pos 0.5, parse 0.5)",
     )
     optimizer: str = _field("adam", choices=tuple(OPTIMIZERS))
-    lr: float = _field(0.0, "learning rate (0: adam 1e-3, adagrad 1e-2, sgd 0.1)")
+    lr: float = _field(
+        0.0, "learning rate (0: adam 1e-3, the lm task's 4e-3; adagrad 1e-2, sgd 0.1)"
+    )
     batch_size: int = _field(
         0,
         "mini-batch size (0: the task's; mnist 50 images, pos 16 sentences, parse 1000 "
@@ -248,7 +250,7 @@ class TrainConfig:
     mass_share: float = _field(0.9, "adaptive mass: share of each row's |gradient| kept")
 
     def __post_init__(self) -> None:
-        from .tasks import DEFAULTS, TASKS
+        from .tasks import ADAM_LR, DEFAULTS, TASKS
 
         self._check_types()
         if self.task not in TASKS:
@@ -260,6 +262,8 @@ class TrainConfig:
             unset = current == -1 if name == "dropout" else not current
             if unset and not (name == "layers" and len(self.hidden) > 1):
                 object.__setattr__(self, name, value)
+        if not self.lr and self.optimizer == "adam" and self.task in ADAM_LR:
+            object.__setattr__(self, "lr", ADAM_LR[self.task])
         if self.task != "mnist":  # the field picks MNIST or Fashion-MNIST; other tasks have one
             if self.dataset not in ("mnist", "ud_english_ewt"):  # "mnist": the field's default
                 raise ConfigError(

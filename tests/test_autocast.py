@@ -29,9 +29,9 @@ def distinct_grad(lead, n):
     return (signs * mags / n).to(BF16)
 
 
-def forward_backward(module, x, g, inside):
-    """Forward under CPU bfloat16 autocast, backward(g) inside or after the block."""
-    with torch.autocast("cpu", dtype=BF16):
+def forward_backward(module, x, g, inside, dtype=BF16):
+    """Forward under CPU autocast (bfloat16 unless said), backward(g) inside or after it."""
+    with torch.autocast("cpu", dtype=dtype):
         y = module(x)
         if inside:
             y.backward(g)
@@ -44,17 +44,19 @@ def forward_backward(module, x, g, inside):
 @pytest.mark.parametrize("mode", ["per_example", "unified"])
 @pytest.mark.parametrize("sparse_grad", [False, True])
 @pytest.mark.parametrize("k", [3, 12])
-def test_linear_matches_masked_reference(inside, mode, sparse_grad, k):
+@pytest.mark.parametrize("dtype", [BF16, torch.float16], ids=["bfloat16", "float16"])
+def test_linear_matches_masked_reference(inside, mode, sparse_grad, k, dtype):
+    # CPU autocast runs float16 too: CUDA's two autocast dtypes, on the same code path
     torch.manual_seed(0)
     dense = nn.Linear(7, 12)
     sparse = sparsify_(copy.deepcopy(dense), MePropConfig(k=k, mode=mode, sparse_grad=sparse_grad))
     x = torch.randn(4, 2, 7, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
-    g = distinct_grad((4, 2), 12)
+    g = distinct_grad((4, 2), 12).to(dtype)
 
-    y = forward_backward(sparse, x, g, inside)
-    y_ref = forward_backward(dense, x_ref, g, inside)
-    assert y.dtype == BF16
+    y = forward_backward(sparse, x, g, inside, dtype)
+    y_ref = forward_backward(dense, x_ref, g, inside, dtype)
+    assert y.dtype == dtype
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)  # the same bfloat16 GEMM
     dw = sparse.weight.grad.to_dense() if sparse_grad else sparse.weight.grad
     assert sparse.weight.grad.is_sparse == sparse_grad
@@ -66,7 +68,7 @@ def test_linear_matches_masked_reference(inside, mode, sparse_grad, k):
         return
     # The masked reference, in float64 on the operands autocast rounded to bfloat16.
     rx, rw, rb = reference_backward(
-        x.detach().to(BF16).double(), dense.weight.detach().to(BF16).double(), g.double(), k, mode
+        x.detach().to(dtype).double(), dense.weight.detach().to(dtype).double(), g.double(), k, mode
     )
     torch.testing.assert_close(x.grad.double(), rx, **TOL)
     torch.testing.assert_close(dw.double(), rw, **TOL)

@@ -165,6 +165,8 @@ def main(argv=None) -> int:
             "random_cols",
             "gumbel",
             "explore",
+            "unified_dw",
+            "unified_dx",
         ],
         help="this script's selection instead of the library's: a masked reference, or seq"
         " (unified per window, batched GEMMs)",

@@ -191,6 +191,17 @@ class MaskedLinear(nn.Linear):
         self.weight, self.bias, self.k, self.rule = lin.weight, lin.bias, k, rule
 
     def forward(self, x):
+        if self.rule in ("unified_dw", "unified_dx"):
+            # unified's selection on one of the two products only, the other dense (a
+            # diagnostic: which half of meProp's backward costs accuracy): the value of
+            # x W^T, its gradient to the sparse side masked and to the other side whole
+            lin, w, xd = nn.functional.linear, self.weight, x.detach()
+            if self.rule == "unified_dw":
+                masked, whole = lin(xd, w), lin(x, w.detach())
+            else:
+                masked, whole = lin(x, w.detach()), lin(xd, w)
+            z = GradMask.apply(masked, self.k, "unified") + whole - whole.detach()
+            return z + self.bias
         z = GradMask.apply(nn.functional.linear(x, self.weight), self.k, self.rule)
         return z + self.bias
 

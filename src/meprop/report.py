@@ -945,8 +945,8 @@ def _tuning_verdict(tuning: list[Run], main: list[Run]) -> list[str]:
     def settings(r):
         return f"lr {r.config['lr'] or 'default'}, dropout {r.config['dropout']:g}"
 
-    def score(r):
-        return f"{scale * abs(r.summary[key]):.2f}"
+    def score(r):  # bits per byte to 3 decimals, accuracies (%) to 2
+        return f"{scale * abs(r.summary[key]):.{3 if ref.lower_is_better else 2}f}"
 
     best = ranked[0]
     others = [r for r in ranked if settings(r) != settings(ref)]

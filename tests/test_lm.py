@@ -215,9 +215,10 @@ def test_lm_grid_rows():
             ("mesimp", "unified", width // 8, "", False),
             ("mesimp", "unified", width // 8, "", True),
             ("mesimp", "unified", width // 4, "", True),
+            ("mesimp", "unified", width // 2, "", True),
             ("meprop", "unified", width // 4, "tinyprop", False),
         }
-        assert rows[0].config.method == "dense" and len({r.name for r in rows}) == 10
+        assert rows[0].config.method == "dense" and len({r.name for r in rows}) == 11
         assert all(r.config.eval_every > 0 and not r.config.sparse_attention for r in rows)
         # every row at the task's Adam lr; the tuning rows: dense at the others (full grid)
         assert {r.config.lr for r in rows} == {4e-3}

@@ -202,7 +202,7 @@ def lm_grid(quick: bool = False, dataset: str = "") -> list[Row]:
     """The language-model grid (byte-level transformer on UD English EWT's text, meProp on the
     MLP projections): dense, meProp unified at k = 1/8 and 1/4 of the MLP width and at 1/8 on
     mlp.fc only, per_example and random-k at 1/8, meSimp (unified, k = 1/8, both projections
-    and mlp.fc only, and k = 1/4 on mlp.fc only), dense at other learning rates (the
+    and mlp.fc only, and k = 1/4 and 1/2 on mlp.fc only), dense at other learning rates (the
     "tuning" group, not in --quick; no dense size control for meSimp: see
     ``LmTask.dense_hidden``). Dev bits per byte every ``eval_every`` steps: the loss curves
     against steps and seconds."""
@@ -233,9 +233,10 @@ def lm_grid(quick: bool = False, dataset: str = "") -> list[Row]:
     g.add("mesimp", f"meSimp unified k={k8} (1/8), mlp.fc only", method="mesimp", k=k8,
           mode="unified", prune_rate=0.1, fc_only=True)  # fmt: skip
     # unified selection counts about k units per layer, so meSimp ends near width k: at 1/4
-    # the shrink is 4x (the 2x target's side of k = 1/8's accuracy)
-    g.add("mesimp", f"meSimp unified k={k4} (1/4), mlp.fc only", method="mesimp", k=k4,
-          mode="unified", prune_rate=0.1, fc_only=True)  # fmt: skip
+    # and 1/2 the shrink is about 4x and 2x
+    for k, frac in ((k4, "1/4"), (hidden // 2, "1/2")):
+        g.add("mesimp", f"meSimp unified k={k} ({frac}), mlp.fc only", method="mesimp", k=k,
+              mode="unified", prune_rate=0.1, fc_only=True)  # fmt: skip
     # Adam's lr chosen on dev for dense (lr 0: the task's 4e-3, tasks.ADAM_LR; that row is the
     # main dense row's run)
     if not quick:

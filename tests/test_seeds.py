@@ -132,3 +132,18 @@ def test_reproduce_rows_filter(capsys, monkeypatch):
         main(["reproduce", "mnist", "--rows", "k=999"])
     assert e.value.code == 2
     assert "--rows k=999: matches no row label" in capsys.readouterr().err
+    # a whole label with a comma selects that row alone (split, " mlp.fc only" would match
+    # every mlp.fc-only row)
+    seen.clear()
+    label = "meSimp unified k=16 (1/8), mlp.fc only"
+    assert main(["reproduce", "lm", "--quick", "--rows", label]) == 0
+    assert [r.label for r in seen] == [label]
+    seen.clear()
+    assert main(["reproduce", "lm", "--quick", "--rows", "k=32 (1/4), mlp.fc"]) == 0
+    assert sorted(r.label for r in seen) == [
+        "meProp unified k=16 (1/8), mlp.fc only",
+        "meProp unified k=32 (1/4)",
+        "meSimp unified k=16 (1/8), mlp.fc only",
+        "meSimp unified k=32 (1/4), mlp.fc only",
+        "meSimp unified k=64 (1/2), mlp.fc only",
+    ]

@@ -382,9 +382,13 @@ def _reproduce(args: argparse.Namespace) -> None:
             raise SystemExit(2)
         rows = [r for r in rows if r.group in args.groups]
     if args.rows:
-        rows = [r for r in rows if any(part in r.label for part in args.rows)]
+        # a whole label (labels may contain commas: "..., mlp.fc only"), else comma-separated
+        # parts of labels
+        exact = [r for r in rows if r.label == args.rows]
+        parts = [t for t in args.rows.split(",") if t]
+        rows = exact or [r for r in rows if any(part in r.label for part in parts)]
         if not rows:
-            msg = f"--rows {','.join(args.rows)}: matches no row label of the {args.task} grid"
+            msg = f"--rows {args.rows}: matches no row label of the {args.task} grid"
             print(f"meprop reproduce: error: {msg}", file=sys.stderr)
             raise SystemExit(2)
     if args.seeds:
@@ -443,8 +447,8 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--rows",
-        type=lambda t: [g for g in t.split(",") if g],
-        help="run only the rows whose label contains one of these texts (e.g. 'k=40,k=80')",
+        help="run only the rows whose label contains one of these comma-separated texts (e.g. "
+        "'k=40,k=80'), or the one row whose label is the whole text (labels may hold commas)",
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_reproduce)

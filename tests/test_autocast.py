@@ -76,6 +76,29 @@ def test_linear_matches_masked_reference(inside, mode, sparse_grad, k, dtype):
     assert int((dw != 0).any(1).sum()) <= (8 * k if mode == "per_example" else k)
 
 
+@pytest.mark.parametrize("inside", [True, False], ids=["backward_inside", "backward_outside"])
+@pytest.mark.parametrize("dtype", [BF16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("mode", ["per_example", "unified"])
+def test_triton_kernels_under_autocast(monkeypatch, inside, dtype, mode):
+    """backend="triton" (the kernels a CUDA run takes) under autocast, here in Triton's
+    interpreter on CPU tensors: the same outputs, dtypes and masked-reference gradients."""
+    pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[gpu]')")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    layer = sparsify_(nn.Linear(11, 13), MePropConfig(k=4, mode=mode, backend="triton"))
+    x = torch.randn(9, 11, requires_grad=True)
+    g = distinct_grad((9,), 13).to(dtype)
+    y = forward_backward(layer, x, g, inside, dtype)
+    assert y.dtype == dtype
+    assert x.grad.dtype == layer.weight.grad.dtype == layer.bias.grad.dtype == torch.float32
+    rx, rw, rb = reference_backward(
+        x.detach().to(dtype).double(), layer.weight.detach().to(dtype).double(), g.double(), 4, mode
+    )
+    torch.testing.assert_close(x.grad.double(), rx, **TOL)
+    torch.testing.assert_close(layer.weight.grad.double(), rw, **TOL)
+    torch.testing.assert_close(layer.bias.grad.double(), rb, **TOL)
+
+
 def test_linear_usage_record_and_random_under_autocast():
     layer = sparsify_(nn.Linear(6, 10), MePropConfig(k=2, mode="random"))
     layer.usage = (torch.zeros(10), torch.zeros(1))

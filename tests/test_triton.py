@@ -283,33 +283,3 @@ def test_triton_backend_under_torch_compile(mode):
     for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
 
-
-@pytest.mark.parametrize("inside", [True, False], ids=["backward_inside", "backward_outside"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["per_example", "unified"])
-def test_triton_under_autocast(triton_backend, inside, dtype, mode):
-    """The Triton kernels under torch.autocast (what a CUDA run with backend="triton" takes),
-    here on CPU autocast in the interpreter: the output in the autocast dtype, gradients in the
-    parameters' float32, equal to the masked reference on the operands autocast rounded."""
-    from meprop import MePropConfig, sparsify_
-
-    gen = torch.Generator().manual_seed(0)
-    layer = sparsify_(torch.nn.Linear(11, 13), MePropConfig(k=4, mode=mode, backend="triton"))
-    x = torch.randn(9, 11, generator=gen, requires_grad=True)
-    # |g| distinct in both half types, so the top-k sets are unambiguous
-    mags = (torch.randperm(13, generator=gen) + 1).float() / 13
-    g = (mags * (torch.randint(0, 2, (9, 13), generator=gen) * 2 - 1)).to(dtype)
-    with torch.autocast("cpu", dtype=dtype):
-        y = layer(x)
-        if inside:
-            y.backward(g)
-    if not inside:
-        y.backward(g)
-    assert y.dtype == dtype
-    assert x.grad.dtype == layer.weight.grad.dtype == layer.bias.grad.dtype == torch.float32
-    rx, rw, rb = reference_backward(
-        x.detach().to(dtype).double(), layer.weight.detach().to(dtype).double(), g.double(), 4, mode
-    )
-    torch.testing.assert_close(x.grad.double(), rx, **TOL[dtype])
-    torch.testing.assert_close(layer.weight.grad.double(), rw, **TOL[dtype])
-    torch.testing.assert_close(layer.bias.grad.double(), rb, **TOL[dtype])

@@ -282,4 +282,3 @@ def test_triton_backend_under_torch_compile(mode):
     eager(x).square().sum().backward()
     for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
-

@@ -13,7 +13,7 @@ import torch
 from meprop import converted
 from meprop.cli import main
 from meprop.tasks.lm import ByteLM, LmTask, read_texts, to_stream
-from meprop.train import TrainConfig
+from meprop.train import ConfigError, TrainConfig
 
 FIXTURE = Path(__file__).parent / "data" / "lm"
 TINY = ["--epochs", "2", "--batch-size", "4", "--hidden", "32", "--layers", "2", "--no-progress"]
@@ -257,7 +257,15 @@ def test_reproduce_lm_writes_bpb_tables_claims_and_loss_plots(tiny_lm, tmp_path,
     args = ["reproduce", "lm", "--quick", "--out", str(out), "--data-dir", str(tiny_lm)]
     assert main([*args, "--no-progress", "--seeds", "1,2", "--seed-groups", "main"]) == 0
     runs = sorted(p.name for p in (out / "runs").iterdir())
-    assert len(runs) == 12 and not any(r.startswith("dense-size-of") for r in runs)
+    # the meSimp row's size control: a dense model at its final MLP widths, with its d_model
+    control = [r for r in runs if r.startswith("dense-size-of-mesimp-")]
+    assert len(runs) == 13 and len(control) == 1
+    simp = json.loads(
+        (out / "runs" / control[0].removeprefix("dense-size-of-") / "summary.json").read_text()
+    )
+    ctrl = json.loads((out / "runs" / control[0] / "summary.json").read_text())
+    assert ctrl["config"]["method"] == "dense" and ctrl["config"]["d_model"] == 8  # 32 / 4
+    assert ctrl["widths"] == list(simp["final_widths"].values()) and min(ctrl["widths"]) < 32
     report = (out / "report.md").read_text()
     assert "dev bpb (lower is better) | test bpb (lower is better)" in report
     assert "neg_bpb %" not in report and "training ms/step" in report
@@ -270,6 +278,9 @@ def test_reproduce_lm_writes_bpb_tables_claims_and_loss_plots(tiny_lm, tmp_path,
     assert "| meProp unified k=4 (1/8), mlp.fc only | 2 |" in report
     assert "| meProp unified k=4 on mlp.fc only at least as good as dense |" in report
     assert "positive means the claim's side has the lower bpb" in report
+    assert "| meSimp unified k=4 (1/8) better than a dense net trained at its final widths |" in (
+        report
+    )
     assert "| top-k better than random-k (k=4) |" in report
     assert "windows of" in report and "d_model" in report
     for png in ("dev_bpb_vs_steps.png", "dev_bpb_vs_seconds.png", "mesimp_widths.png"):
@@ -296,3 +307,29 @@ def test_lm_adam_lr_default():
     assert TrainConfig(task="lm", optimizer="sgd").learning_rate() == 0.1
     assert TrainConfig(task="lm", optimizer="adagrad").learning_rate() == 1e-2
     assert TrainConfig(task="mnist").lr == 0 and TrainConfig(task="mnist").learning_rate() == 1e-3
+
+
+def test_d_model_setting_and_size_control():
+    """--d-model sets the transformer width (0: a quarter of the first MLP width); the size
+    control of a meSimp run keeps the run's d_model at its shrunk MLP widths."""
+    from meprop.reproduce import Row, _size_control
+    from meprop.tasks.lm import d_model_for
+
+    assert d_model_for(512) == 128 and d_model_for(30) == 4 and d_model_for(8) == 4
+    cfg = TrainConfig(task="lm", method="mesimp", k=16, hidden=(128,), layers=2, fc_only=True)
+    assert cfg.d_model == 0
+    row = Row("mesimp-x", "mesimp", "meSimp x", cfg)
+    control = _size_control(row, {"final_widths": {"blocks.0.mlp.fc": 17, "blocks.1.mlp.fc": 20}})
+    c = control.config
+    assert (c.method, c.hidden, c.d_model, c.fc_only) == ("dense", (17, 20), 32, False)
+    assert control.name == "dense-size-of-mesimp-x"
+    task = LmTask.__new__(LmTask)
+    task.block = 8
+    model = task.build_model(c.widths(), c)
+    assert model.embed.embedding_dim == 32
+    assert [b.mlp.fc.out_features for b in model.blocks] == [17, 20]
+    for bad in (6, -4):
+        with pytest.raises(ConfigError, match="d_model must be a positive multiple"):
+            TrainConfig(task="lm", d_model=bad)
+    with pytest.raises(ConfigError, match="d_model is the lm task's"):
+        TrainConfig(task="mnist", d_model=16)

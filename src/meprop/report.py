@@ -833,12 +833,12 @@ def _settings(runs: list[Run]) -> list[str]:
         f"{limit}, dev evaluation {every}."
     )
     if c["task"] == "lm":
-        from .tasks.lm import N_HEAD, LmTask
+        from .tasks.lm import N_HEAD, LmTask, d_model_for
 
         width = r.summary["widths"][0]
         text += (
             f" lm: {len(r.summary['widths'])} pre-norm blocks, d_model "
-            f"{max(N_HEAD, width // 4 // N_HEAD * N_HEAD)}, MLP width {width}, {N_HEAD} heads, "
+            f"{c.get('d_model') or d_model_for(width)}, MLP width {width}, {N_HEAD} heads, "
             f"windows of {LmTask.block_size} bytes; meProp on "
             + ("mlp.fc only" if c.get("fc_only") else "the MLP projections")
             + (" and the attention projections" if c.get("sparse_attention") else "")

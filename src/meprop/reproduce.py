@@ -202,10 +202,10 @@ def lm_grid(quick: bool = False, dataset: str = "") -> list[Row]:
     """The language-model grid (byte-level transformer on UD English EWT's text, meProp on the
     MLP projections): dense, meProp unified at k = 1/8 and 1/4 of the MLP width and at 1/8 on
     mlp.fc only, per_example and random-k at 1/8, meSimp (unified, k = 1/8, both projections
-    and mlp.fc only, and k = 1/4 and 1/2 on mlp.fc only), dense at other learning rates (the
-    "tuning" group, not in --quick; no dense size control for meSimp: see
-    ``LmTask.dense_hidden``). Dev bits per byte every ``eval_every`` steps: the loss curves
-    against steps and seconds."""
+    and mlp.fc only, and k = 1/4 and 1/2 on mlp.fc only; each with a dense model at its final
+    MLP widths and d_model), dense at other learning rates (the "tuning" group, not in
+    --quick). Dev bits per byte every ``eval_every`` steps: the loss curves against steps and
+    seconds."""
     hidden = 128 if quick else 512
     g = _Grid(
         TrainConfig(
@@ -259,16 +259,27 @@ GRIDS["meact"] = meact_grid
 
 
 def _size_control(row: Row, summary: dict) -> Row | None:
-    """A dense net trained from scratch at the widths a meSimp run ended with (same seed);
-    None for a task that cannot build one from a config (lm: ``d_model`` follows the width)."""
+    """A dense net trained from scratch at the widths a meSimp run ended with (same seed and
+    settings; the lm task's d_model is the run's); None for a task that cannot build one."""
     from .tasks import task_class
 
     hidden = task_class(row.config.task).dense_hidden(summary["final_widths"])
     if hidden is None:
         return None
-    cfg = replace(row.config, method="dense", hidden=hidden, layers=0, k=20)
+    cfg = replace(
+        row.config, method="dense", hidden=hidden, layers=0, k=20, fc_only=False,
+        sparse_attention=False, d_model=_d_model(row.config),
+    )  # fmt: skip
     name = f"dense-size-of-{row.name}"
     return Row(name, "mesimp", f"dense at the widths of {row.label}", cfg)
+
+
+def _d_model(cfg: TrainConfig) -> int:
+    """The lm task's transformer width for ``cfg`` (by default it follows the first MLP width,
+    which meSimp shrinks: its size control keeps the run's); 0 for the other tasks."""
+    from .tasks.lm import d_model_for
+
+    return cfg.d_model or (d_model_for(cfg.hidden[0]) if cfg.task == "lm" else 0)
 
 
 def with_seeds(rows: list[Row], seeds: list[int], groups: list[str] | None = None) -> list[Row]:
@@ -394,7 +405,7 @@ def _reproduce(args: argparse.Namespace) -> None:
     if args.seeds:
         rows = with_seeds(rows, args.seeds, args.seed_groups)
     out = args.out or Path("results") / (f"{args.task}-quick" if args.quick else args.task)
-    control = " (+1 dense size control per meSimp run)" if args.task != "lm" else ""
+    control = " (+1 dense size control per meSimp run)"
     print(
         f"{len(rows)} runs{control}, {PER_RUN[args.task][args.quick]} "
         f"each on 2 cores; results in {out}"

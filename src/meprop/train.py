@@ -232,6 +232,11 @@ class TrainConfig:
         "lm task: meProp on the attention projections (qkv, out) too, at the same k (k at or "
         "above a projection's width leaves it dense); default: the MLP only",
     )
+    d_model: int = _field(
+        0,
+        "lm task: the transformer's width (0: a quarter of the first hidden width, a multiple "
+        "of the 4 heads); a dense net at a meSimp run's widths keeps the run's d_model",
+    )
     fc_only: bool = _field(
         False,
         "lm task: meProp on mlp.fc only (its output is the MLP width), mlp.proj (output "
@@ -336,6 +341,16 @@ class TrainConfig:
             raise ConfigError(
                 f"sparse_attention puts meProp on the attention projections: it needs --method "
                 f"meprop, random or mesimp, got {self.method}"
+            )
+        if self.d_model and self.task != "lm":
+            raise ConfigError(
+                f"d_model is the lm task's transformer width, not {self.task}'s: leave "
+                "--d-model out"
+            )
+        if self.task == "lm" and (self.d_model < 0 or self.d_model % 4):
+            raise ConfigError(
+                f"d_model must be a positive multiple of the 4 attention heads, got "
+                f"{self.d_model}: e.g. --d-model 128"
             )
         if self.fc_only and (
             self.task != "lm" or self.method not in ("meprop", "random", "mesimp")

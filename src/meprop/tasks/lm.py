@@ -41,6 +41,12 @@ IGNORE = -100
 N_HEAD = 4
 
 
+def d_model_for(width: int) -> int:
+    """The default ``d_model`` for a first MLP width: a quarter of it, a multiple of the
+    heads (at least one per head)."""
+    return max(N_HEAD, width // 4 // N_HEAD * N_HEAD)
+
+
 def read_texts(path) -> list[str]:
     """The ``# text = ...`` sentences of a CoNLL-U file, in file order."""
     out = []
@@ -160,7 +166,7 @@ class LmTask:
         self.streams["train_eval"] = train[: n * self.block + 1]
 
     def build_model(self, widths: list[int], cfg) -> ByteLM:
-        d_model = max(N_HEAD, widths[0] // 4 // N_HEAD * N_HEAD)
+        d_model = getattr(cfg, "d_model", 0) or d_model_for(widths[0])
         return ByteLM(d_model, widths, self.block, cfg.dropout)
 
     def sparsify_filter(self, model):
@@ -183,11 +189,10 @@ class LmTask:
         return [b.mlp.fc.out_features for b in model.blocks]
 
     @staticmethod
-    def dense_hidden(final_widths: dict[str, int]) -> None:
-        """None: no dense model the size of a meSimp'd one from the config alone, since
-        ``d_model`` follows the first hidden width (MLP widths of 17 would give ``d_model`` 4,
-        not the meSimp'd model's); ``meprop reproduce`` runs no size control for this task."""
-        return None
+    def dense_hidden(final_widths: dict[str, int]) -> tuple[int, ...]:
+        """The MLP widths of a dense model the size of a meSimp'd one, block by block (its
+        ``d_model``, the meSimp run's, is set by ``meprop reproduce``'s size control)."""
+        return tuple(final_widths.values())
 
     def _windows(self, split: str) -> int:
         """Training windows per epoch: the same for every offset in [0, T)."""

@@ -7,14 +7,15 @@ values). ``train_limit`` keeps the first N training sentences.
 Model (nanoGPT's layout): byte and position embeddings -> ``layers`` pre-norm blocks
 ``x + attn(ln(x))``, ``x + mlp(ln(x))`` with causal multi-head self-attention and a GELU MLP
 ``d_model -> d_ff -> d_model`` -> final LayerNorm -> a linear output layer over the bytes.
-``d_ff`` is the run's hidden width (one per block); ``d_model`` is a quarter of the first
-(rounded down to a multiple of the 4 heads), as in GPT-2.
+``d_ff`` is the run's hidden width (one per block); ``d_model`` is ``TrainConfig.d_model``
+(``--d-model``), by default a quarter of the first (rounded down to a multiple of the 4 heads),
+as in GPT-2; the dense size control of a meSimp run keeps the run's.
 
 meProp goes on the MLP projections (``mlp.fc``, ``mlp.proj``); the attention projections and the
 output layer stay dense (``TrainConfig.sparse_attention``, ``--sparse-attention``, includes
 ``attn.qkv`` and ``attn.out``, at the same k); ``TrainConfig.fc_only`` (``--fc-only``) leaves
-``mlp.proj`` dense too, so k counts MLP units only (``mlp.proj``'s output is d_model). meSimp shrinks each block's MLP width: ``mlp.fc``'s units with ``mlp.proj``'s
-input columns.
+``mlp.proj`` dense too, so k counts MLP units only (``mlp.proj``'s output is d_model). meSimp
+shrinks each block's MLP width: ``mlp.fc``'s units with ``mlp.proj``'s input columns.
 
 Batches: ``(x, y)`` (B, T) windows of the stream, ``y`` the next bytes; an epoch takes
 non-overlapping windows from a random offset, in random order. The metric is bits per byte

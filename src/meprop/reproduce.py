@@ -258,14 +258,12 @@ def meact_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
 GRIDS["meact"] = meact_grid
 
 
-def _size_control(row: Row, summary: dict) -> Row | None:
+def _size_control(row: Row, summary: dict) -> Row:
     """A dense net trained from scratch at the widths a meSimp run ended with (same seed and
-    settings; the lm task's d_model is the run's); None for a task that cannot build one."""
+    settings; the lm task's d_model is the run's)."""
     from .tasks import task_class
 
     hidden = task_class(row.config.task).dense_hidden(summary["final_widths"])
-    if hidden is None:
-        return None
     cfg = replace(
         row.config, method="dense", hidden=hidden, layers=0, k=20, fc_only=False,
         sparse_attention=False, d_model=_d_model(row.config),
@@ -373,9 +371,7 @@ def run_grid(rows: list[Row], out: Path, data_dir=None, progress=True, echo=prin
             last = now
         summary = json.loads(summary_path.read_text())
         if row.config.method == "mesimp" and summary.get("final_widths"):
-            control = _size_control(row, summary)
-            if control is not None:
-                queue.append(control)
+            queue.append(_size_control(row, summary))
     echo(f"grid finished in {time.perf_counter() - t0:.0f} s")
     return dirs
 

@@ -347,11 +347,14 @@ class TrainConfig:
                 f"d_model is the lm task's transformer width, not {self.task}'s: leave "
                 "--d-model out"
             )
-        if self.task == "lm" and (self.d_model < 0 or self.d_model % 4):
-            raise ConfigError(
-                f"d_model must be a positive multiple of the 4 attention heads, got "
-                f"{self.d_model}: e.g. --d-model 128"
-            )
+        if self.task == "lm":
+            from .tasks.lm import N_HEAD
+
+            if self.d_model < 0 or self.d_model % N_HEAD:
+                raise ConfigError(
+                    f"d_model must be a positive multiple of the {N_HEAD} attention heads, got "
+                    f"{self.d_model}: e.g. --d-model 128"
+                )
         if self.fc_only and (
             self.task != "lm" or self.method not in ("meprop", "random", "mesimp")
         ):

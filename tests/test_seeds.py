@@ -122,6 +122,7 @@ def test_reproduce_rows_filter(capsys, monkeypatch):
     monkeypatch.setattr(reproduce, "run_grid", lambda rows, out, **kw: seen.extend(rows) or [])
     monkeypatch.setattr("meprop.report.build_report", lambda dirs, out: out / "report.md")
     assert main(["reproduce", "mnist", "--groups", "ratio", "--rows", "k=40,k=80"]) == 0
+    assert "4 runs, about" in capsys.readouterr().out  # no meSimp row: no size control
     assert sorted(r.label for r in seen) == [
         "meProp per_example k=40",
         "meProp per_example k=80",
@@ -138,6 +139,7 @@ def test_reproduce_rows_filter(capsys, monkeypatch):
     label = "meSimp unified k=16 (1/8), mlp.fc only"
     assert main(["reproduce", "lm", "--quick", "--rows", label]) == 0
     assert [r.label for r in seen] == [label]
+    assert "1 runs (+1 dense size control per meSimp run)" in capsys.readouterr().out
     seen.clear()
     assert main(["reproduce", "lm", "--quick", "--rows", "k=32 (1/4), mlp.fc"]) == 0
     assert sorted(r.label for r in seen) == [

@@ -401,7 +401,8 @@ def _reproduce(args: argparse.Namespace) -> None:
     if args.seeds:
         rows = with_seeds(rows, args.seeds, args.seed_groups)
     out = args.out or Path("results") / (f"{args.task}-quick" if args.quick else args.task)
-    control = " (+1 dense size control per meSimp run)"
+    mesimp = any(r.config.method == "mesimp" for r in rows)
+    control = " (+1 dense size control per meSimp run)" if mesimp else ""
     print(
         f"{len(rows)} runs{control}, {PER_RUN[args.task][args.quick]} "
         f"each on 2 cores; results in {out}"

@@ -130,12 +130,12 @@ class GradMask(torch.autograd.Function):
     """Identity forward; backward keeps the entries of the gradient a rule selects (the
     reference form of meProp: mask, then the dense products)."""
 
+    dense = False  # True: pass the whole gradient (probe_lm.py's --dense-steps)
+
     @staticmethod
     def forward(ctx, z, k, rule):
         ctx.k, ctx.rule = k, rule
         return z.view_as(z)
-
-    dense = False  # True: pass the whole gradient (probe_lm.py's --dense-steps)
 
     @staticmethod
     def backward(ctx, g):

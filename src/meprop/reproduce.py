@@ -16,7 +16,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from .grids import PAPER, PAPER_MNIST, PAPER_PARSE, PAPER_POS, Row  # noqa: F401 (re-exported)
-from .tasks import ADAM_LR
 from .train import TrainConfig
 
 __all__ = [
@@ -237,11 +236,11 @@ def lm_grid(quick: bool = False, dataset: str = "") -> list[Row]:
     for k, frac in ((k4, "1/4"), (hidden // 2, "1/2")):
         g.add("mesimp", f"meSimp unified k={k} ({frac}), mlp.fc only", method="mesimp", k=k,
               mode="unified", prune_rate=0.1, fc_only=True)  # fmt: skip
-    # Adam's lr chosen on dev for dense (lr 0: the task's 4e-3, tasks.ADAM_LR; that row is the
-    # main dense row's run)
+    # Adam's lr chosen on dev for dense: the main dense row runs at the task's 4e-3
+    # (tasks.ADAM_LR), these at the others
     if not quick:
-        for lr in (1e-3, 2e-3, 0.0, 8e-3):
-            g.add("tuning", f"dense lr {lr or ADAM_LR['lm']:g}", method="dense", lr=lr)
+        for lr in (1e-3, 2e-3, 8e-3):
+            g.add("tuning", f"dense lr {lr:g}", method="dense", lr=lr)
     return g.list()
 
 
@@ -263,21 +262,16 @@ def _size_control(row: Row, summary: dict) -> Row:
     settings; the lm task's d_model is the run's)."""
     from .tasks import task_class
 
-    hidden = task_class(row.config.task).dense_hidden(summary["final_widths"])
+    task = task_class(row.config.task)
+    hidden = task.dense_hidden(summary["final_widths"])
+    # what else the task keeps from the run (lm: d_model); dense places no meProp layers
+    kept = getattr(task, "dense_settings", lambda cfg: {})(row.config)
     cfg = replace(
         row.config, method="dense", hidden=hidden, layers=0, k=20, fc_only=False,
-        sparse_attention=False, d_model=_d_model(row.config),
+        sparse_attention=False, **kept,
     )  # fmt: skip
     name = f"dense-size-of-{row.name}"
     return Row(name, "mesimp", f"dense at the widths of {row.label}", cfg)
-
-
-def _d_model(cfg: TrainConfig) -> int:
-    """The lm task's transformer width for ``cfg`` (by default it follows the first MLP width,
-    which meSimp shrinks: its size control keeps the run's); 0 for the other tasks."""
-    from .tasks.lm import d_model_for
-
-    return cfg.d_model or (d_model_for(cfg.hidden[0]) if cfg.task == "lm" else 0)
 
 
 def with_seeds(rows: list[Row], seeds: list[int], groups: list[str] | None = None) -> list[Row]:

@@ -192,8 +192,14 @@ class LmTask:
     @staticmethod
     def dense_hidden(final_widths: dict[str, int]) -> tuple[int, ...]:
         """The MLP widths of a dense model the size of a meSimp'd one, block by block (its
-        ``d_model``, the meSimp run's, is set by ``meprop reproduce``'s size control)."""
+        ``d_model``: ``dense_settings``)."""
         return tuple(final_widths.values())
+
+    @staticmethod
+    def dense_settings(cfg) -> dict:
+        """The settings a dense model at a meSimp run's widths keeps from the run: its
+        ``d_model``, which by default would follow the (shrunk) first MLP width."""
+        return {"d_model": cfg.d_model or d_model_for(cfg.hidden[0])}
 
     def _windows(self, split: str) -> int:
         """Training windows per epoch: the same for every offset in [0, T)."""

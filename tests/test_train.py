@@ -316,3 +316,29 @@ def test_adaptive_k_resumes_with_its_memory(tiny_mnist, tmp_path, monkeypatch):
     resumed = killed_and_resumed(tiny_mnist, tmp_path / "b", args, monkeypatch)  # (at step 9)
     assert [r.get("mean_k") for r in resumed] == [r.get("mean_k") for r in log]
     assert any(k < 12 for r in log for k in r.get("mean_k", {}).values())
+
+
+def test_memory_and_warmup_resume_exactly(tiny_mnist, tmp_path, monkeypatch):
+    """The memory (MePropConfig.memory) and the warm-up steps taken are in last.pt: a run
+    killed after the warm-up and resumed ends with an uninterrupted run's weights and scores."""
+    args = ["--method", "meprop", "--k", "4", "--memory", "0.8", "--warmup", "5",
+            "--hidden", "24", "--eval-every", "3", "--epochs", "2"]  # fmt: skip
+    assert train(tiny_mnist, tmp_path / "a", *args) == 0
+    log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    resumed = killed_and_resumed(tiny_mnist, tmp_path / "b", args, monkeypatch)  # (at step 9)
+
+    def scores(records):
+        return [{k: v for k, v in r.items() if k != "times"} for r in records]
+
+    assert scores(resumed) == scores(log)
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    memory = a["extra"]["mean_k"]["memory"]
+    assert memory and all(m.abs().sum() > 0 for m in memory.values())
+
+
+def test_memory_needs_a_meprop_method(tiny_mnist, tmp_path, capsys):
+    assert train(tiny_mnist, tmp_path / "a", "--method", "dense", "--memory", "0.5") == 2
+    assert "--memory applies to the meProp layers" in capsys.readouterr().err

@@ -39,11 +39,18 @@ class KRecord:
         y_max: the largest error size (TinyProp's ``Y``) this layer has seen; 0 before any.
         last_k: the mean k of the layer's latest backward (per example: over the rows), or
             None before its first one. With a fixed k: ``min(k, out_features)``.
+        calls: how many training forward passes the layer has run (``MePropConfig.warmup``).
+        memory: the gradient (out_features,) that ``MePropConfig.memory`` carries into the
+            next backward, or None (zero).
     """
 
     depth: int = 0
     y_max: float = 0.0
     last_k: float | None = None
+    # MePropConfig.warmup: training forward passes seen; MePropConfig.memory: the (n,) gradient
+    # carried to the next backward (None: zero, until the first backward that keeps one)
+    calls: int = 0
+    memory: Tensor | None = None
 
 
 def _tinyprop_share(y: Tensor, y_max: Tensor, adapt: AdaptiveK, depth: int) -> Tensor:

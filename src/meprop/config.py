@@ -167,11 +167,20 @@ class MePropConfig:
         adapt: ``None`` (k fixed), or an ``AdaptiveK``: each backward chooses its k in
             ``[adapt.min_k, k]`` (per example, or per call in ``unified``). Not with
             ``random`` (it has no magnitudes to follow).
+        memory: memorized sparse back-propagation (after Zhang et al., "Memorized Sparse
+            Backpropagation", 2019), a ratio in ``[0, 1)``; 0 (the default) is off. Each layer
+            keeps a vector ``m`` over its outputs: backward selects from ``g + m`` (every row
+            gets ``m`` added) and then sets ``m = memory * (what the selection dropped,
+            averaged over the rows)``, so a gradient that top-k keeps dropping still arrives,
+            a step later and weighed down, instead of being lost. Costs two passes over ``g``.
+        warmup: the first ``warmup`` forward passes of each layer that build a graph (training
+            steps) run as the dense layer, then top-k starts (0: from the first step). Counted
+            per layer, in its ``k_record.calls``.
 
     Example:
         >>> MePropConfig(k=20, mode="unified")  # doctest: +NORMALIZE_WHITESPACE
         MePropConfig(k=20, mode='unified', sparse_bias=False, sparse_grad=False, backend='auto',
-                     scope='local', adapt=None)
+                     scope='local', adapt=None, memory=0.0, warmup=0)
     """
 
     # metadata: the command line's help and choices (meprop train's flags)
@@ -207,6 +216,20 @@ class MePropConfig:
         },
     )
     adapt: AdaptiveK | None = None
+    memory: float = field(
+        default=0.0,
+        metadata={
+            "help": "memorized sparse back-propagation: the share of the gradient that top-k "
+            "dropped carried into the next backward (0: off; MSBP's ratio: 0.8)"
+        },
+    )
+    warmup: int = field(
+        default=0,
+        metadata={
+            "help": "the first N training forward passes of each layer run dense (the full "
+            "gradient), then top-k"
+        },
+    )
 
     def __post_init__(self) -> None:
         _check_type("k", self.k, int)
@@ -234,6 +257,17 @@ class MePropConfig:
                 raise ValueError(
                     f"adapt.min_k ({self.adapt.min_k}) must be <= k ({self.k}), the upper bound"
                 )
+        if isinstance(self.memory, bool) or not isinstance(self.memory, int | float):
+            raise TypeError(f"memory must be a number, got {type(self.memory).__name__}")
+        if not 0.0 <= self.memory < 1.0:
+            raise ValueError(
+                f"memory must be in [0, 1) (the share of the dropped gradient carried over; "
+                f"0: off, MSBP's 0.8), got {self.memory}"
+            )
+        object.__setattr__(self, "memory", float(self.memory))
+        _check_type("warmup", self.warmup, int)
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0 (dense forward passes first), got {self.warmup}")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (for checkpoints and logs; ``adapt`` as a dict)."""

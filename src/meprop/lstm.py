@@ -544,6 +544,18 @@ class SparseLSTM(nn.LSTM):
     # -- forward -----------------------------------------------------------------------------
 
     def forward(self, input, hx=None):
+        cfg, record = self.config, self.k_record
+        if cfg.memory:
+            raise ValueError(
+                f"SparseLSTM does not support MePropConfig(memory={cfg.memory:g}) yet "
+                "(memorized sparse back-propagation is implemented for Linear layers): use "
+                "memory=0 for the LSTM, e.g. sparsify_ it with a second config"
+            )
+        if cfg.warmup and record.calls < cfg.warmup and torch.is_grad_enabled():
+            if any(p.requires_grad for p in self.parameters()):
+                record.calls += 1  # a warm-up step: nn.LSTM's own forward and backward
+                record.last_k = float(4 * self.hidden_size)
+                return nn.LSTM.forward(self, input, hx)
         packed = isinstance(input, PackedSequence)
         unbatched = False
         if packed:

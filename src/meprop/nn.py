@@ -88,6 +88,10 @@ def config_repr(c: MePropConfig) -> str:
         s += f", scope={c.scope}"
     if c.adapt is not None:
         s += f", adapt={c.adapt.rule}, min_k={c.adapt.min_k}"
+    if c.memory:
+        s += f", memory={c.memory:g}"
+    if c.warmup:
+        s += f", warmup={c.warmup}"
     return s
 
 

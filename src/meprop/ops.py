@@ -435,6 +435,9 @@ class _SparseLinearFn(torch.autograd.Function):
             if need_dw and cfg.sparse_grad:
                 dw = weight_grad(torch.arange(n, device=g.device), dw, n, True)
             return _finish(ctx, x, g, Selection("dense"), dx, dw, need_db)
+        ctx.g_in = None
+        if cfg.memory:  # select from g + m (memorized sparse back-propagation); g_in for db
+            ctx.g_in, g = g, with_memory(g, record)
         if cfg.adapt is not None:
             record = record if record is not None else KRecord()
             if mode == "per_example":
@@ -443,11 +446,11 @@ class _SparseLinearFn(torch.autograd.Function):
         local = mode == "per_example" or (mode == "unified" and cfg.scope == "local")
         if local and not torch.compiler.is_compiling():
             g = g.contiguous()
-            full_db = need_db and not cfg.sparse_bias
+            full_db = need_db and not cfg.sparse_bias and ctx.g_in is None
             args = (g, x2, weight, k, mode, need_dx, need_dw, cfg.sparse_grad, full_db)
             name = _pick(cfg.backend, args)
             sel, dx, dw, db = IMPLEMENTATIONS[name](*args)
-            if need_db and not full_db:
+            if need_db and not full_db and ctx.g_in is None:
                 db = _bias_grad(g, sel, True)
             return _finish(ctx, x, g, sel, dx, dw, False, db)
         # Random selection, unified selection over all ranks, and torch.compile's tracing.
@@ -465,6 +468,25 @@ class _SparseLinearFn(torch.autograd.Function):
             dx, dw = _rows_products(idx, vals, g, x2, weight, kern, need_dx, need_dw,
                                     cfg.sparse_grad)  # fmt: skip
         return _finish(ctx, x, g, sel, dx, dw, need_db)
+
+
+def with_memory(g: Tensor, record) -> Tensor:
+    """``g`` (M, n) plus the layer's memory ``record.memory`` (n,) in every row; ``g`` itself
+    where there is none yet, or it was kept for another width (meSimp shrank the layer), dtype
+    or device."""
+    m = record.memory
+    if m is None or m.shape[0] != g.shape[1] or m.dtype != g.dtype or m.device != g.device:
+        return g
+    return g + m
+
+
+def memorize(record, ratio: float, g: Tensor, kept: Tensor) -> None:
+    """The next memory: ``ratio`` times what the selection dropped of ``g`` (M, n), as the mean
+    over its rows (the next call's rows are other examples: every one of them carries the
+    mean, so the sum over a batch carries the dropped sum). ``kept``: (n,) column sums of the
+    kept entries."""
+    if g.shape[0]:
+        record.memory = (g.sum(0) - kept).mul_(ratio / g.shape[0])
 
 
 def _adaptive_rows(ctx, x, x2, weight, g, record):
@@ -494,7 +516,15 @@ def _adaptive_rows(ctx, x, x2, weight, g, record):
 
 
 def _finish(ctx, x, g, sel: Selection, dx, dw, need_db, db=None):
-    """Bias gradient, usage record, and backward's return tuple (one entry per forward input)."""
+    """Bias gradient, usage record, memory, and backward's return tuple (one entry per forward
+    input)."""
+    g_in = getattr(ctx, "g_in", None)
+    if g_in is not None:  # memory: g is g_in + m; keep what the selection dropped of it
+        kept = _bias_grad(g, sel, True)  # (n,) column sums of the kept entries
+        memorize(ctx.record, ctx.cfg.memory, g, kept)
+        if ctx.needs_input_grad[2]:  # db from the layer's own gradient, as without memory
+            db = kept if ctx.cfg.sparse_bias else g_in.sum(0)
+        need_db = False
     if need_db:
         db = _bias_grad(g, sel, ctx.cfg.sparse_bias)
     _record(*ctx.usage, sel, g)
@@ -518,6 +548,8 @@ def sparse_linear(
     selections: Tensor | None = None,
     adapt: AdaptiveK | None = None,
     record: KRecord | None = None,
+    memory: float = 0.0,
+    warmup: int = 0,
 ) -> Tensor:
     """``F.linear(x, weight, bias)`` whose backward keeps only the top-k output-gradient entries.
 
@@ -539,7 +571,10 @@ def sparse_linear(
         selections: optional one-element tensor; backward adds the number of selections made.
         adapt: an ``AdaptiveK``: choose each backward's k in ``[adapt.min_k, k]``.
         record: a ``meprop.adaptive.KRecord``: backward sets its ``last_k`` and keeps adaptive
-            k's memory there across calls (without one, each call starts afresh).
+            k's memory there across calls (without one, each call starts afresh); needed for
+            ``memory`` and ``warmup``.
+        memory: memorized sparse back-propagation's ratio (``MePropConfig.memory``; 0: off).
+        warmup: dense forward passes before top-k starts (``MePropConfig.warmup``).
 
     Example:
         >>> x = torch.randn(8, 50, requires_grad=True)
@@ -556,6 +591,8 @@ def sparse_linear(
         backend=backend,
         scope=scope,
         adapt=adapt,
+        memory=memory,
+        warmup=warmup,
     )
     return apply_config(x, weight, bias, cfg, counts, selections, record)
 
@@ -571,10 +608,22 @@ def apply_config(
 ) -> Tensor:
     """``sparse_linear`` with an already validated config (the modules' hot path)."""
     n = weight.shape[0]
+    if cfg.warmup and record is not None and record.calls < cfg.warmup and _builds_graph(x, weight):
+        record.calls += 1  # a warm-up step: the dense layer
+        record.last_k = float(n)
+        return F.linear(x, weight, bias)
     if record is not None and (cfg.adapt is None or cfg.k >= n):
         # A fixed k is known now; backward then changes no state outside the graph (which
-        # torch.compile would have to break on). Adaptive k's record goes to backward.
-        record.last_k, record = float(min(cfg.k, n)), None
+        # torch.compile would have to break on). Adaptive k's record and the memory go to
+        # backward.
+        record.last_k = float(min(cfg.k, n))
+        if not cfg.memory or cfg.k >= n:
+            record = None
+    elif record is None and cfg.memory and cfg.k < n:
+        raise ValueError(
+            "MePropConfig(memory=...) keeps the dropped gradient between calls: pass "
+            "record=meprop.adaptive.KRecord() (one per layer) to sparse_linear, or use SparseLinear"
+        )
     if counts is None and cfg.k >= n and not cfg.sparse_grad:
         return F.linear(x, weight, bias)  # keeps everything: plain autograd, bit-exact
     args = (cfg, counts, selections, record)
@@ -587,6 +636,11 @@ def apply_config(
     x, weight, bias = (autocast_cast(t, dtype) for t in (x, weight, bias))
     with torch.autocast(x.device.type, enabled=False):
         return _SparseLinearFn.apply(x, weight, bias, *args)
+
+
+def _builds_graph(x: Tensor, weight: Tensor) -> bool:
+    """Whether this forward builds a graph for backward (a training step, not an evaluation)."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
 def autocast_dtype(t: Tensor) -> torch.dtype | None:

@@ -260,16 +260,31 @@ class KLog(Part):
     def state(self) -> dict[str, Any]:
         # and adaptive k's memory (TinyProp's largest error per layer), so a resumed run
         # chooses the k's an uninterrupted one would
-        y_max = {n: m.k_record.y_max for n, m in self._modules if hasattr(m, "k_record")}
-        return {"mean_k": {"sums": dict(self._sums), "counts": dict(self._counts), "y_max": y_max}}
+        records = {n: m.k_record for n, m in self._modules if hasattr(m, "k_record")}
+        y_max = {n: r.y_max for n, r in records.items()}
+        # and the warm-up steps taken and the memory (MePropConfig.warmup, memory)
+        calls = {n: r.calls for n, r in records.items()}
+        memory = {n: r.memory for n, r in records.items() if r.memory is not None}
+        return {
+            "mean_k": {
+                "sums": dict(self._sums), "counts": dict(self._counts), "y_max": y_max,
+                "calls": calls, "memory": memory,
+            }
+        }  # fmt: skip
 
     def load(self, extra: dict[str, Any]) -> None:
         saved = extra.get("mean_k") or {}  # (none in a checkpoint of an older version)
         self._sums, self._counts = dict(saved.get("sums", {})), dict(saved.get("counts", {}))
         y_max = saved.get("y_max", {})
+        calls, memory = saved.get("calls", {}), saved.get("memory", {})
         for name, module in self._modules:
-            if name in y_max and hasattr(module, "k_record"):
+            if not hasattr(module, "k_record"):
+                continue
+            if name in y_max:
                 module.k_record.y_max = y_max[name]
+            module.k_record.calls = calls.get(name, module.k_record.calls)
+            if name in memory:
+                module.k_record.memory = memory[name]
 
 
 class BackwardClocks:

@@ -17,7 +17,10 @@ from .config import MODES
 from .lstm import param_names
 from .ops import select_columns
 
-__all__ = ["mask_gradient", "reference_backward", "mask_topk_grad", "reference_lstm"]
+__all__ = [
+    "mask_gradient", "reference_backward", "reference_memory_backward", "mask_topk_grad",
+    "reference_lstm",
+]  # fmt: skip
 
 
 def mask_gradient(g: Tensor, k: int, mode: str, cols_or_idx: Tensor | None = None) -> Tensor:
@@ -76,6 +79,34 @@ def reference_backward(
     dw = gs.t() @ x.reshape(-1, d_in)
     db = (gs if sparse_bias else g).sum(0)
     return dx, dw, db
+
+
+def reference_memory_backward(
+    x: Tensor,
+    weight: Tensor,
+    grad_out: Tensor,
+    k: int,
+    mode: str,
+    memory: Tensor,
+    ratio: float,
+    sparse_bias: bool = False,
+    selection: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``MePropConfig(memory=ratio)``'s backward, obviously: add the memory (n,) to every row
+    of g, mask that to its top-k, run the dense formulas; the next memory is ``ratio`` times
+    the mean over the rows of what the mask dropped. The bias gradient is the plain one (from
+    g), or with ``sparse_bias`` the kept entries' sums.
+
+    Returns (dx shaped like x, dW (n, in), db (n,), the next memory (n,)).
+    """
+    n, d_in = weight.shape
+    g = grad_out.reshape(-1, n)
+    gm = g + memory
+    gs = mask_gradient(gm, k, mode, selection)
+    dx = (gs @ weight).reshape(x.shape)
+    dw = gs.t() @ x.reshape(-1, d_in)
+    db = (gs if sparse_bias else g).sum(0)
+    return dx, dw, db, ratio * (gm - gs).mean(0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ def _row_name(cfg: TrainConfig) -> str:
             "attn" if cfg.sparse_attention else "",
             "fc" if cfg.fc_only else "",
             _adaptive_part(cfg),
+            f"mem{cfg.memory:g}" if cfg.memory else "",
+            f"wu{cfg.warmup}" if cfg.warmup else "",
         ]
         if part
     )

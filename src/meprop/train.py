@@ -33,6 +33,7 @@ rank 0 alone writes the run directory and prints.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -253,6 +254,16 @@ class TrainConfig:
     s_max: float = _field(1.0, "adaptive tinyprop: the largest share of a layer's width kept")
     damping: float = _field(1.0, "adaptive tinyprop: share factor per layer from the output")
     mass_share: float = _field(0.9, "adaptive mass: share of each row's |gradient| kept")
+    memory: float = _field(
+        0.0,
+        "memorized sparse back-propagation: the share of the gradient that top-k dropped "
+        "carried into the next step (0: off; MSBP's ratio 0.8; meprop.MePropConfig.memory)",
+    )
+    warmup: int = _field(
+        0,
+        "steps that run dense (the full gradient) before top-k starts (0: top-k from the "
+        "first step; meprop.MePropConfig.warmup)",
+    )
 
     def __post_init__(self) -> None:
         from .tasks import ADAM_LR, DEFAULTS, TASKS
@@ -376,8 +387,15 @@ class TrainConfig:
                 f"meact_start={self.meact_start} is not below epochs={self.epochs}: meAct would "
                 "never start; give --meact-start below --epochs"
             )
+        if (self.memory or self.warmup) and self.method not in ("meprop", "random", "mesimp"):
+            flag = "--memory" if self.memory else "--warmup"
+            raise ConfigError(
+                f"{flag} applies to the meProp layers: it needs --method meprop, random or "
+                f"mesimp, got {self.method}"
+            )
         try:  # the library's own checks of these fields
-            MePropConfig(k=self.k, mode=self.mode, backend=self.backend, scope=self.scope)
+            MePropConfig(k=self.k, mode=self.mode, backend=self.backend, scope=self.scope,
+                         memory=self.memory, warmup=self.warmup)  # fmt: skip
             MeSimpConfig(prune_rate=self.prune_rate)
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e)) from None
@@ -439,6 +457,8 @@ class TrainConfig:
             backend=self.backend,
             scope=self.scope,
             adapt=self.adapt_config(),
+            memory=self.memory,
+            warmup=self.warmup,
         )
 
     def adapt_config(self) -> AdaptiveK | None:
@@ -547,13 +567,15 @@ def _warm_up(model: torch.nn.Module, task, cfg: TrainConfig) -> None:
     do not depend on whether it happened. (meSimp's later widths are timed when first met.)"""
     batch = next(iter(task.batches("train", cfg.batch_size, torch.Generator().manual_seed(0))))
     records = [m.k_record for m in model.modules() if hasattr(m, "k_record")]
-    saved = [(r.y_max, r.last_k) for r in records]
+    saved = [copy.copy(r) for r in records]
+    for r in records:  # past any dense warm-up steps (MePropConfig.warmup): the sparse path
+        r.calls = 2**62
     with torch.random.fork_rng(devices=[]):
         task.loss(model, batch).backward()
     for p in model.parameters():
         p.grad = None
-    for r, (y_max, last_k) in zip(records, saved, strict=True):  # adaptive k's memory too
-        r.y_max, r.last_k = y_max, last_k
+    for r, before in zip(records, saved, strict=True):  # adaptive k's state, memory, warm-up
+        r.__dict__.update(before.__dict__)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -1,0 +1,354 @@
+"""``meprop reproduce tta``: time to accuracy, the judge of whether meProp makes training faster.
+
+A user trains to an accuracy, not for a fast backward. This grid trains dense and meProp
+recipes side by side and reports, per recipe, the training seconds (the trainer's ``train``
+clock: batches, forward, backward, optimizer, meSimp; evaluations and checkpoints excluded)
+and the steps until the dev score first reaches dense's best minus 0.5, 0.2 and 0.1 point.
+
+Rules that make the comparison fair and the crossing robust:
+
+* **Side by side.** All runs of a selection are interleaved epoch by epoch in one process
+  (each resumes from its checkpoint, which gives the same result as an uninterrupted run), so a
+  change in the machine's load falls on every recipe alike.
+* **Several seeds, paired.** Every recipe runs with the same seeds as dense (same
+  initialisation and batch order); the time ratio to dense is the geometric mean of the
+  per-seed ratios with a 95% t-interval on their logarithms; the final test score is paired
+  the same way.
+* **Robust crossings.** Dev accuracy moves by a few tenths of a point between evaluations,
+  so a single lucky evaluation must not count: a run reaches a target at the first
+  evaluation where the mean of the last ``WINDOW`` (3) evaluations does. The target of a seed
+  is the dense run's best such running mean on that seed minus the margin (so dense reaches
+  it on every seed, and each recipe is compared with dense on the same seed). Evaluations run
+  ten times per epoch.
+
+The rows (``tta_grid``) are grouped by task and width (``mnist-w500``, ``mnist-w2000``...):
+``--groups`` picks them. ``build_tta_report`` writes ``report.md`` and one plot per group.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from .grids import Row
+from .stats import paired, summarize
+from .train import TrainConfig
+
+__all__ = ["WINDOW", "MARGINS", "tta_grid", "run_interleaved", "crossing", "build_tta_report"]
+
+WINDOW = 3  # evaluations in the running mean that decides a crossing
+MARGINS = (0.5, 0.2, 0.1)  # points below dense's best
+EVALS_PER_EPOCH = 10
+# MNIST: epochs per width (the paper's 20 at 500; wider nets reach their best sooner and cost
+# more per epoch)
+MNIST_EPOCHS = {500: 12, 1000: 8, 2000: 6}
+
+
+def tta_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
+    """The recipes, per MNIST width: dense; meProp per example at k = 4% of the width (the
+    paper's 20 of 500) without and with memory, and at 8% with memory; unified at 16% without
+    and with memory, and at 8% with memory.
+
+    Seed 1 only: ``meprop reproduce tta`` runs them with seeds 1, 2, 3 unless ``--seeds``
+    says otherwise."""
+    rows: list[Row] = []
+    widths = (500,) if quick else tuple(MNIST_EPOCHS)
+    for width in widths:
+        group = f"mnist-w{width}"
+        epoch = 55_000 // 50 if not quick else 2000 // 50  # steps (training split 55k, batch 50)
+        base = TrainConfig(
+            task="mnist",
+            dataset=dataset,
+            method="dense",
+            hidden=(width,),
+            epochs=2 if quick else MNIST_EPOCHS[width],
+            train_limit=2000 if quick else 0,
+            eval_every=max(1, epoch // EVALS_PER_EPOCH),
+        )
+        k16, k8, k4 = width * 16 // 100, width * 8 // 100, width * 4 // 100
+
+        def add(label: str, base=base, group=group, **kw) -> None:
+            cfg = replace(base, **kw)
+            rows.append(Row(f"{group}-{_recipe_name(cfg)}", group, label, cfg))
+
+        add("dense")
+        add(f"meProp per_example k={k4}", method="meprop", k=k4)
+        for k in (k4, k8):
+            add(f"meProp per_example k={k}, memory 0.8", method="meprop", k=k, memory=0.8)
+        add(f"meProp unified k={k16}", method="meprop", mode="unified", k=k16)
+        for k in (k16, k8):
+            add(f"meProp unified k={k}, memory 0.8", method="meprop", mode="unified", k=k,
+                memory=0.8)  # fmt: skip
+    return rows
+
+
+def _recipe_name(cfg: TrainConfig) -> str:
+    from .reproduce import _row_name
+
+    return _row_name(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+def run_interleaved(rows: list[Row], out: Path, data_dir=None, echo=print) -> list[Path]:
+    """Train every row to its epochs, one epoch of each in turn (finished epochs are kept:
+    an interrupted grid resumes). Returns the run folders."""
+    from .reproduce import add_grid_seconds, provenance
+    from .train import run
+
+    def quiet(*a, **k):
+        pass
+
+    origin = provenance()
+    dirs = [out / "runs" / row.name for row in rows]
+    epochs = max(row.config.epochs for row in rows)
+    t0 = last = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        for row, d in zip(rows, dirs, strict=True):
+            if epoch > row.config.epochs or _epochs_done(d) >= epoch:
+                continue
+            d.mkdir(parents=True, exist_ok=True)
+            info = {"group": row.group, "label": row.label, "seed": row.config.seed, **origin}
+            (d / "row.json").write_text(json.dumps(info) + "\n")
+            resume = (d / "config.json").exists()
+            cfg = replace(row.config, epochs=epoch)
+            run(cfg, d, data_dir=data_dir, resume=resume, progress=False, echo=quiet)
+            record = _read_log(d / "log.jsonl")[-1]
+            echo(
+                f"[{time.perf_counter() - t0:.0f} s] {row.label} (seed {row.config.seed}): epoch "
+                f"{epoch}/{row.config.epochs}, dev {_percent(record)}, train "
+                f"{record['times'].get('train', 0.0):.1f} s"
+            )
+            now = time.perf_counter()
+            add_grid_seconds(out / "grid.json", now - last)
+            last = now
+    return dirs
+
+
+def _epochs_done(d: Path) -> int:
+    """Epochs a run folder has finished (0 for none): its last checkpointed epoch record."""
+    if not (d / "log.jsonl").exists() or not (d / "last.pt").exists():
+        return 0
+    records = _read_log(d / "log.jsonl")
+    return int(math.floor(records[-1]["epoch"] + 1e-9)) if records else 0
+
+
+def _read_log(path: Path) -> list[dict]:
+    """The records of a ``log.jsonl``; where a resumed run repeated steps (it was stopped
+    within an epoch), the later records replace the earlier ones."""
+    records: list[dict] = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        while records and records[-1]["step"] >= r["step"]:
+            records.pop()
+        records.append(r)
+    return records
+
+
+def _percent(record: dict) -> str:
+    if "dev_accuracy" in record:
+        return f"{100 * record['dev_accuracy']:.2f}%"
+    key = next(k for k in record if k.startswith("dev_"))
+    return f"{key[4:]} {record[key]:.4f}"
+
+
+# --------------------------------------------------------------------------------------------
+# Crossings
+
+
+def _curve(log: list[dict], key: str) -> list[tuple[int, float, float]]:
+    """(step, train seconds, running mean of the last WINDOW dev scores) per evaluation."""
+    out, scores = [], []
+    for r in log:
+        if key not in r:
+            continue
+        scores.append(r[key])
+        window = scores[-WINDOW:]
+        out.append((r["step"], r["times"].get("train", 0.0), sum(window) / len(window)))
+    return out
+
+
+def crossing(log: list[dict], target: float, key: str) -> tuple[int, float] | None:
+    """(step, train seconds) at the first evaluation where the running mean of the last
+    ``WINDOW`` dev scores (higher is better) reaches ``target`` and at least ``WINDOW``
+    evaluations have been made; None if none does."""
+    for i, (step, seconds, mean) in enumerate(_curve(log, key)):
+        if i + 1 >= WINDOW and mean >= target:
+            return step, seconds
+    return None
+
+
+def _best_running(log: list[dict], key: str) -> float:
+    points = _curve(log, key)[WINDOW - 1 :] or _curve(log, key)
+    return max(p[2] for p in points)
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+
+
+def build_tta_report(paths: list[Path], out: Path, command: str = "") -> Path:
+    """``report.md`` (and a plot per group) from the tta grid's runs in ``paths``."""
+    from .report import load_runs, replicates
+    from .reproduce import provenance
+
+    runs = load_runs(paths)
+    for r in runs:  # the log as trained, resumed steps replaced
+        r.log = _read_log(r.path / "log.jsonl")
+    groups: dict[str, list] = {}
+    for (group, _), reps in replicates(runs).items():
+        groups.setdefault(group, []).append(reps)
+    origin = provenance()
+    lines = [
+        "# Time to accuracy",
+        "",
+        f"{len(runs)} runs; {origin['machine']}; torch {origin['torch']}; meprop "
+        f"{origin['meprop']} (commit {origin['commit'] or 'unknown'}); grid time "
+        f"{_grid_hours(out)}.",
+        "",
+        "Each recipe ran with the seeds shown, interleaved epoch by epoch with the others of "
+        "its group in one process and one thread (the machine's load falls on all alike). "
+        f"Time is the trainer's training clock (evaluation excluded). A run reaches a target "
+        f"where the mean of its last {WINDOW} dev evaluations ({EVALS_PER_EPOCH} per epoch) "
+        "first does; the target of a seed is the dense run's best such mean on that seed minus "
+        "the margin. Ratios: geometric mean over seeds of (time to target / dense's time on the "
+        "same seed), with the 95% interval of the paired log-ratios; 'n/N' where only n of N "
+        "seeds got there (no ratio). Test: the best-dev checkpoint's test score, paired "
+        "against dense on the same seeds.",
+    ]
+    if command:
+        lines += ["", f"Command: `{command}`"]
+    for group, rows in groups.items():
+        lines += ["", *_group_section(group, rows, out)]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _grid_hours(out: Path) -> str:
+    p = out / "grid.json"
+    if not p.exists():
+        return "unknown"
+    return f"{json.loads(p.read_text()).get('seconds', 0.0) / 3600:.1f} h"
+
+
+def _group_section(group: str, rows: list[list], out: Path) -> list[str]:
+    dense = next((reps for reps in rows if reps[0].method == "dense"), None)
+    if dense is None:
+        return [f"## {group}", "", "No dense run in this group: no target, no ratios."]
+    key = f"dev_{dense[0].metric}"
+    scale = 100.0  # accuracy as a percentage
+    best = summarize([_best_running(r.log, key) for r in dense])
+    cfg = dense[0].config
+    lines = [
+        f"## {group}",
+        "",
+        f"{cfg['task']} ({cfg['dataset']}), hidden {'x'.join(map(str, cfg['hidden'] * cfg['layers']))}, "
+        f"{cfg['optimizer']} lr {cfg['lr'] or 'default'}, batch {cfg['batch_size']}, dropout "
+        f"{cfg['dropout']:g}, {cfg['epochs']} epochs, dev every {cfg['eval_every']} steps. "
+        f"Dense's best running-mean dev {key[4:]}: {scale * best.mean:.2f} ± "
+        f"{scale * best.sd:.2f} %.",
+        "",
+    ]
+    header = "| recipe | seeds | ms/step | " + " | ".join(
+        f"to best - {m:g}: s | ratio vs dense" for m in MARGINS
+    )
+    lines += [
+        header + " | test % | test vs dense (points) | widths at end |",
+        "|" + " --- |" * (3 + 2 * len(MARGINS) + 3),
+    ]
+    by_seed_dense = {r.seed: r for r in dense}
+    for reps in rows:
+        cells = [reps[0].label, ",".join(str(r.seed) for r in reps)]
+        cells.append(f"{summarize([r.per_step_ms('train') for r in reps]).mean:.2f}")
+        for margin in MARGINS:
+            targets = {s: _best_running(d.log, key) - margin / scale
+                       for s, d in by_seed_dense.items()}  # fmt: skip
+            hits = {r.seed: crossing(r.log, targets[r.seed], key) for r in reps
+                    if r.seed in targets}  # fmt: skip
+            reached = {s: h[1] for s, h in hits.items() if h is not None}
+            if not reached:
+                cells += [f"never (0/{len(hits)})", "-"]
+                continue
+            t = summarize(list(reached.values()))
+            cells.append(f"{t.mean:.1f} ± {t.sd:.1f}" if t.n > 1 else f"{t.mean:.1f}")
+            if len(reached) < len(hits):
+                cells.append(f"{len(reached)}/{len(hits)} seeds")
+                continue
+            dense_t = {s: crossing(by_seed_dense[s].log, targets[s], key)[1] for s in reached}
+            cells.append(_ratio(reached, dense_t))
+        test = summarize([r.test() for r in reps])
+        cells.append(f"{test.mean:.2f} ± {test.sd:.2f}" if test.n > 1 else f"{test.mean:.2f}")
+        if reps is dense:
+            cells.append("-")
+        else:
+            p = paired({r.seed: r.test() for r in reps}, {r.seed: r.test() for r in dense})
+            cells.append("-" if p is None else f"{p} {p.verdict}")
+        widths = reps[0].summary.get("final_widths") or []
+        cells.append(",".join(map(str, widths)) if widths else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    plot = _plot(group, rows, key, best.mean, out)
+    if plot:
+        lines += ["", f"![dev {key[4:]} against training seconds]({plot})"]
+    return lines
+
+
+def _ratio(times: dict, dense_times: dict) -> str:
+    """Geometric mean of times[s] / dense_times[s] over the shared seeds, with the 95%
+    interval of the paired log-ratios."""
+    logs = {s: math.log(t) for s, t in times.items() if s in dense_times and t > 0}
+    if not logs:
+        return "-"
+    p = paired(logs, {s: math.log(dense_times[s]) for s in logs})
+    if p.n < 2:
+        return f"{math.exp(p.mean):.2f}x (1 seed)"
+    return f"{math.exp(p.mean):.2f}x [{math.exp(p.lo):.2f}, {math.exp(p.hi):.2f}]"
+
+
+def _plot(group: str, rows: list[list], key: str, best: float, out: Path) -> str | None:
+    """Dev score against training seconds: per recipe the mean over seeds at each evaluation
+    (x: the mean seconds), a band from the lowest to the highest seed; the targets dashed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    ymax = 0.0
+    for reps in rows:
+        curves = [_curve(r.log, key) for r in reps]
+        n = min(len(c) for c in curves)
+        xs = [sum(c[j][1] for c in curves) / len(curves) for j in range(n)]
+        raw = [[e[key] for e in r.log if key in e][:n] for r in reps]
+        ys = [100 * sum(v[j] for v in raw) / len(raw) for j in range(n)]
+        lo = [100 * min(v[j] for v in raw) for j in range(n)]
+        hi = [100 * max(v[j] for v in raw) for j in range(n)]
+        style = dict(color="black", lw=2) if reps[0].method == "dense" else dict(lw=1.2)
+        seeds = ",".join(str(r.seed) for r in reps)
+        (line,) = ax.plot(xs, ys, label=f"{reps[0].label} (seeds {seeds})", **style)
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12, lw=0)
+        ymax = max(ymax, max(hi))
+    for margin, ls in zip(MARGINS, (":", "--", "-."), strict=True):
+        ax.axhline(100 * best - margin, color="grey", ls=ls, lw=0.8)
+        ax.text(ax.get_xlim()[1], 100 * best - margin, f" best - {margin:g}", va="center",
+                fontsize=7, color="grey")  # fmt: skip
+    ax.set_ylim(100 * best - 3.0, ymax + 0.2)
+    ax.set_xlabel("training seconds (evaluation excluded), mean over seeds")
+    ax.set_ylabel(f"dev {key[4:]} % (band: min-max over seeds)")
+    ax.set_title(f"{group}: dev score against training time", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.08, 1.0))
+    fig.tight_layout()
+    name = f"{group}.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name

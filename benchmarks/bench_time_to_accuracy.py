@@ -42,6 +42,7 @@ import torch
 
 from _timing import cpu_name, load_average
 from meprop.train import TrainConfig
+from meprop.tta import _read_log as read_log
 
 METHODS = ("dense", "per_example", "unified", "mesimp", "tinyprop", "mass")
 MARGIN = 0.001  # 0.1 point of accuracy
@@ -68,20 +69,6 @@ class Run:
 
 # --------------------------------------------------------------------------------------------
 # Reading the logs
-
-
-def read_log(path: Path) -> list[dict]:
-    """The records of a ``log.jsonl``; where a resumed run repeated steps (it was stopped
-    mid-epoch), the later records replace the earlier ones."""
-    records: list[dict] = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        r = json.loads(line)
-        while records and records[-1]["step"] >= r["step"]:
-            records.pop()
-        records.append(r)
-    return records
 
 
 def train_seconds(record: dict) -> float:

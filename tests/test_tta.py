@@ -1,0 +1,106 @@
+"""The time-to-accuracy grid (meprop.tta): crossings, the interleaved runner, the report."""
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+
+from meprop.grids import Row
+from meprop.train import TrainConfig
+from meprop.tta import WINDOW, build_tta_report, crossing, run_interleaved, tta_grid
+
+
+def log(scores, seconds_per_eval=1.0, steps_per_eval=10):
+    return [
+        {"epoch": (i + 1) / 10, "step": (i + 1) * steps_per_eval, "dev_accuracy": s,
+         "times": {"train": (i + 1) * seconds_per_eval}}
+        for i, s in enumerate(scores)
+    ]  # fmt: skip
+
+
+def test_crossing_needs_the_running_mean():
+    # one lucky evaluation (0.99) does not count; three that average 0.95 do
+    records = log([0.90, 0.99, 0.90, 0.94, 0.95, 0.96])
+    assert crossing(records, 0.949, "dev_accuracy") == (60, 6.0)
+    assert crossing(records, 0.99, "dev_accuracy") is None
+    # not before WINDOW evaluations, even when the first one is above the target
+    assert crossing(log([0.99, 0.99, 0.99]), 0.95, "dev_accuracy") == (10 * WINDOW, WINDOW)
+
+
+def test_grid_rows():
+    rows = tta_grid()
+    groups = {r.group for r in rows}
+    assert groups == {"mnist-w500", "mnist-w1000", "mnist-w2000"}
+    names = [r.name for r in rows]
+    assert len(names) == len(set(names))
+    w500 = [r for r in rows if r.group == "mnist-w500"]
+    assert w500[0].config.method == "dense"
+    assert {r.config.k for r in w500 if r.config.method == "meprop"} == {20, 40, 80}
+    assert len(w500) == 5
+    assert all(r.config.eval_every == 110 for r in w500)  # ten evaluations per epoch
+    assert any(r.config.memory == 0.8 for r in w500)
+
+
+def fake_run(folder, label, method, seed, scores, seconds, test):
+    """A finished run folder as the trainer writes it (config, row, log, summary)."""
+    folder.mkdir(parents=True)
+    cfg = TrainConfig(task="mnist", method=method, seed=seed, k=20)
+    (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (folder / "row.json").write_text(json.dumps({"group": "g", "label": label, "seed": seed}))
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log(scores, seconds)))
+    summary = {"test_accuracy": test, "dev_accuracy": max(scores), "steps": 10 * len(scores),
+               "times": {"train": seconds * len(scores)}, "metric": "accuracy"}  # fmt: skip
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_report_pairs_times_and_scores(tmp_path):
+    dense = [0.90, 0.95, 0.97, 0.98, 0.98, 0.98]
+    fast = [0.90, 0.96, 0.98, 0.98, 0.98, 0.98]  # the same curve, 2x faster per evaluation
+    for seed, jitter in ((1, 0.0), (2, 0.001), (3, -0.001)):
+        fake_run(tmp_path / "runs" / f"d{seed}", "dense", "dense", seed,
+                 [s + jitter for s in dense], 2.0, 0.98 + jitter)  # fmt: skip
+        fake_run(tmp_path / "runs" / f"m{seed}", "fast", "meprop", seed,
+                 [s + jitter for s in fast], 1.0, 0.981 + jitter)  # fmt: skip
+        fake_run(tmp_path / "runs" / f"s{seed}", "slow", "meprop", seed,
+                 [s - 0.05 for s in dense], 1.0, 0.93)  # fmt: skip
+    report = build_tta_report([tmp_path], tmp_path).read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in report.splitlines()
+            if line.startswith("| ")}  # fmt: skip
+    # dense reaches best - 0.5 point where its running mean does: the 5th evaluation (10 s)
+    assert "| 10.0 ± 0.0 | 1.00x [1.00, 1.00]" in rows["dense"]
+    fast_cells = rows["fast"].split(" | ")
+    assert fast_cells[4] == "0.50x [0.50, 0.50]"  # its 5th evaluation too: 5 s against 10 s
+    assert "never (0/3)" in rows["slow"]
+    assert "+0.10 [+0.10, +0.10] holds" in rows["fast"]  # test, paired with dense
+    assert (tmp_path / "g.png").exists()
+
+
+def test_interleaved_runner_trains_each_row_epoch_by_epoch(tiny_mnist, tmp_path):
+    base = TrainConfig(task="mnist", hidden=(16,), batch_size=20, epochs=2, eval_every=2)
+    rows = [
+        Row("d", "g", "dense", replace(base, method="dense")),
+        Row("m", "g", "meProp k=4, memory", replace(base, method="meprop", k=4, memory=0.8)),
+    ]
+    lines = []
+    dirs = run_interleaved(rows, tmp_path, data_dir=tiny_mnist, echo=lines.append)
+    # epoch 1 of each row, then epoch 2 of each
+    assert [line.split("] ")[1].split(" (")[0] for line in lines] == ["dense", "meProp k=4, "
+            "memory", "dense", "meProp k=4, memory"]  # fmt: skip
+    assert [json.loads((d / "summary.json").read_text())["steps"] for d in dirs] == [16, 16]
+    # done rows are not trained again
+    lines.clear()
+    run_interleaved(rows, tmp_path, data_dir=tiny_mnist, echo=lines.append)
+    assert lines == []
+    report = build_tta_report(dirs, tmp_path).read_text()
+    assert "| meProp k=4, memory | 1 |" in report
+    assert math.isfinite(json.loads((tmp_path / "grid.json").read_text())["seconds"])
+
+
+@pytest.mark.parametrize("bad", ["--rows", "--groups"])
+def test_cli_tta_groups(bad, capsys):
+    from meprop.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["reproduce", "tta", bad, "nothing-like-this"])
+    assert "nothing-like-this" in capsys.readouterr().err

@@ -42,7 +42,7 @@ import torch
 
 from _timing import cpu_name, load_average
 from meprop.train import TrainConfig
-from meprop.tta import _read_log as read_log
+from meprop.tta import read_log
 
 METHODS = ("dense", "per_example", "unified", "mesimp", "tinyprop", "mass")
 MARGIN = 0.001  # 0.1 point of accuracy

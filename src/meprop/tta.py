@@ -37,7 +37,9 @@ from .grids import Row
 from .stats import paired, summarize
 from .train import TrainConfig
 
-__all__ = ["WINDOW", "MARGINS", "tta_grid", "run_interleaved", "crossing", "build_tta_report"]
+__all__ = [
+    "WINDOW", "MARGINS", "tta_grid", "run_interleaved", "read_log", "crossing", "build_tta_report",
+]  # fmt: skip
 
 WINDOW = 3  # evaluations in the running mean that decides a crossing
 MARGINS = (0.5, 0.2, 0.1)  # points below dense's best
@@ -116,7 +118,7 @@ def run_interleaved(rows: list[Row], out: Path, data_dir=None, echo=print) -> li
             resume = (d / "config.json").exists()
             cfg = replace(row.config, epochs=epoch)
             run(cfg, d, data_dir=data_dir, resume=resume, progress=False, echo=quiet)
-            record = _read_log(d / "log.jsonl")[-1]
+            record = read_log(d / "log.jsonl")[-1]
             echo(
                 f"[{time.perf_counter() - t0:.0f} s] {row.label} (seed {row.config.seed}): epoch "
                 f"{epoch}/{row.config.epochs}, dev {_percent(record)}, train "
@@ -132,11 +134,11 @@ def _epochs_done(d: Path) -> int:
     """Epochs a run folder has finished (0 for none): its last checkpointed epoch record."""
     if not (d / "log.jsonl").exists() or not (d / "last.pt").exists():
         return 0
-    records = _read_log(d / "log.jsonl")
+    records = read_log(d / "log.jsonl")
     return int(math.floor(records[-1]["epoch"] + 1e-9)) if records else 0
 
 
-def _read_log(path: Path) -> list[dict]:
+def read_log(path: Path) -> list[dict]:
     """The records of a ``log.jsonl``; where a resumed run repeated steps (it was stopped
     within an epoch), the later records replace the earlier ones."""
     records: list[dict] = []
@@ -199,7 +201,7 @@ def build_tta_report(paths: list[Path], out: Path, command: str = "") -> Path:
 
     runs = load_runs(paths)
     for r in runs:  # the log as trained, resumed steps replaced
-        r.log = _read_log(r.path / "log.jsonl")
+        r.log = read_log(r.path / "log.jsonl")
     groups: dict[str, list] = {}
     for (group, _), reps in replicates(runs).items():
         groups.setdefault(group, []).append(reps)

@@ -1,6 +1,6 @@
 # Two entry points on a fresh machine: `make demo` (the main job) and `make test` (the suite).
-# torch is pinned to the CPU build that this workplace keeps on disk; override TORCH to use
-# another (e.g. `make test TORCH=torch`).
+# torch is pinned to 2.13.0 (a CPU build where pip's index or a local wheel provides it);
+# override TORCH to use another (e.g. `make test TORCH=torch`).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0

@@ -33,7 +33,6 @@ rank 0 alone writes the run directory and prints.
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import math
@@ -567,7 +566,7 @@ def _warm_up(model: torch.nn.Module, task, cfg: TrainConfig) -> None:
     do not depend on whether it happened. (meSimp's later widths are timed when first met.)"""
     batch = next(iter(task.batches("train", cfg.batch_size, torch.Generator().manual_seed(0))))
     records = [m.k_record for m in model.modules() if hasattr(m, "k_record")]
-    saved = [copy.copy(r) for r in records]
+    saved = [(r.y_max, r.last_k, r.calls, r.memory) for r in records]
     for r in records:  # past any dense warm-up steps (MePropConfig.warmup): the sparse path
         r.calls = 2**62
     with torch.random.fork_rng(devices=[]):
@@ -575,7 +574,7 @@ def _warm_up(model: torch.nn.Module, task, cfg: TrainConfig) -> None:
     for p in model.parameters():
         p.grad = None
     for r, before in zip(records, saved, strict=True):  # adaptive k's state, memory, warm-up
-        r.__dict__.update(before.__dict__)
+        r.y_max, r.last_k, r.calls, r.memory = before
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -393,3 +393,44 @@ def test_claims_pair_symmetric_with_dense_and_per_example(tmp_path):
     rows = {c: p for c, p, _ in claims(load_runs(sorted(tmp_path.iterdir())))}
     assert rows["meProp symmetric k=20 >= dense"].mean == pytest.approx(-0.15)
     assert rows["meProp symmetric k=20 > per_example k=20"].mean == pytest.approx(0.85)
+
+
+def test_claims_pair_adagrad_depth_and_dropout(tmp_path):
+    """The paper's claims about settings: meProp vs dense under AdaGrad and at each depth,
+    dropout vs none for dense and meProp, each paired on the seeds both sides share."""
+    from meprop.report import claims
+
+    def run(name, s, group, label, test, **cfg):
+        tag = "" if s == 1 else f"-s{s}"
+        write_run(tmp_path, f"{name}{tag}", group=group, label=label, seed=s, test=test,
+                  dev=(0.9, 0.95, 0.96), train=(1, 2, 3), **cfg)  # fmt: skip
+
+    for s in (1, 2, 3):
+        e = 0.001 * s
+        run("dense", s, "main", "dense", 0.980 + e, method="dense", dropout=0.1)
+        run("pe", s, "main", "meProp per_example k=20", 0.975 + e, method="meprop", k=20,
+            dropout=0.1)  # fmt: skip
+        run("dense-ada", s, "adagrad", "dense AdaGrad", 0.970 + e, method="dense",
+            optimizer="adagrad", dropout=0.1)  # fmt: skip
+        run("mp-ada", s, "adagrad", "meProp k=10 AdaGrad", 0.972 + e, method="meprop", k=10,
+            optimizer="adagrad", dropout=0.1)  # fmt: skip
+        run("dense-nd", s, "dropout", "dense, no dropout", 0.978 + e, method="dense",
+            dropout=0.0)  # fmt: skip
+        run("pe-nd", s, "dropout", "meProp per_example k=20, no dropout", 0.960 + e,
+            method="meprop", k=20, dropout=0.0)  # fmt: skip
+        run("d3", s, "depth", "dense 3 layers", 0.981 + e, method="dense", dropout=0.1)
+        run("m3", s, "depth", "meProp unified k=20, 3 layers", 0.979 + e, method="meprop",
+            k=20, mode="unified", dropout=0.1)  # fmt: skip
+    runs = load_runs(sorted(tmp_path.iterdir()))
+    for r in runs:  # the fake summaries say 2 layers: the depth rows have 3
+        if r.group == "depth":
+            r.summary["widths"] = [100, 100, 100]
+    rows = {c: p for c, p, _ in claims(runs)}
+    assert rows["meProp k=10 AdaGrad >= dense AdaGrad"].mean == pytest.approx(0.2)
+    assert rows["meProp k=10 AdaGrad >= dense AdaGrad"].n == 3
+    assert rows["meProp unified k=20, 3 layers >= dense, 3 hidden layers"].mean == pytest.approx(
+        -0.2
+    )
+    assert rows["dense with dropout > without"].mean == pytest.approx(0.2)
+    assert rows["meProp per_example k=20 with dropout > without"].mean == pytest.approx(1.5)
+    assert rows["meProp per_example k=20 with dropout > without"].verdict == "holds"

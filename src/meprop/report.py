@@ -302,7 +302,53 @@ def claims(runs: list[Run]) -> list[tuple[str, Paired, str]]:
             sized,
             f"{label} - dense at its widths",
         )
+    out += _setting_claims(runs, ge, gt)
     return out
+
+
+def _setting_claims(runs: list[Run], ge: str, gt: str) -> list[tuple[str, Paired, str]]:
+    """The paper's claims about settings, each paired on the seeds both sides share: meProp
+    against dense under AdaGrad ("independent of the optimizer"), at each depth of the
+    ``depth`` rows ("deeper networks do not hurt meProp"), and dropout against none for dense
+    and for each meProp mode of the ``dropout`` rows."""
+    out = []
+
+    def pick(pred) -> dict[int, float]:
+        return {r.seed: r.test() for r in runs if pred(r)}
+
+    def add(claim, a, b, what):
+        p = paired(a, b)
+        if p is not None:
+            out.append((claim, p, what))
+
+    ada_dense = pick(lambda r: r.group == "adagrad" and r.method == "dense")
+    for (_, label), reps in replicates(
+        [r for r in runs if r.group == "adagrad" and r.method == "meprop"]
+    ).items():
+        add(f"{label} {ge} dense AdaGrad", {r.seed: r.test() for r in reps}, ada_dense,
+            f"{label} - dense AdaGrad")  # fmt: skip
+    depth = [r for r in runs if r.group == "depth"]
+    for n in sorted({len(r.summary["widths"]) for r in depth}):
+        at = [r for r in depth if len(r.summary["widths"]) == n]
+        dense = {r.seed: r.test() for r in at if r.method == "dense"}
+        for (_, label), reps in replicates([r for r in at if r.method == "meprop"]).items():
+            add(f"{label} {ge} dense, {n} hidden layers", {r.seed: r.test() for r in reps},
+                dense, f"{label} - dense {n} layers")  # fmt: skip
+    no_drop = [r for r in runs if r.group == "dropout"]
+    for r0 in {(r.method, r.config.get("mode"), r.config.get("k")) for r in no_drop}:
+        method, mode, k = r0
+
+        def same(r, method=method, mode=mode, k=k):
+            if r.method != method or r.config["optimizer"] != "adam":
+                return False
+            return method == "dense" or (r.config["mode"] == mode and r.config["k"] == k)
+
+        without = pick(lambda r, same=same: r.group == "dropout" and same(r))
+        with_ = pick(lambda r, same=same: r.group == "main" and same(r))
+        name = "dense" if method == "dense" else f"meProp {mode} k={k}"
+        add(f"{name} with dropout {gt} without", with_, without,
+            f"{name}: dropout - no dropout")  # fmt: skip
+    return sorted(out, key=lambda c: c[0])
 
 
 def _claims_table(runs: list[Run]) -> list[str]:

@@ -185,3 +185,21 @@ def test_lstm_warmup_and_memory():
     lstm(x)[0].sum().backward()  # top-k from here on: runs
     with pytest.raises(ValueError, match="SparseLSTM does not support MePropConfig\\(memory"):
         SparseLSTM(4, 6, config=MePropConfig(k=2, memory=0.5))(x)
+
+
+def test_memory_under_compile_runs_eagerly_or_says_why():
+    torch.manual_seed(4)
+    eager = SparseLinear(8, 6, config=MePropConfig(k=2, memory=0.5)).double()
+    layer = SparseLinear(8, 6, config=MePropConfig(k=2, memory=0.5)).double()
+    layer.load_state_dict(eager.state_dict())
+    compiled = torch.compile(layer)
+    for _ in range(2):
+        x = torch.randn(3, 8, dtype=torch.float64)
+        eager(x).sum().backward()
+        compiled(x).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, eager.weight.grad)
+    torch.testing.assert_close(layer.k_record.memory, eager.k_record.memory)
+    torch._dynamo.reset()  # (a warm cache would reuse the graph-broken code)
+    with pytest.raises(Exception, match=r"memory=0.5\) does not trace"):
+        torch.compile(layer, fullgraph=True)(torch.randn(3, 8, dtype=torch.float64)).sum()
+    torch._dynamo.reset()

@@ -619,7 +619,15 @@ def apply_config(
         record.last_k = float(min(cfg.k, n))
         if not cfg.memory or cfg.k >= n:
             record = None
-    elif record is None and cfg.memory and cfg.k < n:
+    if cfg.memory and cfg.k < n and torch.compiler.is_compiling():
+        # (without fullgraph, Dynamo breaks the graph here and runs the layer eagerly)
+        raise RuntimeError(
+            f"MePropConfig(memory={cfg.memory:g}) does not trace under "
+            "torch.compile(fullgraph=True): backward keeps the dropped gradient in the layer's "
+            "record between steps; compile without fullgraph (the layer then runs eagerly) "
+            "or use memory=0"
+        )
+    if record is None and cfg.memory and cfg.k < n:
         raise ValueError(
             "MePropConfig(memory=...) keeps the dropped gradient between calls: pass "
             "record=meprop.adaptive.KRecord() (one per layer) to sparse_linear, or use SparseLinear"

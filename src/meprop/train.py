@@ -865,6 +865,10 @@ def run(
     ``lock``: hold the run folder's lock (``run_lock``) for the run, on rank 0; False when
     the caller holds it (``meprop train --nproc``'s launcher). ``restart`` (with ``resume``):
     a run whose last.pt is lost is trained again from step 0 instead of refused."""
+    from .kernels import build, dispatch
+
+    dispatch.pinned()  # a bad MEPROP_BACKEND or MEPROP_MARCH: refused before anything is written
+    build.check_march()
     main = distributed.rank() == 0
     if not lock:
         held = ranks_lock(out_dir)

@@ -49,7 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, distributed
-from .config import AdaptiveK, MeActConfig, MePropConfig, MeSimpConfig
+from .config import MEACT_BACKENDS, AdaptiveK, MeActConfig, MePropConfig, MeSimpConfig
 from .convert import sparsify_
 from .meact import MeAct
 from .parts import (
@@ -396,6 +396,16 @@ class TrainConfig:
             MeSimpConfig(prune_rate=self.prune_rate)
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e)) from None
+        if self.method == "meact" and self.backend not in MEACT_BACKENDS:
+            raise ConfigError(
+                f"backend {self.backend!r} is not one of meAct's: --method meact runs "
+                f"{MEACT_BACKENDS}; give one of them, or leave --backend out"
+            )
+        if self.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError(
+                "backend 'triton' runs on CUDA tensors, and the trainer trains on the CPU: give "
+                "--backend auto (or native, numba, torch, dense), or leave --backend out"
+            )
         try:
             if self.method == "meact":  # (the other methods leave meAct's settings unused)
                 self.meact_config()

@@ -534,8 +534,8 @@ def _loss_plots(runs: list[Run], out: Path, save) -> None:
 
 
 def _curve(ax, run: Run, key: str, label: str | None = None, **kw) -> None:
-    xs = [e["epoch"] for e in run.log]
-    ax.plot(xs, [100 * e[key] for e in run.log], label=label or run.label, **kw)
+    log = [e for e in run.log if key in e and "epoch" in e]  # (a damaged record: left out)
+    ax.plot([e["epoch"] for e in log], [100 * e[key] for e in log], label=label or run.label, **kw)
 
 
 def _plots(runs: list[Run], out: Path) -> list[str]:

@@ -153,6 +153,7 @@ class Tuner:
             if isinstance(v, dict)
             and v.get("backend") in CANDIDATES
             and isinstance(v.get("us", {}), dict)
+            and all(isinstance(t, int | float) for t in v.get("us", {}).values())
         }
 
     def choices(self) -> dict[str, dict]:

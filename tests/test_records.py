@@ -67,6 +67,12 @@ def test_4_an_edited_config_does_not_resume_the_checkpoint(tiny_mnist, finished,
 def test_5_another_runs_checkpoint_is_refused(tiny_mnist, finished, tmp_path, capsys):
     other = tmp_path / "seed2"
     assert train(tiny_mnist, other, "--seed", "2", "--epochs", "1") == 0
+    own = (finished / "last.pt").read_bytes()
+    shutil.copy(other / "best.pt", finished / "best.pt")  # (scored on test at the end)
+    capsys.readouterr()
+    assert train(tiny_mnist, finished, "--resume", "--epochs", "3") == 2
+    one_error_line(capsys, "train", "best.pt was written by another run", "seed: 2 in best.pt")
+    assert (finished / "last.pt").read_bytes() == own
     shutil.copy(other / "last.pt", finished / "last.pt")
     capsys.readouterr()
     assert train(tiny_mnist, finished, "--resume", "--epochs", "3") == 2

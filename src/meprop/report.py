@@ -152,8 +152,8 @@ def scan_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
             dirs.append(p)
         else:
             raise FileNotFoundError(
-                f"{p} is neither a run folder (config.json, summary.json) nor a results "
-                "folder (runs/*/summary.json)"
+                f"{p} is neither a finished run (summary.json), an unfinished one "
+                "(config.json), nor a results folder (runs/*/summary.json)"
             )
     runs, notes = [], []
     for d in dirs:

@@ -2,7 +2,10 @@
 
 Each row of a results table is one ``TrainConfig``; its run directory holds ``config.json``
 (rerun it alone with ``meprop train mnist --config .../config.json``) and ``row.json`` (the
-table and label it belongs to). Finished rows are skipped, so an interrupted grid resumes.
+table and label it belongs to). Finished rows are skipped, so an interrupted grid resumes; a
+row's folder is reused only where its run has every setting of the row (the dataset, epochs
+and training subset included): a run of other settings there (a --quick grid's, another
+dataset's) is refused, naming what differs.
 """
 
 from __future__ import annotations

@@ -407,8 +407,7 @@ class TrainConfig:
                 "--backend auto (or native, numba, torch, dense), or leave --backend out"
             )
         try:
-            if self.method == "meact":  # (the other methods leave meAct's settings unused)
-                self.meact_config()
+            self.meact_config()
         except (ValueError, TypeError) as e:  # its fields are meact_*
             raise ConfigError(
                 f"meact_{e}" if str(e).split()[0] in MEACT_FIELDS else str(e)
@@ -494,7 +493,8 @@ class TrainConfig:
             threshold=self.meact_threshold,
             cap=self.meact_cap,
             storage=self.meact_storage,
-            backend=self.backend,
+            # (the other methods' backends are meProp's: checked by MePropConfig)
+            backend=self.backend if self.method == "meact" else "auto",
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -1029,6 +1029,8 @@ class Trainer:
                     f"--epochs {done} or more, or leave it out"
                 )
             where = f"epoch {epoch}" + (f", batch {batch}" if batch else "")
+            if self.best_path.exists():  # scored on test at the end: refused now, not then
+                check_identity(self.best_path, _saved_extra(self.best_path), cfg)
             self.echo(f"resumed from {self.last_path} at {where}")
         if saved is not None and saved.epochs != cfg.epochs:
             self.echo(
@@ -1234,6 +1236,15 @@ class Trainer:
             f"s, linear part {sw.totals['linear_backward']:.1f} s)"
         )
         return summary
+
+
+def _saved_extra(path: Path) -> dict[str, Any]:
+    """A checkpoint's extra values ({} where it cannot be read: its load says why, later)."""
+    try:
+        extra = torch.load(path, map_location="cpu", weights_only=True)["extra"]
+    except Exception:  # noqa: BLE001 - torch raises many kinds for a bad file
+        return {}
+    return extra if isinstance(extra, dict) else {}
 
 
 def _saved_step(path: Path) -> int | str:

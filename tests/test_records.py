@@ -194,6 +194,20 @@ def test_1_the_committed_mnist_runs_are_the_rows_of_their_grid(tmp_path):
     assert checked >= 40
 
 
+@pytest.mark.parametrize("task", ["mnist", "lm"])
+def test_the_committed_runs_still_load_and_pool_as_their_rows(tmp_path, task):
+    """Old run folders (no checkpoints, configs of older versions) load for report; each row's
+    seeds pool as before (no row split, no run left out)."""
+    from meprop.report import scan_runs
+
+    copy = shutil.copytree(REPO / "docs" / "results" / task, tmp_path / task,
+                           ignore=shutil.ignore_patterns("*.png", "*.md"))  # fmt: skip
+    runs, notes = scan_runs([copy])
+    assert notes == [] and len(runs) == len(list((copy / "runs").iterdir()))
+    for r in runs:
+        assert r.label == json.loads((r.path / "row.json").read_text())["label"]
+
+
 # -- 2, 3, 15: reports ---------------------------------------------------------------------------
 
 

@@ -175,6 +175,17 @@ def test_1_a_grid_reuses_only_runs_of_every_setting_of_its_rows(tiny_mnist, tmp_
         with pytest.raises(RunDirError, match="give another --out"):
             check_reuse(other[0], out / "runs" / "dense")
     assert len(records(out / "runs" / "dense")) == 1  # not extended, not mixed
+    summary = out / "runs" / "dense" / "summary.json"
+    kept = summary.read_text()
+    summary.write_text(kept.replace('"seed": 1', '"seed": 2'))  # another run's summary
+    with pytest.raises(RunDirError, match="seed: 2 there, 1 in the grid"):
+        check_reuse(rows[0], out / "runs" / "dense")
+    summary.write_text(kept[:40])  # damaged: the run is resumed, which writes it again
+    said.clear()
+    run_grid(rows, out, data_dir=tiny_mnist, progress=False, echo=said.append)
+    assert json.loads(summary.read_text()) == json.loads(kept) | {
+        k: json.loads(summary.read_text())[k] for k in ("times", "finished", "threads")
+    }
 
 
 def test_1_the_committed_mnist_runs_are_the_rows_of_their_grid(tmp_path):

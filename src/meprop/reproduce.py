@@ -353,6 +353,13 @@ def check_reuse(row: Row, d: Path) -> bool:
             f"{e}; so it cannot serve the row {row.label!r}: remove {d}, or give another --out"
         ) from None
     diff = settings_diff(saved, row.config.to_dict())
+    try:  # the finished run's own record of its settings (a summary.json copied in: refused)
+        summary = json.loads((d / "summary.json").read_text())
+        done = TrainConfig.from_dict(summary["config"]).to_dict()
+    except (OSError, ValueError, KeyError, TypeError):
+        done = None  # no summary yet (or a damaged one: the run is resumed and writes it anew)
+    if done is not None and not diff:
+        diff = settings_diff(done, row.config.to_dict())
     if diff:
         raise RunDirError(
             f"{d} holds a run of other settings than the grid's row {row.label!r} "
@@ -387,7 +394,11 @@ def run_grid(rows: list[Row], out: Path, data_dir=None, progress=True, echo=prin
         d = out / "runs" / row.name
         dirs.append(d)
         summary_path = d / "summary.json"
-        if check_reuse(row, d) and summary_path.exists():
+        try:
+            summary = json.loads(summary_path.read_text())
+        except (OSError, ValueError):
+            summary = None  # not finished (or a damaged summary: the resume writes it again)
+        if check_reuse(row, d) and isinstance(summary, dict):
             echo(
                 f"[{i}] {row.label} (seed {row.config.seed}): done already, with every setting "
                 f"of the row: reused ({d})"
@@ -408,7 +419,7 @@ def run_grid(rows: list[Row], out: Path, data_dir=None, progress=True, echo=prin
             now = time.perf_counter()
             add_grid_seconds(grid_path, now - last)
             last = now
-        summary = json.loads(summary_path.read_text())
+            summary = json.loads(summary_path.read_text())
         if row.config.method == "mesimp" and summary.get("final_widths"):
             queue.append(_size_control(row, summary))
     echo(f"grid finished in {time.perf_counter() - t0:.0f} s")

@@ -181,8 +181,8 @@ def load_runs(paths: list[Path]) -> list[Run]:
     return scan_runs(paths)[0]
 
 
-#: Settings that tell apart the runs of one row: the seed, and where the row is the dense net
-#: trained at a meSimp run's final widths, those widths (one per seed).
+#: The setting that tells apart the runs of one row (a dense net trained at a meSimp run's final
+#: widths has the widths of its seed's run besides: ``_settings_key``).
 _PER_SEED = {"seed"}
 
 

@@ -5,16 +5,33 @@ Overfitting" (ICML 2017) and "Training Simplification and Model Simplification f
 Learning: A Minimal Effort Back Propagation Method" (TKDE).
 """
 
-from .analysis import UpdateMonitor
-from .checkpoint import load, save
-from .config import AdaptiveK, MeActConfig, MePropConfig, MeSimpConfig
-from .convert import converted, densify_, hidden_layers, sparsify_
-from .grads import clip_grad_norm_
-from .lstm import SparseLSTM
-from .meact import MeAct
-from .nn import SparseLinear
-from .ops import sparse_linear
-from .simplify import Pair, Simplifier
+import sys as _sys
+
+_previous_hook = _sys.excepthook
+
+
+def _interrupted(kind, value, tb):
+    """Ctrl-C while torch and the kernels load (the command line's first seconds): one line."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("meprop: interrupted while starting", file=_sys.stderr)
+    else:
+        _previous_hook(kind, value, tb)
+
+
+_sys.excepthook = _interrupted  # (until the imports below are done)
+
+from .analysis import UpdateMonitor  # noqa: E402
+from .checkpoint import load, save  # noqa: E402
+from .config import AdaptiveK, MeActConfig, MePropConfig, MeSimpConfig  # noqa: E402
+from .convert import converted, densify_, hidden_layers, sparsify_  # noqa: E402
+from .grads import clip_grad_norm_  # noqa: E402
+from .lstm import SparseLSTM  # noqa: E402
+from .meact import MeAct  # noqa: E402
+from .nn import SparseLinear  # noqa: E402
+from .ops import sparse_linear  # noqa: E402
+from .simplify import Pair, Simplifier  # noqa: E402
+
+_sys.excepthook = _previous_hook
 
 __version__ = "0.1.0"
 

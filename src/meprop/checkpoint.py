@@ -26,7 +26,7 @@ from torch import nn
 
 from .prune import sync_shapes_
 
-__all__ = ["save", "load", "CheckpointError"]
+__all__ = ["save", "load", "CheckpointError", "WriteError", "write_error"]
 
 FORMAT = "meprop-checkpoint/1"
 
@@ -36,6 +36,50 @@ class CheckpointError(ValueError):
     model); the message names the file. A user mistake on the command line (one line)."""
 
     user_mistake = True
+
+
+class WriteError(OSError):
+    """A file that could not be written (a full disk, a file size limit, a read-only folder):
+    one line on the command line, naming the path and the fix."""
+
+    user_mistake = True
+
+
+def write_error(path: str | os.PathLike, e: BaseException) -> WriteError | None:
+    """The one-line ``WriteError`` for a failed write of ``path`` (None where ``e`` is not a
+    failed write: a bug, raised as it is). torch.save reports a short write as a RuntimeError
+    ("unexpected pos", "file write failed"), so the free space decides what to say."""
+    import errno as codes
+    import shutil
+
+    text = str(e)
+    if not isinstance(e, OSError) and not (
+        isinstance(e, RuntimeError) and ("unexpected pos" in text or "write failed" in text)
+    ):
+        return None
+    path = Path(path)
+    folder = path.parent
+    try:
+        full = shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        full = False
+    code = getattr(e, "errno", None)
+    fix = "then run it again (--resume continues a run from its last checkpoint)"
+    if code in (codes.ENOSPC, codes.EDQUOT) or full:
+        why = f"no space left on {folder} (writing {path.name})"
+        fix = f"free some space, {fix}"
+    elif code == codes.EFBIG:
+        why = f"{path} would exceed the file size limit (ulimit -f)"
+        fix = f"raise the limit, {fix}"
+    elif code == codes.EROFS:
+        why = f"{folder} is on a read-only file system"
+        fix = "write to another folder"
+    elif isinstance(e, OSError):
+        why = f"cannot write {path}: {e.strerror or e}"
+    else:
+        why = f"cannot write {path}: the write stopped short (a full disk or a file size limit)"
+        fix = f"free some space or raise the limit, {fix}"
+    return WriteError(f"{why}: {fix}")
 
 
 def _digest(value: Any, h=None) -> str:
@@ -137,8 +181,11 @@ def save(
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows: a crash leaves the old file
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        error = write_error(path, e)
+        if error is not None:
+            raise error from None
         raise
     return path
 
@@ -261,13 +308,16 @@ def load(
     simplifier=None,
     restore_rng: bool = True,
     map_location: str | torch.device | None = "cpu",
+    check=None,
 ) -> dict[str, Any]:
     """Load a checkpoint written by ``save`` into ``model`` (and optimizer, simplifier).
 
     The model may be freshly built at full size: its layers are first resized to the saved
     widths. Everything is checked before the model is touched; ``CheckpointError`` (naming
     the file) when the file is unreadable, corrupt (its checksum), not a checkpoint, or of
-    another model. Returns the ``extra`` values given to ``save``.
+    another model. ``check``: a callable given the ``extra`` values before anything else is
+    checked or touched (it raises to refuse the file: the trainer compares the run's identity).
+    Returns the ``extra`` values given to ``save``.
     """
     path = Path(path)
     if not path.is_file():
@@ -294,6 +344,8 @@ def load(
     for key in ("model", "shapes", "rng", "extra"):
         if key not in payload:
             raise CheckpointError(f"{path} is incomplete: no {key!r}")
+    if check is not None:
+        check(payload["extra"])
     _check_fits(path, payload, model)
     if optimizer is not None:
         saved = payload["optimizer"]

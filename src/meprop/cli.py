@@ -7,6 +7,8 @@ the help and choices of the field's metadata), or from a JSON file (``--config``
 from __future__ import annotations
 
 import argparse
+import errno
+import io
 import os
 import sys
 import traceback
@@ -100,7 +102,17 @@ def _train(args: argparse.Namespace) -> None:
 
     cfg = _train_config(args)
     out = args.out or Path("runs") / f"{cfg.task}-{cfg.method}-k{cfg.k}-seed{cfg.seed}"
-    options = dict(data_dir=args.data_dir, resume=args.resume, progress=not args.no_progress)
+    args.run_dir = out  # (for the message of a Ctrl-C)
+    if args.restart and not args.resume:
+        raise ConfigError(
+            "--restart goes with --resume (a run whose last.pt is lost): add --resume"
+        )
+    options = dict(
+        data_dir=args.data_dir,
+        resume=args.resume,
+        restart=args.restart,
+        progress=not args.no_progress,
+    )
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
     if not args.dist_timeout > 0 or args.dist_timeout == float("inf"):
@@ -137,7 +149,7 @@ def _train(args: argparse.Namespace) -> None:
         run(cfg, out, **options)
         return
     with run_lock(out):  # held here, for all the ranks (which the launcher outlives)
-        check_run_dir(cfg, out, args.resume)  # refused here rather than in every rank
+        check_run_dir(cfg, out, args.resume, args.restart)  # here rather than in every rank
         threads = launch.default_threads(args.nproc)
         print(f"{args.nproc} processes (gloo), {threads} thread{'s' * (threads > 1)} each")
         launch.spawn(
@@ -168,6 +180,12 @@ def register_train(subparsers) -> None:
     p.add_argument("--out", type=Path, help="run directory (default: runs/TASK-METHOD-kK-seedS)")
     p.add_argument("--data-dir", type=Path, help="data root (default: $MEPROP_DATA, then cache)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="with --resume: train a run whose last.pt is lost again from step 0 (its log is "
+        "replaced); without it such a run is refused",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--nproc",
@@ -215,7 +233,74 @@ PATH_ERRORS = (
 )  # fmt: skip
 
 
+class _Output:
+    """stdout that cannot stop a run: where it fails (a closed pipe, as ``| head -1`` leaves;
+    a full device) the rest of the output is dropped, quietly for a closed pipe, else with one
+    line on stderr, and the command goes on."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.lost = stream, False
+
+    def _lose(self, e: OSError) -> None:
+        self.lost = True
+        if e.errno != errno.EPIPE:
+            where = getattr(self.stream, "name", "stdout")
+            try:
+                where = os.readlink(f"/proc/self/fd/{self.stream.fileno()}")
+            except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+                pass
+            print(f"meprop: output to {where} lost ({e.strerror}); going on without it",
+                  file=sys.stderr)  # fmt: skip
+        try:  # what is still buffered goes nowhere (no error at exit)
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            pass
+
+    def write(self, text: str) -> int:
+        if not self.lost:
+            try:
+                return self.stream.write(text)
+            except OSError as e:
+                self._lose(e)
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.lost:
+            try:
+                self.stream.flush()
+            except OSError as e:
+                self._lose(e)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    stdout = sys.stdout
+    sys.stdout = _Output(stdout)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # while the parser and the commands' modules load
+        print("meprop: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        sys.stdout.flush()
+        sys.stdout = stdout
+
+
+def _interrupted_hint(args: argparse.Namespace) -> str:
+    """What to do after a Ctrl-C: ``--resume`` only where a checkpoint was written."""
+    if args.command != "train":
+        return ""
+    out = getattr(args, "run_dir", None)
+    if out is not None and (Path(out) / "last.pt").exists():
+        return "; --resume continues from the last checkpoint"
+    return "; no checkpoint was written yet: run the same command again"
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
@@ -232,8 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"meprop {args.command}: {e}", file=sys.stderr)  # with the rank's traceback
         return 1
     except KeyboardInterrupt:
-        hint = "; --resume continues from the last checkpoint" if args.command == "train" else ""
-        print(f"meprop {args.command}: interrupted{hint}", file=sys.stderr)
+        print(f"meprop {args.command}: interrupted{_interrupted_hint(args)}", file=sys.stderr)
         return 130
     except Exception as e:
         # Mistakes in the arguments, files, folders or data (their classes say so) are told in

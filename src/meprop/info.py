@@ -3,7 +3,8 @@
 Prints the CPU (model, ISA), the C++ kernels' build (-march, vector width, the L2 size its
 blocking assumes), whether numba runs, the environment settings and every choice that
 ``backend="auto"`` has measured here (see ``meprop.kernels.dispatch``). ``--tune`` measures
-the paper's layer shapes now, ``--clear`` forgets the choices (the next calls measure again).
+the paper's layer shapes now, ``--clear`` forgets the choices (the next calls measure again) and the kernel builds that
+failed (they are tried again).
 """
 
 from __future__ import annotations
@@ -30,12 +31,16 @@ def tune(shapes=TUNE_SHAPES, modes=("per_example", "unified")) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    from .kernels import dispatch
+    from .kernels import build, dispatch
 
+    dispatch.pinned()  # a bad MEPROP_BACKEND or MEPROP_MARCH: one line
+    build.check_march()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clear:
         dispatch.tuner().clear()
+        for marker in build.forget_failures():
+            print(f"forgot the failed kernel build {marker.name}: it is tried again now")
     if args.tune:
         tune()
     print(dispatch.describe())
@@ -49,6 +54,10 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--tune", action="store_true", help="measure the paper's layer shapes now")
-    p.add_argument("--clear", action="store_true", help="forget the measured choices first")
+    p.add_argument(
+        "--clear",
+        action="store_true",
+        help="forget the measured choices and the failed kernel builds first",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.set_defaults(func=_info)

@@ -429,7 +429,9 @@ class _SparseLinearFn(torch.autograd.Function):
         x2 = x if x.dim() == 2 else x.reshape(-1, d_in)
         k, mode, cols = cfg.k, cfg.mode, None
 
-        if k >= n:  # everything is kept: the dense gradient
+        # everything is kept: the dense gradient (on "meta" tensors, which hold no values to
+        # select from, the gradients' shapes and dtypes are the dense ones)
+        if k >= n or g.is_meta:
             dx = g @ weight if need_dx else None
             dw = g.t() @ x2 if need_dw else None
             if need_dw and cfg.sparse_grad:
@@ -655,7 +657,10 @@ def autocast_dtype(t: Tensor) -> torch.dtype | None:
     """The dtype ``torch.autocast`` runs linear maps in for tensors on ``t``'s device, or None
     where autocast is off there."""
     dev = t.device.type
-    if not torch.is_autocast_enabled(dev):
+    try:
+        if not torch.is_autocast_enabled(dev):
+            return None
+    except RuntimeError:  # a device autocast does not know ("meta"): as F.linear, no autocast
         return None
     return torch.get_autocast_dtype(dev)
 

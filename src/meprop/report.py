@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,40 +92,156 @@ def _label(cfg: dict) -> str:
     return f"{cfg['method']} {cfg['mode']} k={cfg['k']}"
 
 
-def load_runs(paths: list[Path]) -> list[Run]:
-    """Runs from run directories, or from results folders holding ``runs/*``."""
+class ReportError(ValueError):
+    """A report that cannot be made as asked (no runs, an unwritable folder): one line."""
+
+    user_mistake = True
+
+
+def _read_json(path: Path, kind: type, what: str):
+    """The JSON value of ``path``, of type ``kind``; ValueError naming the file otherwise."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"no {path.name}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} cannot be read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{path} holds {type(value).__name__}, not {what}")
+    return value
+
+
+def _check_summary(path: Path, summary: dict) -> None:
+    metric = summary.get("metric", "accuracy")
+    for key, kind in (("times", dict), ("steps", int), ("widths", list),
+                      (f"test_{metric}", float | int), (f"dev_{metric}", float | int)):  # fmt: skip
+        if not isinstance(summary.get(key), kind) or isinstance(summary.get(key), bool):
+            raise ValueError(f"{path} has no valid {key!r} (damaged, or not meprop's)")
+
+
+def _load_run(d: Path) -> tuple[Run, list[str]]:
+    """One run folder's Run and notes on its log's damaged lines; ValueError naming the file
+    where it cannot be used (no summary.json: not finished; a damaged file)."""
+    from .train import read_log
+
+    cfg = _read_json(d / "config.json", dict, "a config (a JSON object)")
+    summary = _read_json(d / "summary.json", dict, "a summary (a JSON object)")
+    _check_summary(d / "summary.json", summary)
+    for key in ("method", "task"):
+        if not isinstance(cfg.get(key), str):
+            raise ValueError(f"{d / 'config.json'} has no valid {key!r}")
+    row = {}
+    if (d / "row.json").exists():
+        row = _read_json(d / "row.json", dict, "a row (a JSON object)")
+    log, notes = read_log(d / "log.jsonl")
+    run = Run(d, cfg, summary, log, row.get("group", "runs"), row.get("label", _label(cfg)), row)
+    return run, notes
+
+
+def scan_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
+    """The finished runs in ``paths`` (run folders, or results folders holding ``runs/*``), and
+    a note on each folder left out (not finished: no summary.json; a damaged file), each
+    repeated seed of a row (pooled once) and each damaged log line."""
     dirs: list[Path] = []
     for p in map(Path, paths):
-        if (p / "summary.json").exists():
+        if (p / "runs").is_dir() and not (p / "config.json").exists():
+            dirs += sorted(d for d in (p / "runs").iterdir() if d.is_dir())
+        elif (p / "summary.json").exists() or (p / "config.json").exists():
             dirs.append(p)
-        elif (p / "runs").is_dir():
-            dirs += sorted(d for d in (p / "runs").iterdir() if (d / "summary.json").exists())
         else:
             raise FileNotFoundError(
-                f"{p} is neither a finished run (summary.json) nor a results "
-                "folder (runs/*/summary.json)"
+                f"{p} is neither a finished run (summary.json), an unfinished one "
+                "(config.json), nor a results folder (runs/*/summary.json)"
             )
-    runs = []
+    runs, notes = [], []
     for d in dirs:
-        cfg = json.loads((d / "config.json").read_text())
-        row = json.loads((d / "row.json").read_text()) if (d / "row.json").exists() else {}
-        log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines() if line]
-        runs.append(
-            Run(
-                d,
-                cfg,
-                json.loads((d / "summary.json").read_text()),
-                log,
-                row.get("group", "runs"),
-                row.get("label", _label(cfg)),
-                row,
-            )
+        try:
+            run, log_notes = _load_run(d)
+        except ValueError as e:
+            label = ""
+            try:
+                row = json.loads((d / "row.json").read_text())
+                label = f" (row {row['label']!r}, seed {row.get('seed', '?')})"
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            why = "not finished: no summary.json" if str(e) == "no summary.json" else str(e)
+            notes.append(f"{d}{label}: left out, {why}")
+            continue
+        runs.append(run)
+        notes += log_notes
+    runs, more = _distinct_rows(runs)
+    return runs, notes + more
+
+
+def load_runs(paths: list[Path]) -> list[Run]:
+    """Runs from run directories, or from results folders holding ``runs/*`` (``scan_runs``
+    without its notes)."""
+    return scan_runs(paths)[0]
+
+
+#: The setting that tells apart the runs of one row (a dense net trained at a meSimp run's final
+#: widths has the widths of its seed's run besides: ``_settings_key``).
+_PER_SEED = {"seed"}
+
+
+def _settings_key(run: Run) -> str:
+    """A run's settings but those that differ between the seeds of one row."""
+    ignore = _PER_SEED | (
+        {"hidden", "layers"} if run.path.name.startswith("dense-size-of-") else set()
+    )
+    return json.dumps(
+        {k: v for k, v in _full_config(run).items() if k not in ignore}, sort_keys=True
+    )
+
+
+def _full_config(run: Run) -> dict:
+    """The run's config with the fields that its version did not write yet at their defaults
+    (as the trainer reads it), so that runs of older and newer versions compare."""
+    from .train import ConfigError, TrainConfig
+
+    try:
+        return TrainConfig.from_dict(dict(run.config)).to_dict()
+    except (ConfigError, TypeError):
+        return run.config
+
+
+def _distinct_rows(runs: list[Run]) -> tuple[list[Run], list[str]]:
+    """Runs of one label but different settings get labels that name what differs (never
+    pooled); a seed that a row holds twice is kept once (the first folder) and noted."""
+    variants: dict[tuple[str, str], dict[str, Run]] = {}
+    for r in runs:
+        variants.setdefault((r.group, r.label), {}).setdefault(_settings_key(r), r)
+    for (_, label), by_key in variants.items():
+        if len(by_key) < 2:
+            continue
+        configs = [json.loads(k) for k in by_key]
+        differ = sorted(
+            {k for c in configs for k in c if any(c.get(k) != o.get(k) for o in configs)}
         )
-    return runs
+        for key, first in by_key.items():
+            c = json.loads(key)
+            named = ", ".join(f"{k} {json.dumps(c.get(k))}" for k in differ)
+            for r in runs:
+                if r.label == label and r.group == first.group and _settings_key(r) == key:
+                    r.label = f"{label} ({named})"
+    kept, notes, seen = [], [], {}
+    for r in runs:
+        where = seen.setdefault((r.group, r.label, r.seed), r.path)
+        if where != r.path:
+            notes.append(
+                f"{r.path}: left out, seed {r.seed} of the row {r.label!r} again (also in "
+                f"{where}): a seed is pooled once"
+            )
+            continue
+        kept.append(r)
+    return kept, notes
 
 
 def replicates(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
-    """Runs of the same row (group and label) over seeds, in order of first appearance."""
+    """Runs of the same row (group and label; ``scan_runs`` gives runs of different settings
+    different labels) over seeds, in order of first appearance."""
     out: dict[tuple[str, str], list[Run]] = {}
     for r in runs:
         out.setdefault((r.group, r.label), []).append(r)
@@ -136,14 +253,22 @@ def _reference(run: Run, runs: list[Run]) -> Run | None:
 
     def key(r: Run):
         c = r.config
-        return (c["task"], c["optimizer"], len(r.summary["widths"]), c["dropout"], c["dataset"])
+        return (
+            c["task"], c["optimizer"], len(r.summary["widths"]), c["dropout"], c["dataset"],
+            c.get("batch_size"), c.get("train_limit"), c.get("epochs"), c.get("eval_every"),
+        )  # fmt: skip
 
     # the full-size dense runs (not the dense nets trained at meSimp's widths)
     dense = [r for r in runs if r.method == "dense" and r.config["task"] == run.config["task"]]
     widest = max((max(r.summary["widths"]) for r in dense), default=0)
     dense = [r for r in dense if max(r.summary["widths"]) == widest]
-    same = [r for r in dense if key(r) == key(run)]
-    return (same or dense or [None])[0]
+    # (a dense row is compared with the main one at any lr: the tuning rows' lr is their point)
+    same = [
+        r
+        for r in dense
+        if key(r) == key(run) and (run.method == "dense" or r.config["lr"] == run.config["lr"])
+    ]
+    return (same or [None])[0]  # none measured alike: no speedup shown
 
 
 def _table(runs: list[Run], all_runs: list[Run]) -> list[str]:
@@ -201,18 +326,26 @@ def _fmt(s, digits: int) -> str:
     return f"{s.mean:.{digits}f}" + (f" ± {s.sd:.{digits}f}" if s.n > 1 else "")
 
 
-def claims(runs: list[Run]) -> list[tuple[str, Paired, str]]:
+def claims(runs: list[Run], notes: list[str] | None = None) -> list[tuple[str, Paired, str]]:
     """The paper's claims, each a paired comparison on the seeds both sides share: (claim,
     the test-score difference a - b with its 95% interval, which runs).
 
+    A claim whose side would take runs of several rows is not made (a note in ``notes``).
     Scores are higher-is-better (``Run.test``): for a negated loss (``neg_bpb``) the difference
     a - b is b's loss minus a's, positive where a's loss is lower; the claims then say "at
     least as good as" and "better than" rather than ">=" and ">"."""
     lower = bool(runs) and runs[0].lower_is_better
     ge, gt = ("at least as good as", "better than") if lower else (">=", ">")
+    notes = [] if notes is None else notes
 
-    def scores(pred) -> dict[int, float]:
-        return {r.seed: r.test() for r in runs if pred(r)}
+    def scores(pred) -> dict[int, float] | list[str]:
+        """The test scores by seed of the one row whose runs ``pred`` picks; the rows' labels
+        where it picks several (a claim never pools two rows)."""
+        picked = [r for r in runs if pred(r)]
+        labels = sorted({r.label for r in picked})
+        if len(labels) > 1:
+            return labels
+        return {r.seed: r.test() for r in picked}
 
     def main_opt(r):
         return r.config["optimizer"] == "adam" and r.group in ("main", "control", "mesimp")
@@ -221,6 +354,12 @@ def claims(runs: list[Run]) -> list[tuple[str, Paired, str]]:
     out = []
 
     def add(claim, a, b, what):
+        several = [side for side in (a, b) if isinstance(side, list)]
+        if several:
+            notes.append(
+                f"{claim}: not made, several rows match one side ({'; '.join(several[0])})"
+            )
+            return
         p = paired(a, b)
         if p is not None:
             out.append((claim, p, what))
@@ -268,11 +407,12 @@ def claims(runs: list[Run]) -> list[tuple[str, Paired, str]]:
         add(f"meProp symmetric k={k} {gt} per_example k={k}", sym, pe,
             f"meProp symmetric k={k} - per_example k={k}")  # fmt: skip
     # The k sweep's rows with several seeds (the paper's MNIST claim is at k=80): against dense.
-    swept: dict[tuple[int, str], dict[int, float]] = {}
+    swept: dict[tuple[int, str], list[Run]] = {}
     for r in runs:
         if r.method == "meprop" and r.group == "ratio" and not r.config.get("adaptive"):
-            swept.setdefault((r.config["k"], r.config["mode"]), {})[r.seed] = r.test()
-    for (k, mode), mp in sorted(swept.items()):
+            swept.setdefault((r.config["k"], r.config["mode"]), []).append(r)
+    for (k, mode), picked in sorted(swept.items()):
+        mp = scores(lambda r, picked=picked: r in picked)
         if len(mp) >= 2 and k not in ks:
             add(f"meProp {mode} k={k} {ge} dense", mp, dense, f"meProp {mode} k={k} - dense")
     dense_runs = [r for r in runs if r.method == "dense" and r.group == "main"]
@@ -352,9 +492,10 @@ def _setting_claims(runs: list[Run], ge: str, gt: str) -> list[tuple[str, Paired
 
 
 def _claims_table(runs: list[Run]) -> list[str]:
-    rows = claims(runs)
+    notes: list[str] = []
+    rows = claims(runs, notes)
     if not rows:
-        return []
+        return [f"- {n}" for n in notes] + ([""] if notes else [])
     first = runs[0]
     metric = first.metric
     if first.lower_is_better:
@@ -383,6 +524,8 @@ def _claims_table(runs: list[Run]) -> list[str]:
         "| --- | --- | ---: | --- |",
     ]
     lines += [f"| {c} | {_fmt_paired(p, digits)} | {p.n} | {p.verdict} |" for c, p, _ in rows]
+    if notes:
+        lines += ["", *[f"- {n}" for n in notes]]
     return lines + [""]
 
 
@@ -437,8 +580,8 @@ def _loss_plots(runs: list[Run], out: Path, save) -> None:
 
 
 def _curve(ax, run: Run, key: str, label: str | None = None, **kw) -> None:
-    xs = [e["epoch"] for e in run.log]
-    ax.plot(xs, [100 * e[key] for e in run.log], label=label or run.label, **kw)
+    log = [e for e in run.log if key in e and "epoch" in e]  # (a damaged record: left out)
+    ax.plot([e["epoch"] for e in log], [100 * e[key] for e in log], label=label or run.label, **kw)
 
 
 def _plots(runs: list[Run], out: Path) -> list[str]:
@@ -897,8 +1040,9 @@ def build_report(paths: list[Path], out: Path) -> Path:
     """Write ``out/report.md`` (and PNG plots beside it) from the runs in ``paths``."""
 
     order = list(GROUP_TITLES)
+    found, notes = scan_runs(paths)
     runs = sorted(
-        load_runs(paths),
+        found,
         key=lambda r: (
             order.index(r.group) if r.group in order else len(order),
             r.group,
@@ -906,8 +1050,20 @@ def build_report(paths: list[Path], out: Path) -> Path:
         ),
     )
     if not runs:
-        raise ValueError(f"no finished runs in {paths}")
-    out.mkdir(parents=True, exist_ok=True)
+        raise ReportError(
+            f"no finished runs in {', '.join(map(str, paths))}"
+            + "".join(f"; {n}" for n in notes[:3])
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ReportError(
+            f"cannot make the report folder {out}: {e.strerror}: give another --out"
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ReportError(
+            f"cannot write the report in {out} (read-only): give --out a writable folder"
+        )
     first = runs[0].summary
     origin = runs[0].extra
     seeds = sorted({r.seed for r in runs})
@@ -939,6 +1095,14 @@ def build_report(paths: list[Path], out: Path) -> Path:
         "in the same grid, on the same machine).",
         "",
     ]
+    if notes:
+        lines += [
+            "**Not in this report** (each table, speedup and claim below uses only the runs it "
+            "names; those that would need a run listed here are not shown):",
+            "",
+            *[f"- {n}" for n in notes],
+            "",
+        ]
     lines += _settings(runs)
     groups: dict[str, list[Run]] = {}
     for r in runs:
@@ -971,7 +1135,14 @@ def build_report(paths: list[Path], out: Path) -> Path:
 
         lines += section(runs, out)
     report = out / "report.md"
-    report.write_text("\n".join(lines))
+    try:
+        report.write_text("\n".join(lines))
+    except OSError as e:
+        from .checkpoint import write_error
+
+        raise write_error(report, e) from None
+    for n in notes:
+        print(f"note: {n}")
     return report
 
 

@@ -2,7 +2,10 @@
 
 Each row of a results table is one ``TrainConfig``; its run directory holds ``config.json``
 (rerun it alone with ``meprop train mnist --config .../config.json``) and ``row.json`` (the
-table and label it belongs to). Finished rows are skipped, so an interrupted grid resumes.
+table and label it belongs to). Finished rows are skipped, so an interrupted grid resumes; a
+row's folder is reused only where its run has every setting of the row (the dataset, epochs
+and training subset included): a run of other settings there (a --quick grid's, another
+dataset's) is refused, naming what differs.
 """
 
 from __future__ import annotations
@@ -339,12 +342,58 @@ def add_grid_seconds(grid_path: Path, seconds: float) -> None:
     tmp.replace(grid_path)
 
 
+def check_reuse(row: Row, d: Path) -> bool:
+    """Whether the run folder ``d`` may serve ``row``: True where it holds a run of exactly the
+    row's settings (every TrainConfig field, the dataset and epochs included; finished or to be
+    resumed), False where it holds none; ``RunDirError`` naming the settings that differ where
+    it holds another run (a --quick grid's, another dataset's), which is never reused. Reads
+    only."""
+    from .train import ConfigError, RunDirError, TrainConfig, describe_diff, settings_diff
+
+    cfg_path = d / "config.json"
+    if not cfg_path.exists():
+        if (d / "summary.json").exists() or (d / "last.pt").exists():
+            raise RunDirError(
+                f"{d} holds a run without its config.json: its settings cannot be compared with "
+                f"the row {row.label!r}: remove that folder, or give another --out"
+            )
+        return False
+    try:
+        saved = TrainConfig.from_file(cfg_path).to_dict()
+    except ConfigError as e:
+        raise RunDirError(
+            f"{e}; so it cannot serve the row {row.label!r}: remove {d}, or give another --out"
+        ) from None
+    diff = settings_diff(saved, row.config.to_dict())
+    try:  # the finished run's own record of its settings (a summary.json copied in: refused)
+        summary = json.loads((d / "summary.json").read_text())
+        done = TrainConfig.from_dict(summary["config"]).to_dict()
+    except (OSError, ValueError, KeyError, TypeError):
+        done = None  # no summary yet (or a damaged one: the run is resumed and writes it anew)
+    if done is not None and not diff:
+        diff = settings_diff(done, row.config.to_dict())
+    if diff:
+        raise RunDirError(
+            f"{d} holds a run of other settings than the grid's row {row.label!r} "
+            f"({describe_diff(diff, 'there', 'in the grid')}): it is not reused; give another "
+            "--out (one results folder per grid: --quick, --dataset), or remove that folder to "
+            "run the row again"
+        )
+    return True
+
+
 def run_grid(rows: list[Row], out: Path, data_dir=None, progress=True, echo=print) -> list[Path]:
     """Run every row not finished yet (and, after each meSimp row, a dense net at its final
     widths); the grid's time over all sittings accumulates in ``out/grid.json`` (summed over
-    processes where several run disjoint rows of one grid at once)."""
+    processes where several run disjoint rows of one grid at once).
+
+    A row's folder that holds a run is reused (skipped when finished, resumed otherwise) only
+    where that run has every setting of the row (``check_reuse``); any other is refused, every
+    row checked before the first one runs."""
     from .train import run
 
+    for row in rows:
+        check_reuse(row, out / "runs" / row.name)
     dirs = []
     queue = list(rows)
     grid_path = out / "grid.json"
@@ -357,8 +406,15 @@ def run_grid(rows: list[Row], out: Path, data_dir=None, progress=True, echo=prin
         d = out / "runs" / row.name
         dirs.append(d)
         summary_path = d / "summary.json"
-        if summary_path.exists():
-            echo(f"[{i}] {row.label} (seed {row.config.seed}): done already ({d})")
+        try:
+            summary = json.loads(summary_path.read_text())
+        except (OSError, ValueError):
+            summary = None  # not finished (or a damaged summary: the resume writes it again)
+        if check_reuse(row, d) and isinstance(summary, dict):
+            echo(
+                f"[{i}] {row.label} (seed {row.config.seed}): done already, with every setting "
+                f"of the row: reused ({d})"
+            )
         else:
             echo(f"[{i}/{i + len(queue)}] {row.label} (seed {row.config.seed})  ->  {d}")
             d.mkdir(parents=True, exist_ok=True)
@@ -375,7 +431,7 @@ def run_grid(rows: list[Row], out: Path, data_dir=None, progress=True, echo=prin
             now = time.perf_counter()
             add_grid_seconds(grid_path, now - last)
             last = now
-        summary = json.loads(summary_path.read_text())
+            summary = json.loads(summary_path.read_text())
         if row.config.method == "mesimp" and summary.get("final_widths"):
             queue.append(_size_control(row, summary))
     echo(f"grid finished in {time.perf_counter() - t0:.0f} s")

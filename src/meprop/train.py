@@ -49,7 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, distributed
-from .config import AdaptiveK, MeActConfig, MePropConfig, MeSimpConfig
+from .config import MEACT_BACKENDS, AdaptiveK, MeActConfig, MePropConfig, MeSimpConfig
 from .convert import sparsify_
 from .meact import MeAct
 from .parts import (
@@ -336,6 +336,21 @@ class TrainConfig:
             raise ConfigError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.tags not in TAGS:
             raise ConfigError(f"tags must be 'xpos' or 'upos', got {self.tags!r}")
+        if self.tags != "xpos" and self.task not in ("pos", "parse"):
+            raise ConfigError(
+                f"tags picks the pos and parse tasks' tag column, not {self.task}'s: leave "
+                "--tags out"
+            )
+        if self.sparse_grad and self.method not in ("meprop", "random", "mesimp"):
+            raise ConfigError(
+                f"sparse_grad gives meProp's layers row-sparse gradients: it needs --method "
+                f"meprop, random or mesimp, got {self.method}: leave --sparse-grad out"
+            )
+        if self.sparse_grad and self.optimizer == "adam":
+            raise ConfigError(
+                "sparse_grad: torch's Adam takes no sparse gradients: give --optimizer sgd or "
+                "adagrad, or leave --sparse-grad out"
+            )
         if self.track_updates is None:
             object.__setattr__(self, "track_updates", self.method == "meact")
         if not isinstance(self.sparse_attention, bool):
@@ -398,6 +413,16 @@ class TrainConfig:
             MeSimpConfig(prune_rate=self.prune_rate)
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e)) from None
+        if self.method == "meact" and self.backend not in MEACT_BACKENDS:
+            raise ConfigError(
+                f"backend {self.backend!r} is not one of meAct's: --method meact runs "
+                f"{MEACT_BACKENDS}; give one of them, or leave --backend out"
+            )
+        if self.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError(
+                "backend 'triton' runs on CUDA tensors, and the trainer trains on the CPU: give "
+                "--backend auto (or native, numba, torch, dense), or leave --backend out"
+            )
         try:
             self.meact_config()
         except (ValueError, TypeError) as e:  # its fields are meact_*
@@ -487,7 +512,8 @@ class TrainConfig:
             threshold=self.meact_threshold,
             cap=self.meact_cap,
             storage=self.meact_storage,
-            backend=self.backend,
+            # (the other methods' backends are meProp's: checked by MePropConfig)
+            backend=self.backend if self.method == "meact" else "auto",
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -579,42 +605,114 @@ def _warm_up(model: torch.nn.Module, task, cfg: TrainConfig) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` at once: a kill leaves the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        error = checkpoint.write_error(path, e)
+        if error is not None:
+            raise error from None
         raise
 
 
 def _json_line(path: Path, record: dict) -> None:
     """Append one record in one write (a kill may tear only the last line: see _repair_log)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise checkpoint.write_error(path, e) from None
 
 
-def _repair_log(path: Path, step: int) -> None:
-    """Keep the log records of the checkpoint's steps (``step <= step``), up to the first torn
-    line: those written after the checkpoint that a resume continues from are written again."""
-    keep = []
-    if path.exists():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a torn last line (killed while appending)
-            if not isinstance(record, dict) or record.get("step", math.inf) > step:
-                break
-            keep.append(line + "\n")
-    _write_atomic(path, "".join(keep))
+def read_log(path: Path) -> tuple[list[dict], list[str]]:
+    """The records of a log.jsonl, and a note for each line that is not one (a torn line, a
+    damaged one): the valid lines before and after it are kept."""
+    records, notes = [], []
+    if not path.exists():
+        return records, notes
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            notes.append(f"{path} line {number} is not a log record (torn or damaged): left out")
+            continue
+        records.append(record)
+    return records, notes
+
+
+def _repair_log(path: Path, step: int) -> list[str]:
+    """Keep the log records of the checkpoint's steps (``step <= step``): those written after
+    the checkpoint that a resume continues from are written again. A damaged line is dropped
+    and named (the returned notes); the valid lines around it are kept."""
+    records, notes = read_log(path)
+    keep = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= step]
+    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
+    return notes
+
+
+#: Settings that a resume may change (a larger --epochs extends the run): not part of a run's
+#: identity.
+EXTENDABLE = ("epochs",)
+
+
+def run_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """What every checkpoint of a run carries: a hash of the settings that define the run
+    (all of them but ``EXTENDABLE``), the seed, and the settings themselves (to name what
+    differs)."""
+    import hashlib
+
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in EXTENDABLE}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return {"id": digest, "seed": cfg.seed, "settings": settings}
+
+
+def settings_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The settings whose values differ between two config dicts: {name: (a's, b's)}."""
+    return {k: (a.get(k), b.get(k)) for k in {**a, **b} if a.get(k) != b.get(k)}
+
+
+def describe_diff(diff: dict[str, tuple[Any, Any]], there: str, here: str) -> str:
+    """``hidden: [50] there, [80] here; seed: ...`` for ``settings_diff``'s result."""
+    return "; ".join(
+        f"{k}: {json.dumps(a)} {there}, {json.dumps(b)} {here}"
+        for k, (a, b) in sorted(diff.items())
+    )
+
+
+def check_identity(path: Path, extra: dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse (``RunDirError``) a checkpoint written by a run other than ``cfg``'s (another
+    seed, other settings): a copied-in or stale file would otherwise be continued as this
+    run. Checkpoints of versions before run identities pass."""
+    saved = extra.get("run")
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
+        return
+    mine = run_identity(cfg)
+    if saved.get("id") == mine["id"]:
+        return
+    diff = settings_diff(saved["settings"], mine["settings"]) or {
+        "id": (saved.get("id"), mine["id"])
+    }
+    raise RunDirError(
+        f"{path} was written by another run than the one in config.json: "
+        f"{describe_diff(diff, f'in {path.name}', 'in config.json')}. Put back the run's own "
+        f"{path.name} and config.json, or start a new run in another --out"
+    )
 
 
 def _out_dir(out_dir: str | Path) -> Path:
     out = Path(out_dir)
+    _check_out_path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -696,17 +794,32 @@ def ranks_lock(out_dir: str | Path):
         os.close(fd)
 
 
-def check_run_dir(cfg: TrainConfig, out_dir: str | Path, resume: bool) -> TrainConfig | None:
+def _has_records(log: Path) -> int:
+    """How many non-empty lines ``log`` holds (0 where it is absent)."""
+    try:
+        return sum(1 for line in log.read_text(errors="replace").splitlines() if line.strip())
+    except FileNotFoundError:
+        return 0
+    except IsADirectoryError:
+        raise RunDirError(f"{log} is a folder, not a run's log: choose another --out") from None
+
+
+def check_run_dir(
+    cfg: TrainConfig, out_dir: str | Path, resume: bool, restart: bool = False
+) -> TrainConfig | None:
     """Refuse a run folder that does not fit the request (``RunDirError``): a new run where one
-    is already (without ``resume``), ``resume`` where there is no run, or ``resume`` with
-    settings other than the run's (only ``epochs`` may change, to extend it). Returns the
-    run's saved config on resume (None for a new run). Reads only."""
+    is already (without ``resume``; a folder whose run never logged a record, such as one
+    stopped while starting, is started again), ``resume`` where there is no run, ``resume``
+    with settings other than the run's (only ``epochs`` may change, to extend it), or
+    ``resume`` of a run that logged evaluations but lost its ``last.pt`` (``restart``: start
+    it again from step 0). Returns the run's saved config on resume (None for a new run).
+    Reads only."""
     out = Path(out_dir)
     cfg_path = out / "config.json"
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"--out {out} is a file, not a folder: choose another --out")
+    _check_out_path(out)
+    records = _has_records(out / "log.jsonl") if out.is_dir() else 0
     if not resume:
-        if (out / "log.jsonl").exists() or (out / "last.pt").exists():
+        if records or (out / "last.pt").exists():
             raise RunDirError(
                 f"{out} already holds a run: pass --resume to continue it, or choose another --out"
             )
@@ -731,7 +844,33 @@ def check_run_dir(cfg: TrainConfig, out_dir: str | Path, resume: bool) -> TrainC
             + ", ".join(f"{k}: saved {a!r}, given {b!r}" for k, (a, b) in diff.items())
             + " (only --epochs may change): drop those flags, or start a new run elsewhere"
         )
+    # A kill between the first log record and the first checkpoint leaves one record and no
+    # last.pt: started again. More records (or a finished run) without last.pt: it was lost.
+    lost = not (out / "last.pt").exists() and (records > 1 or (out / "summary.json").exists())
+    if lost and not restart:
+        raise RunDirError(
+            f"--resume: {out} holds a run with {records} logged evaluation"
+            f"{'s' * (records != 1)} but no last.pt to continue from: put its last.pt back, "
+            "or pass --restart to train it again from step 0 (its log is replaced)"
+        )
     return saved
+
+
+def _check_out_path(out: Path) -> None:
+    """Refuse an --out that cannot be a run folder: a file, a dangling symbolic link, a loop."""
+    try:
+        os.stat(out)
+    except FileNotFoundError:
+        if out.is_symlink():
+            raise RunDirError(
+                f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist: "
+                "create that folder, or choose another --out"
+            ) from None
+        return
+    except OSError as e:  # ELOOP (a link loop), ENAMETOOLONG, ...
+        raise RunDirError(f"--out {out}: {e.strerror}: choose another --out") from None
+    if not out.is_dir():
+        raise RunDirError(f"--out {out} is a file, not a folder: choose another --out")
 
 
 def _remove_stray_files(out: Path) -> None:
@@ -749,12 +888,18 @@ def run(
     progress: bool = True,
     echo=print,
     lock: bool = True,
+    restart: bool = False,
 ) -> dict[str, Any]:
     """Train, select on dev, score the best checkpoint on test; returns the summary dict
     (``{}`` on ranks other than 0 of a multi-process run).
 
     ``lock``: hold the run folder's lock (``run_lock``) for the run, on rank 0; False when
-    the caller holds it (``meprop train --nproc``'s launcher)."""
+    the caller holds it (``meprop train --nproc``'s launcher). ``restart`` (with ``resume``):
+    a run whose last.pt is lost is trained again from step 0 instead of refused."""
+    from .kernels import build, dispatch
+
+    dispatch.pinned()  # a bad MEPROP_BACKEND or MEPROP_MARCH: refused before anything is written
+    build.check_march()
     main = distributed.rank() == 0
     if not lock:
         held = ranks_lock(out_dir)
@@ -764,7 +909,7 @@ def run(
         held = nullcontext()
     with held:
         trainer = Trainer(cfg, out_dir, data_dir=data_dir, progress=progress, echo=echo)
-        return trainer.fit(resume)
+        return trainer.fit(resume, restart=restart)
 
 
 def _quiet(*args: Any, **kwargs: Any) -> None:
@@ -797,13 +942,14 @@ class Trainer:
             self.out / name for name in ("log.jsonl", "last.pt", "best.pt")
         )
         self.sw = Stopwatch()  # seconds per phase, the log's "times"
+        self.identity = run_identity(cfg)  # in every checkpoint: a resume checks it
         # Where the run is: saved in every checkpoint, restored on resume.
         self.state: dict[str, Any] = dict(
             epoch=0, batch=0, step=0, best_score=-math.inf, best_epoch=-1, times={}
         )
 
-    def fit(self, resume: bool = False) -> dict[str, Any]:
-        saved = self._open_folder(resume)
+    def fit(self, resume: bool = False, restart: bool = False) -> dict[str, Any]:
+        saved = self._open_folder(resume, restart)
         self._build()
         self._restore(resume, saved)
         self.dist.prepare(self.model)
@@ -816,10 +962,10 @@ class Trainer:
 
     # -- build -------------------------------------------------------------------------------
 
-    def _open_folder(self, resume: bool) -> TrainConfig | None:
+    def _open_folder(self, resume: bool, restart: bool = False) -> TrainConfig | None:
         """Refuse a folder that does not fit the request, create it, clear a kill's leftovers;
         returns the run's saved config on resume."""
-        saved = check_run_dir(self.cfg, self.out, resume)
+        saved = check_run_dir(self.cfg, self.out, resume, restart)
         _out_dir(self.out)
         self.dist.barrier()  # every rank has checked the folder before rank 0 writes to it
         if self.dist.main:
@@ -875,9 +1021,21 @@ class Trainer:
         """On resume, last.pt's state (model, optimizer, meSimp, the parts, where the run is);
         then config.json (with a new --epochs) and the log cut back to the checkpoint's steps."""
         cfg = self.cfg
+        if resume and not self.last_path.exists() and _has_records(self.log_path):
+            self.echo(
+                f"no {self.last_path}: training the run again from step 0 (its log, best.pt "
+                "and summary.json are replaced)"
+            )
+            if self.dist.main:
+                for name in ("summary.json", "best.pt"):
+                    (self.out / name).unlink(missing_ok=True)
         if resume and self.last_path.exists():
             extra = checkpoint.load(
-                self.last_path, self.model, self.opt, simplifier=self.simplifier
+                self.last_path,
+                self.model,
+                self.opt,
+                simplifier=self.simplifier,
+                check=functools.partial(check_identity, self.last_path, cfg=cfg),
             )
             self.state = {"batch": 0, **extra["state"]}
             self.dist.load(extra)
@@ -892,6 +1050,8 @@ class Trainer:
                     f"--epochs {done} or more, or leave it out"
                 )
             where = f"epoch {epoch}" + (f", batch {batch}" if batch else "")
+            if self.best_path.exists():  # scored on test at the end: refused now, not then
+                check_identity(self.best_path, _saved_extra(self.best_path), cfg)
             self.echo(f"resumed from {self.last_path} at {where}")
         if saved is not None and saved.epochs != cfg.epochs:
             self.echo(
@@ -899,7 +1059,9 @@ class Trainer:
             )
         if self.dist.main:
             _write_atomic(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-            _repair_log(self.log_path, self.state["step"])  # drops the records after last.pt
+            # drops the records after last.pt, and damaged lines (named)
+            for note in _repair_log(self.log_path, self.state["step"]):
+                self.echo(note)
         self.sw.totals.update(self.state["times"])
 
     def _bind(self) -> None:
@@ -1004,7 +1166,7 @@ class Trainer:
         score = dev[task.metric]
         if score > state["best_score"]:
             state["best_score"], state["best_epoch"] = score, epoch_float
-            self.dist.save(self.best_path, self.model, state=dict(state))
+            self.dist.save(self.best_path, self.model, state=dict(state), run=self.identity)
         return record
 
     def _checkpoint(self, epoch: int, done: int) -> None:
@@ -1023,6 +1185,7 @@ class Trainer:
             self.opt,
             simplifier=self.simplifier,
             state=dict(state),
+            run=self.identity,
             **extra,
         )
 
@@ -1061,7 +1224,12 @@ class Trainer:
         ends = {"final_widths": None, "meact": None}  # the parts' (before best.pt resizes)
         for part in self.parts:
             ends.update(part.summary())
-        checkpoint.load(self.best_path, self.model, restore_rng=False)
+        checkpoint.load(
+            self.best_path,
+            self.model,
+            restore_rng=False,
+            check=functools.partial(check_identity, self.best_path, cfg=cfg),
+        )
         with sw("eval"):
             test = task.evaluate(self.model, "test")
         summary = {
@@ -1089,6 +1257,15 @@ class Trainer:
             f"s, linear part {sw.totals['linear_backward']:.1f} s)"
         )
         return summary
+
+
+def _saved_extra(path: Path) -> dict[str, Any]:
+    """A checkpoint's extra values ({} where it cannot be read: its load says why, later)."""
+    try:
+        extra = torch.load(path, map_location="cpu", weights_only=True)["extra"]
+    except Exception:  # noqa: BLE001 - torch raises many kinds for a bad file
+        return {}
+    return extra if isinstance(extra, dict) else {}
 
 
 def _saved_step(path: Path) -> int | str:

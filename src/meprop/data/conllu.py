@@ -90,6 +90,20 @@ def _blocks(path: Path) -> Iterator[list[tuple[int, str]]]:
             if number == 1:
                 line = line.removeprefix("\ufeff")  # a byte-order mark is harmless
             line = line.rstrip("\r\n")
+            if "\r" in line:
+                raise ConlluError(
+                    path,
+                    number,
+                    "a carriage return (CR) inside the line: the file has CR-only (old Mac) "
+                    "line endings; convert them to LF (e.g. tr '\\r' '\\n')",
+                )
+            if line and not line.strip():  # (the UD validator refuses them too)
+                raise ConlluError(
+                    path,
+                    number,
+                    "a line of only whitespace: a sentence ends at an empty line; make it "
+                    "empty, or remove it",
+                )
             if line.strip():
                 block.append((number, line))
             elif block:

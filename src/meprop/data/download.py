@@ -263,7 +263,7 @@ def ensure_file(
     for r in roots:
         path = r / ds.name / filename
         if not path.is_file():
-            looked.append(f"  {path}: missing")
+            looked.append(f"  {path}: {'a folder' if path.is_dir() else 'missing'}")
             continue
         problem = _check(path, remote)
         if problem is None:
@@ -297,6 +297,11 @@ def ensure_file(
         )
 
     dest = roots[0] / ds.name / filename
+    if dest.is_dir():  # (a download could not replace it)
+        raise DownloadError(
+            f"{dest} is a folder, not the file {filename}: remove it (the file is then "
+            "downloaded again), or put the original file in its place"
+        )
     url = file_url(dataset, filename, base_url)
     if corrupt is not None:
         _note(f"{corrupt[0]} is corrupt ({corrupt[1]}); downloading a good copy to {dest}")

@@ -9,7 +9,12 @@ level this CPU cannot run is refused. The vector width follows the target (64 by
 AVX-512, 32 with AVX2, 16 otherwise); ``build_info()`` reports it. The library is cached in
 ``$MEPROP_CACHE`` (default ``~/.cache/meprop``) under a name that hashes the source, the
 compiler, the flags and the CPU's feature flags, written atomically (so concurrent builds are
-safe). ``MEPROP_NATIVE=0`` turns it off. Where no compiler works, ``available()`` is False
+safe), with its size and SHA-256 beside (``.sha256``): a library that does not match them
+(truncated, overwritten) is built again before anything loads it. A build that failed is
+remembered (``.failed``) only where the compiler rejected the code or flags, for the same
+environment; a failure of the environment (a full disk, a kill, a timeout) is retried by the
+next process, and ``forget_failures()`` (``meprop info --clear``) forgets them all.
+``MEPROP_NATIVE=0`` turns it off. Where no compiler works, ``available()`` is False
 and meprop uses the numba kernels, or PyTorch ops.
 """
 
@@ -18,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -34,8 +41,11 @@ __all__ = [
     "build_error",
     "build_info",
     "cache_dir",
+    "check_march",
     "cpu_supports",
     "flag_sets",
+    "forget_failures",
+    "SettingError",
     "kernel",
     "march",
     "use_build",
@@ -54,13 +64,48 @@ X86_LEVELS = {
 }
 
 
+class SettingError(ValueError):
+    """An environment variable of meprop's with a bad value (``MEPROP_MARCH``,
+    ``MEPROP_BACKEND``): one line on the command line, naming the value and the fix."""
+
+    user_mistake = True
+
+
 def march() -> str:
     """The ``-march`` of the default build: ``$MEPROP_MARCH``, else ``native`` (this CPU).
 
     ``MEPROP_MARCH=x86-64-v3`` builds AVX2 kernels (for a binary that must run on any CPU of
     the last decade, or to measure them on a machine with AVX-512); ``x86-64`` builds SSE2 ones.
     """
-    return os.environ.get("MEPROP_MARCH", "").strip() or "native"
+    name = os.environ.get("MEPROP_MARCH", "").strip() or "native"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name):
+        raise SettingError(
+            f"MEPROP_MARCH={name!r} is not a -march name: unset it, or give one of native, "
+            f"{', '.join(X86_LEVELS)}"
+        )
+    return name
+
+
+def check_march() -> None:
+    """Refuse (``SettingError``) a ``$MEPROP_MARCH`` that this CPU cannot run or that the
+    compiler does not know, so that a run never trains without the kernels it asked for.
+    Builds the kernels (once per machine) where the variable is set."""
+    arch = march()
+    if not os.environ.get("MEPROP_MARCH", "").strip() or arch == "native":
+        return
+    if os.environ.get("MEPROP_NATIVE", "1") == "0":
+        return
+    levels = ", ".join(X86_LEVELS)
+    if cpu_supports(arch) is False:
+        raise SettingError(
+            f"MEPROP_MARCH={arch}: this CPU cannot run code built for it: unset it, or give a "
+            f"level it runs (native, {levels})"
+        )
+    if _load(arch) is None and "march" in (_errors.get(arch) or ""):
+        raise SettingError(
+            f"MEPROP_MARCH={arch}: the compiler does not know -march={arch}: unset it, or give "
+            f"one of native, {levels}"
+        )
 
 
 def flag_sets(arch: str) -> list[list[str]]:
@@ -117,10 +162,111 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+# What a compiler's failure may owe to the environment rather than to the code and flags: such a
+# failure is not remembered (the next process tries again).
+_TRANSIENT = (
+    "no space left", "disk quota", "file too large", "read-only file system", "permission denied",
+    "killed", "signal", "cannot allocate memory", "memory exhausted", "final close failed",
+    "cannot open output", "input/output error", "resource temporarily unavailable",
+)  # fmt: skip
+
+
+def _environment() -> str:
+    """What besides the key may decide whether a build works: a remembered failure counts only
+    while this is the same."""
+    names = ("PATH", "CPATH", "CPLUS_INCLUDE_PATH", "LIBRARY_PATH", "LD_LIBRARY_PATH", "TMPDIR")
+    text = "\0".join(os.environ.get(n, "") for n in names)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _digest(path: Path) -> dict:
+    data = path.read_bytes()
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _elf_complete(lib: Path) -> bool:
+    """Whether ``lib`` is a 64-bit little-endian ELF file as long as its header says (its
+    section headers, last in the file, end where it ends)."""
+    with open(lib, "rb") as f:
+        head = f.read(64)
+    if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+        return False
+    shoff = int.from_bytes(head[0x28:0x30], "little")
+    shentsize = int.from_bytes(head[0x3A:0x3C], "little")
+    shnum = int.from_bytes(head[0x3C:0x3E], "little")
+    return shoff + shentsize * shnum == lib.stat().st_size
+
+
+def _verified(lib: Path) -> bool:
+    """Whether the cached library has the size and SHA-256 recorded when it was built (a
+    truncated or overwritten file would crash the process that loads it: a bus error). A
+    library of an older version, without a record, passes where it is a whole ELF file
+    (then its record is written)."""
+    record_path = lib.with_suffix(".sha256")
+    try:
+        record = json.loads(record_path.read_text())
+    except FileNotFoundError:
+        try:
+            if not _elf_complete(lib):
+                return False
+            with contextlib.suppress(OSError):
+                _write_atomic(record_path, json.dumps(_digest(lib)) + "\n")
+            return True
+        except OSError:
+            return False
+    except (OSError, ValueError):
+        return False
+    try:
+        return isinstance(record, dict) and _digest(lib) == {
+            "size": record.get("size"),
+            "sha256": record.get("sha256"),
+        }
+    except OSError:
+        return False
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _remembered(failed: Path) -> str | None:
+    """A failure of a build remembered from an earlier process, where it still holds: the
+    compiler rejected the code or flags, in the same environment."""
+    try:
+        record = json.loads(failed.read_text())
+    except (OSError, ValueError):
+        return None  # (markers of older versions, without an environment, are tried again)
+    if not isinstance(record, dict) or record.get("environment") != _environment():
+        return None
+    return record.get("error") if isinstance(record.get("error"), str) else None
+
+
+def forget_failures() -> list[Path]:
+    """Forget every failed build (the cache's ``.failed`` markers and this process's reasons):
+    the next use tries again. Returns the markers removed."""
+    removed = []
+    folder = cache_dir()
+    if folder.is_dir():
+        for marker in folder.glob("meprop_native_*.failed"):
+            with contextlib.suppress(OSError):
+                marker.unlink()
+                removed.append(marker)
+    with _lock:
+        _errors.clear()
+    return removed
+
+
 def _build(cxx: str, arch: str | None = None) -> Path:
-    """The compiled library for this machine and ``arch`` (default ``march()``): cached, else
-    built with the first set of flags that compiles (a set that failed here once is not
-    retried: its error is kept beside)."""
+    """The compiled library for this machine and ``arch`` (default ``march()``): cached and
+    verified, else built with the first set of flags that compiles (a set the compiler
+    rejected here, in this environment, is not tried again: its error is kept beside)."""
     arch = arch or march()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
     folder = cache_dir()
@@ -132,10 +278,14 @@ def _build(cxx: str, arch: str | None = None) -> Path:
         lib = folder / f"meprop_native_{key}.so"
         failed = lib.with_suffix(".failed")
         if lib.exists():
-            return lib
-        if failed.exists():
-            errors.append(failed.read_text())
+            if _verified(lib):
+                return lib
+            lib.unlink(missing_ok=True)  # damaged: built again (a loaded copy stays mapped)
+        remembered = _remembered(failed) if failed.exists() else None
+        if remembered is not None:
+            errors.append(remembered)
             continue
+        failed.unlink(missing_ok=True)
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
@@ -144,11 +294,15 @@ def _build(cxx: str, arch: str | None = None) -> Path:
                 [cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
             )
             if out.returncode == 0:
+                _write_atomic(lib.with_suffix(".sha256"), json.dumps(_digest(Path(tmp))) + "\n")
                 os.replace(tmp, lib)  # atomic: a concurrent build writes the same bytes
                 return lib
             msg = f"{cxx} {' '.join(flags)}: exit {out.returncode}\n{out.stderr[-2000:]}"
             errors.append(msg)
-            failed.write_text(msg)
+            if out.returncode > 0 and not any(t in out.stderr.lower() for t in _TRANSIENT):
+                record = {"environment": _environment(), "error": msg}
+                with contextlib.suppress(OSError):  # (a full disk: then not remembered)
+                    _write_atomic(failed, json.dumps(record) + "\n")
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -61,7 +61,9 @@ def pinned() -> str | None:
     if name in ("", "auto"):
         return None
     if name not in CANDIDATES:
-        raise ValueError(
+        from .build import SettingError
+
+        raise SettingError(
             f"MEPROP_BACKEND must be one of {('auto', *CANDIDATES)}, got {name!r}; unset it to "
             f"let meprop time the candidates"
         )
@@ -148,7 +150,10 @@ class Tuner:
         return {
             k: v
             for k, v in data["choices"].items()
-            if isinstance(v, dict) and v.get("backend") in CANDIDATES
+            if isinstance(v, dict)
+            and v.get("backend") in CANDIDATES
+            and isinstance(v.get("us", {}), dict)
+            and all(isinstance(t, int | float) for t in v.get("us", {}).values())
         }
 
     def choices(self) -> dict[str, dict]:
@@ -286,7 +291,7 @@ def describe() -> str:
     else:
         lines.append(f"C++ kernels: unavailable ({native.build_error()})")
     lines.append(f"numba kernels: {'available' if cpu.available() else 'unavailable'}")
-    pin = os.environ.get("MEPROP_BACKEND", "") or "unset"
+    pin = pinned() or os.environ.get("MEPROP_BACKEND", "").strip() or "unset"
     tune = "on" if tuning_enabled() else "off (MEPROP_AUTOTUNE=0)"
     lines.append(f"MEPROP_BACKEND: {pin}; timing of candidates: {tune}")
     t = tuner()

@@ -50,7 +50,8 @@ def fake_run(folder, label, method, seed, scores, seconds, test):
     (folder / "row.json").write_text(json.dumps({"group": "g", "label": label, "seed": seed}))
     (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log(scores, seconds)))
     summary = {"test_accuracy": test, "dev_accuracy": max(scores), "steps": 10 * len(scores),
-               "times": {"train": seconds * len(scores)}, "metric": "accuracy"}  # fmt: skip
+               "times": {"train": seconds * len(scores)}, "metric": "accuracy",
+               "widths": [500, 500], "config": cfg.to_dict()}  # fmt: skip
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
@@ -64,7 +65,10 @@ def test_report_pairs_times_and_scores(tmp_path):
                  [s + jitter for s in fast], 1.0, 0.981 + jitter)  # fmt: skip
         fake_run(tmp_path / "runs" / f"s{seed}", "slow", "meprop", seed,
                  [s - 0.05 for s in dense], 1.0, 0.93)  # fmt: skip
+    (tmp_path / "runs" / "unfinished").mkdir()  # no summary: left out, with a note
+    (tmp_path / "runs" / "unfinished" / "config.json").write_text("{}")
     report = build_tta_report([tmp_path], tmp_path).read_text()
+    assert "unfinished: left out" in report
     rows = {line.split(" | ")[0].strip("| "): line for line in report.splitlines()
             if line.startswith("| ")}  # fmt: skip
     # dense reaches best - 0.5 point where its running mean does: the 5th evaluation (10 s)

@@ -196,10 +196,10 @@ def _best_running(log: list[dict], key: str) -> float:
 
 def build_tta_report(paths: list[Path], out: Path, command: str = "") -> Path:
     """``report.md`` (and a plot per group) from the tta grid's runs in ``paths``."""
-    from .report import load_runs, replicates
+    from .report import replicates, scan_runs
     from .reproduce import provenance
 
-    runs = load_runs(paths)
+    runs, notes = scan_runs(paths)
     for r in runs:  # the log as trained, resumed steps replaced
         r.log = read_log(r.path / "log.jsonl")
     groups: dict[str, list] = {}
@@ -227,6 +227,8 @@ def build_tta_report(paths: list[Path], out: Path, command: str = "") -> Path:
         lines += ["", f"Command: `{command}`"]
     for group, rows in groups.items():
         lines += ["", *_group_section(group, rows, out)]
+    if notes:
+        lines += ["", "## Left out", "", *(f"- {n}" for n in notes)]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

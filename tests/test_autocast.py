@@ -126,7 +126,12 @@ def lstm_pair(k, mode, sparse_grad=False):
 
 def lstm_run(module, x, hx, weights, inside):
     with torch.autocast("cpu", dtype=BF16):
-        out, (h, c) = module(x, hx)
+        try:
+            out, (h, c) = module(x, hx)
+        except RuntimeError as e:  # torch's own LSTM, on a CPU oneDNN has no kernel for
+            if type(module) is nn.LSTM and "primitive descriptor" in str(e):
+                pytest.skip(f"nn.LSTM under bfloat16 autocast cannot run on this CPU: {e}")
+            raise
         loss = (out.float() * weights[0]).sum() + (h.float() * weights[1]).sum()
         if inside:
             loss.backward()

@@ -169,6 +169,13 @@ class _LSTMDirectionFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dhn, dcn):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"SparseLSTM(k={ctx.config.k}, mode={ctx.config.mode}) has no second-order "
+                "backward: torch.autograd.grad(..., create_graph=True) (or backward with "
+                "create_graph=True) would get first-order gradients detached from the graph; "
+                "leave the LSTM dense (sparsify_(..., filter_fn=...)) for gradient penalties"
+            )
         x, h0, c0, w_ih, w_hh, acts, cells, tanh_c, y = ctx.saved_tensors
         steps, reverse, cfg = ctx.steps, ctx.reverse, ctx.config
         # h_{t-1}, c_{t-1} of every row (N, H): one gather each from [y; h0] and [cells; c0].
@@ -590,6 +597,12 @@ class SparseLSTM(nn.LSTM):
             c0s = [autocast_cast(c, amp) for c in c0s]
 
         cfg = self.config
+        if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+            raise RuntimeError(
+                "SparseLSTM does not run under torch.func transforms (grad, vmap, jacrev, ...): "
+                "its recurrence writes its states in place; leave the LSTM dense there "
+                "(sparsify_(..., filter_fn=...)) or use loss.backward()"
+            )
         if cfg.scope == "global" and cfg.mode == "unified":
             # One all-reduce per time step would need the same number of steps on every rank.
             raise ValueError(

@@ -31,6 +31,7 @@ the fast paths are tested against it.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -40,7 +41,7 @@ from torch import Tensor
 from .adaptive import KRecord, batch_k, row_ks, score_dtype
 from .comm import sum_over_ranks
 from .config import AdaptiveK, MePropConfig
-from .grads import weight_grad
+from .grads import check_not_in_plain_ddp, weight_grad
 from .kernels import dispatch
 
 __all__ = [
@@ -453,6 +454,8 @@ class _SparseLinearFn(torch.autograd.Function):
                 dw = weight_grad(torch.arange(n, device=g.device), dw, n, True)
             return _finish(ctx, x, g, Selection("dense"), dx, dw, need_db)
         if cfg.adapt is not None:
+            if compiling:
+                _adaptive_untraced()
             record = record if record is not None else KRecord()
             if mode == "per_example":
                 return _adaptive_rows(ctx, x, x2, weight, g.contiguous(), record)
@@ -482,6 +485,18 @@ class _SparseLinearFn(torch.autograd.Function):
             dx, dw = _rows_products(idx, vals, g, x2, weight, kern, need_dx, need_dw,
                                     cfg.sparse_grad)  # fmt: skip
         return _finish(ctx, x, g, sel, dx, dw, need_db)
+
+
+@functools.partial(
+    torch.compiler.disable,
+    reason=(
+        "meProp's adaptive k (MePropConfig(adapt=...)) reads each backward's k on the host, "
+        "which torch.compile cannot trace: use a fixed k (adapt=None) with fullgraph=True, or "
+        "compile without fullgraph (the layer's backward then runs eagerly)"
+    ),
+)
+def _adaptive_untraced() -> None:
+    """Marks adaptive k's backward as not traceable: a graph break, or fullgraph's error."""
 
 
 def _functorch_active() -> bool:
@@ -666,6 +681,8 @@ def apply_config(
         record.last_k, record = float(min(cfg.k, n)), None
     if counts is None and cfg.k >= n and not cfg.sparse_grad:
         return F.linear(x, weight, bias)  # keeps everything: plain autograd, bit-exact
+    if cfg.sparse_grad:
+        check_not_in_plain_ddp(f"a meProp linear layer ({n} outputs, k={cfg.k})")
     args = (cfg, counts, selections, record)
     dtype = autocast_dtype(x)
     if dtype is None:

@@ -17,11 +17,16 @@ import pytest
 SCRIPT = textwrap.dedent(
     """
     import copy, json, sys
+    import pytest
     import torch
     from torch import nn
     from meprop import AdaptiveK, MePropConfig, SparseLSTM, sparsify_
 
     torch.set_num_threads(1)
+
+
+    def records(model):
+        return [m.k_record for m in model.modules() if hasattr(m, "k_record")]
 
 
     def run(cfg, fullgraph=True, lstm=False, backend="aot_eager"):
@@ -39,13 +44,16 @@ SCRIPT = textwrap.dedent(
         eager = copy.deepcopy(model)
         compiled = torch.compile(model, fullgraph=fullgraph, backend=backend)
         try:
-            for _ in range(2):  # the second call runs the cached graph
+            for step in range(3):  # later calls run the cached graph (adaptive k: its memory)
                 model.zero_grad()
                 eager.zero_grad()
-                torch.manual_seed(1)
+                torch.manual_seed(step)
                 loss(compiled).backward()
-                torch.manual_seed(1)
+                torch.manual_seed(step)
                 loss(eager).backward()
+                for a, b in zip(records(model), records(eager)):
+                    assert a.last_k == pytest.approx(b.last_k, rel=1e-6), (a, b)
+                    assert a.y_max == pytest.approx(b.y_max, rel=1e-5), (a, b)
             for (name, p), q in zip(model.named_parameters(), eager.parameters()):
                 a, b = p.grad, q.grad
                 assert a.layout == b.layout, (name, a.layout, b.layout)
@@ -64,13 +72,17 @@ SCRIPT = textwrap.dedent(
     out["sparse_bias"] = run(MePropConfig(k=3, mode="unified", sparse_bias=True))
     out["sparse_grad"] = run(MePropConfig(k=3, sparse_grad=True))
     out["sparse_grad_graph_break"] = run(MePropConfig(k=3, sparse_grad=True), fullgraph=False)
-    ada = AdaptiveK(min_k=1)
-    out["adaptive"] = run(MePropConfig(k=3, adapt=ada))
-    out["adaptive_graph_break"] = run(MePropConfig(k=3, mode="unified", adapt=ada), False)
+    tiny, mass = AdaptiveK(min_k=1), AdaptiveK(min_k=1, rule="mass", share=0.6)
+    out["adaptive_per_example"] = run(MePropConfig(k=6, adapt=tiny))
+    out["adaptive_per_example_mass"] = run(MePropConfig(k=6, adapt=mass))
+    out["adaptive_unified"] = run(MePropConfig(k=6, mode="unified", adapt=tiny))
+    out["adaptive_unified_mass"] = run(MePropConfig(k=6, mode="unified", adapt=mass))
     out["lstm_refused_by_dynamo"] = run(MePropConfig(k=3), lstm=True)
     torch._dynamo.config.allow_rnn = True
     for mode in ("per_example", "unified"):
         out["lstm_" + mode] = run(MePropConfig(k=3, mode=mode), lstm=True)
+    out["lstm_adaptive"] = run(MePropConfig(k=3, adapt=tiny), lstm=True)
+    out["lstm_adaptive_graph_break"] = run(MePropConfig(k=3, adapt=tiny), False, lstm=True)
     print(json.dumps(out))
     """
 )
@@ -98,9 +110,13 @@ def results():
         "per_example_inductor",
         "sparse_bias",
         "sparse_grad_graph_break",
-        "adaptive_graph_break",
+        "adaptive_per_example",
+        "adaptive_per_example_mass",
+        "adaptive_unified",
+        "adaptive_unified_mass",
         "lstm_per_example",
         "lstm_unified",
+        "lstm_adaptive_graph_break",
     ],
 )
 def test_fullgraph_gradients_equal_eager(results, case):
@@ -111,7 +127,7 @@ def test_fullgraph_gradients_equal_eager(results, case):
     "case,words",
     [
         ("sparse_grad", "sparse_grad=True builds a row-sparse COO weight gradient"),
-        ("adaptive", "adaptive k (MePropConfig(adapt=...)) reads each backward's k"),
+        ("lstm_adaptive", "SparseLSTM's adaptive k (MePropConfig(adapt=...)) reads each step"),
         ("lstm_refused_by_dynamo", "allow_rnn=True"),  # Dynamo's own words, for any nn.LSTM
     ],
 )

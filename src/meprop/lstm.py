@@ -200,13 +200,18 @@ class _LSTMDirectionFn(torch.autograd.Function):
         m_i, m_f, m_g, m_o = mult.split(hid, 1)
         m_i.mul_(g)  # dG_i = dc * g * i (1 - i)
         m_f.mul_(c_prev)  # dG_f = dc * c_{t-1} * f (1 - f)
-        m_g.copy_(i).addcmul_(i, g * g, value=-1)  # dG_g = dc * i * (1 - g^2)
+        if torch.compiler.is_compiling():  # (Dynamo takes no out= of a column slice)
+            m_g.copy_(i).addcmul_(i, g * g, value=-1)
+        else:
+            torch.addcmul(i, i, g * g, value=-1, out=m_g)  # dG_g = dc * i * (1 - g^2)
         m_o.mul_(tanh_c)  # dG_o = dh * tanh(c_t) * o (1 - o)
         dc_from_h = torch.addcmul(o, o, tanh_c * tanh_c, value=-1)  # o (1 - tanh(c)^2) (N, H)
 
         dense = k >= n4
         kern = None if dense else kernel_module(cfg.backend, acts)  # compiled kernels or None
         adapt = None if dense else cfg.adapt
+        if adapt is not None and torch.compiler.is_compiling():
+            _adaptive_untraced()
         record = ctx.record if ctx.record is not None else KRecord()
         kept = [0.0]  # adaptive: the k's kept, summed over the steps' rows
         dgates = torch.empty_like(acts)  # the full dG of every step (N, 4H)
@@ -279,6 +284,18 @@ class _LSTMDirectionFn(torch.autograd.Function):
             None,
             None,
         )
+
+
+@functools.partial(
+    torch.compiler.disable,
+    reason=(
+        "SparseLSTM's adaptive k (MePropConfig(adapt=...)) reads each step's k on the host, "
+        "which torch.compile cannot trace: use a fixed k (adapt=None) with fullgraph=True, or "
+        "compile without fullgraph (the LSTM's backward then runs eagerly)"
+    ),
+)
+def _adaptive_untraced() -> None:
+    """Marks adaptive k's backward through time as not traceable (a graph break)."""
 
 
 def _select_step(dg: Tensor, k: int, mode: str, kern, w_hh: Tensor, adapt=None, record=None,

@@ -31,14 +31,13 @@ the fast paths are tested against it.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .adaptive import KRecord, batch_k, row_ks, score_dtype
+from .adaptive import KRecord, batch_k, row_ks, score_dtype, traced_ks
 from .comm import sum_over_ranks
 from .config import AdaptiveK, MePropConfig
 from .grads import check_not_in_plain_ddp, weight_grad
@@ -424,14 +423,14 @@ class _SparseLinearFn(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, weight, bias, cfg, counts, sel_n, record):
+    def forward(x, weight, bias, cfg, counts, sel_n, record, state=None):
         return F.linear(x, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, _, cfg, counts, sel_n, record = inputs
+        x, weight, _, cfg, counts, sel_n, record, state = inputs
         ctx.save_for_backward(x, weight)
-        ctx.cfg, ctx.usage, ctx.record = cfg, (counts, sel_n), record
+        ctx.cfg, ctx.usage, ctx.record, ctx.state = cfg, (counts, sel_n), record, state
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -455,7 +454,7 @@ class _SparseLinearFn(torch.autograd.Function):
             return _finish(ctx, x, g, Selection("dense"), dx, dw, need_db)
         if cfg.adapt is not None:
             if compiling:
-                _adaptive_untraced()
+                return _adaptive_traced(ctx, x, x2, weight, g)
             record = record if record is not None else KRecord()
             if mode == "per_example":
                 return _adaptive_rows(ctx, x, x2, weight, g.contiguous(), record)
@@ -487,16 +486,51 @@ class _SparseLinearFn(torch.autograd.Function):
         return _finish(ctx, x, g, sel, dx, dw, need_db)
 
 
-@functools.partial(
-    torch.compiler.disable,
-    reason=(
-        "meProp's adaptive k (MePropConfig(adapt=...)) reads each backward's k on the host, "
-        "which torch.compile cannot trace: use a fixed k (adapt=None) with fullgraph=True, or "
-        "compile without fullgraph (the layer's backward then runs eagerly)"
-    ),
-)
-def _adaptive_untraced() -> None:
-    """Marks adaptive k's backward as not traceable: a graph break, or fullgraph's error."""
+def _adaptive_traced(ctx, x, x2, weight, g):
+    """Adaptive k while torch.compile traces backward: the k's stay tensors (no host read).
+
+    The products run on the top k_max (the config's k) of each row (per_example) or of the
+    column scores (unified), with the entries past the chosen k set to zero: the gradient of
+    the eager path, which cuts the selection to the largest k first. The layer's memory
+    (TinyProp's largest error) and ``last_k`` go to ``ctx.state``, the KRecord's tensor."""
+    cfg, state = ctx.cfg, ctx.state
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    adapt, k, n = cfg.adapt, cfg.k, weight.shape[0]
+    depth = ctx.record.depth if ctx.record is not None else 0
+    dt = score_dtype(g.dtype)
+    g = g.contiguous()
+    past_k = torch.arange(k, device=g.device)  # (k,)
+    if cfg.mode == "per_example":
+        top, idx = g.abs().topk(k, dim=1, sorted=True)  # (M, k) each, descending
+        top = top.to(dt)
+        ks, y_max = traced_ks(top, g, k, adapt, depth, _state_y_max(state, g))  # (M,)
+        vals = g.gather(1, idx).masked_fill(past_k >= ks.unsqueeze(1), 0)  # (M, k)
+        sel = Selection("rows", idx, vals)
+        kern = kernel_module(cfg.backend, g) if cfg.backend != "dense" else None
+        dx, dw = _rows_products(idx, vals, g, x2, weight, kern, need_dx, need_dw, cfg.sparse_grad)
+        mean_k = ks.sum() / max(g.shape[0], 1)
+    else:
+        scores = column_scores(g, cfg.scope)  # (n,)
+        top, cols = scores.topk(k, sorted=True)  # (k,)
+        kk, y_max = traced_ks(top.unsqueeze(0), scores.unsqueeze(0), k, adapt, depth,
+                              _state_y_max(state, g), batch=True)  # fmt: skip
+        gc = g.index_select(1, cols).masked_fill(past_k >= kk, 0)  # (M, k)
+        sel = Selection("cols", cols, gc)
+        dx, dw_rows = compact_products(gc, cols, weight, x2, need_dx, need_dw)
+        dw = weight_grad(cols, dw_rows, n, cfg.sparse_grad) if need_dw else None
+        mean_k = kk.sum()
+    if state is not None:
+        new = torch.stack([y_max.to(torch.float64), mean_k.to(torch.float64)])
+        state[:2].copy_(new.to(state.device))
+        state[2].fill_(1)
+    return _finish(ctx, x, g, sel, dx, dw, need_db)
+
+
+def _state_y_max(state: Tensor | None, g: Tensor) -> Tensor:
+    """TinyProp's largest error so far, on g's device, in g's score dtype (0 without state)."""
+    if state is None:
+        return g.new_zeros((), dtype=score_dtype(g.dtype))
+    return state[0].to(device=g.device, dtype=score_dtype(g.dtype))
 
 
 def _functorch_active() -> bool:
@@ -556,7 +590,7 @@ def _masked_backward(ctx, x, x2, weight, g):
             _record(*ctx.usage, sel, g)
     if dx is not None and x.dim() != 2:
         dx = dx.reshape(x.shape)
-    return dx, dw, db, None, None, None, None
+    return dx, dw, db, None, None, None, None, None
 
 
 def _scatter_rows(g: Tensor, idx: Tensor, vals: Tensor) -> Tensor:
@@ -604,7 +638,7 @@ def _finish(ctx, x, g, sel: Selection, dx, dw, need_db, db=None):
     _record(*ctx.usage, sel, g)
     if dx is not None and x.dim() != 2:
         dx = dx.reshape(x.shape)
-    return dx, dw, db, None, None, None, None
+    return dx, dw, db, None, None, None, None, None
 
 
 def sparse_linear(
@@ -683,7 +717,10 @@ def apply_config(
         return F.linear(x, weight, bias)  # keeps everything: plain autograd, bit-exact
     if cfg.sparse_grad:
         check_not_in_plain_ddp(f"a meProp linear layer ({n} outputs, k={cfg.k})")
-    args = (cfg, counts, selections, record)
+    state = None
+    if record is not None and torch.compiler.is_compiling():
+        state = record.state  # adaptive k's memory, as a tensor the traced backward updates
+    args = (cfg, counts, selections, record, state)
     dtype = autocast_dtype(x)
     if dtype is None:
         return _SparseLinearFn.apply(x, weight, bias, *args)

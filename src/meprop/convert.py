@@ -60,10 +60,11 @@ def register_layer(
     to_dense: Callable[[nn.Module], None],
     check: Callable[[MePropConfig], None] | None = None,
 ) -> None:
-    """Make ``sparsify_`` convert exact instances of ``dense`` with ``to_sparse(module, config)``
-    (which must leave an instance of ``sparse`` whose ``config`` is ``config``) and ``densify_``
-    turn ``sparse`` instances back with ``to_dense(module)``; ``check(config)``, if given,
-    raises for configs the type cannot take."""
+    """Make ``sparsify_`` convert exact (or parametrized) instances of ``dense`` with
+    ``to_sparse(module, config)`` (which must leave an instance of ``sparse`` whose ``config``
+    is ``config``; ``meprop.nn.swap_class`` keeps a parametrization) and ``densify_`` turn
+    instances of ``sparse`` back with ``to_dense(module)``; ``check(config)``, if given, raises
+    for configs the type cannot take."""
     handler = LayerHandler(dense, sparse, to_sparse, to_dense, check)
     _BY_DENSE[dense] = _BY_SPARSE[sparse] = handler
 
@@ -168,8 +169,11 @@ def sparsify_(model: nn.Module, config: MePropConfig, filter_fn: FilterFn | None
 
     Only exact instances of a registered type are converted: subclasses may compute something
     else in ``forward`` (``nn.MultiheadAttention``'s ``out_proj`` is never called as a module).
-    A ``UserWarning`` says when nothing was converted; ``converted(model)`` lists the meProp
-    layers. An uninitialised ``nn.LazyLinear`` that passes the filter is an error (run a
+    Parametrized ones (``torch.nn.utils.parametrize``: ``weight_norm``, ``spectral_norm``, ...)
+    are converted and stay parametrized: meProp's backward gives the parametrized weight's
+    gradient, the parametrization's backward takes it on to its tensors. A ``UserWarning``
+    says when nothing was converted, naming the layers there; ``converted(model)`` lists the
+    meProp layers. An uninitialised ``nn.LazyLinear`` that passes the filter is an error (run a
     forward pass first: it then becomes an ``nn.Linear``).
 
     Returns:

@@ -212,7 +212,7 @@ class _LSTMDirectionFn(torch.autograd.Function):
         adapt = None if dense else cfg.adapt
         if adapt is not None and torch.compiler.is_compiling():
             _adaptive_untraced()
-        record = ctx.record if ctx.record is not None else KRecord()
+        record = ctx.record if ctx.record is not None or adapt is None else KRecord()
         kept = [0.0]  # adaptive: the k's kept, summed over the steps' rows
         dgates = torch.empty_like(acts)  # the full dG of every step (N, 4H)
         idx_t: list = [None] * len(steps)  # per step: selected columns (n, k) and values

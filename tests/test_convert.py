@@ -201,3 +201,76 @@ def test_conv1d_under_autocast():
     y.float().sum().backward()
     assert y.dtype == torch.bfloat16 and layer.weight.grad.dtype == torch.float32
     assert int((layer.weight.grad != 0).any(0).sum()) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Parametrized layers (torch.nn.utils.parametrize): meProp's backward on the parametrized
+# weight, then the parametrization's own backward to its original tensors.
+
+P = torch.nn.utils.parametrizations
+PARAMETRIZE = {
+    "weight_norm": lambda m: P.weight_norm(m),
+    "spectral_norm": lambda m: P.spectral_norm(m),
+    "custom": lambda m: torch.nn.utils.parametrize.register_parametrization(m, "weight", _Scale()),
+}
+
+
+class _Scale(nn.Module):
+    def forward(self, w):
+        return 2 * w.tanh()
+
+
+@pytest.mark.parametrize("kind", list(PARAMETRIZE))
+@pytest.mark.parametrize("before", [True, False], ids=["parametrized_first", "sparsified_first"])
+def test_parametrized_linear_converts_and_matches_reference(kind, before):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    if before:
+        PARAMETRIZE[kind](model[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsify_(model, CFG)
+    if not before:
+        PARAMETRIZE[kind](model[0])
+    assert isinstance(model[0], convert.SparseLinear)
+    assert type(model[0]).__name__ == "ParametrizedSparseLinear"
+    assert converted(model)["0"] == "SparseLinear(from Linear, k=3, mode=per_example)"
+    model.eval()  # (spectral_norm: no power iteration, the same weight in both passes)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    originals = list(model[0].parametrizations.weight.parameters())
+    # reference: the layer's output gradient g masked, the dense formulas for dW, then the
+    # parametrization's own backward from dW to its originals
+    w = model[0].weight  # the parametrized weight, a function of the originals
+    out = torch.nn.functional.linear(x, w, model[0].bias)
+    g = torch.autograd.grad(model[2](model[1](out)).square().sum(), out)[0]
+    _, dw, db = reference_backward(x, w.detach(), g, 3, "per_example")
+    want = torch.autograd.grad(w, originals, dw)
+    model.zero_grad()
+    model(x).square().sum().backward()
+    for p, e in zip(originals, want, strict=True):
+        torch.testing.assert_close(p.grad, e)
+    torch.testing.assert_close(model[0].bias.grad, db)
+    densify_(model)
+    assert type(model[0]).__name__ == "ParametrizedLinear" and converted(model) == {}
+    assert not isinstance(model[0], convert.SparseLinear)
+    torch.nn.utils.parametrize.remove_parametrizations(model[0], "weight")
+    assert type(model[0]) is nn.Linear
+
+
+def test_parametrized_lstm_converts_and_back():
+    lstm = nn.LSTM(3, 4)
+    torch.nn.utils.parametrizations.weight_norm(lstm, "weight_hh_l0")
+    sparsify_(lstm, CFG)
+    assert isinstance(lstm, convert.SparseLSTM) and list(converted(lstm)) == [""]
+    lstm(torch.randn(5, 2, 3))[0].sum().backward()
+    assert all(p.grad is not None for p in lstm.parameters())
+    densify_(lstm)
+    assert type(lstm).__name__ == "ParametrizedLSTM" and not isinstance(lstm, convert.SparseLSTM)
+
+
+def test_nothing_converted_names_what_is_there():
+    with pytest.warns(UserWarning) as record:
+        sparsify_(nn.Bilinear(3, 4, 5), CFG)
+    (msg,) = [str(w.message) for w in record]
+    assert "its layers with parameters: ['Bilinear']" in msg
+    assert "NonDynamicallyQuantizableLinear" not in msg and "subclasses" not in msg

@@ -400,6 +400,20 @@ def test_ddp_sparse_gradients_need_gloo(group_of_one, monkeypatch):
         mdist.wrap(model)
 
 
+def test_plain_ddp_with_sparse_grad_says_what_to_use(group_of_one):
+    model = mlp()
+    sparsify_(model, MePropConfig(k=4, sparse_grad=True), filter_fn=hidden_layers(model))
+    x, _ = next(global_batches(1))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    with pytest.raises(RuntimeError, match=r"sparse_grad=True and runs inside torch's Distrib"):
+        ddp(x)
+    lstm = meprop.SparseLSTM(4, 3, config=MePropConfig(k=2, sparse_grad=True))
+    with pytest.raises(RuntimeError, match=r"meprop.distributed.wrap\(model\)"):
+        torch.nn.parallel.DistributedDataParallel(lstm)(torch.randn(2, 3, 4))
+    sparsify_(model, MePropConfig(k=4), filter_fn=hidden_layers(model))  # dense dW: fine
+    torch.nn.parallel.DistributedDataParallel(model)(x).sum().backward()
+
+
 def test_sparse_lstm_gradients_are_listed():
     lstm = meprop.SparseLSTM(4, 6, bidirectional=True, config=MePropConfig(k=2, sparse_grad=True))
     names = {id(p): n for n, p in lstm.named_parameters()}

@@ -203,3 +203,14 @@ def test_memory_under_compile_runs_eagerly_or_says_why():
     with pytest.raises(Exception, match=r"memory=0.5\) does not trace"):
         torch.compile(layer, fullgraph=True)(torch.randn(3, 8, dtype=torch.float64)).sum()
     torch._dynamo.reset()
+
+
+def test_memory_refuses_create_graph_and_torch_func():
+    layer = SparseLinear(5, 8, config=MePropConfig(k=2, memory=0.5))
+    x = torch.randn(3, 5)
+    loss = layer(x).pow(2).sum()
+    with pytest.raises(RuntimeError, match="memory=0.5 .*create_graph=True"):
+        torch.autograd.grad(loss, [layer.weight], create_graph=True)
+    params = dict(layer.named_parameters())
+    with pytest.raises(RuntimeError, match="memory=0.5 .*torch.func"):
+        torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).sum())(params)

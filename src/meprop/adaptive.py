@@ -11,14 +11,12 @@ follows is needed on the host anyway).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from .config import AdaptiveK
 
-__all__ = ["KRecord", "row_ks", "tinyprop_ks", "batch_k", "score_dtype"]
+__all__ = ["KRecord", "row_ks", "tinyprop_ks", "batch_k", "traced_ks", "score_dtype"]
 
 _SCORE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
@@ -29,7 +27,6 @@ def score_dtype(dtype: torch.dtype) -> torch.dtype:
     return _SCORE_DTYPE.get(dtype, dtype)
 
 
-@dataclass
 class KRecord:
     """One meProp layer's adaptive-k state and report.
 
@@ -42,15 +39,58 @@ class KRecord:
         calls: how many training forward passes the layer has run (``MePropConfig.warmup``).
         memory: the gradient (out_features,) that ``MePropConfig.memory`` carries into the
             next backward, or None (zero).
+        state: (3,) float64 on the CPU, ``[y_max, last_k, written]``: what a backward traced
+            by torch.compile reads and writes (it cannot set Python attributes); ``written``
+            is 1 until the next read of ``y_max`` or ``last_k`` takes the values over.
     """
 
-    depth: int = 0
-    y_max: float = 0.0
-    last_k: float | None = None
-    # MePropConfig.warmup: training forward passes seen; MePropConfig.memory: the (n,) gradient
-    # carried to the next backward (None: zero, until the first backward that keeps one)
-    calls: int = 0
-    memory: Tensor | None = None
+    def __init__(self, depth: int = 0, y_max: float = 0.0, last_k: float | None = None) -> None:
+        self.depth = depth
+        # MePropConfig.warmup: training forward passes seen; MePropConfig.memory: the (n,)
+        # gradient carried to the next backward (None: zero, until a backward keeps one)
+        self.calls = 0
+        self.memory: Tensor | None = None
+        self.state = torch.tensor([y_max, 0.0, 0.0], dtype=torch.float64)
+        self._view = self.state.numpy()  # the same memory: eager reads cost no tensor op
+        self._y_max, self._last_k = y_max, last_k
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_view"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._view = self.state.numpy()
+
+    def _take_state(self) -> None:
+        # (eager code only: a traced backward writes the state, eager reads take it over)
+        if not torch.compiler.is_compiling() and self._view[2] != 0:
+            y_max, last_k, _ = self._view.tolist()
+            self._y_max, self._last_k = y_max, last_k
+            self._view[2] = 0
+
+    @property
+    def y_max(self) -> float:
+        self._take_state()
+        return self._y_max
+
+    @y_max.setter
+    def y_max(self, value: float) -> None:
+        self._take_state()
+        self._y_max = value
+        self._view[0] = value
+
+    @property
+    def last_k(self) -> float | None:
+        self._take_state()
+        return self._last_k
+
+    @last_k.setter
+    def last_k(self, value: float | None) -> None:
+        self._take_state()
+        self._last_k = value
+
+    def __repr__(self) -> str:
+        return f"KRecord(depth={self.depth}, y_max={self.y_max}, last_k={self.last_k})"
 
 
 def _tinyprop_share(y: Tensor, y_max: Tensor, adapt: AdaptiveK, depth: int) -> Tensor:
@@ -103,6 +143,36 @@ def tinyprop_ks(g: Tensor, k_max: int, adapt: AdaptiveK, record: KRecord) -> tup
     share = _tinyprop_share(y, y_max, adapt, record.depth)
     ks = (share * g.shape[1]).round().long().clamp_(adapt.min_k, k_max)
     return ks, _read(ks, y_max, record, dt)
+
+
+def traced_ks(
+    top: Tensor,
+    g: Tensor,
+    k_max: int,
+    adapt: AdaptiveK,
+    depth: int,
+    y_max: Tensor,
+    batch: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``row_ks``'s (or with ``batch``, ``batch_k``'s) k's kept as tensors, for a backward that
+    torch.compile traces (no host read, no Python state): ``(ks (M,) int64, the new y_max)``.
+
+    ``g`` (M, n) the gradient and ``top`` (M, k_max) the k_max largest |g| of each row,
+    descending, in the score dtype; with ``batch``, ``g`` is the (1, n) column scores of a
+    unified call and ``top`` their k_max largest. ``y_max``: the largest error so far (0-dim).
+    """
+    dt = top.dtype
+    if adapt.rule == "mass":
+        if adapt.measure == "square":
+            top, total = top.square(), g.to(dt).square().sum(1)
+        else:
+            total = g.abs().sum(1, dtype=dt)
+        ks = _mass_count(top, total, adapt.share)
+    else:
+        y = g.abs().sum(1, dtype=dt)  # (M,) each example's error size (batch: the call's)
+        y_max = torch.maximum(y.max(), y_max) if g.shape[0] else y_max
+        ks = (_tinyprop_share(y, y_max, adapt, depth) * g.shape[1]).round()
+    return ks.clamp(adapt.min_k, k_max).long(), y_max
 
 
 def _sorted_topk(g: Tensor, k: int, kernels) -> tuple[Tensor, Tensor, Tensor]:

@@ -24,7 +24,7 @@ from torch import nn
 from .adaptive import KRecord
 from .config import MePropConfig
 from .lstm import SparseLSTM, to_dense_, to_sparse_
-from .nn import SparseLinear
+from .nn import SparseLinear, base_class, swap_class
 
 __all__ = ["sparsify_", "densify_", "hidden_layers", "converted", "register_layer"]
 
@@ -60,12 +60,30 @@ def register_layer(
     to_dense: Callable[[nn.Module], None],
     check: Callable[[MePropConfig], None] | None = None,
 ) -> None:
-    """Make ``sparsify_`` convert exact instances of ``dense`` with ``to_sparse(module, config)``
-    (which must leave an instance of ``sparse`` whose ``config`` is ``config``) and ``densify_``
-    turn ``sparse`` instances back with ``to_dense(module)``; ``check(config)``, if given,
-    raises for configs the type cannot take."""
+    """Make ``sparsify_`` convert exact (or parametrized) instances of ``dense`` with
+    ``to_sparse(module, config)`` (which must leave an instance of ``sparse`` whose ``config``
+    is ``config``; ``meprop.nn.swap_class`` keeps a parametrization) and ``densify_`` turn
+    instances of ``sparse`` back with ``to_dense(module)``; ``check(config)``, if given, raises
+    for configs the type cannot take."""
     handler = LayerHandler(dense, sparse, to_sparse, to_dense, check)
     _BY_DENSE[dense] = _BY_SPARSE[sparse] = handler
+
+
+def _dense_handler(module: nn.Module) -> LayerHandler | None:
+    """The handler converting ``module``: by its exact type (a subclass may compute something
+    else in forward), looking through the class ``torch.nn.utils.parametrize`` wraps a
+    parametrized module in (whose forward is the original's)."""
+    return _BY_DENSE.get(base_class(module))
+
+
+def _sparse_handler(module: nn.Module) -> LayerHandler | None:
+    """The handler of a meProp layer: by what it is, the first registered meProp type in its
+    class's MRO (a parametrized ``SparseLinear`` is a subclass of it)."""
+    for cls in type(module).__mro__:
+        handler = _BY_SPARSE.get(cls)
+        if handler is not None:
+            return handler
+    return None
 
 
 def _handlers() -> None:
@@ -76,7 +94,7 @@ def _handlers() -> None:
 
 def _swap_class(sparse: type) -> Callable[[nn.Module, MePropConfig], None]:
     def to_sparse(module: nn.Module, config: MePropConfig) -> None:
-        module.__class__ = sparse
+        swap_class(module, sparse)
         module.config = config
         module.usage = None
         module.k_record = KRecord()
@@ -86,7 +104,7 @@ def _swap_class(sparse: type) -> Callable[[nn.Module, MePropConfig], None]:
 
 def _unswap_class(dense: type) -> Callable[[nn.Module], None]:
     def to_dense(module: nn.Module) -> None:
-        module.__class__ = dense
+        swap_class(module, dense)
         del module.config, module.usage, module.k_record
 
     return to_dense
@@ -151,8 +169,11 @@ def sparsify_(model: nn.Module, config: MePropConfig, filter_fn: FilterFn | None
 
     Only exact instances of a registered type are converted: subclasses may compute something
     else in ``forward`` (``nn.MultiheadAttention``'s ``out_proj`` is never called as a module).
-    A ``UserWarning`` says when nothing was converted; ``converted(model)`` lists the meProp
-    layers. An uninitialised ``nn.LazyLinear`` that passes the filter is an error (run a
+    Parametrized ones (``torch.nn.utils.parametrize``: ``weight_norm``, ``spectral_norm``, ...)
+    are converted and stay parametrized: meProp's backward gives the parametrized weight's
+    gradient, the parametrization's backward takes it on to its tensors. A ``UserWarning``
+    says when nothing was converted, naming the layers there; ``converted(model)`` lists the
+    meProp layers. An uninitialised ``nn.LazyLinear`` that passes the filter is an error (run a
     forward pass first: it then becomes an ``nn.Linear``).
 
     Returns:
@@ -170,7 +191,7 @@ def sparsify_(model: nn.Module, config: MePropConfig, filter_fn: FilterFn | None
     _handlers()
     todo, lazy = [], []
     for name, module in model.named_modules():
-        handler = _BY_DENSE.get(type(module)) or _BY_SPARSE.get(type(module))
+        handler = _sparse_handler(module) or _dense_handler(module)
         lazy_linear = isinstance(module, nn.LazyLinear)
         if handler is None and not lazy_linear:
             continue
@@ -189,27 +210,35 @@ def sparsify_(model: nn.Module, config: MePropConfig, filter_fn: FilterFn | None
         if handler.check is not None:
             handler.check(config)
     for module, handler in todo:
-        if type(module) is handler.dense:
+        if not isinstance(module, handler.sparse):
             handler.to_sparse(module, config)
         else:  # already a meProp layer: the new config only
             module.config = config
     _number_depths(model)
     if not todo:
-        types = tuple(_BY_DENSE)
-        subclasses = sorted(
-            {type(m).__name__ for m in model.modules() if isinstance(m, types)}
-            - {t.__name__ for t in types}
-        )
-        warnings.warn(
-            f"sparsify_ converted no layer: {type(model).__name__} has no exact "
-            f"{', '.join(t.__name__ for t in types)} instance"
-            f"{' that filter_fn accepts' if filter_fn is not None else ''} (subclasses such as "
-            f"{subclasses or 'NonDynamicallyQuantizableLinear'} are left alone; other layer "
-            "types: meprop.convert.register_layer)",
-            UserWarning,
-            stacklevel=2,
-        )
+        warnings.warn(_nothing_converted(model, filter_fn), UserWarning, stacklevel=2)
     return model
+
+
+def _nothing_converted(model: nn.Module, filter_fn: FilterFn | None) -> str:
+    """The "converted no layer" warning, naming what the model holds instead."""
+    types = tuple(_BY_DENSE)
+    modules = list(model.modules())
+    subclasses = sorted(
+        {type(m).__name__ for m in modules if isinstance(m, types) and _dense_handler(m) is None}
+    )
+    with_params = sorted(
+        {type(m).__name__ for m in modules if any(True for _ in m.parameters(recurse=False))}
+    )
+    msg = (
+        f"sparsify_ converted no layer: {type(model).__name__} has no exact "
+        f"{', '.join(t.__name__ for t in types)} instance"
+        f"{' that filter_fn accepts' if filter_fn is not None else ''}"
+    )
+    if subclasses:
+        msg += f"; subclasses {subclasses} are left alone (their forward may differ)"
+    msg += f"; its layers with parameters: {with_params or 'none'}"
+    return msg + "; other layer types: meprop.convert.register_layer"
 
 
 def _number_depths(model: nn.Module) -> None:
@@ -236,7 +265,7 @@ def densify_(model: nn.Module, filter_fn: FilterFn | None = None):
     _check_filter(filter_fn)
     _handlers()
     for name, module in model.named_modules():
-        handler = _BY_SPARSE.get(type(module))
+        handler = _sparse_handler(module)
         if handler is not None and (filter_fn is None or filter_fn(module, name)):
             handler.to_dense(module)
     return model
@@ -254,7 +283,7 @@ def converted(model: nn.Module) -> dict[str, str]:
     _handlers()
     out = {}
     for name, module in model.named_modules():
-        handler = _BY_SPARSE.get(type(module))
+        handler = _sparse_handler(module)
         if handler is not None:
             c = module.config
             out[name] = (

@@ -179,7 +179,9 @@ def wrap(model: nn.Module, **ddp_kwargs: Any) -> MePropDDP:
     """``MePropDDP(model, **ddp_kwargs)``: DDP that knows meProp's sparse gradients.
 
     Call on every rank after ``init_process_group`` and after any checkpoint is loaded (loading
-    resizes the parameters of a shrunk model); it broadcasts rank 0's parameters.
+    resizes the parameters of a shrunk model); it broadcasts rank 0's parameters. Use it, not
+    torch's ``DistributedDataParallel``, for layers with ``sparse_grad=True``: under a plain DDP
+    their forward raises (DDP's reducer cannot take row-sparse gradients).
 
     Args:
         model: the module (with ``SparseLinear``/``SparseLSTM`` layers or not).

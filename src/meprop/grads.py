@@ -15,6 +15,9 @@ torch 2.x:
   repeated rows until coalesced); a dense ``.grad`` that already exists stays dense.
 * ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_`` raise ``NotImplementedError`` for
   the sparse backend; ``meprop.clip_grad_norm_`` below takes both kinds.
+* torch's ``DistributedDataParallel`` puts them in a dense bucket and fails in backward
+  ("Cannot access storage of SparseTensorImpl"); ``check_not_in_plain_ddp`` says so in forward,
+  and ``meprop.distributed.wrap`` is the DDP that takes them (gloo).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["clip_grad_norm_", "weight_grad", "lazy_zeros"]
+__all__ = ["clip_grad_norm_", "weight_grad", "lazy_zeros", "check_not_in_plain_ddp"]
 
 
 def clip_grad_norm_(
@@ -75,16 +79,34 @@ def clip_grad_norm_(
 def weight_grad(rows: Tensor, dw_rows: Tensor, n: int, sparse: bool) -> Tensor:
     """dW (n, in) from its non-zero rows: row-sparse COO, or a dense tensor with zero rows."""
     if sparse:
-        # rows are sorted and distinct, so the tensor is already coalesced.
-        return torch.sparse_coo_tensor(
-            rows.unsqueeze(0),
-            dw_rows,
-            (n, dw_rows.shape[1]),
-            is_coalesced=True,
-            check_invariants=False,
-        )
+        if torch.compiler.is_compiling():
+            return _row_sparse_untraced(rows, dw_rows, n)
+        return _row_sparse(rows, dw_rows, n)
     dw = lazy_zeros(n, dw_rows.shape[1], dw_rows)
     return dw.index_copy_(0, rows, dw_rows)
+
+
+def _row_sparse(rows: Tensor, dw_rows: Tensor, n: int) -> Tensor:
+    # rows are sorted and distinct, so the tensor is already coalesced.
+    return torch.sparse_coo_tensor(
+        rows.unsqueeze(0),
+        dw_rows,
+        (n, dw_rows.shape[1]),
+        is_coalesced=True,
+        check_invariants=False,
+    )
+
+
+# torch.compile cannot trace sparse COO tensors: the layer's backward runs eagerly (a graph
+# break at its autograd.Function), and fullgraph=True stops with this reason.
+_row_sparse_untraced = torch.compiler.disable(
+    _row_sparse,
+    reason=(
+        "meProp's sparse_grad=True builds a row-sparse COO weight gradient, which torch.compile "
+        "cannot trace: use MePropConfig(sparse_grad=False) with fullgraph=True, or compile "
+        "without fullgraph (the layer's backward then runs eagerly)"
+    ),
+)
 
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
@@ -100,3 +122,20 @@ def lazy_zeros(n: int, d: int, like: Tensor) -> Tensor:
     if like.device.type != "cpu" or like.dtype not in _NUMPY_DTYPES or n * d < (1 << 20):
         return like.new_zeros(n, d)
     return torch.from_numpy(np.zeros((n, d), dtype=_NUMPY_DTYPES[like.dtype]))
+
+
+def check_not_in_plain_ddp(layer: str) -> None:
+    """Raise where ``layer`` (a meProp layer with ``sparse_grad=True``) runs inside torch's own
+    ``DistributedDataParallel`` forward, whose reducer would fail in backward on the row-sparse
+    weight gradient. ``meprop.distributed.MePropDDP`` (marked by ``_meprop_sparse``) takes it."""
+    if torch.compiler.is_compiling():
+        return
+    ddp = DistributedDataParallel._get_active_ddp_module()
+    if ddp is not None and not hasattr(ddp, "_meprop_sparse"):
+        raise RuntimeError(
+            f"{layer} has sparse_grad=True and runs inside torch's DistributedDataParallel, "
+            "whose reducer cannot take row-sparse gradients (it would fail in backward with "
+            "'Cannot access storage of SparseTensorImpl'): wrap the model with "
+            "meprop.distributed.wrap(model) (a gloo process group), or use "
+            "MePropConfig(sparse_grad=False)"
+        )

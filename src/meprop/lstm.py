@@ -40,7 +40,8 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .adaptive import KRecord, batch_k, row_ks
 from .config import MePropConfig
-from .grads import weight_grad
+from .grads import check_not_in_plain_ddp, weight_grad
+from .nn import swap_class
 from .ops import (
     Selection,
     autocast_cast,
@@ -169,10 +170,18 @@ class _LSTMDirectionFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dhn, dcn):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"SparseLSTM(k={ctx.config.k}, mode={ctx.config.mode}) has no second-order "
+                "backward: torch.autograd.grad(..., create_graph=True) (or backward with "
+                "create_graph=True) would get first-order gradients detached from the graph; "
+                "leave the LSTM dense (sparsify_(..., filter_fn=...)) for gradient penalties"
+            )
         x, h0, c0, w_ih, w_hh, acts, cells, tanh_c, y = ctx.saved_tensors
         steps, reverse, cfg = ctx.steps, ctx.reverse, ctx.config
         # h_{t-1}, c_{t-1} of every row (N, H): one gather each from [y; h0] and [cells; c0].
-        prev = _previous_rows(steps, reverse).to(acts.device)
+        rows_of = _previous_rows.__wrapped__ if torch.compiler.is_compiling() else _previous_rows
+        prev = rows_of(steps, reverse).to(acts.device)
         h_prev = torch.cat([y, h0]).index_select(0, prev)
         c_prev = torch.cat([cells, c0]).index_select(0, prev)
         k, mode = cfg.k, cfg.mode
@@ -191,14 +200,19 @@ class _LSTMDirectionFn(torch.autograd.Function):
         m_i, m_f, m_g, m_o = mult.split(hid, 1)
         m_i.mul_(g)  # dG_i = dc * g * i (1 - i)
         m_f.mul_(c_prev)  # dG_f = dc * c_{t-1} * f (1 - f)
-        torch.addcmul(i, i, g * g, value=-1, out=m_g)  # dG_g = dc * i * (1 - g^2)
+        if torch.compiler.is_compiling():  # (Dynamo takes no out= of a column slice)
+            m_g.copy_(i).addcmul_(i, g * g, value=-1)
+        else:
+            torch.addcmul(i, i, g * g, value=-1, out=m_g)  # dG_g = dc * i * (1 - g^2)
         m_o.mul_(tanh_c)  # dG_o = dh * tanh(c_t) * o (1 - o)
         dc_from_h = torch.addcmul(o, o, tanh_c * tanh_c, value=-1)  # o (1 - tanh(c)^2) (N, H)
 
         dense = k >= n4
         kern = None if dense else kernel_module(cfg.backend, acts)  # compiled kernels or None
         adapt = None if dense else cfg.adapt
-        record = ctx.record if ctx.record is not None else KRecord()
+        if adapt is not None and torch.compiler.is_compiling():
+            _adaptive_untraced()
+        record = ctx.record if ctx.record is not None or adapt is None else KRecord()
         kept = [0.0]  # adaptive: the k's kept, summed over the steps' rows
         dgates = torch.empty_like(acts)  # the full dG of every step (N, 4H)
         idx_t: list = [None] * len(steps)  # per step: selected columns (n, k) and values
@@ -221,7 +235,8 @@ class _LSTMDirectionFn(torch.autograd.Function):
             dh = dh_p if n == batch else torch.cat([dh_p, dh[n:]])
             dc = dc_p if n == batch else torch.cat([dc_p, dc[n:]])
 
-        record.last_k = kept[0] / n_rows if adapt is not None and n_rows else float(min(k, n4))
+        if ctx.record is not None:  # adaptive k (a fixed k's last_k is set in forward)
+            record.last_k = kept[0] / n_rows if adapt is not None and n_rows else float(min(k, n4))
         dx = dw_ih = dw_hh = db = None
         if dense:
             sel = Selection("dense")
@@ -269,6 +284,18 @@ class _LSTMDirectionFn(torch.autograd.Function):
             None,
             None,
         )
+
+
+@functools.partial(
+    torch.compiler.disable,
+    reason=(
+        "SparseLSTM's adaptive k (MePropConfig(adapt=...)) reads each step's k on the host, "
+        "which torch.compile cannot trace: use a fixed k (adapt=None) with fullgraph=True, or "
+        "compile without fullgraph (the LSTM's backward then runs eagerly)"
+    ),
+)
+def _adaptive_untraced() -> None:
+    """Marks adaptive k's backward through time as not traceable (a graph break)."""
 
 
 def _select_step(dg: Tensor, k: int, mode: str, kern, w_hh: Tensor, adapt=None, record=None,
@@ -602,6 +629,14 @@ class SparseLSTM(nn.LSTM):
             c0s = [autocast_cast(c, amp) for c in c0s]
 
         cfg = self.config
+        if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+            raise RuntimeError(
+                "SparseLSTM does not run under torch.func transforms (grad, vmap, jacrev, ...): "
+                "its recurrence writes its states in place; leave the LSTM dense there "
+                "(sparsify_(..., filter_fn=...)) or use loss.backward()"
+            )
+        if cfg.sparse_grad:
+            check_not_in_plain_ddp(f"SparseLSTM(k={cfg.k})")
         if cfg.scope == "global" and cfg.mode == "unified":
             # One all-reduce per time step would need the same number of steps on every rank.
             raise ValueError(
@@ -638,10 +673,17 @@ class SparseLSTM(nn.LSTM):
                 if self.debug_selections is not None:
                     debug = DebugSink(self.debug_selections, (layer, d), sorted_indices)
                 j = layer * dirs + d
+                record = self.k_record
+                if cfg.adapt is None:
+                    # A fixed k is known now; backward then changes no state outside the graph
+                    # (which torch.compile would have to break on).
+                    if j == 0:
+                        record.last_k = float(min(cfg.k, 4 * w_hh.shape[1]))
+                    record = None
                 with no_amp:
                     y, h_n, c_n = _LSTMDirectionFn.apply(
                         layer_in, h0s[j], c0s[j], w_ih, w_hh, b_ih, b_hh,
-                        steps, d == 1, cfg, usage, debug, self.k_record, save,
+                        steps, d == 1, cfg, usage, debug, record, save,
                     )  # fmt: skip
                 outs.append(y)
                 hs.append(h_n)
@@ -676,7 +718,7 @@ def _check_no_proj(proj_size: int) -> None:
 def to_sparse_(lstm: nn.LSTM, config: MePropConfig) -> SparseLSTM:
     """Make an exact ``nn.LSTM`` a ``SparseLSTM`` in place (class swap; Parameters kept)."""
     _check_no_proj(lstm.proj_size)
-    lstm.__class__ = SparseLSTM
+    swap_class(lstm, SparseLSTM)
     lstm.config = config
     lstm.usage = None
     lstm.debug_selections = None
@@ -698,6 +740,6 @@ def to_dense_(lstm: SparseLSTM) -> nn.LSTM:
             "gradients are the dense ones)"
         )
     lstm.hidden_size = widths.pop()
-    lstm.__class__ = nn.LSTM
+    swap_class(lstm, nn.LSTM)
     del lstm.config, lstm.usage, lstm.debug_selections, lstm.k_record
     return lstm

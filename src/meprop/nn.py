@@ -13,12 +13,36 @@ import functools
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .adaptive import KRecord
 from .config import MePropConfig
 from .ops import apply_config
 
-__all__ = ["SparseLinear", "Cube"]  # and SparseConv1D (built on first access)
+__all__ = ["SparseLinear", "Cube", "swap_class", "base_class"]  # and SparseConv1D (on access)
+
+
+def base_class(module: nn.Module) -> type:
+    """The layer type of ``module``: its class, or, for a module that
+    ``torch.nn.utils.parametrize`` has wrapped (``ParametrizedLinear``, a subclass it makes per
+    module to hold the parametrized properties), the class it wrapped."""
+    cls = type(module)
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
+
+
+def swap_class(module: nn.Module, cls: type) -> None:
+    """Make ``module`` an instance of ``cls`` in place. A parametrized module stays
+    parametrized: its new class is a ``Parametrized<cls>`` holding the same properties (the
+    parametrizations' forward and backward run as before; ``remove_parametrizations`` then
+    leaves a ``cls``)."""
+    if parametrize.is_parametrized(module):
+        own = {
+            k: v
+            for k, v in vars(type(module)).items()
+            if k not in ("__module__", "__dict__", "__weakref__", "__doc__", "__qualname__")
+        }
+        cls = type(f"Parametrized{cls.__name__}", (cls,), own)
+    module.__class__ = cls
 
 
 class SparseLinear(nn.Linear):

@@ -472,8 +472,8 @@ def _reproduce(args: argparse.Namespace) -> None:
     if args.task == "tta":  # side by side: interleaved epoch by epoch, its own report
         from .tta import build_tta_report, run_interleaved
 
-        dirs = run_interleaved(rows, out, data_dir=args.data_dir)
-        report = build_tta_report(dirs, out, _command(args))
+        run_interleaved(rows, out, data_dir=args.data_dir)
+        report = build_tta_report([out], out, _command(args))  # every group in the folder
     else:
         from .report import build_report
 

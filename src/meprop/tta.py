@@ -256,7 +256,8 @@ def _group_section(group: str, rows: list[list], out: Path) -> list[str]:
         f"{cfg['optimizer']} lr {cfg['lr'] or 'default'}, batch {cfg['batch_size']}, dropout "
         f"{cfg['dropout']:g}, {cfg['epochs']} epochs, dev every {cfg['eval_every']} steps. "
         f"Dense's best running-mean dev {key[4:]}: {scale * best.mean:.2f} ± "
-        f"{scale * best.sd:.2f} %.",
+        f"{scale * best.sd:.2f} %. Rebuild: `meprop reproduce tta --groups {group}` (seeds "
+        f"{','.join(str(r.seed) for r in dense)}).",
         "",
     ]
     header = "| recipe | seeds | ms/step | " + " | ".join(

@@ -197,7 +197,6 @@ def _best_running(log: list[dict], key: str) -> float:
 def build_tta_report(paths: list[Path], out: Path, command: str = "") -> Path:
     """``report.md`` (and a plot per group) from the tta grid's runs in ``paths``."""
     from .report import replicates, scan_runs
-    from .reproduce import provenance
 
     runs, notes = scan_runs(paths)
     for r in runs:  # the log as trained, resumed steps replaced
@@ -205,13 +204,11 @@ def build_tta_report(paths: list[Path], out: Path, command: str = "") -> Path:
     groups: dict[str, list] = {}
     for (group, _), reps in replicates(runs).items():
         groups.setdefault(group, []).append(reps)
-    origin = provenance()
     lines = [
         "# Time to accuracy",
         "",
-        f"{len(runs)} runs; {origin['machine']}; torch {origin['torch']}; meprop "
-        f"{origin['meprop']} (commit {origin['commit'] or 'unknown'}); grid time "
-        f"{_grid_hours(out)}.",
+        f"{len(runs)} runs; {_where(runs)}; grid time {_grid_hours(out)} (summed over its "
+        "sittings and parallel processes).",
         "",
         "Each recipe ran with the seeds shown, interleaved epoch by epoch with the others of "
         "its group in one process and one thread (the machine's load falls on all alike). "
@@ -232,6 +229,21 @@ def build_tta_report(paths: list[Path], out: Path, command: str = "") -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _where(runs: list) -> str:
+    """Where the runs were made, from their row.json (the machine, the torch thread count,
+    torch, meprop and its commit): one line per distinct machine and version."""
+    seen = []
+    for r in runs:
+        e = r.extra
+        where = (
+            f"{e.get('machine', 'machine unknown')}; torch {e.get('torch', '?')}; meprop "
+            f"{e.get('meprop', '?')} (commit {e.get('commit') or 'unknown'})"
+        )
+        if where not in seen:
+            seen.append(where)
+    return " / ".join(seen) if seen else "no runs"
 
 
 def _grid_hours(out: Path) -> str:

@@ -58,7 +58,9 @@ def test_demo_runs(tiny_mnist, tmp_path, capsys):
     assert "whole backward time ratio (dense / meProp)" in out
     assert "training step (forward, backward, optimizer) time ratio" in out
     assert "machine: " in out and "meProp backward implementations" in out
-    assert (tmp_path / "meprop" / "summary.json").exists()
+    assert "time to dense's accuracy" in out and "dense's best - 0.2 point" in out
+    assert (tmp_path / "runs" / "meprop" / "summary.json").exists()
+    assert (tmp_path / "report.md").exists()
 
 
 def test_bad_flag_values_are_reported(tiny_mnist, tmp_path, capsys):

@@ -38,7 +38,8 @@ from .stats import paired, summarize
 from .train import TrainConfig
 
 __all__ = [
-    "WINDOW", "MARGINS", "tta_grid", "run_interleaved", "read_log", "crossing", "build_tta_report",
+    "WINDOW", "MARGINS", "tta_grid", "run_interleaved", "read_log", "crossing",
+    "time_to_targets", "build_tta_report",
 ]  # fmt: skip
 
 WINDOW = 3  # evaluations in the running mean that decides a crossing
@@ -95,9 +96,12 @@ def _recipe_name(cfg: TrainConfig) -> str:
 # Running
 
 
-def run_interleaved(rows: list[Row], out: Path, data_dir=None, echo=print) -> list[Path]:
+def run_interleaved(
+    rows: list[Row], out: Path, data_dir=None, echo=print, progress: bool = False
+) -> list[Path]:
     """Train every row to its epochs, one epoch of each in turn (finished epochs are kept:
-    an interrupted grid resumes). Returns the run folders."""
+    an interrupted grid resumes; ``progress``: the trainer's progress display within each
+    epoch). Returns the run folders."""
     from .reproduce import add_grid_seconds, provenance
     from .train import run
 
@@ -117,7 +121,7 @@ def run_interleaved(rows: list[Row], out: Path, data_dir=None, echo=print) -> li
             (d / "row.json").write_text(json.dumps(info) + "\n")
             resume = (d / "config.json").exists()
             cfg = replace(row.config, epochs=epoch)
-            run(cfg, d, data_dir=data_dir, resume=resume, progress=False, echo=quiet)
+            run(cfg, d, data_dir=data_dir, resume=resume, progress=progress, echo=quiet)
             record = read_log(d / "log.jsonl")[-1]
             echo(
                 f"[{time.perf_counter() - t0:.0f} s] {row.label} (seed {row.config.seed}): epoch "
@@ -183,6 +187,19 @@ def crossing(log: list[dict], target: float, key: str) -> tuple[int, float] | No
         if i + 1 >= WINDOW and mean >= target:
             return step, seconds
     return None
+
+
+def time_to_targets(dense_log: list[dict], log: list[dict], key: str, margins=MARGINS):
+    """Per margin: (target, dense's (step, seconds) or None, this run's, the time ratio or
+    None), the target being dense's best running mean minus the margin (in points)."""
+    best = _best_running(dense_log, key)
+    out = []
+    for margin in margins:
+        target = best - margin / 100
+        d, m = crossing(dense_log, target, key), crossing(log, target, key)
+        ratio = m[1] / d[1] if d and m and d[1] > 0 else None
+        out.append((target, d, m, ratio))
+    return out
 
 
 def _best_running(log: list[dict], key: str) -> float:

@@ -32,6 +32,7 @@ def test_grid_rows():
     rows = tta_grid()
     groups = {r.group for r in rows}
     assert groups == {"mnist-w500", "mnist-w1000", "mnist-w2000"}
+    assert len([r for r in rows if r.group == "mnist-w2000"]) == 3
     names = [r.name for r in rows]
     assert len(names) == len(set(names))
     w500 = [r for r in rows if r.group == "mnist-w500"]

@@ -1,0 +1,192 @@
+"""The compacted all-reduce (``meprop.ddp_hook``): DDP sends only the rows meProp kept.
+
+One job per world size (2 and 3 gloo processes on 127.0.0.1) trains every configuration
+twice on the same global batches and the same per-rank RNG: with the hook, and with DDP's
+ordinary all-reduce. The two must agree up to summation order, and, where the selection is
+the global batch's, with one process trained on the global batches.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from meprop import AdaptiveK, MePropConfig, SparseLinear, hidden_layers, sparsify_
+from meprop import distributed as mdist
+from meprop.ddp_hook import CompactState, RowLog, compact_allreduce_hook
+from meprop.launch import spawn
+from meprop.ops import ROWS_ATTR
+
+D_IN, HIDDEN, CLASSES, K, STEPS = 12, 64, 5, 3, 5
+SIZES = (12, 11, 12, 2)  # global batches: even and uneven parts
+
+CONFIGS = {  # name -> (MePropConfig, optimizer, wrap options, equals one process)
+    "per_example": (MePropConfig(k=K), "sgd", {}, True),
+    "per_example_adam": (MePropConfig(k=K), "adam", {}, True),
+    "unified_global": (MePropConfig(k=K, mode="unified", scope="global"), "sgd", {}, True),
+    "unified_global_adam_buckets": (  # a bucket per parameter
+        MePropConfig(k=K, mode="unified", scope="global"), "adam", {"bucket_cap_mb": 1e-4}, True,
+    ),
+    "unified_local": (MePropConfig(k=K, mode="unified"), "sgd", {}, False),
+    "random": (MePropConfig(k=K, mode="random"), "sgd", {}, False),
+    "adaptive_global": (
+        MePropConfig(k=10, mode="unified", scope="global", adapt=AdaptiveK(min_k=2, s_min=0.2)),
+        "sgd", {}, True,
+    ),
+    "adaptive_per_example": (MePropConfig(k=10, adapt=AdaptiveK(min_k=2)), "adam", {}, False),
+}  # fmt: skip
+
+
+def mlp(cfg: MePropConfig) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(D_IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES)
+    )  # fmt: skip
+    sparsify_(model, cfg, filter_fn=hidden_layers(model))
+    return model
+
+
+def global_batches(steps: int = STEPS):
+    gen = torch.Generator().manual_seed(1)
+    for i in range(steps):
+        m = SIZES[i % len(SIZES)]
+        yield torch.randn(m, D_IN, generator=gen), torch.randint(0, CLASSES, (m,), generator=gen)
+
+
+def train(cfg, opt_name, *, device="cpu", hook=None, **wrap_kwargs):
+    """Train on the global batches (DDP under torch.distributed); returns the model, the DDP
+    wrapper's CompactState or the one ``hook`` registered."""
+    model = mlp(cfg).to(device)
+    params = model.parameters()
+    opt = torch.optim.SGD(params, lr=0.2) if opt_name == "sgd" else torch.optim.Adam(params, 0.01)
+    torch.manual_seed(100 + mdist.rank())  # random-k's picks: per rank, alike in both runs
+    net, state = model, None
+    if dist.is_initialized():  # (one NCCL rank too, where one GPU is all there is)
+        net = mdist.wrap(model, **wrap_kwargs)
+        state = net.compact_state
+        if hook is not None:
+            state = CompactState(model, dense_fraction=hook)
+            net.register_comm_hook(state, compact_allreduce_hook)
+    for x, y in global_batches():
+        (x, y), share = mdist.shard((x.to(device), y.to(device)))
+        opt.zero_grad()
+        (F.cross_entropy(net(x), y) * share).backward()
+        opt.step()
+    return model, state
+
+
+def snapshot(model):
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def job_worker(out: str, device: str = "cpu") -> None:
+    if device == "cuda":
+        device = f"cuda:{dist.get_rank()}"
+    results = {}
+    for name, (cfg, opt_name, kwargs, _) in CONFIGS.items():
+        model, state = train(cfg, opt_name, device=device, **kwargs)
+        plain, none = train(cfg, opt_name, device=device, compact=False, **kwargs)
+        assert state is not None and none is None
+        results[name] = (snapshot(model), snapshot(plain), state.bytes_sent, state.bytes_dense)
+    # registered by hand, every weight travelling whole (dense_fraction=0)
+    model, state = train(CONFIGS["per_example"][0], "sgd", device=device, compact=False, hook=0.0)
+    results["whole"] = (snapshot(model), None, state.bytes_sent, state.bytes_dense)
+    torch.save(results, Path(out) / f"rank{dist.get_rank()}.pt")
+
+
+@pytest.fixture(scope="module", params=[2, 3])
+def job(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"hook{request.param}")
+    spawn(job_worker, request.param, (str(out),), timeout_s=120)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(request.param)]
+
+
+def assert_states(a: dict, b: dict, exact=False, atol=1e-6) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_hook_equals_the_ordinary_allreduce(job, name):
+    cfg, opt_name, _, global_selection = CONFIGS[name]
+    hooked, plain, sent, dense = job[0][name]
+    for r in job[1:]:  # the ranks stay identical
+        assert_states(r[name][0], hooked, exact=True)
+    assert_states(hooked, plain)
+    if global_selection:  # and both are one process's training on the global batches
+        one, _ = train(cfg, opt_name)
+        assert_states(hooked, snapshot(one), atol=1e-5)
+    assert 0 < sent < dense
+
+
+def test_global_unified_sends_k_rows_and_a_checksum(job):
+    _, _, sent, dense = job[0]["unified_global"]
+    biases_and_output = HIDDEN + HIDDEN + CLASSES * HIDDEN + CLASSES
+    per_step = K * D_IN + K * HIDDEN + 2 + biases_and_output  # one bucket, float32
+    assert sent == 4 * STEPS * per_step
+    assert dense == 4 * STEPS * (HIDDEN * D_IN + HIDDEN * HIDDEN + biases_and_output)
+
+
+def test_a_union_past_dense_fraction_travels_whole(job):
+    whole, _, sent, dense = job[0]["whole"]
+    assert_states(whole, job[0]["per_example"][1])
+    assert sent == dense + STEPS * 2 * HIDDEN  # everything, and a byte per row of the masks
+
+
+# --------------------------------------------------------------------------------------------
+# One process
+
+
+@pytest.mark.parametrize("mode", ["per_example", "unified", "random"])
+def test_row_log_holds_the_rows_backward_wrote(mode):
+    layer = SparseLinear(D_IN, HIDDEN, config=MePropConfig(k=K, mode=mode))
+    state = CompactState(layer)
+    log = getattr(layer.weight, ROWS_ATTR)
+    assert state.weights[id(layer.weight)].log is log and log.take() is None  # nothing yet
+    layer(torch.randn(4, D_IN)).sum().backward()
+    mask = log.take()
+    written = layer.weight.grad.ne(0).any(1)
+    assert torch.equal(mask & written, written)  # every written row is in the log
+    assert int(mask.sum()) <= (K if mode == "unified" else 4 * K)
+    assert log.take() is None  # taken
+
+
+def test_shared_weights_are_read_from_the_gradient():
+    """A weight another kind of module also uses gets rows its log cannot see."""
+    model = nn.Sequential(
+        nn.Embedding(HIDDEN, D_IN), SparseLinear(D_IN, HIDDEN, config=MePropConfig(k=K))
+    )
+    model[1].weight = model[0].weight  # tied, as language models do
+    state = CompactState(model)
+    (weight,) = state.weights.values()
+    assert weight.log is None and getattr(model[0].weight, ROWS_ATTR) is None
+
+
+def test_only_sparse_linear_weights_with_dense_gradients_are_packed():
+    model = mlp(MePropConfig(k=K))
+    model[2].config = MePropConfig(k=K, sparse_grad=True)
+    assert list(CompactState(model).weights) == [id(model[0].weight)]
+    wide = SparseLinear(D_IN, 4, config=MePropConfig(k=K + 1))  # k >= n: dense
+    assert CompactState(wide).weights == {}
+    with pytest.raises(ValueError, match=r"dense_fraction must be in \[0, 1\], got 1.5"):
+        CompactState(model, dense_fraction=1.5)
+    log = RowLog(3, torch.device("cpu"))
+    assert log.take() is None
+
+
+@pytest.mark.skipif(torch.cuda.device_count() == 0, reason="needs a CUDA GPU (NCCL)")
+def test_nccl_hook_equals_the_ordinary_allreduce(tmp_path):
+    nproc = min(2, torch.cuda.device_count())
+    spawn(job_worker, nproc, (str(tmp_path), "cuda"), device="cuda", timeout_s=300)
+    results = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    for name, (hooked, plain, sent, dense) in results.items():
+        if plain is not None:
+            assert_states(hooked, plain, atol=1e-5)
+            assert 0 < sent < dense, name

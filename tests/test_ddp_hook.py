@@ -190,3 +190,33 @@ def test_nccl_hook_equals_the_ordinary_allreduce(tmp_path):
         if plain is not None:
             assert_states(hooked, plain, atol=1e-5)
             assert 0 < sent < dense, name
+
+
+@pytest.fixture
+def group_of_one():
+    """A gloo process group of one rank in this process (DDP works on it)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_the_trainer_registers_the_hook_unless_told_not_to(group_of_one, compact):
+    from meprop.parts import Distribution
+
+    d = Distribution(compact=compact)
+    d.world = 2  # (as a rank of two sees it; DDP runs on this group of one)
+    net = d.prepare(mlp(MePropConfig(k=K)))
+    assert (net.compact_state is not None) == compact
+    assert (net.rewrap().compact_state is not None) == compact
+
+
+def test_cli_flag_turns_the_hook_off(tmp_path, monkeypatch):
+    import meprop.train
+    from meprop.cli import main
+
+    seen = {}
+    monkeypatch.setattr(meprop.train, "run", lambda cfg, out, **options: seen.update(options))
+    base = ["train", "mnist", "--out", str(tmp_path), "--no-progress"]
+    assert main(base) == 0 and seen["compact"] is True
+    assert main([*base, "--no-compact-allreduce"]) == 0 and seen["compact"] is False

@@ -127,7 +127,8 @@ class MePropDDP(DistributedDataParallel):
         module, *args, **kwargs: as ``DistributedDataParallel``.
         compact: register ``compact_allreduce_hook`` where the module has meProp weights with
             dense gradients (its ``CompactState`` is then ``self.compact_state``, which
-            counts the bytes sent); False: DDP's ordinary all-reduce.
+            counts the bytes sent), and then default ``gradient_as_bucket_view`` to True;
+            False: DDP's ordinary all-reduce and options.
 
     Example (on every rank, after ``torch.distributed.init_process_group``)::
 
@@ -147,13 +148,18 @@ class MePropDDP(DistributedDataParallel):
                     "or a gloo process group"
                 )
         self._meprop_sparse = {id(p) for p in sparse}  # read by _build_params_for_reducer
+        # The compacted all-reduce: where meProp weights have dense gradients (sparse ones
+        # already travel as sparse tensors). Its gradients are views of DDP's buckets by
+        # default: a meProp dW is mostly untouched zero pages, which DDP would otherwise copy
+        # whole into its bucket and back every step.
+        hook = compact and not sparse and bool(compact_weights(module))
+        if hook:
+            kwargs.setdefault("gradient_as_bucket_view", True)
         super().__init__(module, *args, **kwargs)
         self._meprop_args = (args, dict(kwargs, compact=compact))
         self._meprop_signature = _signature(module)
-        # The compacted all-reduce: where meProp weights have dense gradients (sparse ones
-        # already travel as sparse tensors).
         self.compact_state: CompactState | None = None
-        if compact and not sparse and compact_weights(module):
+        if hook:
             self.compact_state = CompactState(module, kwargs.get("process_group"))
             self.register_comm_hook(self.compact_state, compact_allreduce_hook)
 

@@ -14,7 +14,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from meprop import AdaptiveK, MePropConfig, SparseLinear, hidden_layers, sparsify_
+from meprop import (
+    AdaptiveK,
+    MePropConfig,
+    MeSimpConfig,
+    Simplifier,
+    SparseLinear,
+    hidden_layers,
+    sparsify_,
+)
 from meprop import distributed as mdist
 from meprop.ddp_hook import CompactState, RowLog, compact_allreduce_hook
 from meprop.launch import spawn
@@ -22,21 +30,31 @@ from meprop.ops import ROWS_ATTR
 
 D_IN, HIDDEN, CLASSES, K, STEPS = 12, 64, 5, 3, 5
 SIZES = (12, 11, 12, 2)  # global batches: even and uneven parts
+MESIMP = MeSimpConfig(prune_rate=0.3, interval=2)
 
+# The union of the ranks' rows packed at any size and share (the defaults leave weights this
+# small whole: per_example_defaults)
+UNION = {"compact": {"min_union_bytes": 0, "dense_fraction": 1.0}}
 CONFIGS = {  # name -> (MePropConfig, optimizer, wrap options, equals one process)
-    "per_example": (MePropConfig(k=K), "sgd", {}, True),
-    "per_example_adam": (MePropConfig(k=K), "adam", {}, True),
+    "per_example": (MePropConfig(k=K), "sgd", UNION, True),
+    "per_example_adam": (MePropConfig(k=K), "adam", UNION, True),
+    "per_example_defaults": (MePropConfig(k=K), "sgd", {}, True),
     "unified_global": (MePropConfig(k=K, mode="unified", scope="global"), "sgd", {}, True),
     "unified_global_adam_buckets": (  # a bucket per parameter
         MePropConfig(k=K, mode="unified", scope="global"), "adam", {"bucket_cap_mb": 1e-4}, True,
     ),
-    "unified_local": (MePropConfig(k=K, mode="unified"), "sgd", {}, False),
-    "random": (MePropConfig(k=K, mode="random"), "sgd", {}, False),
+    "unified_local": (MePropConfig(k=K, mode="unified"), "sgd", UNION, False),
+    "random": (MePropConfig(k=K, mode="random"), "sgd", UNION, False),
     "adaptive_global": (
         MePropConfig(k=10, mode="unified", scope="global", adapt=AdaptiveK(min_k=2, s_min=0.2)),
         "sgd", {}, True,
     ),
-    "adaptive_per_example": (MePropConfig(k=10, adapt=AdaptiveK(min_k=2)), "adam", {}, False),
+    "adaptive_per_example": (MePropConfig(k=10, adapt=AdaptiveK(min_k=2)), "adam", UNION, False),
+    # meSimp shrinks the hidden layers at steps 2 and 4; the wrapper is rebuilt each time
+    "mesimp_unified_global": (
+        MePropConfig(k=8, mode="unified", scope="global"), "adam", {"mesimp": MESIMP}, True,
+    ),
+    "mesimp_per_example": (MePropConfig(k=K), "adam", {**UNION, "mesimp": MESIMP}, True),
 }  # fmt: skip
 
 
@@ -56,26 +74,41 @@ def global_batches(steps: int = STEPS):
         yield torch.randn(m, D_IN, generator=gen), torch.randint(0, CLASSES, (m,), generator=gen)
 
 
-def train(cfg, opt_name, *, device="cpu", hook=None, **wrap_kwargs):
-    """Train on the global batches (DDP under torch.distributed); returns the model, the DDP
-    wrapper's CompactState or the one ``hook`` registered."""
+def train(cfg, opt_name, *, device="cpu", hook=None, mesimp=None, **wrap_kwargs):
+    """Train on the global batches (DDP under torch.distributed); returns the model and the
+    bytes (sent, dense) counted by the hooks (the wrapper's, or one ``hook`` registered)."""
     model = mlp(cfg).to(device)
     params = model.parameters()
     opt = torch.optim.SGD(params, lr=0.2) if opt_name == "sgd" else torch.optim.Adam(params, 0.01)
     torch.manual_seed(100 + mdist.rank())  # random-k's picks: per rank, alike in both runs
-    net, state = model, None
-    if dist.is_initialized():  # (one NCCL rank too, where one GPU is all there is)
+    ddp = dist.is_initialized()  # (one NCCL rank too, where one GPU is all there is)
+    simp = None
+    if mesimp is not None:
+        simp = (mdist.DistributedSimplifier if ddp else Simplifier)(model, mesimp, opt)
+    net, counts = model, [0, 0]
+
+    def count(state):
+        if state is not None:
+            counts[0] += state.bytes_sent
+            counts[1] += state.bytes_dense
+
+    if ddp:
         net = mdist.wrap(model, **wrap_kwargs)
-        state = net.compact_state
         if hook is not None:
-            state = CompactState(model, dense_fraction=hook)
-            net.register_comm_hook(state, compact_allreduce_hook)
+            net.compact_state = CompactState(model, dense_fraction=hook, min_union_bytes=0)
+            net.register_comm_hook(net.compact_state, compact_allreduce_hook)
     for x, y in global_batches():
         (x, y), share = mdist.shard((x.to(device), y.to(device)))
         opt.zero_grad()
         (F.cross_entropy(net(x), y) * share).backward()
         opt.step()
-    return model, state
+        if simp is not None and simp.step() and ddp:  # shrunk: new Parameters, a new hook
+            count(net.compact_state)
+            net = net.rewrap()
+    if ddp:
+        count(net.compact_state)
+    hooked = ddp and (wrap_kwargs.get("compact") is not False or hook is not None)
+    return model, (tuple(counts) if hooked else None)
 
 
 def snapshot(model):
@@ -87,13 +120,13 @@ def job_worker(out: str, device: str = "cpu") -> None:
         device = f"cuda:{dist.get_rank()}"
     results = {}
     for name, (cfg, opt_name, kwargs, _) in CONFIGS.items():
-        model, state = train(cfg, opt_name, device=device, **kwargs)
-        plain, none = train(cfg, opt_name, device=device, compact=False, **kwargs)
-        assert state is not None and none is None
-        results[name] = (snapshot(model), snapshot(plain), state.bytes_sent, state.bytes_dense)
+        model, counts = train(cfg, opt_name, device=device, **kwargs)
+        plain, none = train(cfg, opt_name, device=device, **dict(kwargs, compact=False))
+        assert counts is not None and none is None
+        results[name] = (snapshot(model), snapshot(plain), *counts)
     # registered by hand, every weight travelling whole (dense_fraction=0)
-    model, state = train(CONFIGS["per_example"][0], "sgd", device=device, compact=False, hook=0.0)
-    results["whole"] = (snapshot(model), None, state.bytes_sent, state.bytes_dense)
+    model, counts = train(CONFIGS["per_example"][0], "sgd", device=device, compact=False, hook=0.0)
+    results["whole"] = (snapshot(model), None, *counts)
     torch.save(results, Path(out) / f"rank{dist.get_rank()}.pt")
 
 
@@ -121,9 +154,14 @@ def test_hook_equals_the_ordinary_allreduce(job, name):
         assert_states(r[name][0], hooked, exact=True)
     assert_states(hooked, plain)
     if global_selection:  # and both are one process's training on the global batches
-        one, _ = train(cfg, opt_name)
+        one, _ = train(cfg, opt_name, mesimp=CONFIGS[name][2].get("mesimp"))
         assert_states(hooked, snapshot(one), atol=1e-5)
-    assert 0 < sent < dense
+    if name.startswith("mesimp"):
+        assert hooked["0.weight"].shape[0] < HIDDEN  # it shrank
+    if name == "per_example_defaults":  # too small to pack: everything travels whole
+        assert sent == dense
+    else:
+        assert 0 < sent < dense
 
 
 def test_global_unified_sends_k_rows_and_a_checksum(job):
@@ -147,7 +185,7 @@ def test_a_union_past_dense_fraction_travels_whole(job):
 @pytest.mark.parametrize("mode", ["per_example", "unified", "random"])
 def test_row_log_holds_the_rows_backward_wrote(mode):
     layer = SparseLinear(D_IN, HIDDEN, config=MePropConfig(k=K, mode=mode))
-    state = CompactState(layer)
+    state = CompactState(layer, min_union_bytes=0)
     log = getattr(layer.weight, ROWS_ATTR)
     assert state.weights[id(layer.weight)].log is log and log.take() is None  # nothing yet
     layer(torch.randn(4, D_IN)).sum().backward()
@@ -164,7 +202,7 @@ def test_shared_weights_are_read_from_the_gradient():
         nn.Embedding(HIDDEN, D_IN), SparseLinear(D_IN, HIDDEN, config=MePropConfig(k=K))
     )
     model[1].weight = model[0].weight  # tied, as language models do
-    state = CompactState(model)
+    state = CompactState(model, min_union_bytes=0)
     (weight,) = state.weights.values()
     assert weight.log is None and getattr(model[0].weight, ROWS_ATTR) is None
 
@@ -172,9 +210,12 @@ def test_shared_weights_are_read_from_the_gradient():
 def test_only_sparse_linear_weights_with_dense_gradients_are_packed():
     model = mlp(MePropConfig(k=K))
     model[2].config = MePropConfig(k=K, sparse_grad=True)
-    assert list(CompactState(model).weights) == [id(model[0].weight)]
+    assert list(CompactState(model, min_union_bytes=0).weights) == [id(model[0].weight)]
+    assert CompactState(model).weights == {}  # per-example and small: whole, no mask
     wide = SparseLinear(D_IN, 4, config=MePropConfig(k=K + 1))  # k >= n: dense
-    assert CompactState(wide).weights == {}
+    assert CompactState(wide, min_union_bytes=0).weights == {}
+    with pytest.raises(ValueError, match="min_union_bytes must be >= 0, got -1"):
+        CompactState(model, min_union_bytes=-1)
     with pytest.raises(ValueError, match=r"dense_fraction must be in \[0, 1\], got 1.5"):
         CompactState(model, dense_fraction=1.5)
     log = RowLog(3, torch.device("cpu"))
@@ -189,7 +230,7 @@ def test_nccl_hook_equals_the_ordinary_allreduce(tmp_path):
     for name, (hooked, plain, sent, dense) in results.items():
         if plain is not None:
             assert_states(hooked, plain, atol=1e-5)
-            assert 0 < sent < dense, name
+            assert 0 < sent <= dense, name
 
 
 @pytest.fixture

@@ -15,7 +15,10 @@ so it runs on any backend with a dense all-reduce (NCCL and gloo), with no spars
   that proves the ranks agreed;
 * otherwise (per-example, ``scope="local"``, random) each rank's rows differ: one all-reduce
   (max) of an n-byte mask per weight gives their union, and the union's rows travel; a weight
-  whose union covers more than ``dense_fraction`` of its rows travels whole;
+  whose union covers more than ``dense_fraction`` of its rows travels whole, and so does one
+  smaller than ``min_union_bytes`` (no mask is exchanged for it). The defaults are measured
+  (docs/distributed.md): with 2 gloo processes, one more collective costs more than sending
+  a 500 x 784 gradient whole, and packing a 4096 x 4096 one pays below about 0.3 of its rows;
 * every other parameter of the bucket (biases, dense layers) travels whole, in the same
   all-reduce as the packed rows: one collective per bucket, two where a mask is exchanged.
 
@@ -75,7 +78,8 @@ class _Weight:
     name: str
     shape: tuple[int, int]  # (n, in)
     log: RowLog | None  # None: the rows are read from dW
-    agreed: bool  # the ranks keep the same rows (unified, scope="global")
+    agreed: bool  # the ranks keep the same rows (unified, scope="global"; logged)
+    big: bool  # at least min_union_bytes: worth a mask exchange
 
 
 def compact_weights(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -102,6 +106,9 @@ class CompactState:
         process_group: the group DDP reduces over (default: all ranks).
         dense_fraction: a weight whose union of rows over the ranks is more than this share
             of its rows travels whole (packing would copy almost everything for little gain).
+        min_union_bytes: a weight whose ranks keep different rows is packed only from this
+            size on (in bytes; smaller ones travel whole, with no mask exchanged). Weights of
+            unified layers with ``scope="global"`` are packed at any size.
 
     Attributes:
         bytes_sent: bytes this rank passed to collectives so far (values, masks, checksums).
@@ -116,7 +123,8 @@ class CompactState:
 
     model: nn.Module
     process_group: object = None
-    dense_fraction: float = 0.75
+    dense_fraction: float = 0.25
+    min_union_bytes: int = 4 << 20
     bytes_sent: int = 0
     bytes_dense: int = 0
     weights: dict[int, _Weight] = field(default_factory=dict, repr=False)
@@ -124,6 +132,8 @@ class CompactState:
     def __post_init__(self) -> None:
         if not 0.0 <= self.dense_fraction <= 1.0:
             raise ValueError(f"dense_fraction must be in [0, 1], got {self.dense_fraction}")
+        if self.min_union_bytes < 0:
+            raise ValueError(f"min_union_bytes must be >= 0, got {self.min_union_bytes}")
         # A weight also used by another kind of module gets gradient rows its log misses.
         users: dict[int, int] = {}
         for m in self.model.modules():
@@ -137,10 +147,12 @@ class CompactState:
         for name, p in compact_weights(self.model).items():
             m = owner[id(p)]
             trusted = users.get(id(p), 0) == 0
-            log = RowLog(p.shape[0], p.device) if trusted else None
+            agreed = trusted and m.config.mode == "unified" and m.config.scope == "global"
+            big = p.numel() * p.element_size() >= self.min_union_bytes
+            log = RowLog(p.shape[0], p.device) if trusted and (agreed or big) else None
             setattr(p, ROWS_ATTR, log)
-            agreed = m.config.mode == "unified" and m.config.scope == "global"
-            self.weights[id(p)] = _Weight(name, tuple(p.shape), log, agreed)
+            if agreed or big:
+                self.weights[id(p)] = _Weight(name, tuple(p.shape), log, agreed, big)
 
     def reset_counts(self) -> None:
         self.bytes_sent = self.bytes_dense = 0
@@ -163,7 +175,10 @@ def compact_allreduce_hook(state: CompactState, bucket) -> torch.futures.Future[
     buf = bucket.buffer()
     params = bucket.parameters()
     state.bytes_dense += _count(buf)
+    # Agreed rows need float32/64 for their checksum; else only big weights are packed.
+    exact = buf.dtype in (torch.float32, torch.float64)
     packed = [state.weights.get(id(p)) for p in params]
+    packed = [w if w is not None and ((w.agreed and exact) or w.big) else None for w in packed]
     sizes = [p.numel() for p in params]
     if buf.is_sparse or not any(packed) or sum(sizes) != buf.numel():
         state.bytes_sent += _count(buf)
@@ -186,8 +201,7 @@ def compact_allreduce_hook(state: CompactState, bucket) -> torch.futures.Future[
         masks.append(mask)
     # Rows agreed by construction need no exchange (a checksum below proves it); the others'
     # union over the ranks: one max-reduce of every such mask at once.
-    exact = buf.dtype in (torch.float32, torch.float64)
-    agreed = [w is not None and w.agreed and w.log is not None and exact for w in packed]
+    agreed = [w is not None and w.agreed and exact for w in packed]
     union = [i for i, w in enumerate(packed) if w is not None and not agreed[i]]
     if union:
         flat_mask = torch.cat([masks[i] for i in union]).to(torch.uint8)

@@ -128,7 +128,8 @@ class MePropDDP(DistributedDataParallel):
         compact: register ``compact_allreduce_hook`` where the module has meProp weights with
             dense gradients (its ``CompactState`` is then ``self.compact_state``, which
             counts the bytes sent), and then default ``gradient_as_bucket_view`` to True;
-            False: DDP's ordinary all-reduce and options.
+            a dict: the same, with these ``CompactState`` options (``dense_fraction``,
+            ``min_union_bytes``); False: DDP's ordinary all-reduce and options.
 
     Example (on every rank, after ``torch.distributed.init_process_group``)::
 
@@ -136,7 +137,9 @@ class MePropDDP(DistributedDataParallel):
         loss_fn(ddp(x), y).backward()
     """
 
-    def __init__(self, module: nn.Module, *args: Any, compact: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, module: nn.Module, *args: Any, compact: bool | dict = True, **kwargs: Any
+    ) -> None:
         sparse = sparse_grad_parameters(module)
         if sparse:
             group = kwargs.get("process_group")
@@ -160,7 +163,8 @@ class MePropDDP(DistributedDataParallel):
         self._meprop_signature = _signature(module)
         self.compact_state: CompactState | None = None
         if hook:
-            self.compact_state = CompactState(module, kwargs.get("process_group"))
+            options = compact if isinstance(compact, dict) else {}
+            self.compact_state = CompactState(module, kwargs.get("process_group"), **options)
             self.register_comm_hook(self.compact_state, compact_allreduce_hook)
 
     def _build_params_for_reducer(self):
@@ -198,7 +202,7 @@ class MePropDDP(DistributedDataParallel):
         return type(self)(self.module, *args, **kwargs)
 
 
-def wrap(model: nn.Module, *, compact: bool = True, **ddp_kwargs: Any) -> MePropDDP:
+def wrap(model: nn.Module, *, compact: bool | dict = True, **ddp_kwargs: Any) -> MePropDDP:
     """``MePropDDP(model, **ddp_kwargs)``: DDP that knows meProp's sparse gradients and, with
     ``compact`` (default), all-reduces only the rows meProp kept.
 

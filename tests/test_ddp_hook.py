@@ -158,8 +158,8 @@ def test_hook_equals_the_ordinary_allreduce(job, name):
         assert_states(hooked, snapshot(one), atol=1e-5)
     if name.startswith("mesimp"):
         assert hooked["0.weight"].shape[0] < HIDDEN  # it shrank
-    if name == "per_example_defaults":  # too small to pack: everything travels whole
-        assert sent == dense
+    if name == "per_example_defaults":  # too small to pack: no hook, DDP's own all-reduce
+        assert sent == dense == 0
     else:
         assert 0 < sent < dense
 
@@ -247,9 +247,12 @@ def test_the_trainer_registers_the_hook_unless_told_not_to(group_of_one, compact
 
     d = Distribution(compact=compact)
     d.world = 2  # (as a rank of two sees it; DDP runs on this group of one)
-    net = d.prepare(mlp(MePropConfig(k=K)))
+    net = d.prepare(mlp(MePropConfig(k=K, mode="unified", scope="global")))
     assert (net.compact_state is not None) == compact
     assert (net.rewrap().compact_state is not None) == compact
+    small = Distribution(compact=compact)
+    small.world = 2
+    assert small.prepare(mlp(MePropConfig(k=K))).compact_state is None  # nothing worth packing
 
 
 def test_cli_flag_turns_the_hook_off(tmp_path, monkeypatch):

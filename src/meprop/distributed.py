@@ -125,9 +125,10 @@ class MePropDDP(DistributedDataParallel):
 
     Args:
         module, *args, **kwargs: as ``DistributedDataParallel``.
-        compact: register ``compact_allreduce_hook`` where the module has meProp weights with
-            dense gradients (its ``CompactState`` is then ``self.compact_state``, which
-            counts the bytes sent), and then default ``gradient_as_bucket_view`` to True;
+        compact: where the module has meProp weights with dense gradients, default
+            ``gradient_as_bucket_view`` to True and, where ``CompactState`` finds weights
+            worth packing, register ``compact_allreduce_hook`` (its state is then
+            ``self.compact_state``, which counts the bytes sent; else None);
             a dict: the same, with these ``CompactState`` options (``dense_fraction``,
             ``min_union_bytes``); False: DDP's ordinary all-reduce and options.
 
@@ -152,20 +153,22 @@ class MePropDDP(DistributedDataParallel):
                 )
         self._meprop_sparse = {id(p) for p in sparse}  # read by _build_params_for_reducer
         # The compacted all-reduce: where meProp weights have dense gradients (sparse ones
-        # already travel as sparse tensors). Its gradients are views of DDP's buckets by
-        # default: a meProp dW is mostly untouched zero pages, which DDP would otherwise copy
-        # whole into its bucket and back every step.
-        hook = compact and not sparse and bool(compact_weights(module))
-        if hook:
+        # already travel as sparse tensors) and some are worth packing (CompactState's
+        # rules; a Python hook that packs nothing is slower than DDP's own all-reduce). The
+        # gradients are then views of DDP's buckets by default: a meProp dW is mostly
+        # untouched zero pages, which DDP would otherwise copy whole into its bucket and back.
+        state = None
+        if compact and not sparse and compact_weights(module):
+            options = compact if isinstance(compact, dict) else {}
+            state = CompactState(module, kwargs.get("process_group"), **options)
             kwargs.setdefault("gradient_as_bucket_view", True)
         super().__init__(module, *args, **kwargs)
         self._meprop_args = (args, dict(kwargs, compact=compact))
         self._meprop_signature = _signature(module)
         self.compact_state: CompactState | None = None
-        if hook:
-            options = compact if isinstance(compact, dict) else {}
-            self.compact_state = CompactState(module, kwargs.get("process_group"), **options)
-            self.register_comm_hook(self.compact_state, compact_allreduce_hook)
+        if state is not None and state.weights:
+            self.compact_state = state
+            self.register_comm_hook(state, compact_allreduce_hook)
 
     def _build_params_for_reducer(self):
         # DDP flags only nn.Embedding/EmbeddingBag(sparse=True) as producing sparse gradients;

@@ -43,6 +43,9 @@ CONFIGS = {  # name -> (MePropConfig, optimizer, wrap options, equals one proces
     "unified_global_adam_buckets": (  # a bucket per parameter
         MePropConfig(k=K, mode="unified", scope="global"), "adam", {"bucket_cap_mb": 1e-4}, True,
     ),
+    "unified_global_unlogged": (
+        MePropConfig(k=K, mode="unified", scope="global"), "sgd", {"unlogged": True}, True,
+    ),
     "unified_local": (MePropConfig(k=K, mode="unified"), "sgd", UNION, False),
     "random": (MePropConfig(k=K, mode="random"), "sgd", UNION, False),
     "adaptive_global": (
@@ -74,7 +77,7 @@ def global_batches(steps: int = STEPS):
         yield torch.randn(m, D_IN, generator=gen), torch.randint(0, CLASSES, (m,), generator=gen)
 
 
-def train(cfg, opt_name, *, device="cpu", hook=None, mesimp=None, **wrap_kwargs):
+def train(cfg, opt_name, *, device="cpu", hook=None, mesimp=None, unlogged=False, **wrap_kwargs):
     """Train on the global batches (DDP under torch.distributed); returns the model and the
     bytes (sent, dense) counted by the hooks (the wrapper's, or one ``hook`` registered)."""
     model = mlp(cfg).to(device)
@@ -97,6 +100,9 @@ def train(cfg, opt_name, *, device="cpu", hook=None, mesimp=None, **wrap_kwargs)
         if hook is not None:
             net.compact_state = CompactState(model, dense_fraction=hook, min_union_bytes=0)
             net.register_comm_hook(net.compact_state, compact_allreduce_hook)
+        if unlogged:  # as under torch.compile: backward logs nothing, the hook reads dW
+            for p in model.parameters():
+                setattr(p, ROWS_ATTR, None)
     for x, y in global_batches():
         (x, y), share = mdist.shard((x.to(device), y.to(device)))
         opt.zero_grad()
@@ -170,6 +176,9 @@ def test_global_unified_sends_k_rows_and_a_checksum(job):
     per_step = K * D_IN + K * HIDDEN + 2 + biases_and_output  # one bucket, float32
     assert sent == 4 * STEPS * per_step
     assert dense == 4 * STEPS * (HIDDEN * D_IN + HIDDEN * HIDDEN + biases_and_output)
+    # rows read from dW: exchanged as masks (a byte a row), no checksums, at most k rows
+    unlogged = job[0]["unified_global_unlogged"][2]
+    assert unlogged <= sent - 4 * STEPS * 2 + STEPS * 2 * HIDDEN
 
 
 def test_a_union_past_dense_fraction_travels_whole(job):

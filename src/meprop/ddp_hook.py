@@ -191,17 +191,19 @@ def compact_allreduce_hook(state: CompactState, bucket) -> torch.futures.Future[
         offsets.append(offsets[-1] + s)
     # Each packed weight's rows: recorded, or the non-zero rows of its dW (n, in).
     masks: list[Tensor | None] = []
+    logged: list[bool] = []
     for w, off, s in zip(packed, offsets, sizes, strict=False):
-        if w is None:
-            masks.append(None)
-            continue
-        mask = w.log.take() if w.log is not None else None
-        if mask is None:
+        mask = w.log.take() if w is not None and w.log is not None else None
+        logged.append(mask is not None)
+        if w is not None and mask is None:
             mask = buf[off : off + s].view(w.shape).ne(0).any(1)
         masks.append(mask)
     # Rows agreed by construction need no exchange (a checksum below proves it); the others'
-    # union over the ranks: one max-reduce of every such mask at once.
-    agreed = [w is not None and w.agreed and exact for w in packed]
+    # union over the ranks: one max-reduce of every such mask at once. (Rows read from dW
+    # are not agreed: a row can be zero by chance on one rank.)
+    agreed = [
+        w is not None and w.agreed and exact and ok for w, ok in zip(packed, logged, strict=True)
+    ]
     union = [i for i, w in enumerate(packed) if w is not None and not agreed[i]]
     if union:
         flat_mask = torch.cat([masks[i] for i in union]).to(torch.uint8)

@@ -48,6 +48,10 @@ CONFIGS = {  # name -> (MePropConfig, optimizer, wrap options, equals one proces
     ),
     "unified_local": (MePropConfig(k=K, mode="unified"), "sgd", UNION, False),
     "random": (MePropConfig(k=K, mode="random"), "sgd", UNION, False),
+    "symmetric_adagrad": (MePropConfig(k=K, mode="symmetric"), "adagrad", UNION, True),
+    "unified_global_adagrad": (
+        MePropConfig(k=K, mode="unified", scope="global"), "adagrad", {}, True,
+    ),
     "adaptive_global": (
         MePropConfig(k=10, mode="unified", scope="global", adapt=AdaptiveK(min_k=2, s_min=0.2)),
         "sgd", {}, True,
@@ -82,7 +86,10 @@ def train(cfg, opt_name, *, device="cpu", hook=None, mesimp=None, unlogged=False
     bytes (sent, dense) counted by the hooks (the wrapper's, or one ``hook`` registered)."""
     model = mlp(cfg).to(device)
     params = model.parameters()
-    opt = torch.optim.SGD(params, lr=0.2) if opt_name == "sgd" else torch.optim.Adam(params, 0.01)
+    opts = {"sgd": (torch.optim.SGD, 0.2), "adam": (torch.optim.Adam, 0.01)}
+    opts["adagrad"] = (torch.optim.Adagrad, 0.05)
+    cls, lr = opts[opt_name]
+    opt = cls(params, lr=lr)
     torch.manual_seed(100 + mdist.rank())  # random-k's picks: per rank, alike in both runs
     ddp = dist.is_initialized()  # (one NCCL rank too, where one GPU is all there is)
     simp = None
@@ -273,3 +280,38 @@ def test_cli_flag_turns_the_hook_off(tmp_path, monkeypatch):
     base = ["train", "mnist", "--out", str(tmp_path), "--no-progress"]
     assert main(base) == 0 and seen["compact"] is True
     assert main([*base, "--no-compact-allreduce"]) == 0 and seen["compact"] is False
+
+
+class _Shifted(RowLog):
+    """A row log that reports each row one place on (rank 1's, in the test below)."""
+
+    __slots__ = ()
+
+    def take(self):
+        mask = super().take()
+        return None if mask is None else mask.roll(1)
+
+
+def disagreeing_worker(out: str) -> None:
+    cfg = MePropConfig(k=K, mode="unified", scope="global")
+    model = mlp(cfg)
+    ddp = mdist.wrap(model)
+    if dist.get_rank() == 1:
+        for w in ddp.compact_state.weights.values():
+            w.log.__class__ = _Shifted
+    x, y = next(global_batches())
+    (x, y), _ = mdist.shard((x, y))
+    try:
+        F.cross_entropy(ddp(x), y).backward()
+        message = ""
+    except RuntimeError as e:
+        message = str(e)
+    Path(out, f"rank{dist.get_rank()}.txt").write_text(message)
+
+
+def test_ranks_that_kept_different_rows_raise(tmp_path):
+    spawn(disagreeing_worker, 2, (str(tmp_path),), timeout_s=60)
+    for r in range(2):
+        message = (tmp_path / f"rank{r}.txt").read_text()
+        assert "the ranks kept different gradient rows of ['0.weight', '2.weight']" in message
+        assert "compact=False" in message

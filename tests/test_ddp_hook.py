@@ -6,6 +6,11 @@ ordinary all-reduce. The two must agree up to summation order, and, where the se
 the global batch's, with one process trained on the global batches.
 """
 
+import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -315,3 +320,46 @@ def test_ranks_that_kept_different_rows_raise(tmp_path):
         message = (tmp_path / f"rank{r}.txt").read_text()
         assert "the ranks kept different gradient rows of ['0.weight', '2.weight']" in message
         assert "compact=False" in message
+
+
+MNIST = Path(os.environ.get("MEPROP_DATA", "")) / "mnist" / "train-images-idx3-ubyte.gz"
+
+
+@pytest.mark.skipif(not MNIST.is_file(), reason="needs the real MNIST under $MEPROP_DATA")
+def test_torchrun_two_nodes_on_loopback(tmp_path):
+    """docs/distributed.md's multi-node commands, with both "nodes" on this machine."""
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    train = ["-m", "meprop.cli", "train", "mnist", "--method", "meprop", "--k", "8"]
+    train += ["--mode", "unified", "--scope", "global", "--hidden", "32", "--train-limit", "200"]
+    train += ["--batch-size", "50", "--epochs", "1", "--no-progress", "--out", str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(r),
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                *train,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outputs
+    assert json.loads((tmp_path / "summary.json").read_text())["processes"] == 2

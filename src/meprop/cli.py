@@ -112,6 +112,7 @@ def _train(args: argparse.Namespace) -> None:
         resume=args.resume,
         restart=args.restart,
         progress=not args.no_progress,
+        compact=not args.no_compact_allreduce,
     )
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
@@ -202,6 +203,12 @@ def register_train(subparsers) -> None:
         metavar="SECONDS",
         help="multi-process runs: how long a rank waits for the others before the run fails "
         f"(default: {launch.DEFAULT_TIMEOUT_S:g})",
+    )
+    p.add_argument(
+        "--no-compact-allreduce",
+        action="store_true",
+        help="multi-process runs: all-reduce meProp's weight gradients whole (DDP's ordinary "
+        "all-reduce) instead of only the rows meProp kept (meprop.ddp_hook)",
     )
     add_config_arguments(p, TrainConfig, skip=("task",))
     p.set_defaults(func=_train)

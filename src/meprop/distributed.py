@@ -19,6 +19,9 @@ each a piece that hooks into an ordinary DDP loop:
 * ``wrap`` (``MePropDDP``): DDP that all-reduces meProp's row-sparse weight gradients
   (``sparse_grad=True``) as sparse tensors, which gloo supports and NCCL does not (an error
   says so), and that refuses to run on parameters meSimp has replaced (``rewrap`` after it).
+* ``compact_allreduce_hook`` (``meprop.ddp_hook``), which ``wrap`` registers: a DDP
+  communication hook that all-reduces each meProp weight gradient as its kept rows packed
+  densely (any backend: NCCL and gloo), the other parameters as usual.
 * ``DistributedSimplifier``: sums the usage record over the ranks before each pruning decision,
   so that every rank removes the same units.
 * ``shard``: a rank's part of a global batch and the weight of its loss.
@@ -58,6 +61,7 @@ from .comm import (  # noqa: F401  (re-exported: part of this module's API)
 )
 from .comm import several_ranks as _active
 from .config import MeSimpConfig
+from .ddp_hook import CompactState, compact_allreduce_hook, compact_weights
 from .lstm import SparseLSTM, param_names
 from .nn import SparseLinear
 from .simplify import Pair, Simplifier
@@ -70,6 +74,8 @@ __all__ = [
     "sparse_grad_parameters",
     "MePropDDP",
     "wrap",
+    "CompactState",
+    "compact_allreduce_hook",
     "DistributedSimplifier",
     "shard",
     "mean_over_ranks",
@@ -106,9 +112,11 @@ def _signature(module: nn.Module) -> list[tuple[nn.Parameter, torch.Size]]:
 class MePropDDP(DistributedDataParallel):
     """``DistributedDataParallel`` for models with meProp layers.
 
-    Two differences from DDP: the weights that meProp gives row-sparse gradients
+    Three differences from DDP: the weights that meProp gives row-sparse gradients
     (``sparse_grad=True``) are reduced as sparse tensors, in buckets of their own, as DDP does
-    for ``nn.Embedding(sparse=True)``; and forward raises if the module's parameters are no
+    for ``nn.Embedding(sparse=True)``; the dense gradients of the other meProp weights are
+    all-reduced as their kept rows packed densely (``compact``: the communication hook of
+    ``meprop.ddp_hook``, any backend); and forward raises if the module's parameters are no
     longer those it was built with (meSimp shrank the model, or a checkpoint resized it),
     instead of silently averaging gradients of tensors that no longer train: call ``rewrap()``.
 
@@ -117,6 +125,12 @@ class MePropDDP(DistributedDataParallel):
 
     Args:
         module, *args, **kwargs: as ``DistributedDataParallel``.
+        compact: where the module has meProp weights with dense gradients, default
+            ``gradient_as_bucket_view`` to True and, where ``CompactState`` finds weights
+            worth packing, register ``compact_allreduce_hook`` (its state is then
+            ``self.compact_state``, which counts the bytes sent; else None);
+            a dict: the same, with these ``CompactState`` options (``dense_fraction``,
+            ``min_union_bytes``); False: DDP's ordinary all-reduce and options.
 
     Example (on every rank, after ``torch.distributed.init_process_group``)::
 
@@ -124,7 +138,9 @@ class MePropDDP(DistributedDataParallel):
         loss_fn(ddp(x), y).backward()
     """
 
-    def __init__(self, module: nn.Module, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, module: nn.Module, *args: Any, compact: bool | dict = True, **kwargs: Any
+    ) -> None:
         sparse = sparse_grad_parameters(module)
         if sparse:
             group = kwargs.get("process_group")
@@ -136,9 +152,23 @@ class MePropDDP(DistributedDataParallel):
                     "or a gloo process group"
                 )
         self._meprop_sparse = {id(p) for p in sparse}  # read by _build_params_for_reducer
+        # The compacted all-reduce: where meProp weights have dense gradients (sparse ones
+        # already travel as sparse tensors) and some are worth packing (CompactState's
+        # rules; a Python hook that packs nothing is slower than DDP's own all-reduce). The
+        # gradients are then views of DDP's buckets by default: a meProp dW is mostly
+        # untouched zero pages, which DDP would otherwise copy whole into its bucket and back.
+        state = None
+        if compact and not sparse and compact_weights(module):
+            options = compact if isinstance(compact, dict) else {}
+            state = CompactState(module, kwargs.get("process_group"), **options)
+            kwargs.setdefault("gradient_as_bucket_view", True)
         super().__init__(module, *args, **kwargs)
-        self._meprop_args = (args, kwargs)
+        self._meprop_args = (args, dict(kwargs, compact=compact))
         self._meprop_signature = _signature(module)
+        self.compact_state: CompactState | None = None
+        if state is not None and state.weights:
+            self.compact_state = state
+            self.register_comm_hook(state, compact_allreduce_hook)
 
     def _build_params_for_reducer(self):
         # DDP flags only nn.Embedding/EmbeddingBag(sparse=True) as producing sparse gradients;
@@ -175,8 +205,9 @@ class MePropDDP(DistributedDataParallel):
         return type(self)(self.module, *args, **kwargs)
 
 
-def wrap(model: nn.Module, **ddp_kwargs: Any) -> MePropDDP:
-    """``MePropDDP(model, **ddp_kwargs)``: DDP that knows meProp's sparse gradients.
+def wrap(model: nn.Module, *, compact: bool | dict = True, **ddp_kwargs: Any) -> MePropDDP:
+    """``MePropDDP(model, **ddp_kwargs)``: DDP that knows meProp's sparse gradients and, with
+    ``compact`` (default), all-reduces only the rows meProp kept.
 
     Call on every rank after ``init_process_group`` and after any checkpoint is loaded (loading
     resizes the parameters of a shrunk model); it broadcasts rank 0's parameters. Use it, not
@@ -185,6 +216,7 @@ def wrap(model: nn.Module, **ddp_kwargs: Any) -> MePropDDP:
 
     Args:
         model: the module (with ``SparseLinear``/``SparseLSTM`` layers or not).
+        compact: the compacted all-reduce of meProp's weight gradients (``MePropDDP``).
         **ddp_kwargs: ``DistributedDataParallel``'s options (``process_group``, ...).
 
     Example (on every rank)::
@@ -194,7 +226,7 @@ def wrap(model: nn.Module, **ddp_kwargs: Any) -> MePropDDP:
     """
     if isinstance(model, DistributedDataParallel):
         raise TypeError("model is already wrapped in DDP: pass the module itself")
-    return MePropDDP(model, **ddp_kwargs)
+    return MePropDDP(model, compact=compact, **ddp_kwargs)
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,7 +51,13 @@ __all__ = [
     "column_scores",
     "kernels_available",
     "Selection",
+    "ROWS_ATTR",
 ]
+
+# The attribute of a weight Parameter where a DDP communication hook (``meprop.ddp_hook``)
+# keeps a row log: an object whose ``add(selection)`` backward calls with what it kept, so the
+# hook knows the rows of dW it must all-reduce without reading dW.
+ROWS_ATTR = "_meprop_rows"
 
 
 class Selection(NamedTuple):
@@ -431,6 +437,8 @@ class _SparseLinearFn(torch.autograd.Function):
         x, weight, _, cfg, counts, sel_n, record, state = inputs
         ctx.save_for_backward(x, weight)
         ctx.cfg, ctx.usage, ctx.record, ctx.state = cfg, (counts, sel_n), record, state
+        # (no row log while torch.compile traces: the hook then finds the rows in dW)
+        ctx.rows = None if torch.compiler.is_compiling() else getattr(weight, ROWS_ATTR, None)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -674,6 +682,8 @@ def _finish(ctx, x, g, sel: Selection, dx, dw, need_db, db=None):
     if need_db:
         db = _bias_grad(g, sel, ctx.cfg.sparse_bias)
     _record(*ctx.usage, sel, g)
+    if ctx.rows is not None and dw is not None:
+        ctx.rows.add(sel)
     if dx is not None and x.dim() != 2:
         dx = dx.reshape(x.shape)
     return dx, dw, db, None, None, None, None, None

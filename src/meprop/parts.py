@@ -47,9 +47,11 @@ class Distribution:
 
     Every rank trains on its own part of each global batch (``shard``) through the DDP wrapper
     ``net`` (``prepare``); the ranks' models stay identical, so rank 0 alone writes
-    (``main``, ``save``)."""
+    (``main``, ``save``). ``compact``: DDP all-reduces only the gradient rows meProp kept
+    (``meprop.ddp_hook``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, compact: bool = True) -> None:
+        self.compact = compact
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.main = self.rank == 0
         self.net: nn.Module | None = None  # what the forward runs through
@@ -57,7 +59,7 @@ class Distribution:
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """The module the forward runs through: ``model`` itself, or its DDP wrapper."""
-        self.net = distributed.wrap(model) if self.world > 1 else model
+        self.net = distributed.wrap(model, compact=self.compact) if self.world > 1 else model
         return self.net
 
     def rewrap(self) -> None:

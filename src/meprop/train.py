@@ -889,13 +889,16 @@ def run(
     echo=print,
     lock: bool = True,
     restart: bool = False,
+    compact: bool = True,
 ) -> dict[str, Any]:
     """Train, select on dev, score the best checkpoint on test; returns the summary dict
     (``{}`` on ranks other than 0 of a multi-process run).
 
     ``lock``: hold the run folder's lock (``run_lock``) for the run, on rank 0; False when
     the caller holds it (``meprop train --nproc``'s launcher). ``restart`` (with ``resume``):
-    a run whose last.pt is lost is trained again from step 0 instead of refused."""
+    a run whose last.pt is lost is trained again from step 0 instead of refused. ``compact``:
+    with several processes, all-reduce only the gradient rows meProp kept
+    (``meprop.ddp_hook``)."""
     from .kernels import build, dispatch
 
     dispatch.pinned()  # a bad MEPROP_BACKEND or MEPROP_MARCH: refused before anything is written
@@ -908,7 +911,9 @@ def run(
     else:
         held = nullcontext()
     with held:
-        trainer = Trainer(cfg, out_dir, data_dir=data_dir, progress=progress, echo=echo)
+        trainer = Trainer(
+            cfg, out_dir, data_dir=data_dir, progress=progress, echo=echo, compact=compact
+        )
         return trainer.fit(resume, restart=restart)
 
 
@@ -933,9 +938,10 @@ class Trainer:
         data_dir: str | Path | None = None,
         progress: bool = True,
         echo=print,
+        compact: bool = True,
     ) -> None:
         self.cfg, self.out, self.data_dir = cfg, Path(out_dir), data_dir
-        self.dist = Distribution()
+        self.dist = Distribution(compact=compact)
         self.progress = progress and self.dist.main
         self.echo = echo if self.dist.main else _quiet
         self.log_path, self.last_path, self.best_path = (

@@ -189,3 +189,15 @@ def test_loaded_runs_have_three_seeds(tmp_path):
     write_grid(tmp_path / "runs")
     runs = load_runs([tmp_path])
     assert len(runs) == 3 * (len(ROWS) + 1)
+
+
+def test_claims_pair_unified_with_random_k(tmp_path):
+    """The unified row against random-k, on the seeds both have (as per_example's row)."""
+    from meprop.report import claims
+
+    write_grid(tmp_path / "runs")
+    rows = {c: p for c, p, _ in claims(load_runs([tmp_path]))}
+    uni, rand = ROWS["meProp unified k=20"]["test"], ROWS["random-k k=20"]["test"]
+    got = rows["unified top-k > random-k (k=20)"]
+    assert got.n == 3
+    assert got.mean == pytest.approx(100 * mean([u - r for u, r in zip(uni, rand, strict=True)]))

@@ -251,6 +251,9 @@ def claims(runs: list[Run]) -> list[tuple[str, Paired, str]]:
         )
         rand = scores(lambda r, k=k: r.method == "random" and r.config["k"] == k and main_opt(r))
         add(f"top-k {gt} random-k (k={k})", top, rand, f"meProp per_example k={k} - random-k")
+        uni = scores(lambda r, k=k: r.method == "meprop" and r.group == "main" and r.config["k"] == k
+                     and r.config["mode"] == "unified" and not r.config.get("fc_only"))  # fmt: skip
+        add(f"unified top-k {gt} random-k (k={k})", uni, rand, f"meProp unified k={k} - random-k")
         kdim = scores(lambda r, k=k: r.method == "kdim" and r.config["k"] == k and main_opt(r))
         add(
             f"meProp {gt} a dense net of width k={k}",

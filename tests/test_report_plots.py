@@ -201,3 +201,21 @@ def test_claims_pair_unified_with_random_k(tmp_path):
     got = rows["unified top-k > random-k (k=20)"]
     assert got.n == 3
     assert got.mean == pytest.approx(100 * mean([u - r for u, r in zip(uni, rand, strict=True)]))
+
+
+def test_mesimp_claim_names_the_scored_checkpoints_width(tmp_path):
+    """The share of the width is the scored (best dev) checkpoint's, with the final one beside
+    it where they differ."""
+    from meprop.report import claims
+
+    write_grid(tmp_path / "runs")
+    for d in (tmp_path / "runs").glob("mesimp-k20*"):
+        summary = json.loads((d / "summary.json").read_text())
+        summary["best_widths"] = [80, 90]  # 85% of 100; the final widths are 45-60%
+        (d / "summary.json").write_text(json.dumps(summary))
+    names = [c for c, _, _ in claims(load_runs([tmp_path]))]
+    final = round(mean([sum(WIDTHS[s][-1]) / 2 for s in SEEDS]))
+    want = (
+        f"meSimp k=20 >= dense, at 85% (the scored checkpoints; {final}% at the end) of the width"
+    )
+    assert want in names

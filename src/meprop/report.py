@@ -291,6 +291,11 @@ def claims(runs: list[Run]) -> list[tuple[str, Paired, str]]:
             if r.summary.get("final_widths")
         ]
         pct = f"{sum(share) / len(share):.0f}%" if share else "?"
+        # the scored checkpoint's widths (best dev), where they differ from the final ones
+        best = [100 * sum(r.summary["best_widths"]) / (full * len(r.summary["best_widths"]))
+                for r in reps if r.summary.get("best_widths")]  # fmt: skip
+        if share and len(best) == len(reps) and f"{sum(best) / len(best):.0f}%" != pct:
+            pct = f"{sum(best) / len(best):.0f}% (the scored checkpoints; {pct} at the end)"
         add(f"{label} {ge} dense, at {pct} of the width", simp, dense, f"{label} - dense")
         names = {r.path.name for r in reps}
         sized = {

@@ -317,7 +317,7 @@ def _size_plot(rows: list[list], metric: str, out: Path) -> str:
     Points, not bars: the axis spans the scores (said in its label), and a bar cut off above 0
     would draw differences out of proportion."""
     plt = _plt()
-    summaries = [(r, per_x((0, x.test()) for x in r)[0]) for r in rows]
+    summaries = [(reps, _point(0, [r.test() for r in reps])) for reps in rows]
     fig, ax = plt.subplots(figsize=(6, 0.5 * len(rows) + 1.2))
     ys = list(range(len(rows)))[::-1]
     for y, (_, p) in zip(ys, summaries, strict=True):
@@ -339,35 +339,24 @@ def _size_plot(rows: list[list], metric: str, out: Path) -> str:
     return "mesimp_vs_size.png"
 
 
-def task_plots(runs: list, out: Path) -> list[str]:
-    """The plots of a report (names of the PNGs written in ``out``)."""
+def _comparable(main) -> Callable:
+    """Whether a run compares with ``main`` (the main dense run): fixed k (the adaptive rows
+    have their own plot), Adam, the same depth and dropout (other groups vary them)."""
     from .report import _adaptive
 
-    if runs[0].lower_is_better:
-        return loss_plots(runs, out)
-    made = []
-    rows = _rows(runs)
-    metric = runs[0].metric
-    dense_rows = [reps for reps in rows if reps[0].method == "dense" and reps[0].group in ("main", "runs")]  # fmt: skip
-    base = dense_rows[0] if dense_rows else None
-    # the main comparison's depth and dropout (the other groups vary them)
-    main = base[0] if base else runs[0]
     depth, dropout = len(main.summary["widths"]), main.config["dropout"]
+    return lambda r: (
+        not _adaptive(r)
+        and r.config["optimizer"] == "adam"
+        and len(r.summary["widths"]) == depth
+        and r.config["dropout"] == dropout
+    )
 
-    def comparable(r) -> bool:
-        return (
-            not _adaptive(r)  # the adaptive rows have their own plot
-            and r.config["optimizer"] == "adam"
-            and len(r.summary["widths"]) == depth
-            and r.config["dropout"] == dropout
-        )
 
-    sweep = [r for r in runs if r.method == "meprop" and comparable(r)]
-    # a curve needs two ratios at least: one k is a point, already in the tables
-    if len({(r.config["k"], r.config["mode"]) for r in sweep}) > len(
-        {r.config["mode"] for r in sweep}
-    ):
-        made.append(_ratio_plot(sweep, base or [], metric, out))
+def _control_plots(runs: list, rows: list[list], base, comparable, out: Path) -> list[str]:
+    """Dev curves of dense and meProp beside random-k and beside the k-dimensional net (each
+    only with its control), and the learning curves."""
+    metric = runs[0].metric
 
     def find(method, k=None, mode=None) -> list | None:
         """The first row of ``method`` (and k, mode) comparable with the main one."""
@@ -387,17 +376,37 @@ def task_plots(runs: list, out: Path) -> list[str]:
     ks += [r.config["k"] for r in runs if r.method == "meprop" and r.group == "main"]
     k = ks[0] if ks else 20
     uni, pe = find("meprop", k, "unified"), find("meprop", k, "per_example")
-    key = f"dev_{metric}"
+    made = []
     for name, title, control in (
         ("topk_vs_random.png", f"top-k vs random-k (k={k})", find("random", k)),
         ("meprop_vs_kdim.png", f"meProp vs a k-dimensional network (k={k})", find("kdim", k)),
     ):
         if control is not None:  # no plot without the control its title names
             picks = [r for r in (base, pe, uni, control) if r]
-            made.append(_dev_curves(picks, key, title, name, out))
+            made.append(_dev_curves(picks, f"dev_{metric}", title, name, out))
     lc = [r for r in (base, uni, pe) if r]
     if lc:
         made.append(_learning_curves(lc, metric, out))
+    return made
+
+
+def task_plots(runs: list, out: Path) -> list[str]:
+    """The plots of a report (names of the PNGs written in ``out``)."""
+    if runs[0].lower_is_better:
+        return loss_plots(runs, out)
+    made = []
+    rows = _rows(runs)
+    metric = runs[0].metric
+    dense = [reps for reps in rows if reps[0].method == "dense" and reps[0].group in ("main", "runs")]  # fmt: skip
+    base = dense[0] if dense else None
+    comparable = _comparable(base[0] if base else runs[0])
+    sweep = [r for r in runs if r.method == "meprop" and comparable(r)]
+    # a curve needs two ratios at least: one k is a point, already in the tables
+    if len({(r.config["k"], r.config["mode"]) for r in sweep}) > len(
+        {r.config["mode"] for r in sweep}
+    ):
+        made.append(_ratio_plot(sweep, base or [], metric, out))
+    made += _control_plots(runs, rows, base, comparable, out)
     simp = [reps for reps in rows if reps[0].method == "mesimp"]
     if simp:
         name = _widths_plot(simp, out, by_step=False)

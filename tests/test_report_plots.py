@@ -70,7 +70,7 @@ def drawn(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     write_grid(runs)
     seen = {}
-    save = plots._save
+    save = plots.save
 
     def record(fig, out, name):
         fig.canvas.draw()
@@ -87,7 +87,7 @@ def drawn(tmp_path, monkeypatch):
         )
         save(fig, out, name)
 
-    monkeypatch.setattr(plots, "_save", record)
+    monkeypatch.setattr(plots, "save", record)
     report = build_report(sorted(runs.iterdir()), tmp_path / "out")
     return report, seen
 

@@ -323,37 +323,38 @@ def _seed_plot(pairs: list, start: int, out: Path) -> list[str]:
     ``pairs``: mean with a min-max band."""
     if len(pairs) < 2:
         return []
-    from .plots import SPREAD, _band, _legend, _plt, _save, over_seeds, seeds_text
+    from .plots import SPREAD, band, legend_outside, over_seeds, pyplot, save, seeds_text
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     meact = f"meAct {pairs[0][1].config['meact_threshold']:g}%"
     sides = (([d for d, _ in pairs], "dense", "--"), ([r for _, r in pairs], meact, "-"))
     for i, (reps, name, ls) in enumerate(sides):
         key = "dev_" + reps[0].metric
         pts = over_seeds(reps, lambda e, key=key: 100 * e[key] if key in e else None)
-        _band(ax, pts, f"{name} ({seeds_text(reps)})", ls=ls, color=f"C{i}")
+        band(ax, pts, f"{name} ({seeds_text(reps)})", ls=ls, color=f"C{i}")
     ax.axvline(start + 0.5, color="grey", ls=":", label="meAct starts")
     ax.set(xlabel="epoch", ylabel="dev accuracy (%)", title=f"dense vs meAct: {SPREAD}")
-    _legend(ax)
-    _save(fig, out, "meact_seeds.png")
+    legend_outside(ax)
+    save(fig, out, "meact_seeds.png")
     return ["meact_seeds.png"]
 
 
 def _plots(runs: list, start: int, out: Path) -> list[str]:
     """Per epoch, the runs of one seed (named in the titles): dev accuracy, the update per
     iteration and meAct's active neurons per hidden layer."""
-    from .plots import _legend, _plt, _row_and_style_handles, _save, seeds_text
+    from .plots import legend_entries, legend_outside, pyplot, seeds_text
+    from .plots import save as save_png
 
-    plt = _plt()
+    plt = pyplot()
     made = []
     seed = seeds_text(runs)
 
     def save(fig, ax, name, title, ylabel):
         ax.axvline(start + 0.5, color="grey", ls=":", label="meAct starts")
         ax.set(xlabel="epoch", ylabel=ylabel, title=f"{title} ({seed})")
-        _legend(ax)
-        _save(fig, out, name)
+        legend_outside(ax)
+        save_png(fig, out, name)
         made.append(name)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -387,13 +388,13 @@ def _plots(runs: list, start: int, out: Path) -> list[str]:
             styles.setdefault(f"hidden layer {j + 1}", ls)
         rows.append((r.label, f"C{i + 1}"))
     ax.axvline(start + 0.5, color="grey", ls=":")
-    handles = _row_and_style_handles(rows, list(styles.items()))
+    handles = legend_entries(rows, list(styles.items()))
     ax.set(
         xlabel="epoch",
         ylabel="active neurons per example",
         title=f"meAct: active neurons per example ({seed})",
     )
-    _legend(ax, handles)
-    _save(fig, out, "meact_active.png")
+    legend_outside(ax, handles)
+    save_png(fig, out, "meact_active.png")
     made.append("meact_active.png")
     return made

@@ -17,7 +17,22 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Point", "over_seeds", "per_x", "seeds_text", "layer_name", "task_plots"]
+__all__ = [
+    "Point",
+    "over_seeds",
+    "per_x",
+    "seeds_text",
+    "layer_name",
+    "task_plots",
+    "loss_plots",
+    "adaptive_plot",
+    "pyplot",
+    "band",
+    "legend_outside",
+    "legend_entries",
+    "save",
+    "SPREAD",
+]
 
 SPREAD = "mean over seeds, band min-max"
 STYLES = ("-", "--", ":", "-.")
@@ -113,7 +128,7 @@ def layer_name(key: str, position: int) -> str:
 # --- drawing -------------------------------------------------------------------------------
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,7 +137,7 @@ def _plt():
     return plt
 
 
-def _band(ax, pts: list[Point], label: str | None, **kw):
+def band(ax, pts: list[Point], label: str | None, **kw):
     """The mean as a line, min-max as a band where a point has several seeds."""
     line = ax.plot([p.x for p in pts], [p.mean for p in pts], label=label, **kw)[0]
     if any(p.n > 1 for p in pts):
@@ -137,7 +152,7 @@ def _band(ax, pts: list[Point], label: str | None, **kw):
     return line
 
 
-def _legend(ax, handles=None, **kw) -> None:
+def legend_outside(ax, handles=None, **kw) -> None:
     """The legend right of the axes, off the data."""
     kw = dict(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7, frameon=False, **kw)
     if handles is None:
@@ -146,7 +161,7 @@ def _legend(ax, handles=None, **kw) -> None:
         ax.legend(handles=handles, **kw)
 
 
-def _row_and_style_handles(rows: list[tuple[str, str]], styles: list[tuple[str, str]]):
+def legend_entries(rows: list[tuple[str, str]], styles: list[tuple[str, str]]):
     """Legend entries: one per row (its colour, a solid line), then one per line style (grey):
     a row with several layers or splits keeps one entry."""
     from matplotlib.lines import Line2D
@@ -169,7 +184,7 @@ def _layered(ax, rows: list[list], curves: Callable[[list], dict], **kw) -> list
     for i, (reps, layer_curves) in enumerate(drawn):
         for j, (layer, pts) in enumerate(layer_curves.items()):
             colour, ls = (f"C{j % 10}", STYLES[j // 10 % 4]) if by_layer else (f"C{i % 10}", STYLES[j % 4])  # fmt: skip
-            _band(ax, pts, None, color=colour, ls=ls, **kw)
+            band(ax, pts, None, color=colour, ls=ls, **kw)
             layers.setdefault(layer, (colour if by_layer else "grey", ls))
         colour = "none" if by_layer else f"C{i % 10}"  # one row: its name heads the layers
         handles.append(Line2D([], [], color=colour, label=_label(reps)))
@@ -178,19 +193,13 @@ def _layered(ax, rows: list[list], curves: Callable[[list], dict], **kw) -> list
     return handles
 
 
-def _save(fig, out: Path, name: str) -> None:
+def save(fig, out: Path, name: str) -> None:
     fig.savefig(out / name, dpi=110, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
 def _label(reps: list) -> str:
     return f"{reps[0].label} ({seeds_text(reps)})"
-
-
-def _rows(runs: list) -> list[list]:
-    from .report import replicates
-
-    return list(replicates(runs).values())
 
 
 # --- the plots of a task with scores in % ----------------------------------------------------
@@ -211,7 +220,7 @@ def _ratio_plot(sweep: list, dense: list, metric: str, out: Path) -> str:
     on a log axis labelled in %; dense as its mean with a min-max band."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = []
     for i, mode in enumerate(("per_example", "unified")):
@@ -246,37 +255,37 @@ def _ratio_plot(sweep: list, dense: list, metric: str, out: Path) -> str:
         ylabel=f"test {metric} (%)",
         title=f"test {metric} vs backprop ratio: mean over seeds, bars min-max",
     )
-    _legend(ax)
-    _save(fig, out, "accuracy_vs_ratio.png")
+    legend_outside(ax)
+    save(fig, out, "accuracy_vs_ratio.png")
     return "accuracy_vs_ratio.png"
 
 
 def _dev_curves(rows: list[list], key: str, title: str, name: str, out: Path) -> str:
     """Dev score per epoch of each row: mean over its seeds with a min-max band."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for reps in rows:
-        _band(ax, over_seeds(reps, lambda e: 100 * e[key] if key in e else None), _label(reps))
+        band(ax, over_seeds(reps, lambda e: 100 * e[key] if key in e else None), _label(reps))
     ax.set(xlabel="epoch", ylabel=key.replace("_", " ") + " (%)", title=f"{title}: {SPREAD}")
-    _legend(ax)
-    _save(fig, out, name)
+    legend_outside(ax)
+    save(fig, out, name)
     return name
 
 
 def _learning_curves(rows: list[list], metric: str, out: Path) -> str:
     """Train (solid) and dev (dashed) score per epoch of each row, mean with a min-max band."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     colours = []
     for i, reps in enumerate(rows):
         for split, ls in (("train", "-"), ("dev", "--")):
             k = f"{split}_{metric}"
             pts = over_seeds(reps, lambda e, k=k: 100 * e[k] if k in e else None)
-            _band(ax, pts, None, color=f"C{i}", ls=ls)
+            band(ax, pts, None, color=f"C{i}", ls=ls)
         colours.append((_label(reps), f"C{i}"))
     ax.set(xlabel="epoch", ylabel=f"{metric} (%)", title=f"learning curves: train vs dev, {SPREAD}")
-    _legend(ax, _row_and_style_handles(colours, [("train", "-"), ("dev", "--")]))
-    _save(fig, out, "learning_curves.png")
+    legend_outside(ax, legend_entries(colours, [("train", "-"), ("dev", "--")]))
+    save(fig, out, "learning_curves.png")
     return "learning_curves.png"
 
 
@@ -296,7 +305,7 @@ def _widths_plot(rows: list[list], out: Path, *, by_step: bool) -> str | None:
     """``mesimp_widths.png``: each meSimp row's widths per layer (line style) over training,
     mean over seeds with a min-max band; one legend entry per row."""
     key = (lambda e: e["step"]) if by_step else (lambda e: e["epoch"])
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     handles = _layered(ax, rows, lambda reps: width_curves(reps, key))
     if not handles:
@@ -307,8 +316,8 @@ def _widths_plot(rows: list[list], out: Path, *, by_step: bool) -> str | None:
         ylabel="width (units)",
         title=f"meSimp: widths over training, {SPREAD}",
     )
-    _legend(ax, handles)
-    _save(fig, out, "mesimp_widths.png")
+    legend_outside(ax, handles)
+    save(fig, out, "mesimp_widths.png")
     return "mesimp_widths.png"
 
 
@@ -316,7 +325,7 @@ def _size_plot(rows: list[list], metric: str, out: Path) -> str:
     """``mesimp_vs_size.png``: one mark per row, its mean test score with min-max error bars.
     Points, not bars: the axis spans the scores (said in its label), and a bar cut off above 0
     would draw differences out of proportion."""
-    plt = _plt()
+    plt = pyplot()
     summaries = [(reps, _point(0, [r.test() for r in reps])) for reps in rows]
     fig, ax = plt.subplots(figsize=(6, 0.5 * len(rows) + 1.2))
     ys = list(range(len(rows)))[::-1]
@@ -335,18 +344,16 @@ def _size_plot(rows: list[list], metric: str, out: Path) -> str:
         xlabel=f"test {metric} (%), axis {lo - pad:.2f} to {hi + pad:.2f} (not from 0)",
         title="meSimp vs dense at its size: mean over seeds, bars min-max",
     )
-    _save(fig, out, "mesimp_vs_size.png")
+    save(fig, out, "mesimp_vs_size.png")
     return "mesimp_vs_size.png"
 
 
 def _comparable(main) -> Callable:
     """Whether a run compares with ``main`` (the main dense run): fixed k (the adaptive rows
     have their own plot), Adam, the same depth and dropout (other groups vary them)."""
-    from .report import _adaptive
-
     depth, dropout = len(main.summary["widths"]), main.config["dropout"]
     return lambda r: (
-        not _adaptive(r)
+        not r.config.get("adaptive")
         and r.config["optimizer"] == "adam"
         and len(r.summary["widths"]) == depth
         and r.config["dropout"] == dropout
@@ -390,12 +397,13 @@ def _control_plots(runs: list, rows: list[list], base, comparable, out: Path) ->
     return made
 
 
-def task_plots(runs: list, out: Path) -> list[str]:
-    """The plots of a report (names of the PNGs written in ``out``)."""
+def task_plots(runs: list, rows: list[list], out: Path) -> list[str]:
+    """The plots of a report: its ``runs`` and their ``rows`` (each the runs of one row over
+    its seeds, ``meprop.report.replicates``). Returns the names of the PNGs written in
+    ``out``."""
     if runs[0].lower_is_better:
-        return loss_plots(runs, out)
+        return loss_plots(runs, rows, out)
     made = []
-    rows = _rows(runs)
     metric = runs[0].metric
     dense = [reps for reps in rows if reps[0].method == "dense" and reps[0].group in ("main", "runs")]  # fmt: skip
     base = dense[0] if dense else None
@@ -419,15 +427,15 @@ def task_plots(runs: list, out: Path) -> list[str]:
 # --- a task whose score is a negated loss (lm) -----------------------------------------------
 
 
-def loss_plots(runs: list, out: Path) -> list[str]:
+def loss_plots(runs: list, rows: list[list], out: Path) -> list[str]:
     """Dev loss against training steps and against training seconds (the loop's wall-clock,
     evaluations excluded, mean over the seeds at each evaluation), one curve per row (mean
     over its seeds, min-max band; the one-seed tuning rows are in their table); meSimp's
     widths against steps."""
-    plt = _plt()
+    plt = pyplot()
     first = runs[0]
     key, shown = f"dev_{first.metric}", first.shown_metric
-    rows = [reps for reps in _rows(runs) if reps[0].group != "tuning"]
+    rows = [reps for reps in rows if reps[0].group != "tuning"]
     made = []
     for name, xlabel, x in (
         (f"dev_{shown}_vs_steps.png", "training steps", None),
@@ -442,14 +450,14 @@ def loss_plots(runs: list, out: Path) -> list[str]:
             pts = over_seeds(
                 reps, lambda e: -e[key] if key in e else None, key=lambda e: e["step"], x=x
             )
-            _band(ax, pts, _label(reps), color=f"C{i % 10}", ls=STYLES[i // 10 % 4])
+            band(ax, pts, _label(reps), color=f"C{i % 10}", ls=STYLES[i // 10 % 4])
         ax.set(
             xlabel=xlabel,
             ylabel=f"dev {shown} (lower is better)",
             title=f"dev {shown}: {SPREAD}",
         )
-        _legend(ax)
-        _save(fig, out, name)
+        legend_outside(ax)
+        save(fig, out, name)
         made.append(name)
     simp = [reps for reps in rows if reps[0].method == "mesimp"]
     if simp:
@@ -461,14 +469,13 @@ def loss_plots(runs: list, out: Path) -> list[str]:
 # --- adaptive k ------------------------------------------------------------------------------
 
 
-def adaptive_plot(adaptive: list[list], out: Path) -> str | None:
+def adaptive_plot(adaptive: list[list], bounds: list[tuple[float, int]], out: Path) -> str | None:
     """``adaptive_k.png``: k against training steps per adaptive row (colour) and layer (line
-    style), mean over the row's seeds with a min-max band; the rows' bounds dashed."""
+    style), mean over the row's seeds with a min-max band; the rows' ``bounds`` ((mean bound
+    over the layers, k) each) dashed."""
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
-    from .report import _bound
-
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
 
     def curves(reps: list) -> dict[str, list[Point]]:
@@ -488,7 +495,7 @@ def adaptive_plot(adaptive: list[list], out: Path) -> str | None:
         return None
     from matplotlib.lines import Line2D
 
-    for bound, k in sorted({(_bound(reps[0]), reps[0].config["k"]) for reps in adaptive}):
+    for bound, k in bounds:
         ax.axhline(bound, color="k", ls="--", lw=1)
         handles.append(Line2D([], [], color="k", ls="--", lw=1, label=f"bound k={k} (the fixed k)"))
     ax.set(
@@ -500,6 +507,6 @@ def adaptive_plot(adaptive: list[list], out: Path) -> str | None:
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.yaxis.set_minor_formatter(NullFormatter())
-    _legend(ax, handles)
-    _save(fig, out, "adaptive_k.png")
+    legend_outside(ax, handles)
+    save(fig, out, "adaptive_k.png")
     return "adaptive_k.png"

@@ -358,7 +358,7 @@ def _plots(runs: list[Run], out: Path) -> list[str]:
     """The report's plots (``meprop.plots``): names of the PNGs written in ``out``."""
     from .plots import task_plots
 
-    return task_plots(runs, out)
+    return task_plots(runs, list(replicates(runs).values()), out)
 
 
 # --- adaptive k ---------------------------------------------------------------------------
@@ -497,7 +497,8 @@ def _adaptive_plot(adaptive: list[list[Run]], out: Path) -> str | None:
     """k against training steps per adaptive row and layer (``meprop.plots.adaptive_plot``)."""
     from .plots import adaptive_plot
 
-    return adaptive_plot(adaptive, out)
+    bounds = sorted({(_bound(reps[0]), reps[0].config["k"]) for reps in adaptive})
+    return adaptive_plot(adaptive, bounds, out)
 
 
 def adaptive_section(runs: list[Run], out: Path) -> list[str]:

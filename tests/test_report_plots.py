@@ -106,6 +106,10 @@ def test_numbers_drawn():
     pts = over_seeds([R(1, [1.0, 2.0, 3.0]), R(2, [3.0, None, 5.0])], lambda e: e["v"])
     assert [(p.x, p.mean, p.lo, p.hi, p.n) for p in pts] == [(1, 2.0, 1.0, 3.0, 2),
                                                              (3, 4.0, 3.0, 5.0, 2)]  # fmt: skip
+    damaged = R(3, [1.0, 1.0, 1.0])
+    damaged.log[1] = {"v": 9.0}  # a damaged line: no epoch, left out (epoch 2 then has no point)
+    pts = over_seeds([R(1, [1.0, 2.0, 3.0]), damaged], lambda e: e.get("v"))
+    assert [(p.x, p.mean) for p in pts] == [(1, 1.0), (3, 2.0)]
     assert [(p.x, p.mean) for p in per_x([(8, 1.0), (4, 2.0), (8, 3.0)])] == [(4, 2.0), (8, 2.0)]
     assert seeds_text([R(3, []), R(1, []), R(2, [])]) == "seeds 1-3"
     assert seeds_text([R(1, []), R(3, [])]) == "seeds 1, 3"

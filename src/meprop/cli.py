@@ -168,11 +168,7 @@ def register_train(subparsers) -> None:
     p.add_argument("--out", type=Path, help="run directory (default: runs/TASK-METHOD-kK-seedS)")
     p.add_argument("--data-dir", type=Path, help="data root (default: $MEPROP_DATA, then cache)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument(
-        "--no-progress",
-        action="store_true",
-        help="no progress bar (bars are drawn only where standard error is a terminal; elsewhere one line per epoch)",
-    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--nproc",
         type=int,

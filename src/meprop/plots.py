@@ -62,12 +62,13 @@ def _point(x: float, ys: list[float]) -> Point:
 def over_seeds(
     reps: list,
     y: Callable[[dict], float | None],
-    key: Callable[[dict], float] = lambda e: e["epoch"],
+    key: Callable[[dict], float | None] = lambda e: e.get("epoch"),
     x: Callable[[dict], float] | None = None,
 ) -> list[Point]:
     """A curve over the seeds ``reps`` of one row: one point per log position ``key(e)`` (the
-    epoch, or the step) that every seed's log has with a value ``y(e)`` (None: no value),
-    at x = the mean of ``x(e)`` over the seeds (default: the key itself).
+    epoch, or the step) that every seed's log has with a value ``y(e)`` (None: no value; a
+    record without its key or value, e.g. a damaged line, is left out), at x = the mean of
+    ``x(e)`` over the seeds (default: the key itself).
 
     Example:
         >>> class R:
@@ -77,7 +78,7 @@ def over_seeds(
         ...                                                 lambda e: e["acc"])]
         [(1, 2.0, 1, 3), (2, 3.0, 2, 4)]
     """
-    logs = [{key(e): e for e in r.log if y(e) is not None} for r in reps]
+    logs = [{key(e): e for e in r.log if key(e) is not None and y(e) is not None} for r in reps]
     shared = set(logs[0]).intersection(*logs[1:]) if logs else set()
     out = []
     for k in sorted(shared):
@@ -304,7 +305,7 @@ def width_curves(reps: list, key: Callable[[dict], float]) -> dict[str, list[Poi
 def _widths_plot(rows: list[list], out: Path, *, by_step: bool) -> str | None:
     """``mesimp_widths.png``: each meSimp row's widths per layer (line style) over training,
     mean over seeds with a min-max band; one legend entry per row."""
-    key = (lambda e: e["step"]) if by_step else (lambda e: e["epoch"])
+    key = (lambda e: e.get("step")) if by_step else (lambda e: e.get("epoch"))
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     handles = _layered(ax, rows, lambda reps: width_curves(reps, key))
@@ -442,13 +443,13 @@ def loss_plots(runs: list, rows: list[list], out: Path) -> list[str]:
         (
             f"dev_{shown}_vs_seconds.png",
             "training seconds (wall-clock, evaluations excluded; mean over seeds)",
-            lambda e: e["times"].get("train", 0.0),
+            lambda e: (e.get("times") or {}).get("train", 0.0),
         ),
     ):
         fig, ax = plt.subplots(figsize=(6, 4))
         for i, reps in enumerate(rows):
             pts = over_seeds(
-                reps, lambda e: -e[key] if key in e else None, key=lambda e: e["step"], x=x
+                reps, lambda e: -e[key] if key in e else None, key=lambda e: e.get("step"), x=x
             )
             band(ax, pts, _label(reps), color=f"C{i % 10}", ls=STYLES[i // 10 % 4])
         ax.set(
@@ -484,7 +485,7 @@ def adaptive_plot(adaptive: list[list], bounds: list[tuple[float, int]], out: Pa
             layer_name(layer, j): over_seeds(
                 reps,
                 lambda e, layer=layer: (e.get("mean_k") or {}).get(layer),
-                key=lambda e: e["step"],
+                key=lambda e: e.get("step"),
             )
             for j, layer in enumerate(layers)
         }

@@ -171,9 +171,8 @@ def plot(results, target: float, path: Path, title: str) -> None:
     ax.set_ylabel("dev accuracy %")
     ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)  # off the data
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -347,7 +346,8 @@ def main(argv=None) -> int:
     if not args.no_plot:
         path = args.plot or out / "time_to_accuracy.png"
         title = (
-            f"MNIST; {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+            f"MNIST, seed {args.seed} (one run per recipe); {cpu_name()}; torch "
+            f"{torch.__version__}, {torch.get_num_threads()} thread(s)"
         )
         plot(results, target, path, title)
         print(f"\nplot: {path}")

@@ -319,44 +319,42 @@ def _claims_table(pairs: list, start: int) -> list[str]:
 
 
 def _seed_plot(pairs: list, start: int, out: Path) -> list[str]:
+    """Dev accuracy per epoch of the baselines (dashed) and meAct (solid) over the seeds of
+    ``pairs``: mean with a min-max band."""
     if len(pairs) < 2:
         return []
-    import matplotlib
+    from .plots import SPREAD, band, legend_outside, over_seeds, pyplot, save, seeds_text
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (d, r) in enumerate(pairs):
-        for run, ls in ((d, "--"), (r, "-")):
-            xs = [e["epoch"] for e in run.log]
-            ys = [100 * e["dev_" + run.metric] for e in run.log]
-            ax.plot(xs, ys, ls=ls, color=f"C{i}", label=run.label)
+    meact = f"meAct {pairs[0][1].config['meact_threshold']:g}%"
+    sides = (([d for d, _ in pairs], "dense", "--"), ([r for _, r in pairs], meact, "-"))
+    for i, (reps, name, ls) in enumerate(sides):
+        key = "dev_" + reps[0].metric
+        pts = over_seeds(reps, lambda e, key=key: 100 * e[key] if key in e else None)
+        band(ax, pts, f"{name} ({seeds_text(reps)})", ls=ls, color=f"C{i}")
     ax.axvline(start + 0.5, color="grey", ls=":", label="meAct starts")
-    ax.set(xlabel="epoch", ylabel="dev accuracy (%)", title="dense (dashed) vs meAct, per seed")
-    ax.set_ylim(bottom=max(90.0, ax.get_ylim()[0]))
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "meact_seeds.png", dpi=110)
-    plt.close(fig)
+    ax.set(xlabel="epoch", ylabel="dev accuracy (%)", title=f"dense vs meAct: {SPREAD}")
+    legend_outside(ax)
+    save(fig, out, "meact_seeds.png")
     return ["meact_seeds.png"]
 
 
 def _plots(runs: list, start: int, out: Path) -> list[str]:
-    import matplotlib
+    """Per epoch, the runs of one seed (named in the titles): dev accuracy, the update per
+    iteration and meAct's active neurons per hidden layer."""
+    from .plots import legend_entries, legend_outside, pyplot, seeds_text
+    from .plots import save as save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     made = []
+    seed = seeds_text(runs)
 
     def save(fig, ax, name, title, ylabel):
         ax.axvline(start + 0.5, color="grey", ls=":", label="meAct starts")
-        ax.set(xlabel="epoch", ylabel=ylabel, title=title)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
+        ax.set(xlabel="epoch", ylabel=ylabel, title=f"{title} ({seed})")
+        legend_outside(ax)
+        save_png(fig, out, name)
         made.append(name)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -380,17 +378,23 @@ def _plots(runs: list, start: int, out: Path) -> list[str]:
     )
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    rows, styles = [], {}
     for i, r in enumerate(x for x in runs if x.method == "meact"):
         pts = [(e["epoch"], e["active"]) for e in r.log if e.get("active")]
         for j, name in enumerate(pts[0][1] if pts else []):
-            ax.plot(
-                [p[0] for p in pts],
-                [p[1][name] for p in pts],
-                marker="o",
-                ms=3,
-                color=f"C{i + 1}",
-                ls=("-", "--", ":", "-.")[j % 4],
-                label=f"{r.label}: hidden layer {j + 1}",
-            )
-    save(fig, ax, "meact_active.png", "meAct: active neurons per example", "active neurons")
+            ls = ("-", "--", ":", "-.")[j % 4]
+            ax.plot([p[0] for p in pts], [p[1][name] for p in pts], "o", ms=3, ls=ls,
+                    color=f"C{i + 1}")  # fmt: skip
+            styles.setdefault(f"hidden layer {j + 1}", ls)
+        rows.append((r.label, f"C{i + 1}"))
+    ax.axvline(start + 0.5, color="grey", ls=":")
+    handles = legend_entries(rows, list(styles.items()))
+    ax.set(
+        xlabel="epoch",
+        ylabel="active neurons per example",
+        title=f"meAct: active neurons per example ({seed})",
+    )
+    legend_outside(ax, handles)
+    save_png(fig, out, "meact_active.png")
+    made.append("meact_active.png")
     return made

@@ -390,6 +390,9 @@ def claims(runs: list[Run], notes: list[str] | None = None) -> list[tuple[str, P
         )
         rand = scores(lambda r, k=k: r.method == "random" and r.config["k"] == k and main_opt(r))
         add(f"top-k {gt} random-k (k={k})", top, rand, f"meProp per_example k={k} - random-k")
+        uni = scores(lambda r, k=k: r.method == "meprop" and r.group == "main" and r.config["k"] == k
+                     and r.config["mode"] == "unified" and not r.config.get("fc_only"))  # fmt: skip
+        add(f"unified top-k {gt} random-k (k={k})", uni, rand, f"meProp unified k={k} - random-k")
         kdim = scores(lambda r, k=k: r.method == "kdim" and r.config["k"] == k and main_opt(r))
         add(
             f"meProp {gt} a dense net of width k={k}",
@@ -428,6 +431,11 @@ def claims(runs: list[Run], notes: list[str] | None = None) -> list[tuple[str, P
             if r.summary.get("final_widths")
         ]
         pct = f"{sum(share) / len(share):.0f}%" if share else "?"
+        # the scored checkpoint's widths (best dev), where they differ from the final ones
+        best = [100 * sum(r.summary["best_widths"]) / (full * len(r.summary["best_widths"]))
+                for r in reps if r.summary.get("best_widths")]  # fmt: skip
+        if share and len(best) == len(reps) and f"{sum(best) / len(best):.0f}%" != pct:
+            pct = f"{sum(best) / len(best):.0f}% (the scored checkpoints; {pct} at the end)"
         add(f"{label} {ge} dense, at {pct} of the width", simp, dense, f"{label} - dense")
         names = {r.path.name for r in reps}
         sized = {
@@ -535,186 +543,11 @@ def _fmt_paired(p: Paired, digits: int) -> str:
     return f"{p.mean:+.{digits}f} [{p.lo:+.{digits}f}, {p.hi:+.{digits}f}]"
 
 
-def _loss_plots(runs: list[Run], out: Path, save) -> None:
-    """A negated-loss metric (lm): dev loss against training steps and against training
-    seconds (the loop's wall-clock, evaluations excluded), one curve per row (its first seed);
-    meSimp's widths against steps."""
-    import matplotlib.pyplot as plt
-
-    first = runs[0]
-    key, shown = f"dev_{first.metric}", first.shown_metric
-    rows = [reps[0] for reps in replicates(runs).values()]
-    for name, xlabel, x in (
-        (f"dev_{shown}_vs_steps.png", "training steps", lambda e: e["step"]),
-        (
-            f"dev_{shown}_vs_seconds.png",
-            "training seconds (wall-clock, evaluations excluded)",
-            lambda e: e["times"].get("train", 0.0),
-        ),
-    ):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for i, r in enumerate(rows):
-            ls = ("-", "--", ":", "-.")[i // 10 % 4]
-            ax.plot([x(e) for e in r.log], [-e[key] for e in r.log], ls, label=r.label)
-        ax.set(xlabel=xlabel, ylabel=f"dev {shown} (lower is better)", title=f"dev {shown}")
-        ax.legend(fontsize=7)
-        save(fig, name)
-    simp = [r for r in rows if r.method == "mesimp"]
-    if simp:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for i, r in enumerate(simp):
-            logged = [e for e in r.log if "widths" in e]
-            if not logged:
-                continue
-            for j, layer in enumerate(logged[0]["widths"]):
-                ax.plot(
-                    [e["step"] for e in logged],
-                    [e["widths"][layer] for e in logged],
-                    color=f"C{i}",
-                    ls=("-", "--", ":", "-.")[j % 4],
-                    label=f"{r.label}: {layer}",
-                )
-        ax.set(xlabel="training steps", ylabel="width", title="meSimp: widths over training")
-        ax.legend(fontsize=7)
-        save(fig, "mesimp_widths.png")
-
-
-def _curve(ax, run: Run, key: str, label: str | None = None, **kw) -> None:
-    log = [e for e in run.log if key in e and "epoch" in e]  # (a damaged record: left out)
-    ax.plot([e["epoch"] for e in log], [100 * e[key] for e in log], label=label or run.label, **kw)
-
-
 def _plots(runs: list[Run], out: Path) -> list[str]:
-    import matplotlib
+    """The report's plots (``meprop.plots``): names of the PNGs written in ``out``."""
+    from .plots import task_plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    made = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        made.append(name)
-
-    if runs[0].lower_is_better:
-        _loss_plots(runs, out, save)
-        return made
-    dense = [r for r in runs if r.method == "dense" and r.group in ("main", "runs")]
-    metric = runs[0].metric
-    # the main comparison's depth and dropout (the other groups vary them)
-    main = dense[0] if dense else runs[0]
-    depth, dropout = len(main.summary["widths"]), main.config["dropout"]
-    sweep = [
-        r
-        for r in runs
-        if r.method == "meprop"
-        and not _adaptive(r)  # the adaptive rows have their own plot
-        and r.config["optimizer"] == "adam"
-        and len(r.summary["widths"]) == depth
-        and r.config["dropout"] == dropout
-    ]
-    # a curve needs two ratios at least: one k is a point, already in the tables
-    if len({(r.config["k"], r.config["mode"]) for r in sweep}) > len(
-        {r.config["mode"] for r in sweep}
-    ):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for mode in ("per_example", "unified"):
-            pts = sorted(
-                (100 * r.config["k"] / max(r.summary["widths"]), r.test())
-                for r in sweep
-                if r.config["mode"] == mode
-            )
-            if pts:
-                ax.plot(*zip(*pts, strict=True), "o-", label=f"meProp {mode}")
-        for r in dense[:1]:
-            ax.axhline(r.test(), color="k", ls="--", label="dense")
-        ax.set(
-            xscale="log",
-            xlabel="backprop ratio k/h (%)",
-            ylabel=f"test {metric} (%)",
-            title=f"{metric} vs backprop ratio",
-        )
-        ax.legend()
-        save(fig, "accuracy_vs_ratio.png")
-
-    def curves(name, title, picks, key=f"dev_{metric}"):
-        """Dev curves of ``picks``, the last of which is the control the title names: no
-        plot without it."""
-        if picks[-1] is None:
-            return
-        picks = [r for r in picks if r is not None]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r in picks:
-            _curve(ax, r, key)
-        ax.set(xlabel="epoch", ylabel=key.replace("_", " ") + " (%)", title=title)
-        ax.legend(fontsize=8)
-        save(fig, name)
-
-    def find(method, k=None, mode=None):
-        for r in runs:
-            c = r.config
-            if (
-                c["method"] == method
-                and not _adaptive(r)
-                and (k is None or c["k"] == k)
-                and (mode is None or c["mode"] == mode)
-                and c["optimizer"] == "adam"
-                and len(r.summary["widths"]) == depth
-                and c["dropout"] == dropout
-            ):
-                return r
-        return None
-
-    base = dense[0] if dense else None
-    # k of the controls (the random-k run), else of the main meProp runs: 20 for MNIST
-    ks = [r.config["k"] for r in runs if r.method == "random"]
-    ks += [r.config["k"] for r in runs if r.method == "meprop" and r.group == "main"]
-    k = ks[0] if ks else 20
-    curves(
-        "topk_vs_random.png",
-        f"top-k vs random-k (k={k})",
-        [base, find("meprop", k, "per_example"), find("meprop", k, "unified"), find("random", k)],
-    )
-    curves(
-        "meprop_vs_kdim.png",
-        f"meProp vs a k-dimensional network (k={k})",
-        [base, find("meprop", k, "unified"), find("meprop", k, "per_example"), find("kdim", k)],
-    )
-    lc = [r for r in (base, find("meprop", k, "unified"), find("meprop", k, "per_example")) if r]
-    if lc:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for i, r in enumerate(lc):
-            _curve(ax, r, f"train_{metric}", f"{r.label} (train)", color=f"C{i}")
-            _curve(ax, r, f"dev_{metric}", f"{r.label} (dev)", color=f"C{i}", ls="--")
-        ax.set(xlabel="epoch", ylabel=f"{metric} (%)", title="learning curves: train vs dev")
-        ax.legend(fontsize=7)
-        save(fig, "learning_curves.png")
-    simp = [r for r in runs if r.method == "mesimp"]
-    if simp:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for i, r in enumerate(simp):
-            xs = [e["epoch"] for e in r.log]
-            for j, layer in enumerate(r.log[0]["widths"]):
-                ax.plot(
-                    xs,
-                    [e["widths"][layer] for e in r.log],
-                    color=f"C{i}",
-                    ls=("-", "--", ":", "-.")[j % 4],
-                    label=f"{r.label}: layer {layer}",
-                )
-        ax.set(xlabel="epoch", ylabel="width", yscale="log", title="meSimp: widths over training")
-        ax.legend(fontsize=7)
-        save(fig, "mesimp_widths.png")
-        sized = [r for r in runs if r.path.name.startswith("dense-size-of-")]
-        bars = ([base] if base else []) + simp + sized
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.barh([r.label for r in bars], [r.test() for r in bars])
-        lo = min(r.test() for r in bars)
-        ax.set(xlim=(lo - 1, 100), xlabel=f"test {metric} (%)", title="meSimp vs dense at its size")
-        save(fig, "mesimp_vs_size.png")
-    return made
+    return task_plots(runs, list(replicates(runs).values()), out)
 
 
 # --- adaptive k ---------------------------------------------------------------------------
@@ -850,56 +683,11 @@ def adaptive_claims(runs: list[Run]) -> list[tuple[str, Paired, str]]:
 
 
 def _adaptive_plot(adaptive: list[list[Run]], out: Path) -> str | None:
-    """k against training steps, one line per (adaptive row, layer), mean over its seeds; the
-    row's bound dashed."""
-    import matplotlib
+    """k against training steps per adaptive row and layer (``meprop.plots.adaptive_plot``)."""
+    from .plots import adaptive_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = False
-    for i, reps in enumerate(adaptive):
-        # layer -> step -> the seeds' values
-        curves: dict[str, dict[int, list[float]]] = {}
-        for r in reps:
-            for e in _k_records(r):
-                for layer, k in e["mean_k"].items():
-                    curves.setdefault(layer, {}).setdefault(e["step"], []).append(k)
-        for j, (layer, points) in enumerate(curves.items()):
-            steps = sorted(points)
-            ax.plot(
-                steps,
-                [_mean(points[s]) for s in steps],
-                color=f"C{i}",
-                ls=("-", ":", "-.")[j % 3],
-                marker="o",
-                ms=3,
-                label=f"{reps[0].label}: layer {layer}",
-            )
-            drawn = True
-    for bound, k in sorted({(_bound(reps[0]), reps[0].config["k"]) for reps in adaptive}):
-        ax.axhline(bound, color="k", ls="--", lw=1, label=f"bound k={k} (the fixed k)")
-    if not drawn:
-        plt.close(fig)
-        return None
-    n = max(len(reps) for reps in adaptive)
-    ax.set(
-        xlabel="training steps",
-        ylabel="mean k over the epoch",
-        yscale="log",
-        title="adaptive k over training" + (f" (mean over up to {n} seeds)" if n > 1 else ""),
-    )
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    name = "adaptive_k.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    return name
+    bounds = sorted({(_bound(reps[0]), reps[0].config["k"]) for reps in adaptive})
+    return adaptive_plot(adaptive, bounds, out)
 
 
 def adaptive_section(runs: list[Run], out: Path) -> list[str]:

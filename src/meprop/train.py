@@ -61,6 +61,7 @@ from .parts import (
     Part,
     UpdatePart,
 )
+from .progress import bars
 from .timing import Stopwatch
 
 __all__ = [
@@ -1094,7 +1095,7 @@ class Trainer:
             initial=skip,
             desc=desc,
             leave=False,
-            disable=not self.progress,
+            disable=not bars(self.progress),  # a file or pipe: the epoch lines alone
             dynamic_ncols=True,
         )
         losses = []

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..progress import bars
 from .paths import ENV_VAR, DataError, cache_dir, data_roots
 
 __all__ = [
@@ -352,7 +353,7 @@ def _download(url: str, dest: Path, remote: RemoteFile, *, progress: bool) -> No
                     unit_scale=True,
                     unit_divisor=1024,
                     desc=dest.name,
-                    disable=not progress,
+                    disable=not bars(progress),
                 ) as bar:
                     while chunk := resp.read(_CHUNK):
                         out.write(chunk)

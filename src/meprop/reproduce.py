@@ -12,56 +12,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from .grids import PAPER, PAPER_MNIST, PAPER_PARSE, PAPER_POS, Row  # noqa: F401 (re-exported)
+from .grids import (  # noqa: F401 (PAPER* re-exported; add_grid_seconds, provenance too)
+    PAPER,
+    PAPER_MNIST,
+    PAPER_PARSE,
+    PAPER_POS,
+    Row,
+    add_grid_seconds,
+    provenance,
+    row_name,
+)
 from .train import TrainConfig
 
 __all__ = [
     "Row", "GRIDS", "PAPER", "mnist_grid", "pos_grid", "parse_grid", "lm_grid", "run_grid",
     "with_seeds",
 ]  # fmt: skip
-
-
-def _row_name(cfg: TrainConfig) -> str:
-    """A run directory name that tells the row's settings apart."""
-    return "-".join(
-        part
-        for part in [
-            cfg.method,
-            cfg.mode if cfg.method in ("meprop", "mesimp") else "",
-            f"k{cfg.k}" if cfg.method != "dense" else "",
-            cfg.optimizer,
-            f"L{len(cfg.widths())}",
-            "w" + "x".join(map(str, sorted(set(cfg.widths())))),
-            f"d{cfg.dropout:g}",
-            f"lr{cfg.lr:g}" if cfg.lr else "",
-            "attn" if cfg.sparse_attention else "",
-            "fc" if cfg.fc_only else "",
-            _adaptive_part(cfg),
-            f"mem{cfg.memory:g}" if cfg.memory else "",
-            f"wu{cfg.warmup}" if cfg.warmup else "",
-        ]
-        if part
-    )
-
-
-def _adaptive_part(cfg: TrainConfig) -> str:
-    """The row name's part for adaptive k ("" for a fixed k): rule, min_k and the rule's
-    settings that differ from the defaults."""
-    if not cfg.adaptive:
-        return ""
-    part = f"{cfg.adaptive}{cfg.min_k}"
-    base = TrainConfig(task=cfg.task)
-    names = ("s_min", "s_max", "damping") if cfg.adaptive == "tinyprop" else ("mass_share",)
-    for name in names:
-        if getattr(cfg, name) != getattr(base, name):
-            part += f"_{name.replace('_', '')}{getattr(cfg, name):g}"
-    return part
 
 
 class _Grid:
@@ -73,7 +44,7 @@ class _Grid:
 
     def add(self, group: str, label: str, **kw) -> None:
         cfg = replace(self.base, **kw)
-        name = _row_name(cfg)
+        name = row_name(cfg)
         self.rows.setdefault(name, Row(name, group, label, cfg))
 
     def list(self) -> list[Row]:
@@ -302,44 +273,6 @@ def with_seeds(rows: list[Row], seeds: list[int], groups: list[str] | None = Non
             name = row.name if seed == 1 else f"{row.name}-s{seed}"
             out.append(replace(row, name=name, config=replace(row.config, seed=seed)))
     return out
-
-
-def provenance() -> dict:
-    """Where a run was made: the machine (CPU, ISA, caches, threads), torch, meprop and its git
-    commit (where the package sits in a git checkout)."""
-    import subprocess
-
-    import torch
-
-    from . import __version__, machine
-
-    commit = ""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {
-        "machine": machine.summary_line(),
-        "torch": torch.__version__,
-        "meprop": __version__,
-        "commit": commit,
-    }
-
-
-def add_grid_seconds(grid_path: Path, seconds: float) -> None:
-    """Add ``seconds`` to ``grid_path``'s total, read just before the write, so that another
-    process adding its own time to the same grid in between is kept (the write is atomic)."""
-    grid_path.parent.mkdir(parents=True, exist_ok=True)
-    spent = json.loads(grid_path.read_text()).get("seconds", 0.0) if grid_path.exists() else 0.0
-    tmp = grid_path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"seconds": spent + seconds}) + "\n")
-    tmp.replace(grid_path)
 
 
 def check_reuse(row: Row, d: Path) -> bool:

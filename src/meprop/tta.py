@@ -33,7 +33,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .grids import Row
+from .grids import Row, add_grid_seconds, provenance, row_name
 from .stats import paired, summarize
 from .train import TrainConfig
 
@@ -76,7 +76,7 @@ def tta_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
 
         def add(label: str, base=base, group=group, **kw) -> None:
             cfg = replace(base, **kw)
-            rows.append(Row(f"{group}-{_recipe_name(cfg)}", group, label, cfg))
+            rows.append(Row(f"{group}-{row_name(cfg)}", group, label, cfg))
 
         add("dense")
         for k in (k4, k8) if width == 500 else (k4,):
@@ -86,12 +86,6 @@ def tta_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
             add(f"meProp unified k={k8}, memory 0.8", method="meprop", mode="unified", k=k8,
                 memory=0.8)  # fmt: skip
     return rows
-
-
-def _recipe_name(cfg: TrainConfig) -> str:
-    from .reproduce import _row_name
-
-    return _row_name(cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,7 +98,6 @@ def run_interleaved(
     """Train every row to its epochs, one epoch of each in turn (finished epochs are kept:
     an interrupted grid resumes; ``progress``: the trainer's progress display within each
     epoch). Returns the run folders."""
-    from .reproduce import add_grid_seconds, provenance
     from .train import run
 
     def quiet(*a, **k):

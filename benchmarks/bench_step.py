@@ -23,6 +23,7 @@ dense step at the variant's own widths with the optimizer whose semantics it has
 SparseAdam).
 
     python benchmarks/bench_step.py [--quick] [--k 20] [--threads 1] [--mesimp-widths 153,321]
+    python benchmarks/bench_step.py --quick --k 40 --threads 1 --memory 0.8
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ MESIMP_VARIANTS = [
     ("meProp unified, Adam", "unified", False, "adam", "adam"),
 ]
 LR = {"adam": 1e-3, "adagrad": 1e-2, "sgd": 0.1}
+# --memory R adds these (MePropConfig.memory: the memorized sparse back-propagation's cost)
+MEMORY_VARIANTS = [
+    ("meProp per_example, Adam, memory", "per_example", False, "adam", "adam"),
+    ("meProp unified, Adam, memory", "unified", False, "adam", "adam"),
+]
 
 
 def mlp(widths=FULL) -> nn.Sequential:
@@ -94,15 +100,16 @@ def make_step(model, opts, x, y):
     return step
 
 
-def steps_for(widths, variants, k: int, x, y) -> dict:
+def steps_for(widths, variants, k: int, x, y, memory: float = 0.0) -> dict:
     base = mlp(widths)
     steps = {}
     for label, mode, sparse_grad, opt, _ in variants:
         model = copy.deepcopy(base)
         if mode is not None:
+            mem = memory if label.endswith(", memory") else 0.0
             sparsify_(
                 model,
-                MePropConfig(k=k, mode=mode, sparse_grad=sparse_grad),
+                MePropConfig(k=k, mode=mode, sparse_grad=sparse_grad, memory=mem),
                 filter_fn=hidden_layers(model),
             )
         steps[(widths, label)] = make_step(model, optimizers(model, opt), x, y)
@@ -127,7 +134,12 @@ def main(argv=None) -> int:
     ap.add_argument("--min-time", type=float, default=0.5)
     ap.add_argument("--rounds", type=int, default=3, help="rounds; each keeps its fastest")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument(
+        "--memory", type=float, default=0.0,
+        help="also time meProp with MePropConfig(memory=R) (per_example and unified, Adam)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
+    full = VARIANTS + (MEMORY_VARIANTS if args.memory else [])
     if args.threads:
         torch.set_num_threads(args.threads)
     # torch's Adagrad builds sparse tensors without checks and says so at every step.
@@ -151,11 +163,11 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for batch in (50,) if args.quick else args.batches:
         x, y = torch.randn(batch, 784), torch.randint(0, 10, (batch,))
-        steps = steps_for(FULL, VARIANTS, args.k, x, y)
+        steps = steps_for(FULL, full, args.k, x, y, args.memory)
         steps.update(steps_for(simp, MESIMP_VARIANTS, args.k, x, y))
         t = best_of_rounds(steps, args.rounds, args.min_time)
         ref = t[(FULL, "dense, Adam")]
-        for widths, variants in ((FULL, VARIANTS), (simp, MESIMP_VARIANTS)):
+        for widths, variants in ((FULL, full), (simp, MESIMP_VARIANTS)):
             for label, _, _, _, dense_opt in variants:
                 sec = t[(widths, label)]
                 same = {"adam": "dense, Adam", "adagrad": "dense, Adagrad", "sgd": "dense, SGD"}

@@ -76,6 +76,7 @@ def test_report_pairs_times_and_scores(tmp_path):
     assert "| 10.0 ± 0.0 | 1.00x [1.00, 1.00]" in rows["dense"]
     fast_cells = rows["fast"].split(" | ")
     assert fast_cells[4] == "0.50x [0.50, 0.50]"  # its 5th evaluation too: 5 s against 10 s
+    assert fast_cells[5] == "1.00x [1.00, 1.00]"  # in as many steps
     assert "never (0/3)" in rows["slow"]
     assert "+0.10 [+0.10, +0.10] holds" in rows["fast"]  # test, paired with dense
     assert (tmp_path / "g.png").exists()

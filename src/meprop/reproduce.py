@@ -86,6 +86,9 @@ def mnist_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
           prune_rate=0.1, cycle=(5, 5))  # fmt: skip
     g.add("adagrad", "dense AdaGrad", method="dense", optimizer="adagrad")
     g.add("adagrad", "meProp k=10 AdaGrad", method="meprop", k=10, optimizer="adagrad")
+    # not in the paper: the same with memorized sparse back-propagation (MePropConfig.memory)
+    g.add("adagrad", "meProp k=10 AdaGrad, memory 0.8", method="meprop", k=10,
+          optimizer="adagrad", memory=0.8)  # fmt: skip
     for layers in (3,) if quick else (3, 4, 5):
         g.add("depth", f"dense {layers} layers", method="dense", layers=layers)
         g.add(

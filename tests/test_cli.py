@@ -100,3 +100,22 @@ def test_missing_paths_are_one_line_in_every_command(tmp_path, capsys):
     assert main(["reproduce", "mnist", "--quick", "--out", str(tmp_path / "file")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Not a directory" in err and str(tmp_path / "file") in err
+
+
+def test_meprop_without_k_runs_the_measured_recipe(tiny_mnist, tmp_path):
+    """`meprop train mnist --method meprop` with none of --k/--mode/--memory: the recipe the
+    time-to-accuracy grid chose (meprop.tasks.RECIPES); any of them given: the flags alone."""
+    import json
+
+    from meprop.tasks import RECIPES
+
+    base = ["train", "mnist", "--data-dir", str(tiny_mnist), "--epochs", "1", "--hidden", "64",
+            "--batch-size", "40", "--no-progress"]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "a"), "--method", "meprop"]) == 0
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert {k: cfg[k] for k in RECIPES["mnist"]} == RECIPES["mnist"]
+    assert main([*base, "--out", str(tmp_path / "b"), "--method", "meprop", "--k", "8"]) == 0
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert (cfg["k"], cfg["mode"], cfg["memory"]) == (8, "per_example", 0.0)
+    assert main([*base, "--out", str(tmp_path / "c")]) == 0  # method not named: the fields'
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["memory"] == 0.0

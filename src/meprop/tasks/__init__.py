@@ -13,7 +13,7 @@ fixed training subset, for learning curves), ``dev`` and ``test``.
 
 from __future__ import annotations
 
-__all__ = ["TASKS", "DEFAULTS", "ADAM_LR", "task_class", "get_task"]
+__all__ = ["TASKS", "DEFAULTS", "ADAM_LR", "RECIPES", "task_class", "get_task"]
 
 TASKS = ("mnist", "pos", "parse", "lm")
 
@@ -37,6 +37,13 @@ DEFAULTS: dict[str, dict] = {
 # Adam's learning rate where a task's differs from the trainer's 1e-3 (chosen on dev: the lm
 # grid's "tuning" group, dense at lr 1e-3 / 2e-3 / 4e-3 / 8e-3).
 ADAM_LR: dict[str, float] = {"lm": 4e-3}
+
+# What ``meprop train TASK --method meprop`` runs when none of --k, --mode, --memory, --warmup,
+# --adaptive is given (and no --config): the time-to-accuracy grid's best recipe where one was
+# measured (docs/results/tta/report.md, mnist-w500, 3 seeds: per_example k=40 with memory 0.8
+# took the fewest steps to dense's best - 0.2 point, 1.27x dense's, and the best test accuracy,
+# +0.20 [+0.02, +0.39] points over dense). Other tasks: the fields' defaults (k=20, per_example).
+RECIPES: dict[str, dict] = {"mnist": {"k": 40, "mode": "per_example", "memory": 0.8}}
 
 
 def task_class(name: str):

@@ -864,6 +864,22 @@ def build_report(paths: list[Path], out: Path) -> Path:
     if origin.get("commit"):
         made += f" (commit {origin['commit']})"
     threads = "" if "machine" in origin else f", {first['threads']} threads"
+    # runs made on several machines: each named with how many runs it made (times compare
+    # within one machine only)
+    counts: dict[str, int] = {}
+    for r in runs:
+        m = r.extra.get("machine", "machine not recorded")
+        counts[m] = counts.get(m, 0) + 1
+    if len(counts) > 1:
+        machine = "; ".join(f"{n} runs on {m}" for m, n in counts.items())
+        made = "meprop " + ", ".join(
+            sorted(
+                {
+                    f"{r.extra.get('meprop', '?')} (commit {r.extra.get('commit', '?')})"
+                    for r in runs
+                }
+            )  # fmt: skip
+        )
     hours = ""
     if "seconds" in grid:
         sec = grid["seconds"]

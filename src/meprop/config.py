@@ -59,9 +59,15 @@ def _check_type(name: str, value: Any, expected: type) -> None:
         raise TypeError(f"{name} must be {expected.__name__}, got {type(value).__name__} {value!r}")
 
 
-def _check_share(name: str, value: Any, low: float = 0.0) -> float:
+def _check_number(name: str, value: Any, unit: str = "") -> float:
+    """``value`` as a float; TypeError for anything but an int or float (bool included)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be a number{unit}, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _check_share(name: str, value: Any, low: float = 0.0) -> float:
+    _check_number(name, value)
     if not low <= value <= 1.0:
         raise ValueError(f"{name} must be in [{low:g}, 1], got {value}")
     return float(value)
@@ -257,14 +263,12 @@ class MePropConfig:
                 raise ValueError(
                     f"adapt.min_k ({self.adapt.min_k}) must be <= k ({self.k}), the upper bound"
                 )
-        if isinstance(self.memory, bool) or not isinstance(self.memory, int | float):
-            raise TypeError(f"memory must be a number, got {type(self.memory).__name__}")
+        object.__setattr__(self, "memory", _check_number("memory", self.memory))
         if not 0.0 <= self.memory < 1.0:
             raise ValueError(
                 f"memory must be in [0, 1) (the share of the dropped gradient carried over; "
                 f"0: off, MSBP's 0.8), got {self.memory}"
             )
-        object.__setattr__(self, "memory", float(self.memory))
         _check_type("warmup", self.warmup, int)
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0 (dense forward passes first), got {self.warmup}")
@@ -378,14 +382,13 @@ class MeActConfig:
         _check_type("start_epoch", self.start_epoch, int)
         if self.start_epoch < 0:
             raise ValueError(f"start_epoch must be >= 0, got {self.start_epoch}")
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int | float):
-            raise TypeError(f"threshold must be a number (percent), got {self.threshold!r}")
-        if not 0.0 <= self.threshold <= 100.0:
+        threshold = _check_number("threshold", self.threshold, " (percent)")
+        if not 0.0 <= threshold <= 100.0:
             raise ValueError(
                 f"threshold is a percentage of the layer's total and must be in [0, 100], "
                 f"got {self.threshold}"
             )
-        object.__setattr__(self, "threshold", float(self.threshold))
+        object.__setattr__(self, "threshold", threshold)
         _check_type("cap", self.cap, int)
         if self.cap < 0:
             raise ValueError(f"cap must be >= 0 (0: no cap), got {self.cap}")

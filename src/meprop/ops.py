@@ -464,7 +464,8 @@ class _SparseLinearFn(torch.autograd.Function):
             return _finish(ctx, x, g, Selection("dense"), dx, dw, need_db)
         ctx.g_in = None
         if cfg.memory:  # select from g + m (memorized sparse back-propagation); g_in for db
-            ctx.g_in, g = g, with_memory(g, record)
+            ctx.g_in, ctx.m = g, usable_memory(record, g)
+            g = g if ctx.m is None else g + ctx.m
         if cfg.adapt is not None:
             if compiling:
                 return _adaptive_traced(ctx, x, x2, weight, g)
@@ -499,23 +500,29 @@ class _SparseLinearFn(torch.autograd.Function):
         return _finish(ctx, x, g, sel, dx, dw, need_db)
 
 
-def with_memory(g: Tensor, record) -> Tensor:
-    """``g`` (M, n) plus the layer's memory ``record.memory`` (n,) in every row; ``g`` itself
+def usable_memory(record, g: Tensor) -> Tensor | None:
+    """The layer's memory ``record.memory`` (n,), to add to every row of ``g`` (M, n); None
     where there is none yet, or it was kept for another width (meSimp shrank the layer), dtype
     or device."""
     m = record.memory
     if m is None or m.shape[0] != g.shape[1] or m.dtype != g.dtype or m.device != g.device:
-        return g
-    return g + m
+        return None
+    return m
 
 
-def memorize(record, ratio: float, g: Tensor, kept: Tensor) -> None:
-    """The next memory: ``ratio`` times what the selection dropped of ``g`` (M, n), as the mean
-    over its rows (the next call's rows are other examples: every one of them carries the
-    mean, so the sum over a batch carries the dropped sum). ``kept``: (n,) column sums of the
-    kept entries."""
-    if g.shape[0]:
-        record.memory = (g.sum(0) - kept).mul_(ratio / g.shape[0])
+def _memorize(ctx, g: Tensor, sel: Selection) -> Tensor:
+    """After a backward with memory: the next memory, ``ratio`` times what the selection
+    dropped of ``g`` = g_in + m (M, n) as the mean over its rows (the next call's rows are
+    other examples: every one of them carries the mean, so the sum over a batch carries the
+    dropped sum). Returns the bias gradient's full column sums of g_in (n,), which it reads
+    once: g's sums are those plus M m."""
+    rows = g.shape[0]
+    kept = _bias_grad(g, sel, True)  # (n,) column sums of the kept entries
+    full = ctx.g_in.sum(0)  # (n,)
+    total = full if ctx.m is None else full + rows * ctx.m
+    if rows:
+        ctx.record.memory = (total - kept).mul_(ctx.cfg.memory / rows)
+    return kept if ctx.cfg.sparse_bias else full
 
 
 def _adaptive_traced(ctx, x, x2, weight, g):
@@ -672,13 +679,9 @@ def _adaptive_rows(ctx, x, x2, weight, g, record):
 def _finish(ctx, x, g, sel: Selection, dx, dw, need_db, db=None):
     """Bias gradient, usage record, memory, and backward's return tuple (one entry per forward
     input)."""
-    g_in = getattr(ctx, "g_in", None)
-    if g_in is not None:  # memory: g is g_in + m; keep what the selection dropped of it
-        kept = _bias_grad(g, sel, True)  # (n,) column sums of the kept entries
-        memorize(ctx.record, ctx.cfg.memory, g, kept)
-        if ctx.needs_input_grad[2]:  # db from the layer's own gradient, as without memory
-            db = kept if ctx.cfg.sparse_bias else g_in.sum(0)
-        need_db = False
+    if getattr(ctx, "g_in", None) is not None:  # memory: keep what the selection dropped
+        bias = _memorize(ctx, g, sel)  # db from the layer's own gradient, as without memory
+        db, need_db = (bias if ctx.needs_input_grad[2] else None), False
     if need_db:
         db = _bias_grad(g, sel, ctx.cfg.sparse_bias)
     _record(*ctx.usage, sel, g)
@@ -775,19 +778,21 @@ def apply_config(
         record.last_k = float(min(cfg.k, n))
         if not cfg.memory or cfg.k >= n:
             record = None
-    if cfg.memory and cfg.k < n and torch.compiler.is_compiling():
-        # (without fullgraph, Dynamo breaks the graph here and runs the layer eagerly)
-        raise RuntimeError(
-            f"MePropConfig(memory={cfg.memory:g}) does not trace under "
-            "torch.compile(fullgraph=True): backward keeps the dropped gradient in the layer's "
-            "record between steps; compile without fullgraph (the layer then runs eagerly) "
-            "or use memory=0"
-        )
-    if record is None and cfg.memory and cfg.k < n:
-        raise ValueError(
-            "MePropConfig(memory=...) keeps the dropped gradient between calls: pass "
-            "record=meprop.adaptive.KRecord() (one per layer) to sparse_linear, or use SparseLinear"
-        )
+    if cfg.memory and cfg.k < n:
+        if torch.compiler.is_compiling():
+            # (without fullgraph, Dynamo breaks the graph here and runs the layer eagerly)
+            raise RuntimeError(
+                f"MePropConfig(memory={cfg.memory:g}) does not trace under "
+                "torch.compile(fullgraph=True): backward keeps the dropped gradient in the "
+                "layer's record between steps; compile without fullgraph (the layer then runs "
+                "eagerly) or use memory=0"
+            )
+        if record is None:
+            raise ValueError(
+                "MePropConfig(memory=...) keeps the dropped gradient between calls: pass "
+                "record=meprop.adaptive.KRecord() (one per layer) to sparse_linear, or use "
+                "SparseLinear"
+            )
     if counts is None and cfg.k >= n and not cfg.sparse_grad:
         return F.linear(x, weight, bias)  # keeps everything: plain autograd, bit-exact
     if cfg.sparse_grad:

@@ -99,14 +99,12 @@ def reference_memory_backward(
 
     Returns (dx shaped like x, dW (n, in), db (n,), the next memory (n,)).
     """
-    n, d_in = weight.shape
-    g = grad_out.reshape(-1, n)
+    g = grad_out.reshape(-1, weight.shape[0])
     gm = g + memory
-    gs = mask_gradient(gm, k, mode, selection)
-    dx = (gs @ weight).reshape(x.shape)
-    dw = gs.t() @ x.reshape(-1, d_in)
-    db = (gs if sparse_bias else g).sum(0)
-    return dx, dw, db, ratio * (gm - gs).mean(0)
+    # reference_backward on g + m; its sparse bias gradient is the kept entries' sums
+    dx, dw, kept = reference_backward(x, weight, gm, k, mode, True, selection)
+    db = kept if sparse_bias else g.sum(0)
+    return dx, dw, db, ratio * (gm.sum(0) - kept) / g.shape[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -409,30 +409,13 @@ def _reproduce(args: argparse.Namespace) -> None:
         from .tta import build_tta_report, run_interleaved
 
         run_interleaved(rows, out, data_dir=args.data_dir)
-        report = build_tta_report([out], out, _command(args))  # every group in the folder
+        report = build_tta_report([out], out)  # every group in the folder (its own command)
     else:
         from .report import build_report
 
         dirs = run_grid(rows, out, data_dir=args.data_dir, progress=not args.no_progress)
         report = build_report(dirs, out)
     print(f"report: {report}")
-
-
-def _command(args: argparse.Namespace) -> str:
-    """The ``meprop reproduce`` command that selects these rows (for the report)."""
-    parts = ["meprop reproduce", args.task]
-    if args.quick:
-        parts.append("--quick")
-    if args.dataset != "mnist":
-        parts.append(f"--dataset {args.dataset}")
-    for flag, value in (("--groups", args.groups), ("--seed-groups", args.seed_groups)):
-        if value:
-            parts.append(f"{flag} {','.join(value)}")
-    if args.seeds:
-        parts.append(f"--seeds {','.join(map(str, args.seeds))}")
-    if args.rows:
-        parts.append(f"--rows '{args.rows}'")
-    return " ".join(parts)
 
 
 # Measured wall time of one run of each grid on 2 cores: (full, quick).

@@ -138,13 +138,13 @@ def _epochs_done(d: Path) -> int:
 
 
 def read_log(path: Path) -> list[dict]:
-    """The records of a ``log.jsonl``; where a resumed run repeated steps (it was stopped
-    within an epoch), the later records replace the earlier ones."""
+    """The records of a ``log.jsonl`` (``meprop.train.read_log``: damaged lines left out);
+    where a resumed run of an older version repeated steps (it was stopped within an epoch),
+    the later records replace the earlier ones."""
+    from .train import read_log as records_of
+
     records: list[dict] = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        r = json.loads(line)
+    for r in records_of(path)[0]:
         while records and records[-1]["step"] >= r["step"]:
             records.pop()
         records.append(r)
@@ -206,7 +206,7 @@ def _best_running(log: list[dict], key: str) -> float:
 # The report
 
 
-def build_tta_report(paths: list[Path], out: Path, command: str = "") -> Path:
+def build_tta_report(paths: list[Path], out: Path) -> Path:
     """``report.md`` (and a plot per group) from the tta grid's runs in ``paths``."""
     from .report import replicates, scan_runs
 
@@ -233,8 +233,6 @@ def build_tta_report(paths: list[Path], out: Path, command: str = "") -> Path:
         "on the machine or its load (time ratio = steps ratio x the per-step time ratio). "
         "Test: the best-dev checkpoint's test score, paired against dense on the same seeds.",
     ]
-    if command:
-        lines += ["", f"Command: `{command}`"]
     for group, rows in groups.items():
         lines += ["", *_group_section(group, rows, out)]
     if notes:
@@ -344,29 +342,26 @@ def _ratio(times: dict, dense_times: dict) -> str:
 
 def _plot(group: str, rows: list[list], key: str, best: float, out: Path) -> str | None:
     """Dev score against training seconds: per recipe the mean over seeds at each evaluation
-    (x: the mean seconds), a band from the lowest to the highest seed; the targets dashed."""
-    try:
-        import matplotlib
+    (x: the mean seconds), a band from the lowest to the highest seed (``meprop.plots``); the
+    targets dashed."""
+    from . import plots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:
+        plt = plots.pyplot()
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(10, 5.5))
     ymax = 0.0
     for reps in rows:
-        curves = [_curve(r.log, key) for r in reps]
-        n = min(len(c) for c in curves)
-        xs = [sum(c[j][1] for c in curves) / len(curves) for j in range(n)]
-        raw = [[e[key] for e in r.log if key in e][:n] for r in reps]
-        ys = [100 * sum(v[j] for v in raw) / len(raw) for j in range(n)]
-        lo = [100 * min(v[j] for v in raw) for j in range(n)]
-        hi = [100 * max(v[j] for v in raw) for j in range(n)]
+        pts = plots.over_seeds(
+            reps,
+            lambda e: 100 * e[key] if key in e else None,
+            key=lambda e: e.get("step"),
+            x=lambda e: e["times"].get("train", 0.0),
+        )
         style = dict(color="black", lw=2) if reps[0].method == "dense" else dict(lw=1.2)
-        seeds = ",".join(str(r.seed) for r in reps)
-        (line,) = ax.plot(xs, ys, label=f"{reps[0].label} (seeds {seeds})", **style)
-        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12, lw=0)
-        ymax = max(ymax, max(hi))
+        plots.band(ax, pts, f"{reps[0].label} ({plots.seeds_text(reps)})", **style)
+        ymax = max([ymax, *(p.hi for p in pts)])
     x0, x1 = ax.get_xlim()
     for i, (margin, ls) in enumerate(zip(MARGINS, (":", "--", "-."), strict=True)):
         ax.axhline(100 * best - margin, color="grey", ls=ls, lw=0.8)
@@ -378,9 +373,7 @@ def _plot(group: str, rows: list[list], key: str, best: float, out: Path) -> str
     ax.set_ylabel(f"dev {key[4:]} % (band: min-max over seeds)")
     ax.set_title(f"{group}: dev score against training time", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.tight_layout()
+    plots.legend_outside(ax)
     name = f"{group}.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
+    plots.save(fig, out, name)
     return name

@@ -1276,7 +1276,6 @@ def _saved_extra(path: Path) -> dict[str, Any]:
 
 
 def _saved_step(path: Path) -> int | str:
-    try:
-        return torch.load(path, weights_only=True)["extra"]["state"]["step"]
-    except Exception:  # noqa: BLE001 - only for a message
-        return "?"
+    """The step a checkpoint was written at, or "?" (only for a message)."""
+    state = _saved_extra(path).get("state")
+    return state.get("step", "?") if isinstance(state, dict) else "?"

@@ -3,7 +3,7 @@
 all-reduce (``meprop.ddp_hook``), on the same global batches.
 
 Each configuration ``PxT`` (P processes of T intra-op threads) runs in fresh processes started
-by ``meprop.launch.spawn``. Inside them every variant is built from the same initial weights:
+by ``meprop.experiments.launch.spawn``. Inside them every variant is built from the same initial weights:
 
 * ``dense``: the plain MLP (under DDP: DDP's ordinary all-reduce);
 * ``meprop``: meProp on the hidden layers (output layer dense), DDP's ordinary all-reduce
@@ -53,8 +53,8 @@ from _timing import QUANTILE, cpu_name
 from meprop import MePropConfig, hidden_layers, sparsify_
 from meprop import distributed as mdist
 from meprop.ddp_hook import CompactState, compact_allreduce_hook
-from meprop.launch import cpu_count, spawn
-from meprop.train import make_optimizer
+from meprop.experiments.launch import cpu_count, spawn
+from meprop.experiments.train import make_optimizer
 
 # name -> (meProp layers, the hook, DDP's gradient_as_bucket_view)
 VARIANTS = {
@@ -74,7 +74,7 @@ def mlp(width: int) -> nn.Sequential:
 
 def images(n: int, data_dir: str | None) -> tuple[torch.Tensor, torch.Tensor, str]:
     try:
-        from meprop.data import load_mnist
+        from meprop.experiments.data import load_mnist
 
         train = load_mnist("mnist", root=data_dir, download=False).train
         return train.images[:n], train.labels[:n], "MNIST"

@@ -23,8 +23,8 @@ from torch.utils.benchmark import Timer
 
 import meprop
 from _timing import cpu_name
-from meprop.tasks import get_task
-from meprop.train import TrainConfig
+from meprop.experiments.tasks import get_task
+from meprop.experiments.train import TrainConfig
 
 
 def main(argv=None) -> int:

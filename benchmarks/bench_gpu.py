@@ -153,7 +153,7 @@ def layer_autograd_table(shapes, dtype, backend: str) -> None:
 def mlp_step_table(backend: str, ks=(20, 80), batch: int = 100) -> None:
     from meprop import MePropConfig
     from meprop.convert import hidden_layers, sparsify_
-    from meprop.tasks.mnist import build_mlp
+    from meprop.experiments.tasks.mnist import build_mlp
 
     print(f"\n## MNIST MLP 784-500-500-10 training step (Adam), batch {batch}, float32")
     print("model | ms | x dense")

@@ -3,7 +3,7 @@ parameters (784-500-500-10: 648,010 parameters in six tensors) with dense gradie
 
 For Adam, Adagrad and SGD: the default (on CPU a Python loop over the tensors), ``foreach=True``
 (one call over all tensors) and ``fused=True`` (one vectorised kernel per tensor), all giving
-the same update up to float rounding. ``meprop.train.make_optimizer`` takes the fastest here.
+the same update up to float rounding. ``meprop.experiments.train.make_optimizer`` takes the fastest here.
 
     python benchmarks/bench_optimizer.py [--threads 1] [--min-time 0.5] [--rounds 3]
 """

@@ -31,10 +31,10 @@ from torch.utils.benchmark import Timer
 import meprop
 from _timing import cpu_name
 from meprop import MePropConfig, SparseLinear, sparsify_
-from meprop.data import load_ud_ewt
-from meprop.tasks.arcstandard import is_projective, oracle_examples
-from meprop.tasks.parse import ParserMLP, Vocab, parse
-from meprop.train import TrainConfig
+from meprop.experiments.data import load_ud_ewt
+from meprop.experiments.tasks.arcstandard import is_projective, oracle_examples
+from meprop.experiments.tasks.parse import ParserMLP, Vocab, parse
+from meprop.experiments.train import TrainConfig
 
 
 class Timed(nn.Module):

@@ -3,7 +3,7 @@
 784-500-500-10 (the paper's net), meProp with k on the hidden layers (the output layer dense),
 and the same MLP at the hidden widths meSimp leaves it (``--mesimp-widths``; default 153,321:
 the README's MNIST run of meSimp k=160 per_example, 20 epochs), dense and meProp. Every side
-gets the optimizer the trainer builds (``meprop.train.make_optimizer``: torch's fused Adam
+gets the optimizer the trainer builds (``meprop.experiments.train.make_optimizer``: torch's fused Adam
 and Adagrad), so optimizer speed-ups count for dense as for meProp. The variants:
 
 * Adam, dense gradients: the trainer's default; Adam's moments move every row each step, so
@@ -38,7 +38,7 @@ from torch import nn
 
 from _timing import best_of_rounds, cpu_name, environment, load_average
 from meprop import MePropConfig, SparseLinear, hidden_layers, sparsify_
-from meprop.train import make_optimizer
+from meprop.experiments.train import make_optimizer
 
 FULL = (500, 500)
 # (label, mode or None for dense, sparse_grad, optimizer, the dense optimizer it is compared to)

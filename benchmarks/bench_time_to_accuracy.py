@@ -2,7 +2,7 @@
 the dense run's best minus 0.1 point, for dense, meProp (per_example, unified; each k) and
 meSimp.
 
-Every run is the library's own trainer (``meprop.train.run``) with its MNIST defaults
+Every run is the library's own trainer (``meprop.experiments.train.run``) with its MNIST defaults
 (784-500-500-10, Adam 1e-3, batch 50, dropout 0.1) and one seed, so all start from the same
 initialisation and see the same batches. The runs share this one process and one thread; by
 default they are interleaved epoch by epoch (each run resumes from its checkpoint, which gives
@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 
 from _timing import cpu_name, load_average
-from meprop.train import TrainConfig
-from meprop.tta import read_log
+from meprop.experiments.train import TrainConfig
+from meprop.experiments.tta import read_log
 
 METHODS = ("dense", "per_example", "unified", "mesimp", "tinyprop", "mass")
 MARGIN = 0.001  # 0.1 point of accuracy
@@ -212,8 +212,8 @@ def warm_up(runs: list[Run]) -> None:
     """A few steps of each run's kind of model on random data, so that no run pays for loading
     (or compiling) the kernels or first-call set-up inside its timed loop."""
     from meprop import hidden_layers, sparsify_
-    from meprop.tasks.mnist import build_mlp
-    from meprop.train import make_optimizer
+    from meprop.experiments.tasks.mnist import build_mlp
+    from meprop.experiments.train import make_optimizer
 
     x, y = torch.randn(50, 784), torch.randint(0, 10, (50,))
     for run in runs:
@@ -229,7 +229,7 @@ def warm_up(runs: list[Run]) -> None:
 
 
 def train(runs: list[Run], out: Path, data_dir, sequential: bool, epochs: int) -> None:
-    from meprop.train import run as train_run
+    from meprop.experiments.train import run as train_run
 
     def quiet(*a, **k):
         pass
@@ -315,7 +315,7 @@ def main(argv=None) -> int:
     if "dense" not in args.methods:
         args.methods.insert(0, "dense")  # it sets the target
     if not args.eval_every:
-        from meprop.tasks import get_task
+        from meprop.experiments.tasks import get_task
 
         cfg = TrainConfig(task="mnist", train_limit=args.train_limit)
         steps = get_task(cfg, args.data_dir).steps_per_epoch(cfg.batch_size)

@@ -1,4 +1,4 @@
-"""meProp on the byte-level transformer LM (``meprop.tasks.lm``): the per_example stall and
+"""meProp on the byte-level transformer LM (``meprop.experiments.tasks.lm``): the per_example stall and
 unified's gap to dense (docs/per_example.md).
 
 Builds the task's model and data through the library (``LmTask``, ``sparsify_``) and trains
@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from meprop import MePropConfig, sparsify_
+from meprop.experiments.tasks.lm import LmTask
+from meprop.experiments.train import TrainConfig
 from meprop.machine import summary_line
-from meprop.tasks.lm import LmTask
-from meprop.train import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probe_per_example import GradMask, MaskedLinear, mask_rule  # noqa: E402

@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from meprop import MePropConfig, sparsify_
-from meprop.data import load_mnist
+from meprop.experiments.data import load_mnist
+from meprop.experiments.tasks.mnist import build_mlp
 from meprop.machine import summary_line
-from meprop.tasks.mnist import build_mlp
 
 
 class LazyAdam(torch.optim.Optimizer):

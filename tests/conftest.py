@@ -59,9 +59,9 @@ def tiny_mnist(tmp_path, monkeypatch):
 
     import numpy as np
 
-    from meprop.data import DATASETS
-    from meprop.data.download import Dataset, RemoteFile
-    from meprop.tasks.mnist import MnistTask
+    from meprop.experiments.data import DATASETS
+    from meprop.experiments.data.download import Dataset, RemoteFile
+    from meprop.experiments.tasks.mnist import MnistTask
 
     rng = np.random.default_rng(0)
     folder = tmp_path / "data" / "mnist"
@@ -130,9 +130,9 @@ def tiny_ewt(tmp_path, monkeypatch):
     import hashlib
     import random
 
-    from meprop.data import DATASETS
-    from meprop.data.conllu import EWT_SPLITS
-    from meprop.data.download import Dataset, RemoteFile
+    from meprop.experiments.data import DATASETS
+    from meprop.experiments.data.conllu import EWT_SPLITS
+    from meprop.experiments.data.download import Dataset, RemoteFile
 
     rng = random.Random(0)
     folder = tmp_path / "data" / "ud_english_ewt"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from meprop.cli import main
+from meprop.experiments.cli import main
 
 
 def test_help_lists_commands(capsys):
@@ -31,9 +31,9 @@ def test_train_flags_take_help_and_choices_from_the_fields():
     from dataclasses import fields
 
     from meprop import MePropConfig
-    from meprop.cli import build_parser
     from meprop.config import BACKENDS
-    from meprop.train import METHODS, TrainConfig
+    from meprop.experiments.cli import build_parser
+    from meprop.experiments.train import METHODS, TrainConfig
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     actions = {a.dest: a for a in sub.choices["train"]._actions}
@@ -74,7 +74,7 @@ def test_bad_flag_values_are_reported(tiny_mnist, tmp_path, capsys):
 
 
 def test_demo_ratios_and_why_not_faster():
-    from meprop import demo
+    from meprop.experiments import demo
 
     dense = dict(forward=2.0, backward=4.0, linear_backward=3.0, optimizer=1.0)
     fast = dict(forward=2.0, backward=1.0, linear_backward=0.5, optimizer=1.0)
@@ -104,10 +104,10 @@ def test_missing_paths_are_one_line_in_every_command(tmp_path, capsys):
 
 def test_meprop_without_k_runs_the_measured_recipe(tiny_mnist, tmp_path):
     """`meprop train mnist --method meprop` with none of --k/--mode/--memory: the recipe the
-    time-to-accuracy grid chose (meprop.tasks.RECIPES); any of them given: the flags alone."""
+    time-to-accuracy grid chose (meprop.experiments.tasks.RECIPES); any of them given: the flags alone."""
     import json
 
-    from meprop.tasks import RECIPES
+    from meprop.experiments.tasks import RECIPES
 
     base = ["train", "mnist", "--data-dir", str(tiny_mnist), "--epochs", "1", "--hidden", "64",
             "--batch-size", "40", "--no-progress"]  # fmt: skip

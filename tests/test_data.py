@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from meprop import data as mdata
-from meprop.data import (
+from meprop.experiments import data as mdata
+from meprop.experiments.data import (
     DATASETS,
     ChecksumError,
     ConlluError,
@@ -41,8 +41,8 @@ from meprop.data import (
     read_idx,
     resolve_data_root,
 )
-from meprop.data import download as download_mod
-from meprop.data import mnist as mnist_mod
+from meprop.experiments.data import download as download_mod
+from meprop.experiments.data import mnist as mnist_mod
 
 FIXTURES = Path(__file__).resolve().parent / "data"
 IMAGES = np.array(

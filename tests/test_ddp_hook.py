@@ -30,7 +30,7 @@ from meprop import (
 )
 from meprop import distributed as mdist
 from meprop.ddp_hook import CompactState, RowLog, compact_allreduce_hook
-from meprop.launch import spawn
+from meprop.experiments.launch import spawn
 from meprop.ops import ROWS_ATTR
 
 D_IN, HIDDEN, CLASSES, K, STEPS = 12, 64, 5, 3, 5
@@ -264,7 +264,7 @@ def group_of_one():
 
 @pytest.mark.parametrize("compact", [True, False])
 def test_the_trainer_registers_the_hook_unless_told_not_to(group_of_one, compact):
-    from meprop.parts import Distribution
+    from meprop.experiments.parts import Distribution
 
     d = Distribution(compact=compact)
     d.world = 2  # (as a rank of two sees it; DDP runs on this group of one)
@@ -277,11 +277,13 @@ def test_the_trainer_registers_the_hook_unless_told_not_to(group_of_one, compact
 
 
 def test_cli_flag_turns_the_hook_off(tmp_path, monkeypatch):
-    import meprop.train
-    from meprop.cli import main
+    import meprop.experiments.train
+    from meprop.experiments.cli import main
 
     seen = {}
-    monkeypatch.setattr(meprop.train, "run", lambda cfg, out, **options: seen.update(options))
+    monkeypatch.setattr(
+        meprop.experiments.train, "run", lambda cfg, out, **options: seen.update(options)
+    )
     base = ["train", "mnist", "--out", str(tmp_path), "--no-progress"]
     assert main(base) == 0 and seen["compact"] is True
     assert main([*base, "--no-compact-allreduce"]) == 0 and seen["compact"] is False
@@ -331,7 +333,7 @@ def test_torchrun_two_nodes_on_loopback(tmp_path):
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    train = ["-m", "meprop.cli", "train", "mnist", "--method", "meprop", "--k", "8"]
+    train = ["-m", "meprop.experiments.cli", "train", "mnist", "--method", "meprop", "--k", "8"]
     train += ["--mode", "unified", "--scope", "global", "--hidden", "32", "--train-limit", "200"]
     train += ["--batch-size", "50", "--epochs", "1", "--no-progress", "--out", str(tmp_path)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))

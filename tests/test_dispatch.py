@@ -199,7 +199,7 @@ def test_describe_lists_machine_and_choices(tuner):
 
 
 def test_cli_info(tuner, capsys):
-    from meprop.cli import main
+    from meprop.experiments.cli import main
 
     assert main(["info"]) == 0
     out = capsys.readouterr().out
@@ -212,8 +212,8 @@ def test_cli_info(tuner, capsys):
 def test_trainer_warm_up_times_before_the_clocks_and_leaves_no_trace(tuner, tiny_mnist):
     # The trainer's warm-up step lets auto time its candidates before training; it leaves the
     # parameters, their gradients and the random state as they were.
-    from meprop.tasks import get_task
-    from meprop.train import TrainConfig, _warm_up
+    from meprop.experiments.tasks import get_task
+    from meprop.experiments.train import TrainConfig, _warm_up
 
     cfg = TrainConfig(method="meprop", k=5, mode="unified", epochs=1)
     task = get_task(cfg, tiny_mnist)

@@ -20,7 +20,7 @@ from torch import nn
 import meprop
 from meprop import AdaptiveK, MePropConfig, MeSimpConfig, Simplifier, hidden_layers, sparsify_
 from meprop import distributed as mdist
-from meprop.launch import WorkerFailed, spawn
+from meprop.experiments.launch import WorkerFailed, spawn
 from meprop.ops import select_columns
 
 D_IN, HIDDEN, CLASSES = 12, 16, 5
@@ -315,7 +315,7 @@ MNIST = Path(os.environ.get("MEPROP_DATA", "")) / "mnist" / "train-images-idx3-u
 
 @pytest.mark.skipif(not MNIST.is_file(), reason="needs the real MNIST under $MEPROP_DATA")
 def test_cli_nproc_trains_as_one_process_and_resumes_in_one(tmp_path):
-    from meprop.cli import main
+    from meprop.experiments.cli import main
 
     args = ["train", "mnist", "--method", "mesimp", "--k", "8", "--hidden", "32"]
     args += ["--train-limit", "400", "--batch-size", "50", "--prune-interval", "2"]
@@ -342,7 +342,7 @@ def test_cli_nproc_trains_as_one_process_and_resumes_in_one(tmp_path):
 
 
 def test_cli_nproc_checks(tmp_path, monkeypatch, capsys):
-    from meprop.cli import main
+    from meprop.experiments.cli import main
 
     base = ["train", "mnist", "--out", str(tmp_path), "--no-progress"]
     assert main([*base, "--nproc", "0"]) == 2
@@ -442,7 +442,7 @@ def test_shard_splits_the_global_batch_and_weighs_the_parts():
 
 
 def test_pos_batches_split_by_sentence_and_weigh_by_tokens():
-    from meprop.tasks.pos import IGNORE, PosTask
+    from meprop.experiments.tasks.pos import IGNORE, PosTask
 
     items = [(torch.arange(1, n + 1), torch.zeros(n, dtype=torch.long)) for n in (2, 5, 3)]
     items[1][1][0] = IGNORE  # a tag unseen in training: not a loss term
@@ -537,7 +537,7 @@ def test_a_killed_launcher_leaves_no_process(tmp_path, sig):
     args = ["train", "mnist", "--method", "meprop", "--k", "8", "--hidden", "32"]
     args += ["--train-limit", "20000", "--batch-size", "10", "--epochs", "3", "--nproc", "2"]
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "meprop.cli", *args, "--no-progress", "--out", str(out)],
+        [sys.executable, "-m", "meprop.experiments.cli", *args, "--no-progress", "--out", str(out)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -568,8 +568,8 @@ def test_a_killed_launcher_leaves_no_process(tmp_path, sig):
 
 @pytest.mark.skipif(not MNIST.is_file(), reason="needs the real MNIST under $MEPROP_DATA")
 def test_cli_nproc_tells_mistakes_and_divergence_in_one_line(tmp_path, capsys):
-    from meprop.cli import main
-    from meprop.train import run_lock
+    from meprop.experiments.cli import main
+    from meprop.experiments.train import run_lock
 
     args = ["train", "mnist", "--hidden", "32", "--train-limit", "400", "--batch-size", "50"]
     args += ["--epochs", "1", "--no-progress", "--nproc", "2"]
@@ -601,7 +601,15 @@ def test_cli_nproc_killed_within_an_epoch_resumes_exactly(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def start(out, *extra):
-        cmd = [sys.executable, "-m", "meprop.cli", *args, "--no-progress", "--out", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "meprop.experiments.cli",
+            *args,
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
         return subprocess.Popen([*cmd, *extra], env=env, stdout=subprocess.DEVNULL)
 
     assert start(tmp_path / "a").wait(300) == 0

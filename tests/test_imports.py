@@ -95,7 +95,7 @@ def test_no_private_names_across_modules():
     "module",
     [
         "meprop.ops",
-        "meprop.report",
+        "meprop.experiments.report",
         "meprop.lstm",
         "meprop.lstm_prune",
         "meprop.reference",
@@ -106,3 +106,55 @@ def test_no_private_names_across_modules():
 def test_graph_sees_the_edges(module):
     # the check reads real imports (guards against a parser that finds nothing)
     assert graph()[module]
+
+
+# The two rooms: the library (meprop) and its experiments (meprop.experiments).
+EXPERIMENTS = "meprop.experiments"
+
+
+def _in_experiments(module: str) -> bool:
+    return module == EXPERIMENTS or module.startswith(EXPERIMENTS + ".")
+
+
+def test_library_imports_nothing_of_the_experiments():
+    mods = modules()
+    bad = [
+        f"{m} imports {t}"
+        for m, p in mods.items()
+        if not _in_experiments(m)
+        for t, _ in imports(m, p, mods)
+        if _in_experiments(t)
+    ]
+    assert not bad, "; ".join(bad)
+
+
+def test_experiments_use_the_library_by_its_absolute_public_names():
+    # (relative imports stay inside the experiments; the library is reached as ``meprop.X``,
+    # never through a private module)
+    bad = []
+    for m, p in modules().items():
+        if not _in_experiments(m):
+            continue
+        depth = len(m.split(".")) - (1 if p.name == "__init__.py" else 2)  # packages below
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > depth:
+                bad.append(f"{m}: from {'.' * node.level}{node.module or ''} (relative, leaves)")
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "meprop" and any(s.startswith("_") for s in parts[1:]):
+                    bad.append(f"{m}: import {name} (private)")
+    assert not bad, "; ".join(bad)
+
+
+def test_the_two_rooms_checks_see_both_sides():
+    mods = modules()
+    assert any(_in_experiments(m) for m in mods) and "meprop.ops" in mods
+    # an experiments module does import the library (so the direction test reads real edges)
+    assert "meprop.checkpoint" in graph()["meprop.experiments.train"]

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from meprop import converted
-from meprop.cli import main
-from meprop.tasks.lm import ByteLM, LmTask, read_texts, to_stream
-from meprop.train import ConfigError, TrainConfig
+from meprop.experiments.cli import main
+from meprop.experiments.tasks.lm import ByteLM, LmTask, read_texts, to_stream
+from meprop.experiments.train import ConfigError, TrainConfig
 
 FIXTURE = Path(__file__).parent / "data" / "lm"
 TINY = ["--epochs", "2", "--batch-size", "4", "--hidden", "32", "--layers", "2", "--no-progress"]
@@ -23,8 +23,8 @@ TINY = ["--epochs", "2", "--batch-size", "4", "--hidden", "32", "--layers", "2",
 def tiny_lm(tmp_path, monkeypatch):
     """A data root whose ``ud_english_ewt/`` holds the fixture's train (80 sentences), dev and
     test (20 each), with checksums registered."""
-    from meprop.data import DATASETS
-    from meprop.data.download import Dataset, RemoteFile
+    from meprop.experiments.data import DATASETS
+    from meprop.experiments.data.download import Dataset, RemoteFile
 
     folder = tmp_path / "data" / "ud_english_ewt"
     folder.mkdir(parents=True)
@@ -133,7 +133,7 @@ def test_mesimp_run_resumes_with_its_pruned_widths(tiny_lm, tmp_path):
 
 def test_sparse_attention_flag_puts_meprop_on_the_attention_projections(tiny_lm, tmp_path):
     from meprop import sparsify_
-    from meprop.train import ConfigError
+    from meprop.experiments.train import ConfigError
 
     cfg = TrainConfig(task="lm", hidden=(32,), layers=2, k=4, sparse_attention=True)
     task = LmTask(cfg, tiny_lm)
@@ -159,7 +159,7 @@ def test_sparse_attention_flag_puts_meprop_on_the_attention_projections(tiny_lm,
 
 
 def test_fc_only_leaves_mlp_proj_dense(tiny_lm, tmp_path):
-    from meprop.train import ConfigError
+    from meprop.experiments.train import ConfigError
 
     cfg = TrainConfig(task="lm", hidden=(32,), layers=2, k=4, mode="unified", fc_only=True)
     task = LmTask(cfg, tiny_lm)
@@ -194,7 +194,7 @@ def test_fc_only_leaves_mlp_proj_dense(tiny_lm, tmp_path):
 
 
 def test_lm_grid_rows():
-    from meprop.reproduce import GRIDS, PER_RUN, lm_grid
+    from meprop.experiments.reproduce import GRIDS, PER_RUN, lm_grid
 
     assert GRIDS["lm"] is lm_grid and len(PER_RUN["lm"]) == 2
     for quick in (True, False):
@@ -234,7 +234,7 @@ def test_reproduce_lm_writes_bpb_tables_claims_and_loss_plots(tiny_lm, tmp_path,
     with it), two seeds for the main rows so the claims are paired."""
     from dataclasses import replace
 
-    from meprop import reproduce
+    from meprop.experiments import reproduce
 
     def grid(quick, dataset):
         rows = reproduce.lm_grid(quick=True, dataset=dataset)
@@ -286,7 +286,7 @@ def test_reproduce_lm_writes_bpb_tables_claims_and_loss_plots(tiny_lm, tmp_path,
     for png in ("dev_bpb_vs_steps.png", "dev_bpb_vs_seconds.png", "mesimp_widths.png"):
         assert (out / png).stat().st_size > 1000 and f"![{png}]" in report
     # the claims: b's bpb minus a's, so positive where the meProp run's bpb is lower
-    from meprop.report import claims, load_runs
+    from meprop.experiments.report import claims, load_runs
 
     runs = load_runs([out])
     (claim, p, _), *_ = [c for c in claims(runs) if c[0].startswith("meProp unified k=4 ")]
@@ -299,7 +299,7 @@ def test_reproduce_lm_writes_bpb_tables_claims_and_loss_plots(tiny_lm, tmp_path,
 def test_lm_adam_lr_default():
     """The lm task's Adam lr (tasks.ADAM_LR, chosen on dev) fills an unset lr and is saved in
     the config; other optimizers, other tasks and a given lr keep theirs."""
-    from meprop.tasks import ADAM_LR
+    from meprop.experiments.tasks import ADAM_LR
 
     assert TrainConfig(task="lm").lr == ADAM_LR["lm"] == 4e-3
     assert TrainConfig(task="lm").learning_rate() == 4e-3
@@ -312,8 +312,8 @@ def test_lm_adam_lr_default():
 def test_d_model_setting_and_size_control():
     """--d-model sets the transformer width (0: a quarter of the first MLP width); the size
     control of a meSimp run keeps the run's d_model at its shrunk MLP widths."""
-    from meprop.reproduce import Row, _size_control
-    from meprop.tasks.lm import d_model_for
+    from meprop.experiments.reproduce import Row, _size_control
+    from meprop.experiments.tasks.lm import d_model_for
 
     assert d_model_for(512) == 128 and d_model_for(30) == 4 and d_model_for(8) == 4
     cfg = TrainConfig(task="lm", method="mesimp", k=16, hidden=(128,), layers=2, fc_only=True)

@@ -13,8 +13,8 @@ from torch import nn
 
 import meprop
 from meprop.analysis import UpdateMonitor
-from meprop.cli import main
 from meprop.config import MeActConfig
+from meprop.experiments.cli import main
 from meprop.meact import (
     ActiveLinear,
     IndexedBatch,
@@ -557,7 +557,7 @@ def test_cli_meact_against_dense(tiny_mnist, tmp_path):
     # 150 training examples x 2 layers x 32 neurons x (share + cache) in float16, + totals
     assert summary["meact"] == {"memory_bytes": 150 * 2 * 32 * 2 * 2 + 150 * 2 * 4, "examples": 150}
     # the best checkpoint is an ordinary model
-    model = meprop.tasks.mnist.build_mlp(784, [32, 32], 10)
+    model = meprop.experiments.tasks.mnist.build_mlp(784, [32, 32], 10)
     meprop.load(tmp_path / "meact" / "best.pt", model)
 
 
@@ -580,7 +580,7 @@ def test_cli_meact_errors(tiny_mnist, tmp_path, capsys):
     bad = ["--method", "meact", "--meact-start", "1", "--meact-threshold", "101"]
     assert train(tiny_mnist, tmp_path / "y", *bad) == 2
     assert re.search(r"threshold is a percentage .* got 101", capsys.readouterr().err)
-    from meprop.parts import MeActPart
+    from meprop.experiments.parts import MeActPart
 
     with pytest.raises(ValueError, match="do not carry example numbers"):
         MeActPart(object(), "pos").forward_context((torch.zeros(2, 3), torch.zeros(2)))
@@ -592,7 +592,7 @@ def test_cli_meact_errors(tiny_mnist, tmp_path, capsys):
 def test_reproduce_meact_quick(tiny_mnist, tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from meprop import meact_report
+    from meprop.experiments import meact_report
 
     full = meact_report.grid
 
@@ -618,8 +618,8 @@ def test_reproduce_meact_quick(tiny_mnist, tmp_path, monkeypatch):
     assert "are identical to those of the baseline with its seed" in report
     assert "### seeds" in report and "| 2 |" in report
     # the claims, paired over the two seeds, from the runs' own numbers
-    from meprop.report import load_runs
-    from meprop.stats import paired
+    from meprop.experiments.report import load_runs
+    from meprop.experiments.stats import paired
 
     runs = {r.path.name: r for r in load_runs([out])}
     a = {1: runs["meact"].test(), 2: runs["meact-seed2"].test()}

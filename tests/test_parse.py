@@ -10,13 +10,12 @@ import pytest
 import torch
 
 import meprop
-from meprop.cli import main
 from meprop.config import MePropConfig, MeSimpConfig
 from meprop.convert import sparsify_
-from meprop.data import DATASETS, DataError, Sentence, load_ud_ewt, read_conllu
-from meprop.data.download import Dataset, RemoteFile
-from meprop.simplify import Simplifier
-from meprop.tasks.arcstandard import (
+from meprop.experiments.cli import main
+from meprop.experiments.data import DATASETS, DataError, Sentence, load_ud_ewt, read_conllu
+from meprop.experiments.data.download import Dataset, RemoteFile
+from meprop.experiments.tasks.arcstandard import (
     LEFT,
     RIGHT,
     SHIFT,
@@ -28,8 +27,9 @@ from meprop.tasks.arcstandard import (
     oracle,
     oracle_examples,
 )
-from meprop.tasks.parse import ParserMLP, ParseTask, Vocab, attachment_scores, parse
-from meprop.train import TrainConfig
+from meprop.experiments.tasks.parse import ParserMLP, ParseTask, Vocab, attachment_scores, parse
+from meprop.experiments.train import TrainConfig
+from meprop.simplify import Simplifier
 
 FIXTURE = Path(__file__).parent / "data" / "parse.conllu"
 NAMES = ("en_ewt-ud-train.conllu", "en_ewt-ud-dev.conllu", "en_ewt-ud-test.conllu")
@@ -442,7 +442,7 @@ def test_sparsify_filter_leaves_the_output_layer_dense(parse_root):
 
 
 def test_parse_grid():
-    from meprop.reproduce import GRIDS, PAPER
+    from meprop.experiments.reproduce import GRIDS, PAPER
 
     for quick in (True, False):
         rows = GRIDS["parse"](quick=quick, dataset="")
@@ -467,7 +467,7 @@ def test_parse_grid():
 def test_reproduce_parse_and_report(parse_root, tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from meprop import reproduce
+    from meprop.experiments import reproduce
 
     full_grid = reproduce.parse_grid
 

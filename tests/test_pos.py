@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import meprop
-from meprop.cli import main
-from meprop.tasks.pos import (
+from meprop.experiments.cli import main
+from meprop.experiments.tasks.pos import (
     CASES,
     IGNORE,
     SHAPES,
@@ -18,7 +18,7 @@ from meprop.tasks.pos import (
     shape_class,
     word_key,
 )
-from meprop.train import TrainConfig
+from meprop.experiments.train import TrainConfig
 
 TINY = ["--epochs", "2", "--batch-size", "8", "--hidden", "16", "--no-progress"]
 

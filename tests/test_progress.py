@@ -2,8 +2,8 @@
 
 import io
 
-from meprop.cli import main
-from meprop.progress import bars
+from meprop.experiments.cli import main
+from meprop.experiments.progress import bars
 
 
 class Terminal(io.StringIO):
@@ -32,8 +32,10 @@ def test_training_into_a_file_writes_epoch_lines_not_frames(tiny_mnist, tmp_path
 
 
 def test_training_on_a_terminal_draws_bars(tiny_mnist, tmp_path, capsys, monkeypatch):
-    import meprop.train
+    import meprop.experiments.train
 
-    monkeypatch.setattr(meprop.train, "bars", lambda progress: progress)  # as on a terminal
+    monkeypatch.setattr(
+        meprop.experiments.train, "bars", lambda progress: progress
+    )  # as on a terminal
     assert train(tiny_mnist, tmp_path / "b") == 0
     assert "\r" in capsys.readouterr().err

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from meprop.cli import main
-from meprop.grids import Row
-from meprop.train import ConfigError, RunDirError, TrainConfig
+from meprop.experiments.cli import main
+from meprop.experiments.grids import Row
+from meprop.experiments.train import ConfigError, RunDirError, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "2", "--batch-size", "20", "--hidden", "32", "--no-progress"]
@@ -120,7 +120,7 @@ def test_12_a_setting_that_fails_later_is_refused_before_anything_is_written(
 
 
 def test_13_ctrl_c_before_the_first_checkpoint(tiny_mnist, tmp_path, monkeypatch, capsys):
-    from meprop.tasks.mnist import MnistTask
+    from meprop.experiments.tasks.mnist import MnistTask
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -144,7 +144,7 @@ def test_13_ctrl_c_while_importing_is_one_line():
         "        if name == 'meprop.ops':\n"
         "            raise KeyboardInterrupt\n"
         "sys.meta_path.insert(0, Stop())\n"
-        "import meprop.cli\n"
+        "import meprop.experiments.cli\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     p = subprocess.run([sys.executable, "-c", stop], capture_output=True, text=True, env=env)
@@ -155,7 +155,7 @@ def test_13_ctrl_c_while_importing_is_one_line():
 
 
 def test_1_a_grid_reuses_only_runs_of_every_setting_of_its_rows(tiny_mnist, tmp_path):
-    from meprop.reproduce import check_reuse, run_grid
+    from meprop.experiments.reproduce import check_reuse, run_grid
 
     cfg = TrainConfig(method="dense", hidden=(32,), epochs=1, batch_size=20)
     rows = [Row("dense", "main", "dense", cfg)]
@@ -190,7 +190,7 @@ def test_1_a_grid_reuses_only_runs_of_every_setting_of_its_rows(tiny_mnist, tmp_
 
 def test_1_the_committed_mnist_runs_are_the_rows_of_their_grid(tmp_path):
     """reproduce over (a copy of) docs/results/mnist treats its runs as done."""
-    from meprop.reproduce import check_reuse, mnist_grid, with_seeds
+    from meprop.experiments.reproduce import check_reuse, mnist_grid, with_seeds
 
     rows = with_seeds(mnist_grid(), [1, 2, 3])
     runs = REPO / "docs" / "results" / "mnist" / "runs"
@@ -209,7 +209,7 @@ def test_1_the_committed_mnist_runs_are_the_rows_of_their_grid(tmp_path):
 def test_the_committed_runs_still_load_and_pool_as_their_rows(tmp_path, task):
     """Old run folders (no checkpoints, configs of older versions) load for report; each row's
     seeds pool as before (no row split, no run left out)."""
-    from meprop.report import scan_runs
+    from meprop.experiments.report import scan_runs
 
     copy = shutil.copytree(REPO / "docs" / "results" / task, tmp_path / task,
                            ignore=shutil.ignore_patterns("*.png", "*.md"))  # fmt: skip
@@ -242,7 +242,7 @@ def fake_run(d: Path, test=0.9, row=None, **settings):
 
 
 def test_2_runs_of_different_settings_are_different_rows(tmp_path, capsys):
-    from meprop.report import build_report
+    from meprop.experiments.report import build_report
 
     a = fake_run(tmp_path / "A", 0.40, hidden=(80,))
     b = fake_run(tmp_path / "B", 0.20, train_limit=400)
@@ -255,7 +255,7 @@ def test_2_runs_of_different_settings_are_different_rows(tmp_path, capsys):
 
 
 def test_3_a_row_without_its_summary_is_named_and_no_claim_uses_it(tmp_path):
-    from meprop.report import build_report
+    from meprop.experiments.report import build_report
 
     grid = tmp_path / "grid"
     for seed in (1, 2):
@@ -490,7 +490,7 @@ def test_16_a_closed_pipe_does_not_stop_the_run(tiny_mnist, tmp_path):
 
 
 def test_16_a_full_output_device_is_one_line_and_the_command_goes_on(tmp_path, capsys):
-    from meprop.cli import _Output
+    from meprop.experiments.cli import _Output
 
     class Full:
         name = "/dev/full"
@@ -548,7 +548,7 @@ SENTENCE = [
 )
 def test_19_conllu_oddities_name_their_line(tmp_path, text, line, words):
     pytest.importorskip("conllu")
-    from meprop.data.conllu import ConlluError, read_conllu
+    from meprop.experiments.data.conllu import ConlluError, read_conllu
 
     path = tmp_path / "x.conllu"
     path.write_bytes(text.encode())

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from meprop.report import adaptive_claims, build_report, claims, load_runs
-from meprop.train import TrainConfig
+from meprop.experiments.report import adaptive_claims, build_report, claims, load_runs
+from meprop.experiments.train import TrainConfig
 
 STEPS = (10, 20, 30)  # one evaluation per epoch, 10 steps each
 
@@ -308,8 +308,8 @@ def test_reproduce_adaptive_group_end_to_end(tiny_mnist, tmp_path, monkeypatch):
     the layer keeps everything, adaptive or not)."""
     from dataclasses import replace
 
-    from meprop import reproduce
-    from meprop.cli import main
+    from meprop.experiments import reproduce
+    from meprop.experiments.cli import main
 
     full_grid = reproduce.mnist_grid
 
@@ -360,7 +360,7 @@ def test_reproduce_adaptive_group_end_to_end(tiny_mnist, tmp_path, monkeypatch):
 def test_claims_include_the_k_sweep_rows_with_seeds(tmp_path):
     """Rows of the k sweep ("ratio") run with two seeds or more are paired against dense; a
     sweep row of one seed is not."""
-    from meprop.report import claims
+    from meprop.experiments.report import claims
 
     for s in (1, 2):
         tag = "" if s == 1 else f"-s{s}"
@@ -378,7 +378,7 @@ def test_claims_include_the_k_sweep_rows_with_seeds(tmp_path):
 
 
 def test_claims_pair_symmetric_with_dense_and_per_example(tmp_path):
-    from meprop.report import claims
+    from meprop.experiments.report import claims
 
     for s in (1, 2):
         tag = "" if s == 1 else f"-s{s}"
@@ -398,7 +398,7 @@ def test_claims_pair_symmetric_with_dense_and_per_example(tmp_path):
 def test_claims_pair_adagrad_depth_and_dropout(tmp_path):
     """The paper's claims about settings: meProp vs dense under AdaGrad and at each depth,
     dropout vs none for dense and meProp, each paired on the seeds both sides share."""
-    from meprop.report import claims
+    from meprop.experiments.report import claims
 
     def run(name, s, group, label, test, **cfg):
         tag = "" if s == 1 else f"-s{s}"

@@ -1,15 +1,15 @@
 """meprop report's plots, on run folders written by hand with three seeds: each plot draws the
 mean over a row's seeds (its min-max as a band or bars), names the seeds, keeps one legend
-entry per row and the legend outside the axes (``meprop.plots``)."""
+entry per row and the legend outside the axes (``meprop.experiments.plots``)."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from meprop import plots
-from meprop.plots import layer_name, over_seeds, per_x, seeds_text
-from meprop.report import build_report, load_runs
+from meprop.experiments import plots
+from meprop.experiments.plots import layer_name, over_seeds, per_x, seeds_text
+from meprop.experiments.report import build_report, load_runs
 from test_report_adaptive import write_run
 
 SEEDS = (1, 2, 3)
@@ -197,7 +197,7 @@ def test_loaded_runs_have_three_seeds(tmp_path):
 
 def test_claims_pair_unified_with_random_k(tmp_path):
     """The unified row against random-k, on the seeds both have (as per_example's row)."""
-    from meprop.report import claims
+    from meprop.experiments.report import claims
 
     write_grid(tmp_path / "runs")
     rows = {c: p for c, p, _ in claims(load_runs([tmp_path]))}
@@ -210,7 +210,7 @@ def test_claims_pair_unified_with_random_k(tmp_path):
 def test_mesimp_claim_names_the_scored_checkpoints_width(tmp_path):
     """The share of the width is the scored (best dev) checkpoint's, with the final one beside
     it where they differ."""
-    from meprop.report import claims
+    from meprop.experiments.report import claims
 
     write_grid(tmp_path / "runs")
     for d in (tmp_path / "runs").glob("mesimp-k20*"):

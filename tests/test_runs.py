@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from meprop.cli import main
-from meprop.train import ConfigError, TrainConfig, ranks_lock, run_lock
+from meprop.experiments.cli import main
+from meprop.experiments.train import ConfigError, TrainConfig, ranks_lock, run_lock
 
 TINY = ["--epochs", "2", "--batch-size", "20", "--hidden", "32", "--no-progress"]
 
@@ -178,7 +178,7 @@ def test_resume_after_a_kill_between_log_and_checkpoint(tiny_mnist, tmp_path):
 def test_eval_every_checkpoints_and_resumes_exactly_within_an_epoch(
     tiny_mnist, tmp_path, monkeypatch, capsys
 ):
-    from meprop.tasks.mnist import MnistTask
+    from meprop.experiments.tasks.mnist import MnistTask
 
     args = ["--method", "meprop", "--k", "8", "--eval-every", "3", "--dropout", "0.2"]
     assert train(tiny_mnist, tmp_path / "a", *args) == 0
@@ -208,7 +208,7 @@ def test_eval_every_checkpoints_and_resumes_exactly_within_an_epoch(
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(
     tiny_mnist, tmp_path, monkeypatch, capsys
 ):
-    from meprop.tasks.mnist import MnistTask
+    from meprop.experiments.tasks.mnist import MnistTask
 
     loss, calls = MnistTask.loss, []
 

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from meprop.cli import main
-from meprop.stats import T975, paired, summarize
+from meprop.experiments.cli import main
+from meprop.experiments.stats import T975, paired, summarize
 
 
 def test_summarize():
@@ -40,7 +40,7 @@ def test_paired_verdicts():
 
 
 def test_with_seeds_names_and_groups():
-    from meprop import reproduce
+    from meprop.experiments import reproduce
 
     rows = reproduce.mnist_grid(quick=True)
     seeded = reproduce.with_seeds(rows, [1, 2, 3], ["main"])
@@ -55,7 +55,7 @@ def test_with_seeds_names_and_groups():
 
 
 def test_reproduce_with_seeds_reports_means_and_claims(tiny_mnist, tmp_path, monkeypatch):
-    from meprop import reproduce
+    from meprop.experiments import reproduce
 
     small = dict(epochs=1, batch_size=20, hidden=(24,))
     full_grid = reproduce.mnist_grid
@@ -87,7 +87,7 @@ def test_reproduce_with_seeds_reports_means_and_claims(tiny_mnist, tmp_path, mon
 
 
 def test_grid_seconds_add_up_across_processes(tmp_path):
-    from meprop.reproduce import add_grid_seconds
+    from meprop.experiments.reproduce import add_grid_seconds
 
     path = tmp_path / "out" / "grid.json"
     add_grid_seconds(path, 5.0)
@@ -116,11 +116,13 @@ def test_reproduce_groups_filter(capsys):
 
 
 def test_reproduce_rows_filter(capsys, monkeypatch):
-    from meprop import reproduce
+    from meprop.experiments import reproduce
 
     seen = []
     monkeypatch.setattr(reproduce, "run_grid", lambda rows, out, **kw: seen.extend(rows) or [])
-    monkeypatch.setattr("meprop.report.build_report", lambda dirs, out: out / "report.md")
+    monkeypatch.setattr(
+        "meprop.experiments.report.build_report", lambda dirs, out: out / "report.md"
+    )
     assert main(["reproduce", "mnist", "--groups", "ratio", "--rows", "k=40,k=80"]) == 0
     assert "4 runs, about" in capsys.readouterr().out  # no meSimp row: no size control
     assert sorted(r.label for r in seen) == [

@@ -18,15 +18,15 @@ import torch
 RUNNER = """
 import hashlib, sys
 from pathlib import Path
-from meprop.data import DATASETS
-from meprop.data.download import Dataset, RemoteFile
-from meprop.tasks.mnist import MnistTask
+from meprop.experiments.data import DATASETS
+from meprop.experiments.data.download import Dataset, RemoteFile
+from meprop.experiments.tasks.mnist import MnistTask
 folder = Path(sys.argv[1]) / "mnist"
 files = {p.name: RemoteFile(hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_size)
          for p in folder.iterdir()}
 DATASETS["mnist"] = Dataset("mnist", "http://127.0.0.1:9/", files)
 MnistTask.dev_size = 50
-from meprop.cli import main
+from meprop.experiments.cli import main
 sys.exit(main(sys.argv[2:]))
 """
 ARGS = ["--method", "mesimp", "--k", "8", "--hidden", "32", "--batch-size", "20"]

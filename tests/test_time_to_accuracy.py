@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from meprop.train import TrainConfig
+from meprop.experiments.train import TrainConfig
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 

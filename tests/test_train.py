@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import meprop
-from meprop.cli import main
-from meprop.train import TrainConfig
+from meprop.experiments.cli import main
+from meprop.experiments.train import TrainConfig
 
 TINY = ["--epochs", "2", "--batch-size", "20", "--hidden", "32", "--no-progress"]
 
@@ -53,7 +53,9 @@ def test_train_each_method(tiny_mnist, tmp_path, method, extra):
         assert "widths" in log[-1]
         assert max(summary["final_widths"].values()) < 32
         # the best checkpoint reloads into a fresh full-size model
-        model = meprop.tasks.mnist.build_mlp(784, [32, 32], 10, dropout=0.1)  # the default
+        model = meprop.experiments.tasks.mnist.build_mlp(
+            784, [32, 32], 10, dropout=0.1
+        )  # the default
         meprop.load(out / "best.pt", model)
         assert [m.out_features for m in model[:-1] if hasattr(m, "out_features")] == summary[
             "best_widths"
@@ -132,7 +134,7 @@ def test_hidden_widths():
 def test_reproduce_and_report(tiny_mnist, tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from meprop import reproduce
+    from meprop.experiments import reproduce
 
     small = dict(epochs=2, batch_size=20, hidden=(32,))
     full_grid = reproduce.mnist_grid
@@ -190,7 +192,7 @@ def test_update_statistic_is_opt_in(tiny_mnist, tmp_path):
 
 
 def test_make_optimizer_takes_the_fused_kernels_where_they_apply():
-    from meprop.train import make_optimizer
+    from meprop.experiments.train import make_optimizer
 
     layer = torch.nn.Linear(4, 3)
     for name, fused in (("adam", True), ("adagrad", True), ("sgd", None)):
@@ -205,7 +207,7 @@ def test_make_optimizer_takes_the_fused_kernels_where_they_apply():
 
 @pytest.mark.parametrize("name", ["adam", "adagrad"])
 def test_fused_optimizer_steps_like_the_default(name):
-    from meprop.train import make_optimizer
+    from meprop.experiments.train import make_optimizer
 
     torch.manual_seed(0)
     a = torch.nn.Linear(30, 20)
@@ -250,7 +252,7 @@ class KeptK(torch.nn.Module):
 def killed_and_resumed(data, folder, args, monkeypatch, steps: int = 12) -> list[dict]:
     """Train with ``args`` into ``folder``, interrupted (Ctrl-C) after ``steps`` steps (and the
     warm-up), then resume it to the end; the log's records."""
-    from meprop.tasks.mnist import MnistTask
+    from meprop.experiments.tasks.mnist import MnistTask
 
     loss, calls = MnistTask.loss, []
 
@@ -268,7 +270,7 @@ def killed_and_resumed(data, folder, args, monkeypatch, steps: int = 12) -> list
 
 
 def test_mean_k_per_layer_in_the_epoch_records(tiny_mnist, tmp_path, monkeypatch):
-    from meprop.tasks.mnist import MnistTask
+    from meprop.experiments.tasks.mnist import MnistTask
 
     build = MnistTask.build_model
     monkeypatch.setattr(

@@ -1,4 +1,4 @@
-"""The time-to-accuracy grid (meprop.tta): crossings, the interleaved runner, the report."""
+"""The time-to-accuracy grid (meprop.experiments.tta): crossings, the interleaved runner, the report."""
 
 import json
 import math
@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from meprop.grids import Row
-from meprop.train import TrainConfig
-from meprop.tta import WINDOW, build_tta_report, crossing, run_interleaved, tta_grid
+from meprop.experiments.grids import Row
+from meprop.experiments.train import TrainConfig
+from meprop.experiments.tta import WINDOW, build_tta_report, crossing, run_interleaved, tta_grid
 
 
 def log(scores, seconds_per_eval=1.0, steps_per_eval=10):
@@ -105,7 +105,7 @@ def test_interleaved_runner_trains_each_row_epoch_by_epoch(tiny_mnist, tmp_path)
 
 @pytest.mark.parametrize("bad", ["--rows", "--groups"])
 def test_cli_tta_groups(bad, capsys):
-    from meprop.cli import main
+    from meprop.experiments.cli import main
 
     with pytest.raises(SystemExit):
         main(["reproduce", "tta", bad, "nothing-like-this"])

@@ -27,7 +27,7 @@ each a piece that hooks into an ordinary DDP loop:
 * ``shard``: a rank's part of a global batch and the weight of its loss.
 * ``save``: a checkpoint of the whole job, written by rank 0 only (atomically).
 
-One loop, on every rank (``meprop.launch`` starts the processes)::
+One loop, on every rank (``meprop.experiments.launch`` starts the processes)::
 
     ddp = wrap(model)
     simp = DistributedSimplifier(model, MeSimpConfig(interval=600), optimizer)

@@ -1,8 +1,8 @@
 """The data of the experiment grids: the row type, its run folder's name, where a run was
 made and a grid's time, and the paper's published figures.
 
-Kept apart from ``meprop.reproduce`` (which runs grids) and ``meprop.report`` (which writes
-their tables), so that both, and ``meprop.meact_report``, read them without importing each
+Kept apart from ``meprop.experiments.reproduce`` (which runs grids) and ``meprop.experiments.report`` (which writes
+their tables), so that both, and ``meprop.experiments.meact_report``, read them without importing each
 other.
 """
 
@@ -109,7 +109,7 @@ def provenance() -> dict:
 
     import torch
 
-    from . import __version__, machine
+    from meprop import __version__, machine
 
     commit = ""
     try:

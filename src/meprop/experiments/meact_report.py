@@ -267,7 +267,7 @@ def _seeds_table(pairs: list, main, start: int) -> list[str]:
 
 def _claims_table(pairs: list, start: int) -> list[str]:
     """The paper's claims as paired comparisons over the seeds (meAct against the baseline of
-    its seed), each with its 95% t-interval and verdict (``meprop.stats.paired``)."""
+    its seed), each with its 95% t-interval and verdict (``meprop.experiments.stats.paired``)."""
     import math
 
     from .stats import paired

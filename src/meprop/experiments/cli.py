@@ -16,7 +16,9 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from . import __version__, demo
+from meprop import __version__
+
+from . import demo
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -62,7 +64,7 @@ def config_from_args(cls, args: argparse.Namespace, base: dict | None = None):
 
 
 def _train_worker(cfg: dict, out: str, options: dict) -> None:
-    """One rank of a multi-process ``meprop train`` (started by ``meprop.launch``; the
+    """One rank of a multi-process ``meprop train`` (started by ``meprop.experiments.launch``; the
     launcher holds the run folder's lock)."""
     from .train import TrainConfig, run
 
@@ -93,7 +95,9 @@ def _train_config(args: argparse.Namespace):
 
         chosen = ("k", "mode", "memory", "warmup", "adaptive")
         if args.task in RECIPES and all(getattr(args, f, None) is None for f in chosen):
-            base.update(RECIPES[args.task])  # the measured recipe (meprop.tasks.RECIPES)
+            base.update(
+                RECIPES[args.task]
+            )  # the measured recipe (meprop.experiments.tasks.RECIPES)
     try:
         return config_from_args(TrainConfig, args, base)
     except ConfigError as e:
@@ -203,7 +207,7 @@ def register_train(subparsers) -> None:
         default=1,
         help="train with N local processes (torch.distributed, gloo; --batch-size stays the "
         "global batch, split between them). Or run under torchrun: torchrun --nproc-per-node N "
-        "-m meprop.cli train ...",
+        "-m meprop.experiments.cli train ...",
     )
     p.add_argument(
         "--dist-timeout",

@@ -1,4 +1,4 @@
-"""The small objects the trainer's loop (``meprop.train``) calls at fixed points.
+"""The small objects the trainer's loop (``meprop.experiments.train``) calls at fixed points.
 
 The loop itself is build, data, then per epoch: steps, evaluation, checkpoint. What a run adds
 to it sits here as small objects that the loop calls at the same points whichever of them a run
@@ -24,11 +24,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import distributed
-from .analysis import UpdateMonitor
-from .config import MeSimpConfig
-from .meact import MeAct
-from .simplify import Simplifier
+from meprop import distributed
+from meprop.analysis import UpdateMonitor
+from meprop.config import MeSimpConfig
+from meprop.meact import MeAct
+from meprop.simplify import Simplifier
+
 from .timing import BackwardTimer, linear_maps
 
 __all__ = [

@@ -34,8 +34,9 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 
+from meprop.simplify import Pair
+
 from ..data.conllu import load_ud_ewt
-from ..simplify import Pair
 
 __all__ = ["BiLSTMTagger", "PosTask", "word_key", "suffix_key", "case_class", "SHAPES", "CASES"]
 

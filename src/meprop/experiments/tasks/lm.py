@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meprop.simplify import Pair
+
 from ..data.conllu import EWT_DATASET, EWT_SPLITS
 from ..data.download import ensure_file
-from ..simplify import Pair
 
 __all__ = ["ByteLM", "LmTask", "read_texts"]
 

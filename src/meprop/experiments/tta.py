@@ -138,7 +138,7 @@ def _epochs_done(d: Path) -> int:
 
 
 def read_log(path: Path) -> list[dict]:
-    """The records of a ``log.jsonl`` (``meprop.train.read_log``: damaged lines left out);
+    """The records of a ``log.jsonl`` (``meprop.experiments.train.read_log``: damaged lines left out);
     where a resumed run of an older version repeated steps (it was stopped within an epoch),
     the later records replace the earlier ones."""
     from .train import read_log as records_of
@@ -342,7 +342,7 @@ def _ratio(times: dict, dense_times: dict) -> str:
 
 def _plot(group: str, rows: list[list], key: str, best: float, out: Path) -> str | None:
     """Dev score against training seconds: per recipe the mean over seeds at each evaluation
-    (x: the mean seconds), a band from the lowest to the highest seed (``meprop.plots``); the
+    (x: the mean seconds), a band from the lowest to the highest seed (``meprop.experiments.plots``); the
     targets dashed."""
     from . import plots
 

@@ -251,7 +251,7 @@ def load_ud_ewt(
 ) -> dict[str, list[Sentence]]:
     """Load UD English EWT r2.16: ``{"train": [...], "dev": [...], "test": [...]}``.
 
-    ``root``, ``download`` and ``base_url`` are as in :func:`meprop.data.ensure_file`;
+    ``root``, ``download`` and ``base_url`` are as in :func:`meprop.experiments.data.ensure_file`;
     ``splits`` picks which splits to read (train alone takes a few seconds).
     """
     unknown = [s for s in splits if s not in EWT_SPLITS]

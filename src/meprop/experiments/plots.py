@@ -400,7 +400,7 @@ def _control_plots(runs: list, rows: list[list], base, comparable, out: Path) ->
 
 def task_plots(runs: list, rows: list[list], out: Path) -> list[str]:
     """The plots of a report: its ``runs`` and their ``rows`` (each the runs of one row over
-    its seeds, ``meprop.report.replicates``). Returns the names of the PNGs written in
+    its seeds, ``meprop.experiments.report.replicates``). Returns the names of the PNGs written in
     ``out``."""
     if runs[0].lower_is_better:
         return loss_plots(runs, rows, out)

@@ -126,7 +126,7 @@ def load_mnist(
     """Load MNIST (``name="mnist"``) or Fashion-MNIST (``name="fashion"``).
 
     ``root`` is a data root (``--data-dir``); without it ``$MEPROP_DATA`` and then the user
-    cache are used (see :func:`meprop.data.resolve_data_root`). Missing files are downloaded
+    cache are used (see :func:`meprop.experiments.data.resolve_data_root`). Missing files are downloaded
     and checked unless ``download=False``. The first ``dev_size`` training images form the dev
     split, the rest the train split (55,000 / 5,000 / 10,000 with the default).
     """

@@ -3,7 +3,7 @@
 It is one user of the library, not the only way in: it builds the task's model, applies the
 method (``sparsify_`` for meProp, a ``Simplifier`` for meSimp), and runs an ordinary loop
 (``Trainer.fit``: build, data, then per epoch the steps, evaluations and checkpoints), which
-calls what the method adds at fixed points (``meprop.parts``). Each run directory holds:
+calls what the method adds at fixed points (``meprop.experiments.parts``). Each run directory holds:
 
     config.json    the TrainConfig (rerun with ``meprop train --config config.json``)
     log.jsonl      one JSON object per evaluation (epoch or chunk): losses, scores, widths, and
@@ -48,10 +48,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, distributed
-from .config import MEACT_BACKENDS, AdaptiveK, MeActConfig, MePropConfig, MeSimpConfig
-from .convert import sparsify_
-from .meact import MeAct
+from meprop import checkpoint, distributed
+from meprop.config import MEACT_BACKENDS, AdaptiveK, MeActConfig, MePropConfig, MeSimpConfig
+from meprop.convert import sparsify_
+from meprop.meact import MeAct
+
 from .parts import (
     BackwardClocks,
     Distribution,
@@ -144,7 +145,7 @@ class TrainConfig:
     ``dataclasses.replace`` from a resolved one keeps the resolved value).
     """
 
-    # Each field's metadata gives its command-line flag's help and choices (meprop.cli).
+    # Each field's metadata gives its command-line flag's help and choices (meprop.experiments.cli).
     task: str = "mnist"
     dataset: str = _field("mnist", "MNIST-style dataset (mnist task)", ("mnist", "fashion"))
     method: str = _field(
@@ -900,7 +901,7 @@ def run(
     a run whose last.pt is lost is trained again from step 0 instead of refused. ``compact``:
     with several processes, all-reduce only the gradient rows meProp kept
     (``meprop.ddp_hook``)."""
-    from .kernels import build, dispatch
+    from meprop.kernels import build, dispatch
 
     dispatch.pinned()  # a bad MEPROP_BACKEND or MEPROP_MARCH: refused before anything is written
     build.check_march()
@@ -928,7 +929,7 @@ class Trainer:
     and at the epoch's end; last, the best checkpoint scored on test.
 
     What the run adds to that loop it calls at fixed points: ``dist`` (a ``Distribution``:
-    DDP, shards, seeds, rank-0 saves) and ``parts`` (``meprop.parts``: the update statistic,
+    DDP, shards, seeds, rank-0 saves) and ``parts`` (``meprop.experiments.parts``: the update statistic,
     meSimp, meAct, the per-layer k; after each step, at each evaluation and checkpoint)."""
 
     def __init__(

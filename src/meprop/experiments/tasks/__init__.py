@@ -1,4 +1,4 @@
-"""The paper's tasks, each an object the trainer drives (see ``meprop.train``).
+"""The paper's tasks, each an object the trainer drives (see ``meprop.experiments.train``).
 
 A task provides: ``metric`` (the dev/test score that selects the best epoch),
 ``build_model(widths, cfg)``, ``sparsify_filter(model)``, ``hidden_layers(model)`` (the modules

@@ -20,7 +20,7 @@ TUNE_SHAPES = [(50, 784, 500, 20), (50, 500, 500, 20), (100, 500, 500, 20), (100
 
 def tune(shapes=TUNE_SHAPES, modes=("per_example", "unified")) -> None:
     """Run one backward of each shape and mode, so that ``auto`` measures its choices now."""
-    from .ops import sparse_linear
+    from meprop.ops import sparse_linear
 
     for m, d_in, d_out, k in shapes:
         x = torch.randn(m, d_in, requires_grad=True)
@@ -31,7 +31,7 @@ def tune(shapes=TUNE_SHAPES, modes=("per_example", "unified")) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    from .kernels import build, dispatch
+    from meprop.kernels import build, dispatch
 
     dispatch.pinned()  # a bad MEPROP_BACKEND or MEPROP_MARCH: one line
     build.check_march()

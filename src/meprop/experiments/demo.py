@@ -1,7 +1,7 @@
 """The main job in a few minutes: the paper's MNIST MLP trained dense and with meProp.
 
 Both runs start from the same seed (same initialisation and data order) and go through the
-experiment trainer, one epoch of each in turn (``meprop.tta.run_interleaved``: a change in
+experiment trainer, one epoch of each in turn (``meprop.experiments.tta.run_interleaved``: a change in
 the machine's load falls on both). The demo prints the machine (CPU model, SIMD level, caches,
 threads), both test accuracies, the training time each took to reach dense's best dev accuracy
 minus 0.5 and 0.2 point (the story a user needs: whether meProp gets there sooner), and the
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from . import machine
+from meprop import machine
+
 from .train import TrainConfig
 
 STEP = ("forward", "backward", "optimizer")  # the training step's phases in the trainer's log
@@ -33,12 +34,12 @@ def backend_lines(mode: str, k: int = 20, batch: int = 50) -> list[str]:
     gradient, 500 -> 500 with one) at this thread count (from ``meprop.kernels.dispatch``,
     which times them on first use; ``meprop info`` lists every choice)."""
     try:
-        from .kernels import dispatch
+        from meprop.kernels import dispatch
 
         lines = dispatch.describe().splitlines()
         choices = dispatch.tuner().choices()
     except Exception:  # noqa: BLE001 - a description must never stop the demo
-        from . import ops
+        from meprop import ops
 
         kern = ops.kernel_module("auto", torch.zeros(1))
         name = "PyTorch ops" if kern is None else kern.__name__.rsplit(".", 1)[-1]

@@ -227,7 +227,7 @@ GRIDS = {"mnist": mnist_grid, "pos": pos_grid, "parse": parse_grid, "lm": lm_gri
 
 
 def meact_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
-    """The meAct analysis on MNIST: dense vs meAct from the same seed (``meprop.meact_report``)."""
+    """The meAct analysis on MNIST: dense vs meAct from the same seed (``meprop.experiments.meact_report``)."""
     from . import meact_report
 
     return meact_report.grid(quick=quick, dataset=dataset)
@@ -237,7 +237,7 @@ GRIDS["meact"] = meact_grid
 
 
 def tta_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
-    """Time to accuracy: dense and meProp recipes side by side (``meprop.tta``)."""
+    """Time to accuracy: dense and meProp recipes side by side (``meprop.experiments.tta``)."""
     from . import tta
 
     return tta.tta_grid(quick=quick, dataset=dataset)

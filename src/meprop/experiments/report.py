@@ -544,7 +544,7 @@ def _fmt_paired(p: Paired, digits: int) -> str:
 
 
 def _plots(runs: list[Run], out: Path) -> list[str]:
-    """The report's plots (``meprop.plots``): names of the PNGs written in ``out``."""
+    """The report's plots (``meprop.experiments.plots``): names of the PNGs written in ``out``."""
     from .plots import task_plots
 
     return task_plots(runs, list(replicates(runs).values()), out)
@@ -683,7 +683,7 @@ def adaptive_claims(runs: list[Run]) -> list[tuple[str, Paired, str]]:
 
 
 def _adaptive_plot(adaptive: list[list[Run]], out: Path) -> str | None:
-    """k against training steps per adaptive row and layer (``meprop.plots.adaptive_plot``)."""
+    """k against training steps per adaptive row and layer (``meprop.experiments.plots.adaptive_plot``)."""
     from .plots import adaptive_plot
 
     bounds = sorted({(_bound(reps[0]), reps[0].config["k"]) for reps in adaptive})
@@ -942,7 +942,7 @@ def build_report(paths: list[Path], out: Path) -> Path:
     try:
         report.write_text("\n".join(lines))
     except OSError as e:
-        from .checkpoint import write_error
+        from meprop.checkpoint import write_error
 
         raise write_error(report, e) from None
     for n in notes:

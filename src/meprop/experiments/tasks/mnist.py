@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..convert import hidden_layers
+from meprop.convert import hidden_layers
+from meprop.meact import IndexedBatch
+from meprop.nn import Cube
+
 from ..data import load_mnist
-from ..meact import IndexedBatch
-from ..nn import Cube
 
 __all__ = ["build_mlp", "MnistTask"]
 

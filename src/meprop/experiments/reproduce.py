@@ -284,7 +284,8 @@ def check_reuse(row: Row, d: Path) -> bool:
     resumed), False where it holds none; ``RunDirError`` naming the settings that differ where
     it holds another run (a --quick grid's, another dataset's), which is never reused. Reads
     only."""
-    from .train import ConfigError, RunDirError, TrainConfig, describe_diff, settings_diff
+    from .rundir import RunDirError, describe_diff, settings_diff
+    from .train import ConfigError, TrainConfig
 
     cfg_path = d / "config.json"
     if not cfg_path.exists():

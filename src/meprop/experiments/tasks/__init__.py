@@ -13,9 +13,15 @@ fixed training subset, for learning curves), ``dev`` and ``test``.
 
 from __future__ import annotations
 
-__all__ = ["TASKS", "DEFAULTS", "ADAM_LR", "RECIPES", "task_class", "get_task"]
+__all__ = [
+    "TASKS", "DEFAULTS", "ADAM_LR", "RECIPES", "TAGS", "task_class", "get_task",
+    "take_defaults", "check_config",
+]  # fmt: skip
+
+from ..errors import ConfigError
 
 TASKS = ("mnist", "pos", "parse", "lm")
+TAGS = ("xpos", "upos")  # the pos and parse tasks' tag column
 
 # The paper's settings where it gives them (hidden 500, Adam); the rest chosen to train well on
 # these data in reasonable time on a CPU.
@@ -70,3 +76,58 @@ def task_class(name: str):
 def get_task(cfg, data_dir=None):
     """The task object for ``cfg.task`` (loads its data)."""
     return task_class(cfg.task)(cfg, data_dir)
+
+
+def take_defaults(cfg) -> None:
+    """Fill the fields of ``cfg`` (a ``TrainConfig``) left unset (0, "", dropout -1) with its
+    task's defaults, so that a saved config is complete; the dataset of the tasks that have
+    one."""
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task must be one of {TASKS}, got {cfg.task!r}")
+    for name, value in DEFAULTS[cfg.task].items():
+        current = getattr(cfg, name)
+        unset = current == -1 if name == "dropout" else not current
+        if unset and not (name == "layers" and len(cfg.hidden) > 1):
+            object.__setattr__(cfg, name, value)
+    if not cfg.lr and cfg.optimizer == "adam" and cfg.task in ADAM_LR:
+        object.__setattr__(cfg, "lr", ADAM_LR[cfg.task])
+    if cfg.task != "mnist":  # the field picks MNIST or Fashion-MNIST; other tasks have one
+        if cfg.dataset not in ("mnist", "ud_english_ewt"):  # "mnist": the field's default
+            raise ConfigError(
+                f"dataset {cfg.dataset!r} applies to the mnist task only; the {cfg.task} "
+                "task trains on UD English EWT: leave --dataset out"
+            )
+        object.__setattr__(cfg, "dataset", "ud_english_ewt")
+    elif cfg.dataset not in ("mnist", "fashion"):
+        raise ConfigError(f"dataset must be 'mnist' or 'fashion', got {cfg.dataset!r}")
+
+
+def check_config(cfg) -> None:
+    """The settings of ``cfg`` that belong to one task: ``tags`` (pos, parse) and the lm
+    task's ``sparse_attention``, ``d_model``, ``fc_only``."""
+    if cfg.tags not in TAGS:
+        raise ConfigError(f"tags must be 'xpos' or 'upos', got {cfg.tags!r}")
+    if cfg.tags != "xpos" and cfg.task not in ("pos", "parse"):
+        raise ConfigError(
+            f"tags picks the pos and parse tasks' tag column, not {cfg.task}'s: leave --tags out"
+        )
+    if not isinstance(cfg.sparse_attention, bool):
+        raise ConfigError(f"sparse_attention must be true or false, got {cfg.sparse_attention!r}")
+    if cfg.sparse_attention and cfg.task != "lm":
+        raise ConfigError(
+            f"sparse_attention applies to the lm task only (its attention projections), "
+            f"not {cfg.task}: leave --sparse-attention out"
+        )
+    if cfg.d_model and cfg.task != "lm":
+        raise ConfigError(
+            f"d_model is the lm task's transformer width, not {cfg.task}'s: leave --d-model out"
+        )
+    if cfg.fc_only and cfg.task != "lm":
+        raise ConfigError(
+            f"fc_only keeps the lm task's mlp.proj dense: it needs --task lm and --method "
+            f"meprop, random or mesimp, got task {cfg.task}, method {cfg.method}"
+        )
+    if cfg.task == "lm":
+        from .lm import check_config as check_lm
+
+        check_lm(cfg)

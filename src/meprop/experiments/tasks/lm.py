@@ -35,12 +35,35 @@ from meprop.simplify import Pair
 
 from ..data.conllu import EWT_DATASET, EWT_SPLITS
 from ..data.download import ensure_file
+from ..errors import ConfigError
 
-__all__ = ["ByteLM", "LmTask", "read_texts"]
+__all__ = ["ByteLM", "LmTask", "read_texts", "check_config"]
 
 VOCAB = 256
 IGNORE = -100
 N_HEAD = 4
+
+
+def check_config(cfg) -> None:
+    """The lm task's own settings of ``cfg`` (a ``TrainConfig``): ``d_model``, and
+    ``sparse_attention`` and ``fc_only``, which put meProp on some projections and so need a
+    meProp method."""
+    sparse = ("meprop", "random", "mesimp")
+    if cfg.sparse_attention and cfg.method not in sparse:
+        raise ConfigError(
+            f"sparse_attention puts meProp on the attention projections: it needs --method "
+            f"meprop, random or mesimp, got {cfg.method}"
+        )
+    if cfg.d_model < 0 or cfg.d_model % N_HEAD:
+        raise ConfigError(
+            f"d_model must be a positive multiple of the {N_HEAD} attention heads, got "
+            f"{cfg.d_model}: e.g. --d-model 128"
+        )
+    if cfg.fc_only and cfg.method not in sparse:
+        raise ConfigError(
+            f"fc_only keeps the lm task's mlp.proj dense: it needs --task lm and --method "
+            f"meprop, random or mesimp, got task {cfg.task}, method {cfg.method}"
+        )
 
 
 def d_model_for(width: int) -> int:

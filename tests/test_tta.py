@@ -8,12 +8,20 @@ import pytest
 
 from meprop.experiments.grids import Row
 from meprop.experiments.train import TrainConfig
-from meprop.experiments.tta import WINDOW, build_tta_report, crossing, run_interleaved, tta_grid
+from meprop.experiments.tta import (
+    LOSS_MARGINS,
+    WINDOW,
+    Metric,
+    build_tta_report,
+    crossing,
+    run_interleaved,
+    tta_grid,
+)
 
 
-def log(scores, seconds_per_eval=1.0, steps_per_eval=10):
+def log(scores, seconds_per_eval=1.0, steps_per_eval=10, key="dev_accuracy"):
     return [
-        {"epoch": (i + 1) / 10, "step": (i + 1) * steps_per_eval, "dev_accuracy": s,
+        {"epoch": (i + 1) / 10, "step": (i + 1) * steps_per_eval, key: s,
          "times": {"train": (i + 1) * seconds_per_eval}}
         for i, s in enumerate(scores)
     ]  # fmt: skip
@@ -31,7 +39,13 @@ def test_crossing_needs_the_running_mean():
 def test_grid_rows():
     rows = tta_grid()
     groups = {r.group for r in rows}
-    assert groups == {"mnist-w500", "mnist-w1000", "mnist-w2000"}
+    assert groups == {"mnist-w500", "mnist-w1000", "mnist-w2000", "parse", "lm"}
+    for group, task in (("parse", "parse"), ("lm", "lm")):
+        rows_of = [r for r in rows if r.group == group]
+        assert rows_of[0].config.method == "dense" and {r.config.task for r in rows_of} == {task}
+        assert any(r.config.memory == 0.8 for r in rows_of)
+        # every recipe of a group evaluates at the same steps (paired crossings)
+        assert len({(r.config.eval_every, r.config.epochs) for r in rows_of}) == 1
     assert len([r for r in rows if r.group == "mnist-w2000"]) == 3
     names = [r.name for r in rows]
     assert len(names) == len(set(names))
@@ -43,15 +57,17 @@ def test_grid_rows():
     assert any(r.config.memory == 0.8 for r in w500)
 
 
-def fake_run(folder, label, method, seed, scores, seconds, test):
+def fake_run(folder, label, method, seed, scores, seconds, test, metric="accuracy"):
     """A finished run folder as the trainer writes it (config, row, log, summary)."""
     folder.mkdir(parents=True)
-    cfg = TrainConfig(task="mnist", method=method, seed=seed, k=20)
+    task = "lm" if metric == "neg_bpb" else "mnist"
+    cfg = TrainConfig(task=task, method=method, seed=seed, k=20)
     (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
     (folder / "row.json").write_text(json.dumps({"group": "g", "label": label, "seed": seed}))
-    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log(scores, seconds)))
-    summary = {"test_accuracy": test, "dev_accuracy": max(scores), "steps": 10 * len(scores),
-               "times": {"train": seconds * len(scores)}, "metric": "accuracy",
+    records = log(scores, seconds, key=f"dev_{metric}")
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = {f"test_{metric}": test, f"dev_{metric}": max(scores), "steps": 10 * len(scores),
+               "times": {"train": seconds * len(scores)}, "metric": metric,
                "widths": [500, 500], "config": cfg.to_dict()}  # fmt: skip
     (folder / "summary.json").write_text(json.dumps(summary))
 
@@ -79,6 +95,39 @@ def test_report_pairs_times_and_scores(tmp_path):
     assert fast_cells[5] == "1.00x [1.00, 1.00]"  # in as many steps
     assert "never (0/3)" in rows["slow"]
     assert "+0.10 [+0.10, +0.10] holds" in rows["fast"]  # test, paired with dense
+    assert (tmp_path / "g.png").exists()
+
+
+def test_loss_targets_are_percent_above_dense_best():
+    metric = Metric("dev_neg_bpb")
+    assert metric.loss and metric.name == "bpb" and metric.margins == LOSS_MARGINS
+    assert metric.target(-2.0, 5.0) == pytest.approx(-2.1)  # 5% above a best loss of 2.0
+    assert metric.shown(-2.0) == 2.0
+    acc = Metric("dev_accuracy")
+    assert not acc.loss and acc.target(0.98, 0.2) == pytest.approx(0.978)
+    assert acc.shown(0.98) == pytest.approx(98.0)
+
+
+def test_report_of_a_loss(tmp_path):
+    # bits per byte (logged negated): dense falls to 2.0; "fast" reaches the same curve in half
+    # the seconds; "worse" levels out 4% above dense, short of dense's best + 2% and 1%
+    dense = [-3.0, -2.5, -2.2, -2.05, -2.0, -2.0]
+    worse = [s * 1.04 for s in dense]
+    for seed, jitter in ((1, 0.0), (2, 0.001), (3, -0.001)):
+        fake_run(tmp_path / "runs" / f"d{seed}", "dense", "dense", seed,
+                 [s + jitter for s in dense], 2.0, -2.0 + jitter, metric="neg_bpb")  # fmt: skip
+        fake_run(tmp_path / "runs" / f"m{seed}", "fast", "meprop", seed,
+                 [s + jitter for s in dense], 1.0, -2.0 + jitter, metric="neg_bpb")  # fmt: skip
+        fake_run(tmp_path / "runs" / f"w{seed}", "worse", "meprop", seed,
+                 [s + jitter for s in worse], 1.0, -2.08 + jitter, metric="neg_bpb")  # fmt: skip
+    report = build_tta_report([tmp_path], tmp_path).read_text()
+    assert "to best + 5%: s" in report and "bits per byte" in report
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in report.splitlines()
+            if line.startswith("| ")}  # fmt: skip
+    assert rows["fast"][4] == "0.50x [0.50, 0.50]"
+    assert rows["worse"][3] != "never (0/3)" and "never (0/3)" in rows["worse"][6]
+    assert rows["worse"][-3].startswith("2.08")  # test bits per byte, shown as the loss
+    assert rows["worse"][-2].startswith("+4.00")  # 4% above dense's loss
     assert (tmp_path / "g.png").exists()
 
 

@@ -3,7 +3,8 @@
 A user trains to an accuracy, not for a fast backward. This grid trains dense and meProp
 recipes side by side and reports, per recipe, the training seconds (the trainer's ``train``
 clock: batches, forward, backward, optimizer, meSimp; evaluations and checkpoints excluded)
-and the steps until the dev score first reaches dense's best minus 0.5, 0.2 and 0.1 point.
+and the steps until the dev score first reaches dense's best minus 0.5, 0.2 and 0.1 point
+(for a loss, bits per byte: dense's best plus 5%, 2% and 1%).
 
 Rules that make the comparison fair and the crossing robust:
 
@@ -19,10 +20,10 @@ Rules that make the comparison fair and the crossing robust:
   evaluation where the mean of the last ``WINDOW`` (3) evaluations does. The target of a seed
   is the dense run's best such running mean on that seed minus the margin (so dense reaches
   it on every seed, and each recipe is compared with dense on the same seed). Evaluations run
-  ten times per epoch.
+  ten times per epoch on MNIST, four on the parser, every 25 steps on the LM.
 
-The rows (``tta_grid``) are grouped by task and width (``mnist-w500``, ``mnist-w2000``...):
-``--groups`` picks them. ``build_tta_report`` writes ``report.md`` and one plot per group.
+The rows (``tta_grid``) are grouped by task and width (``mnist-w500``, ``mnist-w2000``,
+``parse``, ``lm``): ``--groups`` picks them. ``build_tta_report`` writes ``report.md`` and one plot per group.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .grids import Row, add_grid_seconds, provenance, row_name
@@ -38,12 +39,13 @@ from .stats import paired, summarize
 from .train import TrainConfig
 
 __all__ = [
-    "WINDOW", "MARGINS", "tta_grid", "run_interleaved", "read_log", "crossing",
+    "WINDOW", "MARGINS", "LOSS_MARGINS", "Metric", "tta_grid", "run_interleaved", "read_log", "crossing",
     "time_to_targets", "build_tta_report",
 ]  # fmt: skip
 
 WINDOW = 3  # evaluations in the running mean that decides a crossing
 MARGINS = (0.5, 0.2, 0.1)  # points below dense's best
+LOSS_MARGINS = (5.0, 2.0, 1.0)  # percent above dense's best loss (the lm task's bits per byte)
 EVALS_PER_EPOCH = 10
 # MNIST: epochs per width (the paper's 20 at 500; wider nets reach their best sooner and cost
 # more per epoch)
@@ -85,7 +87,41 @@ def tta_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
         if width == 500:
             add(f"meProp unified k={k8}, memory 0.8", method="meprop", mode="unified", k=k8,
                 memory=0.8)  # fmt: skip
+    if not quick:
+        rows += _parse_rows() + _lm_rows()
     return rows
+
+
+def _parse_rows() -> list[Row]:
+    """The parser (hidden 500, cube, dropout 0.5, Adam; its backward is 60% of a dense step):
+    dense, meProp per example at the paper's k=20, with and without memory. 8 epochs (the
+    task's 10 less the last two, where dense no longer improves), dev 4 times per epoch."""
+    base = TrainConfig(task="parse", method="dense", epochs=8, eval_every=98)
+    return [
+        Row(f"parse-{row_name(cfg)}", "parse", label, cfg)
+        for label, cfg in (
+            ("dense", base),
+            ("meProp per_example k=20", replace(base, method="meprop", k=20)),
+            ("meProp per_example k=20, memory 0.8",
+             replace(base, method="meprop", k=20, memory=0.8)),
+        )
+    ]  # fmt: skip
+
+
+def _lm_rows() -> list[Row]:
+    """The byte-level LM (the lm grid's: 4 blocks, MLP width 512, 2 epochs): dense, meProp
+    unified at k = 1/8 of the MLP width with and without memory. Dev every 25 steps."""
+    base = TrainConfig(task="lm", method="dense", hidden=(512,), layers=4, epochs=2,
+                       eval_every=25)  # fmt: skip
+    return [
+        Row(f"lm-{row_name(cfg)}", "lm", label, cfg)
+        for label, cfg in (
+            ("dense", base),
+            ("meProp unified k=64 (1/8)", replace(base, method="meprop", mode="unified", k=64)),
+            ("meProp unified k=64 (1/8), memory 0.8",
+             replace(base, method="meprop", mode="unified", k=64, memory=0.8)),
+        )
+    ]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,6 +198,42 @@ def _percent(record: dict) -> str:
 # Crossings
 
 
+@dataclass(frozen=True)
+class Metric:
+    """A dev score as the targets read it: ``key`` is a log key (``dev_accuracy``, ``dev_uas``,
+    ``dev_neg_bpb``); higher is better in the log. A score (accuracy, UAS) is shown in percent
+    and its targets are dense's best minus ``MARGINS`` points; a negated loss (``neg_``) is
+    shown as the loss and its targets are dense's best loss plus ``LOSS_MARGINS`` percent."""
+
+    key: str
+
+    @property
+    def loss(self) -> bool:
+        return self.key.startswith("dev_neg_")
+
+    @property
+    def margins(self) -> tuple[float, ...]:
+        return LOSS_MARGINS if self.loss else MARGINS
+
+    @property
+    def name(self) -> str:
+        return self.key[len("dev_neg_") :] if self.loss else self.key[len("dev_") :]
+
+    @property
+    def unit(self) -> str:
+        return "bits per byte" if self.name == "bpb" else "" if self.loss else "%"
+
+    def target(self, best: float, margin: float) -> float:
+        """The score to reach: ``best`` (a running mean, in the log's terms) less ``margin``."""
+        return best * (1 + margin / 100) if self.loss else best - margin / 100
+
+    def shown(self, value: float) -> float:
+        return -value if self.loss else 100 * value
+
+    def margin_text(self, margin: float) -> str:
+        return f"best + {margin:g}%" if self.loss else f"best - {margin:g}"
+
+
 def _curve(log: list[dict], key: str) -> list[tuple[int, float, float]]:
     """(step, train seconds, running mean of the last WINDOW dev scores) per evaluation."""
     out, scores = [], []
@@ -184,13 +256,15 @@ def crossing(log: list[dict], target: float, key: str) -> tuple[int, float] | No
     return None
 
 
-def time_to_targets(dense_log: list[dict], log: list[dict], key: str, margins=MARGINS):
+def time_to_targets(dense_log: list[dict], log: list[dict], key: str, margins=None):
     """Per margin: (target, dense's (step, seconds) or None, this run's, the time ratio or
-    None), the target being dense's best running mean minus the margin (in points)."""
+    None), the target being dense's best running mean less the margin (``Metric.target``:
+    points of a score, percent of a loss; default margins: the metric's)."""
+    metric = Metric(key)
     best = _best_running(dense_log, key)
     out = []
-    for margin in margins:
-        target = best - margin / 100
+    for margin in metric.margins if margins is None else margins:
+        target = metric.target(best, margin)
         d, m = crossing(dense_log, target, key), crossing(log, target, key)
         ratio = m[1] / d[1] if d and m and d[1] > 0 else None
         out.append((target, d, m, ratio))
@@ -225,9 +299,9 @@ def build_tta_report(paths: list[Path], out: Path) -> Path:
         "Each recipe ran with the seeds shown, interleaved epoch by epoch with the others of "
         "its group in one process and one thread (the machine's load falls on all alike). "
         f"Time is the trainer's training clock (evaluation excluded). A run reaches a target "
-        f"where the mean of its last {WINDOW} dev evaluations ({EVALS_PER_EPOCH} per epoch) "
-        "first does; the target of a seed is the dense run's best such mean on that seed minus "
-        "the margin. Ratios: geometric mean over seeds of (time to target / dense's time on the "
+        f"where the mean of its last {WINDOW} dev evaluations (each group names its interval) "
+        "first does; the target of a seed is the dense run's best such mean on that seed less "
+        "the margin (a score: minus points; a loss: plus percent). Ratios: geometric mean over seeds of (time to target / dense's time on the "
         "same seed), with the 95% interval of the paired log-ratios; 'n/N' where only n of N "
         "seeds got there (no ratio). The steps ratio is the same for steps: it does not depend "
         "on the machine or its load (time ratio = steps ratio x the per-step time ratio). "
@@ -269,7 +343,7 @@ def _group_section(group: str, rows: list[list], out: Path) -> list[str]:
     if dense is None:
         return [f"## {group}", "", "No dense run in this group: no target, no ratios."]
     key = f"dev_{dense[0].metric}"
-    scale = 100.0  # accuracy as a percentage
+    metric = Metric(key)
     best = summarize([_best_running(r.log, key) for r in dense])
     cfg = dense[0].config
     lines = [
@@ -278,24 +352,24 @@ def _group_section(group: str, rows: list[list], out: Path) -> list[str]:
         f"{cfg['task']} ({cfg['dataset']}), hidden {'x'.join(map(str, cfg['hidden'] * cfg['layers']))}, "
         f"{cfg['optimizer']} lr {cfg['lr'] or 'default'}, batch {cfg['batch_size']}, dropout "
         f"{cfg['dropout']:g}, {cfg['epochs']} epochs, dev every {cfg['eval_every']} steps. "
-        f"Dense's best running-mean dev {key[4:]}: {scale * best.mean:.2f} ± "
-        f"{scale * best.sd:.2f} %. Rebuild: `meprop reproduce tta --groups {group}` (seeds "
-        f"{','.join(str(r.seed) for r in dense)}).",
+        f"Dense's best running-mean dev {metric.name}: {abs(metric.shown(best.mean)):.3f} ± "
+        f"{abs(metric.shown(best.sd)):.3f} {metric.unit}. Rebuild: `meprop reproduce tta "
+        f"--groups {group}` (seeds {','.join(str(r.seed) for r in dense)}).",
         "",
     ]
     header = "| recipe | seeds | ms/step | " + " | ".join(
-        f"to best - {m:g}: s | time vs dense | steps vs dense" for m in MARGINS
+        f"to {metric.margin_text(m)}: s | time vs dense | steps vs dense" for m in metric.margins
     )
     lines += [
-        header + " | test % | test vs dense (points) | widths at end |",
-        "|" + " --- |" * (3 + 3 * len(MARGINS) + 3),
+        header + f" | test {metric.name} | test vs dense | widths at end |",
+        "|" + " --- |" * (3 + 3 * len(metric.margins) + 3),
     ]
     by_seed_dense = {r.seed: r for r in dense}
     for reps in rows:
         cells = [reps[0].label, ",".join(str(r.seed) for r in reps)]
         cells.append(f"{summarize([r.per_step_ms('train') for r in reps]).mean:.2f}")
-        for margin in MARGINS:
-            targets = {s: _best_running(d.log, key) - margin / scale
+        for margin in metric.margins:
+            targets = {s: metric.target(_best_running(d.log, key), margin)
                        for s, d in by_seed_dense.items()}  # fmt: skip
             hits = {r.seed: crossing(r.log, targets[r.seed], key) for r in reps
                     if r.seed in targets}  # fmt: skip
@@ -312,20 +386,32 @@ def _group_section(group: str, rows: list[list], out: Path) -> list[str]:
             cells.append(_ratio(reached, {s: h[1] for s, h in dense_hits.items()}))
             steps = {s: h[0] for s, h in hits.items()}
             cells.append(_ratio(steps, {s: h[0] for s, h in dense_hits.items()}))
-        test = summarize([r.test() for r in reps])
-        cells.append(f"{test.mean:.2f} ± {test.sd:.2f}" if test.n > 1 else f"{test.mean:.2f}")
-        if reps is dense:
-            cells.append("-")
-        else:
-            p = paired({r.seed: r.test() for r in reps}, {r.seed: r.test() for r in dense})
-            cells.append("-" if p is None else f"{p} {p.verdict}")
+        cells += _test_cells(reps, dense, metric)
         widths = reps[0].summary.get("final_widths") or []
         cells.append(",".join(map(str, widths)) if widths else "")
         lines.append("| " + " | ".join(cells) + " |")
     plot = _plot(group, rows, key, best.mean, out)
     if plot:
-        lines += ["", f"![dev {key[4:]} against training seconds]({plot})"]
+        lines += ["", f"![dev {metric.name} against training seconds]({plot})"]
     return lines
+
+
+def _test_cells(reps: list, dense: list, metric: Metric) -> list[str]:
+    """The test score (mean ± sd over seeds) and its difference from dense, paired by seed: in
+    points for a score; for a loss, in percent of dense's loss (lower is better)."""
+    digits = 3 if metric.loss else 2
+    test = summarize([abs(metric.shown(r.test() / (1 if metric.loss else 100))) for r in reps])
+    cells = [f"{test.mean:.{digits}f} ± {test.sd:.{digits}f}" if test.n > 1
+             else f"{test.mean:.{digits}f}"]  # fmt: skip
+    if reps is dense:
+        return [*cells, "-"]
+    if metric.loss:  # per seed 100 * (loss / dense's loss - 1)
+        base = {r.seed: r.test() for r in dense}
+        rel = {r.seed: 100 * (r.test() / base[r.seed] - 1) for r in reps if r.seed in base}
+        p = paired(rel, dict.fromkeys(rel, 0.0))
+        return [*cells, "-" if p is None else f"{p} % of dense's loss"]
+    p = paired({r.seed: r.test() for r in reps}, {r.seed: r.test() for r in dense})
+    return [*cells, "-" if p is None else f"{p} {p.verdict}"]
 
 
 def _ratio(times: dict, dense_times: dict) -> str:
@@ -350,27 +436,35 @@ def _plot(group: str, rows: list[list], key: str, best: float, out: Path) -> str
         plt = plots.pyplot()
     except ImportError:
         return None
+    metric = Metric(key)
     fig, ax = plt.subplots(figsize=(10, 5.5))
-    ymax = 0.0
+    edge = -math.inf  # the best end of the bands (highest score, lowest loss)
     for reps in rows:
         pts = plots.over_seeds(
             reps,
-            lambda e: 100 * e[key] if key in e else None,
+            lambda e: metric.shown(e[key]) if key in e else None,
             key=lambda e: e.get("step"),
             x=lambda e: e["times"].get("train", 0.0),
         )
         style = dict(color="black", lw=2) if reps[0].method == "dense" else dict(lw=1.2)
         plots.band(ax, pts, f"{reps[0].label} ({plots.seeds_text(reps)})", **style)
-        ymax = max([ymax, *(p.hi for p in pts)])
+        edge = max([edge, *((-p.lo if metric.loss else p.hi) for p in pts)])
     x0, x1 = ax.get_xlim()
-    for i, (margin, ls) in enumerate(zip(MARGINS, (":", "--", "-."), strict=True)):
-        ax.axhline(100 * best - margin, color="grey", ls=ls, lw=0.8)
-        # labels staggered along x: the targets lie a few tenths apart
-        ax.text(x1 - (x1 - x0) * 0.2 * i, 100 * best - margin, f"dense's best - {margin:g} ",
+    lines = list(zip(metric.margins, (":", "--", "-."), strict=True))
+    for i, (margin, ls) in enumerate(lines):
+        y = metric.shown(metric.target(best, margin))
+        ax.axhline(y, color="grey", ls=ls, lw=0.8)
+        # labels staggered along x: the targets lie close together
+        ax.text(x1 - (x1 - x0) * 0.2 * i, y, f"dense's {metric.margin_text(margin)} ",
                 ha="right", va="bottom", fontsize=7, color="grey")  # fmt: skip
-    ax.set_ylim(100 * best - 3.0, ymax + 0.2)
+    shown_best = metric.shown(best)
+    if metric.loss:  # lower is better: from a little below the best to 15% above it
+        ax.set_ylim(-edge - 0.02 * shown_best, shown_best * 1.15)
+    else:
+        ax.set_ylim(shown_best - 3.0, edge + 0.2)
     ax.set_xlabel("training seconds (evaluation excluded), mean over seeds")
-    ax.set_ylabel(f"dev {key[4:]} % (band: min-max over seeds)")
+    unit = f" ({metric.unit})" if metric.unit and metric.unit != "%" else " %"
+    ax.set_ylabel(f"dev {metric.name}{unit} (band: min-max over seeds)")
     ax.set_title(f"{group}: dev score against training time", fontsize=10)
     ax.grid(alpha=0.3)
     plots.legend_outside(ax)

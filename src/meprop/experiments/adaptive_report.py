@@ -191,42 +191,51 @@ def adaptive_section(runs: list[Run], out: Path) -> list[str]:
         "| commit |",
         "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for reps in table:
-        r0 = reps[0]
-        test = summarize([r.shown(r.test()) for r in reps])
-        ks = [_mean_ks(r) for r in reps]
-        over, last = _mean(k for k, _ in ks), _mean(k for _, k in ks)
-        bound = _bound(r0)
-        cut = 100 * (1 - last / bound)
-        linear = _mean(r.per_step_ms("linear_backward") for r in reps)
-        hits = [_crossing(r, target) for r in reps]
-        if all(hits):
-            steps = f"{_mean(h[0] for h in hits):.0f}"
-            sec = _mean(h[1] for h in hits)
-            secs = f"{sec:.1f}" if sec >= 10 else f"{sec:.2f}"
-        else:
-            steps = secs = "-"
-        commits = ", ".join(dict.fromkeys(r.extra.get("commit", "?") for r in reps))
-        lines.append(
-            f"| {r0.label} | {r0.group} | {_rule(r0)} | {r0.config['k']} | "
-            f"{fmt(test, digits)} ({test.n}) | {over:.1f} | {last:.1f} | {cut:.1f}% | "
-            f"{linear:.3f} | {steps} | {secs} | {commits} |"
-        )
+    lines += [_adaptive_row(reps, target, digits) for reps in table]
     lines.append("")
-    rows = adaptive_claims(runs)
-    if rows:
-        column = f"difference ({shown} of fixed - adaptive)" if lower else "difference (points)"
-        lines += [
-            "Adaptive k against fixed k, paired over seeds (test score, same seeds: the mean "
-            "difference adaptive - fixed with its 95% t-interval; *holds*: above 0, *does not "
-            "hold*: below 0, *undecided*: contains 0):",
-            "",
-            f"| claim | {column} [95% interval] | seeds | verdict |",
-            "| --- | --- | ---: | --- |",
-        ]
-        lines += [f"| {c} | {fmt_paired(p, digits)} | {p.n} | {p.verdict} |" for c, p, _ in rows]
-        lines.append("")
+    lines += _adaptive_claims_table(runs, lower, shown, digits)
     name = _adaptive_plot([reps for adaptive, _ in groups for reps in adaptive], out)
     if name:
         lines += [f"![{name}]({name})", ""]
     return lines
+
+
+def _adaptive_row(reps: list[Run], target: float, digits: int) -> str:
+    """One row of the adaptive-k table: the test score, the mean k, the backward time and the
+    steps and seconds to ``target`` of a row's runs."""
+    r0 = reps[0]
+    test = summarize([r.shown(r.test()) for r in reps])
+    ks = [_mean_ks(r) for r in reps]
+    over, last = _mean(k for k, _ in ks), _mean(k for _, k in ks)
+    cut = 100 * (1 - last / _bound(r0))
+    linear = _mean(r.per_step_ms("linear_backward") for r in reps)
+    hits = [_crossing(r, target) for r in reps]
+    if all(hits):
+        steps = f"{_mean(h[0] for h in hits):.0f}"
+        sec = _mean(h[1] for h in hits)
+        secs = f"{sec:.1f}" if sec >= 10 else f"{sec:.2f}"
+    else:
+        steps = secs = "-"
+    commits = ", ".join(dict.fromkeys(r.extra.get("commit", "?") for r in reps))
+    return (
+        f"| {r0.label} | {r0.group} | {_rule(r0)} | {r0.config['k']} | "
+        f"{fmt(test, digits)} ({test.n}) | {over:.1f} | {last:.1f} | {cut:.1f}% | "
+        f"{linear:.3f} | {steps} | {secs} | {commits} |"
+    )
+
+
+def _adaptive_claims_table(runs: list[Run], lower: bool, shown: str, digits: int) -> list[str]:
+    rows = adaptive_claims(runs)
+    if not rows:
+        return []
+    column = f"difference ({shown} of fixed - adaptive)" if lower else "difference (points)"
+    return [
+        "Adaptive k against fixed k, paired over seeds (test score, same seeds: the mean "
+        "difference adaptive - fixed with its 95% t-interval; *holds*: above 0, *does not "
+        "hold*: below 0, *undecided*: contains 0):",
+        "",
+        f"| claim | {column} [95% interval] | seeds | verdict |",
+        "| --- | --- | ---: | --- |",
+        *[f"| {c} | {fmt_paired(p, digits)} | {p.n} | {p.verdict} |" for c, p, _ in rows],
+        "",
+    ]

@@ -14,6 +14,37 @@ def fmt(s, digits: int) -> str:
     return f"{s.mean:.{digits}f}" + (f" ± {s.sd:.{digits}f}" if s.n > 1 else "")
 
 
+class _Claims:
+    """What the claims are made from: the runs, the notes on claims not made, the claims made
+    (``out``), and the words of a comparison (``ge``, ``gt``)."""
+
+    def __init__(self, runs: list[Run], notes: list[str]) -> None:
+        self.runs, self.notes, self.out = runs, notes, []
+        lower = bool(runs) and runs[0].lower_is_better
+        self.ge, self.gt = ("at least as good as", "better than") if lower else (">=", ">")
+        self.dense = self.scores(lambda r: r.method == "dense" and r.group == "main")
+
+    def scores(self, pred) -> dict[int, float] | list[str]:
+        """The test scores by seed of the one row whose runs ``pred`` picks; the rows' labels
+        where it picks several (a claim never pools two rows)."""
+        picked = [r for r in self.runs if pred(r)]
+        labels = sorted({r.label for r in picked})
+        if len(labels) > 1:
+            return labels
+        return {r.seed: r.test() for r in picked}
+
+    def add(self, claim, a, b, what) -> None:
+        several = [side for side in (a, b) if isinstance(side, list)]
+        if several:
+            self.notes.append(
+                f"{claim}: not made, several rows match one side ({'; '.join(several[0])})"
+            )
+            return
+        p = paired(a, b)
+        if p is not None:
+            self.out.append((claim, p, what))
+
+
 def claims(runs: list[Run], notes: list[str] | None = None) -> list[tuple[str, Paired, str]]:
     """The paper's claims, each a paired comparison on the seeds both sides share: (claim,
     the test-score difference a - b with its 95% interval, which runs).
@@ -22,124 +53,110 @@ def claims(runs: list[Run], notes: list[str] | None = None) -> list[tuple[str, P
     Scores are higher-is-better (``Run.test``): for a negated loss (``neg_bpb``) the difference
     a - b is b's loss minus a's, positive where a's loss is lower; the claims then say "at
     least as good as" and "better than" rather than ">=" and ">"."""
-    lower = bool(runs) and runs[0].lower_is_better
-    ge, gt = ("at least as good as", "better than") if lower else (">=", ">")
-    notes = [] if notes is None else notes
-
-    def scores(pred) -> dict[int, float] | list[str]:
-        """The test scores by seed of the one row whose runs ``pred`` picks; the rows' labels
-        where it picks several (a claim never pools two rows)."""
-        picked = [r for r in runs if pred(r)]
-        labels = sorted({r.label for r in picked})
-        if len(labels) > 1:
-            return labels
-        return {r.seed: r.test() for r in picked}
-
-    def main_opt(r):
-        return r.config["optimizer"] == "adam" and r.group in ("main", "control", "mesimp")
-
-    dense = scores(lambda r: r.method == "dense" and r.group == "main")
-    out = []
-
-    def add(claim, a, b, what):
-        several = [side for side in (a, b) if isinstance(side, list)]
-        if several:
-            notes.append(
-                f"{claim}: not made, several rows match one side ({'; '.join(several[0])})"
-            )
-            return
-        p = paired(a, b)
-        if p is not None:
-            out.append((claim, p, what))
-
+    c = _Claims(runs, [] if notes is None else notes)
     ks = sorted({r.config["k"] for r in runs if r.method == "meprop" and r.group == "main"})
     for k in ks:
-        for mode in ("per_example", "unified"):
-            for fc in (False, True):  # lm: meProp on mlp.fc only (TrainConfig.fc_only)
-                mp = scores(
-                    lambda r, k=k, mode=mode, fc=fc: (
-                        r.method == "meprop"
-                        and r.group == "main"
-                        and r.config["k"] == k
-                        and r.config["mode"] == mode
-                        and bool(r.config.get("fc_only")) == fc
-                    )
-                )
-                name = f"meProp {mode} k={k}" + (" on mlp.fc only" if fc else "")
-                add(f"{name} {ge} dense", mp, dense, f"{name} - dense")
-        top = scores(
-            lambda r, k=k: (
-                r.method == "meprop"
-                and r.group == "main"
-                and r.config["k"] == k
-                and r.config["mode"] == "per_example"
-                and not r.config.get("fc_only")
-            )
+        _meprop_claims(c, k)
+    _symmetric_claims(c)
+    _ratio_claims(c, ks)
+    _mesimp_claims(c)
+    return c.out + _setting_claims(runs, c.ge, c.gt)
+
+
+def _main_opt(r: Run) -> bool:
+    return r.config["optimizer"] == "adam" and r.group in ("main", "control", "mesimp")
+
+
+def _main_meprop(r: Run, k: int, mode: str, fc: bool = False) -> bool:
+    """A main-group meProp run at ``k`` in ``mode`` (``fc``: the lm task's mlp.fc only)."""
+    return (
+        r.method == "meprop"
+        and r.group == "main"
+        and r.config["k"] == k
+        and r.config["mode"] == mode
+        and bool(r.config.get("fc_only")) == fc
+    )
+
+
+def _meprop_claims(c: _Claims, k: int) -> None:
+    """meProp at ``k`` against dense, random-k and a dense net of width k."""
+    ge, gt = c.ge, c.gt
+    for mode in ("per_example", "unified"):
+        for fc in (False, True):  # lm: meProp on mlp.fc only (TrainConfig.fc_only)
+            mp = c.scores(lambda r, mode=mode, fc=fc: _main_meprop(r, k, mode, fc))
+            name = f"meProp {mode} k={k}" + (" on mlp.fc only" if fc else "")
+            c.add(f"{name} {ge} dense", mp, c.dense, f"{name} - dense")
+    top = c.scores(lambda r: _main_meprop(r, k, "per_example"))
+    rand = c.scores(lambda r: r.method == "random" and r.config["k"] == k and _main_opt(r))
+    c.add(f"top-k {gt} random-k (k={k})", top, rand, f"meProp per_example k={k} - random-k")
+    uni = c.scores(lambda r: _main_meprop(r, k, "unified"))
+    c.add(f"unified top-k {gt} random-k (k={k})", uni, rand, f"meProp unified k={k} - random-k")
+    kdim = c.scores(lambda r: r.method == "kdim" and r.config["k"] == k and _main_opt(r))
+    c.add(f"meProp {gt} a dense net of width k={k}", top, kdim, f"meProp per_example k={k} - k-dim")
+
+
+def _symmetric_claims(c: _Claims) -> None:
+    """Symmetric per-example selection (docs/per_example.md): against dense and per_example."""
+    for k in sorted({r.config["k"] for r in c.runs if r.config.get("mode") == "symmetric"}):
+        sym = c.scores(lambda r, k=k: r.config.get("mode") == "symmetric" and r.config["k"] == k
+                       and r.method == "meprop")  # fmt: skip
+        pe = c.scores(lambda r, k=k: r.method == "meprop" and r.group == "main"
+                      and r.config["mode"] == "per_example" and r.config["k"] == k)  # fmt: skip
+        c.add(
+            f"meProp symmetric k={k} {c.ge} dense", sym, c.dense, f"meProp symmetric k={k} - dense"
         )
-        rand = scores(lambda r, k=k: r.method == "random" and r.config["k"] == k and main_opt(r))
-        add(f"top-k {gt} random-k (k={k})", top, rand, f"meProp per_example k={k} - random-k")
-        uni = scores(lambda r, k=k: r.method == "meprop" and r.group == "main" and r.config["k"] == k
-                     and r.config["mode"] == "unified" and not r.config.get("fc_only"))  # fmt: skip
-        add(f"unified top-k {gt} random-k (k={k})", uni, rand, f"meProp unified k={k} - random-k")
-        kdim = scores(lambda r, k=k: r.method == "kdim" and r.config["k"] == k and main_opt(r))
-        add(
-            f"meProp {gt} a dense net of width k={k}",
-            top,
-            kdim,
-            f"meProp per_example k={k} - k-dim",
-        )
-    # Symmetric per-example selection (docs/per_example.md): against dense and per_example.
-    for k in sorted({r.config["k"] for r in runs if r.config.get("mode") == "symmetric"}):
-        sym = scores(lambda r, k=k: r.config.get("mode") == "symmetric" and r.config["k"] == k
-                     and r.method == "meprop")  # fmt: skip
-        pe = scores(lambda r, k=k: r.method == "meprop" and r.group == "main"
-                    and r.config["mode"] == "per_example" and r.config["k"] == k)  # fmt: skip
-        add(f"meProp symmetric k={k} {ge} dense", sym, dense, f"meProp symmetric k={k} - dense")
-        add(f"meProp symmetric k={k} {gt} per_example k={k}", sym, pe,
-            f"meProp symmetric k={k} - per_example k={k}")  # fmt: skip
-    # The k sweep's rows with several seeds (the paper's MNIST claim is at k=80): against dense.
+        c.add(f"meProp symmetric k={k} {c.gt} per_example k={k}", sym, pe,
+              f"meProp symmetric k={k} - per_example k={k}")  # fmt: skip
+
+
+def _ratio_claims(c: _Claims, ks: list[int]) -> None:
+    """The k sweep's rows with several seeds (the paper's MNIST claim is at k=80): against
+    dense (the k of the main rows are claimed there)."""
     swept: dict[tuple[int, str], list[Run]] = {}
-    for r in runs:
+    for r in c.runs:
         if r.method == "meprop" and r.group == "ratio" and not r.config.get("adaptive"):
             swept.setdefault((r.config["k"], r.config["mode"]), []).append(r)
     for (k, mode), picked in sorted(swept.items()):
-        mp = scores(lambda r, picked=picked: r in picked)
+        mp = c.scores(lambda r, picked=picked: r in picked)
         if len(mp) >= 2 and k not in ks:
-            add(f"meProp {mode} k={k} {ge} dense", mp, dense, f"meProp {mode} k={k} - dense")
-    dense_runs = [r for r in runs if r.method == "dense" and r.group == "main"]
-    for (_group, label), reps in replicates(
-        [r for r in runs if r.method == "mesimp" and r.config["optimizer"] == "adam"]
-    ).items():
+            c.add(f"meProp {mode} k={k} {c.ge} dense", mp, c.dense, f"meProp {mode} k={k} - dense")
+
+
+def _mesimp_claims(c: _Claims) -> None:
+    """meSimp against dense (at the share of the width it kept) and against a dense net
+    trained at its final widths."""
+    dense_runs = [r for r in c.runs if r.method == "dense" and r.group == "main"]
+    simplified = [r for r in c.runs if r.method == "mesimp" and r.config["optimizer"] == "adam"]
+    for (_group, label), reps in replicates(simplified).items():
         simp = {r.seed: r.test() for r in reps}
-        # the share of the dense width (without a dense run: of the meSimp run's own start)
-        full = max(max(r.summary["widths"]) for r in [*dense_runs, *reps]) or 1
-        share = [
-            100 * sum(r.summary["final_widths"].values()) / (full * len(r.summary["final_widths"]))
-            for r in reps
-            if r.summary.get("final_widths")
-        ]
-        pct = f"{sum(share) / len(share):.0f}%" if share else "?"
-        # the scored checkpoint's widths (best dev), where they differ from the final ones
-        best = [100 * sum(r.summary["best_widths"]) / (full * len(r.summary["best_widths"]))
-                for r in reps if r.summary.get("best_widths")]  # fmt: skip
-        if share and len(best) == len(reps) and f"{sum(best) / len(best):.0f}%" != pct:
-            pct = f"{sum(best) / len(best):.0f}% (the scored checkpoints; {pct} at the end)"
-        add(f"{label} {ge} dense, at {pct} of the width", simp, dense, f"{label} - dense")
+        pct = _width_share(reps, dense_runs)
+        c.add(f"{label} {c.ge} dense, at {pct} of the width", simp, c.dense, f"{label} - dense")
         names = {r.path.name for r in reps}
         sized = {
             r.seed: r.test()
-            for r in runs
+            for r in c.runs
             if r.path.name.startswith("dense-size-of-")
             and r.path.name.removeprefix("dense-size-of-") in names
         }
-        add(
-            f"{label} {gt} a dense net trained at its final widths",
-            simp,
-            sized,
-            f"{label} - dense at its widths",
-        )
-    out += _setting_claims(runs, ge, gt)
-    return out
+        c.add(f"{label} {c.gt} a dense net trained at its final widths", simp, sized,
+              f"{label} - dense at its widths")  # fmt: skip
+
+
+def _width_share(reps: list[Run], dense_runs: list[Run]) -> str:
+    """meSimp's mean share of the dense width (without a dense run: of its own start): of the
+    scored checkpoints (best dev) where they differ from the final widths."""
+    full = max(max(r.summary["widths"]) for r in [*dense_runs, *reps]) or 1
+    share = [
+        100 * sum(r.summary["final_widths"].values()) / (full * len(r.summary["final_widths"]))
+        for r in reps
+        if r.summary.get("final_widths")
+    ]
+    pct = f"{sum(share) / len(share):.0f}%" if share else "?"
+    best = [100 * sum(r.summary["best_widths"]) / (full * len(r.summary["best_widths"]))
+            for r in reps if r.summary.get("best_widths")]  # fmt: skip
+    if share and len(best) == len(reps) and f"{sum(best) / len(best):.0f}%" != pct:
+        pct = f"{sum(best) / len(best):.0f}% (the scored checkpoints; {pct} at the end)"
+    return pct
 
 
 def _setting_claims(runs: list[Run], ge: str, gt: str) -> list[tuple[str, Paired, str]]:

@@ -106,24 +106,16 @@ def _train_config(args: argparse.Namespace):
         ) from None
 
 
-def _train(args: argparse.Namespace) -> None:
+def _check_run_flags(args: argparse.Namespace, cfg) -> None:
+    """The flags of ``meprop train`` that are not the run's settings: --restart, --nproc,
+    --dist-timeout, and torchrun's processes."""
     from . import launch
-    from .train import ConfigError, check_run_dir, run, run_lock
+    from .train import ConfigError
 
-    cfg = _train_config(args)
-    out = args.out or Path("runs") / f"{cfg.task}-{cfg.method}-k{cfg.k}-seed{cfg.seed}"
-    args.run_dir = out  # (for the message of a Ctrl-C)
     if args.restart and not args.resume:
         raise ConfigError(
             "--restart goes with --resume (a run whose last.pt is lost): add --resume"
         )
-    options = dict(
-        data_dir=args.data_dir,
-        resume=args.resume,
-        restart=args.restart,
-        progress=not args.no_progress,
-        compact=not args.no_compact_allreduce,
-    )
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
     if not args.dist_timeout > 0 or args.dist_timeout == float("inf"):
@@ -135,12 +127,29 @@ def _train(args: argparse.Namespace) -> None:
             "--method meact runs in one process (its per-example state is not sharded): drop "
             "--nproc (or torchrun)"
         )
+    if launch.under_launcher() and args.nproc != 1:
+        raise ConfigError(
+            f"--nproc {args.nproc} under torchrun: torchrun already started the processes "
+            "(--nproc-per-node); leave --nproc out"
+        )
+
+
+def _train(args: argparse.Namespace) -> None:
+    from . import launch
+    from .train import check_run_dir, run, run_lock
+
+    cfg = _train_config(args)
+    out = args.out or Path("runs") / f"{cfg.task}-{cfg.method}-k{cfg.k}-seed{cfg.seed}"
+    args.run_dir = out  # (for the message of a Ctrl-C)
+    _check_run_flags(args, cfg)
+    options = dict(
+        data_dir=args.data_dir,
+        resume=args.resume,
+        restart=args.restart,
+        progress=not args.no_progress,
+        compact=not args.no_compact_allreduce,
+    )
     if launch.under_launcher():  # torchrun started this process as one rank of a job
-        if args.nproc != 1:
-            raise ConfigError(
-                f"--nproc {args.nproc} under torchrun: torchrun already started the processes "
-                "(--nproc-per-node); leave --nproc out"
-            )
         launch.init_from_env(timeout_s=args.dist_timeout)  # the trainer runs on the CPU: gloo
         try:
             if int(os.environ["RANK"]) == 0:

@@ -286,30 +286,14 @@ def spawn(
 
         spawn(work, 2, ("data",))
     """
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise ValueError(f"nproc must be an integer >= 1, got {nproc!r}")
-    if timeout_s <= 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-    backend = _backend(backend, device)
-    if backend == "nccl" and torch.cuda.device_count() < nproc:
-        raise ValueError(
-            f"nproc={nproc} NCCL processes need {nproc} GPUs, found {torch.cuda.device_count()}"
-        )
+    backend = _checked_backend(nproc, timeout_s, backend, device)
     threads = threads or default_threads(nproc)
     # The rendezvous: port 0 lets the OS pick a free port, held from now until the end.
-    store = dist.TCPStore(
-        "127.0.0.1",
-        0,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=timedelta(seconds=timeout_s),
-    )
-    env = dict(os.environ)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=timeout_s))  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="meprop-launch-") as stamps:
-        worker_args = (
-            fn, args, nproc, store.port, backend, timeout_s, threads,
-            (os.getpid(), _start_time(os.getpid())), env, stamps,
-        )  # fmt: skip
+        worker_args = (fn, args, nproc, store.port, backend, timeout_s, threads,
+                       (os.getpid(), _start_time(os.getpid())), dict(os.environ), stamps)  # fmt: skip
         context = mp.start_processes(
             _worker, args=worker_args, nprocs=nproc, join=False, start_method=_start_method()
         )
@@ -326,6 +310,20 @@ def spawn(
             for f in context.error_files:
                 Path(f).unlink(missing_ok=True)
     del store
+
+
+def _checked_backend(nproc: int, timeout_s: float, backend: str | None, device: str) -> str:
+    """``spawn``'s arguments checked; the backend it runs (``_backend``)."""
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"nproc must be an integer >= 1, got {nproc!r}")
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    backend = _backend(backend, device)
+    if backend == "nccl" and torch.cuda.device_count() < nproc:
+        raise ValueError(
+            f"nproc={nproc} NCCL processes need {nproc} GPUs, found {torch.cuda.device_count()}"
+        )
+    return backend
 
 
 class Terminated(SystemExit):

@@ -117,18 +117,52 @@ def section(runs: list, out: Path) -> list[str]:
         return []
     main = meacts[0]
     start = main.config["meact_start"]
+    every = [r for r in runs if r.method == "dense"] + meacts
+    pairs = [(_baseline(r, runs), r) for r in meacts if _baseline(r, runs) is not None]
+    lines = _intro(main, meacts, pairs, start)
+    lines += _epoch_table(main, [r for r in (_baseline(main, runs), main) if r is not None], start)
+    lines += _before_after_table(every, start)
+    keys = ("meact_threshold", "meact_cap", "meact_storage")
+    seeds = [(d, r) for d, r in pairs if all(r.config[k] == main.config[k] for k in keys)]
+    seeds.sort(key=lambda p: p[1].config["seed"])
+    lines += _seeds_table(seeds, main, start)
+    lines += _claims_table(seeds, start)
+    lines += [
+        "",
+        "Forward times are whole training forwards per step (for meAct after the start: "
+        "active-set selection from the stored shares, the active-only kernels, the cache), "
+        "measured within each run; `benchmarks/bench_meact.py` times the layer alone.",
+        "",
+        "### the paper's claims (Sun et al., TKDE, meAct on MNIST)",
+        "",
+    ]
+    lines += [f"- {c}" for c in PAPER_CLAIMS] + [""]
+    same_seed = [r for r in every if r.config["seed"] == main.config["seed"]]
+    names = _plots(same_seed, start, out) + _seed_plot(seeds, start, out)
+    lines += [f"![{name}]({name})" for name in names] + [""]
+    return lines
 
-    def baseline(run):
-        """The dense run with the same seed and widths (identical until meAct starts)."""
-        for r in runs:
-            same = r.summary["widths"] == run.summary["widths"]
-            if r.method == "dense" and same and r.config["seed"] == run.config["seed"]:
-                return r
-        return None
 
-    dense = [r for r in runs if r.method == "dense"]
-    every = dense + meacts
+def _baseline(run, runs: list):
+    """The dense run with the same seed and widths as ``run`` (identical until meAct
+    starts), or None."""
+    for r in runs:
+        same = r.summary["widths"] == run.summary["widths"]
+        if r.method == "dense" and same and r.config["seed"] == run.config["seed"]:
+            return r
+    return None
+
+
+def _intro(main, meacts: list, pairs: list, start: int) -> list[str]:
     cfg = main.config
+    states = sorted(
+        {
+            f"{r.summary['meact']['memory_bytes'] / 1e6:.1f} MB in "
+            f"{r.config['meact_storage']} ({r.summary['meact']['examples']} examples)"
+            for r in meacts
+            if r.summary.get("meact")
+        }
+    )
     lines = [
         "## meAct: minimal effort activation (the extended paper's analysis)",
         "",
@@ -139,20 +173,10 @@ def section(runs: list, out: Path) -> list[str]:
         + "; the others keep their value from the example's last pass and get no gradient. "
         "Each meAct run has a dense baseline with the same seed: the same initialisation and "
         "batch order, so the two are identical until meAct starts. Per-example state: "
-        + ", ".join(
-            sorted(
-                {
-                    f"{r.summary['meact']['memory_bytes'] / 1e6:.1f} MB in "
-                    f"{r.config['meact_storage']} ({r.summary['meact']['examples']} examples)"
-                    for r in meacts
-                    if r.summary.get("meact")
-                }
-            )
-        )
+        + ", ".join(states)
         + ".",
         "",
     ]
-    pairs = [(baseline(r), r) for r in meacts if baseline(r) is not None]
     if pairs:
         same = all(_before(d, start) == _before(r, start) for d, r in pairs)
         lines += [
@@ -160,13 +184,15 @@ def section(runs: list, out: Path) -> list[str]:
             + ("identical to those of the baseline with its seed." if same else "NOT identical."),
             "",
         ]
+    return lines
 
-    # Per epoch: the first meAct run and its baseline.
-    shown = [r for r in (baseline(main), main) if r is not None]
+
+def _epoch_table(main, shown: list, start: int) -> list[str]:
+    """Per epoch: the first meAct run and its baseline."""
     layers = list((main.log[-1].get("active") or {}).keys())
     head = ["epoch"] + [f"{r.label} dev %" for r in shown] + [f"{r.label} update" for r in shown]
     head += [f"{main.label} active L{j + 1}" for j in range(len(layers))]
-    lines += [
+    lines = [
         "### accuracy per epoch, update and active neurons",
         "",
         "dev accuracy (%), the average absolute parameter change per iteration (mean over "
@@ -186,10 +212,12 @@ def section(runs: list, out: Path) -> list[str]:
         row += [_fmt(rec.get("update"), ".3e") for rec in recs]
         row += [_fmt((recs[-1].get("active") or {}).get(name), ".1f") for name in layers]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "\\* the first meAct epoch.", ""]
+    return lines + ["", "\\* the first meAct epoch.", ""]
 
-    # Every run: before vs after the start.
-    lines += [
+
+def _before_after_table(every: list, start: int) -> list[str]:
+    """Every run: before vs after the start."""
+    lines = [
         "### before vs after meAct starts",
         "",
         "| run | test % (best dev epoch) | dev % last normal epoch | dev % mean after | "
@@ -219,24 +247,6 @@ def section(runs: list, out: Path) -> list[str]:
             f"{_fmt(_per_step_ms(r, 'forward', 0, start), '.2f')} | "
             f"{_fmt(_per_step_ms(r, 'forward', start, len(r.log)), '.2f')} |"
         )
-    keys = ("meact_threshold", "meact_cap", "meact_storage")
-    seeds = [(d, r) for d, r in pairs if all(r.config[k] == main.config[k] for k in keys)]
-    seeds.sort(key=lambda p: p[1].config["seed"])
-    lines += _seeds_table(seeds, main, start)
-    lines += _claims_table(seeds, start)
-    lines += [
-        "",
-        "Forward times are whole training forwards per step (for meAct after the start: "
-        "active-set selection from the stored shares, the active-only kernels, the cache), "
-        "measured within each run; `benchmarks/bench_meact.py` times the layer alone.",
-        "",
-        "### the paper's claims (Sun et al., TKDE, meAct on MNIST)",
-        "",
-    ]
-    lines += [f"- {c}" for c in PAPER_CLAIMS] + [""]
-    same_seed = [r for r in every if r.config["seed"] == main.config["seed"]]
-    names = _plots(same_seed, start, out) + _seed_plot(seeds, start, out)
-    lines += [f"![{name}]({name})" for name in names] + [""]
     return lines
 
 

@@ -145,79 +145,9 @@ def _settings(runs: list[Run]) -> list[str]:
 
 def build_report(paths: list[Path], out: Path) -> Path:
     """Write ``out/report.md`` (and PNG plots beside it) from the runs in ``paths``."""
-
-    order = list(GROUP_TITLES)
-    found, notes = scan_runs(paths)
-    runs = sorted(
-        found,
-        key=lambda r: (
-            order.index(r.group) if r.group in order else len(order),
-            r.group,
-            r.path.name,
-        ),
-    )
-    if not runs:
-        raise ReportError(
-            f"no finished runs in {', '.join(map(str, paths))}"
-            + "".join(f"; {n}" for n in notes[:3])
-        )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ReportError(
-            f"cannot make the report folder {out}: {e.strerror}: give another --out"
-        ) from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise ReportError(
-            f"cannot write the report in {out} (read-only): give --out a writable folder"
-        )
-    first = runs[0].summary
-    origin = runs[0].extra
-    seeds = sorted({r.seed for r in runs})
-    grid = {}  # in the results folder: given, or above the runs/NAME folders given
-    for folder in {f for p in map(Path, paths) for f in (p, p.parent.parent)}:
-        if (folder / "grid.json").exists():
-            grid = json.loads((folder / "grid.json").read_text())
-    machine = origin.get("machine", "machine not recorded")
-    made = f"meprop {origin['meprop']}" if "meprop" in origin else "meprop"
-    if origin.get("commit"):
-        made += f" (commit {origin['commit']})"
-    threads = "" if "machine" in origin else f", {first['threads']} threads"
-    # runs made on several machines: each named with how many runs it made (times compare
-    # within one machine only)
-    counts: dict[str, int] = {}
-    for r in runs:
-        m = r.extra.get("machine", "machine not recorded")
-        counts[m] = counts.get(m, 0) + 1
-    if len(counts) > 1:
-        machine = "; ".join(f"{n} runs on {m}" for m, n in counts.items())
-        made = "meprop " + ", ".join(
-            sorted(
-                {
-                    f"{r.extra.get('meprop', '?')} (commit {r.extra.get('commit', '?')})"
-                    for r in runs
-                }
-            )  # fmt: skip
-        )
-    hours = ""
-    if "seconds" in grid:
-        sec = grid["seconds"]
-        span = f"{sec / 3600:.1f} h" if sec >= 3600 else f"{sec / 60:.1f} min"
-        hours = f"; grid time {span} (summed over its sittings and parallel processes)"
-    lines = [
-        "# meprop results",
-        "",
-        f"{len(runs)} runs, seeds {','.join(map(str, seeds))}; {machine}; torch "
-        f"{first['torch']}{threads}; {made}{hours}.",
-        "",
-        "Scores are the test score of the checkpoint with the best dev score, as mean ± "
-        "standard deviation over the seeds a row ran with (min-max beside). Every method uses "
-        "the same shared settings (learning rate, dropout, batch size, epochs: the task's "
-        "defaults); none is tuned per method. Times are per training step; speedups are "
-        "against the dense run of the same optimizer, depth and dropout in this set (measured "
-        "in the same grid, on the same machine).",
-        "",
-    ]
+    runs, notes = _sorted_runs(paths)
+    _check_out(out)
+    lines = _heading(runs, paths)
     if notes:
         lines += [
             "**Not in this report** (each table, speedup and claim below uses only the runs it "
@@ -236,21 +166,7 @@ def build_report(paths: list[Path], out: Path) -> Path:
             lines += _tuning_verdict(members, groups.get("main", []))
     lines += claims_table(runs)
     lines += adaptive_section(runs, out)
-    task = runs[0].config["task"]
-    if task in PAPER:
-        lines += [
-            f"## Published figures (Sun et al., {PAPER_TITLES[task]}, hidden 500)",
-            "",
-            "| figure | paper |",
-            "| --- | ---: |",
-        ]
-        lines += [f"| {k} | {v} |" for k, v in PAPER[task].items()]
-        lines += [
-            "",
-            "The paper's speedups are against the authors' own dense code; ours are "
-            "against PyTorch's dense kernels.",
-            "",
-        ]
+    lines += _published(runs[0].config["task"])
     for name in _plots(runs, out):
         lines += [f"![{name}]({name})", ""]
     if any(r.method == "meact" for r in runs):
@@ -267,6 +183,114 @@ def build_report(paths: list[Path], out: Path) -> Path:
     for n in notes:
         print(f"note: {n}")
     return report
+
+
+def _sorted_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
+    """The finished runs in ``paths`` in the report's order (by group, then folder), and the
+    notes on those left out; none at all is a ``ReportError``."""
+    order = list(GROUP_TITLES)
+    found, notes = scan_runs(paths)
+    runs = sorted(
+        found,
+        key=lambda r: (
+            order.index(r.group) if r.group in order else len(order),
+            r.group,
+            r.path.name,
+        ),
+    )
+    if not runs:
+        raise ReportError(
+            f"no finished runs in {', '.join(map(str, paths))}"
+            + "".join(f"; {n}" for n in notes[:3])
+        )
+    return runs, notes
+
+
+def _check_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ReportError(
+            f"cannot make the report folder {out}: {e.strerror}: give another --out"
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ReportError(
+            f"cannot write the report in {out} (read-only): give --out a writable folder"
+        )
+
+
+def _heading(runs: list[Run], paths: list[Path]) -> list[str]:
+    """The title and the line that says where and with what the runs were made."""
+    first = runs[0].summary
+    origin = runs[0].extra
+    seeds = sorted({r.seed for r in runs})
+    machine, made = _made_where(runs)
+    threads = "" if "machine" in origin else f", {first['threads']} threads"
+    return [
+        "# meprop results",
+        "",
+        f"{len(runs)} runs, seeds {','.join(map(str, seeds))}; {machine}; torch "
+        f"{first['torch']}{threads}; {made}{_grid_time(paths)}.",
+        "",
+        "Scores are the test score of the checkpoint with the best dev score, as mean ± "
+        "standard deviation over the seeds a row ran with (min-max beside). Every method uses "
+        "the same shared settings (learning rate, dropout, batch size, epochs: the task's "
+        "defaults); none is tuned per method. Times are per training step; speedups are "
+        "against the dense run of the same optimizer, depth and dropout in this set (measured "
+        "in the same grid, on the same machine).",
+        "",
+    ]
+
+
+def _made_where(runs: list[Run]) -> tuple[str, str]:
+    """The machine and the meprop version (with its commit) of the runs; runs made on several
+    machines name each with how many runs it made (times compare within one machine only)."""
+    origin = runs[0].extra
+    machine = origin.get("machine", "machine not recorded")
+    made = f"meprop {origin['meprop']}" if "meprop" in origin else "meprop"
+    if origin.get("commit"):
+        made += f" (commit {origin['commit']})"
+    counts: dict[str, int] = {}
+    for r in runs:
+        m = r.extra.get("machine", "machine not recorded")
+        counts[m] = counts.get(m, 0) + 1
+    if len(counts) > 1:
+        machine = "; ".join(f"{n} runs on {m}" for m, n in counts.items())
+        versions = {f"{r.extra.get('meprop', '?')} (commit {r.extra.get('commit', '?')})"
+                    for r in runs}  # fmt: skip
+        made = "meprop " + ", ".join(sorted(versions))
+    return machine, made
+
+
+def _grid_time(paths: list[Path]) -> str:
+    """ "; grid time ..." from the results folder's grid.json (given, or above the runs/NAME
+    folders given), or ""."""
+    grid = {}
+    for folder in {f for p in map(Path, paths) for f in (p, p.parent.parent)}:
+        if (folder / "grid.json").exists():
+            grid = json.loads((folder / "grid.json").read_text())
+    if "seconds" not in grid:
+        return ""
+    sec = grid["seconds"]
+    span = f"{sec / 3600:.1f} h" if sec >= 3600 else f"{sec / 60:.1f} min"
+    return f"; grid time {span} (summed over its sittings and parallel processes)"
+
+
+def _published(task: str) -> list[str]:
+    """The paper's figures for ``task``, where it has some."""
+    if task not in PAPER:
+        return []
+    return [
+        f"## Published figures (Sun et al., {PAPER_TITLES[task]}, hidden 500)",
+        "",
+        "| figure | paper |",
+        "| --- | ---: |",
+        *[f"| {k} | {v} |" for k, v in PAPER[task].items()],
+        "",
+        "The paper's speedups are against the authors' own dense code; ours are "
+        "against PyTorch's dense kernels.",
+        "",
+    ]
 
 
 def _tuning_verdict(tuning: list[Run], main: list[Run]) -> list[str]:

@@ -91,14 +91,8 @@ def mnist_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
           optimizer="adagrad", memory=0.8)  # fmt: skip
     for layers in (3,) if quick else (3, 4, 5):
         g.add("depth", f"dense {layers} layers", method="dense", layers=layers)
-        g.add(
-            "depth",
-            f"meProp unified k=20, {layers} layers",
-            method="meprop",
-            k=20,
-            mode="unified",
-            layers=layers,
-        )
+        g.add("depth", f"meProp unified k=20, {layers} layers", method="meprop", k=20,
+              mode="unified", layers=layers)  # fmt: skip
     # Without dropout, per-example top-k training is unstable here (activations grow): shown.
     g.add("dropout", "dense, no dropout", method="dense", dropout=0.0)
     for mode in ("per_example", "unified"):

@@ -275,34 +275,10 @@ def ensure_file(
         if corrupt is None:
             corrupt = (path, problem)
 
-    where = "\n".join(looked)
     if not download:
-        fix = (
-            f"Fix: pass --data-dir (data_dir=) a folder holding {ds.name}/{filename}, set "
-            f"{ENV_VAR} to one, or allow downloading (download=True) into {roots[0]}."
-        )
-        if corrupt is not None:
-            path, problem = corrupt
-            actual = sha256_file(path)
-            raise ChecksumError(
-                f"{path} is corrupt (expected sha256 {remote.sha256}, got {actual}); "
-                f"no good copy of {ds.name}/{filename} found. Looked in:\n{where}\n"
-                f"{fix} Delete the corrupt file or replace it with the original.",
-                str(path),
-                remote.sha256,
-                actual,
-            )
-        raise DataNotFoundError(
-            f"{ds.name}/{filename} not found and downloading is off. Looked in:\n{where}\n"
-            f"(roots: --data-dir, then ${ENV_VAR}, then the cache {cache_dir()})\n{fix}"
-        )
-
+        _refuse_missing(ds.name, filename, remote, roots, looked, corrupt)
     dest = roots[0] / ds.name / filename
-    if dest.is_dir():  # (a download could not replace it)
-        raise DownloadError(
-            f"{dest} is a folder, not the file {filename}: remove it (the file is then "
-            "downloaded again), or put the original file in its place"
-        )
+    _check_dest(dest, filename)
     url = file_url(dataset, filename, base_url)
     if corrupt is not None:
         _note(f"{corrupt[0]} is corrupt ({corrupt[1]}); downloading a good copy to {dest}")
@@ -318,6 +294,41 @@ def ensure_file(
             )
         raise
     return dest
+
+
+def _check_dest(dest: Path, filename: str) -> None:
+    if dest.is_dir():  # (a download could not replace it)
+        raise DownloadError(
+            f"{dest} is a folder, not the file {filename}: remove it (the file is then "
+            "downloaded again), or put the original file in its place"
+        )
+
+
+def _refuse_missing(name: str, filename: str, remote: RemoteFile, roots: list[Path],
+                    looked: list[str], corrupt: tuple[Path, str] | None) -> None:  # fmt: skip
+    """The error for a file with no good copy where downloading is off: ``ChecksumError``
+    naming the corrupt copy found first, else ``DataNotFoundError``; both say where they
+    looked (``looked``) and the fixes."""
+    where = "\n".join(looked)
+    fix = (
+        f"Fix: pass --data-dir (data_dir=) a folder holding {name}/{filename}, set "
+        f"{ENV_VAR} to one, or allow downloading (download=True) into {roots[0]}."
+    )
+    if corrupt is not None:
+        path, _problem = corrupt
+        actual = sha256_file(path)
+        raise ChecksumError(
+            f"{path} is corrupt (expected sha256 {remote.sha256}, got {actual}); "
+            f"no good copy of {name}/{filename} found. Looked in:\n{where}\n"
+            f"{fix} Delete the corrupt file or replace it with the original.",
+            str(path),
+            remote.sha256,
+            actual,
+        )
+    raise DataNotFoundError(
+        f"{name}/{filename} not found and downloading is off. Looked in:\n{where}\n"
+        f"(roots: --data-dir, then ${ENV_VAR}, then the cache {cache_dir()})\n{fix}"
+    )
 
 
 def _note(message: str) -> None:
@@ -337,48 +348,7 @@ def _download(url: str, dest: Path, remote: RemoteFile, *, progress: bool) -> No
         ) from e
     tmp = Path(tmp_name)
     try:
-        h = hashlib.sha256()
-        received = 0
-        request = urllib.request.Request(url, headers={"User-Agent": "meprop-data"})
-        try:
-            with (
-                os.fdopen(fd, "wb") as out,
-                urllib.request.urlopen(request, timeout=_TIMEOUT_S) as resp,
-            ):
-                length = resp.headers.get("Content-Length")
-                total = int(length) if length and length.isdigit() else remote.size
-                with tqdm(
-                    total=total,
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1024,
-                    desc=dest.name,
-                    disable=not bars(progress),
-                ) as bar:
-                    while chunk := resp.read(_CHUNK):
-                        out.write(chunk)
-                        h.update(chunk)
-                        received += len(chunk)
-                        bar.update(len(chunk))
-                out.flush()
-                os.fsync(out.fileno())
-        except urllib.error.HTTPError as e:
-            raise DownloadError(
-                f"download of {url} failed: HTTP {e.code} {e.reason}. Fix: check the URL or "
-                f"set {MIRROR_ENV_VAR} to a mirror, or put the original file at {dest} by hand."
-            ) from e
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise DownloadError(
-                f"download of {url} failed: {reason}. Fix: check the network, set "
-                f"{MIRROR_ENV_VAR} to a mirror, or put the original file at {dest} by hand."
-            ) from e
-        if length and length.isdigit() and received != int(length):
-            raise DownloadError(
-                f"download of {url} was cut short: got {received} of {length} bytes. "
-                "Fix: try again."
-            )
-        actual = h.hexdigest()
+        actual, received = _fetch(url, fd, dest, remote, progress=progress)
         if actual != remote.sha256:
             raise ChecksumError(
                 f"downloaded {dest.name} from {url} does not match: expected sha256 "
@@ -396,3 +366,43 @@ def _download(url: str, dest: Path, remote: RemoteFile, *, progress: bool) -> No
     finally:
         # Whatever went wrong (including Ctrl-C), no partial file is left behind.
         tmp.unlink(missing_ok=True)
+
+
+def _fetch(url: str, fd: int, dest: Path, remote: RemoteFile, *, progress: bool) -> tuple[str, int]:
+    """Write ``url``'s body into the open file ``fd`` (closed on return), with a progress bar;
+    returns its sha256 and its size. A failed or short download is a ``DownloadError``."""
+    h = hashlib.sha256()
+    received = 0
+    request = urllib.request.Request(url, headers={"User-Agent": "meprop-data"})
+    try:
+        with (
+            os.fdopen(fd, "wb") as out,
+            urllib.request.urlopen(request, timeout=_TIMEOUT_S) as resp,
+        ):
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else remote.size
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
+                      disable=not bars(progress)) as bar:  # fmt: skip
+                while chunk := resp.read(_CHUNK):
+                    out.write(chunk)
+                    h.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+            out.flush()
+            os.fsync(out.fileno())
+    except urllib.error.HTTPError as e:
+        raise DownloadError(
+            f"download of {url} failed: HTTP {e.code} {e.reason}. Fix: check the URL or "
+            f"set {MIRROR_ENV_VAR} to a mirror, or put the original file at {dest} by hand."
+        ) from e
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise DownloadError(
+            f"download of {url} failed: {reason}. Fix: check the network, set "
+            f"{MIRROR_ENV_VAR} to a mirror, or put the original file at {dest} by hand."
+        ) from e
+    if length and length.isdigit() and received != int(length):
+        raise DownloadError(
+            f"download of {url} was cut short: got {received} of {length} bytes. Fix: try again."
+        )
+    return h.hexdigest(), received

@@ -61,3 +61,19 @@ def test_readme_names_the_two_setup_commands():
 def test_readme_stays_short():
     # details belong in docs/*.md, linked from the README
     assert len(README.read_text().splitlines()) <= 250
+
+
+def test_readme_api_names_every_export_field_and_mode():
+    # the API section: every name meprop exports, every MePropConfig field and selection mode
+    import dataclasses
+
+    import meprop
+    from meprop.config import MODES
+
+    text = README.read_text()
+    api = text[text.index("## API") : text.index("## Documentation")]
+    missing = [n for n in meprop.__all__ if not re.search(rf"[`. ]{re.escape(n)}[`(]", api)]
+    missing += [f"MePropConfig.{f.name}" for f in dataclasses.fields(meprop.MePropConfig)
+                if f"{f.name}=" not in api]  # fmt: skip
+    missing += [f"mode {m!r}" for m in MODES if f"`{m}`" not in api]
+    assert not missing, f"README's API section leaves out {missing}"

@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .prune import sync_shapes_
 
@@ -140,19 +142,25 @@ def save(
     *,
     simplifier=None,
     **extra: Any,
-) -> Path:
+) -> Path | None:
     """Write a checkpoint atomically: to a temporary file beside ``path``, then rename.
+
+    The one save, in one process or in a DDP job: a ``DistributedDataParallel`` model is saved
+    as the module it wraps; under an initialized ``torch.distributed`` process group, call it
+    on every rank: a ``DistributedSimplifier``'s usage record is first consolidated (a
+    collective), then rank 0 alone writes (the ranks' models and optimizers are identical).
+    The file loads with ``load`` in any number of processes.
 
     Args:
         path: destination file.
-        model: the model; its state_dict is saved with the current shapes.
+        model: the model (or its DDP wrapper); its state_dict is saved with the current shapes.
         optimizer: optional; its state_dict is saved.
         simplifier: optional ``Simplifier``; its counts and schedule position are saved.
         **extra: plain values (epoch, step, metrics, constructor arguments, ...) returned by
             ``load``.
 
     Returns:
-        The path written.
+        The path written (None on ranks other than 0).
 
     Example:
         >>> import meprop, tempfile, os
@@ -161,6 +169,12 @@ def save(
         >>> meprop.load(p, nn.Linear(3, 2))["epoch"]
         1
     """
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    if hasattr(simplifier, "consolidate"):  # meprop.distributed.DistributedSimplifier
+        simplifier.consolidate()
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return None
     path = Path(path)
     state = model.state_dict()
     payload = {

@@ -41,7 +41,6 @@ One loop, on every rank (``meprop.experiments.launch`` starts the processes)::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -396,24 +395,6 @@ def shard(
     return parts[r], weights[r] * w / total
 
 
-def save(
-    path: str | Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    *,
-    simplifier: Simplifier | None = None,
-    **extra: Any,
-) -> Path | None:
-    """``meprop.save`` for a DDP job: call on every rank; rank 0 writes, atomically.
-
-    The ranks' models and optimizers are identical, so rank 0's are the job's; a
-    ``DistributedSimplifier``'s usage record is consolidated on rank 0 first. The file loads
-    with ``meprop.load`` in any number of processes. Returns the path on rank 0, else None.
-    """
-    if isinstance(model, DistributedDataParallel):
-        model = model.module
-    if isinstance(simplifier, DistributedSimplifier):
-        simplifier.consolidate()
-    if rank() != 0:
-        return None
-    return checkpoint.save(path, model, optimizer, simplifier=simplifier, **extra)
+# ``meprop.save`` does what a DDP job needs (every rank calls it; rank 0 writes): the same
+# function under this name too.
+save = checkpoint.save

@@ -28,386 +28,30 @@ fast path is tested against it.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from collections.abc import Sequence
-from typing import NamedTuple
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .adaptive import KRecord, batch_k, row_ks
+from .adaptive import KRecord
 from .config import MePropConfig
-from .grads import check_not_in_plain_ddp, weight_grad
+from .grads import check_not_in_plain_ddp
+from .lstm_autograd import DebugSink, Key, LSTMDirectionFn, steps_from_batch_sizes
 from .nn import swap_class
 from .ops import (
-    Selection,
     autocast_cast,
     autocast_dtype,
-    column_scores,
-    compact_products,
-    kernel_module,
-    select_columns,
-    select_rows,
 )
 
 __all__ = ["SparseLSTM"]
-
-Key = tuple[int, int]  # (layer, direction): direction 0 runs forward in time, 1 backward
 
 
 def param_names(layer: int, direction: int) -> tuple[str, str, str, str]:
     """nn.LSTM's parameter names of one (layer, direction)."""
     s = f"l{layer}{'_reverse' if direction else ''}"
     return f"weight_ih_{s}", f"weight_hh_{s}", f"bias_ih_{s}", f"bias_hh_{s}"
-
-
-# --------------------------------------------------------------------------------------------
-# Layout. All tensors inside are "packed": time-major rows, step t holding the rows
-# [offset_t, offset_t + n_t) with n_t non-increasing in t (PackedSequence's layout: the batch
-# sorted by length, so the sequences still running at t are the first n_t). A padded input
-# without lengths is the special case n_t = B. Each sequence's state thus stops at its own
-# last step, and the reverse direction starts at it, with no masking and no work on padding.
-
-Steps = tuple[tuple[int, int], ...]  # (offset, n) per time step, in time order
-
-
-def _steps_from_batch_sizes(batch_sizes: Sequence[int]) -> Steps:
-    out, off = [], 0
-    for n in batch_sizes:
-        out.append((off, int(n)))
-        off += int(n)
-    return tuple(out)
-
-
-@functools.lru_cache(maxsize=64)
-def _previous_rows(steps: Steps, reverse: bool) -> Tensor:
-    """For each packed row, the row of [y; h0] ((N + B) rows) holding its previous state.
-
-    Row r of step t continues row r of the step processed just before (t - 1 forward, t + 1
-    in reverse) where that step had a row r, else (a sequence that starts at t: every row of
-    the first step processed, or a shorter sequence's last step in reverse) row r of h0, i.e.
-    row N + r. (N,) int64 on the CPU, built with a few vectorised ops; cached per layout.
-    """
-    offs = torch.tensor([o for o, _ in steps])  # (T,)
-    ns = torch.tensor([n for _, n in steps])  # (T,)
-    n_rows = int(ns.sum())
-    prev_off, prev_n = offs.roll(-1 if reverse else 1), ns.roll(-1 if reverse else 1)
-    prev_n[-1 if reverse else 0] = 0  # the first step processed has no predecessor
-    carried = torch.minimum(ns, prev_n)  # rows continuing from the previous step
-    step = torch.repeat_interleave(torch.arange(len(steps)), ns)  # (N,) each row's step
-    r = torch.arange(n_rows) - offs[step]  # (N,) row within its step
-    return torch.where(r < carried[step], prev_off[step] + r, n_rows + r)
-
-
-# --------------------------------------------------------------------------------------------
-# One layer, one direction, the whole sequence
-
-
-class DebugSink(NamedTuple):
-    """Where backward records one (layer, direction)'s selections (``debug_selections``)."""
-
-    store: dict
-    key: Key
-    sorted_indices: Tensor | None  # the PackedSequence's batch order, or None
-
-
-class _LSTMDirectionFn(torch.autograd.Function):
-    """One (layer, direction) over all time steps; backward through the top-k of each dG_t.
-
-    ``config`` gives k, the mode and the gradient options; backward adds its selections to
-    ``usage`` (counts (H,), selections (1,)) and ``debug`` where they are not None, and sets
-    ``record.last_k`` (the mean k over the steps' rows; adaptive k's memory lives there too).
-    """
-
-    @staticmethod
-    def forward(
-        ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, steps, reverse, config, usage, debug, record, save
-    ):
-        # x (N, in) packed rows; h0, c0 (B, H); w_ih (4H, in); w_hh (4H, H); b_* (4H,) or None.
-        hid = w_hh.shape[1]
-        n_rows, batch = x.shape[0], h0.shape[0]
-        # The input-to-gates projection of all steps at once: one GEMM (N, in) x (in, 4H).
-        if b_ih is not None:
-            xw = torch.addmm(b_ih + b_hh, x, w_ih.t())
-        else:
-            xw = x @ w_ih.t()
-        # W_hh^T (H, 4H) for the step GEMMs; a contiguous copy (once per call) makes MKL's
-        # small-batch GEMMs ~10% faster, which pays for the copy from a batch of about 8.
-        whh_t = w_hh.t().contiguous() if batch >= 8 else w_hh.t()
-        # Each step turns its rows of xw into gate pre-activations, then into activations, in
-        # place: xw becomes the gate activations i, f, g, o of every step (N, 4H).
-        acts = xw
-        cells = xw.new_empty(n_rows, hid)  # c_t (N, H)
-        tanh_c = xw.new_empty(n_rows, hid)  # tanh(c_t) (N, H)
-        y = xw.new_empty(n_rows, hid)  # h_t, the output (N, H)
-        h, c = h0, c0  # (B, H): rows past a sequence's end (or not yet started) are carried
-        for off, n in reversed(steps) if reverse else steps:
-            sl = slice(off, off + n)
-            hp = h if n == batch else h[:n]
-            cp = c if n == batch else c[:n]
-            a = acts[sl].addmm_(hp, whh_t)  # (n, 4H) pre-activations
-            i, f, g, o = a.split(hid, 1)
-            a[:, : 2 * hid].sigmoid_()
-            g.tanh_()
-            o.sigmoid_()
-            c_new = torch.mul(f, cp, out=cells[sl])
-            c_new.addcmul_(i, g)
-            tc = torch.tanh(c_new, out=tanh_c[sl])
-            h_new = torch.mul(o, tc, out=y[sl])
-            h = h_new if n == batch else torch.cat([h_new, h[n:]])
-            c = c_new if n == batch else torch.cat([c_new, c[n:]])
-        if save:
-            # h_{t-1} and c_{t-1} are rebuilt in backward from y, cells and h0, c0.
-            ctx.save_for_backward(x, h0, c0, w_ih, w_hh, acts, cells, tanh_c, y)
-            ctx.steps, ctx.reverse, ctx.has_bias = steps, reverse, b_ih is not None
-            ctx.config, ctx.usage, ctx.debug, ctx.record = config, usage, debug, record
-        # h and c may be views of y and cells: outputs must not alias each other or saved
-        # tensors.
-        return y, h.clone(), c.clone()
-
-    @staticmethod
-    def backward(ctx, dy, dhn, dcn):
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            raise RuntimeError(
-                f"SparseLSTM(k={ctx.config.k}, mode={ctx.config.mode}) has no second-order "
-                "backward: torch.autograd.grad(..., create_graph=True) (or backward with "
-                "create_graph=True) would get first-order gradients detached from the graph; "
-                "leave the LSTM dense (sparsify_(..., filter_fn=...)) for gradient penalties"
-            )
-        x, h0, c0, w_ih, w_hh, acts, cells, tanh_c, y = ctx.saved_tensors
-        steps, reverse, cfg = ctx.steps, ctx.reverse, ctx.config
-        # h_{t-1}, c_{t-1} of every row (N, H): one gather each from [y; h0] and [cells; c0].
-        rows_of = _previous_rows.__wrapped__ if torch.compiler.is_compiling() else _previous_rows
-        prev = rows_of(steps, reverse).to(acts.device)
-        h_prev = torch.cat([y, h0]).index_select(0, prev)
-        c_prev = torch.cat([cells, c0]).index_select(0, prev)
-        k, mode = cfg.k, cfg.mode
-        need_x, need_h0, need_c0, need_wih, need_whh = ctx.needs_input_grad[:5]
-        need_b = ctx.has_bias and any(ctx.needs_input_grad[5:7])
-        hid = w_hh.shape[1]
-        n4 = 4 * hid
-        n_rows, batch = acts.shape[0], dhn.shape[0]
-
-        # Derivative multipliers of all steps at once (a few passes over (N, 4H) instead of
-        # many small ops per step), so that a step's gate gradient is one multiplication:
-        # dG = [dc, dc, dc, dh] * mult (n, 4H), with dh the hidden-state gradient at that step
-        # and dc the cell gradient after adding dh * o * (1 - tanh(c)^2).
-        i, f, g, o = acts.split(hid, 1)
-        mult = torch.addcmul(acts, acts, acts, value=-1)  # a (1 - a): sigmoid' (i, f, o)
-        m_i, m_f, m_g, m_o = mult.split(hid, 1)
-        m_i.mul_(g)  # dG_i = dc * g * i (1 - i)
-        m_f.mul_(c_prev)  # dG_f = dc * c_{t-1} * f (1 - f)
-        if torch.compiler.is_compiling():  # (Dynamo takes no out= of a column slice)
-            m_g.copy_(i).addcmul_(i, g * g, value=-1)
-        else:
-            torch.addcmul(i, i, g * g, value=-1, out=m_g)  # dG_g = dc * i * (1 - g^2)
-        m_o.mul_(tanh_c)  # dG_o = dh * tanh(c_t) * o (1 - o)
-        dc_from_h = torch.addcmul(o, o, tanh_c * tanh_c, value=-1)  # o (1 - tanh(c)^2) (N, H)
-
-        dense = k >= n4
-        kern = None if dense else kernel_module(cfg.backend, acts)  # compiled kernels or None
-        adapt = None if dense else cfg.adapt
-        if adapt is not None and torch.compiler.is_compiling():
-            _adaptive_untraced()
-        record = ctx.record if ctx.record is not None or adapt is None else KRecord()
-        kept = [0.0]  # adaptive: the k's kept, summed over the steps' rows
-        dgates = torch.empty_like(acts)  # the full dG of every step (N, 4H)
-        idx_t: list = [None] * len(steps)  # per step: selected columns (n, k) and values
-        val_t: list = [None] * len(steps)
-        dh, dc = dhn, dcn  # (B, H)
-        order = range(len(steps)) if reverse else range(len(steps) - 1, -1, -1)
-        for t in order:
-            off, n = steps[t]
-            sl = slice(off, off + n)
-            dh_a = dy[sl] + (dh if n == batch else dh[:n])  # (n, H)
-            dc_a = torch.addcmul(dc if n == batch else dc[:n], dh_a, dc_from_h[sl])
-            dg = torch.mul(torch.cat([dc_a, dc_a, dc_a, dh_a], 1), mult[sl], out=dgates[sl])
-            dc_p = dc_a * f[sl]
-            if dense:
-                dh_p = dg @ w_hh
-            else:
-                idx_t[t], val_t[t], dh_p = _select_step(
-                    dg, k, mode, kern, w_hh, adapt, record, kept
-                )
-            dh = dh_p if n == batch else torch.cat([dh_p, dh[n:]])
-            dc = dc_p if n == batch else torch.cat([dc_p, dc[n:]])
-
-        if ctx.record is not None:  # adaptive k (a fixed k's last_k is set in forward)
-            record.last_k = kept[0] / n_rows if adapt is not None and n_rows else float(min(k, n4))
-        dx = dw_ih = dw_hh = db = None
-        if dense:
-            sel = Selection("dense")
-            dx = dgates @ w_ih if need_x else None
-            if need_wih:
-                dw_ih = dgates.t() @ x
-            if need_whh:
-                dw_hh = dgates.t() @ h_prev
-            if cfg.sparse_grad:
-                rows = torch.arange(n4, device=acts.device)
-                dw_ih = None if dw_ih is None else weight_grad(rows, dw_ih, n4, True)
-                dw_hh = None if dw_hh is None else weight_grad(rows, dw_hh, n4, True)
-        else:
-            # dG~ of all steps in index/value form (N, k) (a unified step's columns repeated
-            # on each of its rows): the same row-sparse products as the Linear path, each over
-            # all N rows at once.
-            sel = Selection("rows", torch.cat(idx_t), torch.cat(val_t))
-            dx, dw_ih, dw_hh = _final_products(
-                sel, w_ih, x, h_prev, kern, need_x, need_wih, need_whh, cfg.sparse_grad
-            )
-        if need_b:
-            if cfg.sparse_bias and sel.kind == "rows":
-                db = dgates.new_zeros(n4).index_add_(0, sel.index.flatten(), sel.values.flatten())
-            else:
-                db = dgates.sum(0)
-        if ctx.usage is not None:
-            _record_cells(ctx.usage, sel, hid, n_rows)
-        if ctx.debug is not None and sel.kind == "rows":
-            dbg = ctx.debug
-            dbg.store[dbg.key] = _padded_selection(sel.index, steps, batch, dbg.sorted_indices)
-        return (
-            dx,
-            dh if need_h0 else None,
-            dc if need_c0 else None,
-            dw_ih,
-            dw_hh,
-            db if need_b and ctx.needs_input_grad[5] else None,
-            db if need_b and ctx.needs_input_grad[6] else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
-
-
-@functools.partial(
-    torch.compiler.disable,
-    reason=(
-        "SparseLSTM's adaptive k (MePropConfig(adapt=...)) reads each step's k on the host, "
-        "which torch.compile cannot trace: use a fixed k (adapt=None) with fullgraph=True, or "
-        "compile without fullgraph (the LSTM's backward then runs eagerly)"
-    ),
-)
-def _adaptive_untraced() -> None:
-    """Marks adaptive k's backward through time as not traceable (a graph break)."""
-
-
-def _select_step(dg: Tensor, k: int, mode: str, kern, w_hh: Tensor, adapt=None, record=None,
-                 kept=None):  # fmt: skip
-    """Sparsify one step's gate gradient dg (n, 4H) and push it through W_hh.
-
-    Returns the selection as idx, vals (n, k) and dh_{t-1} = dG~ W_hh (n, H), computed from the
-    k selected rows of W_hh only. With ``adapt`` (an AdaptiveK): each row's (per_example) or
-    the step's (unified) k from ``meprop.adaptive`` with ``record``, at most k; the selection is
-    padded to width k (value 0) and ``kept[0]`` adds the k's.
-    """
-    if adapt is not None:
-        n = dg.shape[0]
-        if mode == "unified":
-            kb, cols = batch_k(column_scores(dg), k, adapt, record)  # (kb,)
-            vals = dg.index_select(1, cols)  # (n, kb)
-            dh_p = vals @ w_hh.index_select(0, cols)
-            idx = cols.expand(n, kb)
-            kept[0] += kb * n
-        else:
-            idx, vals, ks, big = row_ks(dg, k, adapt, record, kern)  # (n, K), zero past ks
-            # past a row's k: its first (kept) column, so the recorded selection is what was kept
-            past = torch.arange(big, device=dg.device) >= ks.unsqueeze(1)
-            idx = torch.where(past, idx[:, :1], idx)
-            dh_p = kern.rows_matmul(idx, vals, w_hh) if kern is not None else None
-            if dh_p is None:
-                dh_p = torch.bmm(vals.unsqueeze(1), w_hh[idx]).squeeze(1)
-            kept[0] += record.last_k * n  # (row_ks: the mean over the rows)
-        pad = k - idx.shape[1]  # one width for every step (torch.cat), the padding worth 0
-        if pad:
-            idx = torch.cat([idx, idx[:, :1].expand(n, pad)], 1)
-            vals = torch.cat([vals, vals.new_zeros(n, pad)], 1)
-        return idx, vals, dh_p
-    if mode == "unified":
-        cols = select_columns(dg, k)  # (k,): one set for the whole step
-        vals = dg.index_select(1, cols)  # (n, k)
-        dh_p = vals @ w_hh.index_select(0, cols)  # compacted dense GEMM (n, k) x (k, H)
-        return cols.expand(dg.shape[0], k), vals, dh_p
-    if kern is not None:
-        idx, vals = select_rows(dg, k, mode, kernels=kern if mode == "per_example" else None)
-        return idx, vals, kern.rows_matmul(idx, vals, w_hh)
-    idx, vals = select_rows(dg, k, mode)
-    # sum_j vals[r, j] W_hh[idx[r, j]]: a gather of n*k rows, then a batched dot (n, 1, k).
-    dh_p = torch.bmm(vals.unsqueeze(1), w_hh[idx]).squeeze(1)
-    return idx, vals, dh_p
-
-
-def _final_products(sel: Selection, w_ih, x, h_prev, kern, need_x, need_wih, need_whh, sparse_grad):
-    """dX = dG~ W_ih (N, in), dW_ih = dG~^T X (4H, in), dW_hh = dG~^T H_prev (4H, H).
-
-    The kernels work from the index/value form of dG~ (``sel``, kind "rows"); otherwise dG~
-    is compacted to the union of its columns, as in ``meprop.ops``.
-    """
-    idx, vals = sel.index, sel.values
-    n4 = w_ih.shape[0]
-    dx = dw_ih = dw_hh = None
-    if kern is not None:
-        if need_x:
-            dx = kern.rows_matmul(idx, vals, w_ih)
-        for need, src, slot in ((need_wih, x, 0), (need_whh, h_prev, 1)):
-            if not need:
-                continue
-            if not sparse_grad:
-                dw = kern.rows_outer_dense(idx, vals, src, n4)
-            else:
-                rows, dw_rows = kern.rows_outer(idx, vals, src, n4)
-                dw = weight_grad(rows, dw_rows, n4, sparse_grad)
-            if slot == 0:
-                dw_ih = dw
-            else:
-                dw_hh = dw
-        return dx, dw_ih, dw_hh
-    rows = idx.flatten().unique()  # sorted union of the selected gate rows (R,)
-    gm = vals.new_zeros(idx.shape[0], n4).scatter_add_(1, idx, vals)  # dG~ (N, 4H) (adaptive
-    # k pads rows with a kept column, value 0: added, not written over the kept value)
-    gc = gm.index_select(1, rows)  # (N, R)
-    dx, dw_rows = compact_products(gc, rows, w_ih, x, need_x, need_wih)
-    if need_wih:
-        dw_ih = weight_grad(rows, dw_rows, n4, sparse_grad)
-    if need_whh:
-        dw_hh = weight_grad(rows, gc.t() @ h_prev, n4, sparse_grad)
-    return dx, dw_ih, dw_hh
-
-
-def _record_cells(usage: tuple[Tensor, Tensor], sel: Selection, hid: int, n_rows: int) -> None:
-    """Add one backward's selections to a (layer, direction)'s record: no host sync.
-
-    A cell counts once per (example, step) in which any of its four gates was selected (the
-    gate indices are merged into their cell, index mod H, and de-duplicated per row), so a
-    count never exceeds the number of selections and one prune_rate threshold means the same
-    for LSTM cells as for Linear units. ``selections`` grows by the rows (valid example-steps).
-    """
-    counts, selections = usage
-    if sel.kind == "dense":  # every cell of every row
-        counts.add_(n_rows)
-    else:
-        cells = (sel.index % hid).sort(1).values  # (N, k)
-        first = torch.ones_like(cells, dtype=torch.bool)
-        first[:, 1:] = cells[:, 1:] != cells[:, :-1]
-        counts.index_add_(0, cells.flatten(), first.flatten().to(counts.dtype))
-    if selections is not None:
-        selections.add_(n_rows)
-
-
-def _padded_selection(idx: Tensor, steps: Steps, batch: int, sorted_indices) -> Tensor:
-    """Debug view of the selections: (T, B, k) gate indices in the caller's batch order, -1
-    where a sequence has ended (a Python loop over steps: for tests, not the hot path)."""
-    out = idx.new_full((len(steps), batch, idx.shape[1]), -1)
-    for t, (off, n) in enumerate(steps):
-        rows = torch.arange(n) if sorted_indices is None else sorted_indices[:n].cpu()
-        out[t, rows] = idx[off : off + n]
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -584,11 +228,71 @@ class SparseLSTM(nn.LSTM):
                 record.last_k = float(4 * self.hidden_size)
                 return nn.LSTM.forward(self, input, hx)
         packed = isinstance(input, PackedSequence)
-        unbatched = False
+        x, steps, batch, sorted_indices, unsorted_indices, unbatched = self._rows(input)
+        # Under torch.autocast, nn.LSTM runs in the autocast dtype: cast the input, states and
+        # weights (autograd ops, so gradients return in the parameters' dtype) and run the
+        # layers with autocast off. Outside it, a dtype mismatch is nn.LSTM's error.
+        amp = autocast_dtype(x)
+        if amp is not None:
+            x = autocast_cast(x, amp)
+        elif x.dtype != self.weight_ih_l0.dtype:
+            w_dtype = self.weight_ih_l0.dtype
+            raise ValueError(
+                f"SparseLSTM: RNN input dtype ({x.dtype}) does not match weight dtype ({w_dtype}). "
+                f"Convert input: input.to({w_dtype}), or convert model: model.to({x.dtype})"
+            )
+        h0s, c0s = self._initial_states(hx, batch, x, sorted_indices, unbatched)
+        if amp is not None:
+            h0s = [autocast_cast(h, amp) for h in h0s]
+            c0s = [autocast_cast(c, amp) for c in c0s]
+        self._check_config()
+        # Keep what backward needs only when a backward can come.
+        save = torch.is_grad_enabled() and (
+            x.requires_grad
+            or any(p.requires_grad for p in self.parameters())
+            or any(t.requires_grad for t in (*h0s, *c0s))
+        )
+        layer_in, hs, cs = self._layers(x, h0s, c0s, steps, amp, sorted_indices, save)
+        h_n = self._final_states(hs, unsorted_indices, unbatched)
+        c_n = self._final_states(cs, unsorted_indices, unbatched)
         if packed:
+            out = PackedSequence(layer_in, input.batch_sizes, sorted_indices, unsorted_indices)
+            return out, (h_n, c_n)
+        out = layer_in.view(len(steps), batch, layer_in.shape[1])
+        if unbatched:
+            out = out.squeeze(1)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        return out, (h_n, c_n)
+
+    def _check_config(self) -> None:
+        """Refuse what the forward cannot serve: torch.func, plain DDP with ``sparse_grad``,
+        global scope."""
+        cfg = self.config
+        if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+            raise RuntimeError(
+                "SparseLSTM does not run under torch.func transforms (grad, vmap, jacrev, ...): "
+                "its recurrence writes its states in place; leave the LSTM dense there "
+                "(sparsify_(..., filter_fn=...)) or use loss.backward()"
+            )
+        if cfg.sparse_grad:
+            check_not_in_plain_ddp(f"SparseLSTM(k={cfg.k})")
+        if cfg.scope == "global" and cfg.mode == "unified":
+            # One all-reduce per time step would need the same number of steps on every rank.
+            raise ValueError(
+                "SparseLSTM does not support MePropConfig(scope='global'): the ranks' batches "
+                "have different numbers of time steps; use scope='local' (each rank picks "
+                "its own columns) or mode='per_example'"
+            )
+
+    def _rows(self, input):
+        """The input as time-major rows ``x`` (N, input_size) with its ``steps`` ((row
+        offset, batch size) per time step), the batch size, the packed sequence's sorted and
+        unsorted indices (None unpacked), and whether it was unbatched."""
+        if isinstance(input, PackedSequence):
             x, batch_sizes, sorted_indices, unsorted_indices = input
-            steps = _steps_from_batch_sizes(batch_sizes.tolist())
-            batch = steps[0][1]
+            steps = steps_from_batch_sizes(batch_sizes.tolist())
+            batch, unbatched = steps[0][1], False
         else:
             if input.dim() not in (2, 3):
                 raise ValueError(
@@ -611,51 +315,13 @@ class SparseLSTM(nn.LSTM):
                 f"input has {x.shape[-1]} features per step but SparseLSTM was built with "
                 f"input_size={self.input_size}"
             )
-        # Under torch.autocast, nn.LSTM runs in the autocast dtype: cast the input, states and
-        # weights (autograd ops, so gradients return in the parameters' dtype) and run the
-        # layers with autocast off. Outside it, a dtype mismatch is nn.LSTM's error.
-        amp = autocast_dtype(x)
-        if amp is not None:
-            x = autocast_cast(x, amp)
-        elif x.dtype != self.weight_ih_l0.dtype:
-            w_dtype = self.weight_ih_l0.dtype
-            raise ValueError(
-                f"SparseLSTM: RNN input dtype ({x.dtype}) does not match weight dtype ({w_dtype}). "
-                f"Convert input: input.to({w_dtype}), or convert model: model.to({x.dtype})"
-            )
-        h0s, c0s = self._initial_states(hx, batch, x, sorted_indices, unbatched)
-        if amp is not None:
-            h0s = [autocast_cast(h, amp) for h in h0s]
-            c0s = [autocast_cast(c, amp) for c in c0s]
+        return x, steps, batch, sorted_indices, unsorted_indices, unbatched
 
-        cfg = self.config
-        if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
-            raise RuntimeError(
-                "SparseLSTM does not run under torch.func transforms (grad, vmap, jacrev, ...): "
-                "its recurrence writes its states in place; leave the LSTM dense there "
-                "(sparsify_(..., filter_fn=...)) or use loss.backward()"
-            )
-        if cfg.sparse_grad:
-            check_not_in_plain_ddp(f"SparseLSTM(k={cfg.k})")
-        if cfg.scope == "global" and cfg.mode == "unified":
-            # One all-reduce per time step would need the same number of steps on every rank.
-            raise ValueError(
-                "SparseLSTM does not support MePropConfig(scope='global'): the ranks' batches "
-                "have different numbers of time steps; use scope='local' (each rank picks "
-                "its own columns) or mode='per_example'"
-            )
-        dirs = self.num_directions
-        # Keep what backward needs only when a backward can come.
-        save = torch.is_grad_enabled() and (
-            x.requires_grad
-            or any(p.requires_grad for p in self.parameters())
-            or any(t.requires_grad for t in (*h0s, *c0s))
-        )
-        no_amp = (
-            contextlib.nullcontext()
-            if amp is None
-            else torch.autocast(x.device.type, enabled=False)
-        )
+    def _layers(self, x, h0s, c0s, steps, amp, sorted_indices, save):
+        """Every layer and direction in turn: the last layer's output rows, and each
+        direction's final hidden and cell states."""
+        cfg, dirs = self.config, self.num_directions
+        no_amp = nullcontext() if amp is None else torch.autocast(x.device.type, enabled=False)
         hs, cs = [], []
         layer_in = x
         for layer in range(self.num_layers):
@@ -681,7 +347,7 @@ class SparseLSTM(nn.LSTM):
                         record.last_k = float(min(cfg.k, 4 * w_hh.shape[1]))
                     record = None
                 with no_amp:
-                    y, h_n, c_n = _LSTMDirectionFn.apply(
+                    y, h_n, c_n = LSTMDirectionFn.apply(
                         layer_in, h0s[j], c0s[j], w_ih, w_hh, b_ih, b_hh,
                         steps, d == 1, cfg, usage, debug, record, save,
                     )  # fmt: skip
@@ -691,20 +357,7 @@ class SparseLSTM(nn.LSTM):
             layer_in = outs[0] if dirs == 1 else torch.cat(outs, 1)  # (N, H_f + H_b)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_in = F.dropout(layer_in, self.dropout, training=True)
-        h_n = self._final_states(hs, unsorted_indices, unbatched)
-        c_n = self._final_states(cs, unsorted_indices, unbatched)
-
-        if packed:
-            return PackedSequence(layer_in, batch_sizes, sorted_indices, unsorted_indices), (
-                h_n,
-                c_n,
-            )
-        out = layer_in.view(len(steps), batch, layer_in.shape[1])
-        if unbatched:
-            out = out.squeeze(1)
-        elif self.batch_first:
-            out = out.transpose(0, 1)
-        return out, (h_n, c_n)
+        return layer_in, hs, cs
 
 
 def _check_no_proj(proj_size: int) -> None:

@@ -27,6 +27,7 @@ not travel are zero on every rank. (The hook leaves them as they are: zero, or a
 an earlier step when gradients accumulate without ``zero_grad``, the same on every rank.)
 """
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -185,11 +186,26 @@ def compact_allreduce_hook(state: CompactState, bucket) -> torch.futures.Future[
         buf.div_(world)
         fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
         return fut.then(lambda f: f.value()[0])
-
     offsets = [0]
     for s in sizes:
         offsets.append(offsets[-1] + s)
-    # Each packed weight's rows: recorded, or the non-zero rows of its dW (n, in).
+    masks, agreed = _row_masks(state, buf, packed, offsets, sizes, exact, group)
+    pieces, places, checks = _message(state, buf, packed, masks, agreed, offsets, sizes)
+    values = sum(p.numel() for p in pieces)
+    flat = torch.cat(pieces + checks)
+    state.bytes_sent += _count(flat)
+    fut = dist.all_reduce(flat, group=group, async_op=True).get_future()
+    names = [w.name for w, ok in zip(packed, agreed, strict=True) if ok]
+    unpack = functools.partial(_unpack, buf=buf, packed=packed, places=places, values=values,
+                               checks=checks, world=world, names=names)  # fmt: skip
+    return fut.then(unpack)
+
+
+def _row_masks(state, buf, packed, offsets, sizes, exact, group):
+    """Each packed weight's rows to send (a bool mask over its rows, None for the others),
+    and whether they are agreed by construction (the same on every rank: no exchange, a
+    checksum proves it). Rows recorded by the layer, or the non-zero rows of its dW; rows
+    that are not agreed are united over the ranks (one max-reduce of all such masks)."""
     masks: list[Tensor | None] = []
     logged: list[bool] = []
     for w, off, s in zip(packed, offsets, sizes, strict=False):
@@ -198,9 +214,7 @@ def compact_allreduce_hook(state: CompactState, bucket) -> torch.futures.Future[
         if w is not None and mask is None:
             mask = buf[off : off + s].view(w.shape).ne(0).any(1)
         masks.append(mask)
-    # Rows agreed by construction need no exchange (a checksum below proves it); the others'
-    # union over the ranks: one max-reduce of every such mask at once. (Rows read from dW
-    # are not agreed: a row can be zero by chance on one rank.)
+    # (Rows read from dW are not agreed: a row can be zero by chance on one rank.)
     agreed = [
         w is not None and w.agreed and exact and ok for w, ok in zip(packed, logged, strict=True)
     ]
@@ -213,10 +227,15 @@ def compact_allreduce_hook(state: CompactState, bucket) -> torch.futures.Future[
             union, flat_mask.split([packed[i].shape[0] for i in union]), strict=True
         ):
             masks[i] = part.bool()
+    return masks, agreed
 
-    # The flat message: whole runs of the buffer, and packed rows, then checksums.
+
+def _message(state, buf, packed, masks, agreed, offsets, sizes):
+    """The flat message: whole runs of the buffer and packed rows (``pieces``), where each
+    goes back (``places``: offset, numel, rows or None, weight index), and the checksums of
+    the agreed rows."""
     pieces: list[Tensor] = []
-    places: list[tuple[int, int, Tensor | None, int]] = []  # (offset, numel, rows, weight i)
+    places: list[tuple[int, int, Tensor | None, int]] = []
     checks: list[Tensor] = []
     run_start = None
     for i, (w, off, s) in enumerate(zip(packed, offsets, sizes, strict=False)):
@@ -239,35 +258,32 @@ def compact_allreduce_hook(state: CompactState, bucket) -> torch.futures.Future[
     if run_start is not None:
         pieces.append(buf[run_start:])
         places.append((run_start, buf.numel() - run_start, None, -1))
-    values = sum(p.numel() for p in pieces)
-    flat = torch.cat(pieces + checks)
-    state.bytes_sent += _count(flat)
-    fut = dist.all_reduce(flat, group=group, async_op=True).get_future()
+    return pieces, places, checks
 
-    def unpack(f) -> Tensor:
-        out = f.value()[0]
-        if checks:
-            got = out[values:]
-            want = torch.cat(checks) * world
-            if not torch.equal(got, want):
-                bad = [packed[i].name for i in range(len(packed)) if agreed[i]]
-                raise RuntimeError(
-                    f"the ranks kept different gradient rows of {bad} although their layers "
-                    "select over all ranks (unified, scope='global'): the ranks' models or "
-                    "adaptive-k states differ; wrap the model with compact=False, or "
-                    "re-broadcast the model and optimizer state"
-                )
-        out = out[:values].div_(world)
-        pos = 0
-        for off, s, rows, i in places:
-            if rows is None:
-                buf[off : off + s].copy_(out[pos : pos + s])
-                pos += s
-            else:
-                n_in = packed[i].shape[1]
-                part = out[pos : pos + rows.numel() * n_in].view(-1, n_in)
-                buf[off : off + s].view(packed[i].shape).index_copy_(0, rows, part)
-                pos += part.numel()
-        return buf
 
-    return fut.then(unpack)
+def _unpack(f, *, buf, packed, places, values, checks, world, names) -> Tensor:
+    """The all-reduced message back into the bucket, divided by the world size; agreed rows'
+    checksums checked first (``names``: their weights)."""
+    out = f.value()[0]
+    if checks:
+        got = out[values:]
+        want = torch.cat(checks) * world
+        if not torch.equal(got, want):
+            raise RuntimeError(
+                f"the ranks kept different gradient rows of {names} although their layers "
+                "select over all ranks (unified, scope='global'): the ranks' models or "
+                "adaptive-k states differ; wrap the model with compact=False, or "
+                "re-broadcast the model and optimizer state"
+            )
+    out = out[:values].div_(world)
+    pos = 0
+    for off, s, rows, i in places:
+        if rows is None:
+            buf[off : off + s].copy_(out[pos : pos + s])
+            pos += s
+        else:
+            n_in = packed[i].shape[1]
+            part = out[pos : pos + rows.numel() * n_in].view(-1, n_in)
+            buf[off : off + s].view(packed[i].shape).index_copy_(0, rows, part)
+            pos += part.numel()
+    return buf

@@ -187,6 +187,12 @@ def save(
         "extra": extra,
     }
     payload["checksum"] = _digest(payload)
+    _write(path, payload)
+    return path
+
+
+def _write(path: Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -201,7 +207,46 @@ def save(
         if error is not None:
             raise error from None
         raise
-    return path
+
+
+def _read(path: Path, map_location) -> dict[str, Any]:
+    """The checkpoint's payload, checked: readable, meprop's format, its checksum, complete."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+        reason = (str(e).strip().splitlines() or [""])[0]
+        if not reason or "weights_only" in reason or "Weights only" in reason:
+            reason = ""  # torch's advice to unpickle arbitrary code does not apply here
+        reason = type(e).__name__ + (f": {reason[:160]}" if reason else "")
+        raise CheckpointError(
+            f"{path} cannot be read as a checkpoint (truncated, corrupt, or not written by "
+            f"meprop.save; {reason})"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a meprop checkpoint (expected format {FORMAT!r})")
+    expected = payload.pop("checksum", None)  # absent in files of older versions
+    if expected is not None and _digest(payload) != expected:
+        raise CheckpointError(
+            f"{path} is corrupt: its contents do not match the SHA-256 stored at save time; "
+            "use another copy (or an earlier checkpoint)"
+        )
+    for key in ("model", "shapes", "rng", "extra"):
+        if key not in payload:
+            raise CheckpointError(f"{path} is incomplete: no {key!r}")
+    return payload
+
+
+def _check_optimizer(path: Path, saved, optimizer: torch.optim.Optimizer) -> None:
+    if saved is None:
+        raise CheckpointError(f"{path} holds no optimizer state")
+    groups = [len(g["params"]) for g in saved["param_groups"]]
+    if groups != [len(g["params"]) for g in optimizer.param_groups]:
+        raise CheckpointError(
+            f"{path} holds the state of an optimizer over other parameters (groups of "
+            f"{groups} parameters, this one {[len(g['params']) for g in optimizer.param_groups]})"
+        )
 
 
 def resize_to_(model: nn.Module, shapes: dict[str, list[int]]) -> None:
@@ -334,43 +379,12 @@ def load(
     Returns the ``extra`` values given to ``save``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
-        reason = (str(e).strip().splitlines() or [""])[0]
-        if not reason or "weights_only" in reason or "Weights only" in reason:
-            reason = ""  # torch's advice to unpickle arbitrary code does not apply here
-        reason = type(e).__name__ + (f": {reason[:160]}" if reason else "")
-        raise CheckpointError(
-            f"{path} cannot be read as a checkpoint (truncated, corrupt, or not written by "
-            f"meprop.save; {reason})"
-        ) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a meprop checkpoint (expected format {FORMAT!r})")
-    expected = payload.pop("checksum", None)  # absent in files of older versions
-    if expected is not None and _digest(payload) != expected:
-        raise CheckpointError(
-            f"{path} is corrupt: its contents do not match the SHA-256 stored at save time; "
-            "use another copy (or an earlier checkpoint)"
-        )
-    for key in ("model", "shapes", "rng", "extra"):
-        if key not in payload:
-            raise CheckpointError(f"{path} is incomplete: no {key!r}")
+    payload = _read(path, map_location)
     if check is not None:
         check(payload["extra"])
     _check_fits(path, payload, model)
     if optimizer is not None:
-        saved = payload["optimizer"]
-        if saved is None:
-            raise CheckpointError(f"{path} holds no optimizer state")
-        groups = [len(g["params"]) for g in saved["param_groups"]]
-        if groups != [len(g["params"]) for g in optimizer.param_groups]:
-            raise CheckpointError(
-                f"{path} holds the state of an optimizer over other parameters (groups of "
-                f"{groups} parameters, this one {[len(g['params']) for g in optimizer.param_groups]})"
-            )
+        _check_optimizer(path, payload["optimizer"], optimizer)
     if simplifier is not None and payload["simplifier"] is None:
         raise CheckpointError(f"{path} holds no Simplifier state")
     resize_to_(model, payload["shapes"])

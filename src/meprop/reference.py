@@ -176,15 +176,75 @@ def reference_lstm(
     if lstm.training and lstm.dropout:
         raise ValueError("reference_lstm applies no dropout: call lstm.eval() or use dropout=0")
     packed = isinstance(input, PackedSequence)
-    unbatched = False
+    x, lengths, unbatched, h0s, c0s, widths = _reference_inputs(lstm, input, hx)
+    n_steps, dirs = x.shape[0], 2 if lstm.bidirectional else 1
+    valid = torch.arange(n_steps).unsqueeze(1) < lengths.unsqueeze(0)  # (T, B)
+    valid = valid.to(x.device)
+    hs, cs = [], []
+    layer_in = x  # (T, B, in)
+    for layer in range(lstm.num_layers):
+        outs = []
+        for d in range(dirs):
+            j = layer * dirs + d
+            sel = None if selections is None else selections[(layer, d)]
+            y, h, c = _reference_direction(lstm, layer, d, layer_in, h0s[j], c0s[j], valid,
+                                           k, mode, sparse_bias, sel)  # fmt: skip
+            outs.append(y)
+            hs.append(h)
+            cs.append(c)
+        layer_in = torch.cat(outs, 2)
+    if unbatched:
+        hs, cs = [h.squeeze(0) for h in hs], [c.squeeze(0) for c in cs]
+    stack = len(set(widths)) == 1
+    h_n = torch.stack(hs) if stack else tuple(hs)
+    c_n = torch.stack(cs) if stack else tuple(cs)
     if packed:
+        out = torch.nn.utils.rnn.pack_padded_sequence(layer_in, lengths, enforce_sorted=False)
+    elif unbatched:
+        out = layer_in.squeeze(1)
+    else:
+        out = layer_in.transpose(0, 1) if lstm.batch_first else layer_in
+    return out, (h_n, c_n)
+
+
+def _reference_direction(lstm, layer, d, layer_in, h, c, valid, k, mode, sparse_bias, sel):
+    """One (layer, direction) of ``reference_lstm``: the cell loop over the padded steps
+    ``layer_in`` (T, B, in) from states ``h``, ``c`` (B, H); returns the outputs (T, B, H), zero
+    past each sequence's end, and the final states."""
+    w_ih, w_hh, b_ih, b_hh = (getattr(lstm, n, None) for n in param_names(layer, d))
+    hid, n_steps = w_hh.shape[1], layer_in.shape[0]
+    ys = [None] * n_steps
+    for t in range(n_steps - 1, -1, -1) if d else range(n_steps):
+        m = valid[t].unsqueeze(1)
+        pre = layer_in[t] @ w_ih.t() + h @ w_hh.t()
+        if lstm.bias and sparse_bias:
+            pre = pre + b_ih + b_hh
+        if k is not None and (k < 4 * hid or sel is not None):
+            pre = mask_topk_grad(pre, k, mode, valid[t], None if sel is None else sel[t])
+        if lstm.bias and not sparse_bias:  # the bias sees the unmasked gradient
+            pre = pre + b_ih + b_hh
+        i, f, g, o = pre.split(hid, 1)
+        i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+        c_new = f * c + i * g
+        h_new = o * c_new.tanh()
+        h = torch.where(m, h_new, h)  # a sequence's state stops at its length
+        c = torch.where(m, c_new, c)
+        ys[t] = h_new * m  # zero past the end, as pad_packed_sequence gives
+    return torch.stack(ys), h, c
+
+
+def _reference_inputs(lstm, input, hx):
+    """``reference_lstm``'s input as padded steps x (T, B, in), the sequences' lengths (B,),
+    whether it was unbatched, the initial states per (layer, direction) and their widths."""
+    unbatched = False
+    if isinstance(input, PackedSequence):
         x, lengths = pad_packed_sequence(input)  # (T, B, in), original batch order
     else:
         unbatched = input.dim() == 2
         x = input.unsqueeze(1) if unbatched else input
         x = x.transpose(0, 1) if lstm.batch_first and not unbatched else x
         lengths = torch.full((x.shape[1],), x.shape[0])
-    n_steps, batch = x.shape[:2]
+    batch = x.shape[1]
     dirs = 2 if lstm.bidirectional else 1
     widths = [
         getattr(lstm, param_names(layer, d)[1]).shape[1]
@@ -202,48 +262,4 @@ def reference_lstm(
             ]
             for s in hx
         )
-    valid = torch.arange(n_steps).unsqueeze(1) < lengths.unsqueeze(0)  # (T, B)
-    valid = valid.to(x.device)
-    hs, cs = [], []
-    layer_in = x  # (T, B, in)
-    for layer in range(lstm.num_layers):
-        outs = []
-        for d in range(dirs):
-            j = layer * dirs + d
-            w_ih, w_hh, b_ih, b_hh = (getattr(lstm, n, None) for n in param_names(layer, d))
-            hid = w_hh.shape[1]
-            h, c = h0s[j], c0s[j]
-            ys = [None] * n_steps
-            sel = None if selections is None else selections[(layer, d)]
-            for t in range(n_steps - 1, -1, -1) if d else range(n_steps):
-                m = valid[t].unsqueeze(1)
-                pre = layer_in[t] @ w_ih.t() + h @ w_hh.t()
-                if lstm.bias and sparse_bias:
-                    pre = pre + b_ih + b_hh
-                if k is not None and (k < 4 * hid or sel is not None):
-                    pre = mask_topk_grad(pre, k, mode, valid[t], None if sel is None else sel[t])
-                if lstm.bias and not sparse_bias:  # the bias sees the unmasked gradient
-                    pre = pre + b_ih + b_hh
-                i, f, g, o = pre.split(hid, 1)
-                i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
-                c_new = f * c + i * g
-                h_new = o * c_new.tanh()
-                h = torch.where(m, h_new, h)  # a sequence's state stops at its length
-                c = torch.where(m, c_new, c)
-                ys[t] = h_new * m  # zero past the end, as pad_packed_sequence gives
-            outs.append(torch.stack(ys))
-            hs.append(h)
-            cs.append(c)
-        layer_in = torch.cat(outs, 2)
-    if unbatched:
-        hs, cs = [h.squeeze(0) for h in hs], [c.squeeze(0) for c in cs]
-    stack = len(set(widths)) == 1
-    h_n = torch.stack(hs) if stack else tuple(hs)
-    c_n = torch.stack(cs) if stack else tuple(cs)
-    if packed:
-        out = torch.nn.utils.rnn.pack_padded_sequence(layer_in, lengths, enforce_sorted=False)
-    elif unbatched:
-        out = layer_in.squeeze(1)
-    else:
-        out = layer_in.transpose(0, 1) if lstm.batch_first else layer_in
-    return out, (h_n, c_n)
+    return x, lengths, unbatched, h0s, c0s, widths

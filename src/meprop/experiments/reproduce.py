@@ -421,7 +421,7 @@ PER_RUN = {
     "lm": ("about 3-5 min", "about 15 s"),
 }
 PER_RUN["meact"] = ("about 2 min", "about 3 min")
-PER_RUN["tta"] = ("about 1-6 min (width 500-2000)", "about 10 s")
+PER_RUN["tta"] = ("about 1-6 min (MNIST width 500-2000), 5-15 min (parse, lm)", "about 10 s")
 
 
 def register(subparsers) -> None:

@@ -263,6 +263,11 @@ def test_tuned_auto_backend_matches_reference(tmp_path, monkeypatch):
     assert tuner.measured == 2
     for entry in tuner.choices().values():
         assert set(entry["us"]) == {"torch", "dense"}
+    # a large convolution keeping an eighth of its channels runs compacted, untimed
+    conv = SparseConv2d(64, 64, 3, padding=1, config=MePropConfig(k=8, mode="unified"))
+    x = torch.randn(4, 64, 32, 32, requires_grad=True)
+    conv(x).sum().backward()
+    assert tuner.measured == 2 and list(tuner.memo.values())[-1] == "torch"
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,3 +380,29 @@ def test_torch_compile_refuses_adaptive_k_by_name():
     compiled = torch.compile(conv, backend="aot_eager", fullgraph=True)
     with pytest.raises(Exception, match=r"adaptive k \(MePropConfig\(adapt=...\)\)"):
         compiled(torch.randn(2, 3, 6, 6))
+
+
+@pytest.fixture
+def group_of_one():
+    """A gloo process group of one rank in this process (DDP works on it)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_ddp(group_of_one):
+    from meprop import distributed as mdist
+
+    x = torch.randn(4, 1, 14, 14)
+    model = sparsify_(Net(), MePropConfig(k=2, sparse_grad=True), lambda m, name: name != "head")
+    with pytest.raises(RuntimeError, match="sparse_grad=True and runs inside DistributedDataPar"):
+        mdist.wrap(model)(x)
+    sparsify_(model, MePropConfig(k=2, mode="unified"), lambda m, name: name != "head")
+    ref = copy.deepcopy(model)
+    mdist.wrap(model)(x).square().sum().backward()  # the compacted all-reduce: convs whole
+    ref(x).square().sum().backward()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert int((model.features[3].weight.grad.flatten(1) != 0).any(1).sum()) == 2

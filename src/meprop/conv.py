@@ -26,7 +26,8 @@ Every mode's result is exactly the dense backward of the masked g (what
 ``meprop.reference.reference_conv2d_backward`` computes); only where the work is done differs.
 ``backend`` picks how: ``"torch"`` the compacted convolutions above, ``"dense"`` the masked g
 through the full convolution backward, ``"auto"`` the faster of the two for the call's shape,
-timed on first use and cached (``meprop.kernels.dispatch``; ``MEPROP_AUTOTUNE=0``: compacted).
+timed on first use and cached (``meprop.kernels.dispatch``; ``MEPROP_AUTOTUNE=0``: compacted;
+large layers keeping at most a quarter of their channels: compacted untimed).
 
 Groups: with ``groups > 1`` (depthwise included) the selected channels are compacted too, each
 one its own group over the input channels of its original group (gathered from x), so the
@@ -34,8 +35,10 @@ gradients stay exact for the masked g.
 
 Not done here: meSimp's filter removal (``meprop.simplify`` shrinks ``SparseLinear`` and
 ``SparseLSTM`` only; a ``SparseConv2d``'s ``usage`` record counts its channels but nothing
-prunes them), memorized back-propagation (``memory``), ``scope="global"`` and the compiled
-kernels (``native``, ``numba``, ``triton``): such configs are refused by name.
+prunes them); memorized back-propagation (``memory``), ``scope="global"``, the compiled
+kernels (``native``, ``numba``, ``triton``) and adaptive k under torch.compile, which are
+refused by name, as is ``sparse_grad=True`` under DistributedDataParallel; the compacted
+all-reduce of ``meprop.distributed`` sends convolution weights whole.
 """
 
 from __future__ import annotations
@@ -45,10 +48,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .adaptive import KRecord, batch_k, row_ks, score_dtype
 from .config import MePropConfig
-from .grads import check_not_in_plain_ddp, weight_grad
+from .grads import weight_grad
 from .kernels import dispatch
 from .nn import config_repr
 from .ops import autocast_cast, autocast_dtype
@@ -169,7 +173,10 @@ def _impl_dense(g, x, weight, sel, geo, need_dx, need_dw):
     if sel.kind == "dense":
         return _backward(g, x, weight, geo, geo.groups, need_dx, need_dw)
     mask = _channel_mask(sel, g.shape[0], g.shape[1], g.device)
-    gm = g.masked_fill(~mask[:, :, None, None], 0)  # (not g * mask: NaN * 0 is NaN)
+    # A product, 10x faster than masked_fill here. It differs only where a dropped channel
+    # holds a NaN or inf: NaN and inf score highest, so that happens only where k non-finite
+    # channels were kept, whose products are not finite either.
+    gm = g * mask[:, :, None, None].to(g.dtype)
     return _backward(gm, x, weight, geo, geo.groups, need_dx, need_dw)
 
 
@@ -227,11 +234,17 @@ def _impl_compact(g, x, weight, sel, geo, need_dx, need_dw):
 
 IMPLEMENTATIONS = {"torch": _impl_compact, "dense": _impl_dense}
 
+# auto runs the compacted backward untimed where it keeps at most a quarter of the channels of
+# a convolution of at least this many multiply-adds per product (LeNet's layers: 1e7, ResNet's
+# 3x3 at batch 32: 1e9); smaller ones are timed.
+COMPACT_MACS = 10**8
+
 
 def _pick(cfg: MePropConfig, sel: ChannelSelection, args: tuple) -> str:
     """``torch`` (compacted) or ``dense`` (masked) for this call: the config's backend, or for
-    ``auto`` the faster of the two on this call's tensors, timed once per shape class and
-    cached per machine (as ``meprop.ops`` chooses for linear layers)."""
+    ``auto`` the compacted one on large layers with few channels kept (``COMPACT_MACS``), else
+    the faster of the two on this call's tensors, timed once per shape class and cached per
+    machine (as ``meprop.ops`` chooses for linear layers)."""
     if cfg.backend != "auto":
         return cfg.backend
     if sel.kind == "dense" or torch.compiler.is_compiling() or _untimeable(args[0]):
@@ -247,14 +260,19 @@ def _pick(cfg: MePropConfig, sel: ChannelSelection, args: tuple) -> str:
     if name is not None:
         return name
     pin = dispatch.pinned()
+    batch, c_out, ho, wo = g.shape
+    kh, kw = weight.shape[2:]
+    macs = batch * ho * wo * c_out * weight.shape[1] * kh * kw  # of each dense product
     if pin in IMPLEMENTATIONS:
         name = pin
     elif pin is not None or not dispatch.tuning_enabled() or not g.is_cpu:
         name = "torch"
+    elif 4 * kk <= c_out and macs >= COMPACT_MACS:
+        # Compaction does k / C_out of a large convolution's work: 3-6x less time in every
+        # measurement (docs/conv.md); a timing on a busy machine can only get this wrong.
+        name = "torch"
     else:
         o = dispatch._octave
-        batch, c_out, ho, wo = g.shape
-        kh, kw = weight.shape[2:]
         needs = f"{'x' if need_dx else ''}{'w' if need_dw else ''}"
         cls = (
             f"conv2d/{sel.kind}/{str(g.dtype).removeprefix('torch.')}/"
@@ -341,6 +359,17 @@ def _record(counts: Tensor, selections: Tensor | None, sel: ChannelSelection, s:
             counts.index_add_(0, sel.index.reshape(-1), nz.reshape(-1).to(counts.dtype))
         if selections is not None:
             selections.add_(s.shape[0])
+
+
+def _check_not_in_ddp(c_out: int, k: int) -> None:
+    """sparse_grad=True under any DistributedDataParallel (meprop.distributed's included,
+    whose sparse buckets take linear layers' 2-d gradients only) is refused by name."""
+    if DistributedDataParallel._get_active_ddp_module() is not None:
+        raise RuntimeError(
+            f"SparseConv2d({c_out} channels, k={k}) has sparse_grad=True and runs inside "
+            "DistributedDataParallel, which cannot reduce its channel-sparse 4-d weight "
+            "gradient: use MePropConfig(sparse_grad=False) for convolutions under DDP"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,8 +465,8 @@ class SparseConv2d(nn.Conv2d):
                 "the host and does not trace under torch.compile; use a fixed k (adapt=None) "
                 "or run the model eagerly"
             )
-        if cfg.sparse_grad:
-            check_not_in_plain_ddp(f"a meProp Conv2d layer ({c_out} channels, k={cfg.k})")
+        if cfg.sparse_grad and not torch.compiler.is_compiling():
+            _check_not_in_ddp(c_out, cfg.k)
         x, padding = self._padded(input)
         geo = Geometry(self.stride, padding, self.dilation, self.groups)
         usage = (None, None) if self.usage is None else self.usage

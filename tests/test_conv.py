@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from meprop import AdaptiveK, MePropConfig, SparseConv2d, converted, densify_, sparsify_
+from meprop import AdaptiveK, MePropConfig, SparseConv2d, conv, converted, densify_, sparsify_
 from meprop.conv import random_channels
 from meprop.kernels import dispatch
 from meprop.reference import reference_conv2d_backward
@@ -81,11 +81,19 @@ def check(dense, sparse, x, g, mode, draw, tol=None, sparse_bias=False):
         torch.testing.assert_close(sparse.bias.grad, rb, **tol)
 
 
-@pytest.mark.parametrize("backend", ["torch", "dense"])
+@pytest.fixture(params=["torch", "torch-cl", "dense"])
+def impl(request, monkeypatch):
+    """Each implementation: a config's backend, or (torch-cl, which auto alone runs) pinned."""
+    if request.param == "torch-cl":
+        monkeypatch.setattr(conv, "_pick", lambda cfg, sel, args: "torch-cl")
+        return "auto"
+    return request.param
+
+
 @pytest.mark.parametrize("mode", ["unified", "per_example", "random"])
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_matches_reference(setting, mode, backend):
-    dense, sparse, x = make(setting, MePropConfig(k=K, mode=mode, backend=backend))
+def test_matches_reference(setting, mode, impl):
+    dense, sparse, x = make(setting, MePropConfig(k=K, mode=mode, backend=impl))
     y, g, draw = run(sparse, x)
     torch.testing.assert_close(y, dense(x), rtol=1e-6, atol=1e-6)
     check(dense, sparse, x, g, mode, draw)
@@ -104,16 +112,16 @@ def test_dtypes(mode, dtype):
     check(dense, sparse, x, g, mode, draw, tol)
 
 
-@pytest.mark.parametrize("backend", ["torch", "dense"])
 @pytest.mark.parametrize("mode", ["unified", "per_example"])
 @pytest.mark.parametrize("setting", ["plain", "stride2_pad1", "depthwise_x2"])
-def test_channels_last(setting, mode, backend):
-    dense, sparse, x = make(setting, MePropConfig(k=K, mode=mode, backend=backend))
+def test_channels_last(setting, mode, impl):
+    dense, sparse, x = make(setting, MePropConfig(k=K, mode=mode, backend=impl))
     dense.to(memory_format=torch.channels_last)
     sparse.to(memory_format=torch.channels_last)
     x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
     _, g, draw = run(sparse, x)
     check(dense, sparse, x, g, mode, draw)
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("mode", ["unified", "per_example", "random"])
@@ -262,12 +270,14 @@ def test_tuned_auto_backend_matches_reference(tmp_path, monkeypatch):
         check(dense, sparse, x, g, mode, draw)
     assert tuner.measured == 2
     for entry in tuner.choices().values():
-        assert set(entry["us"]) == {"torch", "dense"}
-    # a large convolution keeping an eighth of its channels runs compacted, untimed
-    conv = SparseConv2d(64, 64, 3, padding=1, config=MePropConfig(k=8, mode="unified"))
+        assert set(entry["us"]) == {"torch", "torch-cl", "dense"}
+    # a large convolution keeping an eighth of its channels: only the compacted forms timed
+    layer = SparseConv2d(64, 64, 3, padding=1, config=MePropConfig(k=8, mode="unified"))
     x = torch.randn(4, 64, 32, 32, requires_grad=True)
-    conv(x).sum().backward()
-    assert tuner.measured == 2 and list(tuner.memo.values())[-1] == "torch"
+    layer(x).sum().backward()
+    assert tuner.measured == 3 and list(tuner.memo.values())[-1] in ("torch", "torch-cl")
+    (entry,) = [e for cls, e in tuner.choices().items() if "/co7/" in cls]
+    assert set(entry["us"]) == {"torch", "torch-cl"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -160,12 +160,23 @@ def _channel_mask(sel: ChannelSelection, batch: int, c_out: int, device) -> Tens
 # Backward products: (dx or None, dW (C_out, C_in / groups, kh, kw) or None)
 
 
-def _backward(g, x, weight, geo: Geometry, groups: int, need_dx: bool, need_dw: bool):
-    dx, dw, _ = _conv_backward(
-        g, x, weight, None, geo.stride, geo.padding, geo.dilation, False, (0, 0), groups,
-        (need_dx, need_dw, False),
-    )  # fmt: skip
-    return dx, dw
+def _backward(g, x, weight, geo: Geometry, groups: int, need_dx, need_dw, dx_cl=False):
+    """dx and dW of one convolution; with ``dx_cl``, dx in a call of its own on channels_last
+    tensors (the input's values are not read: an empty one of its shape serves), returned in
+    x's layout. That needs none of oneDNN's reorder buffers: 2x faster for some compacted
+    shapes where fresh buffers page-fault, slower for others (``auto`` times both)."""
+    cb = _conv_backward
+    args = (geo.stride, geo.padding, geo.dilation, False, (0, 0), groups)
+    if not (dx_cl and need_dx):
+        dx, dw, _ = cb(g, x, weight, None, *args, (need_dx, need_dw, False))
+        return dx, dw
+    dw = cb(g, x, weight, None, *args, (False, True, False))[1] if need_dw else None
+    cl = torch.channels_last
+    shape_of_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=cl)
+    gc, wc = g.contiguous(memory_format=cl), weight.contiguous(memory_format=cl)
+    dx = cb(gc, shape_of_x, wc, None, *args, (True, False, False))[0]
+    x_cl = x.is_contiguous(memory_format=cl) and not x.is_contiguous()
+    return dx.contiguous(memory_format=cl if x_cl else torch.contiguous_format), dw
 
 
 def _impl_dense(g, x, weight, sel, geo, need_dx, need_dw):
@@ -188,7 +199,7 @@ def _group_inputs(chans: Tensor, weight: Tensor, groups: int, c_in: int) -> Tens
     return first.unsqueeze(-1) + torch.arange(cin_g, device=chans.device)
 
 
-def _impl_compact(g, x, weight, sel, geo, need_dx, need_dw):
+def _impl_compact(g, x, weight, sel, geo, need_dx, need_dw, dx_cl=False):
     """The convolution backward on the selected channels only (see the module docstring)."""
     if sel.kind == "dense":
         return _backward(g, x, weight, geo, geo.groups, need_dx, need_dw)
@@ -201,10 +212,10 @@ def _impl_compact(g, x, weight, sel, geo, need_dx, need_dw):
         gs = g.index_select(1, idx)  # (B, k, H', W')
         ws = weight.index_select(0, idx)  # (k, C_in / groups, kh, kw)
         if groups == 1:
-            dx, dws = _backward(gs, x, ws, geo, 1, need_dx, need_dw)
+            dx, dws = _backward(gs, x, ws, geo, 1, need_dx, need_dw, dx_cl)
         else:  # each selected channel its own group over its group's inputs
             in_ch = _group_inputs(idx, weight, groups, c_in).reshape(-1)  # (k * C_in/groups,)
-            dxs, dws = _backward(gs, x.index_select(1, in_ch), ws, geo, k, need_dx, need_dw)
+            dxs, dws = _backward(gs, x.index_select(1, in_ch), ws, geo, k, need_dx, need_dw, dx_cl)
             dx = x.new_zeros(x.shape).index_add_(1, in_ch, dxs) if need_dx else None
         dw = weight.new_zeros(weight.shape).index_copy_(0, idx, dws) if need_dw else None
         return dx, dw
@@ -221,30 +232,39 @@ def _impl_compact(g, x, weight, sel, geo, need_dx, need_dw):
     ws = weight.index_select(0, flat)  # (B*K, C_in / groups, kh, kw)
     xb = x.reshape(1, batch * c_in, h, w)
     if groups == 1:  # group b: example b's K channels over its C_in inputs
-        dxs, dws = _backward(gs, xb, ws, geo, batch, need_dx, need_dw)
+        dxs, dws = _backward(gs, xb, ws, geo, batch, need_dx, need_dw, dx_cl)
         dx = dxs.reshape(x.shape) if need_dx else None
     else:  # group (b, j): example b's j-th channel over its group's inputs
         offsets = torch.arange(batch, device=idx.device).unsqueeze(1) * c_in  # (B, 1)
         in_ch = (_group_inputs(idx, weight, groups, c_in) + offsets.unsqueeze(2)).reshape(-1)
-        dxs, dws = _backward(gs, xb.index_select(1, in_ch), ws, geo, batch * kk, need_dx, need_dw)
+        xs = xb.index_select(1, in_ch)
+        dxs, dws = _backward(gs, xs, ws, geo, batch * kk, need_dx, need_dw, dx_cl)
         dx = xb.new_zeros(xb.shape).index_add_(1, in_ch, dxs).reshape(x.shape) if need_dx else None
     dw = weight.new_zeros(weight.shape).index_add_(0, flat, dws) if need_dw else None
     return dx, dw
 
 
-IMPLEMENTATIONS = {"torch": _impl_compact, "dense": _impl_dense}
+def _impl_compact_cl(g, x, weight, sel, geo, need_dx, need_dw):
+    """``_impl_compact`` with dx computed on channels_last tensors (``_backward``)."""
+    return _impl_compact(g, x, weight, sel, geo, need_dx, need_dw, dx_cl=True)
 
-# auto runs the compacted backward untimed where it keeps at most a quarter of the channels of
-# a convolution of at least this many multiply-adds per product (LeNet's layers: 1e7, ResNet's
-# 3x3 at batch 32: 1e9); smaller ones are timed.
+
+# torch: compacted; torch-cl: compacted, dx on channels_last tensors; dense: masked. The
+# config's backend names the first or the last; auto times them (see _pick).
+IMPLEMENTATIONS = {"torch": _impl_compact, "torch-cl": _impl_compact_cl, "dense": _impl_dense}
+
+# auto runs a compacted backward (not the masked one) where it keeps at most a quarter of the
+# channels of a convolution of at least this many multiply-adds per product (LeNet's layers:
+# 1e7, ResNet's 3x3 at batch 32: 1e9).
 COMPACT_MACS = 10**8
 
 
 def _pick(cfg: MePropConfig, sel: ChannelSelection, args: tuple) -> str:
-    """``torch`` (compacted) or ``dense`` (masked) for this call: the config's backend, or for
-    ``auto`` the compacted one on large layers with few channels kept (``COMPACT_MACS``), else
-    the faster of the two on this call's tensors, timed once per shape class and cached per
-    machine (as ``meprop.ops`` chooses for linear layers)."""
+    """The implementation for this call: the config's backend (``torch``: compacted, ``dense``:
+    masked), or for ``auto`` the fastest on this call's tensors of the compacted forms
+    (``torch``, ``torch-cl``) and, except on large layers keeping few channels
+    (``COMPACT_MACS``), the masked one: timed once per shape class and cached per machine (as
+    ``meprop.ops`` chooses for linear layers)."""
     if cfg.backend != "auto":
         return cfg.backend
     if sel.kind == "dense" or torch.compiler.is_compiling() or _untimeable(args[0]):
@@ -267,20 +287,24 @@ def _pick(cfg: MePropConfig, sel: ChannelSelection, args: tuple) -> str:
         name = pin
     elif pin is not None or not dispatch.tuning_enabled() or not g.is_cpu:
         name = "torch"
-    elif 4 * kk <= c_out and macs >= COMPACT_MACS:
-        # Compaction does k / C_out of a large convolution's work: 3-6x less time in every
-        # measurement (docs/conv.md); a timing on a busy machine can only get this wrong.
-        name = "torch"
     else:
+        # Compaction does k / C_out of a large convolution's work: 3-6x less time in every
+        # measurement (docs/conv.md), where a timing on a busy machine could pick the masked
+        # backward; there only the two compacted forms are timed.
+        compact = 4 * kk <= c_out and macs >= COMPACT_MACS
+        if not need_dx:  # (torch-cl differs in dx only)
+            names = ("torch",) if compact else ("torch", "dense")
+        else:
+            names = ("torch", "torch-cl") if compact else ("torch", "torch-cl", "dense")
         o = dispatch._octave
         needs = f"{'x' if need_dx else ''}{'w' if need_dw else ''}"
         cls = (
             f"conv2d/{sel.kind}/{str(g.dtype).removeprefix('torch.')}/"
             f"t{torch.get_num_threads()}/{needs}/B{o(batch)}/co{o(c_out)}/ci{o(x.shape[1])}/"
             f"hw{o(ho * wo)}/k{o(kk)}/w{kh}x{kw}/s{geo.stride[0]}x{geo.stride[1]}/"
-            f"g{'1' if geo.groups == 1 else 'n'}"
+            f"g{'1' if geo.groups == 1 else 'n'}/{'+'.join(names)}"
         )
-        runs = {n: (lambda f=f: f(*args)) for n, f in IMPLEMENTATIONS.items()}
+        runs = {n: (lambda f=IMPLEMENTATIONS[n]: f(*args)) for n in names}
         name = tuner.choose(cls, runs)
     tuner.memo[sig] = name
     return name

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_nothing_converted_warns_and_returns_model():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.ReLU())
     with pytest.warns(UserWarning, match="sparsify_ converted no layer: Sequential has no exact"):
         assert sparsify_(model, CFG) is model
     mlp = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))

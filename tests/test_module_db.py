@@ -1,5 +1,5 @@
-"""PyTorch's own ModuleInfo samples for nn.Linear and nn.LSTM, run through SparseLinear and
-SparseLSTM at k >= n: outputs and gradients must be the dense module's, and the error samples
+"""PyTorch's own ModuleInfo samples for nn.Linear, nn.LSTM and nn.Conv2d, run through
+SparseLinear, SparseLSTM and SparseConv2d at k >= n: outputs and gradients must be the dense module's, and the error samples
 must raise the same errors (torch.testing._internal.common_modules)."""
 
 import copy
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from meprop import MePropConfig, SparseLinear, SparseLSTM
+from meprop import MePropConfig, SparseConv2d, SparseLinear, SparseLSTM
 
 common_modules = pytest.importorskip(
     "torch.testing._internal.common_modules",
@@ -17,7 +17,7 @@ common_modules = pytest.importorskip(
 )
 
 INFOS = {info.module_cls: info for info in common_modules.module_db}
-SPARSE = {nn.Linear: SparseLinear, nn.LSTM: SparseLSTM}
+SPARSE = {nn.Linear: SparseLinear, nn.LSTM: SparseLSTM, nn.Conv2d: SparseConv2d}
 DTYPES = [torch.float32, torch.float64]
 
 
@@ -35,9 +35,14 @@ def samples(cls, training):
             yield pytest.param(cls, sample, dtype, id=f"{cls.__name__}-{dtype}-{i}-{sample.desc}")
 
 
+def width(module):
+    """The units meProp selects from: out_features, out_channels (the usage record's width)."""
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
 def full_k(cls, module):
-    """A k that keeps everything: out_features, or the 4H-wide gate gradient."""
-    return module.out_features if cls is nn.Linear else 4 * module.hidden_size
+    """A k that keeps everything: the width, or the 4H-wide gate gradient."""
+    return 4 * module.hidden_size if cls is nn.LSTM else width(module)
 
 
 def leaves(out):
@@ -59,11 +64,12 @@ def run(module, args, kwargs):
 
 
 def cases():
-    # A usage record makes SparseLinear run the autograd Function (with k >= n it is otherwise
-    # plain F.linear); SparseLSTM always runs its own.
+    # A usage record makes SparseLinear and SparseConv2d run their autograd Function (with
+    # k >= n they are otherwise plain F.linear, nn.Conv2d); SparseLSTM always runs its own.
     for usage in (False, True):
-        for p in samples(nn.Linear, True):
-            yield pytest.param(*p.values, usage, id=f"{p.id}-{'usage' if usage else 'plain'}")
+        for cls in (nn.Linear, nn.Conv2d):
+            for p in samples(cls, True):
+                yield pytest.param(*p.values, usage, id=f"{p.id}-{'usage' if usage else 'plain'}")
     yield from (pytest.param(*p.values, False, id=p.id) for p in samples(nn.LSTM, True))
 
 
@@ -78,7 +84,7 @@ def test_samples_match_dense_module(cls, sample, dtype, usage):
     sparse = SPARSE[cls](*args, **kwargs, config=cfg).to(dtype)
     sparse.load_state_dict(dense.state_dict())
     if usage:
-        sparse.usage = (torch.zeros(dense.out_features, dtype=dtype), torch.zeros(1))
+        sparse.usage = (torch.zeros(width(dense), dtype=dtype), torch.zeros(1))
     fwd = sample.forward_input
     out_d, grads_d = run(dense, *copy.deepcopy((fwd.args, fwd.kwargs)))
     out_s, grads_s = run(sparse, *copy.deepcopy((fwd.args, fwd.kwargs)))

@@ -23,6 +23,7 @@ _sys.excepthook = _interrupted  # (until the imports below are done)
 from .analysis import UpdateMonitor  # noqa: E402
 from .checkpoint import load, save  # noqa: E402
 from .config import AdaptiveK, MeActConfig, MePropConfig, MeSimpConfig  # noqa: E402
+from .conv import SparseConv2d  # noqa: E402
 from .convert import converted, densify_, hidden_layers, sparsify_  # noqa: E402
 from .grads import clip_grad_norm_  # noqa: E402
 from .lstm import SparseLSTM  # noqa: E402
@@ -40,6 +41,7 @@ __all__ = [
     "AdaptiveK",
     "SparseLinear",
     "SparseLSTM",
+    "SparseConv2d",
     "sparsify_",
     "densify_",
     "converted",

@@ -1,9 +1,9 @@
 """Swap layers for their meProp versions in place, and back, through a registry of layer types.
 
-``nn.Linear`` -> ``SparseLinear``, ``nn.LSTM`` -> ``SparseLSTM`` and Hugging Face's GPT-2-style
-``transformers.pytorch_utils.Conv1D`` -> ``SparseConv1D`` are registered here; a new layer type
-is one ``register_layer`` call (as torchao's ``quantize_`` maps config types to handlers), not
-an edit of a chain of cases.
+``nn.Linear`` -> ``SparseLinear``, ``nn.LSTM`` -> ``SparseLSTM``, ``nn.Conv2d`` ->
+``SparseConv2d`` and Hugging Face's GPT-2-style ``transformers.pytorch_utils.Conv1D`` ->
+``SparseConv1D`` are registered here; a new layer type is one ``register_layer`` call (as
+torchao's ``quantize_`` maps config types to handlers), not an edit of a chain of cases.
 
 The swap changes the module's class and adds its config, nothing else: the Parameter objects,
 their layout, hooks and attributes stay, so an optimizer built before the swap keeps updating
@@ -23,12 +23,16 @@ from torch import nn
 
 from .adaptive import KRecord
 from .config import MePropConfig
+from .conv import SparseConv2d, check_conv_config
 from .lstm import SparseLSTM, to_dense_, to_sparse_
 from .nn import SparseLinear, base_class, swap_class
 
 __all__ = ["sparsify_", "densify_", "hidden_layers", "converted", "register_layer"]
 
 FilterFn = Callable[[nn.Module, str], bool]
+
+# Lazy layers of registered types: converting one before its first forward is an error.
+_LAZY = (nn.LazyLinear, nn.LazyConv2d)
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,9 @@ def _unswap_class(dense: type) -> Callable[[nn.Module], None]:
 
 register_layer(nn.Linear, SparseLinear, _swap_class(SparseLinear), _unswap_class(nn.Linear))
 register_layer(nn.LSTM, SparseLSTM, to_sparse_, to_dense_)
+register_layer(
+    nn.Conv2d, SparseConv2d, _swap_class(SparseConv2d), _unswap_class(nn.Conv2d), check_conv_config
+)
 
 
 def _register_conv1d() -> None:
@@ -155,8 +162,10 @@ def sparsify_(model: nn.Module, config: MePropConfig, filter_fn: FilterFn | None
     """Make every registered layer of ``model`` (itself included) its meProp version, in place.
 
     ``nn.Linear`` -> ``SparseLinear``; ``nn.LSTM`` -> ``SparseLSTM`` (top-k of the gate
-    gradients at every step; ``proj_size`` must be 0); Hugging Face ``Conv1D`` (GPT-2) ->
-    ``meprop.nn.SparseConv1D``; other types through ``register_layer``.
+    gradients at every step; ``proj_size`` must be 0); ``nn.Conv2d`` -> ``SparseConv2d`` (top-k
+    output channels; ``meprop.conv.check_conv_config`` refuses what it cannot take); Hugging
+    Face ``Conv1D`` (GPT-2) -> ``meprop.nn.SparseConv1D``; other types through
+    ``register_layer``.
 
     Args:
         model: any module.
@@ -173,8 +182,8 @@ def sparsify_(model: nn.Module, config: MePropConfig, filter_fn: FilterFn | None
     are converted and stay parametrized: meProp's backward gives the parametrized weight's
     gradient, the parametrization's backward takes it on to its tensors. A ``UserWarning``
     says when nothing was converted, naming the layers there; ``converted(model)`` lists the
-    meProp layers. An uninitialised ``nn.LazyLinear`` that passes the filter is an error (run a
-    forward pass first: it then becomes an ``nn.Linear``).
+    meProp layers. An uninitialised ``nn.LazyLinear`` or ``nn.LazyConv2d`` that passes the filter
+    is an error (run a forward pass first: it then becomes an ``nn.Linear`` / ``nn.Conv2d``).
 
     Returns:
         ``model``.
@@ -192,19 +201,21 @@ def sparsify_(model: nn.Module, config: MePropConfig, filter_fn: FilterFn | None
     todo, lazy = [], []
     for name, module in model.named_modules():
         handler = _sparse_handler(module) or _dense_handler(module)
-        lazy_linear = isinstance(module, nn.LazyLinear)
-        if handler is None and not lazy_linear:
+        uninitialised = isinstance(module, _LAZY)
+        if handler is None and not uninitialised:
             continue
         if filter_fn is not None and not filter_fn(module, name):
             continue
-        if lazy_linear:
-            lazy.append(name or "<root>")
+        if uninitialised:
+            lazy.append((name or "<root>", type(module).__name__))
         else:
             todo.append((module, handler))
     if lazy:
+        names = [n for n, _ in lazy]
+        kinds = "/".join(f"nn.{t}" for t in sorted({t for _, t in lazy}))
         raise ValueError(
-            f"sparsify_: {lazy} are uninitialised nn.LazyLinear layers: run one forward pass "
-            "first (they then become nn.Linear), or exclude them with filter_fn"
+            f"sparsify_: {names} are uninitialised {kinds} layers: run one forward pass "
+            "first (they then become nn.Linear / nn.Conv2d), or exclude them with filter_fn"
         )
     for handler in {h.dense: h for _, h in todo}.values():  # every check before any swap
         if handler.check is not None:
@@ -252,8 +263,8 @@ def _number_depths(model: nn.Module) -> None:
 def densify_(model: nn.Module, filter_fn: FilterFn | None = None):
     """Turn every meProp layer of ``model`` (itself included) back into its dense type:
     ``SparseLinear`` -> ``nn.Linear``, ``SparseLSTM`` -> ``nn.LSTM`` (an error if meSimp left
-    its directions at different widths, which nn.LSTM cannot represent), ``SparseConv1D`` ->
-    ``Conv1D``.
+    its directions at different widths, which nn.LSTM cannot represent), ``SparseConv2d`` ->
+    ``nn.Conv2d``, ``SparseConv1D`` -> ``Conv1D``.
 
     Args:
         model: any module.

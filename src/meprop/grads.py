@@ -77,12 +77,17 @@ def clip_grad_norm_(
 
 
 def weight_grad(rows: Tensor, dw_rows: Tensor, n: int, sparse: bool) -> Tensor:
-    """dW (n, in) from its non-zero rows: row-sparse COO, or a dense tensor with zero rows."""
+    """dW (n, ...) from its non-zero rows ``dw_rows`` (R, ...) at ``rows`` (R,): row-sparse COO
+    (sparse over the first dimension, dense over the rest), or a dense tensor with zero rows.
+    A linear layer's dW is (n, in); a convolution's (C_out, C_in / groups, kh, kw)."""
     if sparse:
         if torch.compiler.is_compiling():
             return _row_sparse_untraced(rows, dw_rows, n)
         return _row_sparse(rows, dw_rows, n)
-    dw = lazy_zeros(n, dw_rows.shape[1], dw_rows)
+    if dw_rows.dim() == 2:
+        dw = lazy_zeros(n, dw_rows.shape[1], dw_rows)
+    else:
+        dw = dw_rows.new_zeros((n, *dw_rows.shape[1:]))
     return dw.index_copy_(0, rows, dw_rows)
 
 
@@ -91,7 +96,7 @@ def _row_sparse(rows: Tensor, dw_rows: Tensor, n: int) -> Tensor:
     return torch.sparse_coo_tensor(
         rows.unsqueeze(0),
         dw_rows,
-        (n, dw_rows.shape[1]),
+        (n, *dw_rows.shape[1:]),
         is_coalesced=True,
         check_invariants=False,
     )

@@ -5,6 +5,8 @@ against these.
 * Linear: ``mask_gradient`` and ``reference_backward``.
 * LSTM: ``reference_lstm``, a Python cell loop under autograd whose gate pre-activations have
   their gradient masked to the selected entries (``mask_topk_grad``) at every step.
+* Conv2d: ``mask_conv_gradient`` (the kept output channels of g) and
+  ``reference_conv2d_backward`` (the masked g through ``nn.Conv2d``'s own autograd).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .ops import select_columns
 
 __all__ = [
     "mask_gradient", "reference_backward", "reference_memory_backward", "mask_topk_grad",
-    "reference_lstm",
+    "reference_lstm", "mask_conv_gradient", "reference_conv2d_backward",
 ]  # fmt: skip
 
 
@@ -263,3 +265,59 @@ def _reference_inputs(lstm, input, hx):
             for s in hx
         )
     return x, lengths, unbatched, h0s, c0s, widths
+
+
+# --------------------------------------------------------------------------------------------
+# Conv2d
+
+
+def mask_conv_gradient(g: Tensor, k: int, mode: str, selection: Tensor | None = None) -> Tensor:
+    """``g`` (B, C_out, H', W') with every output channel but the kept ones set to zero.
+
+    A channel's score is its summed |g| over the positions (float32 for half precision);
+    ``unified`` keeps the k channels with the largest scores summed over the batch too,
+    ``per_example`` each example's k largest. ``random`` needs its draw: ``selection`` (B, k)
+    (``meprop.conv.random_channels``), which any mode may be given instead of selecting.
+    """
+    batch, c_out = g.shape[:2]
+    if k >= c_out and selection is None:
+        return g.clone()
+    dt = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
+    scores = g.abs().to(dt).sum((2, 3))  # (B, C_out)
+    keep = torch.zeros(batch, c_out, dtype=torch.bool, device=g.device)
+    if selection is not None:
+        keep.scatter_(1, selection if selection.dim() == 2 else selection.expand(batch, -1), True)
+    elif mode == "unified":
+        keep[:, scores.sum(0).topk(k).indices] = True
+    elif mode == "per_example":
+        keep.scatter_(1, scores.topk(k, dim=1).indices, True)
+    elif mode == "random":
+        raise ValueError("mode='random' needs the drawn channels (selection)")
+    else:
+        raise ValueError(f"mode must be 'per_example', 'unified' or 'random', got {mode!r}")
+    return torch.where(keep[:, :, None, None], g, torch.zeros((), dtype=g.dtype))
+
+
+def reference_conv2d_backward(
+    conv: nn.Conv2d,
+    x: Tensor,
+    grad_out: Tensor,
+    k: int,
+    mode: str,
+    sparse_bias: bool = False,
+    selection: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The obviously-right meProp convolution backward: mask g to its kept channels
+    (``mask_conv_gradient``), then ``nn.Conv2d``'s own forward and autograd (its padding,
+    padding mode, stride, dilation and groups) on fresh copies of x and the parameters.
+
+    Returns (dx, dW, db); db from the full g (or the masked one with ``sparse_bias``), None
+    without a bias.
+    """
+    xr = x.detach().clone().requires_grad_()
+    w = conv.weight.detach().clone().requires_grad_()
+    y = nn.Conv2d._conv_forward(conv, xr, w, None)
+    gm = mask_conv_gradient(grad_out, k, mode, selection)
+    dx, dw = torch.autograd.grad(y, (xr, w), gm)
+    db = None if conv.bias is None else (gm if sparse_bias else grad_out).sum((0, 2, 3))
+    return dx, dw, db

@@ -1,0 +1,525 @@
+"""meProp for convolutions: ``SparseConv2d``, an ``nn.Conv2d`` whose backward keeps only the
+output channels with the largest gradients.
+
+Wei, Sun, Ren, Xu, "Minimal Effort Back Propagation for Convolutional Neural Networks" (arXiv
+1709.05804) carry meProp's top-k from linear maps to convolutions. A convolution is one linear
+map applied at every output position (im2col: a GEMM whose rows are the filters), so its meProp
+unit is an output channel, one filter. For x (B, C_in, H, W), weight (C_out, C_in / groups, kh,
+kw) and the output gradient g = dL/dy (B, C_out, H', W'), a channel's score is its summed |g|
+over the positions (and the batch, for ``unified``):
+
+* ``unified``: the k channels with the largest sum of |g| over batch and positions, the same
+  for every example. Backward runs on those k channels compacted: one dense convolution
+  backward on ``g[:, idx]`` and ``weight[idx]``, so it costs about k / C_out of the dense one.
+* ``per_example``: for each example the k channels with the largest sum of |g| over its
+  positions (g masked per example). Backward runs each example on its own k channels, compacted
+  into one grouped convolution (the batch folded into the groups), so it too costs about
+  k / C_out of the dense one, whatever the union of the selected channels.
+* ``random``: k channels drawn uniformly per example (the paper's control), computed as
+  ``per_example``.
+
+``symmetric`` has no channel form (a channel's score is a magnitude, without sign) and is
+refused. The paper's own selection could not be checked against its text here (only its
+abstract and introduction were at hand), so no mode claims to be it.
+
+Every mode's result is exactly the dense backward of the masked g (what
+``meprop.reference.reference_conv2d_backward`` computes); only where the work is done differs.
+``backend`` picks how: ``"torch"`` the compacted convolutions above, ``"dense"`` the masked g
+through the full convolution backward, ``"auto"`` the faster of the two for the call's shape,
+timed on first use and cached (``meprop.kernels.dispatch``; ``MEPROP_AUTOTUNE=0``: compacted;
+large layers keeping at most a quarter of their channels: compacted untimed).
+
+Groups: with ``groups > 1`` (depthwise included) the selected channels are compacted too, each
+one its own group over the input channels of its original group (gathered from x), so the
+gradients stay exact for the masked g.
+
+Not done here: meSimp's filter removal (``meprop.simplify`` shrinks ``SparseLinear`` and
+``SparseLSTM`` only; a ``SparseConv2d``'s ``usage`` record counts its channels but nothing
+prunes them); memorized back-propagation (``memory``), ``scope="global"``, the compiled
+kernels (``native``, ``numba``, ``triton``) and adaptive k under torch.compile, which are
+refused by name, as is ``sparse_grad=True`` under DistributedDataParallel; the compacted
+all-reduce of ``meprop.distributed`` sends convolution weights whole.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .adaptive import KRecord, batch_k, row_ks, score_dtype
+from .config import MePropConfig
+from .grads import weight_grad
+from .kernels import dispatch
+from .nn import config_repr
+from .ops import autocast_cast, autocast_dtype
+
+__all__ = ["SparseConv2d", "check_conv_config", "random_channels"]
+
+_conv_backward = torch.ops.aten.convolution_backward
+
+CONV_BACKENDS = ("auto", "torch", "dense")
+
+
+def check_conv_config(config: MePropConfig) -> None:
+    """Raise for settings ``SparseConv2d`` cannot serve, naming the setting and the fix."""
+    if config.mode == "symmetric":
+        raise ValueError(
+            "SparseConv2d selects output channels by their summed |g|, which has no sign: "
+            "mode='symmetric' has no channel form; use mode='per_example', 'unified' or "
+            "'random' (or leave the Conv2d layers dense with filter_fn)"
+        )
+    if config.memory:
+        raise ValueError(
+            f"SparseConv2d does not implement memorized back-propagation (memory="
+            f"{config.memory:g}); use MePropConfig(memory=0) for convolutions, or leave them "
+            "dense with filter_fn=lambda m, name: not isinstance(m, nn.Conv2d)"
+        )
+    if config.scope != "local":
+        raise ValueError(
+            f"SparseConv2d supports scope='local' only, got scope={config.scope!r}; use "
+            "scope='local' for convolutions (each rank ranks its own batch's channels)"
+        )
+    if config.backend not in CONV_BACKENDS:
+        raise ValueError(
+            f"SparseConv2d runs PyTorch's convolutions: backend must be one of {CONV_BACKENDS}, "
+            f"got {config.backend!r} (the compiled kernels are for linear layers); give the "
+            "Conv2d layers their own config with filter_fn"
+        )
+
+
+def random_channels(batch: int, channels: int, k: int, device) -> Tensor:
+    """``random`` mode's draw: k distinct channels per example, (batch, k), from the global RNG
+    (the k largest of batch x channels uniform keys), so ``torch.manual_seed`` reproduces it."""
+    return torch.rand(batch, channels, device=device).topk(k, dim=1, sorted=False).indices
+
+
+class Geometry(NamedTuple):
+    """The convolution's numeric settings (padding already numeric: strings and non-zero
+    padding modes are resolved before the autograd Function)."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+
+class ChannelSelection(NamedTuple):
+    """What one backward kept of g (B, C_out, H', W').
+
+    ``kind``: ``"dense"`` (everything), ``"cols"`` (``index`` (k,) sorted: the same channels
+    for every example) or ``"rows"`` (``index`` (B, K): each example's channels; ``keep``
+    (B, K) bool or None: adaptive k's entries past an example's k are False).
+    """
+
+    kind: str
+    index: Tensor | None = None
+    keep: Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Selection
+
+
+def _select(g: Tensor, s: Tensor, cfg: MePropConfig, record: KRecord | None) -> ChannelSelection:
+    """The channels kept of g (B, C_out, H', W'), from its channel scores ``s`` (B, C_out)."""
+    batch, c_out = s.shape
+    k = cfg.k
+    if k >= c_out:
+        return ChannelSelection("dense")
+    if cfg.adapt is not None:
+        record = record if record is not None else KRecord()
+        if cfg.mode == "unified":
+            _, cols = batch_k(s.sum(0), k, cfg.adapt, record)
+            return ChannelSelection("cols", cols)
+        idx, _, ks, big = row_ks(s, k, cfg.adapt, record)  # (B, K) each, K the largest k
+        keep = torch.arange(big, device=s.device) < ks.unsqueeze(1)  # (B, K)
+        return ChannelSelection("rows", idx, keep)
+    if cfg.mode == "unified":
+        # NaN scores rank highest, so NaN gradients are kept, as dense backward would pass them
+        return ChannelSelection("cols", s.sum(0).topk(k, sorted=False).indices.sort().values)
+    if cfg.mode == "random":
+        return ChannelSelection("rows", random_channels(batch, c_out, k, s.device))
+    return ChannelSelection("rows", s.topk(k, dim=1, sorted=False).indices)  # (B, k)
+
+
+def _channel_mask(sel: ChannelSelection, batch: int, c_out: int, device) -> Tensor:
+    """The selection as a bool mask: (1, C_out) for ``cols``, (B, C_out) for ``rows``."""
+    if sel.kind == "cols":
+        return torch.zeros(1, c_out, dtype=torch.bool, device=device).index_fill_(
+            1, sel.index, True
+        )
+    src = sel.keep if sel.keep is not None else torch.ones_like(sel.index, dtype=torch.bool)
+    return torch.zeros(batch, c_out, dtype=torch.bool, device=device).scatter_(1, sel.index, src)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward products: (dx or None, dW (C_out, C_in / groups, kh, kw) or None)
+
+
+def _backward(g, x, weight, geo: Geometry, groups: int, need_dx, need_dw, dx_cl=False):
+    """dx and dW of one convolution; with ``dx_cl``, dx in a call of its own on channels_last
+    tensors (the input's values are not read: an empty one of its shape serves), returned in
+    x's layout. That needs none of oneDNN's reorder buffers: 2x faster for some compacted
+    shapes where fresh buffers page-fault, slower for others (``auto`` times both)."""
+    cb = _conv_backward
+    args = (geo.stride, geo.padding, geo.dilation, False, (0, 0), groups)
+    if not (dx_cl and need_dx):
+        dx, dw, _ = cb(g, x, weight, None, *args, (need_dx, need_dw, False))
+        return dx, dw
+    dw = cb(g, x, weight, None, *args, (False, True, False))[1] if need_dw else None
+    cl = torch.channels_last
+    shape_of_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=cl)
+    gc, wc = g.contiguous(memory_format=cl), weight.contiguous(memory_format=cl)
+    dx = cb(gc, shape_of_x, wc, None, *args, (True, False, False))[0]
+    x_cl = x.is_contiguous(memory_format=cl) and not x.is_contiguous()
+    return dx.contiguous(memory_format=cl if x_cl else torch.contiguous_format), dw
+
+
+def _impl_dense(g, x, weight, sel, geo, need_dx, need_dw):
+    """Mask g to the selection, then the full convolution backward."""
+    if sel.kind == "dense":
+        return _backward(g, x, weight, geo, geo.groups, need_dx, need_dw)
+    mask = _channel_mask(sel, g.shape[0], g.shape[1], g.device)
+    # A product, 10x faster than masked_fill here. It differs only where a dropped channel
+    # holds a NaN or inf: NaN and inf score highest, so that happens only where k non-finite
+    # channels were kept, whose products are not finite either.
+    gm = g * mask[:, :, None, None].to(g.dtype)
+    return _backward(gm, x, weight, geo, geo.groups, need_dx, need_dw)
+
+
+def _group_inputs(chans: Tensor, weight: Tensor, groups: int, c_in: int) -> Tensor:
+    """The input channels each output channel in ``chans`` (...) reads: (..., C_in / groups)."""
+    per_group = weight.shape[0] // groups  # output channels per group
+    cin_g = c_in // groups
+    first = (chans // per_group) * cin_g
+    return first.unsqueeze(-1) + torch.arange(cin_g, device=chans.device)
+
+
+def _impl_compact(g, x, weight, sel, geo, need_dx, need_dw, dx_cl=False):
+    """The convolution backward on the selected channels only (see the module docstring)."""
+    if sel.kind == "dense":
+        return _backward(g, x, weight, geo, geo.groups, need_dx, need_dw)
+    batch, c_in, h, w = x.shape
+    _, _, ho, wo = g.shape
+    groups = geo.groups
+    if sel.kind == "cols":
+        idx = sel.index  # (k,)
+        k = idx.shape[0]
+        gs = g.index_select(1, idx)  # (B, k, H', W')
+        ws = weight.index_select(0, idx)  # (k, C_in / groups, kh, kw)
+        if groups == 1:
+            dx, dws = _backward(gs, x, ws, geo, 1, need_dx, need_dw, dx_cl)
+        else:  # each selected channel its own group over its group's inputs
+            in_ch = _group_inputs(idx, weight, groups, c_in).reshape(-1)  # (k * C_in/groups,)
+            dxs, dws = _backward(gs, x.index_select(1, in_ch), ws, geo, k, need_dx, need_dw, dx_cl)
+            dx = x.new_zeros(x.shape).index_add_(1, in_ch, dxs) if need_dx else None
+        dw = weight.new_zeros(weight.shape).index_copy_(0, idx, dws) if need_dw else None
+        return dx, dw
+    # rows: each example on its own K channels, the batch folded into the groups
+    if batch == 0:  # (no groups to fold into)
+        return _impl_dense(g, x, weight, sel, geo, need_dx, need_dw)
+    idx = sel.index  # (B, K)
+    kk = idx.shape[1]
+    gs = g.gather(1, idx[:, :, None, None].expand(batch, kk, ho, wo))  # (B, K, H', W')
+    if sel.keep is not None:
+        gs = gs.masked_fill(~sel.keep[:, :, None, None], 0)
+    gs = gs.reshape(1, batch * kk, ho, wo)
+    flat = idx.reshape(-1)  # (B*K,)
+    ws = weight.index_select(0, flat)  # (B*K, C_in / groups, kh, kw)
+    xb = x.reshape(1, batch * c_in, h, w)
+    if groups == 1:  # group b: example b's K channels over its C_in inputs
+        dxs, dws = _backward(gs, xb, ws, geo, batch, need_dx, need_dw, dx_cl)
+        dx = dxs.reshape(x.shape) if need_dx else None
+    else:  # group (b, j): example b's j-th channel over its group's inputs
+        offsets = torch.arange(batch, device=idx.device).unsqueeze(1) * c_in  # (B, 1)
+        in_ch = (_group_inputs(idx, weight, groups, c_in) + offsets.unsqueeze(2)).reshape(-1)
+        xs = xb.index_select(1, in_ch)
+        dxs, dws = _backward(gs, xs, ws, geo, batch * kk, need_dx, need_dw, dx_cl)
+        dx = xb.new_zeros(xb.shape).index_add_(1, in_ch, dxs).reshape(x.shape) if need_dx else None
+    dw = weight.new_zeros(weight.shape).index_add_(0, flat, dws) if need_dw else None
+    return dx, dw
+
+
+def _impl_compact_cl(g, x, weight, sel, geo, need_dx, need_dw):
+    """``_impl_compact`` with dx computed on channels_last tensors (``_backward``)."""
+    return _impl_compact(g, x, weight, sel, geo, need_dx, need_dw, dx_cl=True)
+
+
+# torch: compacted; torch-cl: compacted, dx on channels_last tensors; dense: masked. The
+# config's backend names the first or the last; auto times them (see _pick).
+IMPLEMENTATIONS = {"torch": _impl_compact, "torch-cl": _impl_compact_cl, "dense": _impl_dense}
+
+# auto runs a compacted backward (not the masked one) where it keeps at most a quarter of the
+# channels of a convolution of at least this many multiply-adds per product (LeNet's layers:
+# 1e7, ResNet's 3x3 at batch 32: 1e9).
+COMPACT_MACS = 10**8
+
+
+def _pick(cfg: MePropConfig, sel: ChannelSelection, args: tuple) -> str:
+    """The implementation for this call: the config's backend (``torch``: compacted, ``dense``:
+    masked), or for ``auto`` the fastest on this call's tensors of the compacted forms
+    (``torch``, ``torch-cl``) and, except on large layers keeping few channels
+    (``COMPACT_MACS``), the masked one: timed once per shape class and cached per machine (as
+    ``meprop.ops`` chooses for linear layers)."""
+    if cfg.backend != "auto":
+        return cfg.backend
+    if sel.kind == "dense" or torch.compiler.is_compiling() or _untimeable(args[0]):
+        return "torch"
+    g, x, weight, _, geo, need_dx, need_dw = args
+    kk = sel.index.shape[-1]
+    sig = (
+        "conv2d", sel.kind, sel.keep is None, g.dtype, g.shape, x.shape, weight.shape, geo, kk,
+        need_dx, need_dw, torch.get_num_threads(),
+    )  # fmt: skip
+    tuner = dispatch.tuner()
+    name = tuner.memo.get(sig)
+    if name is not None:
+        return name
+    pin = dispatch.pinned()
+    batch, c_out, ho, wo = g.shape
+    kh, kw = weight.shape[2:]
+    macs = batch * ho * wo * c_out * weight.shape[1] * kh * kw  # of each dense product
+    if pin in IMPLEMENTATIONS:
+        name = pin
+    elif pin is not None or not dispatch.tuning_enabled() or not g.is_cpu:
+        name = "torch"
+    else:
+        # Compaction does k / C_out of a large convolution's work: 3-6x less time in every
+        # measurement (docs/conv.md), where a timing on a busy machine could pick the masked
+        # backward; there only the two compacted forms are timed.
+        compact = 4 * kk <= c_out and macs >= COMPACT_MACS
+        if not need_dx:  # (torch-cl differs in dx only)
+            names = ("torch",) if compact else ("torch", "dense")
+        else:
+            names = ("torch", "torch-cl") if compact else ("torch", "torch-cl", "dense")
+        o = dispatch._octave
+        needs = f"{'x' if need_dx else ''}{'w' if need_dw else ''}"
+        cls = (
+            f"conv2d/{sel.kind}/{str(g.dtype).removeprefix('torch.')}/"
+            f"t{torch.get_num_threads()}/{needs}/B{o(batch)}/co{o(c_out)}/ci{o(x.shape[1])}/"
+            f"hw{o(ho * wo)}/k{o(kk)}/w{kh}x{kw}/s{geo.stride[0]}x{geo.stride[1]}/"
+            f"g{'1' if geo.groups == 1 else 'n'}/{'+'.join(names)}"
+        )
+        runs = {n: (lambda f=IMPLEMENTATIONS[n]: f(*args)) for n in names}
+        name = tuner.choose(cls, runs)
+    tuner.memo[sig] = name
+    return name
+
+
+def _untimeable(g: Tensor) -> bool:
+    """Tensors the timing cannot run on: meta tensors, or while a torch.func transform runs."""
+    return g.is_meta or torch._C._are_functorch_transforms_active()
+
+
+# --------------------------------------------------------------------------------------------
+# The autograd Function
+
+
+class _SparseConv2dFn(torch.autograd.Function):
+    """F.conv2d forward (numeric padding); backward through the top-k output channels.
+
+    ``geo``: a ``Geometry``; ``cfg``: the layer's MePropConfig; ``counts``, ``sel_n``: the
+    usage record or None; ``record``: the layer's KRecord for adaptive k, or None.
+    """
+
+    @staticmethod
+    def forward(x, weight, bias, geo, cfg, counts, sel_n, record):
+        return F.conv2d(x, weight, bias, geo.stride, geo.padding, geo.dilation, geo.groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, geo, cfg, counts, sel_n, record = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.geo, ctx.cfg, ctx.usage, ctx.record = geo, cfg, (counts, sel_n), record
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        cfg, geo = ctx.cfg, ctx.geo
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        batch, c_out = g.shape[:2]
+        # (B, C_out) each channel's summed |g| over its positions (half precision: in float32)
+        s = g.abs().sum((2, 3), dtype=score_dtype(g.dtype))
+        sel = _select(g, s, cfg, ctx.record)
+        args = (g, x, weight, sel, geo, need_dx, need_dw)
+        dx, dw = IMPLEMENTATIONS[_pick(cfg, sel, args)](*args)
+        if dw is not None and cfg.sparse_grad:
+            if sel.kind == "dense":
+                rows = torch.arange(c_out, device=g.device)
+            else:
+                rows = sel.index if sel.kind == "cols" else sel.index.reshape(-1).unique()
+            dw = weight_grad(rows, dw.index_select(0, rows), c_out, True)
+        db = None
+        if need_db:
+            if cfg.sparse_bias and sel.kind != "dense":
+                mask = _channel_mask(sel, batch, c_out, g.device)  # (1 or B, C_out)
+                db = g.sum((2, 3)).masked_fill(~mask, 0).sum(0)
+            else:
+                db = g.sum((0, 2, 3))
+        counts, sel_n = ctx.usage
+        if counts is not None:
+            _record(counts, sel_n, sel, s)
+        return dx, dw, db, None, None, None, None, None
+
+
+def _record(counts: Tensor, selections: Tensor | None, sel: ChannelSelection, s: Tensor) -> None:
+    """meSimp's usage record: per output channel, the examples that kept it with a non-zero
+    gradient (as ``SparseLinear`` counts its units); ``selections`` adds the batch size."""
+    with torch.no_grad():
+        if sel.kind == "dense":
+            counts.add_((s != 0).sum(0).to(counts.dtype))
+        elif sel.kind == "cols":
+            counts.index_add_(
+                0, sel.index, (s.index_select(1, sel.index) != 0).sum(0).to(counts.dtype)
+            )
+        else:
+            nz = s.gather(1, sel.index) != 0  # (B, K)
+            if sel.keep is not None:
+                nz &= sel.keep
+            counts.index_add_(0, sel.index.reshape(-1), nz.reshape(-1).to(counts.dtype))
+        if selections is not None:
+            selections.add_(s.shape[0])
+
+
+def _check_not_in_ddp(c_out: int, k: int) -> None:
+    """sparse_grad=True under any DistributedDataParallel (meprop.distributed's included,
+    whose sparse buckets take linear layers' 2-d gradients only) is refused by name."""
+    if DistributedDataParallel._get_active_ddp_module() is not None:
+        raise RuntimeError(
+            f"SparseConv2d({c_out} channels, k={k}) has sparse_grad=True and runs inside "
+            "DistributedDataParallel, which cannot reduce its channel-sparse 4-d weight "
+            "gradient: use MePropConfig(sparse_grad=False) for convolutions under DDP"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The module
+
+
+class SparseConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose backward keeps only the top-k output channels of the gradient.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            padding_mode, device, dtype: as ``nn.Conv2d`` (every setting: ``"same"`` and
+            ``"valid"`` padding, asymmetric ``"same"`` included, and the four padding modes
+            are padded before the sparse backward, as ``nn.Conv2d`` pads).
+        config: a ``MePropConfig``; ``k`` counts output channels: per example (``per_example``,
+            ``random``) or per call (``unified``). ``out_channels <= k`` computes exactly
+            ``nn.Conv2d``'s gradients. ``mode="symmetric"``, ``memory``, ``scope="global"``
+            and the ``native``/``numba``/``triton`` backends are refused (see
+            ``meprop.conv``); ``adapt`` (adaptive k: eager mode only), ``warmup``,
+            ``sparse_bias`` and ``sparse_grad`` (a weight gradient sparse over its output
+            channels) work as for ``SparseLinear``.
+
+    Attributes:
+        usage: ``None``, or ``(counts (out_channels,), selections (1,))`` that backward
+            increments (per channel, the examples that kept it with a non-zero gradient; the
+            examples). meSimp's Simplifier does not prune convolutions: the record is for
+            reading.
+        k_record: a ``meprop.adaptive.KRecord`` (adaptive k's memory, ``last_k``, warmup).
+        last_k: the mean k of the latest backward (None before the first).
+
+    Example:
+        >>> conv = SparseConv2d(64, 64, 3, padding=1, config=MePropConfig(k=8, mode="unified"))
+        >>> conv
+        SparseConv2d(64, 64, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), k=8, mode=unified)
+    """
+
+    config: MePropConfig
+    usage: tuple[Tensor, Tensor] | None
+    k_record: KRecord
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        config: MePropConfig | None = None,
+    ) -> None:
+        if not isinstance(config, MePropConfig):
+            raise TypeError(
+                f"SparseConv2d needs config=MePropConfig(k=...), got {type(config).__name__}"
+            )
+        check_conv_config(config)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            padding_mode, device, dtype,
+        )  # fmt: skip
+        self.config = config
+        self.usage = None
+        self.k_record = KRecord()
+
+    @property
+    def last_k(self) -> float | None:
+        return self.k_record.last_k
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
+            return self.forward(input.unsqueeze(0)).squeeze(0)
+        cfg, record, c_out = self.config, self.k_record, self.out_channels
+        builds_graph = torch.is_grad_enabled() and (
+            input.requires_grad or self.weight.requires_grad
+        )
+        if cfg.warmup and record.calls < cfg.warmup and builds_graph:
+            record.calls += 1  # a warm-up step: the dense layer
+            record.last_k = float(c_out)
+            return self._conv_forward(input, self.weight, self.bias)
+        if cfg.adapt is None or cfg.k >= c_out:
+            record.last_k = float(min(cfg.k, c_out))
+        if self.usage is None and cfg.k >= c_out and not cfg.sparse_grad or not builds_graph:
+            # keeps everything (or no backward will run): nn.Conv2d itself, bit-exact
+            return self._conv_forward(input, self.weight, self.bias)
+        if cfg.adapt is not None and torch.compiler.is_compiling():
+            raise RuntimeError(
+                "SparseConv2d's adaptive k (MePropConfig(adapt=...)) reads each backward's k on "
+                "the host and does not trace under torch.compile; use a fixed k (adapt=None) "
+                "or run the model eagerly"
+            )
+        if cfg.sparse_grad and not torch.compiler.is_compiling():
+            _check_not_in_ddp(c_out, cfg.k)
+        x, padding = self._padded(input)
+        geo = Geometry(self.stride, padding, self.dilation, self.groups)
+        usage = (None, None) if self.usage is None else self.usage
+        adaptive = cfg.adapt is not None and cfg.k < c_out
+        args = (geo, cfg, *usage, record if adaptive else None)
+        weight, bias = self.weight, self.bias
+        dtype = autocast_dtype(x)
+        if dtype is None:
+            return _SparseConv2dFn.apply(x, weight, bias, *args)
+        # Under autocast, F.conv2d's policy: casts that are autograd ops (dW goes back to the
+        # parameter's dtype through the cast's backward), the convolution in ``dtype``.
+        x, weight, bias = (autocast_cast(t, dtype) for t in (x, weight, bias))
+        with torch.autocast(x.device.type, enabled=False):
+            return _SparseConv2dFn.apply(x, weight, bias, *args)
+
+    def _padded(self, input: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """``input`` padded as ``nn.Conv2d`` pads it, and the numeric padding left for the
+        convolution: non-zero padding modes and asymmetric ``"same"`` are padded here (the
+        pad's backward slices the gradient), symmetric zero padding stays in the convolution."""
+        rev = self._reversed_padding_repeated_twice  # (left, right, top, bottom)
+        if self.padding_mode != "zeros":
+            return F.pad(input, rev, mode=self.padding_mode), (0, 0)
+        if self.padding == "valid":
+            return input, (0, 0)
+        if self.padding == "same":
+            if rev[0] == rev[1] and rev[2] == rev[3]:
+                return input, (rev[2], rev[0])
+            return F.pad(input, rev), (0, 0)
+        return input, tuple(self.padding)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + config_repr(self.config)

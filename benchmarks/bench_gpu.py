@@ -114,7 +114,7 @@ def layer_backward_table(shapes, dtype, sparse_grad: bool) -> None:
             for mode in ("per_example", "unified"):
                 args = (g, x, w, k, mode, True, True, sparse_grad, True)
                 for impl in ((triton_ops.backward,) if have_triton else (None,)) + (
-                    ops._impl_torch,
+                    ops.IMPLEMENTATIONS["torch"],
                 ):
                     if impl is None:
                         row += ["-", "-"]

@@ -158,3 +158,35 @@ def test_the_two_rooms_checks_see_both_sides():
     assert any(_in_experiments(m) for m in mods) and "meprop.ops" in mods
     # an experiments module does import the library (so the direction test reads real edges)
     assert "meprop.checkpoint" in graph()["meprop.experiments.train"]
+
+
+# Code a newcomer can read: outside the kernels, no file over 600 lines and no function over 60
+# (docstring included).
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 600, 60
+
+
+def long_code(root: Path = ROOT) -> list[str]:
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        if "kernels" in path.relative_to(root).parts:
+            continue
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_FILE_LINES:
+            out.append(f"{path.relative_to(root)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    out.append(f"{path.relative_to(root)}: {node.name} is {n} lines")
+    return out
+
+
+def test_no_long_files_or_functions():
+    too_long = long_code()
+    assert not too_long, "; ".join(too_long)
+
+
+def test_long_code_finds_them(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(70))
+    (tmp_path / "m.py").write_text(f"def f():\n{body}\n" + "y = 1\n" * 600)
+    assert long_code(tmp_path) == ["m.py: 671 lines", "m.py: f is 71 lines"]

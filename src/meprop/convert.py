@@ -198,6 +198,24 @@ def sparsify_(model: nn.Module, config: MePropConfig, filter_fn: FilterFn | None
         raise TypeError(f"config must be a MePropConfig, got {type(config).__name__}")
     _check_filter(filter_fn)
     _handlers()
+    todo = _to_convert(model, filter_fn)
+    for handler in {h.dense: h for _, h in todo}.values():  # every check before any swap
+        if handler.check is not None:
+            handler.check(config)
+    for module, handler in todo:
+        if not isinstance(module, handler.sparse):
+            handler.to_sparse(module, config)
+        else:  # already a meProp layer: the new config only
+            module.config = config
+    _number_depths(model)
+    if not todo:
+        warnings.warn(_nothing_converted(model, filter_fn), UserWarning, stacklevel=2)
+    return model
+
+
+def _to_convert(model: nn.Module, filter_fn: FilterFn | None) -> list:
+    """(module, handler) of every registered layer of ``model`` that passes the filter; an
+    uninitialised lazy layer there is an error."""
     todo, lazy = [], []
     for name, module in model.named_modules():
         handler = _sparse_handler(module) or _dense_handler(module)
@@ -217,18 +235,7 @@ def sparsify_(model: nn.Module, config: MePropConfig, filter_fn: FilterFn | None
             f"sparsify_: {names} are uninitialised {kinds} layers: run one forward pass "
             "first (they then become nn.Linear / nn.Conv2d), or exclude them with filter_fn"
         )
-    for handler in {h.dense: h for _, h in todo}.values():  # every check before any swap
-        if handler.check is not None:
-            handler.check(config)
-    for module, handler in todo:
-        if not isinstance(module, handler.sparse):
-            handler.to_sparse(module, config)
-        else:  # already a meProp layer: the new config only
-            module.config = config
-    _number_depths(model)
-    if not todo:
-        warnings.warn(_nothing_converted(model, filter_fn), UserWarning, stacklevel=2)
-    return model
+    return todo
 
 
 def _nothing_converted(model: nn.Module, filter_fn: FilterFn | None) -> str:

@@ -128,7 +128,7 @@ class Tuner:
         self._choices: dict[str, dict] | None = None
         self._lock = threading.Lock()
         self.measured = 0  # decisions timed by this process (for tests and describe())
-        # What each call signature ran (meprop.ops._pick): this process's fast path.
+        # What each call signature ran (meprop.products.pick_implementation): this process's fast path.
         self.memo: dict[tuple, str] = {}
 
     # ---------------------------------------------------------------------------------------

@@ -60,7 +60,22 @@ def claims(runs: list[Run], notes: list[str] | None = None) -> list[tuple[str, P
     _symmetric_claims(c)
     _ratio_claims(c, ks)
     _mesimp_claims(c)
+    _cnn_claims(c)
     return c.out + _setting_claims(runs, c.ge, c.gt)
+
+
+CNN_GROUPS = ("lenet", "resnet")  # the cnn grid's (meprop reproduce cnn)
+
+
+def _cnn_claims(c: _Claims) -> None:
+    """The cnn grid: every meProp and random-k row of a network against its dense run."""
+    for group in CNN_GROUPS:
+        dense = c.scores(lambda r, group=group: r.group == group and r.method == "dense")
+        for label in sorted({r.label for r in c.runs if r.group == group and r.method != "dense"}):
+            rows = c.scores(
+                lambda r, group=group, label=label: r.group == group and r.label == label
+            )
+            c.add(f"{group}: {label} {c.ge} dense", rows, dense, f"{label} - dense")
 
 
 def _main_opt(r: Run) -> bool:

@@ -94,10 +94,9 @@ def _train_config(args: argparse.Namespace):
         from .tasks import RECIPES
 
         chosen = ("k", "mode", "memory", "warmup", "adaptive")
-        if args.task in RECIPES and all(getattr(args, f, None) is None for f in chosen):
-            base.update(
-                RECIPES[args.task]
-            )  # the measured recipe (meprop.experiments.tasks.RECIPES)
+        mlp = getattr(args, "model", None) in (None, "mlp")  # (measured on the MLP only)
+        if args.task in RECIPES and mlp and all(getattr(args, f, None) is None for f in chosen):
+            base.update(RECIPES[args.task])  # the measured recipe (tasks.RECIPES)
     try:
         return config_from_args(TrainConfig, args, base)
     except ConfigError as e:

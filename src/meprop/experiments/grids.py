@@ -70,12 +70,13 @@ def row_name(cfg: TrainConfig) -> str:
     return "-".join(
         part
         for part in [
+            cfg.model if cfg.model != "mlp" else "",
             cfg.method,
             cfg.mode if cfg.method in ("meprop", "mesimp") else "",
             f"k{cfg.k}" if cfg.method != "dense" else "",
             cfg.optimizer,
-            f"L{len(cfg.widths())}",
-            "w" + "x".join(map(str, sorted(set(cfg.widths())))),
+            f"L{len(cfg.widths())}" if cfg.model == "mlp" else "",  # (a CNN's are its own)
+            "w" + "x".join(map(str, sorted(set(cfg.widths())))) if cfg.model == "mlp" else "",
             f"d{cfg.dropout:g}",
             f"lr{cfg.lr:g}" if cfg.lr else "",
             "attn" if cfg.sparse_attention else "",

@@ -108,6 +108,8 @@ GROUP_TITLES = {
     "depth": "deeper networks",
     "dropout": "without dropout",
     "meact": "dense vs meAct (same seed)",
+    "lenet": "LeNet-5: dense vs meProp on the convolutions and hidden layers",
+    "resnet": "a small ResNet: dense vs meProp on the convolutions",
     "tuning": "dense at other learning rates and dropouts (one seed each): the shared "
     "settings chosen on dev",
     "runs": "runs",
@@ -166,7 +168,8 @@ def build_report(paths: list[Path], out: Path) -> Path:
             lines += _tuning_verdict(members, groups.get("main", []))
     lines += claims_table(runs)
     lines += adaptive_section(runs, out)
-    lines += _published(runs[0].config["task"])
+    if all(r.config.get("model", "mlp") == "mlp" for r in runs):  # (the paper's are MLPs)
+        lines += _published(runs[0].config["task"])
     for name in _plots(runs, out):
         lines += [f"![{name}]({name})", ""]
     if any(r.method == "meact" for r in runs):

@@ -240,6 +240,31 @@ def tta_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
 GRIDS["tta"] = tta_grid
 
 
+def cnn_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
+    """Convolutional networks on MNIST (or Fashion-MNIST, ``--dataset fashion``): LeNet-5 and a
+    small ResNet (``tasks.cnn``), dense against meProp unified and per_example at k = 1/8 and
+    1/16 of the channels and random-k at 1/8. (``--k`` counts the widest convolution's
+    channels: LeNet's 16, the ResNet's 64.) meSimp has no rows: it does not remove
+    convolution filters yet. ``--quick``: LeNet, 2000 images, 2 epochs."""
+    rows: list[Row] = []
+    for model, widest, epochs in (("lenet", 16, 10), ("resnet", 64, 5)):
+        if quick and model == "resnet":
+            continue
+        g = _Grid(TrainConfig(task="mnist", dataset=dataset, model=model,
+                              epochs=2 if quick else epochs,
+                              train_limit=2000 if quick else 0))  # fmt: skip
+        g.add(model, "dense", method="dense")
+        for share, k in (("1/8", widest // 8), ("1/16", widest // 16)):
+            for mode in ("unified", "per_example"):
+                g.add(model, f"meProp {mode} k={k} ({share})", method="meprop", k=k, mode=mode)
+        g.add(model, f"random-k k={widest // 8} (1/8)", method="random", k=widest // 8)
+        rows += g.list()  # (row names start with the model: lenet-..., resnet-...)
+    return rows
+
+
+GRIDS["cnn"] = cnn_grid
+
+
 def _size_control(row: Row, summary: dict) -> Row:
     """A dense net trained from scratch at the widths a meSimp run ended with (same seed and
     settings; the lm task's d_model is the run's)."""
@@ -421,6 +446,7 @@ PER_RUN = {
     "lm": ("about 3-5 min", "about 15 s"),
 }
 PER_RUN["meact"] = ("about 2 min", "about 3 min")
+PER_RUN["cnn"] = ("about 3-10 min (LeNet), 10-30 min (ResNet)", "about 30 s")
 PER_RUN["tta"] = ("about 1-6 min (MNIST width 500-2000), 5-15 min (parse, lm)", "about 10 s")
 
 

@@ -87,6 +87,13 @@ class TrainConfig:
         "balance, docs/per_example.md)",
         ("per_example", "unified", "symmetric"),
     )
+    model: str = _field(
+        "mlp",
+        "mnist task: the network, the paper's MLP (mlp) or a CNN (lenet: LeNet-5; resnet: a "
+        "small ResNet; --k then counts the widest convolution's channels, the other layers "
+        "keep the same share; --hidden and --layers do not apply)",
+        ("mlp", "lenet", "resnet"),
+    )
     hidden: tuple[int, ...] = _field((500,), "hidden width, or one width per layer: 500 or 154,160")
     layers: int = _field(
         0, "number of hidden layers when --hidden gives one width (0: the task's)"

@@ -88,6 +88,9 @@ def repair_log(path: Path, step: int) -> list[str]:
 #: Settings that a resume may change (a larger --epochs extends the run): not part of a run's
 #: identity.
 EXTENDABLE = ("epochs",)
+#: Settings added after run identities were: at their default they are left out of a run's
+#: identity, so the checkpoints of earlier runs still match their config.json.
+ADDED = {"model": "mlp"}
 
 
 def run_identity(cfg: TrainConfig) -> dict[str, Any]:
@@ -96,7 +99,11 @@ def run_identity(cfg: TrainConfig) -> dict[str, Any]:
     differs)."""
     import hashlib
 
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in EXTENDABLE}
+    settings = {
+        k: v
+        for k, v in cfg.to_dict().items()
+        if k not in EXTENDABLE and not (k in ADDED and v == ADDED[k])
+    }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return {"id": digest, "seed": cfg.seed, "settings": settings}
 

@@ -40,8 +40,8 @@ class Stopwatch:
 
 
 def linear_maps(model: nn.Module) -> list[nn.Module]:
-    """The modules whose backward is "the linear-map part": every Linear and LSTM."""
-    return [m for m in model.modules() if isinstance(m, nn.Linear | nn.LSTM)]
+    """The modules whose backward is "the linear-map part": every Linear, LSTM and Conv2d."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear | nn.LSTM | nn.Conv2d)]
 
 
 def _tensor(x):

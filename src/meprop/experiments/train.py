@@ -250,8 +250,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = model = task.build_model(cfg.widths(), cfg)
         mp = cfg.meprop_config()
-        if mp is not None:
-            sparsify_(model, mp, filter_fn=task.sparsify_filter(model))
+        if mp is not None:  # (a task may place meProp itself: per-layer k, ...)
+            if hasattr(task, "sparsify"):
+                task.sparsify(model, mp)
+            else:
+                sparsify_(model, mp, filter_fn=task.sparsify_filter(model))
         _warm_up(model, task, cfg)
         sparse_grad = mp is not None and mp.sparse_grad
         self.opt = make_optimizer(
@@ -507,7 +510,8 @@ class Trainer:
             **{f"test_{k}": v for k, v in test.items()},
             "times": {k: round(v, 4) for k, v in sw.totals.items()},
             "steps": state["step"],
-            "widths": cfg.widths(),
+            # (a CNN's are its own, not the MLP's --hidden: those of the sparsified layers)
+            "widths": cfg.widths() if cfg.model == "mlp" else task.widths(self.model),
             "final_widths": ends["final_widths"],
             "best_widths": task.widths(self.model),
             "metric": task.metric,

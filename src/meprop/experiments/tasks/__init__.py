@@ -131,3 +131,29 @@ def check_config(cfg) -> None:
         from .lm import check_config as check_lm
 
         check_lm(cfg)
+    _check_model(cfg)
+
+
+def _check_model(cfg) -> None:
+    """``model``: the mnist task's network; a CNN takes the methods and modes its
+    convolutions serve (meprop.SparseConv2d)."""
+    models = ("mlp", "lenet", "resnet")
+    if cfg.model not in models:
+        raise ConfigError(f"model must be one of {models}, got {cfg.model!r}")
+    if cfg.model == "mlp":
+        return
+    if cfg.task != "mnist":
+        raise ConfigError(
+            f"model picks the mnist task's network, not the {cfg.task} task's: leave --model out"
+        )
+    if cfg.method not in ("dense", "meprop", "random"):
+        raise ConfigError(
+            f"--model {cfg.model} trains with --method dense, meprop or random, not "
+            f"{cfg.method} (meSimp does not remove convolution filters yet)"
+        )
+    if cfg.method != "dense" and (cfg.mode == "symmetric" or cfg.memory or cfg.adaptive):
+        raise ConfigError(
+            f"--model {cfg.model}: its convolutions take --mode per_example or unified with a "
+            "fixed k and no --memory (meprop.SparseConv2d): leave --mode symmetric, --memory "
+            "and --adaptive out"
+        )

@@ -2,6 +2,7 @@
 
 The paper's setting is 784-500-500-10 with Adam (lr 1e-3); its split takes the first 5,000
 training images as the dev set. meProp goes on the hidden layers; the output layer stays dense.
+``--model lenet`` or ``resnet`` trains a convolutional network instead (``tasks.cnn``).
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from meprop.convert import hidden_layers
+from meprop.convert import hidden_layers, sparsify_
 from meprop.meact import IndexedBatch
 from meprop.nn import Cube
 
 from ..data import load_mnist
+from . import cnn
 
 __all__ = ["build_mlp", "MnistTask"]
 
@@ -63,17 +65,31 @@ class MnistTask:
         self.classes = data.num_classes
 
     def build_model(self, widths: list[int], cfg) -> nn.Sequential:
+        self.cnn = cfg.model != "mlp"
+        if self.cnn:
+            return cnn.build_cnn(cfg.model, self.classes, cfg.dropout)
         return build_mlp(self.d_in, widths, self.classes, cfg.dropout, cfg.activation)
+
+    def sparsify(self, model, config):
+        """meProp on the hidden layers (a CNN: ``tasks.cnn.sparsify``, k per layer)."""
+        if getattr(self, "cnn", False):
+            return cnn.sparsify(model, config)
+        return sparsify_(model, config, filter_fn=self.sparsify_filter(model))
 
     def sparsify_filter(self, model):
         return hidden_layers(model)
 
-    def hidden_layers(self, model) -> list[nn.Linear]:
+    def hidden_layers(self, model) -> list[nn.Module]:
+        if getattr(self, "cnn", False):
+            return cnn.sparsified_layers(model)
         linears = [m for m in model if isinstance(m, nn.Linear)]
         return linears[:-1]
 
     def widths(self, model) -> list[int]:
-        return [m.out_features for m in self.hidden_layers(model)]
+        return [
+            m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+            for m in self.hidden_layers(model)
+        ]
 
     @staticmethod
     def dense_hidden(final_widths: dict[str, int]) -> tuple[int, ...]:

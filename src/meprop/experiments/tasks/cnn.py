@@ -1,0 +1,114 @@
+"""Convolutional networks for the MNIST task (``--model lenet`` or ``resnet``), and how meProp
+goes on them.
+
+* ``lenet``: LeNet-5 on 28x28 images: conv 5x5 1->6 (padding 2), ReLU, max-pool 2; conv 5x5
+  6->16, ReLU, max-pool 2; then 400-120-84-10 with ReLU (dropout after each hidden layer).
+* ``resnet``: a small ResNet: a 3x3 stem 1->16 with BatchNorm, 3 stages of 2 basic blocks
+  (16, 32, 64 channels; the 2nd and 3rd stages halve the resolution, a 1x1 convolution on
+  their shortcut), global average pooling, dropout, a linear head.
+
+meProp (``sparsify``) goes on every convolution and hidden linear layer, the head stays dense.
+``--k`` is the number of output channels kept by the widest convolution; every other
+sparsified layer keeps the same share of its outputs (at least 1): with ``resnet``, k=8 keeps
+2 of 16, 4 of 32 and 8 of 64 channels (1/8 everywhere).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from meprop import MePropConfig, sparsify_
+
+__all__ = ["MODELS", "build_cnn", "sparsify", "sparsified_layers", "layer_k"]
+
+MODELS = ("mlp", "lenet", "resnet")  # mlp: the paper's (meprop.experiments.tasks.mnist)
+
+
+def build_lenet(classes: int, dropout: float) -> nn.Sequential:
+    def drop() -> list[nn.Module]:
+        return [nn.Dropout(dropout)] if dropout > 0 else []
+
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 28, 28)),  # the task's images come as (B, 784) rows
+        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),  # (B, 6, 14, 14)
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),  # (B, 16, 5, 5)
+        nn.Flatten(),
+        nn.Linear(400, 120), nn.ReLU(), *drop(),
+        nn.Linear(120, 84), nn.ReLU(), *drop(),
+        nn.Linear(84, classes),
+    )  # fmt: skip
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with BatchNorm and a shortcut (a 1x1 convolution where the shape
+    changes): He et al.'s basic block."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+def build_resnet(classes: int, dropout: float, widths=(16, 32, 64)) -> nn.Sequential:
+    blocks: list[nn.Module] = []
+    c_in = widths[0]
+    for stage, c in enumerate(widths):
+        for b in range(2):
+            blocks.append(BasicBlock(c_in, c, stride=2 if stage and not b else 1))
+            c_in = c
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 28, 28)),
+        nn.Conv2d(1, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(),
+        *blocks,
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        *([nn.Dropout(dropout)] if dropout > 0 else []),
+        nn.Linear(c_in, classes),
+    )  # fmt: skip
+
+
+def build_cnn(model: str, classes: int, dropout: float) -> nn.Sequential:
+    if model == "lenet":
+        return build_lenet(classes, dropout)
+    if model == "resnet":
+        return build_resnet(classes, dropout)
+    raise ValueError(f"model must be 'lenet' or 'resnet' (a CNN), got {model!r}")
+
+
+def sparsified_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers meProp goes on: every convolution and every linear layer but the head."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return convs + linears[:-1]
+
+
+def _outputs(m: nn.Module) -> int:
+    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+
+
+def layer_k(k: int, outputs: int, widest: int) -> int:
+    """The k of a layer with ``outputs`` outputs: the share k / ``widest`` of them, >= 1."""
+    return max(1, round(k * outputs / widest))
+
+
+def sparsify(model: nn.Module, config: MePropConfig) -> nn.Module:
+    """meProp on ``sparsified_layers(model)``, each keeping the share of its outputs that
+    ``config.k`` is of the widest convolution's channels."""
+    layers = sparsified_layers(model)
+    widest = max(m.out_channels for m in layers if isinstance(m, nn.Conv2d))
+    for m in layers:
+        sparsify_(m, dataclasses.replace(config, k=layer_k(config.k, _outputs(m), widest)))
+    return model

@@ -1,0 +1,101 @@
+"""The mnist task's convolutional networks (--model lenet / resnet): their shapes, where meProp
+goes and with which k, training through the trainer, and the settings they refuse."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from meprop import MePropConfig, SparseConv2d, SparseLinear
+from meprop.experiments.cli import main
+from meprop.experiments.rundir import run_identity
+from meprop.experiments.tasks import cnn
+from meprop.experiments.train import ConfigError, TrainConfig
+
+TINY = ["--epochs", "1", "--batch-size", "20", "--no-progress"]
+
+
+@pytest.mark.parametrize("model", ["lenet", "resnet"])
+def test_cnn_maps_images_to_class_scores(model):
+    net = cnn.build_cnn(model, 10, dropout=0.1)
+    assert net(torch.randn(3, 784)).shape == (3, 10)
+
+
+def test_k_is_the_widest_convolutions_and_the_share_everywhere():
+    net = cnn.sparsify(cnn.build_cnn("resnet", 10, 0.0), MePropConfig(k=8, mode="unified"))
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert all(isinstance(m, SparseConv2d) for m in convs)
+    assert {(m.out_channels, m.config.k) for m in convs} == {(16, 2), (32, 4), (64, 8)}
+    assert type(net[-1]) is nn.Linear  # the head stays dense
+    lenet = cnn.sparsify(cnn.build_cnn("lenet", 10, 0.0), MePropConfig(k=4))
+    ks = [(type(m).__name__, m.config.k) for m in cnn.sparsified_layers(lenet)]
+    assert ks == [("SparseConv2d", 2), ("SparseConv2d", 4), ("SparseLinear", 30),
+                  ("SparseLinear", 21)]  # fmt: skip
+    assert type(lenet[-1]) is nn.Linear and not isinstance(lenet[-1], SparseLinear)
+
+
+@pytest.mark.parametrize("method,extra", [("dense", []), ("meprop", ["--k", "4", "--mode",
+                         "unified"]), ("meprop", ["--k", "4"]), ("meprop", [])])  # fmt: skip
+def test_trainer_trains_lenet(tiny_mnist, tmp_path, method, extra):
+    out = tmp_path / "run"
+    args = ["train", "mnist", "--model", "lenet", "--method", method, "--data-dir",
+            str(tiny_mnist), "--out", str(out), *TINY, *extra]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["widths"] == [6, 16, 120, 84]  # the sparsified (or would-be) layers
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    times = summary["times"]
+    assert times["linear_backward"] > 0 and times["hidden_backward"] > 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model"] == "lenet"
+    if method == "meprop" and not extra:  # the MLP's measured recipe (memory) is not applied
+        assert saved["memory"] == 0.0 and saved["k"] == 20
+
+
+@pytest.mark.parametrize(
+    "kw,words",
+    [
+        (dict(task="pos", model="lenet"), "mnist task's network"),
+        (dict(model="lenet", method="mesimp"), "meSimp does not remove convolution"),
+        (dict(model="resnet", method="meprop", memory=0.8), "no --memory"),
+        (dict(model="resnet", method="meprop", mode="symmetric"), "--mode symmetric"),
+        (dict(model="vgg"), "model must be one of"),
+    ],
+)
+def test_cnn_settings_refused(kw, words):
+    with pytest.raises(ConfigError, match=words):
+        TrainConfig(**kw)
+
+
+def test_the_model_setting_leaves_earlier_runs_identities_alone():
+    # a run made before --model existed (config.json without it) keeps its identity
+    mlp = run_identity(TrainConfig())
+    assert "model" not in mlp["settings"]
+    assert "model" in run_identity(TrainConfig(model="lenet"))["settings"]
+    assert run_identity(TrainConfig(model="lenet"))["id"] != mlp["id"]
+
+
+def test_reproduce_cnn_quick_pairs_each_row_with_dense(tiny_mnist, tmp_path):
+    from meprop.experiments.reproduce import cnn_grid
+
+    rows = cnn_grid()
+    assert {r.group for r in rows} == {"lenet", "resnet"}
+    assert {r.config.k for r in rows if r.group == "resnet" and r.config.method != "dense"} == {
+        4,
+        8,
+    }
+    out = tmp_path / "cnn"
+    args = ["reproduce", "cnn", "--quick", "--out", str(out), "--data-dir", str(tiny_mnist),
+            "--seeds", "1,2", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    report = (out / "report.md").read_text()
+    assert "LeNet-5: dense vs meProp" in report
+    assert "Published figures" not in report  # the paper's are for its MLP
+    # every non-dense row paired with dense on the 2 seeds
+    for label in (
+        "meProp unified k=2 (1/8)",
+        "meProp per_example k=1 (1/16)",
+        "random-k k=2 (1/8)",
+    ):
+        assert f"lenet: {label} >= dense" in report

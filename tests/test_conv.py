@@ -416,3 +416,24 @@ def test_ddp(group_of_one):
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad)
     assert int((model.features[3].weight.grad.flatten(1) != 0).any(1).sum()) == 2
+
+
+@pytest.mark.parametrize("mode", ["unified", "per_example"])
+def test_create_graph_and_torch_func_give_the_masked_gradient(mode):
+    # first-order gradients under create_graph=True and torch.func.grad are the reference's;
+    # the second-order pass runs (the selection is a constant of it, as with the mask)
+    from torch.func import grad
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 8, 3, padding=1).double()
+    ref = nn.Conv2d(3, 8, 3, padding=1).double()
+    ref.load_state_dict(layer.state_dict())
+    sparsify_(layer, MePropConfig(k=2, mode=mode))
+    x = torch.randn(2, 3, 6, 6, dtype=torch.double, requires_grad=True)
+    out = layer(x)
+    dx, _, _ = reference_conv2d_backward(ref, x.detach(), 2 * out.detach(), 2, mode)
+    (gx,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    torch.testing.assert_close(gx, dx)
+    gx.pow(2).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(grad(lambda xx: layer(xx).pow(2).sum())(x.detach()), dx)

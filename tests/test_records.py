@@ -566,3 +566,20 @@ def test_20_sparse_linear_on_meta_tensors(mode):
     layer(x).sum().backward()
     assert x.grad.shape == (4, 8) and layer.weight.grad.shape == (6, 8)
     assert layer.weight.grad.is_meta
+
+
+def test_every_committed_config_loads_with_its_settings_and_identity():
+    # run folders written before the experiments moved rooms and before --model: their
+    # config.json loads, keeps every value, and their identity is what their checkpoints carry
+    # (the identity leaves out settings added later at their defaults)
+    from meprop.experiments.rundir import ADDED, run_identity
+
+    configs = sorted((REPO / "docs" / "results").glob("*/runs/*/config.json"))
+    assert len(configs) > 100
+    for path in configs:
+        saved = json.loads(path.read_text())
+        cfg = TrainConfig.from_file(path)
+        d = cfg.to_dict()
+        assert {k: d[k] for k in saved} == saved, path
+        settings = run_identity(cfg)["settings"]
+        assert not set(ADDED) & set(settings) - set(saved), path

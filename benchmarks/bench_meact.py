@@ -4,7 +4,7 @@ For each shape (B examples, `in` inputs, n neurons) and number of active neurons
 (a random set of that size in each row):
 
 * forward:   dense ``F.linear(x, W, b)``            vs the active-only kernel
-             (``meprop.kernels.active.active_linear``, CSR given), and the masked dense
+             (``meprop.kernels.meact_kernels.active_linear``, CSR given), and the masked dense
              reference (``torch.where(mask, F.linear(...), base)``: what the kernel avoids)
 * layer:     the whole meAct training forward of an ``ActiveLinear`` (active-set selection
              from the stored float16 shares, CSR, kernel, cache read and write) vs an
@@ -36,7 +36,7 @@ from torch.utils.benchmark import Timer
 
 from _timing import cpu_name
 from meprop.config import MeActConfig
-from meprop.kernels import active
+from meprop.kernels import meact_kernels as active
 from meprop.meact import MeAct, reference_active_linear
 
 # (B, in, n): MNIST's hidden layers (784-500-500, batch 100), and a wide layer.

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import meprop
-from meprop.analysis import UpdateMonitor
 from meprop.config import MeActConfig
 from meprop.experiments.cli import main
 from meprop.meact import (
@@ -23,8 +22,9 @@ from meprop.meact import (
     active_mask,
     reference_active_linear,
 )
+from meprop.update_monitor import UpdateMonitor
 
-active = pytest.importorskip("meprop.kernels.active")
+active = pytest.importorskip("meprop.kernels.meact_kernels")
 needs_numba = pytest.mark.skipif(not active.available(), reason="numba kernels unavailable")
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}

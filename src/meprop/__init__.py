@@ -20,7 +20,6 @@ def _interrupted(kind, value, tb):
 
 _sys.excepthook = _interrupted  # (until the imports below are done)
 
-from .analysis import UpdateMonitor  # noqa: E402
 from .checkpoint import load, save  # noqa: E402
 from .config import AdaptiveK, MeActConfig, MePropConfig, MeSimpConfig  # noqa: E402
 from .conv import SparseConv2d  # noqa: E402
@@ -31,6 +30,7 @@ from .meact import MeAct  # noqa: E402
 from .nn import SparseLinear  # noqa: E402
 from .ops import sparse_linear  # noqa: E402
 from .simplify import Pair, Simplifier  # noqa: E402
+from .update_monitor import UpdateMonitor  # noqa: E402
 
 _sys.excepthook = _previous_hook
 

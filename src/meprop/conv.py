@@ -322,19 +322,19 @@ def _untimeable(g: Tensor) -> bool:
 class _SparseConv2dFn(torch.autograd.Function):
     """F.conv2d forward (numeric padding); backward through the top-k output channels.
 
-    ``geo``: a ``Geometry``; ``cfg``: the layer's MePropConfig; ``counts``, ``sel_n``: the
+    ``geo``: a ``Geometry``; ``cfg``: the layer's MePropConfig; ``counts``, ``selections``: the
     usage record or None; ``record``: the layer's KRecord for adaptive k, or None.
     """
 
     @staticmethod
-    def forward(x, weight, bias, geo, cfg, counts, sel_n, record):
+    def forward(x, weight, bias, geo, cfg, counts, selections, record):
         return F.conv2d(x, weight, bias, geo.stride, geo.padding, geo.dilation, geo.groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, _, geo, cfg, counts, sel_n, record = inputs
+        x, weight, _, geo, cfg, counts, selections, record = inputs
         ctx.save_for_backward(x, weight)
-        ctx.geo, ctx.cfg, ctx.usage, ctx.record = geo, cfg, (counts, sel_n), record
+        ctx.geo, ctx.cfg, ctx.usage, ctx.record = geo, cfg, (counts, selections), record
 
     @staticmethod
     def backward(ctx, g):
@@ -360,9 +360,9 @@ class _SparseConv2dFn(torch.autograd.Function):
                 db = g.sum((2, 3)).masked_fill(~mask, 0).sum(0)
             else:
                 db = g.sum((0, 2, 3))
-        counts, sel_n = ctx.usage
+        counts, selections = ctx.usage
         if counts is not None:
-            _record(counts, sel_n, sel, s)
+            _record(counts, selections, sel, s)
         return dx, dw, db, None, None, None, None, None
 
 

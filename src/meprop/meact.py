@@ -18,7 +18,7 @@ and the cached outputs (``cache`` (N, n)); N examples, n neurons. float16 by def
 4 N n bytes per layer (+ 4 N), i.e. 220 MB for MNIST's 55,000 x (500 + 500).
 
 The forward of the active entries runs per-example sparse kernels
-(``meprop.kernels.active``: O(active x in) per example, not a dense matmul then a mask) and so
+(``meprop.kernels.meact_kernels``: O(active x in) per example, not a dense matmul then a mask) and so
 does its backward; ``reference_active_linear`` is the obviously-right dense version.
 
 Hooking it into a loop: build ``MeAct(model, config, num_examples)`` (it swaps the chosen
@@ -117,7 +117,7 @@ class _ActiveLinearFn(torch.autograd.Function):
     # bind per call, ~50 us here)
     @staticmethod
     def forward(ctx, x, weight, bias, offsets, cols, base):
-        from .kernels import active
+        from .kernels import meact_kernels as active
 
         ctx.save_for_backward(x, weight, offsets, cols)
         ctx.has_bias = bias is not None
@@ -125,7 +125,7 @@ class _ActiveLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from .kernels import active
+        from .kernels import meact_kernels as active
 
         x, weight, offsets, cols = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -138,7 +138,7 @@ class _ActiveLinearFn(torch.autograd.Function):
 
 
 def _kernels_apply(*tensors: Tensor) -> bool:
-    from .kernels import active
+    from .kernels import meact_kernels as active
 
     return active.available() and all(
         t.is_cpu and t.dtype in (torch.float32, torch.float64) and t.layout == torch.strided
@@ -417,7 +417,7 @@ class MeAct:
             base = st.cache.index_select(0, ids).to(x.dtype)  # (B, n): outputs at the last pass
             w, b = module.weight, module.bias
             if self._kernels(x, w, b):  # CSR all the way: no (B, n) boolean masks
-                from .kernels import active as kernels
+                from .kernels import meact_kernels as kernels
 
                 active = kernels.select_active(share, self.config.threshold, self.config.cap)
                 out = _ActiveLinearFn.apply(x, w, b, *active, base)
@@ -457,7 +457,7 @@ def _accumulate(
     old = st.total.index_select(0, ids)  # (B,)
     share = st.share.index_select(0, ids).float()  # (B, n)
     if isinstance(active, tuple):  # CSR: the compiled kernel reads the active entries only
-        from .kernels import active as kernels
+        from .kernels import meact_kernels as kernels
 
         share, new = kernels.accumulate_active(share, old, grad.detach(), *active)
     else:

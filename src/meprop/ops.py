@@ -76,7 +76,7 @@ ROWS_ATTR = "_meprop_rows"
 class _SparseLinearFn(torch.autograd.Function):
     """F.linear forward; backward through the top-k of the output gradient.
 
-    ``cfg``: the layer's MePropConfig; ``counts``, ``sel_n``: the meSimp usage record or None;
+    ``cfg``: the layer's MePropConfig; ``counts``, ``selections``: the meSimp usage record or None;
     ``record``: the layer's KRecord (adaptive k's memory, ``last_k``) or None.
 
     In the ``setup_context`` form, so torch.func's transforms (``grad``, ``vmap``, ``jacrev``)
@@ -88,14 +88,14 @@ class _SparseLinearFn(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, weight, bias, cfg, counts, sel_n, record, state=None):
+    def forward(x, weight, bias, cfg, counts, selections, record, state=None):
         return F.linear(x, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, _, cfg, counts, sel_n, record, state = inputs
+        x, weight, _, cfg, counts, selections, record, state = inputs
         ctx.save_for_backward(x, weight)
-        ctx.cfg, ctx.usage, ctx.record, ctx.state = cfg, (counts, sel_n), record, state
+        ctx.cfg, ctx.usage, ctx.record, ctx.state = cfg, (counts, selections), record, state
         # (no row log while torch.compile traces: the hook then finds the rows in dW)
         ctx.rows = None if torch.compiler.is_compiling() else getattr(weight, ROWS_ATTR, None)
 

@@ -2,7 +2,7 @@
 
 Two runs from the same seed (so the same initialisation and batch order): the dense baseline
 and meAct, identical until meAct starts. The report puts side by side, per epoch, their dev
-accuracy, the average absolute parameter change per iteration (``meprop.analysis``) and meAct's
+accuracy, the average absolute parameter change per iteration (``meprop.update_monitor``) and meAct's
 active neurons per example, beside the paper's claims: accuracy rises after meAct starts, and
 the update drops sharply. The full grid adds meAct with float32 state (does the float16 state
 change the result?), meAct at a lower and a higher threshold (how sensitive is it?) and both

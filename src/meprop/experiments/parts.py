@@ -10,7 +10,7 @@ has, so that it has no branch for any of them:
 * ``Part``s, called after each optimizer step and at each evaluation and checkpoint:
   ``MeSimpPart`` (usage counting, shrinking, the cycle's optimizer resets: the
   ``Simplifier``), ``MeActPart`` (the epoch and the example numbers meAct needs),
-  ``UpdatePart`` (the mean |parameter change| per step) and ``KLog`` (the mean k each layer
+  ``UpdatePart`` (the mean |parameter change| per step) and ``MeanKLog`` (the mean k each layer
   kept over an epoch).
 * ``BackwardClocks``: the seconds of the linear maps' backward, within the backward.
 """
@@ -25,10 +25,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from meprop import distributed
-from meprop.analysis import UpdateMonitor
 from meprop.config import MeSimpConfig
 from meprop.meact import MeAct
 from meprop.simplify import Simplifier
+from meprop.update_monitor import UpdateMonitor
 
 from .timing import BackwardTimer, linear_maps
 
@@ -38,7 +38,7 @@ __all__ = [
     "MeSimpPart",
     "MeActPart",
     "UpdatePart",
-    "KLog",
+    "MeanKLog",
     "BackwardClocks",
 ]
 
@@ -227,7 +227,7 @@ class UpdatePart(Part):
         return {"update": self.monitor.read()}
 
 
-class KLog(Part):
+class MeanKLog(Part):
     """The mean k each meProp layer kept over an epoch's steps (``mean_k``), read from the
     layers' ``last_k`` (the mean k of their latest backward; None or absent: nothing to log)
     after each step: one Python float per layer and step, no tensor sync.

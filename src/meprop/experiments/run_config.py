@@ -63,7 +63,7 @@ class TrainConfig:
     ``dense`` with ``hidden=(154, 160)``.
 
     ``track_updates``: log the mean absolute parameter change per step (``update``, the meAct
-    analysis' statistic; ``meprop.analysis.UpdateMonitor``) at each evaluation. It costs about
+    analysis' statistic; ``meprop.update_monitor.UpdateMonitor``) at each evaluation. It costs about
     a tenth of a dense MNIST step, so it is off unless asked for, except for ``meact``, whose
     analysis reads it (None, the default, resolves to ``method == "meact"``; a config made with
     ``dataclasses.replace`` from a resolved one keeps the resolved value).

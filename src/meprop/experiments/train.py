@@ -52,8 +52,8 @@ from .errors import Diverged
 from .parts import (
     BackwardClocks,
     Distribution,
-    KLog,
     MeActPart,
+    MeanKLog,
     MeSimpPart,
     Part,
     UpdatePart,
@@ -285,7 +285,7 @@ class Trainer:
             examples = self.task.num_examples("train")
             meact = MeAct(model, cfg.meact_config(), examples, self.task.sparsify_filter(model))
             parts.append(MeActPart(meact, cfg.task))
-        parts.append(KLog(model))
+        parts.append(MeanKLog(model))
         return parts
 
     def _restore(self, resume: bool, saved: TrainConfig | None) -> None:

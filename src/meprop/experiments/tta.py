@@ -354,7 +354,7 @@ def _group_section(group: str, rows: list[list], out: Path) -> list[str]:
         "",
         f"{cfg['task']} ({cfg['dataset']}), hidden {'x'.join(map(str, cfg['hidden'] * cfg['layers']))}, "
         f"{cfg['optimizer']} lr {cfg['lr'] or 'default'}, batch {cfg['batch_size']}, dropout "
-        f"{cfg['dropout']:g}, {cfg['epochs']} epochs, dev every {cfg['eval_every']} steps. "
+        f"{cfg['dropout']:g}, {_epochs(rows, dense)}, dev every {cfg['eval_every']} steps. "
         f"Dense's best running-mean dev {metric.name}: {abs(metric.shown(best.mean)):.3f} ± "
         f"{abs(metric.shown(best.sd)):.3f} {metric.unit}. Rebuild: `meprop reproduce tta "
         f"--groups {group}` (seeds {','.join(str(r.seed) for r in dense)}).",
@@ -397,6 +397,16 @@ def _group_section(group: str, rows: list[list], out: Path) -> list[str]:
     if plot:
         lines += ["", f"![dev {metric.name} against training seconds]({plot})"]
     return lines
+
+
+def _epochs(rows: list[list], dense_reps: list) -> str:
+    """The epochs: "5 epochs", or where recipes differ "5 epochs (dense; 7: meProp ...)"."""
+    dense = dense_reps[0].config["epochs"]
+    other = {reps[0].label: reps[0].config["epochs"] for reps in rows
+             if reps[0].config["epochs"] != dense}  # fmt: skip
+    if not other:
+        return f"{dense} epochs"
+    return f"{dense} epochs (dense; " + "; ".join(f"{e}: {lab}" for lab, e in other.items()) + ")"
 
 
 def _test_cells(reps: list, dense: list, metric: Metric) -> list[str]:

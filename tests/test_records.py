@@ -205,7 +205,7 @@ def test_1_the_committed_mnist_runs_are_the_rows_of_their_grid(tmp_path):
     assert checked >= 40
 
 
-@pytest.mark.parametrize("task", ["mnist", "lm"])
+@pytest.mark.parametrize("task", ["mnist", "lm", "cnn", "tta"])
 def test_the_committed_runs_still_load_and_pool_as_their_rows(tmp_path, task):
     """Old run folders (no checkpoints, configs of older versions) load for report; each row's
     seeds pool as before (no row split, no run left out)."""

@@ -409,7 +409,9 @@ def task_plots(runs: list, rows: list[list], out: Path) -> list[str]:
     dense = [reps for reps in rows if reps[0].method == "dense" and reps[0].group in ("main", "runs")]  # fmt: skip
     base = dense[0] if dense else None
     comparable = _comparable(base[0] if base else runs[0])
-    sweep = [r for r in runs if r.method == "meprop" and comparable(r)]
+    # (k/h is a ratio of the MLP's widths; a CNN's k counts channels of layers of other widths)
+    sweep = [r for r in runs if r.method == "meprop" and comparable(r)
+             and r.config.get("model", "mlp") == "mlp"]  # fmt: skip
     # a curve needs two ratios at least: one k is a point, already in the tables
     if len({(r.config["k"], r.config["mode"]) for r in sweep}) > len(
         {r.config["mode"] for r in sweep}

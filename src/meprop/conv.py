@@ -55,7 +55,7 @@ from .config import MePropConfig
 from .grads import weight_grad
 from .kernels import dispatch
 from .nn import config_repr
-from .ops import autocast_cast, autocast_dtype
+from .ops import apply_autocast, builds_graph
 
 __all__ = ["SparseConv2d", "check_conv_config", "random_channels"]
 
@@ -471,16 +471,14 @@ class SparseConv2d(nn.Conv2d):
         if input.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
             return self.forward(input.unsqueeze(0)).squeeze(0)
         cfg, record, c_out = self.config, self.k_record, self.out_channels
-        builds_graph = torch.is_grad_enabled() and (
-            input.requires_grad or self.weight.requires_grad
-        )
-        if cfg.warmup and record.calls < cfg.warmup and builds_graph:
+        training = builds_graph(input, self.weight)
+        if cfg.warmup and record.calls < cfg.warmup and training:
             record.calls += 1  # a warm-up step: the dense layer
             record.last_k = float(c_out)
             return self._conv_forward(input, self.weight, self.bias)
         if cfg.adapt is None or cfg.k >= c_out:
             record.last_k = float(min(cfg.k, c_out))
-        if self.usage is None and cfg.k >= c_out and not cfg.sparse_grad or not builds_graph:
+        if self.usage is None and cfg.k >= c_out and not cfg.sparse_grad or not training:
             # keeps everything (or no backward will run): nn.Conv2d itself, bit-exact
             return self._conv_forward(input, self.weight, self.bias)
         if cfg.adapt is not None and torch.compiler.is_compiling():
@@ -496,15 +494,7 @@ class SparseConv2d(nn.Conv2d):
         usage = (None, None) if self.usage is None else self.usage
         adaptive = cfg.adapt is not None and cfg.k < c_out
         args = (geo, cfg, *usage, record if adaptive else None)
-        weight, bias = self.weight, self.bias
-        dtype = autocast_dtype(x)
-        if dtype is None:
-            return _SparseConv2dFn.apply(x, weight, bias, *args)
-        # Under autocast, F.conv2d's policy: casts that are autograd ops (dW goes back to the
-        # parameter's dtype through the cast's backward), the convolution in ``dtype``.
-        x, weight, bias = (autocast_cast(t, dtype) for t in (x, weight, bias))
-        with torch.autocast(x.device.type, enabled=False):
-            return _SparseConv2dFn.apply(x, weight, bias, *args)
+        return apply_autocast(_SparseConv2dFn, x, self.weight, self.bias, *args)
 
     def _padded(self, input: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """``input`` padded as ``nn.Conv2d`` pads it, and the numeric padding left for the

@@ -417,7 +417,7 @@ def apply_config(
 ) -> Tensor:
     """``sparse_linear`` with an already validated config (the modules' hot path)."""
     n = weight.shape[0]
-    if cfg.warmup and record is not None and record.calls < cfg.warmup and _builds_graph(x, weight):
+    if cfg.warmup and record is not None and record.calls < cfg.warmup and builds_graph(x, weight):
         record.calls += 1  # a warm-up step: the dense layer
         record.last_k = float(n)
         return F.linear(x, weight, bias)
@@ -450,19 +450,23 @@ def apply_config(
     state = None
     if record is not None and torch.compiler.is_compiling():
         state = record.state  # adaptive k's memory, as a tensor the traced backward updates
-    args = (cfg, counts, selections, record, state)
+    return apply_autocast(_SparseLinearFn, x, weight, bias, cfg, counts, selections, record, state)
+
+
+def apply_autocast(fn, x: Tensor, weight: Tensor, bias: Tensor | None, *args):
+    """``fn.apply(x, weight, bias, *args)`` for an autograd Function of a layer, under autocast
+    as its dense op: F.linear's and F.conv2d's policy. The casts are autograd ops, so backward
+    (inside or outside the autocast block) sees g, x and W in one dtype, and dW goes back to
+    the parameter's dtype through the cast's backward; the Function runs with autocast off."""
     dtype = autocast_dtype(x)
     if dtype is None:
-        return _SparseLinearFn.apply(x, weight, bias, *args)
-    # Under autocast, F.linear's policy: the casts are autograd ops, so backward (inside or
-    # outside the autocast block) sees g, x and W in one dtype, and dW goes back to the
-    # parameter's dtype through the cast's backward.
+        return fn.apply(x, weight, bias, *args)
     x, weight, bias = (autocast_cast(t, dtype) for t in (x, weight, bias))
     with torch.autocast(x.device.type, enabled=False):
-        return _SparseLinearFn.apply(x, weight, bias, *args)
+        return fn.apply(x, weight, bias, *args)
 
 
-def _builds_graph(x: Tensor, weight: Tensor) -> bool:
+def builds_graph(x: Tensor, weight: Tensor) -> bool:
     """Whether this forward builds a graph for backward (a training step, not an evaluation)."""
     return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 

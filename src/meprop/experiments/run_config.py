@@ -24,6 +24,7 @@ from . import methods, tasks
 from .errors import ConfigError
 from .methods import METHODS
 from .tasks import TAGS
+from .tasks.cnn import MODELS
 
 __all__ = ["TrainConfig", "ConfigError", "METHODS", "OPTIMIZERS", "ACTIVATIONS", "TAGS"]
 
@@ -92,7 +93,7 @@ class TrainConfig:
         "mnist task: the network, the paper's MLP (mlp) or a CNN (lenet: LeNet-5; resnet: a "
         "small ResNet; --k then counts the widest convolution's channels, the other layers "
         "keep the same share; --hidden and --layers do not apply)",
-        ("mlp", "lenet", "resnet"),
+        MODELS,
     )
     hidden: tuple[int, ...] = _field((500,), "hidden width, or one width per layer: 500 or 154,160")
     layers: int = _field(

@@ -143,9 +143,10 @@ def check_config(cfg) -> None:
 def _check_model(cfg) -> None:
     """``model``: the mnist task's network; a CNN takes the methods and modes its
     convolutions serve (meprop.SparseConv2d)."""
-    models = ("mlp", "lenet", "resnet")
-    if cfg.model not in models:
-        raise ConfigError(f"model must be one of {models}, got {cfg.model!r}")
+    from .cnn import MODELS
+
+    if cfg.model not in MODELS:
+        raise ConfigError(f"model must be one of {MODELS}, got {cfg.model!r}")
     if cfg.model == "mlp":
         return
     if cfg.task != "mnist":

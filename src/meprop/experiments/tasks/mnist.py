@@ -63,16 +63,16 @@ class MnistTask:
         }
         self.d_in = train.images.shape[1]
         self.classes = data.num_classes
+        self.cnn = cfg.model != "mlp"  # a convolutional network (tasks.cnn), not the MLP
 
     def build_model(self, widths: list[int], cfg) -> nn.Sequential:
-        self.cnn = cfg.model != "mlp"
         if self.cnn:
             return cnn.build_cnn(cfg.model, self.classes, cfg.dropout)
         return build_mlp(self.d_in, widths, self.classes, cfg.dropout, cfg.activation)
 
     def sparsify(self, model, config):
         """meProp on the hidden layers (a CNN: ``tasks.cnn.sparsify``, k per layer)."""
-        if getattr(self, "cnn", False):
+        if self.cnn:
             return cnn.sparsify(model, config)
         return sparsify_(model, config, filter_fn=self.sparsify_filter(model))
 
@@ -80,7 +80,7 @@ class MnistTask:
         return hidden_layers(model)
 
     def hidden_layers(self, model) -> list[nn.Module]:
-        if getattr(self, "cnn", False):
+        if self.cnn:
             return cnn.sparsified_layers(model)
         linears = [m for m in model if isinstance(m, nn.Linear)]
         return linears[:-1]

@@ -39,7 +39,7 @@ def test_crossing_needs_the_running_mean():
 def test_grid_rows():
     rows = tta_grid()
     groups = {r.group for r in rows}
-    assert groups == {"mnist-w500", "mnist-w1000", "mnist-w2000", "parse", "lm"}
+    assert groups == {"mnist-w500", "mnist-w1000", "mnist-w2000", "parse", "lm", "lm-time"}
     for group, task in (("parse", "parse"), ("lm", "lm")):
         rows_of = [r for r in rows if r.group == group]
         assert rows_of[0].config.method == "dense" and {r.config.task for r in rows_of} == {task}

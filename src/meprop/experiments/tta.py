@@ -23,7 +23,7 @@ Rules that make the comparison fair and the crossing robust:
   ten times per epoch on MNIST, four on the parser, every 25 steps on the LM.
 
 The rows (``tta_grid``) are grouped by task and width (``mnist-w500``, ``mnist-w2000``,
-``parse``, ``lm``): ``--groups`` picks them. ``build_tta_report`` writes ``report.md`` and one plot per group.
+``parse``, ``lm``, ``lm-time``): ``--groups`` picks them. ``build_tta_report`` writes ``report.md`` and one plot per group.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def tta_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
             add(f"meProp unified k={k8}, memory 0.8", method="meprop", mode="unified", k=k8,
                 memory=0.8)  # fmt: skip
     if not quick:
-        rows += _parse_rows() + _lm_rows()
+        rows += _parse_rows() + _lm_rows() + _lm_time_rows()
     return rows
 
 
@@ -123,6 +123,28 @@ def _lm_rows() -> list[Row]:
             ("meProp unified k=64 (1/8)", replace(base, method="meprop", mode="unified", k=64)),
             ("meProp unified k=64 (1/8), memory 0.8",
              replace(base, method="meprop", mode="unified", k=64, memory=0.8)),
+        )
+    ]  # fmt: skip
+
+
+def _lm_time_rows() -> list[Row]:
+    """The LM with each recipe given about dense's training time (the ``lm`` group gives every
+    recipe dense's steps, and meProp's steps are cheaper): dense (2 epochs); meProp unified
+    k = 1/8, 3 epochs (its step costs about 0.77 of dense's in the lm grid: 308 against
+    400 ms, so 3 epochs take about 1.15x dense's 2); meSimp unified k = 1/2 on mlp.fc only, the
+    lm grid's closest recipe to dense (dev bpb +1.9% after 2 epochs), 2 epochs (its step
+    shrinks with the net: 0.85 of dense's). Dev every 25 steps."""
+    base = TrainConfig(task="lm", method="dense", hidden=(512,), layers=4, epochs=2,
+                       eval_every=25)  # fmt: skip
+    return [
+        Row(f"lm-time-{row_name(cfg)}", "lm-time", label, cfg)
+        for label, cfg in (
+            ("dense", base),
+            ("meProp unified k=64 (1/8), 3 epochs",
+             replace(base, method="meprop", mode="unified", k=64, epochs=3)),
+            ("meSimp unified k=256 (1/2), mlp.fc only",
+             replace(base, method="mesimp", mode="unified", k=256, prune_rate=0.1,
+                     fc_only=True)),
         )
     ]  # fmt: skip
 

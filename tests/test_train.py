@@ -203,6 +203,7 @@ def test_make_optimizer_takes_the_fused_kernels_where_they_apply():
         assert not opt.defaults.get("fused"), name
     with pytest.raises(ValueError, match="optimizer must be one of"):
         make_optimizer("rmsprop", layer.parameters(), 0.1)
+    assert type(make_optimizer("lazy_adam", layer.parameters(), 0.1)) is meprop.LazyAdam
 
 
 @pytest.mark.parametrize("name", ["adam", "adagrad"])
@@ -227,7 +228,7 @@ def test_fused_optimizer_steps_like_the_default(name):
         torch.testing.assert_close(p, q)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "lazy_adam"])
 def test_train_with_row_sparse_gradients(tiny_mnist, tmp_path, optimizer):
     out = tmp_path / "run"
     extra = ["--k", "4", "--sparse-grad", "--optimizer", optimizer]
@@ -344,3 +345,26 @@ def test_memory_and_warmup_resume_exactly(tiny_mnist, tmp_path, monkeypatch):
 def test_memory_needs_a_meprop_method(tiny_mnist, tmp_path, capsys):
     assert train(tiny_mnist, tmp_path / "a", "--method", "dense", "--memory", "0.5") == 2
     assert "--memory applies to the meProp layers" in capsys.readouterr().err
+
+
+def test_lazy_adam_needs_row_sparse_gradients_and_resumes_exactly(
+    tiny_mnist, tmp_path, monkeypatch, capsys
+):
+    """--optimizer lazy_adam learns the kept rows from row-sparse gradients: without
+    --sparse-grad a meProp run is refused by name (dense runs take it: it is Adam there); its
+    state (moments, step counts) is in last.pt, so a killed and resumed run ends as an
+    uninterrupted one."""
+    args = ["--method", "meprop", "--k", "4", "--optimizer", "lazy_adam", "--hidden", "24",
+            "--eval-every", "3", "--epochs", "2"]  # fmt: skip
+    assert train(tiny_mnist, tmp_path / "x", *args) == 2
+    assert "add --sparse-grad" in capsys.readouterr().err
+    assert train(tiny_mnist, tmp_path / "d", "--method", "dense", "--optimizer", "lazy_adam") == 0
+    args.append("--sparse-grad")
+    assert train(tiny_mnist, tmp_path / "a", *args) == 0
+    log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    resumed = killed_and_resumed(tiny_mnist, tmp_path / "b", args, monkeypatch)  # (at step 9)
+
+    def scores(records):
+        return [{k: v for k, v in r.items() if k != "times"} for r in records]
+
+    assert scores(resumed) == scores(log)

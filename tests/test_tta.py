@@ -48,13 +48,16 @@ def test_grid_rows():
         # least dense's epochs
         assert len({r.config.eval_every for r in rows_of}) == 1
         assert min(r.config.epochs for r in rows_of) == rows_of[0].config.epochs
-    assert len([r for r in rows if r.group == "mnist-w2000"]) == 3
+    w2000 = [r for r in rows if r.group == "mnist-w2000"]
+    assert len(w2000) == 4
+    lazy = [r.config for r in w2000 if r.config.optimizer == "lazy_adam"]
+    assert len(lazy) == 1 and lazy[0].sparse_grad and lazy[0].mode == "unified"
     names = [r.name for r in rows]
     assert len(names) == len(set(names))
     w500 = [r for r in rows if r.group == "mnist-w500"]
     assert w500[0].config.method == "dense"
     assert {r.config.k for r in w500 if r.config.method == "meprop"} == {20, 40, 80}
-    assert len(w500) == 5
+    assert len(w500) == 6
     assert all(r.config.eval_every == 110 for r in w500)  # ten evaluations per epoch
     assert any(r.config.memory == 0.8 for r in w500)
 

@@ -29,6 +29,7 @@ from .lstm import SparseLSTM  # noqa: E402
 from .meact import MeAct  # noqa: E402
 from .nn import SparseLinear  # noqa: E402
 from .ops import sparse_linear  # noqa: E402
+from .optim import LazyAdam  # noqa: E402
 from .simplify import Pair, Simplifier  # noqa: E402
 from .update_monitor import UpdateMonitor  # noqa: E402
 
@@ -48,6 +49,7 @@ __all__ = [
     "hidden_layers",
     "sparse_linear",
     "clip_grad_norm_",
+    "LazyAdam",
     "MeSimpConfig",
     "Simplifier",
     "Pair",

@@ -61,8 +61,14 @@ def _check_meprop(cfg) -> None:
         )
     if cfg.sparse_grad and cfg.optimizer == "adam":
         raise ConfigError(
-            "sparse_grad: torch's Adam takes no sparse gradients: give --optimizer sgd or "
-            "adagrad, or leave --sparse-grad out"
+            "sparse_grad: torch's Adam takes no sparse gradients: give --optimizer lazy_adam "
+            "(Adam on the rows that got a gradient), sgd or adagrad, or leave --sparse-grad out"
+        )
+    if cfg.optimizer == "lazy_adam" and cfg.method in SPARSE and not cfg.sparse_grad:
+        raise ConfigError(
+            "--optimizer lazy_adam updates the rows that got a gradient, and learns them from "
+            "row-sparse gradients: add --sparse-grad (without it every row has a gradient, "
+            "zero or not, and lazy_adam is --optimizer adam at more cost)"
         )
     if (cfg.memory or cfg.warmup) and cfg.method not in SPARSE:
         flag = "--memory" if cfg.memory else "--warmup"

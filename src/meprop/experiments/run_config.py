@@ -28,7 +28,8 @@ from .tasks.cnn import MODELS
 
 __all__ = ["TrainConfig", "ConfigError", "METHODS", "OPTIMIZERS", "ACTIVATIONS", "TAGS"]
 
-OPTIMIZERS = {"adam": 1e-3, "adagrad": 1e-2, "sgd": 0.1}  # name -> default learning rate
+# name -> default learning rate; lazy_adam: meprop.LazyAdam (Adam on the rows that got a gradient)
+OPTIMIZERS = {"adam": 1e-3, "lazy_adam": 1e-3, "adagrad": 1e-2, "sgd": 0.1}
 ACTIVATIONS = ("relu", "tanh", "cube", "gelu")  # gelu: the lm task's MLP
 #: Largest hidden width, and most weights between hidden layers (1 GiB of float32), that a
 #: config may ask for: beyond them a typo (``--k 100000``) would try to allocate tens of GB.
@@ -105,7 +106,7 @@ class TrainConfig:
     )
     optimizer: str = _field("adam", choices=tuple(OPTIMIZERS))
     lr: float = _field(
-        0.0, "learning rate (0: adam 1e-3, the lm task's 4e-3; adagrad 1e-2, sgd 0.1)"
+        0.0, "learning rate (0: adam and lazy_adam 1e-3, the lm task's 4e-3; adagrad 1e-2, sgd 0.1)"
     )
     batch_size: int = _field(
         0,

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from meprop import checkpoint, distributed
+from meprop import LazyAdam, checkpoint, distributed
 from meprop.convert import sparsify_
 from meprop.meact import MeAct
 
@@ -99,17 +99,19 @@ __all__ = [
 # the same update up to float rounding (``benchmarks/bench_optimizer.py``, MNIST MLP, 1 thread:
 # Adam 0.82 ms default, 0.78 foreach, 0.32 fused; Adagrad 0.57 / 0.65 / 0.23; SGD 0.09 for all
 # three). Fused kernels reject sparse gradients, so with ``sparse_grad`` the default one runs.
-FAST = {"adam": {"fused": True}, "adagrad": {"fused": True}, "sgd": {}}
+FAST = {"adam": {"fused": True}, "adagrad": {"fused": True}, "sgd": {}, "lazy_adam": {}}
 
 
 def make_optimizer(
     name: str, params, lr: float, *, sparse_grad: bool = False
 ) -> torch.optim.Optimizer:
     """The trainer's optimizer ``name`` (``adam``, ``adagrad``, ``sgd``; torch's defaults but
-    the learning rate) in its fastest implementation: ``fused`` for Adam and Adagrad, unless
-    some parameter gets row-sparse gradients (``sparse_grad``) or this torch has no fused
-    kernel for the parameters' device, where the default implementation runs."""
-    cls = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
+    the learning rate; ``lazy_adam``: ``meprop.LazyAdam``) in its fastest implementation:
+    ``fused`` for Adam and Adagrad, unless some parameter gets row-sparse gradients
+    (``sparse_grad``) or this torch has no fused kernel for the parameters' device, where the
+    default implementation runs."""
+    cls = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD,
+           "lazy_adam": LazyAdam}  # fmt: skip
     if name not in cls:
         raise ValueError(f"optimizer must be one of {tuple(cls)}, got {name!r}")
     params = list(params)

@@ -55,8 +55,9 @@ MNIST_EPOCHS = {500: 10, 1000: 5, 2000: 3}
 def tta_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
     """The recipes, per MNIST width: dense; meProp per example with memory at k = 4% of the
     width (the paper's 20 of 500) and, at width 500, 8%; unified at 16% (the fastest to
-    accuracy without memory, benchmarks/bench_time_to_accuracy.py) and, at width 500, at 8%
-    with memory. (Wider nets: fewer recipes and epochs, each epoch costing more.)
+    accuracy without memory, benchmarks/bench_time_to_accuracy.py), with Adam and with
+    LazyAdam (Adam on the kept rows only), and, at width 500, at 8% with memory. (Wider nets:
+    fewer recipes and epochs, each epoch costing more.)
 
     Seed 1 only: ``meprop reproduce tta`` runs them with seeds 1, 2, 3 unless ``--seeds``
     says otherwise."""
@@ -84,6 +85,9 @@ def tta_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
         for k in (k4, k8) if width == 500 else (k4,):
             add(f"meProp per_example k={k}, memory 0.8", method="meprop", k=k, memory=0.8)
         add(f"meProp unified k={k16}", method="meprop", mode="unified", k=k16)
+        # the whole step: Adam on the kept rows only (meprop.LazyAdam, row-sparse gradients)
+        add(f"meProp unified k={k16}, LazyAdam", method="meprop", mode="unified", k=k16,
+            optimizer="lazy_adam", sparse_grad=True)  # fmt: skip
         if width == 500:
             add(f"meProp unified k={k8}, memory 0.8", method="meprop", mode="unified", k=k8,
                 memory=0.8)  # fmt: skip

@@ -684,6 +684,36 @@ void zero_rows(F* out, i64 d, const i64* rows, i64 nr, bool stream, int nt) {
   if (stream) MEPROP_SFENCE();
 }
 
+// Adam's step (torch.optim.Adam's formula, L2 weight decay added to the gradient) on rows
+// rows[0:nr] of p, m, v (each row d long; rows == nullptr: rows 0..nr-1), whose gradient rows
+// are g (nr, d) in that order. The lazy optimizer (meprop.LazyAdam) calls it with the rows that
+// meProp kept; a dense gradient is every row. Memory-bound: each entry is read and written once.
+template <class F>
+void row_adam(F* p, F* m, F* v, i64 d, const i64* rows, i64 nr, const F* g, F lr, F b1, F b2,
+              F eps, F wd, F bc1, F bc2_sqrt, int nt) {
+  // (one division per entry: the denominator's 1/bc2_sqrt as a product; torch's divides, a
+  // difference of an ulp)
+  const F step = lr / bc1, a1 = F(1) - b1, a2 = F(1) - b2, inv_bc2 = F(1) / bc2_sqrt;
+  nt = threads_for(nt, nr);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (i64 q = 0; q < nr; q++) {
+    const i64 off = (rows ? rows[q] : q) * d;
+    F* pr = p + off;
+    F* mr = m + off;
+    F* vr = v + off;
+    const F* gr = g + q * d;
+#pragma omp simd
+    for (i64 c = 0; c < d; c++) {
+      const F gc = gr[c] + wd * pr[c];
+      const F mc = mr[c] + a1 * (gc - mr[c]);  // torch: exp_avg.lerp_(grad, 1 - beta1)
+      const F vc = b2 * vr[c] + a2 * gc * gc;
+      mr[c] = mc;
+      vr[c] = vc;
+      pr[c] -= step * mc / (std::sqrt(vc) * inv_bc2 + eps);
+    }
+  }
+}
+
 // Row-compact dW: rows (R,) sorted, out (R, d); both sized >= R by the caller. Returns R.
 template <class F>
 i64 outer_compact(const Groups<F>& gr, i64 n, const F* x, i64 d, i64* rows, F* out, int nt) {
@@ -969,6 +999,11 @@ void unified(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64
   MEPROP_EXPORT void meprop_zero_rows_##SUFFIX(F* out, i64 d, const i64* rows, i64 nr,       \
                                                int stream, int nt) {                           \
     zero_rows<F>(out, d, rows, nr, stream != 0, nt);                                           \
+  }                                                                                            \
+  MEPROP_EXPORT void meprop_row_adam_##SUFFIX(F* p, F* m, F* v, i64 d, const i64* rows,    \
+                                              i64 nr, const F* g, F lr, F b1, F b2, F eps,    \
+                                              F wd, F bc1, F bc2_sqrt, int nt) {              \
+    row_adam<F>(p, m, v, d, rows, nr, g, lr, b1, b2, eps, wd, bc1, bc2_sqrt, nt);              \
   }                                                                                            \
   MEPROP_EXPORT void meprop_unified_##SUFFIX(                                                  \
       const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64* cols, F* gc, F* dx,   \

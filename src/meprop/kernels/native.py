@@ -57,6 +57,7 @@ __all__ = [
     "top_columns",
     "per_example_backward",
     "unified_backward",
+    "row_adam",
     "clear_grad_pool",
     # (from meprop.kernels.build, for the callers that read them here)
     "SOURCE",
@@ -70,6 +71,7 @@ FUSED = True  # has per_example_backward and unified_backward (meprop.ops looks 
 # on a loaded machine a region waits for its slowest (descheduled) thread.
 _PAR_MIN_ENTRIES = 1 << 16  # top-k: about 0.5 ns per entry
 _PAR_MIN_FMAS = 1 << 19  # products: about 20 multiply-adds per ns
+_PAR_MIN_ADAM = 1 << 16  # Adam's step: about 1 ns per entry (memory-bound)
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,3 +331,30 @@ def unified_backward(
         out = (cols, out)
     pool.POOL.written(entry, cols)
     return cols, gc, dx, out, db
+
+
+def row_adam(
+    p: Tensor,
+    m: Tensor,
+    v: Tensor,
+    rows: Tensor | None,
+    g: Tensor,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    step: int,
+) -> None:
+    """Adam's step ``step`` (1, 2, ...) in place on the rows ``rows`` (R,) of ``p``, ``m`` and
+    ``v`` (each (n, d), contiguous, one float dtype), whose gradient is ``g`` (R, d); ``rows``
+    None: every row, ``g`` (n, d). The formula is torch.optim.Adam's (``weight_decay`` adds
+    ``weight_decay * p`` to the gradient)."""
+    b1, b2 = betas
+    bc1 = 1.0 - b1**step
+    bc2_sqrt = (1.0 - b2**step) ** 0.5
+    d = p.shape[1]
+    nr = g.shape[0]
+    build.kernel("row_adam", p.dtype)(
+        p.data_ptr(), m.data_ptr(), v.data_ptr(), d, _ptr(rows), nr, g.data_ptr(), lr, b1, b2,
+        eps, weight_decay, bc1, bc2_sqrt, _threads(nr * d, _PAR_MIN_ADAM),
+    )  # fmt: skip

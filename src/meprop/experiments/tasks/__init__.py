@@ -95,7 +95,7 @@ def take_defaults(cfg) -> None:
         unset = current == -1 if name == "dropout" else not current
         if unset and not (name == "layers" and len(cfg.hidden) > 1):
             object.__setattr__(cfg, name, value)
-    if not cfg.lr and cfg.optimizer == "adam" and cfg.task in ADAM_LR:
+    if not cfg.lr and cfg.optimizer in ("adam", "lazy_adam") and cfg.task in ADAM_LR:
         object.__setattr__(cfg, "lr", ADAM_LR[cfg.task])
     if cfg.task != "mnist":  # the field picks MNIST or Fashion-MNIST; other tasks have one
         if cfg.dataset not in ("mnist", "ud_english_ewt"):  # "mnist": the field's default

@@ -113,7 +113,12 @@ def test_12_a_setting_that_fails_later_is_refused_before_anything_is_written(
 ):
     out = tmp_path / "run"
     assert train(tiny_mnist, out, "--optimizer", "adam", "--sparse-grad") == 2
-    one_error_line(capsys, "train", "sparse_grad", "--optimizer sgd or adagrad")
+    one_error_line(
+        capsys,
+        "train",
+        "sparse_grad",
+        "--optimizer lazy_adam (Adam on the rows that got a gradient), sgd or adagrad",
+    )
     assert not out.exists()
     with pytest.raises(ConfigError, match="needs --method meprop"):
         TrainConfig(method="dense", optimizer="sgd", sparse_grad=True)

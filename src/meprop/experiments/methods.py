@@ -16,19 +16,110 @@ The functions take the run's config (a ``TrainConfig``) and raise ``ConfigError`
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from meprop.config import MEACT_BACKENDS, AdaptiveK, MeActConfig, MePropConfig, MeSimpConfig
 
 from .errors import ConfigError
+from .settings import meprop_setting, setting
 
 __all__ = [
     "METHODS", "SPARSE", "check_config", "meprop_config", "adapt_config", "mesimp_config",
-    "meact_config",
+    "meact_config", "MePropSettings", "AdaptiveSettings", "MeSimpSettings", "MeActSettings",
 ]  # fmt: skip
 
 METHODS = ("dense", "meprop", "random", "kdim", "mesimp", "meact")
 SPARSE = ("meprop", "random", "mesimp")  # the methods whose layers run meProp's backward
 MEACT_FIELDS = ("start", "threshold", "cap", "storage")  # MeActConfig's names of meact_*
+
+
+@dataclass(frozen=True)
+class MePropSettings:
+    """The meProp layers' settings (``--method meprop``, ``random``, ``mesimp``; ``backend``
+    also meAct's), checked by ``check_config``."""
+
+    k: int = meprop_setting(20, "k")
+    # ("random" selection is --method random)
+    mode: str = setting(
+        "per_example",
+        "top-k selection: per example, unified over the mini-batch, or symmetric (per example, "
+        "half the largest positive and half the largest negative entries: keeps the sign "
+        "balance, docs/per_example.md)",
+        ("per_example", "unified", "symmetric"),
+    )
+    sparse_grad: bool = meprop_setting(False, "sparse_grad")
+    backend: str = meprop_setting("auto", "backend")
+    scope: str = meprop_setting(
+        "local",
+        "scope",
+        help="unified top-k with --nproc > 1: columns ranked by each rank's rows (local) or "
+        "by the global batch's, as one process would (global; not for the pos task's LSTM)",
+    )
+    memory: float = setting(
+        0.0,
+        "memorized sparse back-propagation: the share of the gradient that top-k dropped "
+        "carried into the next step (0: off; MSBP's ratio 0.8; meprop.MePropConfig.memory)",
+    )
+    warmup: int = setting(
+        0,
+        "steps that run dense (the full gradient) before top-k starts (0: top-k from the "
+        "first step; meprop.MePropConfig.warmup)",
+    )
+
+
+@dataclass(frozen=True)
+class AdaptiveSettings:
+    """Adaptive k (``meprop.AdaptiveK``) of the meProp layers."""
+
+    adaptive: str = setting(
+        "",
+        "adaptive k (meprop.AdaptiveK): each backward chooses its k in [--min-k, --k] by "
+        "TinyProp's rule or the gradient mass rule; default: k fixed",
+        ("tinyprop", "mass"),
+    )
+    min_k: int = setting(1, "adaptive k: the least k")
+    s_min: float = setting(0.0, "adaptive tinyprop: the least share of a layer's width kept")
+    s_max: float = setting(1.0, "adaptive tinyprop: the largest share of a layer's width kept")
+    damping: float = setting(1.0, "adaptive tinyprop: share factor per layer from the output")
+    mass_share: float = setting(0.9, "adaptive mass: share of each row's |gradient| kept")
+
+
+@dataclass(frozen=True)
+class MeSimpSettings:
+    """meSimp's pruning and cycle (``--method mesimp``)."""
+
+    prune_rate: float = setting(
+        0.1, "meSimp: drop units selected in fewer than this share of top-k selections"
+    )
+    prune_interval: int = setting(0, "meSimp: steps between prunings (0: a quarter of an epoch)")
+    cycle: tuple[int, ...] = setting(
+        (), "meSimp cycle in epochs: SIMPLIFY,NORMAL (optimizer reset at each period start)"
+    )  # (): no cycle
+
+
+@dataclass(frozen=True)
+class MeActSettings:
+    """meAct's settings (``--method meact``) and the update statistic it reads."""
+
+    meact_start: int = setting(10, "meact: first epoch, counting from 0, with active-only forwards")
+    meact_threshold: float = setting(
+        0.5,
+        "meact: a neuron is active for an example when its share of the accumulated "
+        "|gradient| is at least this percentage",
+    )
+    meact_cap: int = setting(
+        0, "meact: at most this many active neurons per example and layer (0: no cap)"
+    )
+    meact_storage: str = setting(
+        "float16",
+        "meact: dtype of the per-example state (accumulations, cached outputs)",
+        ("float16", "float32"),
+    )
+    track_updates: bool | None = setting(
+        None,
+        "log the mean |parameter change| per step (update) at each evaluation; costs about a "
+        "tenth of a dense MNIST step (None: only with --method meact)",
+    )
 
 
 def check_config(cfg) -> None:

@@ -1,7 +1,8 @@
 """A run's settings: ``TrainConfig``, one row of a results table, as its ``config.json``.
 
 Each field's metadata gives its command-line flag's help and choices (``meprop.experiments.cli``
-builds the flags from them). Fields left unset take the task's defaults (``tasks.DEFAULTS``),
+builds the flags from them); the fields are declared in groups next to what they configure
+(``RunSettings`` below, each task's and each method's in its module). Fields left unset take the task's defaults (``tasks.DEFAULTS``),
 so a saved config is complete. Checks: the run's own settings here; the settings that belong
 to one task (``tags``; the lm task's ``d_model``, ``sparse_attention``, ``fc_only``) in
 ``tasks.check_config``, those that belong to one method (meProp's k, mode, adaptive k, memory;
@@ -14,7 +15,7 @@ import functools
 import json
 import math
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,12 @@ from meprop.config import AdaptiveK, MeActConfig, MePropConfig, MeSimpConfig
 
 from . import methods, tasks
 from .errors import ConfigError
-from .methods import METHODS
+from .methods import METHODS, AdaptiveSettings, MeActSettings, MePropSettings, MeSimpSettings
+from .settings import setting
 from .tasks import TAGS
-from .tasks.cnn import MODELS
+from .tasks.lm import LMSettings
+from .tasks.mnist import MnistSettings
+from .tasks.pos import TaggerSettings
 
 __all__ = ["TrainConfig", "ConfigError", "METHODS", "OPTIMIZERS", "ACTIVATIONS", "TAGS"]
 
@@ -37,25 +41,64 @@ MAX_WIDTH = 1 << 20
 MAX_HIDDEN_WEIGHTS = 1 << 28
 
 
-def _field(default: Any, help: str | None = None, choices: tuple | None = None) -> Any:
-    """A TrainConfig field whose metadata holds its command-line help and choices."""
-    meta = {k: v for k, v in (("help", help), ("choices", choices)) if v is not None}
-    return field(default=default, metadata=meta)
-
-
-def _meprop(name: str, **override: Any) -> dict[str, Any]:
-    """The help and choices of MePropConfig's field ``name`` (``override`` replaces some)."""
-    meta = next(f.metadata for f in fields(MePropConfig) if f.name == name)
-    return {**meta, **override}
-
-
 @functools.cache
 def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class RunSettings:
+    """The settings every run has, whatever its task and method."""
+
+    task: str = "mnist"
+    method: str = setting(
+        "meprop",
+        "dense | meprop (top-k) | random (random-k) | kdim (dense net of width k) | "
+        "mesimp (meProp + simplification) | meact (dense, then minimal effort activation)",
+        METHODS,
+    )
+    hidden: tuple[int, ...] = setting(
+        (500,), "hidden width, or one width per layer: 500 or 154,160"
+    )
+    layers: int = setting(
+        0, "number of hidden layers when --hidden gives one width (0: the task's)"
+    )  # 0 with several widths in hidden: len(hidden)
+    dropout: float = setting(
+        -1.0,
+        "dropout rate after each hidden layer (-1: the task's; mnist 0.1, pos 0.5, parse 0.5)",
+    )
+    optimizer: str = setting("adam", choices=tuple(OPTIMIZERS))
+    lr: float = setting(
+        0.0, "learning rate (0: adam and lazy_adam 1e-3, the lm task's 4e-3; adagrad 1e-2, sgd 0.1)"
+    )
+    batch_size: int = setting(
+        0,
+        "mini-batch size (0: the task's; mnist 50 images, pos 16 sentences, parse 1000 "
+        "transitions)",
+    )
+    epochs: int = setting(0, "training epochs (0: the task's)")
+    seed: int = 1
+    eval_every: int = setting(0, "steps between dev evaluations (0: once per epoch)")
+    train_limit: int = setting(
+        0, "use only the first N training examples (pos, parse: sentences; 0: all)"
+    )
+    # (gelu: the lm task's own activation, not a choice on the command line)
+    activation: str = setting(
+        "", "hidden activation (default: the task's; mnist relu, parse cube)", ACTIVATIONS[:3]
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig(
+    MeActSettings,
+    MeSimpSettings,
+    AdaptiveSettings,
+    MePropSettings,
+    LMSettings,
+    TaggerSettings,
+    MnistSettings,
+    RunSettings,
+):
     """Everything that defines a run (one row of a results table).
 
     ``method``: ``dense``; ``meprop`` (top-k, ``mode`` per_example or unified); ``random``
@@ -69,135 +112,11 @@ class TrainConfig:
     a tenth of a dense MNIST step, so it is off unless asked for, except for ``meact``, whose
     analysis reads it (None, the default, resolves to ``method == "meact"``; a config made with
     ``dataclasses.replace`` from a resolved one keeps the resolved value).
-    """
 
-    # Each field's metadata gives its command-line flag's help and choices (meprop.experiments.cli).
-    task: str = "mnist"
-    dataset: str = _field("mnist", "MNIST-style dataset (mnist task)", ("mnist", "fashion"))
-    method: str = _field(
-        "meprop",
-        "dense | meprop (top-k) | random (random-k) | kdim (dense net of width k) | "
-        "mesimp (meProp + simplification) | meact (dense, then minimal effort activation)",
-        METHODS,
-    )
-    k: int = _field(20, **_meprop("k"))
-    # ("random" selection is --method random)
-    mode: str = _field(
-        "per_example",
-        "top-k selection: per example, unified over the mini-batch, or symmetric (per example, "
-        "half the largest positive and half the largest negative entries: keeps the sign "
-        "balance, docs/per_example.md)",
-        ("per_example", "unified", "symmetric"),
-    )
-    model: str = _field(
-        "mlp",
-        "mnist task: the network, the paper's MLP (mlp) or a CNN (lenet: LeNet-5; resnet: a "
-        "small ResNet; --k then counts the widest convolution's channels, the other layers "
-        "keep the same share; --hidden and --layers do not apply)",
-        MODELS,
-    )
-    hidden: tuple[int, ...] = _field((500,), "hidden width, or one width per layer: 500 or 154,160")
-    layers: int = _field(
-        0, "number of hidden layers when --hidden gives one width (0: the task's)"
-    )  # 0 with several widths in hidden: len(hidden)
-    dropout: float = _field(
-        -1.0,
-        "dropout rate after each hidden layer (-1: the task's; mnist 0.1, pos 0.5, parse 0.5)",
-    )
-    optimizer: str = _field("adam", choices=tuple(OPTIMIZERS))
-    lr: float = _field(
-        0.0, "learning rate (0: adam and lazy_adam 1e-3, the lm task's 4e-3; adagrad 1e-2, sgd 0.1)"
-    )
-    batch_size: int = _field(
-        0,
-        "mini-batch size (0: the task's; mnist 50 images, pos 16 sentences, parse 1000 "
-        "transitions)",
-    )
-    epochs: int = _field(0, "training epochs (0: the task's)")
-    seed: int = 1
-    eval_every: int = _field(0, "steps between dev evaluations (0: once per epoch)")
-    train_limit: int = _field(
-        0, "use only the first N training examples (pos, parse: sentences; 0: all)"
-    )
-    prune_rate: float = _field(
-        0.1, "meSimp: drop units selected in fewer than this share of top-k selections"
-    )
-    prune_interval: int = _field(0, "meSimp: steps between prunings (0: a quarter of an epoch)")
-    cycle: tuple[int, ...] = _field(
-        (), "meSimp cycle in epochs: SIMPLIFY,NORMAL (optimizer reset at each period start)"
-    )  # (): no cycle
-    sparse_grad: bool = _field(False, **_meprop("sparse_grad"))
-    backend: str = _field("auto", **_meprop("backend"))
-    # (gelu: the lm task's own activation, not a choice on the command line)
-    activation: str = _field(
-        "", "hidden activation (default: the task's; mnist relu, parse cube)", ACTIVATIONS[:3]
-    )
-    tags: str = _field(
-        "xpos", "pos and parse tasks: tag column, xpos (Penn Treebank) or upos", TAGS
-    )
-    scope: str = _field(
-        "local",
-        **_meprop(
-            "scope",
-            help="unified top-k with --nproc > 1: columns ranked by each rank's rows (local) or "
-            "by the global batch's, as one process would (global; not for the pos task's LSTM)",
-        ),
-    )
-    meact_start: int = _field(10, "meact: first epoch, counting from 0, with active-only forwards")
-    meact_threshold: float = _field(
-        0.5,
-        "meact: a neuron is active for an example when its share of the accumulated "
-        "|gradient| is at least this percentage",
-    )
-    meact_cap: int = _field(
-        0, "meact: at most this many active neurons per example and layer (0: no cap)"
-    )
-    meact_storage: str = _field(
-        "float16",
-        "meact: dtype of the per-example state (accumulations, cached outputs)",
-        ("float16", "float32"),
-    )
-    track_updates: bool | None = _field(
-        None,
-        "log the mean |parameter change| per step (update) at each evaluation; costs about a "
-        "tenth of a dense MNIST step (None: only with --method meact)",
-    )
-    sparse_attention: bool = _field(
-        False,
-        "lm task: meProp on the attention projections (qkv, out) too, at the same k (k at or "
-        "above a projection's width leaves it dense); default: the MLP only",
-    )
-    d_model: int = _field(
-        0,
-        "lm task: the transformer's width (0: a quarter of the first hidden width, a multiple "
-        "of the 4 heads); a dense net at a meSimp run's widths keeps the run's d_model",
-    )
-    fc_only: bool = _field(
-        False,
-        "lm task: meProp on mlp.fc only (its output is the MLP width), mlp.proj (output "
-        "d_model) dense; default: both MLP projections",
-    )
-    adaptive: str = _field(
-        "",
-        "adaptive k (meprop.AdaptiveK): each backward chooses its k in [--min-k, --k] by "
-        "TinyProp's rule or the gradient mass rule; default: k fixed",
-        ("tinyprop", "mass"),
-    )
-    min_k: int = _field(1, "adaptive k: the least k")
-    s_min: float = _field(0.0, "adaptive tinyprop: the least share of a layer's width kept")
-    s_max: float = _field(1.0, "adaptive tinyprop: the largest share of a layer's width kept")
-    damping: float = _field(1.0, "adaptive tinyprop: share factor per layer from the output")
-    mass_share: float = _field(0.9, "adaptive mass: share of each row's |gradient| kept")
-    memory: float = _field(
-        0.0,
-        "memorized sparse back-propagation: the share of the gradient that top-k dropped "
-        "carried into the next step (0: off; MSBP's ratio 0.8; meprop.MePropConfig.memory)",
-    )
-    warmup: int = _field(
-        0,
-        "steps that run dense (the full gradient) before top-k starts (0: top-k from the "
-        "first step; meprop.MePropConfig.warmup)",
-    )
+    Its fields come from the groups above it in this order (each group declared next to what it
+    configures: ``RunSettings`` here, the tasks' in ``tasks.mnist``, ``tasks.pos``,
+    ``tasks.lm``, the methods' in ``methods``); flags, ``config.json`` and attributes are flat.
+    """
 
     def __post_init__(self) -> None:
         self._check_types()

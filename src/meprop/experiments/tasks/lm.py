@@ -26,6 +26,7 @@ score, so the task's ``metric`` is ``neg_bpb`` (its negation), and ``bpb`` is re
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +37,31 @@ from meprop.simplify import Pair
 from ..data.conllu import EWT_DATASET, EWT_SPLITS
 from ..data.download import ensure_file
 from ..errors import ConfigError
+from ..settings import setting
 
-__all__ = ["ByteLM", "LmTask", "read_texts", "check_config"]
+__all__ = ["ByteLM", "LmTask", "read_texts", "check_config", "LMSettings"]
+
+
+@dataclass(frozen=True)
+class LMSettings:
+    """The lm task's own settings, checked by ``check_config`` below."""
+
+    sparse_attention: bool = setting(
+        False,
+        "lm task: meProp on the attention projections (qkv, out) too, at the same k (k at or "
+        "above a projection's width leaves it dense); default: the MLP only",
+    )
+    d_model: int = setting(
+        0,
+        "lm task: the transformer's width (0: a quarter of the first hidden width, a multiple "
+        "of the 4 heads); a dense net at a meSimp run's widths keeps the run's d_model",
+    )
+    fc_only: bool = setting(
+        False,
+        "lm task: meProp on mlp.fc only (its output is the MLP width), mlp.proj (output "
+        "d_model) dense; default: both MLP projections",
+    )
+
 
 VOCAB = 256
 IGNORE = -100

@@ -7,6 +7,8 @@ training images as the dev set. meProp goes on the hidden layers; the output lay
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -15,9 +17,24 @@ from meprop.meact import IndexedBatch
 from meprop.nn import Cube
 
 from ..data import load_mnist
+from ..settings import setting
 from . import cnn
 
-__all__ = ["build_mlp", "MnistTask"]
+__all__ = ["build_mlp", "MnistTask", "MnistSettings"]
+
+
+@dataclass(frozen=True)
+class MnistSettings:
+    """The mnist task's own settings (a run's ``TrainConfig`` has them)."""
+
+    dataset: str = setting("mnist", "MNIST-style dataset (mnist task)", ("mnist", "fashion"))
+    model: str = setting(
+        "mlp",
+        "mnist task: the network, the paper's MLP (mlp) or a CNN (lenet: LeNet-5; resnet: a "
+        "small ResNet; --k then counts the widest convolution's channels, the other layers "
+        "keep the same share; --hidden and --layers do not apply)",
+        cnn.MODELS,
+    )
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "cube": Cube}

@@ -29,6 +29,7 @@ The loss is the mean token cross-entropy over real (non-pad) tokens.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -37,8 +38,26 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_se
 from meprop.simplify import Pair
 
 from ..data.conllu import load_ud_ewt
+from ..settings import setting
 
-__all__ = ["BiLSTMTagger", "PosTask", "word_key", "suffix_key", "case_class", "SHAPES", "CASES"]
+__all__ = [
+    "BiLSTMTagger", "PosTask", "word_key", "suffix_key", "case_class", "SHAPES", "CASES",
+    "TaggerSettings", "TAGS",
+]  # fmt: skip
+
+
+TAGS = ("xpos", "upos")  # the tag column the pos and parse tasks read
+
+
+@dataclass(frozen=True)
+class TaggerSettings:
+    """The pos and parse tasks' setting: which tag column they read (checked by
+    ``tasks.check_config``)."""
+
+    tags: str = setting(
+        "xpos", "pos and parse tasks: tag column, xpos (Penn Treebank) or upos", TAGS
+    )
+
 
 PAD, UNK = "<pad>", "<unk>"
 SHAPES = (

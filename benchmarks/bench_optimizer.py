@@ -5,6 +5,12 @@ For Adam, Adagrad and SGD: the default (on CPU a Python loop over the tensors), 
 (one call over all tensors) and ``fused=True`` (one vectorised kernel per tensor), all giving
 the same update up to float rounding. ``meprop.experiments.train.make_optimizer`` takes the fastest here.
 
+Then Adam on a row-sparse gradient (meProp's ``sparse_grad=True``: k of n rows), one weight
+of each shape: torch's fused Adam on the same gradient made dense (what ``sparse_grad=False``
+gives), ``meprop.LazyAdam`` (its C++ row kernel, and its PyTorch-ops fallback) and
+``torch.optim.SparseAdam``. LazyAdam and SparseAdam are lazy (rows without a gradient do not
+move): they are timed against the dense Adam a meProp run would otherwise use.
+
     python benchmarks/bench_optimizer.py [--threads 1] [--min-time 0.5] [--rounds 3]
 """
 
@@ -16,7 +22,9 @@ import sys
 import torch
 from torch import nn
 
+import meprop.optim
 from _timing import best_of_rounds, cpu_name, load_average
+from meprop import LazyAdam
 
 LR = {"Adam": 1e-3, "Adagrad": 1e-2, "SGD": 0.1}
 IMPLEMENTATIONS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
@@ -64,7 +72,62 @@ def main(argv=None) -> int:
             f"| {name} | {1e3 * t['default']:.3f} | {1e3 * t['foreach']:.3f} | "
             f"{1e3 * t['fused']:.3f} | {diff:.1e} |"
         )
+    row_sparse(args)
     return 0
+
+
+def row_sparse(args) -> None:
+    print()
+    print(
+        "| weight | rows with a gradient | fused Adam, dense gradient ms | LazyAdam ms | "
+        "LazyAdam, PyTorch ops ms | SparseAdam ms | fused Adam / LazyAdam |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for n, d in ((500, 500), (500, 784), (2000, 2000)):
+        for share in (0.04, 0.08, 0.16):
+            k = max(1, int(n * share))
+            torch.manual_seed(0)
+            rows = torch.randperm(n)[:k].sort().values
+            vals = torch.randn(k, d) * 1e-2
+            sparse = torch.sparse_coo_tensor(
+                rows[None], vals, (n, d), is_coalesced=True, check_invariants=False
+            )
+            dense = sparse.to_dense()
+            steps = {}
+            for label, cls, kw, grad in (
+                ("fused", torch.optim.Adam, {"fused": True}, dense),
+                ("lazy", LazyAdam, {}, sparse),
+                ("lazy_ops", LazyAdam, {}, sparse),
+                ("sparse_adam", torch.optim.SparseAdam, {}, sparse),
+            ):
+                p = torch.nn.Parameter(torch.randn(n, d))
+                p.grad = grad
+                opt = cls([p], lr=1e-3, **kw)
+                steps[label] = _stepper(opt, label == "lazy_ops")
+                steps[label]()  # the state, allocated once
+            t = best_of_rounds(steps, args.rounds, args.min_time)
+            ms = {key: 1e3 * v for key, v in t.items()}
+            print(
+                f"| {n}x{d} | {k} ({share:.0%}) | {ms['fused']:.3f} | {ms['lazy']:.3f} | "
+                f"{ms['lazy_ops']:.3f} | {ms['sparse_adam']:.3f} | "
+                f"{ms['fused'] / ms['lazy']:.2f}x |"
+            )
+
+
+def _stepper(opt, ops_only: bool):
+    """opt.step, with LazyAdam's kernel turned off for the PyTorch-ops row."""
+
+    def step():
+        if not ops_only:
+            return opt.step()
+        saved = meprop.optim.native.available
+        meprop.optim.native.available = lambda: False
+        try:
+            opt.step()
+        finally:
+            meprop.optim.native.available = saved
+
+    return step
 
 
 if __name__ == "__main__":

@@ -120,12 +120,12 @@ def _stepper(opt, ops_only: bool):
     def step():
         if not ops_only:
             return opt.step()
-        saved = meprop.optim.native.available
-        meprop.optim.native.available = lambda: False
+        saved = meprop.optim._NATIVE[:]
+        meprop.optim._NATIVE[:] = [False]
         try:
             opt.step()
         finally:
-            meprop.optim.native.available = saved
+            meprop.optim._NATIVE[:] = saved
 
     return step
 

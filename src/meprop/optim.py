@@ -143,13 +143,12 @@ def _update(p: Tensor, state: dict, group: dict) -> None:
     n = p.shape[0] if p.dim() else 1
     shape = (n, p.numel() // n) if (rows is not None or p.dim() > 1) else (1, p.numel())
     m, v = state["exp_avg"], state["exp_avg_sq"]
-    g2 = g.reshape(-1, shape[1])
     args = (group["lr"], group["betas"], group["eps"], group["weight_decay"], state["step"])
-    if _native_ok(p, m, v, g2):
-        native.row_adam(p.view(shape), m.view(shape), v.view(shape), rows, g2.contiguous(),
-                        *args)  # fmt: skip
+    if _native_ok(p, m, v, g):
+        # (the kernel reads pointers and sizes only: no views to build)
+        native.row_adam(p, m, v, rows, g.contiguous(), shape[1], *args)
     else:
-        _torch_update(p, m, v, shape, rows, g2, *args)
+        _torch_update(p, m, v, shape, rows, g.reshape(-1, shape[1]), *args)
 
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -176,8 +175,18 @@ def _native_ok(p: Tensor, m: Tensor, v: Tensor, g: Tensor) -> bool:
         and p.is_contiguous()
         and m.is_contiguous()
         and v.is_contiguous()
-        and native.available()
+        and _native_available()
     )
+
+
+def _native_available() -> bool:
+    """``native.available()``, asked once per process (it is asked at every step)."""
+    if not _NATIVE:
+        _NATIVE.append(native.available())
+    return _NATIVE[0]
+
+
+_NATIVE: list[bool] = []
 
 
 def _torch_update(p, m, v, shape, rows, g, lr, betas, eps, weight_decay, step) -> None:

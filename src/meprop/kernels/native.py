@@ -339,6 +339,7 @@ def row_adam(
     v: Tensor,
     rows: Tensor | None,
     g: Tensor,
+    d: int,
     lr: float,
     betas: tuple[float, float],
     eps: float,
@@ -346,14 +347,13 @@ def row_adam(
     step: int,
 ) -> None:
     """Adam's step ``step`` (1, 2, ...) in place on the rows ``rows`` (R,) of ``p``, ``m`` and
-    ``v`` (each (n, d), contiguous, one float dtype), whose gradient is ``g`` (R, d); ``rows``
-    None: every row, ``g`` (n, d). The formula is torch.optim.Adam's (``weight_decay`` adds
-    ``weight_decay * p`` to the gradient)."""
+    ``v`` (contiguous, one float dtype, read as rows of ``d`` entries), whose gradient is ``g``
+    (R rows of d, contiguous); ``rows`` None: every row. The formula is torch.optim.Adam's
+    (``weight_decay`` adds ``weight_decay * p`` to the gradient)."""
     b1, b2 = betas
     bc1 = 1.0 - b1**step
     bc2_sqrt = (1.0 - b2**step) ** 0.5
-    d = p.shape[1]
-    nr = g.shape[0]
+    nr = g.numel() // d
     build.kernel("row_adam", p.dtype)(
         p.data_ptr(), m.data_ptr(), v.data_ptr(), d, _ptr(rows), nr, g.data_ptr(), lr, b1, b2,
         eps, weight_decay, bc1, bc2_sqrt, _threads(nr * d, _PAR_MIN_ADAM),

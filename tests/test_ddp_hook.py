@@ -243,6 +243,81 @@ def test_only_sparse_linear_weights_with_dense_gradients_are_packed():
     assert log.take() is None
 
 
+# --------------------------------------------------------------------------------------------
+# Convolutions: a SparseConv2d's dW rows are its output channels
+
+CONV_CONFIGS = {
+    "conv_per_example": MePropConfig(k=3),
+    "conv_unified": MePropConfig(k=3, mode="unified"),
+    "conv_random": MePropConfig(k=3, mode="random"),
+}
+
+
+def cnn(cfg: MePropConfig) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, CLASSES),
+    )  # fmt: skip
+    return sparsify_(model, cfg, filter_fn=lambda m, name: isinstance(m, nn.Conv2d))
+
+
+def train_cnn(cfg: MePropConfig, compact) -> tuple[dict, tuple[int, int]]:
+    model = cnn(cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    torch.manual_seed(100 + mdist.rank())
+    net = mdist.wrap(model, compact=compact)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(STEPS):
+        m = SIZES[i % len(SIZES)]
+        x, y = (
+            torch.randn(m, 2, 6, 6, generator=gen),
+            torch.randint(0, CLASSES, (m,), generator=gen),
+        )
+        (x, y), share = mdist.shard((x, y))
+        opt.zero_grad()
+        (F.cross_entropy(net(x), y) * share).backward()
+        opt.step()
+    state = net.compact_state
+    return snapshot(model), ((state.bytes_sent, state.bytes_dense) if state else (0, 0))
+
+
+def conv_worker(out: str) -> None:
+    results = {}
+    for name, cfg in CONV_CONFIGS.items():
+        hooked, counts = train_cnn(cfg, UNION["compact"])
+        plain, _ = train_cnn(cfg, False)
+        results[name] = (hooked, plain, *counts)
+    torch.save(results, Path(out) / f"rank{dist.get_rank()}.pt")
+
+
+def test_conv_weights_travel_as_their_kept_channels(tmp_path):
+    spawn(conv_worker, 2, (str(tmp_path),), timeout_s=120)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for name in CONV_CONFIGS:
+        hooked, plain, sent, dense = ranks[0][name]
+        assert_states(ranks[1][name][0], hooked, exact=True)  # the ranks stay identical
+        assert_states(hooked, plain)  # DDP's average
+        assert 0 < sent < dense, name
+
+
+@pytest.mark.parametrize("mode", ["per_example", "unified"])
+def test_conv_row_log_holds_the_channels_backward_wrote(mode):
+    model = cnn(MePropConfig(k=3, mode=mode))
+    state = CompactState(model, min_union_bytes=0)
+    conv = model[2]
+    assert set(state.weights) == {id(model[0].weight), id(conv.weight)}
+    assert state.weights[id(conv.weight)].shape == (8, 4 * 3 * 3)
+    model(torch.randn(5, 2, 6, 6)).sum().backward()
+    mask = getattr(conv.weight, ROWS_ATTR).take()
+    written = conv.weight.grad.flatten(1).ne(0).any(1)
+    assert torch.equal(mask & written, written) and written.any()
+    assert int(mask.sum()) <= (3 if mode == "unified" else 5 * 3)
+    # k at or above the channels: a dense layer, not packed
+    wide = cnn(MePropConfig(k=8))
+    assert CompactState(wide, min_union_bytes=0).weights == {}
+
+
 @pytest.mark.skipif(torch.cuda.device_count() == 0, reason="needs a CUDA GPU (NCCL)")
 def test_nccl_hook_equals_the_ordinary_allreduce(tmp_path):
     nproc = min(2, torch.cuda.device_count())

@@ -55,7 +55,7 @@ from .config import MePropConfig
 from .grads import weight_grad
 from .kernels import dispatch
 from .nn import config_repr
-from .ops import apply_autocast, builds_graph
+from .ops import ROWS_ATTR, apply_autocast, builds_graph
 
 __all__ = ["SparseConv2d", "check_conv_config", "random_channels"]
 
@@ -335,6 +335,8 @@ class _SparseConv2dFn(torch.autograd.Function):
         x, weight, _, geo, cfg, counts, selections, record = inputs
         ctx.save_for_backward(x, weight)
         ctx.geo, ctx.cfg, ctx.usage, ctx.record = geo, cfg, (counts, selections), record
+        # the compacted all-reduce's log of the dW rows written (meprop.ddp_hook.RowLog)
+        ctx.rows = None if torch.compiler.is_compiling() else getattr(weight, ROWS_ATTR, None)
 
     @staticmethod
     def backward(ctx, g):
@@ -347,6 +349,8 @@ class _SparseConv2dFn(torch.autograd.Function):
         sel = _select(g, s, cfg, ctx.record)
         args = (g, x, weight, sel, geo, need_dx, need_dw)
         dx, dw = IMPLEMENTATIONS[_pick(cfg, sel, args)](*args)
+        if ctx.rows is not None and dw is not None:
+            ctx.rows.add(sel)  # (adaptive k: every index, a superset of the rows written)
         if dw is not None and cfg.sparse_grad:
             if sel.kind == "dense":
                 rows = torch.arange(c_out, device=g.device)

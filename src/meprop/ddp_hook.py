@@ -1,14 +1,15 @@
 """A DDP communication hook that all-reduces only the rows of the weight gradients meProp kept.
 
 meProp's backward writes R rows of a layer's weight gradient dW (n, in) and leaves the others
-zero (k rows for unified selection, at most M*k for per-example). DDP all-reduces every
+zero (k rows for unified selection, at most M*k for per-example); a ``SparseConv2d``'s dW
+(C_out, C_in / groups, kh, kw) is read the same way, a row per output channel. DDP all-reduces every
 parameter's gradient whole; this hook (``torch.distributed.algorithms.ddp_comm_hooks`` style:
 ``hook(state, bucket) -> Future``) sends each meProp weight's rows packed densely instead,
 so it runs on any backend with a dense all-reduce (NCCL and gloo), with no sparse tensors:
 
 * the rows of a weight are known without reading dW: backward adds what it kept to a row log
   on the weight (``RowLog``, ``meprop.ops.ROWS_ATTR``). Where no log can be trusted (the
-  weight is shared with a module that is not a ``SparseLinear``; torch.compile; autocast) the
+  weight is shared with a module that is not a meProp layer; torch.compile; autocast) the
   rows are found in dW (its non-zero rows), which costs one pass over it;
 * unified selection with ``scope="global"`` keeps the same rows on every rank: the hook
   all-reduces those R = k rows (R x in values instead of n x in), plus a checksum of the rows
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .conv import SparseConv2d
 from .nn import SparseLinear
 from .ops import ROWS_ATTR, Selection
 
@@ -77,18 +79,26 @@ class RowLog:
 @dataclass(frozen=True)
 class _Weight:
     name: str
-    shape: tuple[int, int]  # (n, in)
+    shape: tuple[int, int]  # (n, in); a convolution's (C_out, C_in / groups * kh * kw)
     log: RowLog | None  # None: the rows are read from dW
     agreed: bool  # the ranks keep the same rows (unified, scope="global"; logged)
     big: bool  # at least min_union_bytes: worth a mask exchange
 
 
+_LAYERS = (SparseLinear, SparseConv2d)  # the layers whose backward logs its rows
+
+
+def _rows(m: nn.Module) -> int:
+    return m.out_features if type(m) is SparseLinear else m.out_channels
+
+
 def compact_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The weights whose gradients the hook packs: those of ``SparseLinear`` layers with
-    ``k < out_features`` and dense gradients (``sparse_grad=False``), by name."""
+    """The weights whose gradients the hook packs: those of ``SparseLinear`` and
+    ``SparseConv2d`` layers with k below their outputs (features, channels) and dense gradients
+    (``sparse_grad=False``), by name."""
     out = {}
     for name, m in model.named_modules():
-        if type(m) is SparseLinear and not m.config.sparse_grad and m.config.k < m.out_features:
+        if type(m) in _LAYERS and not m.config.sparse_grad and m.config.k < _rows(m):
             if m.weight.requires_grad:
                 out[f"{name}.weight" if name else "weight"] = m.weight
     return out
@@ -140,10 +150,10 @@ class CompactState:
         for m in self.model.modules():
             for p in m._parameters.values():
                 if p is not None:
-                    users[id(p)] = users.get(id(p), 0) + (0 if type(m) is SparseLinear else 1)
+                    users[id(p)] = users.get(id(p), 0) + (0 if type(m) in _LAYERS else 1)
         owner = {}
         for m in self.model.modules():
-            if type(m) is SparseLinear:
+            if type(m) in _LAYERS:
                 owner.setdefault(id(m.weight), m)
         for name, p in compact_weights(self.model).items():
             m = owner[id(p)]
@@ -153,7 +163,8 @@ class CompactState:
             log = RowLog(p.shape[0], p.device) if trusted and (agreed or big) else None
             setattr(p, ROWS_ATTR, log)
             if agreed or big:
-                self.weights[id(p)] = _Weight(name, tuple(p.shape), log, agreed, big)
+                shape = (p.shape[0], p.numel() // p.shape[0])
+                self.weights[id(p)] = _Weight(name, shape, log, agreed, big)
 
     def reset_counts(self) -> None:
         self.bytes_sent = self.bytes_dense = 0

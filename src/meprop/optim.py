@@ -133,9 +133,13 @@ def _update(p: Tensor, state: dict, group: dict) -> None:
                 f"(rows), got sparse_dim={g.sparse_dim()} for a parameter of shape "
                 f"{tuple(p.shape)}: use a dense gradient for it"
             )
-        if not g.is_coalesced():
+        rows = g._indices()[0]
+        # autograd hands a fresh gradient over marked uncoalesced; its rows, sorted and
+        # distinct as meProp writes them, make it coalesced already (no sort, no copy)
+        if not g.is_coalesced() and not bool((rows[1:] > rows[:-1]).all()):
             g = g.coalesce()
-        rows, g = g._indices()[0], g._values()
+            rows = g._indices()[0]
+        g = g._values()
     else:
         rows = None
     # (n, d) views: a row of the parameter is a row of the views (a 1-d parameter: one row of

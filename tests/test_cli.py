@@ -47,7 +47,8 @@ def test_train_flags_take_help_and_choices_from_the_fields():
     # the meProp settings' help is MePropConfig's own
     backend = next(f for f in fields(MePropConfig) if f.name == "backend")
     assert actions["backend"].help.startswith(backend.metadata["help"])
-    assert "random" not in actions["mode"].choices  # random-k is --method random
+    # the library's selection modes, one vocabulary (--mode random: the run --method random is)
+    assert set(actions["mode"].choices) == {"per_example", "unified", "symmetric", "random"}
 
 
 def test_demo_runs(tiny_mnist, tmp_path, capsys):
@@ -119,3 +120,21 @@ def test_meprop_without_k_runs_the_measured_recipe(tiny_mnist, tmp_path):
     assert (cfg["k"], cfg["mode"], cfg["memory"]) == (8, "per_example", 0.0)
     assert main([*base, "--out", str(tmp_path / "c")]) == 0  # method not named: the fields'
     assert json.loads((tmp_path / "c" / "config.json").read_text())["memory"] == 0.0
+
+
+def test_mode_random_is_the_random_k_method(tiny_mnist, tmp_path, capsys):
+    """One word for random-k: the library's ``mode="random"`` given as ``--mode random`` is the
+    run ``--method random`` is (the same config.json, so the same run folder and rows)."""
+    import json
+
+    base = ["train", "mnist", "--data-dir", str(tiny_mnist), "--epochs", "1", "--hidden", "64",
+            "--batch-size", "40", "--k", "8", "--no-progress"]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "a"), "--method", "random"]) == 0
+    assert (
+        main([*base, "--out", str(tmp_path / "b"), "--method", "meprop", "--mode", "random"]) == 0
+    )
+    a, b = (json.loads((tmp_path / d / "config.json").read_text()) for d in "ab")
+    assert a == b and (a["method"], a["mode"]) == ("random", "per_example")
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "c"), "--method", "dense", "--mode", "random"]) == 2
+    assert "--mode random is random-k selection in meProp's layers" in capsys.readouterr().err

@@ -39,13 +39,14 @@ class MePropSettings:
     also meAct's), checked by ``check_config``."""
 
     k: int = meprop_setting(20, "k")
-    # ("random" selection is --method random)
+    # (random: MePropConfig's word for random-k; a run records it as --method random)
     mode: str = setting(
         "per_example",
         "top-k selection: per example, unified over the mini-batch, or symmetric (per example, "
         "half the largest positive and half the largest negative entries: keeps the sign "
-        "balance, docs/per_example.md)",
-        ("per_example", "unified", "symmetric"),
+        "balance, docs/per_example.md); random: random-k, the paper's control, the same run "
+        "as --method random",
+        ("per_example", "unified", "symmetric", "random"),
     )
     sparse_grad: bool = meprop_setting(False, "sparse_grad")
     backend: str = meprop_setting("auto", "backend")
@@ -126,6 +127,14 @@ def check_config(cfg) -> None:
     """Every method setting of ``cfg``: the meProp layers', meSimp's and meAct's."""
     if cfg.method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {cfg.method!r}")
+    if cfg.mode == "random":  # the library's word (MePropConfig(mode="random")): one run
+        if cfg.method not in ("meprop", "random"):
+            raise ConfigError(
+                f"--mode random is random-k selection in meProp's layers: it needs --method "
+                f"meprop (or --method random), got {cfg.method}"
+            )
+        object.__setattr__(cfg, "method", "random")
+        object.__setattr__(cfg, "mode", "per_example")
     _check_meprop(cfg)
     _check_mesimp(cfg)
     _check_meact(cfg)

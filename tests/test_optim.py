@@ -212,3 +212,32 @@ def test_closure_loss_is_returned():
         return loss
 
     assert LazyAdam([p]).step(closure).item() == 3.0
+
+
+def test_lstm_and_conv_row_sparse_gradients(path):
+    """SparseLSTM's gate weights and SparseConv2d's filters (row-sparse over their first
+    dimension with sparse_grad=True): only the rows with a gradient move, by Adam's rule."""
+    from meprop import SparseConv2d, SparseLSTM
+
+    torch.manual_seed(7)
+    conv = SparseConv2d(3, 6, 3, config=MePropConfig(k=2, mode="unified", sparse_grad=True))
+    lstm = SparseLSTM(5, 4, config=MePropConfig(k=3, mode="unified", sparse_grad=True))
+    for module, run in (
+        (conv, lambda: conv(torch.randn(2, 3, 5, 5)).pow(2).sum()),
+        (lstm, lambda: lstm(torch.randn(3, 2, 5))[0].pow(2).sum()),
+    ):
+        weights = [p for p in module.parameters() if p.dim() > 1]
+        before = [w.detach().clone() for w in weights]
+        opt = LazyAdam(module.parameters(), lr=0.1)
+        run().backward()
+        kept = [w.grad.coalesce()._indices()[0] for w in weights]
+        opt.step()
+        for w, b, rows in zip(weights, before, kept, strict=True):
+            moved = (w != b).flatten(1).any(1)
+            assert not moved[~torch.isin(torch.arange(len(w)), rows)].any()  # the rest: kept
+            nonzero = rows[w.grad.coalesce()._values().flatten(1).ne(0).any(1)]
+            assert moved[nonzero].all() and len(nonzero)
+            # Adam's first step moves each entry with a gradient by lr (sign of the gradient)
+            step = (w - b)[rows]
+            g = w.grad.coalesce()._values()
+            torch.testing.assert_close(step, -0.1 * torch.sign(g) * (g != 0), atol=1e-4, rtol=0)

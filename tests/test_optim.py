@@ -21,7 +21,7 @@ def path(request, monkeypatch):
         pytest.skip("meprop's C++ kernels do not build here")
     if request.param == "torch":
         monkeypatch.setattr(optim, "_NATIVE", [False])
-        monkeypatch.setattr(optim, "_FUSED", [])  # dense gradients through the row update too
+        monkeypatch.setattr(optim, "_FUSED", False)  # dense gradients through the row update too
     return request.param
 
 
@@ -241,3 +241,21 @@ def test_lstm_and_conv_row_sparse_gradients(path):
             step = (w - b)[rows]
             g = w.grad.coalesce()._values()
             torch.testing.assert_close(step, -0.1 * torch.sign(g) * (g != 0), atol=1e-4, rtol=0)
+
+
+def test_dense_gradients_of_several_dtypes_in_one_group():
+    torch.manual_seed(8)
+    ours = [
+        torch.nn.Parameter(torch.randn(4, 3)),
+        torch.nn.Parameter(torch.randn(5, dtype=torch.float64)),
+    ]
+    theirs = [torch.nn.Parameter(q.detach().clone()) for q in ours]
+    opt, ref = LazyAdam(ours, lr=0.01), torch.optim.Adam(theirs, lr=0.01)
+    for _ in range(3):
+        for a, b in zip(ours, theirs, strict=True):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)

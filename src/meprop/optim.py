@@ -87,7 +87,7 @@ class LazyAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            fused = []  # dense gradients on the CPU: torch's fused Adam, one call per group
+            fused: dict[torch.dtype, list[Tensor]] = {}  # dense CPU gradients: torch's kernel
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -98,11 +98,11 @@ class LazyAdam(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 state["step"] += 1
                 if _FUSED and _fusable(p):
-                    fused.append(p)
+                    fused.setdefault(p.dtype, []).append(p)
                 else:
                     _update(p, state, group)
-            if fused:
-                self._fused_dense(fused, group)
+            for params in fused.values():  # (one call per dtype: the kernel takes one)
+                self._fused_dense(params, group)
         return loss
 
     def _fused_dense(self, params: list[Tensor], group: dict) -> None:
@@ -118,8 +118,7 @@ class LazyAdam(torch.optim.Optimizer):
                 beta2=b2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
                 maximize=False,
             )  # fmt: skip
-        except (RuntimeError, TypeError, AttributeError):  # no fused CPU Adam in this torch
-            _FUSED.clear()
+        except (RuntimeError, TypeError):  # this torch's kernel refuses them: the row kernel
             for p, state in zip(params, states, strict=True):
                 _update(p, state, group)
 
@@ -156,7 +155,7 @@ def _update(p: Tensor, state: dict, group: dict) -> None:
 
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
-_FUSED = [True]  # emptied where torch._fused_adam_ fails (an old torch)
+_FUSED = hasattr(torch, "_fused_adam_")  # torch's fused Adam kernel (CPU since torch 2.4)
 
 
 def _fusable(p: Tensor) -> bool:

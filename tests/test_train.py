@@ -321,6 +321,11 @@ def test_adaptive_k_resumes_with_its_memory(tiny_mnist, tmp_path, monkeypatch):
     assert any(k < 12 for r in log for k in r.get("mean_k", {}).values())
 
 
+def scores(records: list[dict]) -> list[dict]:
+    """A log's records without their timings (what a resumed run must repeat exactly)."""
+    return [{k: v for k, v in r.items() if k != "times"} for r in records]
+
+
 def test_memory_and_warmup_resume_exactly(tiny_mnist, tmp_path, monkeypatch):
     """The memory (MePropConfig.memory) and the warm-up steps taken are in last.pt: a run
     killed after the warm-up and resumed ends with an uninterrupted run's weights and scores."""
@@ -329,9 +334,6 @@ def test_memory_and_warmup_resume_exactly(tiny_mnist, tmp_path, monkeypatch):
     assert train(tiny_mnist, tmp_path / "a", *args) == 0
     log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     resumed = killed_and_resumed(tiny_mnist, tmp_path / "b", args, monkeypatch)  # (at step 9)
-
-    def scores(records):
-        return [{k: v for k, v in r.items() if k != "times"} for r in records]
 
     assert scores(resumed) == scores(log)
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
@@ -363,8 +365,5 @@ def test_lazy_adam_needs_row_sparse_gradients_and_resumes_exactly(
     assert train(tiny_mnist, tmp_path / "a", *args) == 0
     log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     resumed = killed_and_resumed(tiny_mnist, tmp_path / "b", args, monkeypatch)  # (at step 9)
-
-    def scores(records):
-        return [{k: v for k, v in r.items() if k != "times"} for r in records]
 
     assert scores(resumed) == scores(log)

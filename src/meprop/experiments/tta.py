@@ -115,11 +115,14 @@ def _parse_rows() -> list[Row]:
     ]  # fmt: skip
 
 
+# The lm grid's LM (4 blocks, MLP width 512), dense, 2 epochs, dev every 25 steps
+_LM_BASE = TrainConfig(task="lm", method="dense", hidden=(512,), layers=4, epochs=2, eval_every=25)
+
+
 def _lm_rows() -> list[Row]:
     """The byte-level LM (the lm grid's: 4 blocks, MLP width 512, 2 epochs): dense, meProp
     unified at k = 1/8 of the MLP width with and without memory. Dev every 25 steps."""
-    base = TrainConfig(task="lm", method="dense", hidden=(512,), layers=4, epochs=2,
-                       eval_every=25)  # fmt: skip
+    base = _LM_BASE
     return [
         Row(f"lm-{row_name(cfg)}", "lm", label, cfg)
         for label, cfg in (
@@ -138,8 +141,7 @@ def _lm_time_rows() -> list[Row]:
     400 ms, so 3 epochs take about 1.15x dense's 2); meSimp unified k = 1/2 on mlp.fc only, the
     lm grid's closest recipe to dense (dev bpb +1.9% after 2 epochs), 2 epochs (its step
     shrinks with the net: 0.85 of dense's). Dev every 25 steps."""
-    base = TrainConfig(task="lm", method="dense", hidden=(512,), layers=4, epochs=2,
-                       eval_every=25)  # fmt: skip
+    base = _LM_BASE
     return [
         Row(f"lm-time-{row_name(cfg)}", "lm-time", label, cfg)
         for label, cfg in (

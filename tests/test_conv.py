@@ -347,7 +347,6 @@ def test_constructor_repr_state_dict_pickle():
     [
         (MePropConfig(k=2, mode="symmetric"), "mode='symmetric' has no channel form"),
         (MePropConfig(k=2, memory=0.8), "does not implement memorized back-propagation"),
-        (MePropConfig(k=2, mode="unified", scope="global"), "supports scope='local' only"),
         (MePropConfig(k=2, backend="native"), "backend must be one of ('auto', 'torch', 'dense')"),
     ],
 )

@@ -246,10 +246,12 @@ def test_only_sparse_linear_weights_with_dense_gradients_are_packed():
 # --------------------------------------------------------------------------------------------
 # Convolutions: a SparseConv2d's dW rows are its output channels
 
-CONV_CONFIGS = {
-    "conv_per_example": MePropConfig(k=3),
-    "conv_unified": MePropConfig(k=3, mode="unified"),
-    "conv_random": MePropConfig(k=3, mode="random"),
+CONV_CONFIGS = {  # name -> (config, wrap's compact options)
+    "conv_per_example": (MePropConfig(k=3), UNION["compact"]),
+    "conv_unified": (MePropConfig(k=3, mode="unified"), UNION["compact"]),
+    "conv_random": (MePropConfig(k=3, mode="random"), UNION["compact"]),
+    # the same channels on every rank: k rows and a checksum, at any size (the defaults)
+    "conv_unified_global": (MePropConfig(k=3, mode="unified", scope="global"), True),
 }
 
 
@@ -263,10 +265,12 @@ def cnn(cfg: MePropConfig) -> nn.Sequential:
 
 
 def train_cnn(cfg: MePropConfig, compact) -> tuple[dict, tuple[int, int]]:
+    """Train the CNN on the global batches (DDP where torch.distributed is up, with ``compact``
+    as wrap's option); its state and the hook's (sent, dense) bytes."""
     model = cnn(cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     torch.manual_seed(100 + mdist.rank())
-    net = mdist.wrap(model, compact=compact)
+    net = mdist.wrap(model, compact=compact) if dist.is_initialized() else model
     gen = torch.Generator().manual_seed(1)
     for i in range(STEPS):
         m = SIZES[i % len(SIZES)]
@@ -278,14 +282,14 @@ def train_cnn(cfg: MePropConfig, compact) -> tuple[dict, tuple[int, int]]:
         opt.zero_grad()
         (F.cross_entropy(net(x), y) * share).backward()
         opt.step()
-    state = net.compact_state
+    state = getattr(net, "compact_state", None)
     return snapshot(model), ((state.bytes_sent, state.bytes_dense) if state else (0, 0))
 
 
 def conv_worker(out: str) -> None:
     results = {}
-    for name, cfg in CONV_CONFIGS.items():
-        hooked, counts = train_cnn(cfg, UNION["compact"])
+    for name, (cfg, compact) in CONV_CONFIGS.items():
+        hooked, counts = train_cnn(cfg, compact)
         plain, _ = train_cnn(cfg, False)
         results[name] = (hooked, plain, *counts)
     torch.save(results, Path(out) / f"rank{dist.get_rank()}.pt")
@@ -299,6 +303,13 @@ def test_conv_weights_travel_as_their_kept_channels(tmp_path):
         assert_states(ranks[1][name][0], hooked, exact=True)  # the ranks stay identical
         assert_states(hooked, plain)  # DDP's average
         assert 0 < sent < dense, name
+    # global scope: the channels of the global batch, as one process picks them
+    one, _ = train_cnn(CONV_CONFIGS["conv_unified_global"][0], False)
+    assert_states(ranks[0]["conv_unified_global"][0], one, atol=1e-5)
+    # ... and only k of each conv's 8 rows travel (+ a checksum each), the rest whole
+    _, _, sent, dense = ranks[0]["conv_unified_global"]
+    rows = 2 * 9 + 4 * 9  # a row of each conv's dW: C_in / groups x 3 x 3
+    assert dense - sent == 4 * STEPS * ((8 - 3) * rows - 2)
 
 
 @pytest.mark.parametrize("mode", ["per_example", "unified"])

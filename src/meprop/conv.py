@@ -35,10 +35,14 @@ gradients stay exact for the masked g.
 
 Not done here: meSimp's filter removal (``meprop.simplify`` shrinks ``SparseLinear`` and
 ``SparseLSTM`` only; a ``SparseConv2d``'s ``usage`` record counts its channels but nothing
-prunes them); memorized back-propagation (``memory``), ``scope="global"``, the compiled
-kernels (``native``, ``numba``, ``triton``) and adaptive k under torch.compile, which are
-refused by name, as is ``sparse_grad=True`` under DistributedDataParallel; the compacted
-all-reduce of ``meprop.distributed`` sends convolution weights whole.
+prunes them); memorized back-propagation (``memory``), the compiled kernels (``native``,
+``numba``, ``triton``) and adaptive k under torch.compile, which are refused by name, as is
+``sparse_grad=True`` under DistributedDataParallel.
+
+Several processes: ``scope="global"`` sums unified selection's channel scores over the ranks
+(one all-reduce of C_out numbers per layer and step), so every rank keeps the channels of the
+global batch; the compacted all-reduce of ``meprop.distributed`` then sends those k channels'
+dW rows only (``meprop.ddp_hook``; with ``scope="local"`` the ranks' channels are united).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .adaptive import KRecord, batch_k, row_ks, score_dtype
+from .comm import sum_over_ranks
 from .config import MePropConfig
 from .grads import weight_grad
 from .kernels import dispatch
@@ -77,11 +82,6 @@ def check_conv_config(config: MePropConfig) -> None:
             f"SparseConv2d does not implement memorized back-propagation (memory="
             f"{config.memory:g}); use MePropConfig(memory=0) for convolutions, or leave them "
             "dense with filter_fn=lambda m, name: not isinstance(m, nn.Conv2d)"
-        )
-    if config.scope != "local":
-        raise ValueError(
-            f"SparseConv2d supports scope='local' only, got scope={config.scope!r}; use "
-            "scope='local' for convolutions (each rank ranks its own batch's channels)"
         )
     if config.backend not in CONV_BACKENDS:
         raise ValueError(
@@ -133,17 +133,24 @@ def _select(g: Tensor, s: Tensor, cfg: MePropConfig, record: KRecord | None) -> 
     if cfg.adapt is not None:
         record = record if record is not None else KRecord()
         if cfg.mode == "unified":
-            _, cols = batch_k(s.sum(0), k, cfg.adapt, record)
+            _, cols = batch_k(_channel_scores(s, cfg.scope), k, cfg.adapt, record)
             return ChannelSelection("cols", cols)
         idx, _, ks, big = row_ks(s, k, cfg.adapt, record)  # (B, K) each, K the largest k
         keep = torch.arange(big, device=s.device) < ks.unsqueeze(1)  # (B, K)
         return ChannelSelection("rows", idx, keep)
     if cfg.mode == "unified":
         # NaN scores rank highest, so NaN gradients are kept, as dense backward would pass them
-        return ChannelSelection("cols", s.sum(0).topk(k, sorted=False).indices.sort().values)
+        cols = _channel_scores(s, cfg.scope).topk(k, sorted=False).indices.sort().values
+        return ChannelSelection("cols", cols)
     if cfg.mode == "random":
         return ChannelSelection("rows", random_channels(batch, c_out, k, s.device))
     return ChannelSelection("rows", s.topk(k, dim=1, sorted=False).indices)  # (B, k)
+
+
+def _channel_scores(s: Tensor, scope: str) -> Tensor:
+    """Unified selection's (C_out,) scores: the summed |g| of each channel over the batch (and,
+    with ``scope="global"``, over the ranks: every rank then keeps the same channels)."""
+    return sum_over_ranks(s.sum(0)) if scope == "global" else s.sum(0)
 
 
 def _channel_mask(sel: ChannelSelection, batch: int, c_out: int, device) -> Tensor:
@@ -414,11 +421,11 @@ class SparseConv2d(nn.Conv2d):
             are padded before the sparse backward, as ``nn.Conv2d`` pads).
         config: a ``MePropConfig``; ``k`` counts output channels: per example (``per_example``,
             ``random``) or per call (``unified``). ``out_channels <= k`` computes exactly
-            ``nn.Conv2d``'s gradients. ``mode="symmetric"``, ``memory``, ``scope="global"``
-            and the ``native``/``numba``/``triton`` backends are refused (see
-            ``meprop.conv``); ``adapt`` (adaptive k: eager mode only), ``warmup``,
-            ``sparse_bias`` and ``sparse_grad`` (a weight gradient sparse over its output
-            channels) work as for ``SparseLinear``.
+            ``nn.Conv2d``'s gradients. ``mode="symmetric"``, ``memory`` and the
+            ``native``/``numba``/``triton`` backends are refused (see ``meprop.conv``);
+            ``adapt`` (adaptive k: eager mode only), ``warmup``, ``scope``, ``sparse_bias`` and
+            ``sparse_grad`` (a weight gradient sparse over its output channels) work as for
+            ``SparseLinear``.
 
     Attributes:
         usage: ``None``, or ``(counts (out_channels,), selections (1,))`` that backward

@@ -36,7 +36,8 @@ def test_k_is_the_widest_convolutions_and_the_share_everywhere():
 
 
 @pytest.mark.parametrize("method,extra", [("dense", []), ("meprop", ["--k", "4", "--mode",
-                         "unified"]), ("meprop", ["--k", "4"]), ("meprop", [])])  # fmt: skip
+                         "unified"]), ("meprop", ["--k", "4"]), ("meprop", []),
+                         ("meprop", ["--k", "4", "--memory", "0.8"])])  # fmt: skip
 def test_trainer_trains_lenet(tiny_mnist, tmp_path, method, extra):
     out = tmp_path / "run"
     args = ["train", "mnist", "--model", "lenet", "--method", method, "--data-dir",
@@ -58,7 +59,7 @@ def test_trainer_trains_lenet(tiny_mnist, tmp_path, method, extra):
     [
         (dict(task="pos", model="lenet"), "mnist task's network"),
         (dict(model="lenet", method="mesimp"), "meSimp does not remove convolution"),
-        (dict(model="resnet", method="meprop", memory=0.8), "no --memory"),
+        (dict(model="resnet", method="meprop", adaptive="mass"), "leave --mode symmetric and"),
         (dict(model="resnet", method="meprop", mode="symmetric"), "--mode symmetric"),
         (dict(model="vgg"), "model must be one of"),
     ],

@@ -10,7 +10,7 @@ from torch import nn
 from meprop import AdaptiveK, MePropConfig, SparseConv2d, conv, converted, densify_, sparsify_
 from meprop.conv import random_channels
 from meprop.kernels import dispatch
-from meprop.reference import reference_conv2d_backward
+from meprop.reference import reference_conv2d_backward, reference_conv2d_memory_backward
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -346,7 +346,6 @@ def test_constructor_repr_state_dict_pickle():
     "config,words",
     [
         (MePropConfig(k=2, mode="symmetric"), "mode='symmetric' has no channel form"),
-        (MePropConfig(k=2, memory=0.8), "does not implement memorized back-propagation"),
         (MePropConfig(k=2, backend="native"), "backend must be one of ('auto', 'torch', 'dense')"),
     ],
 )
@@ -381,6 +380,44 @@ def test_torch_compile_fullgraph_equals_eager(mode):
     for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
     assert int((model.features[3].weight.grad.flatten(1) != 0).any(1).sum()) <= 4 * 3
+
+
+@pytest.mark.parametrize("sparse_bias", [False, True])
+@pytest.mark.parametrize("mode", ["unified", "per_example"])
+@pytest.mark.parametrize("setting", ["plain", "groups", "stride2_pad1"])
+def test_memory_matches_its_reference(setting, mode, sparse_bias):
+    """memory=0.8 over four steps: each step's gradients and the carried memory equal the
+    reference's (g + m masked, dense formulas); the memory restarts at another output size."""
+    cfg = MePropConfig(k=K, mode=mode, memory=0.8, sparse_bias=sparse_bias)
+    dense, sparse, x = make(setting, cfg)
+    memory = torch.zeros(dense(x).shape[1:])
+    for step in range(4):
+        x.grad = None
+        sparse.zero_grad()
+        y = sparse(x)
+        g = torch.randn_like(y)
+        y.backward(g)
+        rx, rw, rb, memory = reference_conv2d_memory_backward(
+            dense, x, g, K, mode, memory, 0.8, sparse_bias
+        )
+        torch.testing.assert_close(x.grad, rx)
+        torch.testing.assert_close(sparse.weight.grad, rw)
+        if rb is not None:
+            torch.testing.assert_close(sparse.bias.grad, rb)
+        torch.testing.assert_close(sparse.k_record.memory, memory)
+        assert step == 0 or memory.abs().sum() > 0
+    # a larger input: the memory's shape no longer fits, so it restarts (as a fresh layer)
+    x2 = torch.randn(2, dense.in_channels, 11, 9, requires_grad=True)
+    sparse(x2).backward(g2 := torch.randn_like(dense(x2)))
+    rx, *_ = reference_conv2d_memory_backward(dense, x2, g2, K, mode, 0.0, 0.8)
+    torch.testing.assert_close(x2.grad, rx)
+
+
+def test_memory_refuses_compile_and_func_by_name():
+    layer = SparseConv2d(3, 6, 3, config=MePropConfig(k=2, memory=0.8))
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(RuntimeError, match=r"memory=0.8 \(memorized back-propagation\)"):
+        torch.func.grad(lambda inp: layer(inp).sum())(x)
 
 
 def test_torch_compile_refuses_adaptive_k_by_name():

@@ -35,9 +35,14 @@ gradients stay exact for the masked g.
 
 Not done here: meSimp's filter removal (``meprop.simplify`` shrinks ``SparseLinear`` and
 ``SparseLSTM`` only; a ``SparseConv2d``'s ``usage`` record counts its channels but nothing
-prunes them); memorized back-propagation (``memory``), the compiled kernels (``native``,
-``numba``, ``triton``) and adaptive k under torch.compile, which are refused by name, as is
-``sparse_grad=True`` under DistributedDataParallel.
+prunes them); the compiled kernels (``native``, ``numba``, ``triton``), and adaptive k and
+memory under torch.compile, which are refused by name, as is ``sparse_grad=True`` under
+DistributedDataParallel.
+
+Memorized back-propagation (``memory``): as ``SparseLinear``'s, with the memory a
+(C_out, H', W') tensor (the mean over the batch of what the channel selection dropped, times
+the ratio) added to every example's output gradient before the selection; it restarts where
+the output's shape, dtype or device changes.
 
 Several processes: ``scope="global"`` sums unified selection's channel scores over the ranks
 (one all-reduce of C_out numbers per layer and step), so every rank keeps the channels of the
@@ -76,12 +81,6 @@ def check_conv_config(config: MePropConfig) -> None:
             "SparseConv2d selects output channels by their summed |g|, which has no sign: "
             "mode='symmetric' has no channel form; use mode='per_example', 'unified' or "
             "'random' (or leave the Conv2d layers dense with filter_fn)"
-        )
-    if config.memory:
-        raise ValueError(
-            f"SparseConv2d does not implement memorized back-propagation (memory="
-            f"{config.memory:g}); use MePropConfig(memory=0) for convolutions, or leave them "
-            "dense with filter_fn=lambda m, name: not isinstance(m, nn.Conv2d)"
         )
     if config.backend not in CONV_BACKENDS:
         raise ValueError(
@@ -330,7 +329,7 @@ class _SparseConv2dFn(torch.autograd.Function):
     """F.conv2d forward (numeric padding); backward through the top-k output channels.
 
     ``geo``: a ``Geometry``; ``cfg``: the layer's MePropConfig; ``counts``, ``selections``: the
-    usage record or None; ``record``: the layer's KRecord for adaptive k, or None.
+    usage record or None; ``record``: the layer's KRecord for adaptive k and memory, or None.
     """
 
     @staticmethod
@@ -351,6 +350,11 @@ class _SparseConv2dFn(torch.autograd.Function):
         cfg, geo = ctx.cfg, ctx.geo
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         batch, c_out = g.shape[:2]
+        g_in = g  # the layer's own gradient (the bias gradient's, as without memory)
+        if cfg.memory and ctx.record is not None:
+            m = ctx.record.memory  # (C_out, H', W'): added to every example's gradient
+            if m is not None and m.shape == g.shape[1:] and m.dtype == g.dtype:
+                g = g + m.to(g.device)
         # (B, C_out) each channel's summed |g| over its positions (half precision: in float32)
         s = g.abs().sum((2, 3), dtype=score_dtype(g.dtype))
         sel = _select(g, s, cfg, ctx.record)
@@ -370,11 +374,23 @@ class _SparseConv2dFn(torch.autograd.Function):
                 mask = _channel_mask(sel, batch, c_out, g.device)  # (1 or B, C_out)
                 db = g.sum((2, 3)).masked_fill(~mask, 0).sum(0)
             else:
-                db = g.sum((0, 2, 3))
+                db = g_in.sum((0, 2, 3))
+        if cfg.memory and ctx.record is not None and sel.kind != "dense":
+            _memorize(ctx.record, g, sel, cfg.memory)
         counts, selections = ctx.usage
         if counts is not None:
             _record(counts, selections, sel, s)
         return dx, dw, db, None, None, None, None, None
+
+
+def _memorize(record: KRecord, g: Tensor, sel: ChannelSelection, ratio: float) -> None:
+    """Memorized back-propagation's next memory: ``ratio`` times the mean over the batch of
+    what the selection dropped of ``g`` (B, C_out, H', W'; the gradient with the memory added),
+    (C_out, H', W'), as ``SparseLinear``'s (n,) memory is for its rows: the next batch's
+    examples each carry it. Outside any graph (a constant of the next step)."""
+    batch, c_out = g.shape[:2]
+    kept = _channel_mask(sel, batch, c_out, g.device)[:, :, None, None]  # (1 or B, C, 1, 1)
+    record.memory = g.detach().masked_fill(kept, 0).sum(0).mul_(ratio / batch)
 
 
 def _record(counts: Tensor, selections: Tensor | None, sel: ChannelSelection, s: Tensor) -> None:
@@ -421,10 +437,10 @@ class SparseConv2d(nn.Conv2d):
             are padded before the sparse backward, as ``nn.Conv2d`` pads).
         config: a ``MePropConfig``; ``k`` counts output channels: per example (``per_example``,
             ``random``) or per call (``unified``). ``out_channels <= k`` computes exactly
-            ``nn.Conv2d``'s gradients. ``mode="symmetric"``, ``memory`` and the
+            ``nn.Conv2d``'s gradients. ``mode="symmetric"`` and the
             ``native``/``numba``/``triton`` backends are refused (see ``meprop.conv``);
-            ``adapt`` (adaptive k: eager mode only), ``warmup``, ``scope``, ``sparse_bias`` and
-            ``sparse_grad`` (a weight gradient sparse over its output channels) work as for
+            ``adapt`` and ``memory`` (eager mode only), ``warmup``, ``scope``, ``sparse_bias``
+            and ``sparse_grad`` (a weight gradient sparse over its output channels) work as for
             ``SparseLinear``.
 
     Attributes:
@@ -498,13 +514,23 @@ class SparseConv2d(nn.Conv2d):
                 "the host and does not trace under torch.compile; use a fixed k (adapt=None) "
                 "or run the model eagerly"
             )
+        remember = cfg.memory and cfg.k < c_out
+        if remember and (
+            torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+        ):
+            raise RuntimeError(
+                f"SparseConv2d's memory={cfg.memory:g} (memorized back-propagation) keeps the "
+                "dropped gradient between steps outside the graph, so it does not run under "
+                "torch.compile or a torch.func transform; use MePropConfig(memory=0) there, "
+                "or run the model eagerly"
+            )
         if cfg.sparse_grad and not torch.compiler.is_compiling():
             _check_not_in_ddp(c_out, cfg.k)
         x, padding = self._padded(input)
         geo = Geometry(self.stride, padding, self.dilation, self.groups)
         usage = (None, None) if self.usage is None else self.usage
         adaptive = cfg.adapt is not None and cfg.k < c_out
-        args = (geo, cfg, *usage, record if adaptive else None)
+        args = (geo, cfg, *usage, record if adaptive or remember else None)
         return apply_autocast(_SparseConv2dFn, x, self.weight, self.bias, *args)
 
     def _padded(self, input: Tensor) -> tuple[Tensor, tuple[int, int]]:

@@ -22,6 +22,7 @@ from .ops import select_columns
 __all__ = [
     "mask_gradient", "reference_backward", "reference_memory_backward", "mask_topk_grad",
     "reference_lstm", "mask_conv_gradient", "reference_conv2d_backward",
+    "reference_conv2d_memory_backward",
 ]  # fmt: skip
 
 
@@ -321,3 +322,28 @@ def reference_conv2d_backward(
     dx, dw = torch.autograd.grad(y, (xr, w), gm)
     db = None if conv.bias is None else (gm if sparse_bias else grad_out).sum((0, 2, 3))
     return dx, dw, db
+
+
+def reference_conv2d_memory_backward(
+    conv: nn.Conv2d,
+    x: Tensor,
+    grad_out: Tensor,
+    k: int,
+    mode: str,
+    memory: Tensor,
+    ratio: float,
+    sparse_bias: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """``MePropConfig(memory=ratio)`` on a convolution, obviously: add the memory
+    (C_out, H', W') to every example's g, mask that to its kept channels, run
+    ``reference_conv2d_backward``'s dense formulas; the next memory is ``ratio`` times the mean
+    over the batch of what the mask dropped. The bias gradient is the plain one (from g), or
+    with ``sparse_bias`` the kept channels' sums.
+
+    Returns (dx, dW, db, the next memory (C_out, H', W')).
+    """
+    g = grad_out + memory
+    dx, dw, _ = reference_conv2d_backward(conv, x, g, k, mode)
+    kept = mask_conv_gradient(g, k, mode)
+    db = None if conv.bias is None else (kept if sparse_bias else grad_out).sum((0, 2, 3))
+    return dx, dw, db, ratio * (g - kept).sum(0) / g.shape[0]

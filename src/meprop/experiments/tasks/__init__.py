@@ -158,9 +158,9 @@ def _check_model(cfg) -> None:
             f"--model {cfg.model} trains with --method dense, meprop or random, not "
             f"{cfg.method} (meSimp does not remove convolution filters yet)"
         )
-    if cfg.method != "dense" and (cfg.mode == "symmetric" or cfg.memory or cfg.adaptive):
+    if cfg.method != "dense" and (cfg.mode == "symmetric" or cfg.adaptive):
         raise ConfigError(
             f"--model {cfg.model}: its convolutions take --mode per_example or unified with a "
-            "fixed k and no --memory (meprop.SparseConv2d): leave --mode symmetric, --memory "
-            "and --adaptive out"
+            "fixed k (meprop.SparseConv2d; one --k share for layers of different widths): "
+            "leave --mode symmetric and --adaptive out"
         )

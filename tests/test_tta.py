@@ -164,3 +164,17 @@ def test_cli_tta_groups(bad, capsys):
     with pytest.raises(SystemExit):
         main(["reproduce", "tta", bad, "nothing-like-this"])
     assert "nothing-like-this" in capsys.readouterr().err
+
+
+def test_widths_cell_is_the_mean_over_seeds_of_each_layer():
+    from types import SimpleNamespace
+
+    from meprop.experiments.tta import _widths_cell
+
+    def run(widths):
+        return SimpleNamespace(summary={"final_widths": widths})
+
+    assert _widths_cell([run(None), run(None)]) == ""
+    assert _widths_cell([run([150, 320]), run([152, 324])]) == "151,322 (mean of 2)"
+    lm = [run({"blocks.0.mlp.fc": 258, "blocks.1.mlp.fc": 257})]  # the lm task: name -> width
+    assert _widths_cell(lm) == "258,257"

@@ -418,8 +418,7 @@ def _group_section(group: str, rows: list[list], out: Path) -> list[str]:
             steps = {s: h[0] for s, h in hits.items()}
             cells.append(_ratio(steps, {s: h[0] for s, h in dense_hits.items()}))
         cells += _test_cells(reps, dense, metric)
-        widths = reps[0].summary.get("final_widths") or []
-        cells.append(",".join(map(str, widths)) if widths else "")
+        cells.append(_widths_cell(reps))
         lines.append("| " + " | ".join(cells) + " |")
     plot = _plot(group, rows, key, best.mean, out)
     if plot:
@@ -453,6 +452,21 @@ def _test_cells(reps: list, dense: list, metric: Metric) -> list[str]:
         return [*cells, "-" if p is None else f"{p} % of dense's loss"]
     p = paired({r.seed: r.test() for r in reps}, {r.seed: r.test() for r in dense})
     return [*cells, "-" if p is None else f"{p} {p.verdict}"]
+
+
+def _widths_cell(reps: list) -> str:
+    """meSimp's hidden widths at the end, per layer, the mean over the seeds ("" for a run
+    that keeps its widths). A run's ``final_widths`` is a list, or (the lm task) a dict from
+    layer name to width."""
+    per_seed = []
+    for r in reps:
+        widths = r.summary.get("final_widths")
+        if widths:
+            per_seed.append(list(widths.values()) if isinstance(widths, dict) else list(widths))
+    if not per_seed:
+        return ""
+    means = ",".join(f"{sum(c) / len(c):.0f}" for c in zip(*per_seed, strict=True))
+    return means + (f" (mean of {len(per_seed)})" if len(per_seed) > 1 else "")
 
 
 def _ratio(times: dict, dense_times: dict) -> str:

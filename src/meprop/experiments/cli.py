@@ -93,7 +93,7 @@ def _train_config(args: argparse.Namespace):
     if source is None and getattr(args, "method", None) == "meprop":
         from .tasks import RECIPES
 
-        chosen = ("k", "mode", "memory", "warmup", "adaptive")
+        chosen = ("k", "mode", "memory", "warmup", "adaptive", "optimizer", "sparse_grad")
         mlp = getattr(args, "model", None) in (None, "mlp")  # (measured on the MLP only)
         if args.task in RECIPES and mlp and all(getattr(args, f, None) is None for f in chosen):
             base.update(RECIPES[args.task])  # the measured recipe (tasks.RECIPES)
@@ -193,11 +193,12 @@ def register_train(subparsers) -> None:
         "log.jsonl, last.pt, best.pt and summary.json to --out.",
         epilog="example: meprop train mnist --method meprop --k 20 --hidden 500 --layers 2 "
         "--epochs 20. With --method meprop and none of --k, --mode, --memory, --warmup, "
-        "--adaptive, the mnist task runs per_example k=40 with memory 0.8: in the "
-        "time-to-accuracy grid (docs/results/tta/report.md, width 500, 3 seeds) the recipe "
-        "with the fewest steps to dense's accuracy and a test accuracy above dense's; the "
-        "parse task per_example k=20 (0.57x dense's time to its accuracy in the grid's "
-        "parse group, 3 seeds).",
+        "--adaptive, --optimizer, --sparse-grad, the mnist task runs unified k=80 with "
+        "--optimizer lazy_adam --sparse-grad: in the time-to-accuracy grid "
+        "(docs/results/tta/report.md, 3 seeds) the soonest to dense's accuracy at width 500, "
+        "with a test accuracy level with dense's, and at width 2000 (k=320) 0.46x dense's "
+        "time; the parse task per_example k=20 (0.57x dense's time to its accuracy in the "
+        "grid's parse group, 3 seeds).",
     )
     p.add_argument("task", choices=TASKS)
     p.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")

@@ -45,15 +45,19 @@ DEFAULTS: dict[str, dict] = {
 ADAM_LR: dict[str, float] = {"lm": 4e-3}
 
 # What ``meprop train TASK --method meprop`` runs when none of --k, --mode, --memory, --warmup,
-# --adaptive is given (and no --config): the time-to-accuracy grid's best recipe where one was
-# measured (docs/results/tta/report.md, mnist-w500, 3 seeds: per_example k=40 with memory 0.8
-# took the fewest steps to dense's best - 0.2 point, 1.27x dense's, and the best test accuracy,
-# +0.20 [+0.02, +0.39] points over dense). Other tasks: the fields' defaults (k=20, per_example).
+# --adaptive, --optimizer, --sparse-grad is given (and no --config): the time-to-accuracy
+# grid's best recipe where one was measured (docs/results/tta/report.md, 3 seeds). MNIST:
+# unified k=80 (16% of the paper's 500) with LazyAdam on row-sparse gradients: at width 500 the
+# soonest to dense's best - 0.5 / 0.2 / 0.1 point (1.29x / 1.11x / 1.03x dense's time, 1.23x /
+# 1.17x / 1.11x its steps; per_example k=40 with memory, the previous recipe, 1.88x / 1.47x /
+# 1.16x) with a test accuracy level with dense's (-0.02 [-0.10, +0.07]); at width 2000 (k=320)
+# 0.46x [0.26, 0.81] of dense's time to best - 0.2, test +0.31 [+0.03, +0.59]. Other tasks: the
+# fields' defaults (k=20, per_example).
 # Parser: per_example k=20 without memory (the fields' defaults), the tta grid's parse group (3
 # seeds: 0.57x dense's time to dense's best - 0.2, 0.56x [0.41, 0.77] to best - 0.1; with
 # memory one seed never got within 0.2 point).
 RECIPES: dict[str, dict] = {
-    "mnist": {"k": 40, "mode": "per_example", "memory": 0.8},
+    "mnist": {"k": 80, "mode": "unified", "optimizer": "lazy_adam", "sparse_grad": True},
     "parse": {"k": 20, "mode": "per_example"},
 }
 

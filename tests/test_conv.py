@@ -413,6 +413,13 @@ def test_memory_matches_its_reference(setting, mode, sparse_bias):
     torch.testing.assert_close(x2.grad, rx)
 
 
+def test_memory_with_an_empty_batch():
+    layer = SparseConv2d(3, 6, 3, config=MePropConfig(k=2, memory=0.8))
+    x = torch.randn(0, 3, 6, 6, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad.shape == x.shape and layer.k_record.memory is None
+
+
 def test_memory_refuses_compile_and_func_by_name():
     layer = SparseConv2d(3, 6, 3, config=MePropConfig(k=2, memory=0.8))
     x = torch.randn(2, 3, 6, 6)

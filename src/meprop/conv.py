@@ -353,8 +353,16 @@ class _SparseConv2dFn(torch.autograd.Function):
         g_in = g  # the layer's own gradient (the bias gradient's, as without memory)
         if cfg.memory and ctx.record is not None:
             m = ctx.record.memory  # (C_out, H', W'): added to every example's gradient
-            if m is not None and m.shape == g.shape[1:] and m.dtype == g.dtype:
-                g = g + m.to(g.device)
+            if (
+                m is not None
+                and m.shape == g.shape[1:]
+                and (m.dtype, m.device)
+                == (
+                    g.dtype,
+                    g.device,
+                )
+            ):
+                g = g + m
         # (B, C_out) each channel's summed |g| over its positions (half precision: in float32)
         s = g.abs().sum((2, 3), dtype=score_dtype(g.dtype))
         sel = _select(g, s, cfg, ctx.record)
@@ -375,7 +383,7 @@ class _SparseConv2dFn(torch.autograd.Function):
                 db = g.sum((2, 3)).masked_fill(~mask, 0).sum(0)
             else:
                 db = g_in.sum((0, 2, 3))
-        if cfg.memory and ctx.record is not None and sel.kind != "dense":
+        if cfg.memory and ctx.record is not None and sel.kind != "dense" and batch:
             _memorize(ctx.record, g, sel, cfg.memory)
         counts, selections = ctx.usage
         if counts is not None:

@@ -351,18 +351,9 @@ class _SparseConv2dFn(torch.autograd.Function):
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         batch, c_out = g.shape[:2]
         g_in = g  # the layer's own gradient (the bias gradient's, as without memory)
-        if cfg.memory and ctx.record is not None:
-            m = ctx.record.memory  # (C_out, H', W'): added to every example's gradient
-            if (
-                m is not None
-                and m.shape == g.shape[1:]
-                and (m.dtype, m.device)
-                == (
-                    g.dtype,
-                    g.device,
-                )
-            ):
-                g = g + m
+        m = _usable_memory(ctx.record, g) if cfg.memory and ctx.record is not None else None
+        if m is not None:
+            g = g + m  # the memory (C_out, H', W') added to every example's gradient
         # (B, C_out) each channel's summed |g| over its positions (half precision: in float32)
         s = g.abs().sum((2, 3), dtype=score_dtype(g.dtype))
         sel = _select(g, s, cfg, ctx.record)
@@ -389,6 +380,15 @@ class _SparseConv2dFn(torch.autograd.Function):
         if counts is not None:
             _record(counts, selections, sel, s)
         return dx, dw, db, None, None, None, None, None
+
+
+def _usable_memory(record: KRecord, g: Tensor) -> Tensor | None:
+    """The layer's memory, where it fits g (B, C_out, H', W'): None where there is none yet,
+    or it was kept for another output size, dtype or device (the memory then restarts)."""
+    m = record.memory
+    if m is None or m.shape != g.shape[1:] or m.dtype != g.dtype or m.device != g.device:
+        return None
+    return m
 
 
 def _memorize(record: KRecord, g: Tensor, sel: ChannelSelection, ratio: float) -> None:

@@ -195,9 +195,10 @@ def register_train(subparsers) -> None:
         "--epochs 20. With --method meprop and none of --k, --mode, --memory, --warmup, "
         "--adaptive, --optimizer, --sparse-grad, the mnist task runs unified k=80 with "
         "--optimizer lazy_adam --sparse-grad: in the time-to-accuracy grid "
-        "(docs/results/tta/report.md, 3 seeds) the soonest to dense's accuracy at width 500, "
-        "with a test accuracy level with dense's, and at width 2000 (k=320) 0.46x dense's "
-        "time; the parse task per_example k=20 (0.57x dense's time to its accuracy in the "
+        "(docs/results/tta/report.md, 3 seeds) the soonest meProp recipe at width 500 (1.11x "
+        "dense's time to its best - 0.2 point: not sooner than dense there), with a test "
+        "accuracy level with dense's, and at width 2000 (k=320) 0.46x dense's time; the parse "
+        "task per_example k=20 (0.57x dense's time to its accuracy in the "
         "grid's parse group, 3 seeds).",
     )
     p.add_argument("task", choices=TASKS)

@@ -149,6 +149,7 @@ def _update(p: Tensor, state: dict, group: dict) -> None:
     args = (group["lr"], group["betas"], group["eps"], group["weight_decay"], state["step"])
     if _native_ok(p, m, v, g):
         # (the kernel reads pointers and sizes only: no views to build)
+        rows = None if rows is None else rows.contiguous()
         native.row_adam(p, m, v, rows, g.contiguous(), shape[1], *args)
     else:
         _torch_update(p, m, v, shape, rows, g.reshape(-1, shape[1]), *args)

@@ -198,8 +198,8 @@ def register_train(subparsers) -> None:
         "(docs/results/tta/report.md, 3 seeds) the soonest meProp recipe at width 500 (1.11x "
         "dense's time to its best - 0.2 point: not sooner than dense there), with a test "
         "accuracy level with dense's, and at width 2000 (k=320) 0.46x dense's time; the parse "
-        "task per_example k=20 (0.57x dense's time to its accuracy in the "
-        "grid's parse group, 3 seeds).",
+        "task per_example k=20 (0.56x dense's time to its accuracy in the "
+        "grid's parse group, 5 seeds).",
     )
     p.add_argument("task", choices=TASKS)
     p.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")

@@ -25,6 +25,23 @@ def train(root, out, *extra):
         ("random", ["--k", "4"]),
         ("kdim", ["--k", "4"]),
         ("mesimp", ["--k", "8", "--prune-interval", "3", "--prune-rate", "0.2"]),
+        # meSimp's shrinking slices LazyAdam's moments as it slices Adam's
+        (
+            "mesimp",
+            [
+                "--k",
+                "8",
+                "--prune-interval",
+                "3",
+                "--prune-rate",
+                "0.2",
+                "--mode",
+                "unified",
+                "--optimizer",
+                "lazy_adam",
+                "--sparse-grad",
+            ],
+        ),
     ],
 )
 def test_train_each_method(tiny_mnist, tmp_path, method, extra):

@@ -38,6 +38,16 @@ def _reference(p, m, v, rows, g, step, lr, betas, eps, wd):
     return p, m, v
 
 
+def _step_alike(ours, theirs, opt, ref, steps):
+    """``steps`` steps of both optimizers, each with the same random dense gradients."""
+    for _ in range(steps):
+        for a, b in zip(ours, theirs, strict=True):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+
+
 def _row_sparse(rows, vals, shape):
     return torch.sparse_coo_tensor(rows[None], vals, shape, check_invariants=True).coalesce()
 
@@ -78,12 +88,7 @@ def test_dense_gradients_are_torch_adam(path, dtype):
     theirs = [torch.nn.Parameter(q.detach().clone()) for q in ours]
     kw = {"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.01}
     opt, ref = LazyAdam(ours, **kw), torch.optim.Adam(theirs, **kw)
-    for _ in range(4):
-        for a, b in zip(ours, theirs, strict=True):
-            a.grad = torch.randn_like(a)
-            b.grad = a.grad.clone()
-        opt.step()
-        ref.step()
+    _step_alike(ours, theirs, opt, ref, steps=4)
     tol = 2e-6 if dtype == torch.float32 else 1e-12
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
@@ -94,12 +99,7 @@ def test_dense_gradients_match_torchs_fused_adam_exactly():
     ours = [torch.nn.Parameter(torch.randn(16, 8)), torch.nn.Parameter(torch.randn(8))]
     theirs = [torch.nn.Parameter(q.detach().clone()) for q in ours]
     opt, ref = LazyAdam(ours, lr=1e-2), torch.optim.Adam(theirs, lr=1e-2, fused=True)
-    for _ in range(3):
-        for a, b in zip(ours, theirs, strict=True):
-            a.grad = torch.randn_like(a)
-            b.grad = a.grad.clone()
-        opt.step()
-        ref.step()
+    _step_alike(ours, theirs, opt, ref, steps=3)
     for a, b in zip(ours, theirs, strict=True):
         assert torch.equal(a, b)
 
@@ -251,11 +251,6 @@ def test_dense_gradients_of_several_dtypes_in_one_group():
     ]
     theirs = [torch.nn.Parameter(q.detach().clone()) for q in ours]
     opt, ref = LazyAdam(ours, lr=0.01), torch.optim.Adam(theirs, lr=0.01)
-    for _ in range(3):
-        for a, b in zip(ours, theirs, strict=True):
-            a.grad = torch.randn_like(a)
-            b.grad = a.grad.clone()
-        opt.step()
-        ref.step()
+    _step_alike(ours, theirs, opt, ref, steps=3)
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)

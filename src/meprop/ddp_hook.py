@@ -2,8 +2,8 @@
 
 meProp's backward writes R rows of a layer's weight gradient dW (n, in) and leaves the others
 zero (k rows for unified selection, at most M*k for per-example); a ``SparseConv2d``'s dW
-(C_out, C_in / groups, kh, kw) is read the same way, a row per output channel. DDP all-reduces every
-parameter's gradient whole; this hook (``torch.distributed.algorithms.ddp_comm_hooks`` style:
+(C_out, C_in / groups, kh, kw) is read the same way, a row per output channel. DDP
+all-reduces every parameter's gradient whole; this hook (``torch.distributed.algorithms.ddp_comm_hooks`` style:
 ``hook(state, bucket) -> Future``) sends each meProp weight's rows packed densely instead,
 so it runs on any backend with a dense all-reduce (NCCL and gloo), with no sparse tensors:
 
@@ -85,11 +85,7 @@ class _Weight:
     big: bool  # at least min_union_bytes: worth a mask exchange
 
 
-_LAYERS = (SparseLinear, SparseConv2d)  # the layers whose backward logs its rows
-
-
-def _rows(m: nn.Module) -> int:
-    return m.out_features if type(m) is SparseLinear else m.out_channels
+_LAYERS = (SparseLinear, SparseConv2d)  # the layers whose backward logs its rows (dW's dim 0)
 
 
 def compact_weights(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -98,7 +94,7 @@ def compact_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     (``sparse_grad=False``), by name."""
     out = {}
     for name, m in model.named_modules():
-        if type(m) in _LAYERS and not m.config.sparse_grad and m.config.k < _rows(m):
+        if type(m) in _LAYERS and not m.config.sparse_grad and m.config.k < m.weight.shape[0]:
             if m.weight.requires_grad:
                 out[f"{name}.weight" if name else "weight"] = m.weight
     return out

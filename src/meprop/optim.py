@@ -93,7 +93,9 @@ class LazyAdam(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if not state:
-                    state["step"] = 0
+                    # torch.optim.Adam's kind of step count: a float32 tensor (on the CPU) that
+                    # the fused kernel reads, kept and incremented in place (no per-step tensor)
+                    state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 state["step"] += 1
@@ -114,7 +116,7 @@ class LazyAdam(torch.optim.Optimizer):
             torch._fused_adam_(
                 params, [p.grad for p in params], [s["exp_avg"] for s in states],
                 [s["exp_avg_sq"] for s in states], [],
-                [torch.tensor(float(s["step"])) for s in states], lr=group["lr"], beta1=b1,
+                [s["step"] for s in states], lr=group["lr"], beta1=b1,
                 beta2=b2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
                 maximize=False,
             )  # fmt: skip
@@ -146,7 +148,8 @@ def _update(p: Tensor, state: dict, group: dict) -> None:
     n = p.shape[0] if p.dim() else 1
     shape = (n, p.numel() // n) if (rows is not None or p.dim() > 1) else (1, p.numel())
     m, v = state["exp_avg"], state["exp_avg_sq"]
-    args = (group["lr"], group["betas"], group["eps"], group["weight_decay"], state["step"])
+    step = float(state["step"])  # (a CPU tensor: no device sync)
+    args = (group["lr"], group["betas"], group["eps"], group["weight_decay"], step)
     if _native_ok(p, m, v, g):
         # (the kernel reads pointers and sizes only: no views to build)
         rows = None if rows is None else rows.contiguous()

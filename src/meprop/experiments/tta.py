@@ -22,8 +22,9 @@ Rules that make the comparison fair and the crossing robust:
   it on every seed, and each recipe is compared with dense on the same seed). Evaluations run
   ten times per epoch on MNIST, four on the parser, every 25 steps on the LM.
 
-The rows (``tta_grid``) are grouped by task and width (``mnist-w500``, ``mnist-w2000``,
-``parse``, ``lm``, ``lm-time``): ``--groups`` picks them. ``build_tta_report`` writes ``report.md`` and one plot per group.
+The rows (``tta_grid``) are grouped by task and width (``mnist-w500``, ``mnist-w1000``,
+``mnist-w2000``, ``parse``, ``lm``, ``lm-time``): ``--groups`` picks them.
+``build_tta_report`` writes ``report.md`` and one plot per group.
 """
 
 from __future__ import annotations
@@ -78,8 +79,7 @@ def tta_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
         k16, k8, k4 = width * 16 // 100, width * 8 // 100, width * 4 // 100
 
         def add(label: str, base=base, group=group, **kw) -> None:
-            cfg = replace(base, **kw)
-            rows.append(Row(f"{group}-{row_name(cfg)}", group, label, cfg))
+            rows.extend(_group_rows(group, [(label, replace(base, **kw))]))
 
         add("dense")
         for k in (k4, k8) if width == 500 else (k4,):
@@ -104,15 +104,12 @@ def _parse_rows() -> list[Row]:
     170 ms in the grid), so that a recipe is not cut off before it had dense's time. Dev 4
     times per epoch."""
     base = TrainConfig(task="parse", method="dense", epochs=5, eval_every=98)
-    return [
-        Row(f"parse-{row_name(cfg)}", "parse", label, cfg)
-        for label, cfg in (
-            ("dense", base),
-            ("meProp per_example k=20", replace(base, method="meprop", k=20, epochs=7)),
-            ("meProp per_example k=20, memory 0.8",
-             replace(base, method="meprop", k=20, memory=0.8, epochs=7)),
-        )
-    ]  # fmt: skip
+    return _group_rows("parse", (
+        ("dense", base),
+        ("meProp per_example k=20", replace(base, method="meprop", k=20, epochs=7)),
+        ("meProp per_example k=20, memory 0.8",
+         replace(base, method="meprop", k=20, memory=0.8, epochs=7)),
+    ))  # fmt: skip
 
 
 # The lm grid's LM (4 blocks, MLP width 512), dense, 2 epochs, dev every 25 steps
@@ -122,16 +119,12 @@ _LM_BASE = TrainConfig(task="lm", method="dense", hidden=(512,), layers=4, epoch
 def _lm_rows() -> list[Row]:
     """The byte-level LM (the lm grid's: 4 blocks, MLP width 512, 2 epochs): dense, meProp
     unified at k = 1/8 of the MLP width with and without memory. Dev every 25 steps."""
-    base = _LM_BASE
-    return [
-        Row(f"lm-{row_name(cfg)}", "lm", label, cfg)
-        for label, cfg in (
-            ("dense", base),
-            ("meProp unified k=64 (1/8)", replace(base, method="meprop", mode="unified", k=64)),
-            ("meProp unified k=64 (1/8), memory 0.8",
-             replace(base, method="meprop", mode="unified", k=64, memory=0.8)),
-        )
-    ]  # fmt: skip
+    meprop = replace(_LM_BASE, method="meprop", mode="unified", k=64)
+    return _group_rows("lm", (
+        ("dense", _LM_BASE),
+        ("meProp unified k=64 (1/8)", meprop),
+        ("meProp unified k=64 (1/8), memory 0.8", replace(meprop, memory=0.8)),
+    ))  # fmt: skip
 
 
 def _lm_time_rows() -> list[Row]:
@@ -141,18 +134,19 @@ def _lm_time_rows() -> list[Row]:
     400 ms, so 3 epochs take about 1.15x dense's 2); meSimp unified k = 1/2 on mlp.fc only, the
     lm grid's closest recipe to dense (dev bpb +1.9% after 2 epochs), 2 epochs (its step
     shrinks with the net: 0.85 of dense's). Dev every 25 steps."""
-    base = _LM_BASE
-    return [
-        Row(f"lm-time-{row_name(cfg)}", "lm-time", label, cfg)
-        for label, cfg in (
-            ("dense", base),
-            ("meProp unified k=64 (1/8), 3 epochs",
-             replace(base, method="meprop", mode="unified", k=64, epochs=3)),
-            ("meSimp unified k=256 (1/2), mlp.fc only",
-             replace(base, method="mesimp", mode="unified", k=256, prune_rate=0.1,
-                     fc_only=True)),
-        )
-    ]  # fmt: skip
+    return _group_rows("lm-time", (
+        ("dense", _LM_BASE),
+        ("meProp unified k=64 (1/8), 3 epochs",
+         replace(_LM_BASE, method="meprop", mode="unified", k=64, epochs=3)),
+        ("meSimp unified k=256 (1/2), mlp.fc only",
+         replace(_LM_BASE, method="mesimp", mode="unified", k=256, prune_rate=0.1,
+                 fc_only=True)),
+    ))  # fmt: skip
+
+
+def _group_rows(group: str, recipes) -> list[Row]:
+    """A group's rows from its (label, config) recipes, each named after the group."""
+    return [Row(f"{group}-{row_name(cfg)}", group, label, cfg) for label, cfg in recipes]
 
 
 # --------------------------------------------------------------------------------------------

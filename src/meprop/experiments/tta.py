@@ -23,7 +23,8 @@ Rules that make the comparison fair and the crossing robust:
   ten times per epoch on MNIST, four on the parser, every 25 steps on the LM.
 
 The rows (``tta_grid``) are grouped by task and width (``mnist-w500``, ``mnist-w1000``,
-``mnist-w2000``, ``parse``, ``lm``, ``lm-time``): ``--groups`` picks them.
+``mnist-w2000``, ``mnist-w500-levers``, ``parse``, ``lm``, ``lm-time``): ``--groups`` picks
+them.
 ``build_tta_report`` writes ``report.md`` and one plot per group.
 """
 
@@ -92,8 +93,30 @@ def tta_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
             add(f"meProp unified k={k8}, memory 0.8", method="meprop", mode="unified", k=k8,
                 memory=0.8)  # fmt: skip
     if not quick:
-        rows += _parse_rows() + _lm_rows() + _lm_time_rows()
+        rows += _levers_rows(dataset) + _parse_rows() + _lm_rows() + _lm_time_rows()
     return rows
+
+
+def _levers_rows(dataset: str) -> list[Row]:
+    """The levers of the whole step at width 500, each with LazyAdam (the mnist recipe's
+    optimizer): unified k=80 (the recipe) alone, after a dense warm-up of one epoch (1100
+    steps), at k=160 (32%), with adaptive k (TinyProp, k <= 160), and meSimp unified k=160 with
+    the paper's cycle (5 epochs simplifying, 5 plain), the one lever on the forward pass.
+    10 epochs, dev ten times per epoch, as ``mnist-w500``."""
+    base = TrainConfig(task="mnist", dataset=dataset, method="dense", hidden=(500,),
+                       epochs=MNIST_EPOCHS[500], eval_every=55_000 // 50 // EVALS_PER_EPOCH)  # fmt: skip
+    lazy = replace(base, method="meprop", mode="unified", k=80, optimizer="lazy_adam",
+                   sparse_grad=True)  # fmt: skip
+    return _group_rows("mnist-w500-levers", (
+        ("dense", base),
+        ("meProp unified k=80, LazyAdam", lazy),
+        ("meProp unified k=80, LazyAdam, dense warm-up 1 epoch", replace(lazy, warmup=1100)),
+        ("meProp unified k=160, LazyAdam", replace(lazy, k=160)),
+        ("meProp unified TinyProp k <= 160, LazyAdam",
+         replace(lazy, k=160, adaptive="tinyprop", min_k=4)),
+        ("meSimp unified k=160, cycle 5+5, LazyAdam",
+         replace(lazy, method="mesimp", k=160, prune_rate=0.1, cycle=(5, 5))),
+    ))  # fmt: skip
 
 
 def _parse_rows() -> list[Row]:

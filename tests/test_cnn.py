@@ -54,11 +54,34 @@ def test_trainer_trains_lenet(tiny_mnist, tmp_path, method, extra):
         assert saved["memory"] == 0.0 and saved["k"] == 20
 
 
+@pytest.mark.parametrize("model", ["lenet", "resnet"])
+def test_mesimp_removes_filters_and_a_resumed_run_keeps_them(tiny_mnist, tmp_path, model):
+    """meSimp on a CNN: LeNet loses filters and hidden units, the ResNet its blocks' first
+    convolutions' filters (the residual sums keep their width); the checkpoint carries the
+    shrunk shapes, so a resumed run goes on from them."""
+    out = tmp_path / "run"
+    args = ["train", "mnist", "--model", model, "--method", "mesimp", "--k", "4",
+            "--prune-rate", "0.2", "--prune-interval", "2", "--data-dir", str(tiny_mnist),
+            "--out", str(out), *TINY]  # fmt: skip
+    assert main(args) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    widths = log[-1]["widths"]
+    full = {"lenet": {"1": 6, "4": 16, "8": 120, "11": 84}}.get(model)
+    if model == "resnet":
+        assert set(widths) == {f"{i}.conv1" for i in range(4, 10)}
+        full = {name: (16, 16, 32, 32, 64, 64)[i] for i, name in enumerate(sorted(widths))}
+    assert all(widths[g] <= full[g] for g in full) and any(widths[g] < full[g] for g in full)
+    assert main([*args[: -len(TINY)], "--epochs", "2", "--no-progress", "--resume"]) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["epoch"] == 2.0
+    assert all(log[-1]["widths"][g] <= widths[g] for g in widths)
+
+
 @pytest.mark.parametrize(
     "kw,words",
     [
         (dict(task="pos", model="lenet"), "mnist task's network"),
-        (dict(model="lenet", method="mesimp"), "meSimp does not remove convolution"),
+        (dict(model="lenet", method="kdim"), "dense, meprop, random or mesimp, not kdim"),
         (dict(model="resnet", method="meprop", adaptive="mass"), "leave --mode symmetric and"),
         (dict(model="resnet", method="meprop", mode="symmetric"), "--mode symmetric"),
         (dict(model="vgg"), "model must be one of"),
@@ -82,10 +105,8 @@ def test_reproduce_cnn_quick_pairs_each_row_with_dense(tiny_mnist, tmp_path):
 
     rows = cnn_grid()
     assert {r.group for r in rows} == {"lenet", "resnet"}
-    assert {r.config.k for r in rows if r.group == "resnet" and r.config.method != "dense"} == {
-        4,
-        8,
-    }
+    resnet = {(r.config.method, r.config.k) for r in rows if r.group == "resnet"}
+    assert resnet == {("dense", 20), ("meprop", 4), ("meprop", 8), ("random", 8), ("mesimp", 16)}
     out = tmp_path / "cnn"
     args = ["reproduce", "cnn", "--quick", "--out", str(out), "--data-dir", str(tiny_mnist),
             "--seeds", "1,2", "--no-progress"]  # fmt: skip
@@ -98,5 +119,6 @@ def test_reproduce_cnn_quick_pairs_each_row_with_dense(tiny_mnist, tmp_path):
         "meProp unified k=2 (1/8)",
         "meProp per_example k=1 (1/16)",
         "random-k k=2 (1/8)",
+        "meSimp per_example k=4 (1/4)",
     ):
         assert f"lenet: {label} >= dense" in report

@@ -189,7 +189,7 @@ def test_unsupported_structures_raise():
     assert custom(torch.randn(2, 3)).shape == (2, 2) and custom.b.in_features == 4
     with pytest.raises(ValueError, match="no module named 'c'"):
         Simplifier(custom, MeSimpConfig(), pairs=[Pair("a", ("c",))])
-    with pytest.raises(ValueError, match="no SparseLinear layer"):
+    with pytest.raises(ValueError, match="no SparseLinear or SparseConv2d layer"):
         Simplifier(nn.Sequential(nn.Linear(2, 2)), MeSimpConfig())
 
 

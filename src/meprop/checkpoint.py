@@ -275,21 +275,22 @@ def _shrinkable(model: nn.Module) -> dict[str, set[int]] | None:
         pairs = find_pairs(model)
     except (ValueError, TypeError):
         pairs = []
-    # A model built dense (a plain nn.Sequential of Linear layers) that loads a simplified one:
-    # every Linear whose outputs go, through activations and norms, into another Linear.
+    # A model built dense (a plain nn.Sequential of Linear and Conv2d layers) that loads a
+    # simplified one: every Linear or Conv2d whose outputs go, through activations, pooling and
+    # norms, into another Linear or Conv2d.
     for seq_name, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
             continue
         chain = flatten_sequential(seq, seq_name)
         for i, (name, module) in enumerate(chain):
-            if not isinstance(module, nn.Linear):
+            if not isinstance(module, nn.Linear | nn.Conv2d):
                 continue
             j, norms = i + 1, []
             while j < len(chain) and isinstance(chain[j][1], ELEMENTWISE + NORMS):
                 if isinstance(chain[j][1], NORMS):
                     norms.append(chain[j][0])
                 j += 1
-            if j < len(chain) and isinstance(chain[j][1], nn.Linear):
+            if j < len(chain) and isinstance(chain[j][1], nn.Linear | nn.Conv2d):
                 pairs.append(Pair(name, (chain[j][0],), tuple(norms)))
     if not pairs:
         return None

@@ -33,11 +33,10 @@ Groups: with ``groups > 1`` (depthwise included) the selected channels are compa
 one its own group over the input channels of its original group (gathered from x), so the
 gradients stay exact for the masked g.
 
-Not done here: meSimp's filter removal (``meprop.simplify`` shrinks ``SparseLinear`` and
-``SparseLSTM`` only; a ``SparseConv2d``'s ``usage`` record counts its channels but nothing
-prunes them); the compiled kernels (``native``, ``numba``, ``triton``), and adaptive k and
-memory under torch.compile, which are refused by name, as is ``sparse_grad=True`` under
-DistributedDataParallel.
+meSimp (``meprop.simplify``) removes whole filters from the usage record and slices the next
+layer's input channels (groups=1 only). Not done here: the compiled kernels (``native``,
+``numba``, ``triton``), and adaptive k and memory under torch.compile, which are refused by
+name, as is ``sparse_grad=True`` under DistributedDataParallel.
 
 Memorized back-propagation (``memory``): as ``SparseLinear``'s, with the memory a
 (C_out, H', W') tensor (the mean over the batch of what the channel selection dropped, times

@@ -45,33 +45,72 @@ def slice_param(module: nn.Module, name: str, dim: int, keep: Tensor) -> Cut:
     return (old, new, dim, keep)
 
 
-def prune_out_(layer: nn.Linear, keep: Tensor) -> list[Cut]:
-    """Keep only the output units ``keep`` of a Linear: rows of its weight and bias."""
-    keep = check_keep(keep, layer.out_features, f"{type(layer).__name__} outputs")
+def _check_ungrouped(conv: nn.Conv2d, what: str) -> None:
+    if conv.groups != 1:
+        raise ValueError(
+            f"cannot remove {what} of a {type(conv).__name__} with groups={conv.groups}: its "
+            "channels are tied group by group (depthwise: output to input); only groups=1 "
+            "convolutions are shrunk"
+        )
+
+
+def prune_out_(layer: nn.Linear | nn.Conv2d, keep: Tensor) -> list[Cut]:
+    """Keep only the output units ``keep`` of a Linear (rows of its weight and bias) or the
+    filters ``keep`` of a Conv2d (its weight's (C_out, C_in, kh, kw) slices along C_out, and
+    the bias; ``groups=1`` only)."""
+    conv = isinstance(layer, nn.Conv2d)
+    if conv:
+        _check_ungrouped(layer, "filters")
+    width = layer.out_channels if conv else layer.out_features
+    keep = check_keep(keep, width, f"{type(layer).__name__} outputs")
     cuts = [slice_param(layer, "weight", 0, keep)]
     if layer.bias is not None:
         cuts.append(slice_param(layer, "bias", 0, keep))
-    layer.out_features = keep.numel()
+    if conv:
+        layer.out_channels = keep.numel()
+    else:
+        layer.out_features = keep.numel()
     return cuts
 
 
-def prune_in_(layer: nn.Linear, keep: Tensor) -> list[Cut]:
-    """Keep only the input columns ``keep`` of a Linear's weight."""
-    keep = check_keep(keep, layer.in_features, f"{type(layer).__name__} inputs")
+def prune_in_(layer: nn.Linear | nn.Conv2d, keep: Tensor, block: int = 1) -> list[Cut]:
+    """Keep only the inputs ``keep`` of a Linear (columns of its weight) or the input channels
+    ``keep`` of a Conv2d (``groups=1`` only).
+
+    ``block``: a Linear that reads a flattened (C, H, W) feature map (``nn.Flatten`` after a
+    convolution) has H * W = ``block`` columns per channel, channel-major; ``keep`` then
+    names channels, and their ``block`` columns each are kept.
+    """
+    if isinstance(layer, nn.Conv2d):
+        _check_ungrouped(layer, "input channels")
+        keep = check_keep(keep, layer.in_channels, f"{type(layer).__name__} input channels")
+        layer.in_channels = keep.numel()
+        return [slice_param(layer, "weight", 1, keep)]
+    if block < 1 or layer.in_features % block:
+        raise ValueError(
+            f"{type(layer).__name__} with {layer.in_features} inputs cannot read channels of "
+            f"{block} columns each"
+        )
+    keep = check_keep(keep, layer.in_features // block, f"{type(layer).__name__} inputs")
+    if block > 1:  # channel c's columns: c * block ... c * block + block - 1
+        keep = (keep[:, None] * block + torch.arange(block, device=keep.device)).flatten()
     layer.in_features = keep.numel()
     return [slice_param(layer, "weight", 1, keep)]
 
 
 def prune_norm_(norm: nn.Module, keep: Tensor) -> list[Cut]:
-    """Slice a LayerNorm over the last dimension, or a BatchNorm1d, to the features ``keep``."""
+    """Slice a LayerNorm over the last dimension, or a BatchNorm1d/2d, to the features
+    (channels) ``keep``."""
     if isinstance(norm, nn.LayerNorm):
         if len(norm.normalized_shape) != 1:
             raise ValueError(f"can only slice a LayerNorm over one dimension, got {norm}")
         size = norm.normalized_shape[0]
-    elif isinstance(norm, nn.BatchNorm1d):
+    elif isinstance(norm, nn.BatchNorm1d | nn.BatchNorm2d):
         size = norm.num_features
     else:
-        raise TypeError(f"cannot slice {type(norm).__name__}: only LayerNorm and BatchNorm1d")
+        raise TypeError(
+            f"cannot slice {type(norm).__name__}: only LayerNorm, BatchNorm1d and BatchNorm2d"
+        )
     keep = check_keep(keep, size, type(norm).__name__)
     cuts = [
         slice_param(norm, n, 0, keep) for n in ("weight", "bias") if getattr(norm, n) is not None
@@ -124,5 +163,9 @@ def sync_shapes_(model: nn.Module) -> None:
             module.out_features, module.in_features = module.weight.shape
         elif isinstance(module, nn.LayerNorm) and module.weight is not None:
             module.normalized_shape = tuple(module.weight.shape)
-        elif isinstance(module, nn.BatchNorm1d) and module.weight is not None:
-            module.num_features = module.weight.shape[0]
+        elif isinstance(module, nn.Conv2d) and module.groups == 1:
+            module.out_channels, module.in_channels = module.weight.shape[:2]
+        elif isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+            source = module.weight if module.weight is not None else module.running_mean
+            if source is not None:
+                module.num_features = source.shape[0]

@@ -2,9 +2,10 @@
 
 Sun et al., "Training Simplification and Model Simplification for Deep Learning: A Minimal
 Effort Back Propagation Method" (TKDE). Each sparsified layer counts how often each of its
-units is in a top-k selection during back propagation. Every ``interval`` steps, the units
-selected in fewer than ``prune_rate`` of the selections are removed, physically: their rows of
-the producer's weight and bias, and their input columns in the consumer (the next layer). One
+units (a convolution's: each filter) is in a top-k selection during back propagation. Every
+``interval`` steps, the units selected in fewer than ``prune_rate`` of the selections are
+removed, physically: their rows of the producer's weight and bias (a convolution's whole
+filters), and their input columns (input channels) in the consumer (the next layer). One
 threshold for the whole network, and each layer settles at its own width.
 
 One line in an ordinary loop::
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import MeSimpConfig
+from .conv import SparseConv2d
 from .lstm import SparseLSTM
 from .lstm_prune import prune_lstm_cells_
 from .nn import Cube, SparseLinear
@@ -49,8 +51,25 @@ ELEMENTWISE = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
     nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
     nn.Softsign, nn.Tanhshrink, nn.Dropout, nn.AlphaDropout, nn.Identity, Cube,
+    # (and a feature map's channel c to channel c)
+    nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+    nn.Flatten,
 )  # fmt: skip
-NORMS = (nn.LayerNorm, nn.BatchNorm1d)
+NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+PRODUCERS = (SparseLinear, SparseConv2d)  # what find_pairs looks for in a chain
+
+
+def width(layer: nn.Module) -> int:
+    """The units meSimp counts in a producer: a Linear's outputs, a Conv2d's filters."""
+    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+
+
+def input_block(producer: nn.Module, consumer: nn.Module) -> int:
+    """Inputs of ``consumer`` per unit of ``producer``: H * W columns per channel for a Linear
+    reading a convolution's flattened (C, H, W) map (channel-major, as ``nn.Flatten``), else 1."""
+    if isinstance(producer, nn.Conv2d) and isinstance(consumer, nn.Linear):
+        return consumer.in_features // producer.out_channels
+    return 1
 
 
 @dataclass(frozen=True)
@@ -76,12 +95,14 @@ def flatten_sequential(seq: nn.Sequential, prefix: str) -> list[tuple[str, nn.Mo
 
 
 def find_pairs(model: nn.Module) -> list[Pair]:
-    """Producer -> consumer pairs of every ``SparseLinear`` in ``model``.
+    """Producer -> consumer pairs of every ``SparseLinear`` and ``SparseConv2d`` in ``model``.
 
     A model may declare them with a ``simplify_pairs()`` method returning ``Pair`` objects.
-    Otherwise they are read off ``nn.Sequential`` chains: a SparseLinear, then any elementwise
-    modules (activations, dropout) and LayerNorm/BatchNorm1d, then the consuming Linear. A
-    SparseLinear whose consumer cannot be determined is an error, never a guess.
+    Otherwise they are read off ``nn.Sequential`` chains: a SparseLinear or SparseConv2d, then
+    any modules that keep a unit (channel) in its place (activations, dropout, pooling,
+    ``nn.Flatten``) and LayerNorm/BatchNorm1d/BatchNorm2d, then the consuming Linear (or, after
+    a convolution, Conv2d). A producer whose consumer cannot be determined is an error, never
+    a guess. (A residual block's convolutions are not in one chain: declare their pairs.)
     """
     if hasattr(model, "simplify_pairs"):
         return [p if isinstance(p, Pair) else Pair(*p) for p in model.simplify_pairs()]
@@ -93,7 +114,7 @@ def find_pairs(model: nn.Module) -> list[Pair]:
             continue
         chain = flatten_sequential(seq, seq_name)
         for i, (name, module) in enumerate(chain):
-            if not isinstance(module, SparseLinear):
+            if not isinstance(module, PRODUCERS):
                 continue
             placed.add(name)
             norms, j = [], i + 1
@@ -103,34 +124,74 @@ def find_pairs(model: nn.Module) -> list[Pair]:
                 j += 1
             if j == len(chain):
                 raise ValueError(
-                    f"SparseLinear {name!r} ends its nn.Sequential, so nothing consumes its "
+                    f"{type(module).__name__} {name!r} ends its nn.Sequential, so nothing "
+                    "consumes its "
                     "units: keep output layers dense (sparsify_(..., filter_fn=hidden_layers("
                     "model))) or declare pairs (Simplifier(..., pairs=[Pair(...)]))"
                 )
             nxt_name, nxt = chain[j]
-            if not isinstance(nxt, nn.Linear):
+            if not isinstance(nxt, nn.Linear | nn.Conv2d):
                 raise TypeError(
                     f"cannot shrink {name!r}: its output goes through {nxt_name!r} "
                     f"({type(nxt).__name__}), which meSimp does not know how to slice; "
                     "declare the pairs with model.simplify_pairs() or pairs=[...]"
                 )
             pairs.append(Pair(name, (nxt_name,), tuple(norms)))
-    stray = [n for n, m in model.named_modules() if isinstance(m, SparseLinear) and n not in placed]
+    stray = [n for n, m in model.named_modules() if isinstance(m, PRODUCERS) and n not in placed]
     if stray:
         raise ValueError(
             f"cannot tell which modules consume {stray} (not in an nn.Sequential chain): "
             "define model.simplify_pairs() or pass pairs=[Pair(producer, consumers)]"
         )
     if not pairs:
-        raise ValueError("no SparseLinear layer to simplify: call sparsify_(model, ...) first")
+        raise ValueError(
+            "no SparseLinear or SparseConv2d layer to simplify: call sparsify_(model, ...) first"
+        )
     return pairs
+
+
+def _check_pair(pair: Pair, modules: dict[str, nn.Module]) -> None:
+    """A pair meSimp can shrink: a sparsified producer (only they keep a top-k record), whose
+    consumers read its units as inputs it can slice."""
+    producer = modules[pair.producer]
+    if not isinstance(producer, SparseLinear | SparseConv2d | SparseLSTM):
+        raise TypeError(
+            f"producer {pair.producer!r} is {type(producer).__name__}, not a SparseLinear, "
+            "SparseConv2d or SparseLSTM: only sparsified layers have a top-k record"
+        )
+    conv = isinstance(producer, nn.Conv2d)
+    if conv and producer.groups != 1:
+        raise ValueError(
+            f"cannot shrink {pair.producer!r}: a convolution with groups={producer.groups} "
+            "ties its filters to its input channels group by group; only groups=1 is shrunk"
+        )
+    for name in pair.consumers:
+        consumer = modules[name]
+        kinds = nn.Linear | nn.Conv2d if conv else nn.Linear
+        if not isinstance(consumer, kinds):
+            raise TypeError(
+                f"consumer {name!r} is {type(consumer).__name__}, not a "
+                f"{'Linear or Conv2d' if conv else 'Linear'}: cannot slice its inputs"
+            )
+        if isinstance(consumer, nn.Conv2d) and consumer.groups != 1:
+            raise ValueError(
+                f"cannot slice the input channels of {name!r} (groups={consumer.groups}): "
+                "only groups=1 convolutions are shrunk"
+            )
+        if conv and isinstance(consumer, nn.Linear) and consumer.in_features % width(producer):
+            raise ValueError(
+                f"consumer {name!r} has {consumer.in_features} inputs, not a multiple of "
+                f"{pair.producer!r}'s {width(producer)} channels: it must read the flattened "
+                "(C, H, W) map of that convolution"
+            )
 
 
 class Simplifier:
     """Records top-k usage and shrinks the model every ``interval`` steps.
 
     Args:
-        model: a model whose layers to shrink are ``SparseLinear`` (see ``sparsify_``).
+        model: a model whose layers to shrink are ``SparseLinear``, ``SparseConv2d`` or
+            ``SparseLSTM`` (see ``sparsify_``).
         config: a ``MeSimpConfig``.
         optimizer: the optimizer over ``model.parameters()``. Shrinking gives the layers new
             Parameter objects; the optimizer is updated to hold exactly the model's parameters,
@@ -164,14 +225,7 @@ class Simplifier:
             for name in (pair.producer, *pair.consumers, *pair.norms):
                 if name not in modules:
                     raise ValueError(f"no module named {name!r} in the model")
-            if not isinstance(modules[pair.producer], SparseLinear | SparseLSTM):
-                raise TypeError(
-                    f"producer {pair.producer!r} is {type(modules[pair.producer]).__name__}, "
-                    "not a SparseLinear or SparseLSTM: only sparsified layers have a top-k record"
-                )
-            for name in pair.consumers:
-                if not isinstance(modules[name], nn.Linear):
-                    raise TypeError(f"consumer {name!r} is not a Linear: cannot slice its inputs")
+            _check_pair(pair, modules)
         self._modules = modules
         self.steps = 0  # Simplifier.step() calls so far
         self.since = 0  # steps or examples since the last pruning
@@ -181,16 +235,17 @@ class Simplifier:
 
     # -- the usage record ------------------------------------------------------------------
 
-    def _layer(self, name: str) -> SparseLinear | SparseLSTM:
+    def _layer(self, name: str) -> SparseLinear | SparseConv2d | SparseLSTM:
         return self._modules[name]
 
     def _groups(self, name: str) -> dict[str, int]:
-        """The unit groups of a producer and their widths: a Linear's outputs, or each
-        (layer, direction) of an LSTM's memory cells (``name.l0``, ``name.l0_reverse``, ...)."""
+        """The unit groups of a producer and their widths: a Linear's outputs, a Conv2d's
+        filters, or each (layer, direction) of an LSTM's memory cells (``name.l0``,
+        ``name.l0_reverse``, ...)."""
         layer = self._layer(name)
         if isinstance(layer, SparseLSTM):
             return {_lstm_group(name, key): h for key, h in layer.sizes().items()}
-        return {name: layer.out_features}
+        return {name: width(layer)}
 
     def _usage(self, name: str) -> dict[str, tuple[Tensor, Tensor]]:
         """The usage record of a producer, by unit group."""
@@ -217,7 +272,7 @@ class Simplifier:
             if isinstance(layer, SparseLSTM):
                 layer.usage = {key: zeros(h) for key, h in layer.sizes().items()}
             else:
-                layer.usage = zeros(layer.out_features)
+                layer.usage = zeros(width(layer))
         self._recording = on
 
     def sizes(self) -> dict[str, int]:
@@ -308,13 +363,14 @@ class Simplifier:
                         cuts += prune_lstm_cells_(layer, lay, d, keep, consumers if last else ())
                 continue
             keep = self.keep_indices(pair.producer)
-            if keep.numel() == layer.out_features:
+            if keep.numel() == width(layer):
                 continue
+            blocks = [input_block(layer, c) for c in consumers]  # (before the producer shrinks)
             cuts += prune_out_(layer, keep)
             for name in pair.norms:
                 cuts += prune_norm_(self._modules[name], keep)
-            for consumer in consumers:
-                cuts += prune_in_(consumer, keep)
+            for consumer, block in zip(consumers, blocks, strict=True):
+                cuts += prune_in_(consumer, keep, block)
         if cuts and self.optimizer is not None:
             update_optimizer_(self.optimizer, cuts, slice_state=self.config.optimizer == "slice")
         self._record(self._recording)

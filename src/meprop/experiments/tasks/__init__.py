@@ -157,10 +157,10 @@ def _check_model(cfg) -> None:
         raise ConfigError(
             f"model picks the mnist task's network, not the {cfg.task} task's: leave --model out"
         )
-    if cfg.method not in ("dense", "meprop", "random"):
+    if cfg.method not in ("dense", "meprop", "random", "mesimp"):
         raise ConfigError(
-            f"--model {cfg.model} trains with --method dense, meprop or random, not "
-            f"{cfg.method} (meSimp does not remove convolution filters yet)"
+            f"--model {cfg.model} trains with --method dense, meprop, random or mesimp, not "
+            f"{cfg.method}"
         )
     if cfg.method != "dense" and (cfg.mode == "symmetric" or cfg.adaptive):
         raise ConfigError(

@@ -8,6 +8,11 @@ goes on them.
   their shortcut), global average pooling, dropout, a linear head.
 
 meProp (``sparsify``) goes on every convolution and hidden linear layer, the head stays dense.
+meSimp (``--method mesimp``) removes LeNet's filters and hidden units (each layer's consumer
+found along the chain) and, in the ResNet, the filters of each block's first convolution
+(with its BatchNorm and the second convolution's input channels: ``ResNet.simplify_pairs``);
+the stem, the blocks' second convolutions and the shortcuts feed residual sums, whose channels
+every block shares, and keep their width.
 ``--k`` is the number of output channels kept by the widest convolution; every other
 sparsified layer keeps the same share of its outputs (at least 1): with ``resnet``, k=8 keeps
 2 of 16, 4 of 32 and 8 of 64 channels (1/8 everywhere).
@@ -20,7 +25,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from meprop import MePropConfig, sparsify_
+from meprop import MePropConfig, Pair, sparsify_
 
 __all__ = ["MODELS", "build_cnn", "sparsify", "sparsified_layers", "layer_k"]
 
@@ -63,6 +68,18 @@ class BasicBlock(nn.Module):
         return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
 
 
+class ResNet(nn.Sequential):
+    """The small ResNet: an ``nn.Sequential`` (its state_dict keys are the plain chain's) that
+    tells meSimp which convolutions it may shrink (``meprop.simplify.find_pairs``)."""
+
+    def simplify_pairs(self) -> list[Pair]:
+        return [
+            Pair(f"{i}.conv1", (f"{i}.conv2",), (f"{i}.bn1",))
+            for i, block in enumerate(self)
+            if isinstance(block, BasicBlock)
+        ]
+
+
 def build_resnet(classes: int, dropout: float, widths=(16, 32, 64)) -> nn.Sequential:
     blocks: list[nn.Module] = []
     c_in = widths[0]
@@ -70,7 +87,7 @@ def build_resnet(classes: int, dropout: float, widths=(16, 32, 64)) -> nn.Sequen
         for b in range(2):
             blocks.append(BasicBlock(c_in, c, stride=2 if stage and not b else 1))
             c_in = c
-    return nn.Sequential(
+    return ResNet(
         nn.Unflatten(1, (1, 28, 28)),
         nn.Conv2d(1, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(),
         *blocks,

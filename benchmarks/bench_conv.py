@@ -11,7 +11,7 @@ gradient, as in training on images.
 Each mode (unified, per_example, random) runs with ``backend="auto"`` (what a layer runs by
 default: the fastest implementation for the shape, timed on first use and cached; the "auto
 ran" column names it) and with each implementation forced: ``torch`` (the backward on the
-kept channels compacted: "compact") and ``dense`` (the masked g through the full backward:
+kept channels compacted: "compact") and ``masked`` (the masked g through the full backward:
 "masked"). ``auto`` also has ``torch-cl``, the compacted backward with dx on channels_last
 tensors. All give the same gradients. The header names the CPU and the malloc settings, which
 move these timings (docs/results/speed/conv.md).
@@ -46,7 +46,7 @@ SHAPES = [
     ("1x1", 32, 256, 256, 1, 16, 0, 32, True),
 ]
 MODES = ("unified", "per_example", "random")
-BACKENDS = ("auto", "torch", "dense")
+BACKENDS = ("auto", "torch", "masked")
 
 
 def backward_timer(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):

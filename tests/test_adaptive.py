@@ -13,7 +13,7 @@ from meprop.convert import hidden_layers
 from meprop.kernels import native
 from meprop.ops import column_scores
 
-BACKENDS = ["torch", "dense", "auto", "numba"] + (["native"] if native.available() else [])
+BACKENDS = ["torch", "masked", "auto", "numba"] + (["native"] if native.available() else [])
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def test_train_flags_take_help_and_choices_from_the_fields():
     from dataclasses import fields
 
     from meprop import MePropConfig
-    from meprop.config import BACKENDS
+    from meprop.config import BACKENDS, OLD_BACKEND_NAMES
     from meprop.experiments.cli import build_parser
     from meprop.experiments.train import METHODS, TrainConfig
 
@@ -43,7 +43,10 @@ def test_train_flags_take_help_and_choices_from_the_fields():
         action = actions[f.name]  # one flag per field
         assert action.choices == f.metadata.get("choices"), f.name
         assert action.help.startswith(f.metadata.get("help", f.name.replace("_", " "))), f.name
-    assert actions["method"].choices == METHODS and actions["backend"].choices == BACKENDS
+    assert actions["method"].choices == METHODS and actions["backend"].choices == (
+        *BACKENDS,
+        *OLD_BACKEND_NAMES,
+    )
     # the meProp settings' help is MePropConfig's own
     backend = next(f for f in fields(MePropConfig) if f.name == "backend")
     assert actions["backend"].help.startswith(backend.metadata["help"])

@@ -81,7 +81,7 @@ def check(dense, sparse, x, g, mode, draw, tol=None, sparse_bias=False):
         torch.testing.assert_close(sparse.bias.grad, rb, **tol)
 
 
-@pytest.fixture(params=["torch", "torch-cl", "dense"])
+@pytest.fixture(params=["torch", "torch-cl", "masked"])
 def impl(request, monkeypatch):
     """Each implementation: a config's backend, or (torch-cl, which auto alone runs) pinned."""
     if request.param == "torch-cl":
@@ -270,7 +270,7 @@ def test_tuned_auto_backend_matches_reference(tmp_path, monkeypatch):
         check(dense, sparse, x, g, mode, draw)
     assert tuner.measured == 2
     for entry in tuner.choices().values():
-        assert set(entry["us"]) == {"torch", "torch-cl", "dense"}
+        assert set(entry["us"]) == {"torch", "torch-cl", "masked"}
     # a large convolution keeping an eighth of its channels: only the compacted forms timed
     layer = SparseConv2d(64, 64, 3, padding=1, config=MePropConfig(k=8, mode="unified"))
     x = torch.randn(4, 64, 32, 32, requires_grad=True)
@@ -346,7 +346,7 @@ def test_constructor_repr_state_dict_pickle():
     "config,words",
     [
         (MePropConfig(k=2, mode="symmetric"), "mode='symmetric' has no channel form"),
-        (MePropConfig(k=2, backend="native"), "backend must be one of ('auto', 'torch', 'dense')"),
+        (MePropConfig(k=2, backend="native"), "backend must be one of ('auto', 'torch', 'masked')"),
     ],
 )
 def test_unservable_configs_are_refused_by_name(config, words):

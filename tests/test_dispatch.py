@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from meprop import MePropConfig, sparse_linear
+from meprop import MePropConfig, SparseLinear, sparse_linear
 from meprop.kernels import dispatch
 from meprop.ops import IMPLEMENTATIONS, candidates
 from meprop.reference import reference_backward
@@ -105,17 +105,18 @@ def test_key_change_measures_again(tuner, monkeypatch, tmp_path):
 def test_forced_backend_bypasses_tuning(tuner, monkeypatch):
     called = []
     monkeypatch.setattr(dispatch, "measure", lambda runs: called.append(1) or {})
-    for backend in ("torch", "dense", "numba"):
+    for backend in ("torch", "masked", "numba"):
         backward("per_example", backend=backend)
     assert not called and tuner.measured == 0 and not tuner.path.exists()
 
 
-@pytest.mark.parametrize("name", ["torch", "dense"])
+@pytest.mark.parametrize("name", ["torch", "masked", "dense"])
 def test_env_pins_auto(tuner, monkeypatch, name):
-    monkeypatch.setenv("MEPROP_BACKEND", name)
+    monkeypatch.setenv("MEPROP_BACKEND", name)  # ("dense": the masked backend's old name)
     ran = []
-    original = IMPLEMENTATIONS[name]
-    monkeypatch.setitem(IMPLEMENTATIONS, name, lambda *a: ran.append(1) or original(*a))
+    impl = {"dense": "masked"}.get(name, name)
+    original = IMPLEMENTATIONS[impl]
+    monkeypatch.setitem(IMPLEMENTATIONS, impl, lambda *a: ran.append(1) or original(*a))
     x, w, g = backward("unified")
     assert ran and tuner.measured == 0
     torch.testing.assert_close(
@@ -145,7 +146,7 @@ def test_half_precision_chooses_between_torch_paths(tuner):
     w = torch.randn(40, 30, dtype=torch.bfloat16, requires_grad=True)
     sparse_linear(x, w, None, k=4, mode="unified").sum().backward()
     (entry,) = tuner.choices().values()
-    assert set(entry["us"]) == {"torch", "dense"}
+    assert set(entry["us"]) == {"torch", "masked"}
 
 
 def test_a_failing_candidate_is_no_choice():
@@ -229,3 +230,14 @@ def test_trainer_warm_up_times_before_the_clocks_and_leaves_no_trace(tuner, tiny
     assert torch.equal(torch.get_rng_state(), rng)
     for p, q in zip(model.parameters(), before, strict=True):
         assert p.grad is None and torch.equal(p.detach(), q)
+
+
+def test_old_backend_name_dense_is_masked_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="backend='dense'.* now backend='masked'"):
+        cfg = MePropConfig(k=3, backend="dense")
+    assert cfg.backend == "masked"
+    layer = SparseLinear(8, 6, bias=False, config=cfg)
+    x, g = torch.randn(5, 8), torch.randn(5, 6)
+    layer(x).backward(g)
+    want = reference_backward(x, layer.weight.detach(), g, 3, "per_example")[1]
+    torch.testing.assert_close(layer.weight.grad, want)

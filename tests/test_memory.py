@@ -15,7 +15,7 @@ from meprop.reference import reference_backward, reference_memory_backward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BACKENDS = ["torch", "dense", "auto", "numba"] + (["native"] if native.available() else [])
+BACKENDS = ["torch", "masked", "auto", "numba"] + (["native"] if native.available() else [])
 MODES = ["per_example", "unified", "symmetric"]
 
 

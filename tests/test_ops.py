@@ -16,7 +16,7 @@ from meprop.reference import mask_gradient, reference_backward
 
 FLOATS = [torch.float32, torch.float64]
 HALVES = [torch.float16, torch.bfloat16]
-BACKENDS = ["torch", "dense", "auto", "numba"] + (["native"] if native.available() else [])
+BACKENDS = ["torch", "masked", "auto", "numba"] + (["native"] if native.available() else [])
 TOL = {
     torch.float64: dict(rtol=1e-10, atol=1e-10),
     torch.float32: dict(rtol=1e-5, atol=1e-5),

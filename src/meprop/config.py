@@ -6,6 +6,7 @@ setting fails where it was written rather than in the middle of a backward pass.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -38,7 +39,9 @@ MODES = ("per_example", "unified", "random", "symmetric")
 #         docs/gpu.md); "auto" runs it on CUDA tensors where Triton is installed. CPU tensors
 #         only under Triton's interpreter (TRITON_INTERPRET=1: tests).
 # (meAct's kernels: auto, torch, native, numba.)
-BACKENDS = ("auto", "native", "numba", "torch", "dense", "triton")
+BACKENDS = ("auto", "native", "numba", "torch", "masked", "triton")
+# the "masked" backend's name before 0.2 (still accepted, with a DeprecationWarning)
+OLD_BACKEND_NAMES = {"dense": "masked"}
 MEACT_BACKENDS = ("auto", "torch", "native", "numba")
 
 # Which rows ``unified`` ranks its columns by under torch.distributed (one process: the same).
@@ -155,13 +158,14 @@ class MePropConfig:
             the touched rows, as ``nn.Embedding(sparse=True)`` does), for optimizers that take
             sparse gradients (SGD, Adagrad, SparseAdam).
         backend: which implementation runs the sparse backward: ``"native"`` (the C++
-            kernels), ``"numba"``, ``"torch"`` (GEMMs on the compacted gradient), ``"dense"``
+            kernels), ``"numba"``, ``"torch"`` (GEMMs on the compacted gradient), ``"masked"``
             (mask the gradient, then the dense GEMMs), ``"triton"`` (Triton kernels on CUDA
             tensors; the ``gpu`` extra) or ``"auto"``: on the CPU the fastest of those that
             can run, timed on this machine on first use and cached (see
             ``meprop.kernels.dispatch``); on CUDA tensors ``"triton"`` where Triton is
             installed, else ``"torch"``. All give the same gradients up to the order of
-            floating-point sums. ``SparseLSTM`` runs ``"dense"`` as ``"torch"``.
+            floating-point sums. ``SparseLSTM`` runs ``"masked"`` as ``"torch"``. (``"dense"``,
+            its old name, still works, with a DeprecationWarning.)
         scope: ``"local"`` or ``"global"``, for ``unified`` selection in a torch.distributed
             job: ``"local"`` ranks the columns by this process's rows (each rank picks its
             own k columns); ``"global"`` sums the column scores over all ranks inside backward
@@ -208,9 +212,9 @@ class MePropConfig:
         default="auto",
         metadata={
             "help": "implementation of the sparse backward: auto (the fastest here, measured on "
-            "first use and cached; see `meprop info`), native (C++), numba, torch, dense "
-            "(masked), triton (CUDA)",
-            "choices": BACKENDS,
+            "first use and cached; see `meprop info`), native (C++), numba, torch, masked "
+            "(the masked gradient through the dense products; formerly 'dense'), triton (CUDA)",
+            "choices": (*BACKENDS, *OLD_BACKEND_NAMES),
         },
     )
     scope: str = field(
@@ -247,6 +251,15 @@ class MePropConfig:
         _check_type("sparse_bias", self.sparse_bias, bool)
         _check_type("sparse_grad", self.sparse_grad, bool)
         _check_type("backend", self.backend, str)
+        if self.backend in OLD_BACKEND_NAMES:
+            new = OLD_BACKEND_NAMES[self.backend]
+            warnings.warn(
+                f"MePropConfig(backend={self.backend!r}) is now backend={new!r} (the masked "
+                "gradient through the dense products); the old name will go",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            object.__setattr__(self, "backend", new)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         _check_type("scope", self.scope, str)

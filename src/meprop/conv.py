@@ -24,7 +24,7 @@ abstract and introduction were at hand), so no mode claims to be it.
 
 Every mode's result is exactly the dense backward of the masked g (what
 ``meprop.reference.reference_conv2d_backward`` computes); only where the work is done differs.
-``backend`` picks how: ``"torch"`` the compacted convolutions above, ``"dense"`` the masked g
+``backend`` picks how: ``"torch"`` the compacted convolutions above, ``"masked"`` the masked g
 through the full convolution backward, ``"auto"`` the faster of the two for the call's shape,
 timed on first use and cached (``meprop.kernels.dispatch``; ``MEPROP_AUTOTUNE=0``: compacted;
 large layers keeping at most a quarter of their channels: compacted untimed).
@@ -70,7 +70,7 @@ __all__ = ["SparseConv2d", "check_conv_config", "random_channels"]
 
 _conv_backward = torch.ops.aten.convolution_backward
 
-CONV_BACKENDS = ("auto", "torch", "dense")
+CONV_BACKENDS = ("auto", "torch", "masked")
 
 
 def check_conv_config(config: MePropConfig) -> None:
@@ -108,7 +108,7 @@ class Geometry(NamedTuple):
 class ChannelSelection(NamedTuple):
     """What one backward kept of g (B, C_out, H', W').
 
-    ``kind``: ``"dense"`` (everything), ``"cols"`` (``index`` (k,) sorted: the same channels
+    ``kind``: ``"all"`` (everything), ``"cols"`` (``index`` (k,) sorted: the same channels
     for every example) or ``"rows"`` (``index`` (B, K): each example's channels; ``keep``
     (B, K) bool or None: adaptive k's entries past an example's k are False).
     """
@@ -127,7 +127,7 @@ def _select(g: Tensor, s: Tensor, cfg: MePropConfig, record: KRecord | None) -> 
     batch, c_out = s.shape
     k = cfg.k
     if k >= c_out:
-        return ChannelSelection("dense")
+        return ChannelSelection("all")
     if cfg.adapt is not None:
         record = record if record is not None else KRecord()
         if cfg.mode == "unified":
@@ -184,9 +184,9 @@ def _backward(g, x, weight, geo: Geometry, groups: int, need_dx, need_dw, dx_cl=
     return dx.contiguous(memory_format=cl if x_cl else torch.contiguous_format), dw
 
 
-def _impl_dense(g, x, weight, sel, geo, need_dx, need_dw):
+def _impl_masked(g, x, weight, sel, geo, need_dx, need_dw):
     """Mask g to the selection, then the full convolution backward."""
-    if sel.kind == "dense":
+    if sel.kind == "all":
         return _backward(g, x, weight, geo, geo.groups, need_dx, need_dw)
     mask = _channel_mask(sel, g.shape[0], g.shape[1], g.device)
     # A product, 10x faster than masked_fill here. It differs only where a dropped channel
@@ -206,7 +206,7 @@ def _group_inputs(chans: Tensor, weight: Tensor, groups: int, c_in: int) -> Tens
 
 def _impl_compact(g, x, weight, sel, geo, need_dx, need_dw, dx_cl=False):
     """The convolution backward on the selected channels only (see the module docstring)."""
-    if sel.kind == "dense":
+    if sel.kind == "all":
         return _backward(g, x, weight, geo, geo.groups, need_dx, need_dw)
     batch, c_in, h, w = x.shape
     _, _, ho, wo = g.shape
@@ -226,7 +226,7 @@ def _impl_compact(g, x, weight, sel, geo, need_dx, need_dw, dx_cl=False):
         return dx, dw
     # rows: each example on its own K channels, the batch folded into the groups
     if batch == 0:  # (no groups to fold into)
-        return _impl_dense(g, x, weight, sel, geo, need_dx, need_dw)
+        return _impl_masked(g, x, weight, sel, geo, need_dx, need_dw)
     idx = sel.index  # (B, K)
     kk = idx.shape[1]
     gs = g.gather(1, idx[:, :, None, None].expand(batch, kk, ho, wo))  # (B, K, H', W')
@@ -254,9 +254,10 @@ def _impl_compact_cl(g, x, weight, sel, geo, need_dx, need_dw):
     return _impl_compact(g, x, weight, sel, geo, need_dx, need_dw, dx_cl=True)
 
 
-# torch: compacted; torch-cl: compacted, dx on channels_last tensors; dense: masked. The
-# config's backend names the first or the last; auto times them (see _pick).
-IMPLEMENTATIONS = {"torch": _impl_compact, "torch-cl": _impl_compact_cl, "dense": _impl_dense}
+# torch: compacted; torch-cl: compacted, dx on channels_last tensors; masked: the masked g
+# through the full backward. The config's backend names the first or the last; auto times
+# them (see _pick).
+IMPLEMENTATIONS = {"torch": _impl_compact, "torch-cl": _impl_compact_cl, "masked": _impl_masked}
 
 # auto runs a compacted backward (not the masked one) where it keeps at most a quarter of the
 # channels of a convolution of at least this many multiply-adds per product (LeNet's layers:
@@ -265,14 +266,14 @@ COMPACT_MACS = 10**8
 
 
 def _pick(cfg: MePropConfig, sel: ChannelSelection, args: tuple) -> str:
-    """The implementation for this call: the config's backend (``torch``: compacted, ``dense``:
+    """The implementation for this call: the config's backend (``torch``: compacted, ``masked``:
     masked), or for ``auto`` the fastest on this call's tensors of the compacted forms
     (``torch``, ``torch-cl``) and, except on large layers keeping few channels
     (``COMPACT_MACS``), the masked one: timed once per shape class and cached per machine (as
     ``meprop.ops`` chooses for linear layers)."""
     if cfg.backend != "auto":
         return cfg.backend
-    if sel.kind == "dense" or torch.compiler.is_compiling() or _untimeable(args[0]):
+    if sel.kind == "all" or torch.compiler.is_compiling() or _untimeable(args[0]):
         return "torch"
     g, x, weight, _, geo, need_dx, need_dw = args
     kk = sel.index.shape[-1]
@@ -298,9 +299,9 @@ def _pick(cfg: MePropConfig, sel: ChannelSelection, args: tuple) -> str:
         # backward; there only the two compacted forms are timed.
         compact = 4 * kk <= c_out and macs >= COMPACT_MACS
         if not need_dx:  # (torch-cl differs in dx only)
-            names = ("torch",) if compact else ("torch", "dense")
+            names = ("torch",) if compact else ("torch", "masked")
         else:
-            names = ("torch", "torch-cl") if compact else ("torch", "torch-cl", "dense")
+            names = ("torch", "torch-cl") if compact else ("torch", "torch-cl", "masked")
         o = dispatch._octave
         needs = f"{'x' if need_dx else ''}{'w' if need_dw else ''}"
         cls = (
@@ -361,19 +362,19 @@ class _SparseConv2dFn(torch.autograd.Function):
         if ctx.rows is not None and dw is not None:
             ctx.rows.add(sel)  # (adaptive k: every index, a superset of the rows written)
         if dw is not None and cfg.sparse_grad:
-            if sel.kind == "dense":
+            if sel.kind == "all":
                 rows = torch.arange(c_out, device=g.device)
             else:
                 rows = sel.index if sel.kind == "cols" else sel.index.reshape(-1).unique()
             dw = weight_grad(rows, dw.index_select(0, rows), c_out, True)
         db = None
         if need_db:
-            if cfg.sparse_bias and sel.kind != "dense":
+            if cfg.sparse_bias and sel.kind != "all":
                 mask = _channel_mask(sel, batch, c_out, g.device)  # (1 or B, C_out)
                 db = g.sum((2, 3)).masked_fill(~mask, 0).sum(0)
             else:
                 db = g_in.sum((0, 2, 3))
-        if cfg.memory and ctx.record is not None and sel.kind != "dense" and batch:
+        if cfg.memory and ctx.record is not None and sel.kind != "all" and batch:
             _memorize(ctx.record, g, sel, cfg.memory)
         counts, selections = ctx.usage
         if counts is not None:
@@ -404,7 +405,7 @@ def _record(counts: Tensor, selections: Tensor | None, sel: ChannelSelection, s:
     """meSimp's usage record: per output channel, the examples that kept it with a non-zero
     gradient (as ``SparseLinear`` counts its units); ``selections`` adds the batch size."""
     with torch.no_grad():
-        if sel.kind == "dense":
+        if sel.kind == "all":
             counts.add_((s != 0).sum(0).to(counts.dtype))
         elif sel.kind == "cols":
             counts.index_add_(

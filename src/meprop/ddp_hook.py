@@ -61,7 +61,7 @@ class RowLog:
         self.fresh = False
 
     def add(self, sel: Selection) -> None:
-        if sel.kind == "dense":
+        if sel.kind == "all":
             self.mask.fill_(True)
         else:  # "cols": index (k,); "rows": index (M, k)
             self.mask.index_fill_(0, sel.index.reshape(-1), True)

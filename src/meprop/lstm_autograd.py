@@ -170,7 +170,7 @@ class LSTMDirectionFn(torch.autograd.Function):
                 kept[0] / n_rows if adapt is not None and n_rows else float(min(cfg.k, n4))
             )
         if dense:
-            sel = Selection("dense")
+            sel = Selection("all")
             dx, dw_ih, dw_hh = _dense_products(dgates, w_ih, x, h_prev, need_x, need_wih,
                                                need_whh, cfg.sparse_grad)  # fmt: skip
         else:
@@ -369,7 +369,7 @@ def _record_cells(usage: tuple[Tensor, Tensor], sel: Selection, hid: int, n_rows
     for LSTM cells as for Linear units. ``selections`` grows by the rows (valid example-steps).
     """
     counts, selections = usage
-    if sel.kind == "dense":  # every cell of every row
+    if sel.kind == "all":  # every cell of every row
         counts.add_(n_rows)
     else:
         cells = (sel.index % hid).sort(1).values  # (N, k)

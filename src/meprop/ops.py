@@ -121,7 +121,7 @@ class _SparseLinearFn(torch.autograd.Function):
             dw = g.t() @ x2 if need_dw else None
             if need_dw and cfg.sparse_grad:
                 dw = weight_grad(torch.arange(n, device=g.device), dw, n, True)
-            return _finish(ctx, x, g, Selection("dense"), dx, dw, need_db)
+            return _finish(ctx, x, g, Selection("all"), dx, dw, need_db)
         ctx.g_in = None
         if cfg.memory:  # select from g + m (memorized sparse back-propagation); g_in for db
             ctx.g_in, ctx.m = g, usable_memory(record, g)
@@ -205,7 +205,7 @@ def _adaptive_traced(ctx, x, x2, weight, g):
         ks, y_max = traced_ks(top, g, k, adapt, depth, _state_y_max(state, g))  # (M,)
         vals = g.gather(1, idx).masked_fill(past_k >= ks.unsqueeze(1), 0)  # (M, k)
         sel = Selection("rows", idx, vals)
-        kern = kernel_module(cfg.backend, g) if cfg.backend != "dense" else None
+        kern = kernel_module(cfg.backend, g) if cfg.backend != "masked" else None
         dx, dw = rows_products(idx, vals, g, x2, weight, kern, need_dx, need_dw, cfg.sparse_grad)
         mean_k = ks.sum() / max(g.shape[0], 1)
     else:
@@ -273,7 +273,7 @@ def _masked_backward(ctx, x, x2, weight, g):
     n = weight.shape[0]
     k = cfg.k
     if k >= n:
-        sel, gm = Selection("dense"), g
+        sel, gm = Selection("all"), g
     elif cfg.adapt is not None:
         record = ctx.record if ctx.record is not None else KRecord()
         if cfg.mode == "per_example":
@@ -317,7 +317,7 @@ def _adaptive_rows(ctx, x, x2, weight, g, record):
     cfg = ctx.cfg
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     adapt = cfg.adapt
-    kern = kernel_module(cfg.backend, g) if cfg.backend != "dense" else None
+    kern = kernel_module(cfg.backend, g) if cfg.backend != "masked" else None
     if getattr(kern, "per_example_backward_var", None) is not None:  # the C++ kernels: fused
         full_db = need_db and not cfg.sparse_bias
         dw_kind = ("sparse" if cfg.sparse_grad else "dense") if need_dw else None
@@ -382,7 +382,7 @@ def sparse_linear(
         sparse_bias: bias gradient from the sparsified gradient instead of the full one.
         sparse_grad: return the weight gradient as a row-sparse COO tensor.
         backend: ``"auto"`` (the fastest here, timed on first use), ``"native"`` (C++),
-            ``"numba"``, ``"torch"``, ``"dense"`` or ``"triton"`` (see ``MePropConfig``).
+            ``"numba"``, ``"torch"``, ``"masked"`` or ``"triton"`` (see ``MePropConfig``).
         scope: ``"local"`` or ``"global"``: whether ``unified`` ranks columns by this
             process's rows or by the rows of all ranks (see ``MePropConfig``).
         counts: optional (out_features,) tensor; backward adds, per output unit, how many rows

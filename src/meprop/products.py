@@ -37,7 +37,7 @@ def kernel_module(backend: str, t: Tensor):
     torch.compile traces: ``torch.ops.meprop`` (the same operations as custom ops with fake
     implementations; plain calls skip the dispatcher, which costs microseconds per call).
     """
-    if backend in ("torch", "dense"):
+    if backend in ("torch", "masked"):
         return None
     if backend == "triton" or (backend == "auto" and t.is_cuda):
         from .kernels import triton_ops
@@ -104,7 +104,7 @@ def compact_products(
 
 def bias_grad(g: Tensor, sel: Selection, sparse: bool) -> Tensor:
     """db (n,): from the full gradient (default) or the sparsified one."""
-    if not sparse or sel.kind == "dense":
+    if not sparse or sel.kind == "all":
         return g.sum(0)
     db = g.new_zeros(g.shape[1])
     if sel.kind == "cols":
@@ -123,7 +123,7 @@ def record_usage(
     than k (where every entry is kept)."""
     if counts is None:
         return
-    if sel.kind == "dense":  # g: (M, n), every entry kept
+    if sel.kind == "all":  # g: (M, n), every entry kept
         counts.add_((g != 0).sum(0).to(counts.dtype))
     elif sel.kind == "cols":  # the same k columns serve each of the M rows; values (M, k)
         counts.index_add_(0, sel.index, (sel.values != 0).sum(0).to(counts.dtype))
@@ -214,7 +214,7 @@ def _impl_torch(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db):
     return sel, dx, dw, g.sum(0) if full_db else None
 
 
-def _impl_dense(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db):
+def _impl_masked(g, x, weight, k, mode, need_dx, need_dw, sparse_grad, full_db):
     """Mask g to the selection, then the dense GEMMs (the fallback where sparsity cannot pay)."""
     if mode == "unified":
         cols = select_columns(g, k)
@@ -247,7 +247,7 @@ IMPLEMENTATIONS = {
     "native": _impl_native,
     "numba": _impl_numba,
     "torch": _impl_torch,
-    "dense": _impl_dense,
+    "masked": _impl_masked,
     "triton": _impl_triton,
 }
 
@@ -268,7 +268,7 @@ def candidates(g: Tensor, mode: str) -> list[str]:
 
         if triton_ops.supports(g):
             out.append("triton")
-    return [*out, "torch", "dense"]
+    return [*out, "torch", "masked"]
 
 
 def pick_implementation(backend: str, args: tuple) -> str:

@@ -18,7 +18,7 @@ class Selection(NamedTuple):
     """What one backward kept of the output gradient ``g`` (M, n).
 
     ``kind``:
-      - ``"dense"``: everything (k >= n); ``index`` and ``values`` are None.
+      - ``"all"``: everything (k >= n); ``index`` and ``values`` are None.
       - ``"rows"``: each row its own entries: ``index``, ``values`` (M, k), the columns and
         ``g[i, index[i]]`` (a value may be 0: past an adaptive row's k, or a zero gradient).
       - ``"cols"``: the same columns for every row: ``index`` (k,), ``values = g[:, index]``

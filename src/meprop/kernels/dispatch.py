@@ -44,7 +44,7 @@ import torch
 
 __all__ = ["CANDIDATES", "Tuner", "tuner", "pinned", "tuning_enabled", "describe"]
 
-CANDIDATES = ("native", "numba", "torch", "dense", "triton")
+CANDIDATES = ("native", "numba", "torch", "masked", "triton")
 FORMAT = 1  # of the cache file
 
 # A candidate's time is its fastest call: other processes only ever add time, so the minimum
@@ -60,6 +60,7 @@ def pinned() -> str | None:
     name = os.environ.get("MEPROP_BACKEND", "").strip().lower()
     if name in ("", "auto"):
         return None
+    name = {"dense": "masked"}.get(name, name)  # (the masked backend's old name)
     if name not in CANDIDATES:
         from .build import SettingError
 

@@ -17,27 +17,34 @@ from collections.abc import Callable, Hashable
 QUANTILE = 0.1
 
 
-def call_time(fn: Callable[[], object], min_time: float, min_calls: int = 5) -> float:
-    """Seconds of one call of ``fn``: the QUANTILE of per-call times over ``min_time``."""
+def call_time(
+    fn: Callable[[], object], min_time: float, min_calls: int = 5, self_timed: bool = False
+) -> float:
+    """Seconds of one call of ``fn``: the QUANTILE of per-call times over ``min_time``.
+    ``self_timed``: ``fn`` returns the seconds of its timed part (a backward after an untimed
+    forward), which count instead of the whole call's."""
     times: list[float] = []
     clock = time.perf_counter
     start = clock()
     while len(times) < min_calls or clock() - start < min_time:
         t0 = clock()
-        fn()
-        times.append(clock() - t0)
+        part = fn()
+        times.append(part if self_timed else clock() - t0)
     times.sort()
     return times[int(QUANTILE * (len(times) - 1))]
 
 
 def best_of_rounds(
-    fns: dict[Hashable, Callable[[], object]], rounds: int, min_time: float
+    fns: dict[Hashable, Callable[[], object]],
+    rounds: int,
+    min_time: float,
+    self_timed: bool = False,
 ) -> dict[Hashable, float]:
     """``call_time`` of each callable, all timed in turn each round; each keeps its fastest."""
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(rounds):
         for key, fn in fns.items():
-            best[key] = min(best[key], call_time(fn, min_time))
+            best[key] = min(best[key], call_time(fn, min_time, self_timed=self_timed))
     return best
 
 

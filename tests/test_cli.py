@@ -67,6 +67,20 @@ def test_demo_runs(tiny_mnist, tmp_path, capsys):
     assert (tmp_path / "report.md").exists()
 
 
+def test_demo_runs_the_measured_recipe_unless_told_otherwise():
+    from argparse import Namespace
+
+    from meprop.experiments import demo
+    from meprop.experiments.tasks import RECIPES
+
+    none = Namespace(k=None, mode=None, memory=None)
+    assert demo.demo_recipe(none) == RECIPES["mnist"]
+    assert demo.recipe_label(demo.demo_recipe(none)) == "meProp unified k=80, LazyAdam"
+    paper = demo.demo_recipe(Namespace(k=None, mode=None, memory=0.8))
+    assert paper == {"k": 20, "mode": "per_example", "memory": 0.8}
+    assert demo.recipe_label(paper) == "meProp per_example k=20, memory 0.8"
+
+
 def test_bad_flag_values_are_reported(tiny_mnist, tmp_path, capsys):
     args = ["train", "mnist", "--out", str(tmp_path), "--data-dir", str(tiny_mnist)]
     assert main([*args, "--k", "0"]) == 2

@@ -51,7 +51,13 @@ def test_train_flags_take_help_and_choices_from_the_fields():
     backend = next(f for f in fields(MePropConfig) if f.name == "backend")
     assert actions["backend"].help.startswith(backend.metadata["help"])
     # the library's selection modes, one vocabulary (--mode random: the run --method random is)
-    assert set(actions["mode"].choices) == {"per_example", "unified", "symmetric", "random"}
+    assert set(actions["mode"].choices) == {
+        "per_example",
+        "unified",
+        "symmetric",
+        "random",
+        "per_position",
+    }
 
 
 def test_demo_runs(tiny_mnist, tmp_path, capsys):

@@ -82,6 +82,7 @@ def test_mesimp_removes_filters_and_a_resumed_run_keeps_them(tiny_mnist, tmp_pat
     [
         (dict(task="pos", model="lenet"), "mnist task's network"),
         (dict(model="lenet", method="kdim"), "dense, meprop, random or mesimp, not kdim"),
+        (dict(method="meprop", mode="per_position"), "takes --model lenet or resnet"),
         (dict(model="resnet", method="meprop", adaptive="mass"), "leave --mode symmetric and"),
         (dict(model="resnet", method="meprop", mode="symmetric"), "--mode symmetric"),
         (dict(model="vgg"), "model must be one of"),
@@ -107,6 +108,8 @@ def test_reproduce_cnn_quick_pairs_each_row_with_dense(tiny_mnist, tmp_path):
     assert {r.group for r in rows} == {"lenet", "resnet"}
     resnet = {(r.config.method, r.config.k) for r in rows if r.group == "resnet"}
     assert resnet == {("dense", 20), ("meprop", 4), ("meprop", 8), ("random", 8), ("mesimp", 16)}
+    modes = {r.config.mode for r in rows if r.group == "lenet" and r.config.method == "meprop"}
+    assert modes == {"unified", "per_example", "per_position"}
     out = tmp_path / "cnn"
     args = ["reproduce", "cnn", "--quick", "--out", str(out), "--data-dir", str(tiny_mnist),
             "--seeds", "1,2", "--no-progress"]  # fmt: skip

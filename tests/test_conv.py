@@ -90,7 +90,7 @@ def impl(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("mode", ["unified", "per_example", "random"])
+@pytest.mark.parametrize("mode", ["unified", "per_example", "random", "per_position"])
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_matches_reference(setting, mode, impl):
     dense, sparse, x = make(setting, MePropConfig(k=K, mode=mode, backend=impl))
@@ -99,10 +99,10 @@ def test_matches_reference(setting, mode, impl):
     check(dense, sparse, x, g, mode, draw)
     # only the kept channels of dW are non-zero
     rows = int((sparse.weight.grad.flatten(1) != 0).any(1).sum())
-    assert rows <= (K if mode == "unified" else 3 * K)
+    assert rows <= {"unified": K, "per_position": dense.out_channels}.get(mode, 3 * K)
 
 
-@pytest.mark.parametrize("mode", ["unified", "per_example"])
+@pytest.mark.parametrize("mode", ["unified", "per_example", "per_position"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_dtypes(mode, dtype):
     dense, sparse, x = make("groups", MePropConfig(k=K, mode=mode), dtype=dtype)
@@ -112,7 +112,7 @@ def test_dtypes(mode, dtype):
     check(dense, sparse, x, g, mode, draw, tol)
 
 
-@pytest.mark.parametrize("mode", ["unified", "per_example"])
+@pytest.mark.parametrize("mode", ["unified", "per_example", "per_position"])
 @pytest.mark.parametrize("setting", ["plain", "stride2_pad1", "depthwise_x2"])
 def test_channels_last(setting, mode, impl):
     dense, sparse, x = make(setting, MePropConfig(k=K, mode=mode, backend=impl))
@@ -156,7 +156,7 @@ def test_k_at_least_out_channels_with_usage_or_sparse_grad_equals_dense():
     assert sparse.usage[0].tolist() == [3.0] * 7 and sparse.usage[1].item() == 3
 
 
-@pytest.mark.parametrize("mode", ["unified", "per_example"])
+@pytest.mark.parametrize("mode", ["unified", "per_example", "per_position"])
 def test_sparse_grad_and_sparse_bias(mode):
     dense, sparse, x = make(
         "groups", MePropConfig(k=K, mode=mode, sparse_grad=True, sparse_bias=True)
@@ -164,7 +164,8 @@ def test_sparse_grad_and_sparse_bias(mode):
     _, g, draw = run(sparse, x)
     dw = sparse.weight.grad
     assert dw.is_sparse and dw.sparse_dim() == 1 and dw.shape == dense.weight.shape
-    assert dw.coalesce().indices().shape[1] <= (K if mode == "unified" else 3 * K)
+    bound = {"unified": K, "per_position": dense.out_channels}.get(mode, 3 * K)
+    assert dw.coalesce().indices().shape[1] <= bound
     check(dense, sparse, x, g, mode, draw, sparse_bias=True)
     torch.optim.SGD(sparse.parameters(), lr=0.1).step()  # an optimizer takes the sparse dW
 
@@ -183,6 +184,39 @@ def test_usage_record_counts_kept_nonzero_channels():
     sparse.config = MePropConfig(k=2, mode="unified")
     sparse(x).backward(g)
     assert selections.item() == 6 and counts[0].item() == 6 and counts.sum().item() == 12
+
+
+def test_per_position_keeps_k_channels_at_each_position_and_counts_positions():
+    dense, sparse, x = make("plain", MePropConfig(k=2, mode="per_position"))
+    sparse.usage = (torch.zeros(7, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+    y = sparse(x)
+    g = torch.randn_like(y)
+    g[:, 6] = 0  # never a non-zero gradient: never counted
+    y.backward(g)
+    counts, selections = sparse.usage
+    positions = y.shape[0] * y.shape[2] * y.shape[3]  # (example, position) pairs
+    assert selections.item() == positions and counts.sum().item() == 2 * positions
+    assert counts[6].item() == 0
+    # every channel but the silent one was someone's top-2 somewhere, so dW has their rows
+    assert int((sparse.weight.grad.flatten(1) != 0).any(1).sum()) == 6
+    with pytest.raises(ValueError, match="adapt needs mode 'per_example' or 'unified'"):
+        MePropConfig(k=2, mode="per_position", adapt=AdaptiveK(min_k=1))
+
+
+@pytest.mark.parametrize("make_layer", ["linear", "sparse_linear", "lstm", "sparsify_"])
+def test_linear_layers_refuse_per_position(make_layer):
+    from meprop import SparseLinear, SparseLSTM, sparse_linear
+
+    cfg = MePropConfig(k=2, mode="per_position")
+    with pytest.raises(ValueError, match="'per_example' already selects per row"):
+        if make_layer == "linear":
+            SparseLinear(4, 5, config=cfg)
+        elif make_layer == "sparse_linear":
+            sparse_linear(torch.randn(2, 4), torch.randn(5, 4), k=2, mode="per_position")
+        elif make_layer == "lstm":
+            SparseLSTM(4, 5, config=cfg)
+        else:
+            sparsify_(nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten(), nn.Linear(27, 2)), cfg)
 
 
 def test_adaptive_k():
@@ -367,7 +401,7 @@ def test_uninitialised_lazy_conv_is_an_error():
     assert type(model[0]) is SparseConv2d
 
 
-@pytest.mark.parametrize("mode", ["unified", "per_example"])
+@pytest.mark.parametrize("mode", ["unified", "per_example", "per_position"])
 def test_torch_compile_fullgraph_equals_eager(mode):
     torch._dynamo.reset()
     model = Net()
@@ -379,11 +413,12 @@ def test_torch_compile_fullgraph_equals_eager(mode):
     eager(x).square().sum().backward()
     for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
-    assert int((model.features[3].weight.grad.flatten(1) != 0).any(1).sum()) <= 4 * 3
+    rows = int((model.features[3].weight.grad.flatten(1) != 0).any(1).sum())
+    assert rows <= (model.features[3].out_channels if mode == "per_position" else 4 * 3)
 
 
 @pytest.mark.parametrize("sparse_bias", [False, True])
-@pytest.mark.parametrize("mode", ["unified", "per_example"])
+@pytest.mark.parametrize("mode", ["unified", "per_example", "per_position"])
 @pytest.mark.parametrize("setting", ["plain", "groups", "stride2_pad1"])
 def test_memory_matches_its_reference(setting, mode, sparse_bias):
     """memory=0.8 over four steps: each step's gradients and the carried memory equal the

@@ -19,6 +19,7 @@ __all__ = [
     "MePropConfig",
     "MeSimpConfig",
     "MeActConfig",
+    "check_row_config",
 ]
 
 # per_example: top-k of each row of the output gradient (the original meProp).
@@ -26,7 +27,11 @@ __all__ = [
 # random:      k columns drawn uniformly per row (the paper's control).
 # symmetric:   per row, the k/2 largest positive and the k - k/2 largest negative entries: a
 #              per-example selection that keeps the gradient's sign balance (docs/per_example.md)
-MODES = ("per_example", "unified", "random", "symmetric")
+# per_position: convolutions only (SparseConv2d): at each output position of each example, the
+#              k channels with the largest |g|: top-k of each row of the im2col gradient
+#              matrix (rows: positions, columns: filters). A linear layer's per_example already
+#              selects per row (per position of a (B, T, n) input), so linear layers refuse it.
+MODES = ("per_example", "unified", "random", "symmetric", "per_position")
 
 # auto:   the fastest of the implementations below that can run a call, timed on this machine
 #         on first use and cached (meprop.kernels.dispatch; MEPROP_AUTOTUNE=0: native, else
@@ -198,9 +203,9 @@ class MePropConfig:
     mode: str = field(
         default="per_example",
         metadata={
-            "help": "top-k selection: per example, unified over the mini-batch, random, or "
+            "help": "top-k selection: per example, unified over the mini-batch, random, "
             "symmetric (per example, half the largest positive and half the largest negative "
-            "entries)",
+            "entries), or per_position (convolutions: k channels at each output position)",
             "choices": MODES,
         },
     )
@@ -413,3 +418,15 @@ class MeActConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (for checkpoints and logs)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def check_row_config(config: MePropConfig, layer: str) -> None:
+    """Raise for a mode a layer that selects per row of its (M, n) gradient cannot take:
+    ``per_position`` is a convolution's (its per_example already is per row, per position)."""
+    if config.mode == "per_position":
+        raise ValueError(
+            f"{layer}: mode='per_position' is a convolution mode (k channels at each output "
+            "position); a linear layer's mode='per_example' already selects per row, i.e. per "
+            "position of a (batch, time, features) input: use that (sparsify_ gives a model's "
+            "Conv2d and Linear layers their own configs through filter_fn)"
+        )

@@ -17,6 +17,9 @@ over the positions (and the batch, for ``unified``):
   k / C_out of the dense one, whatever the union of the selected channels.
 * ``random``: k channels drawn uniformly per example (the paper's control), computed as
   ``per_example``.
+* ``per_position``: at each output position of each example, the k channels with the largest
+  |g| (top-k of each row of the im2col gradient matrix). No compaction: the masked g through
+  the full backward, at dense cost.
 
 ``symmetric`` has no channel form (a channel's score is a magnitude, without sign) and is
 refused. The paper's own selection could not be checked against its text here (only its
@@ -109,8 +112,10 @@ class ChannelSelection(NamedTuple):
     """What one backward kept of g (B, C_out, H', W').
 
     ``kind``: ``"all"`` (everything), ``"cols"`` (``index`` (k,) sorted: the same channels
-    for every example) or ``"rows"`` (``index`` (B, K): each example's channels; ``keep``
-    (B, K) bool or None: adaptive k's entries past an example's k are False).
+    for every example), ``"rows"`` (``index`` (B, K): each example's channels; ``keep``
+    (B, K) bool or None: adaptive k's entries past an example's k are False) or ``"mask"``
+    (``keep`` (B, C_out, H', W') bool: per_position's k channels at each position; ``index``
+    None: ``_rows`` finds the channels kept anywhere, the rows of dW written, where needed).
     """
 
     kind: str
@@ -142,6 +147,10 @@ def _select(g: Tensor, s: Tensor, cfg: MePropConfig, record: KRecord | None) -> 
         return ChannelSelection("cols", cols)
     if cfg.mode == "random":
         return ChannelSelection("rows", random_channels(batch, c_out, k, s.device))
+    if cfg.mode == "per_position":  # (NaN ranks highest in topk, as in every mode)
+        top = g.abs().topk(k, dim=1).indices  # (B, k, H', W') (sorted: ties as the reference)
+        keep = torch.zeros(g.shape, dtype=torch.bool, device=g.device).scatter_(1, top, True)
+        return ChannelSelection("mask", None, keep)
     return ChannelSelection("rows", s.topk(k, dim=1, sorted=False).indices)  # (B, k)
 
 
@@ -152,13 +161,18 @@ def _channel_scores(s: Tensor, scope: str) -> Tensor:
 
 
 def _channel_mask(sel: ChannelSelection, batch: int, c_out: int, device) -> Tensor:
-    """The selection as a bool mask: (1, C_out) for ``cols``, (B, C_out) for ``rows``."""
+    """The selection as a bool mask that broadcasts over g (B, C_out, H', W'): (1, C_out, 1, 1)
+    for ``cols``, (B, C_out, 1, 1) for ``rows``, (B, C_out, H', W') for ``mask``."""
+    if sel.kind == "mask":
+        return sel.keep
     if sel.kind == "cols":
-        return torch.zeros(1, c_out, dtype=torch.bool, device=device).index_fill_(
+        mask = torch.zeros(1, c_out, dtype=torch.bool, device=device).index_fill_(
             1, sel.index, True
         )
+        return mask[:, :, None, None]
     src = sel.keep if sel.keep is not None else torch.ones_like(sel.index, dtype=torch.bool)
-    return torch.zeros(batch, c_out, dtype=torch.bool, device=device).scatter_(1, sel.index, src)
+    mask = torch.zeros(batch, c_out, dtype=torch.bool, device=device).scatter_(1, sel.index, src)
+    return mask[:, :, None, None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +206,7 @@ def _impl_masked(g, x, weight, sel, geo, need_dx, need_dw):
     # A product, 10x faster than masked_fill here. It differs only where a dropped channel
     # holds a NaN or inf: NaN and inf score highest, so that happens only where k non-finite
     # channels were kept, whose products are not finite either.
-    gm = g * mask[:, :, None, None].to(g.dtype)
+    gm = g * mask.to(g.dtype)
     return _backward(gm, x, weight, geo, geo.groups, need_dx, need_dw)
 
 
@@ -225,7 +239,7 @@ def _impl_compact(g, x, weight, sel, geo, need_dx, need_dw, dx_cl=False):
         dw = weight.new_zeros(weight.shape).index_copy_(0, idx, dws) if need_dw else None
         return dx, dw
     # rows: each example on its own K channels, the batch folded into the groups
-    if batch == 0:  # (no groups to fold into)
+    if batch == 0 or sel.kind == "mask":  # (no groups to fold into; per_position: no compaction)
         return _impl_masked(g, x, weight, sel, geo, need_dx, need_dw)
     idx = sel.index  # (B, K)
     kk = idx.shape[1]
@@ -271,6 +285,8 @@ def _pick(cfg: MePropConfig, sel: ChannelSelection, args: tuple) -> str:
     (``torch``, ``torch-cl``) and, except on large layers keeping few channels
     (``COMPACT_MACS``), the masked one: timed once per shape class and cached per machine (as
     ``meprop.ops`` chooses for linear layers)."""
+    if sel.kind == "mask":
+        return "masked"  # (a different channel set at each position: nothing to compact)
     if cfg.backend != "auto":
         return cfg.backend
     if sel.kind == "all" or torch.compiler.is_compiling() or _untimeable(args[0]):
@@ -360,26 +376,37 @@ class _SparseConv2dFn(torch.autograd.Function):
         args = (g, x, weight, sel, geo, need_dx, need_dw)
         dx, dw = IMPLEMENTATIONS[_pick(cfg, sel, args)](*args)
         if ctx.rows is not None and dw is not None:
-            ctx.rows.add(sel)  # (adaptive k: every index, a superset of the rows written)
+            # (adaptive k: every index, a superset of the rows written)
+            ctx.rows.add(
+                sel if sel.kind != "mask" else sel._replace(index=_rows(sel, c_out, g.device))
+            )
         if dw is not None and cfg.sparse_grad:
-            if sel.kind == "all":
-                rows = torch.arange(c_out, device=g.device)
-            else:
-                rows = sel.index if sel.kind == "cols" else sel.index.reshape(-1).unique()
+            rows = _rows(sel, c_out, g.device)
             dw = weight_grad(rows, dw.index_select(0, rows), c_out, True)
         db = None
         if need_db:
             if cfg.sparse_bias and sel.kind != "all":
-                mask = _channel_mask(sel, batch, c_out, g.device)  # (1 or B, C_out)
-                db = g.sum((2, 3)).masked_fill(~mask, 0).sum(0)
+                mask = _channel_mask(sel, batch, c_out, g.device)  # broadcasts over g
+                db = g.masked_fill(~mask, 0).sum((0, 2, 3))
             else:
                 db = g_in.sum((0, 2, 3))
         if cfg.memory and ctx.record is not None and sel.kind != "all" and batch:
             _memorize(ctx.record, g, sel, cfg.memory)
         counts, selections = ctx.usage
         if counts is not None:
-            _record(counts, selections, sel, s)
+            _record(counts, selections, sel, s, g)
         return dx, dw, db, None, None, None, None, None
+
+
+def _rows(sel: ChannelSelection, c_out: int, device) -> Tensor:
+    """The output channels a selection kept anywhere (the rows of dW it writes), sorted."""
+    if sel.kind == "all":
+        return torch.arange(c_out, device=device)
+    if sel.kind == "cols":
+        return sel.index
+    if sel.kind == "mask":
+        return sel.keep.any(3).any(2).any(0).nonzero().flatten()
+    return sel.index.reshape(-1).unique()
 
 
 def _usable_memory(record: KRecord, g: Tensor) -> Tensor | None:
@@ -397,14 +424,23 @@ def _memorize(record: KRecord, g: Tensor, sel: ChannelSelection, ratio: float) -
     (C_out, H', W'), as ``SparseLinear``'s (n,) memory is for its rows: the next batch's
     examples each carry it. Outside any graph (a constant of the next step)."""
     batch, c_out = g.shape[:2]
-    kept = _channel_mask(sel, batch, c_out, g.device)[:, :, None, None]  # (1 or B, C, 1, 1)
+    kept = _channel_mask(sel, batch, c_out, g.device)  # broadcasts over g
     record.memory = g.detach().masked_fill(kept, 0).sum(0).mul_(ratio / batch)
 
 
-def _record(counts: Tensor, selections: Tensor | None, sel: ChannelSelection, s: Tensor) -> None:
+def _record(
+    counts: Tensor, selections: Tensor | None, sel: ChannelSelection, s: Tensor, g: Tensor
+) -> None:
     """meSimp's usage record: per output channel, the examples that kept it with a non-zero
-    gradient (as ``SparseLinear`` counts its units); ``selections`` adds the batch size."""
+    gradient (as ``SparseLinear`` counts its units); ``selections`` adds the batch size. With
+    ``per_position`` the unit of selection is an (example, position): a channel counts each
+    one that kept it with a non-zero gradient, and ``selections`` adds B x H' x W'."""
     with torch.no_grad():
+        if sel.kind == "mask":
+            counts.add_((sel.keep & (g != 0)).sum((0, 2, 3)).to(counts.dtype))
+            if selections is not None:
+                selections.add_(g.shape[0] * g.shape[2] * g.shape[3])
+            return
         if sel.kind == "all":
             counts.add_((s != 0).sum(0).to(counts.dtype))
         elif sel.kind == "cols":

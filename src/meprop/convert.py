@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .adaptive import KRecord
-from .config import MePropConfig
+from .config import MePropConfig, check_row_config
 from .conv import SparseConv2d, check_conv_config
 from .lstm import SparseLSTM, to_dense_, to_sparse_
 from .nn import SparseLinear, base_class, swap_class
@@ -114,8 +114,16 @@ def _unswap_class(dense: type) -> Callable[[nn.Module], None]:
     return to_dense
 
 
-register_layer(nn.Linear, SparseLinear, _swap_class(SparseLinear), _unswap_class(nn.Linear))
-register_layer(nn.LSTM, SparseLSTM, to_sparse_, to_dense_)
+register_layer(
+    nn.Linear,
+    SparseLinear,
+    _swap_class(SparseLinear),
+    _unswap_class(nn.Linear),
+    lambda config: check_row_config(config, "nn.Linear"),
+)
+register_layer(
+    nn.LSTM, SparseLSTM, to_sparse_, to_dense_, lambda config: check_row_config(config, "nn.LSTM")
+)
 register_layer(
     nn.Conv2d, SparseConv2d, _swap_class(SparseConv2d), _unswap_class(nn.Conv2d), check_conv_config
 )
@@ -131,6 +139,7 @@ def _register_conv1d() -> None:
 
 
 def _check_conv1d(config: MePropConfig) -> None:
+    check_row_config(config, "Conv1D (GPT-2's linear maps)")
     if config.sparse_grad:
         raise ValueError(
             "sparse_grad=True is not supported for Conv1D layers (weight stored (in, out): a "

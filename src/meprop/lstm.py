@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .adaptive import KRecord
-from .config import MePropConfig
+from .config import MePropConfig, check_row_config
 from .grads import check_not_in_plain_ddp
 from .lstm_autograd import DebugSink, Key, LSTMDirectionFn, steps_from_batch_sizes
 from .nn import swap_class
@@ -115,6 +115,7 @@ class SparseLSTM(nn.LSTM):
             raise TypeError(
                 f"SparseLSTM needs config=MePropConfig(k=...), got {type(config).__name__}"
             )
+        check_row_config(config, "SparseLSTM")
         _check_no_proj(proj_size)
         super().__init__(
             input_size,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .adaptive import KRecord
-from .config import MePropConfig
+from .config import MePropConfig, check_row_config
 from .ops import apply_config
 
 __all__ = ["SparseLinear", "Cube", "swap_class", "base_class"]  # and SparseConv1D (on access)
@@ -84,6 +84,7 @@ class SparseLinear(nn.Linear):
             raise TypeError(
                 f"SparseLinear needs config=MePropConfig(k=...), got {type(config).__name__}"
             )
+        check_row_config(config, "SparseLinear")
         super().__init__(in_features, out_features, bias, device, dtype)
         self.config = config
         self.usage = None

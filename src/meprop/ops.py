@@ -37,7 +37,7 @@ from torch import Tensor
 from torch._functorch.utils import unwrap_dead_wrappers
 
 from .adaptive import KRecord, batch_k, row_ks, score_dtype, traced_ks
-from .config import AdaptiveK, MePropConfig
+from .config import AdaptiveK, MePropConfig, check_row_config
 from .grads import check_not_in_plain_ddp, weight_grad
 from .products import (
     IMPLEMENTATIONS,
@@ -404,6 +404,7 @@ def sparse_linear(
     """
     cfg = MePropConfig(k=k, mode=mode, sparse_bias=sparse_bias, sparse_grad=sparse_grad,
                        backend=backend, scope=scope, adapt=adapt, memory=memory, warmup=warmup)  # fmt: skip
+    check_row_config(cfg, "sparse_linear")
     return apply_config(x, weight, bias, cfg, counts, selections, record)
 
 

@@ -279,10 +279,15 @@ def mask_conv_gradient(g: Tensor, k: int, mode: str, selection: Tensor | None = 
     ``unified`` keeps the k channels with the largest scores summed over the batch too,
     ``per_example`` each example's k largest. ``random`` needs its draw: ``selection`` (B, k)
     (``meprop.conv.random_channels``), which any mode may be given instead of selecting.
+    ``per_position`` keeps, at each position of each example, the k channels of largest |g|.
     """
     batch, c_out = g.shape[:2]
     if k >= c_out and selection is None:
         return g.clone()
+    if mode == "per_position" and selection is None:
+        top = g.abs().topk(k, dim=1).indices  # (B, k, H', W'): the kept channels per position
+        keep = torch.zeros(g.shape, dtype=torch.bool, device=g.device).scatter_(1, top, True)
+        return torch.where(keep, g, torch.zeros((), dtype=g.dtype))
     dt = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
     scores = g.abs().to(dt).sum((2, 3))  # (B, C_out)
     keep = torch.zeros(batch, c_out, dtype=torch.bool, device=g.device)
@@ -295,7 +300,9 @@ def mask_conv_gradient(g: Tensor, k: int, mode: str, selection: Tensor | None = 
     elif mode == "random":
         raise ValueError("mode='random' needs the drawn channels (selection)")
     else:
-        raise ValueError(f"mode must be 'per_example', 'unified' or 'random', got {mode!r}")
+        raise ValueError(
+            f"mode must be 'per_example', 'unified', 'random' or 'per_position', got {mode!r}"
+        )
     return torch.where(keep[:, :, None, None], g, torch.zeros((), dtype=g.dtype))
 
 

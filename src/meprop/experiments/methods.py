@@ -45,8 +45,9 @@ class MePropSettings:
         "top-k selection: per example, unified over the mini-batch, or symmetric (per example, "
         "half the largest positive and half the largest negative entries: keeps the sign "
         "balance, docs/per_example.md); random: random-k, the paper's control, the same run "
-        "as --method random",
-        ("per_example", "unified", "symmetric", "random"),
+        "as --method random; per_position (--model lenet/resnet): k channels at each output "
+        "position of the convolutions",
+        ("per_example", "unified", "symmetric", "random", "per_position"),
     )
     sparse_grad: bool = meprop_setting(False, "sparse_grad")
     backend: str = meprop_setting("auto", "backend")

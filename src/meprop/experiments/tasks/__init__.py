@@ -152,6 +152,12 @@ def _check_model(cfg) -> None:
     if cfg.model not in MODELS:
         raise ConfigError(f"model must be one of {MODELS}, got {cfg.model!r}")
     if cfg.model == "mlp":
+        if cfg.method != "dense" and cfg.mode == "per_position":
+            raise ConfigError(
+                "--mode per_position selects channels at each position of a convolution's "
+                "output: it takes --model lenet or resnet (mnist task); linear layers' "
+                "per_example already selects per row"
+            )
         return
     if cfg.task != "mnist":
         raise ConfigError(

@@ -7,7 +7,9 @@ goes on them.
   (16, 32, 64 channels; the 2nd and 3rd stages halve the resolution, a 1x1 convolution on
   their shortcut), global average pooling, dropout, a linear head.
 
-meProp (``sparsify``) goes on every convolution and hidden linear layer, the head stays dense.
+meProp (``sparsify``) goes on every convolution and hidden linear layer, the head stays dense
+(``--mode per_position``: the convolutions select per position, the linear layers per
+example).
 meSimp (``--method mesimp``) removes LeNet's filters and hidden units (each layer's consumer
 found along the chain) and, in the ResNet, the filters of each block's first convolution
 (with its BatchNorm and the second convolution's input channels: ``ResNet.simplify_pairs``);
@@ -127,5 +129,9 @@ def sparsify(model: nn.Module, config: MePropConfig) -> nn.Module:
     layers = sparsified_layers(model)
     widest = max(m.out_channels for m in layers if isinstance(m, nn.Conv2d))
     for m in layers:
-        sparsify_(m, dataclasses.replace(config, k=layer_k(config.k, _outputs(m), widest)))
+        mode = config.mode
+        if mode == "per_position" and isinstance(m, nn.Linear):
+            mode = "per_example"  # (a linear layer's row is its one position)
+        k = layer_k(config.k, _outputs(m), widest)
+        sparsify_(m, dataclasses.replace(config, k=k, mode=mode))
     return model

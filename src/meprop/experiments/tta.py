@@ -23,8 +23,8 @@ Rules that make the comparison fair and the crossing robust:
   ten times per epoch on MNIST, four on the parser, every 25 steps on the LM.
 
 The rows (``tta_grid``) are grouped by task and width (``mnist-w500``, ``mnist-w1000``,
-``mnist-w2000``, ``mnist-w500-levers``, ``mnist-w500-confirm``, ``parse``, ``lm``,
-``lm-time``): ``--groups`` picks them.
+``mnist-w2000``, ``mnist-w500-levers``, ``mnist-w500-confirm``, ``mnist-w500-k20``, ``parse``,
+``lm``, ``lm-time``): ``--groups`` picks them.
 ``build_tta_report`` writes ``report.md`` and one plot per group.
 """
 
@@ -93,7 +93,7 @@ def tta_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
             add(f"meProp unified k={k8}, memory 0.8", method="meprop", mode="unified", k=k8,
                 memory=0.8)  # fmt: skip
     if not quick:
-        rows += _levers_rows(dataset) + _confirm_rows(dataset)
+        rows += _levers_rows(dataset) + _confirm_rows(dataset) + _k20_rows(dataset)
         rows += _parse_rows() + _lm_rows() + _lm_time_rows()
     return rows
 
@@ -107,6 +107,20 @@ def _confirm_rows(dataset: str) -> list[Row]:
         (label, rows[label]) for label in
         ("dense", "meProp unified k=160, LazyAdam", "meProp unified TinyProp k <= 160, LazyAdam")
     ])  # fmt: skip
+
+
+def _k20_rows(dataset: str) -> list[Row]:
+    """The paper's k=20 (4% of 500) per example, with the levers that keep its accuracy:
+    memory 0.8, the sign-balanced selection (``symmetric``), and both; with dense. 10 epochs,
+    as ``mnist-w500``."""
+    base = _levers_rows(dataset)[0].config  # dense, width 500
+    k20 = replace(base, method="meprop", k=20)
+    return _group_rows("mnist-w500-k20", (
+        ("dense", base),
+        ("meProp per_example k=20, memory 0.8", replace(k20, memory=0.8)),
+        ("meProp symmetric k=20", replace(k20, mode="symmetric")),
+        ("meProp symmetric k=20, memory 0.8", replace(k20, mode="symmetric", memory=0.8)),
+    ))  # fmt: skip
 
 
 def _levers_rows(dataset: str) -> list[Row]:

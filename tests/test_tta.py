@@ -39,7 +39,17 @@ def test_crossing_needs_the_running_mean():
 def test_grid_rows():
     rows = tta_grid()
     groups = {r.group for r in rows}
-    assert groups == {"mnist-w500", "mnist-w1000", "mnist-w2000", "parse", "lm", "lm-time"}
+    assert groups == {"mnist-w500", "mnist-w1000", "mnist-w2000", "mnist-w500-levers",
+                      "mnist-w500-confirm", "mnist-w500-k20", "parse", "lm", "lm-time"}  # fmt: skip
+    for group in ("mnist-w500-levers", "mnist-w500-confirm", "mnist-w500-k20"):
+        rows_of = [r for r in rows if r.group == group]
+        assert rows_of[0].config.method == "dense" and rows_of[0].label == "dense"
+        assert {(r.config.epochs, r.config.eval_every) for r in rows_of} == {(10, 110)}
+    levers = {r.label: r.config for r in rows if r.group == "mnist-w500-levers"}
+    assert levers["meProp unified k=80, LazyAdam, dense warm-up 1 epoch"].warmup == 1100
+    assert levers["meSimp unified k=160, cycle 5+5, LazyAdam"].cycle == (5, 5)
+    confirm = {r.label: r.config for r in rows if r.group == "mnist-w500-confirm"}
+    assert all(confirm[label] == levers[label] for label in confirm)  # the same recipes
     for group, task in (("parse", "parse"), ("lm", "lm")):
         rows_of = [r for r in rows if r.group == group]
         assert rows_of[0].config.method == "dense" and {r.config.task for r in rows_of} == {task}

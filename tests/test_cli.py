@@ -81,7 +81,7 @@ def test_demo_runs_the_measured_recipe_unless_told_otherwise():
 
     none = Namespace(k=None, mode=None, memory=None)
     assert demo.demo_recipe(none) == RECIPES["mnist"]
-    assert demo.recipe_label(demo.demo_recipe(none)) == "meProp unified k=80, LazyAdam"
+    assert demo.recipe_label(demo.demo_recipe(none)) == "meProp unified k=160, LazyAdam"
     paper = demo.demo_recipe(Namespace(k=None, mode=None, memory=0.8))
     assert paper == {"k": 20, "mode": "per_example", "memory": 0.8}
     assert demo.recipe_label(paper) == "meProp per_example k=20, memory 0.8"

@@ -193,11 +193,11 @@ def register_train(subparsers) -> None:
         "log.jsonl, last.pt, best.pt and summary.json to --out.",
         epilog="example: meprop train mnist --method meprop --k 20 --hidden 500 --layers 2 "
         "--epochs 20. With --method meprop and none of --k, --mode, --memory, --warmup, "
-        "--adaptive, --optimizer, --sparse-grad, the mnist task runs unified k=80 with "
+        "--adaptive, --optimizer, --sparse-grad, the mnist task runs unified k=160 with "
         "--optimizer lazy_adam --sparse-grad: in the time-to-accuracy grid "
-        "(docs/results/tta/report.md, 3 seeds) the soonest meProp recipe at width 500 (1.11x "
-        "dense's time to its best - 0.2 point: not sooner than dense there), with a test "
-        "accuracy level with dense's, and at width 2000 (k=320) 0.46x dense's time; the parse "
+        "(docs/results/tta/report.md) the soonest meProp recipe at width 500 (8 seeds: 0.86x "
+        "dense's time to its best - 0.2 point, interval 0.63-1.17x), with a test accuracy level "
+        "with dense's; the parse "
         "task per_example k=20 (0.56x dense's time to its accuracy in the "
         "grid's parse group, 5 seeds).",
     )

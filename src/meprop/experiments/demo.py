@@ -160,7 +160,7 @@ def demo_recipe(args: argparse.Namespace) -> dict:
 
 
 def recipe_label(recipe: dict) -> str:
-    """``meProp unified k=80, LazyAdam`` and the like."""
+    """``meProp unified k=160, LazyAdam`` and the like."""
     label = f"meProp {recipe['mode']} k={recipe['k']}"
     if recipe.get("memory"):
         label += f", memory {recipe['memory']:g}"
@@ -198,7 +198,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--k", type=int, default=None,
-        help="top-k kept (default: the measured recipe, unified k=80 with LazyAdam; any of "
+        help="top-k kept (default: the measured recipe, unified k=160 with LazyAdam; any of "
         "--k, --mode, --memory: those, else k=20 per_example without memory, with Adam)",
     )  # fmt: skip
     p.add_argument("--mode", default=None, choices=("per_example", "unified"))

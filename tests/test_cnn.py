@@ -77,6 +77,25 @@ def test_mesimp_removes_filters_and_a_resumed_run_keeps_them(tiny_mnist, tmp_pat
     assert all(log[-1]["widths"][g] <= widths[g] for g in widths)
 
 
+def test_a_cnn_builds_at_the_widths_meSimp_left():
+    """The dense control of a meSimp row (a net trained from scratch at its final widths):
+    --hidden gives LeNet's conv1, conv2, fc1, fc2 widths (the ResNet's six blocks' first
+    convolutions)."""
+    from meprop.experiments.reproduce import _size_control, cnn_grid
+
+    row = next(r for r in cnn_grid() if r.config.method == "mesimp" and r.group == "lenet")
+    control = _size_control(row, {"final_widths": {"1": 2, "4": 6, "8": 78, "11": 54}})
+    assert control.config.method == "dense" and control.config.widths() == [2, 6, 78, 54]
+    net = cnn.build_cnn("lenet", 10, 0.0, control.config.widths())
+    assert [m.weight.shape[0] for m in cnn.sparsified_layers(net)] == [2, 6, 78, 54]
+    assert net(torch.randn(3, 784)).shape == (3, 10)
+    resnet = cnn.build_cnn("resnet", 10, 0.0, (2, 3, 4, 5, 6, 7))
+    inner = [b.conv1.out_channels for b in resnet if isinstance(b, cnn.BasicBlock)]
+    assert inner == [2, 3, 4, 5, 6, 7] and resnet(torch.randn(2, 784)).shape == (2, 10)
+    with pytest.raises(ConfigError, match=r"takes --hidden as 4 widths \[6, 16, 120, 84\]"):
+        TrainConfig(model="lenet", hidden=(8, 16, 100))
+
+
 @pytest.mark.parametrize(
     "kw,words",
     [

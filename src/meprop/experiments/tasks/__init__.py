@@ -148,7 +148,7 @@ def check_config(cfg) -> None:
 def _check_model(cfg) -> None:
     """``model``: the mnist task's network; a CNN takes the methods and modes its
     convolutions serve (meprop.SparseConv2d)."""
-    from .cnn import MODELS
+    from .cnn import MODELS, WIDTHS
 
     if cfg.model not in MODELS:
         raise ConfigError(f"model must be one of {MODELS}, got {cfg.model!r}")
@@ -168,6 +168,12 @@ def _check_model(cfg) -> None:
         raise ConfigError(
             f"--model {cfg.model} trains with --method dense, meprop, random or mesimp, not "
             f"{cfg.method}"
+        )
+    own = len(WIDTHS[cfg.model])
+    if len(cfg.hidden) > 1 and len(cfg.hidden) != own:
+        raise ConfigError(
+            f"--model {cfg.model} takes --hidden as {own} widths {list(WIDTHS[cfg.model])} "
+            f"(the layers meSimp shrinks), got {list(cfg.hidden)}"
         )
     if cfg.method != "dense" and (cfg.mode == "symmetric" or cfg.adaptive):
         raise ConfigError(

@@ -33,19 +33,26 @@ __all__ = ["MODELS", "build_cnn", "sparsify", "sparsified_layers", "layer_k"]
 
 MODELS = ("mlp", "lenet", "resnet")  # mlp: the paper's (meprop.experiments.tasks.mnist)
 
+# The widths of the layers meSimp shrinks, as ``--hidden`` gives them to build a net of other
+# widths (a dense net at the widths a meSimp run ended with): LeNet's conv1, conv2, fc1, fc2;
+# the ResNet's six blocks' inner widths (each block's first convolution).
+WIDTHS = {"lenet": (6, 16, 120, 84), "resnet": (16, 16, 32, 32, 64, 64)}
 
-def build_lenet(classes: int, dropout: float) -> nn.Sequential:
+
+def build_lenet(classes: int, dropout: float, widths=WIDTHS["lenet"]) -> nn.Sequential:
+    c1, c2, f1, f2 = widths
+
     def drop() -> list[nn.Module]:
         return [nn.Dropout(dropout)] if dropout > 0 else []
 
     return nn.Sequential(
         nn.Unflatten(1, (1, 28, 28)),  # the task's images come as (B, 784) rows
-        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),  # (B, 6, 14, 14)
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),  # (B, 16, 5, 5)
+        nn.Conv2d(1, c1, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),  # (B, c1, 14, 14)
+        nn.Conv2d(c1, c2, 5), nn.ReLU(), nn.MaxPool2d(2),  # (B, c2, 5, 5)
         nn.Flatten(),
-        nn.Linear(400, 120), nn.ReLU(), *drop(),
-        nn.Linear(120, 84), nn.ReLU(), *drop(),
-        nn.Linear(84, classes),
+        nn.Linear(c2 * 25, f1), nn.ReLU(), *drop(),
+        nn.Linear(f1, f2), nn.ReLU(), *drop(),
+        nn.Linear(f2, classes),
     )  # fmt: skip
 
 
@@ -53,11 +60,12 @@ class BasicBlock(nn.Module):
     """Two 3x3 convolutions with BatchNorm and a shortcut (a 1x1 convolution where the shape
     changes): He et al.'s basic block."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+    def __init__(self, c_in: int, c_out: int, stride: int, inner: int | None = None) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        inner = inner or c_out  # the first convolution's width (meSimp shrinks it)
+        self.conv1 = nn.Conv2d(c_in, inner, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner)
+        self.conv2 = nn.Conv2d(inner, c_out, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Sequential()
         if stride != 1 or c_in != c_out:
@@ -82,12 +90,15 @@ class ResNet(nn.Sequential):
         ]
 
 
-def build_resnet(classes: int, dropout: float, widths=(16, 32, 64)) -> nn.Sequential:
+def build_resnet(
+    classes: int, dropout: float, widths=(16, 32, 64), inner=WIDTHS["resnet"]
+) -> nn.Sequential:
     blocks: list[nn.Module] = []
     c_in = widths[0]
     for stage, c in enumerate(widths):
         for b in range(2):
-            blocks.append(BasicBlock(c_in, c, stride=2 if stage and not b else 1))
+            mid = inner[2 * stage + b]
+            blocks.append(BasicBlock(c_in, c, stride=2 if stage and not b else 1, inner=mid))
             c_in = c
     return ResNet(
         nn.Unflatten(1, (1, 28, 28)),
@@ -99,12 +110,18 @@ def build_resnet(classes: int, dropout: float, widths=(16, 32, 64)) -> nn.Sequen
     )  # fmt: skip
 
 
-def build_cnn(model: str, classes: int, dropout: float) -> nn.Sequential:
+def build_cnn(model: str, classes: int, dropout: float, widths=None) -> nn.Sequential:
+    """The network ``model``, at the widths of ``WIDTHS[model]`` or ``widths`` (as many)."""
+    if model not in WIDTHS:
+        raise ValueError(f"model must be 'lenet' or 'resnet' (a CNN), got {model!r}")
+    widths = tuple(widths) if widths else WIDTHS[model]
+    if len(widths) != len(WIDTHS[model]):
+        raise ValueError(
+            f"{model} takes {len(WIDTHS[model])} widths {WIDTHS[model]}, got {list(widths)}"
+        )
     if model == "lenet":
-        return build_lenet(classes, dropout)
-    if model == "resnet":
-        return build_resnet(classes, dropout)
-    raise ValueError(f"model must be 'lenet' or 'resnet' (a CNN), got {model!r}")
+        return build_lenet(classes, dropout, widths)
+    return build_resnet(classes, dropout, inner=widths)
 
 
 def sparsified_layers(model: nn.Module) -> list[nn.Module]:

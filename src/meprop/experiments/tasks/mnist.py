@@ -32,7 +32,8 @@ class MnistSettings:
         "mlp",
         "mnist task: the network, the paper's MLP (mlp) or a CNN (lenet: LeNet-5; resnet: a "
         "small ResNet; --k then counts the widest convolution's channels, the other layers "
-        "keep the same share; --hidden and --layers do not apply)",
+        "keep the same share; --layers does not apply, --hidden only as 4 widths for lenet "
+        "(conv1, conv2, fc1, fc2) or 6 for resnet (the blocks' first convolutions))",
         cnn.MODELS,
     )
 
@@ -83,8 +84,9 @@ class MnistTask:
         self.cnn = cfg.model != "mlp"  # a convolutional network (tasks.cnn), not the MLP
 
     def build_model(self, widths: list[int], cfg) -> nn.Sequential:
-        if self.cnn:
-            return cnn.build_cnn(cfg.model, self.classes, cfg.dropout)
+        if self.cnn:  # (widths of the CNN's own count only: --hidden W1,W2,W3,W4 for lenet)
+            own = len(widths) == len(cnn.WIDTHS[cfg.model])
+            return cnn.build_cnn(cfg.model, self.classes, cfg.dropout, widths if own else None)
         return build_mlp(self.d_in, widths, self.classes, cfg.dropout, cfg.activation)
 
     def sparsify(self, model, config):

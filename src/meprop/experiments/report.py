@@ -117,8 +117,10 @@ GROUP_TITLES = {
 
 
 def _settings(runs: list[Run]) -> list[str]:
-    """The shared settings, from the first dense run (else the first run)."""
-    r = next((r for r in runs if r.method == "dense"), runs[0])
+    """The shared settings, from the first run labelled plain "dense" (not a control such as
+    "dense at the widths of ..."), else the first dense run, else the first run."""
+    dense = [r for r in runs if r.method == "dense"]
+    r = next((r for r in dense if r.label == "dense"), dense[0] if dense else runs[0])
     c = r.config
     every = f"every {c['eval_every']} steps" if c.get("eval_every") else "once per epoch"
     limit = f"the first {c['train_limit']} training examples" if c.get("train_limit") else "all"

@@ -588,3 +588,19 @@ def test_every_committed_config_loads_with_its_settings_and_identity():
         assert {k: d[k] for k in saved} == saved, path
         settings = run_identity(cfg)["settings"]
         assert not set(ADDED) & set(settings) - set(saved), path
+
+
+def test_settings_line_comes_from_the_plain_dense_row_not_a_control(tmp_path):
+    """A dense control ("dense at the widths of ...") can come first in a folder; the report's
+    shared-settings line still describes the plain dense row."""
+    from meprop.experiments.report import build_report
+
+    control = fake_run(tmp_path / "a-control", 0.95, method="dense", hidden=(7,),
+                       row=dict(group="mesimp", label="dense at the widths of meSimp"))  # fmt: skip
+    dense = fake_run(tmp_path / "b-dense", 0.97, method="dense", hidden=(50,),
+                     row=dict(group="lenet", label="dense"))  # fmt: skip
+    report = build_report([control, dense], tmp_path / "out").read_text()
+    line = next(x for x in report.splitlines() if x.startswith("Settings ("))
+    assert (
+        line.startswith("Settings (dense;") and "hidden 50x50," in line and "hidden 7" not in line
+    )

@@ -34,6 +34,41 @@ def call_time(
     return times[int(QUANTILE * (len(times) - 1))]
 
 
+def backward_timer(layer, x, g, fresh: bool = True) -> Callable[[], float]:
+    """One backward through ``layer`` as a training step runs it, for ``self_timed`` timing: a
+    callable that sets the gradients to None, runs a fresh forward (untimed), then the timed
+    ``backward(g)``, and returns its seconds. ``fresh=False``: one forward's graph, retained
+    and replayed, which flatters a backward whose reads stay cached between calls (the same
+    selection every call; docs/kernels.md). Warmed up twice (kernel builds, auto's timing)."""
+    y = layer(x)
+    params = [x, *layer.parameters()]
+    clock = time.perf_counter
+
+    def step() -> float:
+        for p in params:
+            p.grad = None
+        out = layer(x) if fresh else y
+        t0 = clock()
+        out.backward(g, retain_graph=not fresh)
+        return clock() - t0
+
+    step()
+    step()
+    return step
+
+
+def timed(fn: Callable[[], object]) -> Callable[[], float]:
+    """``fn`` returning its own seconds, to time beside ``backward_timer``'s steps."""
+    clock = time.perf_counter
+
+    def call() -> float:
+        t0 = clock()
+        fn()
+        return clock() - t0
+
+    return call
+
+
 def best_of_rounds(
     fns: dict[Hashable, Callable[[], object]],
     rounds: int,

@@ -3,9 +3,9 @@
 For each shape, the backward of ``y = layer(x)`` with the input requiring a gradient (as in a
 hidden layer) is timed as a training step runs it: a fresh forward (untimed), then the timed
 backward (``--replay``: one retained graph, replayed); gradients are set to None before each
-call, so both sides store their gradient rather than add it. Times are the 10th percentile of per-call times, dense and every
-meProp variant timed in turn in ``--rounds`` rounds, each keeping its fastest round (see
-``_timing.py``: robust to other processes on the machine).
+call, so both sides store their gradient rather than add it. Times are the 10th percentile of
+per-call times, dense and every meProp variant timed in turn in ``--rounds`` rounds, each
+keeping its fastest round (see ``_timing.py``: robust to other processes on the machine).
 
 Each meProp variant runs with the default ``backend="auto"`` (which times the implementations
 on first use and caches its choice: see ``meprop info``) and, unless ``--no-candidates``,
@@ -28,13 +28,12 @@ import csv
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from _timing import best_of_rounds, cpu_name, environment, load_average
+from _timing import backward_timer, best_of_rounds, cpu_name, environment, load_average, timed
 from meprop import MePropConfig, SparseLinear
 from meprop.kernels import dispatch
 from meprop.ops import candidates, kernel_module, select_columns
@@ -76,30 +75,6 @@ def machine_lines() -> list[str]:
     ]
 
 
-def backward_step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, fresh: bool = True):
-    """One backward through ``layer``, grads set to None first; returns its seconds.
-
-    ``fresh``: as a training step runs it, after a new forward (untimed) that builds a new
-    graph; else (``--replay``) the graph of one forward, retained and replayed, which reads a
-    meProp backward 10-20% faster than a training step sees it (docs/kernels.md).
-    """
-    y = layer(x)
-    params = [x, *layer.parameters()]
-    clock = time.perf_counter
-
-    def step() -> float:
-        for p in params:
-            p.grad = None
-        out = layer(x) if fresh else y
-        t0 = clock()
-        out.backward(g, retain_graph=not fresh)
-        return clock() - t0
-
-    step()  # warm-up (builds or compiles the kernels on first use)
-    step()
-    return step
-
-
 def selection_fns(batch: int, d_out: int, k: int) -> dict:
     """The selection alone, as the fastest kernels here run it."""
     g = torch.randn(batch, d_out)
@@ -111,18 +86,6 @@ def selection_fns(batch: int, d_out: int, k: int) -> dict:
         else (lambda: select_columns(g, k))
     )
     return {"per_example": timed(per), "unified": timed(uni)}
-
-
-def timed(fn):
-    """``fn`` returning its own seconds (as ``backward_step``'s steps do)."""
-    clock = time.perf_counter
-
-    def call() -> float:
-        t0 = clock()
-        fn()
-        return clock() - t0
-
-    return call
 
 
 def auto_choice(mode, batch, d_in, d_out, k, sparse_grad) -> str:
@@ -173,7 +136,7 @@ def main(argv=None) -> int:
         x = torch.randn(batch, d_in, requires_grad=True)
         g = torch.randn(batch, d_out)
         fresh = not args.replay
-        fns = {"dense": backward_step(dense, x, g, fresh)}
+        fns = {"dense": backward_timer(dense, x, g, fresh)}
         for k in ks:
             for label, mode, sparse_grad in VARIANTS:
                 names = ["auto"] + ([] if args.no_candidates else candidates(g, mode))
@@ -183,7 +146,7 @@ def main(argv=None) -> int:
                     cfg = MePropConfig(k=k, mode=mode, sparse_grad=sparse_grad, backend=backend)
                     layer = SparseLinear(d_in, d_out, config=cfg)
                     layer.load_state_dict(dense.state_dict())
-                    fns[(k, label, backend)] = backward_step(layer, x, g, fresh)
+                    fns[(k, label, backend)] = backward_timer(layer, x, g, fresh)
             for mode, fn in selection_fns(batch, d_out, k).items():
                 fns[(k, "select", mode)] = fn
         t = best_of_rounds(fns, args.rounds, args.min_time, self_timed=True)

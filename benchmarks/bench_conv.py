@@ -27,13 +27,12 @@ import csv
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from _timing import QUANTILE, cpu_name, environment, load_average
+from _timing import backward_timer, best_of_rounds, cpu_name, environment, load_average
 from meprop import MePropConfig, SparseConv2d
 from meprop.kernels import dispatch
 
@@ -47,34 +46,6 @@ SHAPES = [
 ]
 MODES = ("unified", "per_example", "random")
 BACKENDS = ("auto", "torch", "masked")
-
-
-def backward_timer(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):
-    """A callable running one forward (untimed) and one backward; returns the backward's
-    seconds."""
-    params = [x, *layer.parameters()]
-    clock = time.perf_counter
-
-    def step() -> float:
-        for p in params:
-            p.grad = None
-        y = layer(x)
-        t0 = clock()
-        y.backward(g)
-        return clock() - t0
-
-    step()  # warm-up (auto times its implementations here, once per shape)
-    step()
-    return step
-
-
-def backward_time(step, min_time: float, min_calls: int = 5) -> float:
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_calls or time.perf_counter() - start < min_time:
-        times.append(step())
-    times.sort()
-    return times[int(QUANTILE * (len(times) - 1))]
 
 
 def auto_ran(mode: str, x: torch.Tensor, layer: nn.Module) -> str:
@@ -109,10 +80,7 @@ def run(threads: int, args) -> list[list]:
                 layer.load_state_dict(dense.state_dict())
                 layers[(mode, backend)] = layer
                 steps[(mode, backend)] = backward_timer(layer, x, g)
-        best = dict.fromkeys(steps, float("inf"))
-        for _ in range(args.rounds):
-            for key, step in steps.items():
-                best[key] = min(best[key], backward_time(step, args.min_time))
+        best = best_of_rounds(steps, args.rounds, args.min_time, self_timed=True)
         d = best["dense"]
         for mode in MODES:
             a, c, m = (best[(mode, b)] for b in BACKENDS)

@@ -22,7 +22,7 @@ def mlp(*widths, norm=None, k=4):
     return sparsify_(model, MePropConfig(k=k), filter_fn=hidden_layers(model))
 
 
-def set_usage(layer, counts, selections):
+def set_usage(layer, counts, selections=10):
     layer.usage = (torch.tensor(counts, dtype=torch.int64), torch.tensor([selections]))
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 import meprop
 from meprop import MePropConfig, MeSimpConfig, Pair, Simplifier, SparseConv2d, sparsify_
+from test_simplify import set_usage
 
 
 def lenet(norm: bool = False, k: int = 2) -> nn.Sequential:
@@ -25,10 +26,6 @@ def lenet(norm: bool = False, k: int = 2) -> nn.Sequential:
     )  # fmt: skip
     head = model[-1]
     return sparsify_(model, MePropConfig(k=k), filter_fn=lambda m, n: m is not head)
-
-
-def set_usage(layer, counts, selections=10):
-    layer.usage = (torch.tensor(counts, dtype=torch.int64), torch.tensor([selections]))
 
 
 def names(model):

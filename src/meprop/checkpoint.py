@@ -269,7 +269,7 @@ def _shrinkable(model: nn.Module) -> dict[str, set[int]] | None:
     0), the consumers' inputs (dim 1), norms between, every dimension of a sparse LSTM (its
     cells). None when the model has no structure meSimp knows (then shapes must be equal)."""
     from .lstm import SparseLSTM
-    from .simplify import ELEMENTWISE, NORMS, Pair, find_pairs, flatten_sequential
+    from .simplify import Pair, chain_links, find_pairs
 
     try:
         pairs = find_pairs(model)
@@ -278,20 +278,10 @@ def _shrinkable(model: nn.Module) -> dict[str, set[int]] | None:
     # A model built dense (a plain nn.Sequential of Linear and Conv2d layers) that loads a
     # simplified one: every Linear or Conv2d whose outputs go, through activations, pooling and
     # norms, into another Linear or Conv2d.
-    for seq_name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        chain = flatten_sequential(seq, seq_name)
-        for i, (name, module) in enumerate(chain):
-            if not isinstance(module, nn.Linear | nn.Conv2d):
-                continue
-            j, norms = i + 1, []
-            while j < len(chain) and isinstance(chain[j][1], ELEMENTWISE + NORMS):
-                if isinstance(chain[j][1], NORMS):
-                    norms.append(chain[j][0])
-                j += 1
-            if j < len(chain) and isinstance(chain[j][1], nn.Linear | nn.Conv2d):
-                pairs.append(Pair(name, (chain[j][0],), tuple(norms)))
+    layers = nn.Linear | nn.Conv2d
+    for name, module, nxt, norms in chain_links(model):
+        if isinstance(module, layers) and nxt is not None and isinstance(nxt[1], layers):
+            pairs.append(Pair(name, (nxt[0],), norms))
     if not pairs:
         return None
     modules = dict(model.named_modules())

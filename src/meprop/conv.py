@@ -127,8 +127,9 @@ class ChannelSelection(NamedTuple):
 # Selection
 
 
-def _select(g: Tensor, s: Tensor, cfg: MePropConfig, record: KRecord | None) -> ChannelSelection:
-    """The channels kept of g (B, C_out, H', W'), from its channel scores ``s`` (B, C_out)."""
+def _select(a: Tensor, s: Tensor, cfg: MePropConfig, record: KRecord | None) -> ChannelSelection:
+    """The channels kept of g (B, C_out, H', W'), from ``a`` = |g| and its channel scores ``s``
+    (B, C_out), the sums of ``a`` over the positions."""
     batch, c_out = s.shape
     k = cfg.k
     if k >= c_out:
@@ -148,8 +149,8 @@ def _select(g: Tensor, s: Tensor, cfg: MePropConfig, record: KRecord | None) -> 
     if cfg.mode == "random":
         return ChannelSelection("rows", random_channels(batch, c_out, k, s.device))
     if cfg.mode == "per_position":  # (NaN ranks highest in topk, as in every mode)
-        top = g.abs().topk(k, dim=1).indices  # (B, k, H', W') (sorted: ties as the reference)
-        keep = torch.zeros(g.shape, dtype=torch.bool, device=g.device).scatter_(1, top, True)
+        top = a.topk(k, dim=1).indices  # (B, k, H', W') (sorted: ties as the reference)
+        keep = torch.zeros(a.shape, dtype=torch.bool, device=a.device).scatter_(1, top, True)
         return ChannelSelection("mask", None, keep)
     return ChannelSelection("rows", s.topk(k, dim=1, sorted=False).indices)  # (B, k)
 
@@ -371,15 +372,14 @@ class _SparseConv2dFn(torch.autograd.Function):
         if m is not None:
             g = g + m  # the memory (C_out, H', W') added to every example's gradient
         # (B, C_out) each channel's summed |g| over its positions (half precision: in float32)
-        s = g.abs().sum((2, 3), dtype=score_dtype(g.dtype))
-        sel = _select(g, s, cfg, ctx.record)
+        a = g.abs()
+        s = a.sum((2, 3), dtype=score_dtype(g.dtype))
+        sel = _select(a, s, cfg, ctx.record)
+        del a  # (not needed past the selection: the products below run on g)
         args = (g, x, weight, sel, geo, need_dx, need_dw)
         dx, dw = IMPLEMENTATIONS[_pick(cfg, sel, args)](*args)
         if ctx.rows is not None and dw is not None:
-            # (adaptive k: every index, a superset of the rows written)
-            ctx.rows.add(
-                sel if sel.kind != "mask" else sel._replace(index=_rows(sel, c_out, g.device))
-            )
+            ctx.rows.add(sel)  # (adaptive k: every index, a superset of the rows written)
         if dw is not None and cfg.sparse_grad:
             rows = _rows(sel, c_out, g.device)
             dw = weight_grad(rows, dw.index_select(0, rows), c_out, True)
@@ -405,7 +405,7 @@ def _rows(sel: ChannelSelection, c_out: int, device) -> Tensor:
     if sel.kind == "cols":
         return sel.index
     if sel.kind == "mask":
-        return sel.keep.any(3).any(2).any(0).nonzero().flatten()
+        return sel.keep.any(dim=(0, 2, 3)).nonzero().flatten()
     return sel.index.reshape(-1).unique()
 
 

@@ -3,8 +3,9 @@
 meProp's backward writes R rows of a layer's weight gradient dW (n, in) and leaves the others
 zero (k rows for unified selection, at most M*k for per-example); a ``SparseConv2d``'s dW
 (C_out, C_in / groups, kh, kw) is read the same way, a row per output channel. DDP
-all-reduces every parameter's gradient whole; this hook (``torch.distributed.algorithms.ddp_comm_hooks`` style:
-``hook(state, bucket) -> Future``) sends each meProp weight's rows packed densely instead,
+all-reduces every parameter's gradient whole; this hook
+(``torch.distributed.algorithms.ddp_comm_hooks`` style: ``hook(state, bucket) -> Future``)
+sends each meProp weight's rows packed densely instead,
 so it runs on any backend with a dense all-reduce (NCCL and gloo), with no sparse tensors:
 
 * the rows of a weight are known without reading dW: backward adds what it kept to a row log
@@ -63,6 +64,8 @@ class RowLog:
     def add(self, sel: Selection) -> None:
         if sel.kind == "all":
             self.mask.fill_(True)
+        elif sel.kind == "mask":  # a conv's per_position keep (B, C_out, H', W'): no sync
+            self.mask |= sel.keep.any(dim=(0, 2, 3))
         else:  # "cols": index (k,); "rows": index (M, k)
             self.mask.index_fill_(0, sel.index.reshape(-1), True)
         self.fresh = True

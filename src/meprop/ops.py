@@ -468,18 +468,17 @@ def apply_autocast(fn, x: Tensor, weight: Tensor, bias: Tensor | None, *args):
         return apply_function(fn, x, weight, bias, *args)
 
 
-# torch.autograd.Function.apply, less its Python preamble: for a Function with
-# ``setup_context`` it binds the arguments to ``forward``'s signature with ``inspect`` on every
-# call, about 90 us on a 2.x GHz core (one 8 -> 8 layer's forward: 110 us through it, 21 us
-# past it): as much as the product of a 50 x 500 x 500 layer's forward at one thread.
-# The C++ base's apply is what it then calls.
-
-
 def apply_function(fn, *args):
     """``fn.apply(*args)`` for one of our autograd Functions, called with every argument of its
     ``forward`` given positionally (so binding them to the signature changes nothing). Eager
     and outside torch.func's transforms, the C++ apply directly; under torch.compile's tracing
-    or a torch.func transform (which need Function.apply's own handling), ``fn.apply``."""
+    or a torch.func transform (which need Function.apply's own handling), ``fn.apply``.
+
+    Why: for a Function with ``setup_context``, ``Function.apply`` binds the arguments to
+    ``forward``'s signature with ``inspect`` on every call, about 90 us on a 2.x GHz core (one
+    8 -> 8 layer's forward: 110 us through it, 21 us past it), as much as the product of a
+    50 x 500 x 500 layer's forward at one thread; the C++ base's apply is what it then calls.
+    """
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return fn.apply(*args)
     return super(torch.autograd.Function, fn).apply(*unwrap_dead_wrappers(args))

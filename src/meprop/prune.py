@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "units",
     "prune_out_",
     "prune_in_",
     "prune_norm_",
@@ -45,6 +46,12 @@ def slice_param(module: nn.Module, name: str, dim: int, keep: Tensor) -> Cut:
     return (old, new, dim, keep)
 
 
+def units(layer: nn.Linear | nn.Conv2d) -> int:
+    """The units a layer produces, its weight's first dimension: a Linear's outputs, a
+    Conv2d's filters."""
+    return layer.weight.shape[0]
+
+
 def _check_ungrouped(conv: nn.Conv2d, what: str) -> None:
     if conv.groups != 1:
         raise ValueError(
@@ -61,8 +68,7 @@ def prune_out_(layer: nn.Linear | nn.Conv2d, keep: Tensor) -> list[Cut]:
     conv = isinstance(layer, nn.Conv2d)
     if conv:
         _check_ungrouped(layer, "filters")
-    width = layer.out_channels if conv else layer.out_features
-    keep = check_keep(keep, width, f"{type(layer).__name__} outputs")
+    keep = check_keep(keep, units(layer), f"{type(layer).__name__} outputs")
     cuts = [slice_param(layer, "weight", 0, keep)]
     if layer.bias is not None:
         cuts.append(slice_param(layer, "bias", 0, keep))

@@ -18,7 +18,7 @@ One line in an ordinary loop::
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +35,7 @@ from .prune import (
     prune_norm_,
     prune_out_,
     reset_optimizer_state_,
+    units,
     update_optimizer_,
 )
 
@@ -57,11 +58,6 @@ ELEMENTWISE = (
 )  # fmt: skip
 NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
 PRODUCERS = (SparseLinear, SparseConv2d)  # what find_pairs looks for in a chain
-
-
-def width(layer: nn.Module) -> int:
-    """The units meSimp counts in a producer: a Linear's outputs, a Conv2d's filters."""
-    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
 
 
 def input_block(producer: nn.Module, consumer: nn.Module) -> int:
@@ -94,6 +90,26 @@ def flatten_sequential(seq: nn.Sequential, prefix: str) -> list[tuple[str, nn.Mo
     return out
 
 
+def chain_links(model: nn.Module) -> Iterator[tuple[str, nn.Module, tuple | None, tuple]]:
+    """Each module of each outermost ``nn.Sequential`` chain of ``model`` (nested ones flattened
+    into it) as ``(name, module, next, norms)``: ``next`` the ``(name, module)`` its outputs
+    reach through modules that keep a unit in its place (``ELEMENTWISE``) and norms (``NORMS``),
+    None at the chain's end; ``norms`` the names of those norms."""
+    seqs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Sequential)}
+    inner = {f"{n}.{c}" if n else c for n, m in seqs.items() for c, _ in m.named_children()}
+    for seq_name, seq in seqs.items():
+        if seq_name in inner:  # flattened into its parent chain
+            continue
+        chain = flatten_sequential(seq, seq_name)
+        for i, (name, module) in enumerate(chain):
+            norms, j = [], i + 1
+            while j < len(chain) and isinstance(chain[j][1], ELEMENTWISE + NORMS):
+                if isinstance(chain[j][1], NORMS):
+                    norms.append(chain[j][0])
+                j += 1
+            yield name, module, (chain[j] if j < len(chain) else None), tuple(norms)
+
+
 def find_pairs(model: nn.Module) -> list[Pair]:
     """Producer -> consumer pairs of every ``SparseLinear`` and ``SparseConv2d`` in ``model``.
 
@@ -106,37 +122,25 @@ def find_pairs(model: nn.Module) -> list[Pair]:
     """
     if hasattr(model, "simplify_pairs"):
         return [p if isinstance(p, Pair) else Pair(*p) for p in model.simplify_pairs()]
-    seqs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Sequential)}
-    inner = {f"{n}.{c}" if n else c for n, m in seqs.items() for c, _ in m.named_children()}
     pairs, placed = [], set()
-    for seq_name, seq in seqs.items():
-        if seq_name in inner:  # flattened into its parent chain
+    for name, module, nxt, norms in chain_links(model):
+        if not isinstance(module, PRODUCERS):
             continue
-        chain = flatten_sequential(seq, seq_name)
-        for i, (name, module) in enumerate(chain):
-            if not isinstance(module, PRODUCERS):
-                continue
-            placed.add(name)
-            norms, j = [], i + 1
-            while j < len(chain) and isinstance(chain[j][1], ELEMENTWISE + NORMS):
-                if isinstance(chain[j][1], NORMS):
-                    norms.append(chain[j][0])
-                j += 1
-            if j == len(chain):
-                raise ValueError(
-                    f"{type(module).__name__} {name!r} ends its nn.Sequential, so nothing "
-                    "consumes its "
-                    "units: keep output layers dense (sparsify_(..., filter_fn=hidden_layers("
-                    "model))) or declare pairs (Simplifier(..., pairs=[Pair(...)]))"
-                )
-            nxt_name, nxt = chain[j]
-            if not isinstance(nxt, nn.Linear | nn.Conv2d):
-                raise TypeError(
-                    f"cannot shrink {name!r}: its output goes through {nxt_name!r} "
-                    f"({type(nxt).__name__}), which meSimp does not know how to slice; "
-                    "declare the pairs with model.simplify_pairs() or pairs=[...]"
-                )
-            pairs.append(Pair(name, (nxt_name,), tuple(norms)))
+        placed.add(name)
+        if nxt is None:
+            raise ValueError(
+                f"{type(module).__name__} {name!r} ends its nn.Sequential, so nothing consumes "
+                "its units: keep output layers dense (sparsify_(..., filter_fn=hidden_layers("
+                "model))) or declare pairs (Simplifier(..., pairs=[Pair(...)]))"
+            )
+        nxt_name, nxt_module = nxt
+        if not isinstance(nxt_module, nn.Linear | nn.Conv2d):
+            raise TypeError(
+                f"cannot shrink {name!r}: its output goes through {nxt_name!r} "
+                f"({type(nxt_module).__name__}), which meSimp does not know how to slice; "
+                "declare the pairs with model.simplify_pairs() or pairs=[...]"
+            )
+        pairs.append(Pair(name, (nxt_name,), norms))
     stray = [n for n, m in model.named_modules() if isinstance(m, PRODUCERS) and n not in placed]
     if stray:
         raise ValueError(
@@ -178,10 +182,10 @@ def _check_pair(pair: Pair, modules: dict[str, nn.Module]) -> None:
                 f"cannot slice the input channels of {name!r} (groups={consumer.groups}): "
                 "only groups=1 convolutions are shrunk"
             )
-        if conv and isinstance(consumer, nn.Linear) and consumer.in_features % width(producer):
+        if conv and isinstance(consumer, nn.Linear) and consumer.in_features % units(producer):
             raise ValueError(
                 f"consumer {name!r} has {consumer.in_features} inputs, not a multiple of "
-                f"{pair.producer!r}'s {width(producer)} channels: it must read the flattened "
+                f"{pair.producer!r}'s {units(producer)} channels: it must read the flattened "
                 "(C, H, W) map of that convolution"
             )
 
@@ -245,7 +249,7 @@ class Simplifier:
         layer = self._layer(name)
         if isinstance(layer, SparseLSTM):
             return {_lstm_group(name, key): h for key, h in layer.sizes().items()}
-        return {name: width(layer)}
+        return {name: units(layer)}
 
     def _usage(self, name: str) -> dict[str, tuple[Tensor, Tensor]]:
         """The usage record of a producer, by unit group."""
@@ -272,7 +276,7 @@ class Simplifier:
             if isinstance(layer, SparseLSTM):
                 layer.usage = {key: zeros(h) for key, h in layer.sizes().items()}
             else:
-                layer.usage = zeros(width(layer))
+                layer.usage = zeros(units(layer))
         self._recording = on
 
     def sizes(self) -> dict[str, int]:
@@ -363,7 +367,7 @@ class Simplifier:
                         cuts += prune_lstm_cells_(layer, lay, d, keep, consumers if last else ())
                 continue
             keep = self.keep_indices(pair.producer)
-            if keep.numel() == width(layer):
+            if keep.numel() == units(layer):
                 continue
             blocks = [input_block(layer, c) for c in consumers]  # (before the producer shrinks)
             cuts += prune_out_(layer, keep)

@@ -3,10 +3,11 @@
 Each field's metadata gives its command-line flag's help and choices (``meprop.experiments.cli``
 builds the flags from them); the fields are declared in groups next to what they configure
 (``RunSettings`` below, each task's and each method's in its module). Fields left unset take
-the task's defaults (``tasks.DEFAULTS``), so a saved config is complete. Checks: the run's own settings here; the settings that belong
-to one task (``tags``; the lm task's ``d_model``, ``sparse_attention``, ``fc_only``) in
-``tasks.check_config``, those that belong to one method (meProp's k, mode, adaptive k, memory;
-meSimp's pruning and cycle; meAct's) in ``methods``, next to what they configure.
+the task's defaults (``tasks.DEFAULTS``), so a saved config is complete. Checks: the run's own
+settings here; the settings that belong to one task (``tags``; the lm task's ``d_model``,
+``sparse_attention``, ``fc_only``) in ``tasks.check_config``, those that belong to one method
+(meProp's k, mode, adaptive k, memory; meSimp's pruning and cycle; meAct's) in ``methods``,
+next to what they configure.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ default: the fastest implementation for the shape, timed on first use and cached
 ran" column names it) and with each implementation forced: ``torch`` (the backward on the
 kept channels compacted: "compact") and ``masked`` (the masked g through the full backward:
 "masked"). ``auto`` also has ``torch-cl``, the compacted backward with dx on channels_last
-tensors. All give the same gradients. The header names the CPU and the malloc settings, which
+tensors. ``per_position`` (k channels at each output position) has nothing to compact: its
+backward is always the masked one, with the selection by the C++ kernel (auto) or by
+torch.topk over the channels (masked). All give the same gradients. The header names the CPU and the malloc settings, which
 move these timings (docs/results/speed/conv.md).
 
     python benchmarks/bench_conv.py                  # threads 1 and all, the machine's cache
@@ -44,12 +46,20 @@ SHAPES = [
     ("ResNet 3x3", 32, 128, 128, 3, 16, 1, 16, True),
     ("1x1", 32, 256, 256, 1, 16, 0, 32, True),
 ]
-MODES = ("unified", "per_example", "random")
+MODES = ("unified", "per_example", "random", "per_position")
 BACKENDS = ("auto", "torch", "masked")
+
+
+def backends(mode: str) -> tuple[str, ...]:
+    """per_position has nothing to compact: its backward is the masked one, with the selection
+    by the C++ kernel (auto) or by torch.topk (masked)."""
+    return ("auto", "masked") if mode == "per_position" else BACKENDS
 
 
 def auto_ran(mode: str, x: torch.Tensor, layer: nn.Module) -> str:
     """What backend='auto' ran for this layer's backward (the tuner's remembered choice)."""
+    if mode == "per_position":
+        return "masked, C++ selection"
     kind = "cols" if mode == "unified" else "rows"
     for sig, name in dispatch.tuner().memo.items():
         if sig[:2] == ("conv2d", kind) and sig[5] == x.shape and sig[6] == layer.weight.shape:
@@ -67,14 +77,16 @@ def run(threads: int, args) -> list[list]:
     print("|" + "---|" * len(header))
     rows = []
     for name, batch, c_in, c_out, kernel, size, pad, k, input_grad in SHAPES:
+        if args.shapes and not any(t in f"{name} {c_in}->{c_out}" for t in args.shapes):
+            continue
         torch.manual_seed(0)
         dense = nn.Conv2d(c_in, c_out, kernel, padding=pad)
         x = torch.randn(batch, c_in, size, size, requires_grad=input_grad)
         g = torch.randn_like(dense(x))
         steps = {"dense": backward_timer(dense, x, g)}
         layers = {}
-        for mode in MODES:
-            for backend in BACKENDS:
+        for mode in args.modes:
+            for backend in backends(mode):
                 cfg = MePropConfig(k=k, mode=mode, backend=backend)
                 layer = SparseConv2d(c_in, c_out, kernel, padding=pad, config=cfg)
                 layer.load_state_dict(dense.state_dict())
@@ -82,11 +94,12 @@ def run(threads: int, args) -> list[list]:
                 steps[(mode, backend)] = backward_timer(layer, x, g)
         best = best_of_rounds(steps, args.rounds, args.min_time, self_timed=True)
         d = best["dense"]
-        for mode in MODES:
-            a, c, m = (best[(mode, b)] for b in BACKENDS)
+        for mode in args.modes:
+            a, c, m = (best.get((mode, b)) for b in BACKENDS)
             row = [name, batch, f"{c_in}->{c_out}", f"{kernel}x{kernel}", f"{size}x{size}", k, mode]
             row += [f"{1e3 * d:.2f}", f"{1e3 * a:.2f}", f"{d / a:.2f}x"]
-            row += [auto_ran(mode, x, layers[(mode, "auto")]), f"{1e3 * c:.2f}", f"{d / c:.2f}x"]
+            row += [auto_ran(mode, x, layers[(mode, "auto")])]
+            row += ["-", "-"] if c is None else [f"{1e3 * c:.2f}", f"{d / c:.2f}x"]
             row += [f"{1e3 * m:.2f}", f"{d / m:.2f}x"]
             rows.append([threads, *row])
             print("| " + " | ".join(map(str, row)) + " |", flush=True)
@@ -103,6 +116,19 @@ def main(argv=None) -> int:
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
     ap.add_argument("--rounds", type=int, default=3, help="rounds; each keeps its fastest")
     ap.add_argument("--csv", help="also write the rows to this CSV file")
+    ap.add_argument(
+        "--shapes",
+        type=lambda v: v.split(","),
+        default=[],
+        help="only the shapes whose name or 'in->out' holds one of these comma-separated texts "
+        "(e.g. 'conv1,64->64')",
+    )
+    ap.add_argument(
+        "--modes",
+        type=lambda v: v.split(","),
+        default=list(MODES),
+        help=f"comma-separated modes (default: {','.join(MODES)})",
+    )
     ap.add_argument(
         "--fresh", action="store_true", help="auto times its choices anew (a temporary cache)"
     )

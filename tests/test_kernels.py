@@ -476,6 +476,38 @@ def test_top_columns(fused):
         fused.top_columns(g, 0)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_channel_topk_mask(fused, dtype):
+    """SparseConv2d's per_position selection: at each (example, position) the k channels of
+    largest |g|, as torch.topk over the channel dimension picks them. Both of the kernel's
+    paths (up to 32 channels: ranks counted; more: rows of transposed positions), each over
+    several blocks of positions and a partial one."""
+    shapes = [((3, 5, 7, 3), 2), ((2, 7, 1, 1), 6), ((4, 16, 10, 10), 1), ((2, 7, 20, 20), 3),
+              ((2, 32, 17, 19), 31), ((2, 33, 17, 19), 5), ((1, 300, 3, 3), 7),
+              ((2, 64, 9, 15), 30), ((0, 4, 2, 2), 1)]  # fmt: skip
+    for shape, k in shapes:
+        g = torch.randn(shape, dtype=dtype)
+        if g.numel():
+            g[0, 0, 0, 0], g[-1, 1, -1, -1] = float("nan"), float("-inf")  # ranked first
+        want = torch.zeros(shape, dtype=torch.bool).scatter_(1, g.abs().topk(k, 1).indices, True)
+        assert torch.equal(fused.channel_topk_mask(g, k), want), (shape, k)
+    # ties: the lower channels win (zeros here), as in topk_rows
+    g = torch.zeros(2, 9, 3, 3, dtype=dtype)
+    g[:, 4] = -1.0
+    for k in (1, 2, 3):
+        keep = fused.channel_topk_mask(g, k)
+        assert keep[:, 4].all() and keep[:, : k - 1].all() and int(keep.sum()) == 2 * 9 * k
+    nchw = torch.randn(2, 12, 5, 5, dtype=dtype)
+    cl = nchw.contiguous(memory_format=torch.channels_last)  # (copied to NCHW first)
+    assert torch.equal(fused.channel_topk_mask(cl, 3), fused.channel_topk_mask(nchw, 3))
+    with pytest.raises(ValueError, match="k=12"):
+        fused.channel_topk_mask(nchw, 12)
+    with pytest.raises(ValueError, match="shape"):
+        fused.channel_topk_mask(nchw[0], 3)
+    with pytest.raises(TypeError, match="float32/float64"):
+        fused.channel_topk_mask(nchw.half(), 3)
+
+
 def test_fused_nan_inf_selected_first(fused):
     g = torch.randn(4, 300) * 1e-3
     g[1, 7] = float("nan")

@@ -327,6 +327,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "unified": ([p, i, i, i, p, p, i, p, p, p, c, p, p, i, p, c], None),
         "zero_rows": ([p, i, p, i, c, c], None),
         "top_columns": ([p, i, i, i, p], None),
+        "channel_topk_mask": ([p, i, i, i, i, p, c], None),
         "row_adam": ([p, p, p, i, p, i, p] + [None] * 7 + [c], None),
     }
     for name, (args, res) in sigs.items():

@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <unistd.h>
@@ -910,6 +911,91 @@ void gemm_rows(i64 R, i64 K, i64 d, const F* A, i64 ars, i64 acs, const i64* bid
   }
 }
 
+// ------------------------------------------------------------------------------------------
+// Per-position channel selection (SparseConv2d's per_position mode)
+
+// channel_topk_mask for up to 32 channels: the rank of each channel at each position, counted
+// (C^2 compares a position, branch-free and vectorised over a block of positions: the channels
+// before c that are >= it, and those after it that are >). Rank < k: kept.
+template <class F>
+void channel_topk_count(const F* g, i64 b, i64 c, i64 p, i64 k, uint8_t* keep, int nt) {
+  using U = typename Key<F>::U;
+  using S = std::make_signed_t<U>;  // (keys are below 2^31 / 2^63: signed compares order them)
+  constexpr i64 kBlk = 256;
+  const i64 blocks = (p + kBlk - 1) / kBlk;
+  nt = threads_for(nt, b * blocks);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<S> keys(c * kBlk), rank(kBlk);
+#pragma omp for schedule(static)
+    for (i64 t = 0; t < b * blocks; t++) {
+      const i64 e = t / blocks, p0 = (t % blocks) * kBlk, w = std::min(kBlk, p - p0);
+      const U* ge = reinterpret_cast<const U*>(g + e * c * p) + p0;
+      uint8_t* ke = keep + e * c * p + p0;
+      for (i64 j = 0; j < c; j++)
+        for (i64 q = 0; q < w; q++) keys[j * kBlk + q] = S(ge[j * p + q] & Key<F>::mask);
+      for (i64 j = 0; j < c; j++) {
+        const S* kj = keys.data() + j * kBlk;
+        S* r = rank.data();
+        for (i64 q = 0; q < w; q++) r[q] = 0;
+        for (i64 i = 0; i < j; i++) {
+          const S* ki = keys.data() + i * kBlk;
+          for (i64 q = 0; q < w; q++) r[q] += S(ki[q] >= kj[q]);
+        }
+        for (i64 i = j + 1; i < c; i++) {
+          const S* ki = keys.data() + i * kBlk;
+          for (i64 q = 0; q < w; q++) r[q] += S(ki[q] > kj[q]);
+        }
+        for (i64 q = 0; q < w; q++) ke[j * p + q] = uint8_t(r[q] < S(k));
+      }
+    }
+  }
+}
+
+// channel_topk_mask otherwise: each block of positions transposed into rows of C keys, then
+// topk_row on each row.
+template <class F>
+void channel_topk_rows(const F* g, i64 b, i64 c, i64 p, i64 k, uint8_t* keep, int nt) {
+  using U = typename Key<F>::U;
+  constexpr i64 L = Vec<U>::lanes;
+  constexpr i64 kBlk = 64;
+  const i64 blocks = (p + kBlk - 1) / kBlk;
+  nt = threads_for(nt, b * blocks);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<U> rows(kBlk * c);
+    std::vector<i64> out(k);
+    TopkScratch<F> s(c, (2 * k + L - 1) / L * L);
+#pragma omp for schedule(static)
+    for (i64 t = 0; t < b * blocks; t++) {
+      const i64 e = t / blocks, p0 = (t % blocks) * kBlk, w = std::min(kBlk, p - p0);
+      const U* ge = reinterpret_cast<const U*>(g + e * c * p) + p0;
+      uint8_t* ke = keep + e * c * p + p0;
+      for (i64 j = 0; j < c; j++) {
+        const U* row = ge + j * p;
+        for (i64 q = 0; q < w; q++) rows[q * c + j] = row[q];
+        std::memset(ke + j * p, 0, w);
+      }
+      for (i64 q = 0; q < w; q++) {
+        topk_row<F>(rows.data() + q * c, c, k, out.data(), s);
+        for (i64 r = 0; r < k; r++) ke[out[r] * p + q] = 1;
+      }
+    }
+  }
+}
+
+// SparseConv2d's per_position selection: keep (B, C, P) bytes = 1 where channel c is among the
+// k of largest |g[b, :, p]| at position p of example b, for g (B, C, P) contiguous (NCHW, P =
+// H' W'), 1 <= k < C; NaN highest, among equal magnitudes the lower channels win (as topk_rows).
+constexpr i64 kCountChannels = 32;
+template <class F>
+void channel_topk_mask(const F* g, i64 b, i64 c, i64 p, i64 k, uint8_t* keep, int nt) {
+  if (c <= kCountChannels)
+    channel_topk_count<F>(g, b, c, p, k, keep, nt);
+  else
+    channel_topk_rows<F>(g, b, c, p, k, keep, nt);
+}
+
 // The unified backward: scores (n,) = sum over rows of |g|, cols (k,) = the k highest, sorted;
 // gc = g[:, cols] (M, k); dx = gc W[cols] (M, d); dW[cols] = gc^T x (dw_mode and stale as
 // per_example; 3: out (k, d) in the order of cols); db = column sums of g.
@@ -992,6 +1078,10 @@ void unified(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64
     return per_example_var<F>(g, m, n, kmax, rule, min_k, share, square != 0, tp, y_max,         \
                               x, w, d, idx, vals, ks_out, dx, dw_mode, dw, rows, stale, nstale,  \
                               db, nt, nt_products);                                              \
+  }                                                                                            \
+  MEPROP_EXPORT void meprop_channel_topk_mask_##SUFFIX(const F* g, i64 b, i64 c, i64 p,      \
+                                                      i64 k, uint8_t* keep, int nt) {          \
+    channel_topk_mask<F>(g, b, c, p, k, keep, nt);                                             \
   }                                                                                            \
   MEPROP_EXPORT void meprop_top_columns_##SUFFIX(const F* g, i64 m, i64 n, i64 k, i64* cols) {  \
     top_columns<F>(g, m, n, k, cols);                                                          \

@@ -55,6 +55,7 @@ __all__ = [
     "rows_outer",
     "rows_outer_dense",
     "top_columns",
+    "channel_topk_mask",
     "per_example_backward",
     "unified_backward",
     "row_adam",
@@ -189,6 +190,25 @@ def top_columns(g: Tensor, k: int) -> Tensor:
     cols = torch.empty(k, dtype=torch.int64)
     build.kernel("top_columns", g.dtype)(g.data_ptr(), m, n, k, cols.data_ptr())
     return cols
+
+
+def channel_topk_mask(g: Tensor, k: int) -> Tensor:
+    """Per-position channel selection of a convolution's output gradient ``g`` (B, C, H', W'),
+    1 <= k < C: ``keep`` (B, C, H', W') bool, True for the k channels of largest |g| at each
+    (example, position). NaN ranks highest; among equal magnitudes the lower channels win."""
+    g = check_float("g", g)
+    if g.dim() != 4:
+        raise ValueError(f"g must be (B, C, H', W'), got shape {tuple(g.shape)}")
+    b, c, h, w = g.shape
+    if not 1 <= k < c:
+        raise ValueError(f"k must be in [1, C) = [1, {c}), got k={k}")
+    keep = torch.empty(g.shape, dtype=torch.bool)
+    if keep.numel():
+        nt = _threads(g.numel(), _PAR_MIN_ENTRIES)
+        build.kernel("channel_topk_mask", g.dtype)(
+            g.data_ptr(), b, c, h * w, k, keep.data_ptr(), nt
+        )
+    return keep
 
 
 # --------------------------------------------------------------------------------------------

@@ -193,6 +193,46 @@ def test_1_a_grid_reuses_only_runs_of_every_setting_of_its_rows(tiny_mnist, tmp_
     }
 
 
+def test_1_reproduce_epochs_extends_a_grids_runs_as_if_trained_that_long(tiny_mnist, tmp_path):
+    """``reproduce --epochs`` (run_grid's extend): a run with fewer epochs and its checkpoint
+    goes on from it, to the same records as a run of that many epochs from the start; without
+    --epochs, or without the checkpoint, it is refused."""
+    from meprop.experiments.reproduce import run_grid
+
+    cfg = TrainConfig(method="meprop", k=5, hidden=(32,), epochs=1, batch_size=20)
+    out, fresh = tmp_path / "grid", tmp_path / "fresh"
+    quiet = dict(data_dir=tiny_mnist, progress=False, echo=lambda s: None)
+    run_grid([Row("meprop", "main", "meProp", cfg)], out, **quiet)
+    longer = [Row("meprop", "main", "meProp", replace(cfg, epochs=2))]
+    with pytest.raises(RunDirError, match="epochs: 1 there, 2 in the grid"):
+        run_grid(longer, out, **quiet)  # (a grid's own epochs: never extended)
+    d = out / "runs" / "meprop"
+    run_grid(longer, out, **quiet, extend=True)
+    run_grid(longer, fresh, **quiet)
+
+    def outcome(run):
+        keep = ("epoch", "step", "train_loss", "dev_accuracy")
+        summary = json.loads((run / "summary.json").read_text())
+        return [{k: r[k] for k in keep} for r in records(run)], summary["test_accuracy"]
+
+    assert [r["epoch"] for r in records(d)] == [1, 2]
+    assert outcome(d) == outcome(fresh / "runs" / "meprop")
+    assert json.loads((d / "summary.json").read_text())["config"]["epochs"] == 2
+    said = []
+    run_grid(longer, out, **quiet | dict(echo=said.append), extend=True)
+    assert "done already" in said[0]
+    # killed as the extension began: config.json says 3, the summary is the 2-epoch one
+    three = [Row("meprop", "main", "meProp", replace(cfg, epochs=3))]
+    config = (d / "config.json").read_text()
+    (d / "config.json").write_text(config.replace('"epochs": 2', '"epochs": 3'))
+    run_grid(three, out, **quiet, extend=True)
+    assert [r["epoch"] for r in records(d)] == [1, 2, 3]
+    (d / "last.pt").unlink()
+    four = [Row("meprop", "main", "meProp", replace(cfg, epochs=4))]
+    with pytest.raises(RunDirError, match="of 3 epochs without its checkpoint"):
+        run_grid(four, out, **quiet, extend=True)
+
+
 def test_1_the_committed_mnist_runs_are_the_rows_of_their_grid(tmp_path):
     """reproduce over (a copy of) docs/results/mnist treats its runs as done."""
     from meprop.experiments.reproduce import check_reuse, mnist_grid, with_seeds

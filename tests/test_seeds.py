@@ -115,6 +115,17 @@ def test_reproduce_groups_filter(capsys):
     assert "--groups nope: no such group" in err and "main" in err
 
 
+def test_reproduce_epochs_must_be_positive_and_is_not_for_tta(capsys):
+    for argv, words in (
+        (["reproduce", "pos", "--epochs", "0"], "expected a positive integer, got '0'"),
+        (["reproduce", "tta", "--epochs", "5"], "the tta groups set each recipe's epochs"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert words in capsys.readouterr().err
+
+
 def test_reproduce_rows_filter(capsys, monkeypatch):
     from meprop.experiments import reproduce
 

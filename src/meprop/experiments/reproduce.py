@@ -302,12 +302,13 @@ def with_seeds(rows: list[Row], seeds: list[int], groups: list[str] | None = Non
     return out
 
 
-def check_reuse(row: Row, d: Path) -> bool:
+def check_reuse(row: Row, d: Path, extend: bool = False) -> bool:
     """Whether the run folder ``d`` may serve ``row``: True where it holds a run of exactly the
     row's settings (every TrainConfig field, the dataset and epochs included; finished or to be
-    resumed), False where it holds none; ``RunDirError`` naming the settings that differ where
-    it holds another run (a --quick grid's, another dataset's), which is never reused. Reads
-    only."""
+    resumed), or with ``extend`` (``reproduce --epochs``) all of them but fewer epochs and its
+    checkpoint (to be extended); False where it holds none; ``RunDirError`` naming the settings
+    that differ where it holds another run (a --quick grid's, another dataset's), which is
+    never reused. Reads only."""
     from .rundir import RunDirError, describe_diff, settings_diff
     from .train import ConfigError, TrainConfig
 
@@ -325,14 +326,23 @@ def check_reuse(row: Row, d: Path) -> bool:
         raise RunDirError(
             f"{e}; so it cannot serve the row {row.label!r}: remove {d}, or give another --out"
         ) from None
-    diff = settings_diff(saved, row.config.to_dict())
+    want = row.config.to_dict()
+    diff = settings_diff(saved, want)
     try:  # the finished run's own record of its settings (a summary.json copied in: refused)
         summary = json.loads((d / "summary.json").read_text())
         done = TrainConfig.from_dict(summary["config"]).to_dict()
     except (OSError, ValueError, KeyError, TypeError):
         done = None  # no summary yet (or a damaged one: the run is resumed and writes it anew)
-    if done is not None and not diff:
-        diff = settings_diff(done, row.config.to_dict())
+    if done is not None and not (extend and _extends(diff, d)):
+        diff = settings_diff(done, want)
+    if extend and _extends(diff, d):
+        return True  # fewer epochs, and the checkpoint to go on from: extended
+    if extend and set(diff) == {"epochs"} and diff["epochs"][0] < diff["epochs"][1]:
+        raise RunDirError(
+            f"{d} holds a run of {diff['epochs'][0]} epochs without its checkpoint (last.pt), "
+            f"so it cannot be extended to the {diff['epochs'][1]} of the row {row.label!r}: "
+            "remove that folder to run the row again, or leave out --epochs"
+        )
     if diff:
         raise RunDirError(
             f"{d} holds a run of other settings than the grid's row {row.label!r} "
@@ -343,18 +353,40 @@ def check_reuse(row: Row, d: Path) -> bool:
     return True
 
 
-def run_grid(rows: list[Row], out: Path, data_dir=None, progress=True, echo=print) -> list[Path]:
+def _extends(diff: dict, d: Path) -> bool:
+    """Whether a run that differs from its row by ``diff`` only has fewer epochs, with the
+    checkpoint to go on from (as ``meprop train --resume --epochs`` extends a run)."""
+    return (
+        set(diff) == {"epochs"}
+        and diff["epochs"][0] < diff["epochs"][1]
+        and (d / "last.pt").exists()
+    )
+
+
+def _finished(summary, row: Row) -> bool:
+    """Whether a run's summary.json (parsed, or None) is of the row's whole training: an
+    extended run's earlier summary is not."""
+    if not isinstance(summary, dict):
+        return False
+    config = summary.get("config")
+    return not isinstance(config, dict) or config.get("epochs") == row.config.epochs
+
+
+def run_grid(
+    rows: list[Row], out: Path, data_dir=None, progress=True, echo=print, extend=False
+) -> list[Path]:
     """Run every row not finished yet (and, after each meSimp row, a dense net at its final
     widths); the grid's time over all sittings accumulates in ``out/grid.json`` (summed over
     processes where several run disjoint rows of one grid at once).
 
     A row's folder that holds a run is reused (skipped when finished, resumed otherwise) only
-    where that run has every setting of the row (``check_reuse``); any other is refused, every
-    row checked before the first one runs."""
+    where that run has every setting of the row (``check_reuse``), or with ``extend`` all but
+    fewer epochs, with its checkpoint (extended: ``reproduce --epochs``); any other is refused,
+    every row checked before the first one runs."""
     from .train import run
 
     for row in rows:
-        check_reuse(row, out / "runs" / row.name)
+        check_reuse(row, out / "runs" / row.name, extend)
     dirs = []
     queue = list(rows)
     grid_path = out / "grid.json"
@@ -371,7 +403,7 @@ def run_grid(rows: list[Row], out: Path, data_dir=None, progress=True, echo=prin
             summary = json.loads(summary_path.read_text())
         except (OSError, ValueError):
             summary = None  # not finished (or a damaged summary: the resume writes it again)
-        if check_reuse(row, d) and isinstance(summary, dict):
+        if check_reuse(row, d, extend) and _finished(summary, row):
             echo(
                 f"[{i}] {row.label} (seed {row.config.seed}): done already, with every setting "
                 f"of the row: reused ({d})"
@@ -419,6 +451,15 @@ def _reproduce(args: argparse.Namespace) -> None:
             msg = f"--rows {args.rows}: matches no row label of the {args.task} grid"
             print(f"meprop reproduce: error: {msg}", file=sys.stderr)
             raise SystemExit(2)
+    if args.epochs is not None:
+        if args.task == "tta":
+            msg = (
+                "--epochs: the tta groups set each recipe's epochs (a time to accuracy is "
+                "judged within them); leave it out"
+            )
+            print(f"meprop reproduce: error: {msg}", file=sys.stderr)
+            raise SystemExit(2)
+        rows = [replace(r, config=replace(r.config, epochs=args.epochs)) for r in rows]
     if args.task == "tta" and not args.seeds:
         args.seeds = [1, 2, 3]  # a time to accuracy is judged over seeds, never one
     if args.seeds:
@@ -438,7 +479,10 @@ def _reproduce(args: argparse.Namespace) -> None:
     else:
         from .report import build_report
 
-        dirs = run_grid(rows, out, data_dir=args.data_dir, progress=not args.no_progress)
+        dirs = run_grid(
+            rows, out, data_dir=args.data_dir, progress=not args.no_progress,
+            extend=args.epochs is not None,
+        )  # fmt: skip
         report = build_report(dirs, out)
     print(f"report: {report}")
 
@@ -491,8 +535,25 @@ def register(subparsers) -> None:
         help="run only the rows whose label contains one of these comma-separated texts (e.g. "
         "'k=40,k=80'), or the one row whose label is the whole text (labels may hold commas)",
     )
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        help="train every row this many epochs instead of the grid's; a run of the folder "
+        "with fewer epochs and its checkpoint (last.pt) is extended, as 'meprop train "
+        "--resume --epochs' extends a run (not for tta)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_reproduce)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _int_list(text: str) -> list[int]:

@@ -914,9 +914,9 @@ void gemm_rows(i64 R, i64 K, i64 d, const F* A, i64 ars, i64 acs, const i64* bid
 // ------------------------------------------------------------------------------------------
 // Per-position channel selection (SparseConv2d's per_position mode)
 
-// channel_topk_mask for up to 32 channels: the rank of each channel at each position, counted
-// (C^2 compares a position, branch-free and vectorised over a block of positions: the channels
-// before c that are >= it, and those after it that are >). Rank < k: kept.
+// channel_topk_mask for up to 32 channels: the rank of each channel j at each position,
+// counted (C^2 compares a position, branch-free and vectorised over a block of positions: the
+// channels before j that are >= it, and those after j that are >). Rank < k: kept.
 template <class F>
 void channel_topk_count(const F* g, i64 b, i64 c, i64 p, i64 k, uint8_t* keep, int nt) {
   using U = typename Key<F>::U;
@@ -987,6 +987,8 @@ void channel_topk_rows(const F* g, i64 b, i64 c, i64 p, i64 k, uint8_t* keep, in
 // SparseConv2d's per_position selection: keep (B, C, P) bytes = 1 where channel c is among the
 // k of largest |g[b, :, p]| at position p of example b, for g (B, C, P) contiguous (NCHW, P =
 // H' W'), 1 <= k < C; NaN highest, among equal magnitudes the lower channels win (as topk_rows).
+// (Counting costs C compares an entry, the rows' top-k about 7 ns an entry on an AVX2 EPYC:
+// they meet near 64 channels; counting is 2-4x faster at LeNet's 6 and 16.)
 constexpr i64 kCountChannels = 32;
 template <class F>
 void channel_topk_mask(const F* g, i64 b, i64 c, i64 p, i64 k, uint8_t* keep, int nt) {

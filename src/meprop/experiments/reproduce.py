@@ -244,7 +244,7 @@ def cnn_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
     """Convolutional networks on MNIST (or Fashion-MNIST, ``--dataset fashion``): LeNet-5 and a
     small ResNet (``tasks.cnn``), dense against meProp unified and per_example at k = 1/8 and
     1/16 of the channels, random-k at 1/8, per_position at 1/8 (k channels at each output
-    position; the linear layers per example), and meSimp per_example at 1/4 (the paper's MNIST
+    position; the linear layers per example), without and with memory 0.8, and meSimp per_example at 1/4 (the paper's MNIST
     meSimp keeps 160 of 500). (``--k`` counts the widest convolution's channels: LeNet's 16,
     the ResNet's 64.) ``--quick``: LeNet, 2000 images, 2 epochs."""
     rows: list[Row] = []
@@ -261,6 +261,9 @@ def cnn_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
         g.add(model, f"random-k k={widest // 8} (1/8)", method="random", k=widest // 8)
         g.add(model, f"meProp per_position k={widest // 8} (1/8)", method="meprop",
               k=widest // 8, mode="per_position")  # fmt: skip
+        # with memorized sparse back-propagation (MePropConfig.memory), issue 27's lever
+        g.add(model, f"meProp per_position k={widest // 8} (1/8), memory 0.8", method="meprop",
+              k=widest // 8, mode="per_position", memory=0.8)  # fmt: skip
         g.add(model, f"meSimp per_example k={widest // 4} (1/4)", method="mesimp",
               k=widest // 4, prune_rate=0.1)  # fmt: skip
         rows += g.list()  # (row names start with the model: lenet-..., resnet-...)

@@ -40,8 +40,9 @@ def test_grid_rows():
     rows = tta_grid()
     groups = {r.group for r in rows}
     assert groups == {"mnist-w500", "mnist-w1000", "mnist-w2000", "mnist-w500-levers",
-                      "mnist-w500-confirm", "mnist-w500-k20", "parse", "lm", "lm-time"}  # fmt: skip
-    for group in ("mnist-w500-levers", "mnist-w500-confirm", "mnist-w500-k20"):
+                      "mnist-w500-confirm", "mnist-w500-k20", "mnist-w500-more", "parse", "lm",
+                      "lm-time"}  # fmt: skip
+    for group in ("mnist-w500-levers", "mnist-w500-confirm", "mnist-w500-k20", "mnist-w500-more"):
         rows_of = [r for r in rows if r.group == group]
         assert rows_of[0].config.method == "dense" and rows_of[0].label == "dense"
         assert {(r.config.epochs, r.config.eval_every) for r in rows_of} == {(10, 110)}
@@ -50,6 +51,11 @@ def test_grid_rows():
     assert levers["meSimp unified k=160, cycle 5+5, LazyAdam"].cycle == (5, 5)
     confirm = {r.label: r.config for r in rows if r.group == "mnist-w500-confirm"}
     assert all(confirm[label] == levers[label] for label in confirm)  # the same recipes
+    more = {r.label: r.config for r in rows if r.group == "mnist-w500-more"}
+    assert more["meProp unified k=160, LazyAdam"] == levers["meProp unified k=160, LazyAdam"]
+    memory = more["meSimp unified k=160, cycle 5+5, LazyAdam, memory 0.8"]
+    assert memory == replace(levers["meSimp unified k=160, cycle 5+5, LazyAdam"], memory=0.8)
+    assert more["meProp unified mass 0.8, k <= 160, LazyAdam"].adaptive == "mass"
     for group, task in (("parse", "parse"), ("lm", "lm")):
         rows_of = [r for r in rows if r.group == group]
         assert rows_of[0].config.method == "dense" and {r.config.task for r in rows_of} == {task}

@@ -23,8 +23,8 @@ Rules that make the comparison fair and the crossing robust:
   ten times per epoch on MNIST, four on the parser, every 25 steps on the LM.
 
 The rows (``tta_grid``) are grouped by task and width (``mnist-w500``, ``mnist-w1000``,
-``mnist-w2000``, ``mnist-w500-levers``, ``mnist-w500-confirm``, ``mnist-w500-k20``, ``parse``,
-``lm``, ``lm-time``): ``--groups`` picks them.
+``mnist-w2000``, ``mnist-w500-levers``, ``mnist-w500-confirm``, ``mnist-w500-k20``,
+``mnist-w500-more``, ``parse``, ``lm``, ``lm-time``): ``--groups`` picks them.
 ``build_tta_report`` writes ``report.md`` and one plot per group.
 """
 
@@ -85,6 +85,7 @@ def tta_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
                 memory=0.8)  # fmt: skip
     if not quick:
         rows += _levers_rows(dataset) + _confirm_rows(dataset) + _k20_rows(dataset)
+        rows += _more_rows(dataset)
         rows += _parse_rows() + _lm_rows() + _lm_time_rows()
     return rows
 
@@ -126,6 +127,23 @@ def _k20_rows(dataset: str) -> list[Row]:
         ("meProp per_example k=20, memory 0.8", replace(k20, memory=0.8)),
         ("meProp symmetric k=20", replace(k20, mode="symmetric")),
         ("meProp symmetric k=20, memory 0.8", replace(k20, mode="symmetric", memory=0.8)),
+    ))  # fmt: skip
+
+
+def _more_rows(dataset: str) -> list[Row]:
+    """Two levers the levers group left out, at width 500 with LazyAdam, beside dense and the
+    mnist recipe (unified k=160): meSimp unified k=160 (cycle 5+5) with memory 0.8 (memory
+    kept the paper's k=20 level with dense), and adaptive k by the mass rule (each step the
+    fewest columns holding 80% of the summed |g|, k <= 160)."""
+    lazy = {r.label: r.config for r in _levers_rows(dataset)}
+    recipe = lazy["meProp unified k=160, LazyAdam"]
+    return _group_rows("mnist-w500-more", (
+        ("dense", lazy["dense"]),
+        ("meProp unified k=160, LazyAdam", recipe),
+        ("meSimp unified k=160, cycle 5+5, LazyAdam, memory 0.8",
+         replace(lazy["meSimp unified k=160, cycle 5+5, LazyAdam"], memory=0.8)),
+        ("meProp unified mass 0.8, k <= 160, LazyAdam",
+         replace(recipe, adaptive="mass", min_k=4, mass_share=0.8)),
     ))  # fmt: skip
 
 

@@ -299,6 +299,24 @@ def test_2_runs_of_different_settings_are_different_rows(tmp_path, capsys):
     assert "| 2 |" not in report and " ± " not in report.split("## runs")[1]  # nothing pooled
 
 
+def test_2_a_row_trained_otherwise_than_the_settings_line_says_so(tmp_path):
+    """The settings line speaks for every row but what their labels name: a row of other
+    epochs (extended with reproduce --epochs) or batch size carries them in its label."""
+    from meprop.experiments.report import build_report
+
+    grid = tmp_path / "grid"
+    fake_run(grid / "runs" / "dense", 0.95, row=dict(group="main", label="dense"),
+             method="dense", epochs=10)  # fmt: skip
+    fake_run(grid / "runs" / "kdim", 0.90, row=dict(group="control", label="k-dim net k=10"),
+             method="kdim", k=10, epochs=15, batch_size=20)  # fmt: skip
+    fake_run(grid / "runs" / "mp", 0.94, row=dict(group="main", label="meProp k=20"),
+             method="meprop", epochs=10)  # fmt: skip
+    report = build_report([grid], tmp_path / "out").read_text()
+    assert "10 epochs" in report.split("Settings (dense;")[1].split("\n")[0]
+    assert "| k-dim net k=10 (epochs 15, batch_size 20) | 1 |" in report
+    assert "| meProp k=20 | 1 |" in report and "| dense | 1 |" in report
+
+
 def test_3_a_row_without_its_summary_is_named_and_no_claim_uses_it(tmp_path):
     from meprop.experiments.report import build_report
 

@@ -116,11 +116,36 @@ GROUP_TITLES = {
 }
 
 
-def _settings(runs: list[Run]) -> list[str]:
-    """The shared settings, from the first run labelled plain "dense" (not a control such as
-    "dense at the widths of ..."), else the first dense run, else the first run."""
+def _settings_run(runs: list[Run]) -> Run:
+    """The run whose settings the settings line gives: the first run labelled plain "dense"
+    (not a control such as "dense at the widths of ..."), else the first dense run, else the
+    first run."""
     dense = [r for r in runs if r.method == "dense"]
-    r = next((r for r in dense if r.label == "dense"), dense[0] if dense else runs[0])
+    return next((r for r in dense if r.label == "dense"), dense[0] if dense else runs[0])
+
+
+# Settings that a grid's row labels never name (they name method, k, mode, optimizer, lr,
+# dropout, depth where a row differs in them): a row that differs from the settings line in
+# one of these says so in its label.
+UNNAMED = ("dataset", "epochs", "batch_size", "train_limit", "eval_every")
+
+
+def _name_unshared(runs: list[Run]) -> None:
+    """Append to a row's label the ``UNNAMED`` settings in which its runs differ from the
+    settings line's run (``"k-dim net k=10 (epochs 15)"``), unless the label names them already
+    (runs of one label but other settings: ``distinct_rows``)."""
+    ref = _settings_run(runs).config
+    for r in runs:
+        named = [f"{k} {json.dumps(r.config.get(k))}" for k in UNNAMED
+                 if r.config.get(k) != ref.get(k)]  # fmt: skip
+        extra = [n for n in named if n not in r.label]
+        if extra:
+            r.label = f"{r.label} ({', '.join(extra)})"
+
+
+def _settings(runs: list[Run]) -> list[str]:
+    """The shared settings, from ``_settings_run``'s run."""
+    r = _settings_run(runs)
     c = r.config
     every = f"every {c['eval_every']} steps" if c.get("eval_every") else "once per epoch"
     limit = f"the first {c['train_limit']} training examples" if c.get("train_limit") else "all"
@@ -150,6 +175,7 @@ def _settings(runs: list[Run]) -> list[str]:
 def build_report(paths: list[Path], out: Path) -> Path:
     """Write ``out/report.md`` (and PNG plots beside it) from the runs in ``paths``."""
     runs, notes = _sorted_runs(paths)
+    _name_unshared(runs)
     _check_out(out)
     lines = _heading(runs, paths)
     if notes:

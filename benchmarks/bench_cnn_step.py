@@ -2,7 +2,9 @@
 
 The networks of ``meprop train mnist --model lenet|resnet`` (``meprop.experiments.tasks.cnn``),
 meProp on every convolution and hidden linear layer at k = 1/8 and 1/16 of the channels
-(``--k`` counts the widest convolution's: LeNet 16, the ResNet 64), the head dense; a batch of
+(``--k`` counts the widest convolution's: LeNet 16, the ResNet 64), the head dense, and
+per_position at 1/8 (its selection by the C++ kernel, by torch.topk, and with memory 0.8; the
+linear layers per_example, as the task converts them); a batch of
 MNIST-shaped images (random: the time does not depend on the values). Every side gets the
 trainer's optimizer (``make_optimizer``: fused Adam). Timed side by side in one run, every
 variant in turn in ``--rounds`` rounds, each keeping its fastest (``_timing.py``). Prints
@@ -26,6 +28,11 @@ from meprop.experiments.tasks import cnn
 from meprop.experiments.train import make_optimizer
 
 WIDEST = {"lenet": 16, "resnet": 64}
+PER_POSITION = {
+    "per_position": dict(mode="per_position"),
+    "per_position, torch.topk selection": dict(mode="per_position", backend="masked"),
+    "per_position, memory 0.8": dict(mode="per_position", memory=0.8),
+}
 
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
@@ -67,6 +74,11 @@ def main(argv=None) -> int:
             for mode in ("unified", "per_example"):
                 model = cnn.sparsify(copy.deepcopy(base), MePropConfig(k=k, mode=mode))
                 variants[f"{mode} {share}|{k}"] = make_step(model, x, y)
+        k = widest // 8  # per_position at 1/8: its selection by the C++ kernel (auto) or by
+        # torch.topk (masked), and with memory
+        for label, kw in PER_POSITION.items():
+            model = cnn.sparsify(copy.deepcopy(base), MePropConfig(k=k, **kw))
+            variants[f"{label} 1/8|{k}"] = make_step(model, x, y)
         times = best_of_rounds(variants, args.rounds, args.min_time)
         dense = times["dense"]
         for label, t in times.items():

@@ -15,8 +15,8 @@ kept channels compacted: "compact") and ``masked`` (the masked g through the ful
 "masked"). ``auto`` also has ``torch-cl``, the compacted backward with dx on channels_last
 tensors. ``per_position`` (k channels at each output position) has nothing to compact: its
 backward is always the masked one, with the selection by the C++ kernel (auto) or by
-torch.topk over the channels (masked). All give the same gradients. The header names the CPU and the malloc settings, which
-move these timings (docs/results/speed/conv.md).
+torch.topk over the channels (masked). All give the same gradients. The header names the CPU
+and the malloc settings, which move these timings (docs/results/speed/conv.md).
 
     python benchmarks/bench_conv.py                  # threads 1 and all, the machine's cache
     python benchmarks/bench_conv.py --threads 1 --fresh --csv conv.csv

@@ -39,8 +39,9 @@ gradients stay exact for the masked g.
 
 meSimp (``meprop.simplify``) removes whole filters from the usage record and slices the next
 layer's input channels (groups=1 only). Not done here: compiled kernels for the products
-(the ``native``, ``numba`` and ``triton`` backends are refused), and adaptive k and memory under torch.compile, which are refused by
-name, as is ``sparse_grad=True`` under DistributedDataParallel.
+(the ``native``, ``numba`` and ``triton`` backends are refused), and adaptive k and memory
+under torch.compile, which are refused by name, as is ``sparse_grad=True`` under
+DistributedDataParallel.
 
 Memorized back-propagation (``memory``): as ``SparseLinear``'s, with the memory a
 (C_out, H', W') tensor (the mean over the batch of what the channel selection dropped, times

@@ -244,9 +244,10 @@ def cnn_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
     """Convolutional networks on MNIST (or Fashion-MNIST, ``--dataset fashion``): LeNet-5 and a
     small ResNet (``tasks.cnn``), dense against meProp unified and per_example at k = 1/8 and
     1/16 of the channels, random-k at 1/8, per_position at 1/8 (k channels at each output
-    position; the linear layers per example), without and with memory 0.8, and meSimp per_example at 1/4 (the paper's MNIST
-    meSimp keeps 160 of 500). (``--k`` counts the widest convolution's channels: LeNet's 16,
-    the ResNet's 64.) ``--quick``: LeNet, 2000 images, 2 epochs."""
+    position; the linear layers per example) without and with memory 0.8, and meSimp
+    per_example at 1/4 (the paper's MNIST meSimp keeps 160 of 500). (``--k`` counts the widest
+    convolution's channels: LeNet's 16, the ResNet's 64.) ``--quick``: LeNet, 2000 images, 2
+    epochs."""
     rows: list[Row] = []
     for model, widest, epochs in (("lenet", 16, 10), ("resnet", 64, 5)):
         if quick and model == "resnet":

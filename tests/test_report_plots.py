@@ -195,8 +195,8 @@ def test_loaded_runs_have_three_seeds(tmp_path):
     assert len(runs) == 3 * (len(ROWS) + 1)
 
 
-def test_claims_pair_unified_with_random_k(tmp_path):
-    """The unified row against random-k, on the seeds both have (as per_example's row)."""
+def test_claims_pair_unified_with_random_k_and_per_example(tmp_path):
+    """The unified row against random-k and against per_example, on the seeds both have."""
     from meprop.experiments.report import claims
 
     write_grid(tmp_path / "runs")
@@ -205,6 +205,11 @@ def test_claims_pair_unified_with_random_k(tmp_path):
     got = rows["unified top-k > random-k (k=20)"]
     assert got.n == 3
     assert got.mean == pytest.approx(100 * mean([u - r for u, r in zip(uni, rand, strict=True)]))
+    # and against per_example (the paper's POS table compares the two selections)
+    pe = ROWS["meProp per_example k=20"]["test"]
+    got = rows["meProp unified k=20 >= per_example k=20"]
+    assert got.n == 3
+    assert got.mean == pytest.approx(100 * mean([u - p for u, p in zip(uni, pe, strict=True)]))
 
 
 def test_mesimp_claim_names_the_scored_checkpoints_width(tmp_path):

@@ -94,7 +94,8 @@ def _main_meprop(r: Run, k: int, mode: str, fc: bool = False) -> bool:
 
 
 def _meprop_claims(c: _Claims, k: int) -> None:
-    """meProp at ``k`` against dense, random-k and a dense net of width k."""
+    """meProp at ``k`` against dense, random-k and a dense net of width k; unified against
+    per_example."""
     ge, gt = c.ge, c.gt
     for mode in ("per_example", "unified"):
         for fc in (False, True):  # lm: meProp on mlp.fc only (TrainConfig.fc_only)
@@ -106,6 +107,8 @@ def _meprop_claims(c: _Claims, k: int) -> None:
     c.add(f"top-k {gt} random-k (k={k})", top, rand, f"meProp per_example k={k} - random-k")
     uni = c.scores(lambda r: _main_meprop(r, k, "unified"))
     c.add(f"unified top-k {gt} random-k (k={k})", uni, rand, f"meProp unified k={k} - random-k")
+    c.add(f"meProp unified k={k} {ge} per_example k={k}", uni, top,
+          f"meProp unified k={k} - per_example k={k}")  # fmt: skip
     kdim = c.scores(lambda r: r.method == "kdim" and r.config["k"] == k and _main_opt(r))
     c.add(f"meProp {gt} a dense net of width k={k}", top, kdim, f"meProp per_example k={k} - k-dim")
 

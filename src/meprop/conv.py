@@ -19,15 +19,17 @@ over the positions (and the batch, for ``unified``):
   ``per_example``.
 * ``per_position``: at each output position of each example, the k channels with the largest
   |g| (top-k of each row of the im2col gradient matrix). No compaction: the masked g through
-  the full backward, at dense cost, plus the selection (``_position_keep``: a C++ kernel under
+  the full backward, at dense cost, plus the selection (``position_keep``: a C++ kernel under
   ``backend="auto"``, else torch.topk).
 
 ``symmetric`` has no channel form (a channel's score is a magnitude, without sign) and is
 refused. The paper's own selection could not be checked against its text here (only its
 abstract and introduction were at hand), so no mode claims to be it.
 
-Every mode's result is exactly the dense backward of the masked g (what
-``meprop.reference.reference_conv2d_backward`` computes); only where the work is done differs.
+The selection itself (the channels kept, in the forms the products read) is
+``meprop.conv_select``'s. Every mode's result is exactly the dense backward of the masked g
+(what ``meprop.reference.reference_conv2d_backward`` computes); only where the work is done
+differs.
 ``backend`` picks how: ``"torch"`` the compacted convolutions above, ``"masked"`` the masked g
 through the full convolution backward, ``"auto"`` the faster of the two for the call's shape,
 timed on first use and cached (``meprop.kernels.dispatch``; ``MEPROP_AUTOTUNE=0``: compacted;
@@ -63,11 +65,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .adaptive import KRecord, batch_k, row_ks, score_dtype
-from .comm import sum_over_ranks
+from .adaptive import KRecord, score_dtype
 from .config import MePropConfig
+from .conv_select import (
+    ChannelSelection,
+    channel_mask,
+    position_keep,
+    random_channels,
+    rows_written,
+    select_channels,
+    untimeable,
+)
 from .grads import weight_grad
-from .kernels import dispatch, native
+from .kernels import dispatch
 from .nn import config_repr
 from .ops import ROWS_ATTR, apply_autocast, builds_graph
 
@@ -94,12 +104,6 @@ def check_conv_config(config: MePropConfig) -> None:
         )
 
 
-def random_channels(batch: int, channels: int, k: int, device) -> Tensor:
-    """``random`` mode's draw: k distinct channels per example, (batch, k), from the global RNG
-    (the k largest of batch x channels uniform keys), so ``torch.manual_seed`` reproduces it."""
-    return torch.rand(batch, channels, device=device).topk(k, dim=1, sorted=False).indices
-
-
 class Geometry(NamedTuple):
     """The convolution's numeric settings (padding already numeric: strings and non-zero
     padding modes are resolved before the autograd Function)."""
@@ -108,89 +112,6 @@ class Geometry(NamedTuple):
     padding: tuple[int, int]
     dilation: tuple[int, int]
     groups: int
-
-
-class ChannelSelection(NamedTuple):
-    """What one backward kept of g (B, C_out, H', W').
-
-    ``kind``: ``"all"`` (everything), ``"cols"`` (``index`` (k,) sorted: the same channels
-    for every example), ``"rows"`` (``index`` (B, K): each example's channels; ``keep``
-    (B, K) bool or None: adaptive k's entries past an example's k are False) or ``"mask"``
-    (``keep`` (B, C_out, H', W') bool: per_position's k channels at each position; ``index``
-    None: ``_rows`` finds the channels kept anywhere, the rows of dW written, where needed).
-    """
-
-    kind: str
-    index: Tensor | None = None
-    keep: Tensor | None = None
-
-
-# --------------------------------------------------------------------------------------------
-# Selection
-
-
-def _select(a: Tensor, s: Tensor, cfg: MePropConfig, record: KRecord | None) -> ChannelSelection:
-    """The channels kept of g (B, C_out, H', W'), from ``a`` = |g| and its channel scores ``s``
-    (B, C_out), the sums of ``a`` over the positions (per_position: ``_position_keep``)."""
-    batch, c_out = s.shape
-    k = cfg.k
-    if k >= c_out:
-        return ChannelSelection("all")
-    if cfg.adapt is not None:
-        record = record if record is not None else KRecord()
-        if cfg.mode == "unified":
-            _, cols = batch_k(_channel_scores(s, cfg.scope), k, cfg.adapt, record)
-            return ChannelSelection("cols", cols)
-        idx, _, ks, big = row_ks(s, k, cfg.adapt, record)  # (B, K) each, K the largest k
-        keep = torch.arange(big, device=s.device) < ks.unsqueeze(1)  # (B, K)
-        return ChannelSelection("rows", idx, keep)
-    if cfg.mode == "unified":
-        # NaN scores rank highest, so NaN gradients are kept, as dense backward would pass them
-        cols = _channel_scores(s, cfg.scope).topk(k, sorted=False).indices.sort().values
-        return ChannelSelection("cols", cols)
-    if cfg.mode == "random":
-        return ChannelSelection("rows", random_channels(batch, c_out, k, s.device))
-    return ChannelSelection("rows", s.topk(k, dim=1, sorted=False).indices)  # (B, k)
-
-
-def _position_keep(g: Tensor, k: int, backend: str) -> Tensor:
-    """per_position's selection: (B, C_out, H', W') bool, at each (example, position) the k
-    channels of largest |g| (NaN highest, as in every mode). ``backend="auto"`` runs the C++
-    kernel where it serves (float32/float64 CPU tensors, eager): 2-8x faster than torch.topk
-    over the channel dimension, a strided one (docs/conv.md); else torch.topk."""
-    if backend == "auto" and _native_serves(g):
-        return native.channel_topk_mask(g, k)
-    top = g.abs().topk(k, dim=1).indices  # (B, k, H', W')
-    return torch.zeros(g.shape, dtype=torch.bool, device=g.device).scatter_(1, top, True)
-
-
-def _native_serves(g: Tensor) -> bool:
-    """Whether the C++ kernels can run on ``g`` here: a float32/float64 CPU tensor outside
-    torch.compile's tracing and torch.func's transforms, with the kernels built."""
-    if torch.compiler.is_compiling() or _untimeable(g):  # (first: tracing bans .layout)
-        return False
-    return native.supports(g) and native.available()
-
-
-def _channel_scores(s: Tensor, scope: str) -> Tensor:
-    """Unified selection's (C_out,) scores: the summed |g| of each channel over the batch (and,
-    with ``scope="global"``, over the ranks: every rank then keeps the same channels)."""
-    return sum_over_ranks(s.sum(0)) if scope == "global" else s.sum(0)
-
-
-def _channel_mask(sel: ChannelSelection, batch: int, c_out: int, device) -> Tensor:
-    """The selection as a bool mask that broadcasts over g (B, C_out, H', W'): (1, C_out, 1, 1)
-    for ``cols``, (B, C_out, 1, 1) for ``rows``, (B, C_out, H', W') for ``mask``."""
-    if sel.kind == "mask":
-        return sel.keep
-    if sel.kind == "cols":
-        mask = torch.zeros(1, c_out, dtype=torch.bool, device=device).index_fill_(
-            1, sel.index, True
-        )
-        return mask[:, :, None, None]
-    src = sel.keep if sel.keep is not None else torch.ones_like(sel.index, dtype=torch.bool)
-    mask = torch.zeros(batch, c_out, dtype=torch.bool, device=device).scatter_(1, sel.index, src)
-    return mask[:, :, None, None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,7 +141,7 @@ def _impl_masked(g, x, weight, sel, geo, need_dx, need_dw):
     """Mask g to the selection, then the full convolution backward."""
     if sel.kind == "all":
         return _backward(g, x, weight, geo, geo.groups, need_dx, need_dw)
-    mask = _channel_mask(sel, g.shape[0], g.shape[1], g.device)
+    mask = channel_mask(sel, g.shape[0], g.shape[1], g.device)
     # A product, 10x faster than masked_fill here. It differs only where a dropped channel
     # holds a NaN or inf: NaN and inf score highest, so that happens only where k non-finite
     # channels were kept, whose products are not finite either.
@@ -307,7 +228,7 @@ def _pick(cfg: MePropConfig, sel: ChannelSelection, args: tuple) -> str:
         return "masked"  # (a different channel set at each position: nothing to compact)
     if cfg.backend != "auto":
         return cfg.backend
-    if sel.kind == "all" or torch.compiler.is_compiling() or _untimeable(args[0]):
+    if sel.kind == "all" or torch.compiler.is_compiling() or untimeable(args[0]):
         return "torch"
     g, x, weight, _, geo, need_dx, need_dw = args
     kk = sel.index.shape[-1]
@@ -350,11 +271,6 @@ def _pick(cfg: MePropConfig, sel: ChannelSelection, args: tuple) -> str:
     return name
 
 
-def _untimeable(g: Tensor) -> bool:
-    """Tensors the timing cannot run on: meta tensors, or while a torch.func transform runs."""
-    return g.is_meta or torch._C._are_functorch_transforms_active()
-
-
 # --------------------------------------------------------------------------------------------
 # The autograd Function
 
@@ -389,24 +305,24 @@ class _SparseConv2dFn(torch.autograd.Function):
         if m is not None:
             g = g + m  # the memory (C_out, H', W') added to every example's gradient
         if cfg.mode == "per_position" and cfg.k < c_out:  # (no channel scores needed)
-            s, sel = None, ChannelSelection("mask", None, _position_keep(g, cfg.k, cfg.backend))
+            s, sel = None, ChannelSelection("mask", None, position_keep(g, cfg.k, cfg.backend))
         else:
             # (B, C_out) each channel's summed |g| over its positions (half precision: float32)
             a = g.abs()
             s = a.sum((2, 3), dtype=score_dtype(g.dtype))
-            sel = _select(a, s, cfg, ctx.record)
+            sel = select_channels(a, s, cfg, ctx.record)
             del a  # (not needed past the selection: the products below run on g)
         args = (g, x, weight, sel, geo, need_dx, need_dw)
         dx, dw = IMPLEMENTATIONS[_pick(cfg, sel, args)](*args)
         if ctx.rows is not None and dw is not None:
             ctx.rows.add(sel)  # (adaptive k: every index, a superset of the rows written)
         if dw is not None and cfg.sparse_grad:
-            rows = _rows(sel, c_out, g.device)
+            rows = rows_written(sel, c_out, g.device)
             dw = weight_grad(rows, dw.index_select(0, rows), c_out, True)
         db = None
         if need_db:
             if cfg.sparse_bias and sel.kind != "all":
-                mask = _channel_mask(sel, batch, c_out, g.device)  # broadcasts over g
+                mask = channel_mask(sel, batch, c_out, g.device)  # broadcasts over g
                 db = g.masked_fill(~mask, 0).sum((0, 2, 3))
             else:
                 db = g_in.sum((0, 2, 3))
@@ -416,17 +332,6 @@ class _SparseConv2dFn(torch.autograd.Function):
         if counts is not None:
             _record(counts, selections, sel, s, g)
         return dx, dw, db, None, None, None, None, None
-
-
-def _rows(sel: ChannelSelection, c_out: int, device) -> Tensor:
-    """The output channels a selection kept anywhere (the rows of dW it writes), sorted."""
-    if sel.kind == "all":
-        return torch.arange(c_out, device=device)
-    if sel.kind == "cols":
-        return sel.index
-    if sel.kind == "mask":
-        return sel.keep.any(dim=(0, 2, 3)).nonzero().flatten()
-    return sel.index.reshape(-1).unique()
 
 
 def _usable_memory(record: KRecord, g: Tensor) -> Tensor | None:
@@ -444,7 +349,7 @@ def _memorize(record: KRecord, g: Tensor, sel: ChannelSelection, ratio: float) -
     (C_out, H', W'), as ``SparseLinear``'s (n,) memory is for its rows: the next batch's
     examples each carry it. Outside any graph (a constant of the next step)."""
     batch, c_out = g.shape[:2]
-    kept = _channel_mask(sel, batch, c_out, g.device)  # broadcasts over g
+    kept = channel_mask(sel, batch, c_out, g.device)  # broadcasts over g
     record.memory = g.detach().masked_fill(kept, 0).sum(0).mul_(ratio / batch)
 
 

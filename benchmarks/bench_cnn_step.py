@@ -4,11 +4,11 @@ The networks of ``meprop train mnist --model lenet|resnet`` (``meprop.experiment
 meProp on every convolution and hidden linear layer at k = 1/8 and 1/16 of the channels
 (``--k`` counts the widest convolution's: LeNet 16, the ResNet 64), the head dense, and
 per_position at 1/8 (its selection by the C++ kernel, by torch.topk, and with memory 0.8; the
-linear layers per_example, as the task converts them); a batch of
-MNIST-shaped images (random: the time does not depend on the values). Every side gets the
-trainer's optimizer (``make_optimizer``: fused Adam). Timed side by side in one run, every
-variant in turn in ``--rounds`` rounds, each keeping its fastest (``_timing.py``). Prints
-milliseconds per step and the ratio dense / variant.
+linear layers per_example, as the task converts them); a batch of MNIST-shaped images
+(random: the time does not depend on the values). Every side gets the trainer's optimizer
+(``make_optimizer``: fused Adam). Timed side by side in one run, every variant in turn in
+``--rounds`` rounds, each keeping its fastest (``_timing.py``). Prints milliseconds per step
+and the ratio dense / variant.
 
     python benchmarks/bench_cnn_step.py [--models lenet,resnet] [--batch 50] [--threads 1]
 """
@@ -74,8 +74,7 @@ def main(argv=None) -> int:
             for mode in ("unified", "per_example"):
                 model = cnn.sparsify(copy.deepcopy(base), MePropConfig(k=k, mode=mode))
                 variants[f"{mode} {share}|{k}"] = make_step(model, x, y)
-        k = widest // 8  # per_position at 1/8: its selection by the C++ kernel (auto) or by
-        # torch.topk (masked), and with memory
+        k = widest // 8  # per_position at 1/8 (PER_POSITION's three forms)
         for label, kw in PER_POSITION.items():
             model = cnn.sparsify(copy.deepcopy(base), MePropConfig(k=k, **kw))
             variants[f"{label} 1/8|{k}"] = make_step(model, x, y)

@@ -145,7 +145,7 @@ def _impl_masked(g, x, weight, sel, geo, need_dx, need_dw):
     # A product, 10x faster than masked_fill here. It differs only where a dropped channel
     # holds a NaN or inf: NaN and inf score highest, so that happens only where k non-finite
     # channels were kept, whose products are not finite either.
-    gm = g * mask.to(g.dtype)
+    gm = g * mask  # (bool promotes within the product: no float copy of a full-size mask)
     return _backward(gm, x, weight, geo, geo.groups, need_dx, need_dw)
 
 
@@ -308,10 +308,8 @@ class _SparseConv2dFn(torch.autograd.Function):
             s, sel = None, ChannelSelection("mask", None, position_keep(g, cfg.k, cfg.backend))
         else:
             # (B, C_out) each channel's summed |g| over its positions (half precision: float32)
-            a = g.abs()
-            s = a.sum((2, 3), dtype=score_dtype(g.dtype))
-            sel = select_channels(a, s, cfg, ctx.record)
-            del a  # (not needed past the selection: the products below run on g)
+            s = g.abs().sum((2, 3), dtype=score_dtype(g.dtype))
+            sel = select_channels(s, cfg, ctx.record)
         args = (g, x, weight, sel, geo, need_dx, need_dw)
         dx, dw = IMPLEMENTATIONS[_pick(cfg, sel, args)](*args)
         if ctx.rows is not None and dw is not None:

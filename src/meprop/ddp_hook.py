@@ -5,8 +5,8 @@ zero (k rows for unified selection, at most M*k for per-example); a ``SparseConv
 (C_out, C_in / groups, kh, kw) is read the same way, a row per output channel. DDP
 all-reduces every parameter's gradient whole; this hook
 (``torch.distributed.algorithms.ddp_comm_hooks`` style: ``hook(state, bucket) -> Future``)
-sends each meProp weight's rows packed densely instead,
-so it runs on any backend with a dense all-reduce (NCCL and gloo), with no sparse tensors:
+sends each meProp weight's rows packed densely instead, so it runs on any backend with a
+dense all-reduce (NCCL and gloo), with no sparse tensors:
 
 * the rows of a weight are known without reading dW: backward adds what it kept to a row log
   on the weight (``RowLog``, ``meprop.ops.ROWS_ATTR``). Where no log can be trusted (the

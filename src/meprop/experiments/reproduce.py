@@ -337,11 +337,11 @@ def check_reuse(row: Row, d: Path, extend: bool = False) -> bool:
         done = TrainConfig.from_dict(summary["config"]).to_dict()
     except (OSError, ValueError, KeyError, TypeError):
         done = None  # no summary yet (or a damaged one: the run is resumed and writes it anew)
-    if done is not None and not (extend and _extends(diff, d)):
+    if done is not None and not diff:  # (config.json of an extension under way: the summary's)
         diff = settings_diff(done, want)
-    if extend and _extends(diff, d):
-        return True  # fewer epochs, and the checkpoint to go on from: extended
     if extend and set(diff) == {"epochs"} and diff["epochs"][0] < diff["epochs"][1]:
+        if (d / "last.pt").exists():
+            return True  # fewer epochs, and the checkpoint to go on from: extended
         raise RunDirError(
             f"{d} holds a run of {diff['epochs'][0]} epochs without its checkpoint (last.pt), "
             f"so it cannot be extended to the {diff['epochs'][1]} of the row {row.label!r}: "
@@ -355,16 +355,6 @@ def check_reuse(row: Row, d: Path, extend: bool = False) -> bool:
             "run the row again"
         )
     return True
-
-
-def _extends(diff: dict, d: Path) -> bool:
-    """Whether a run that differs from its row by ``diff`` only has fewer epochs, with the
-    checkpoint to go on from (as ``meprop train --resume --epochs`` extends a run)."""
-    return (
-        set(diff) == {"epochs"}
-        and diff["epochs"][0] < diff["epochs"][1]
-        and (d / "last.pt").exists()
-    )
 
 
 def _finished(summary, row: Row) -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .adaptive_report import adaptive_claims, adaptive_section
 from .claims import claims, claims_table, fmt
+from .convergence import convergence_section
 from .grids import PAPER
 from .runs import ReportError, Run, load_runs, reference, replicates, scan_runs
 from .stats import summarize
@@ -195,6 +196,7 @@ def build_report(paths: list[Path], out: Path) -> Path:
         if group == "tuning":
             lines += _tuning_verdict(members, groups.get("main", []))
     lines += claims_table(runs)
+    lines += convergence_section(runs)
     lines += adaptive_section(runs, out)
     if all(r.config.get("model", "mlp") == "mlp" for r in runs):  # (the paper's are MLPs)
         lines += _published(runs[0].config["task"])

@@ -77,3 +77,51 @@ def test_readme_api_names_every_export_field_and_mode():
                 if f"{f.name}=" not in api]  # fmt: skip
     missing += [f"mode {m!r}" for m in MODES if f"`{m}`" not in api]
     assert not missing, f"README's API section leaves out {missing}"
+
+
+def reproduce_commands(page: Path) -> list[str]:
+    """Every ``meprop reproduce ...`` command of the page with flags: in inline code (which may
+    wrap over lines) and in code blocks (comments and line continuations dropped)."""
+    text = page.read_text()
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    spans = re.findall(r"`([^`]*meprop reproduce [^`]+)`", prose)  # (after env settings too)
+    found = [" ".join(c[c.index("meprop reproduce ") :].split()) for c in spans]
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            if "meprop reproduce " in line:
+                found.append(line[line.index("meprop reproduce ") :].split("#")[0].strip())
+    return found
+
+
+COMMAND_PAGES = [*PAGES, ROOT / "docs" / "results" / "README.md"]
+
+
+@pytest.mark.parametrize("page", COMMAND_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_reproduce_commands_select_rows(page):
+    """A command a page gives to rebuild a table parses and selects at least one row: a
+    renamed row or group fails here, not in a reader's terminal."""
+    import shlex
+
+    from meprop.experiments.cli import build_parser
+    from meprop.experiments.reproduce import select_rows
+
+    parser = build_parser()
+    for command in reproduce_commands(page):
+        argv = shlex.split(command)[1:]
+        args = parser.parse_args(argv)
+        assert select_rows(args), f"{page.name}: {command!r} selects no row"
+
+
+def test_a_command_that_selects_nothing_is_refused():
+    from meprop.experiments.cli import build_parser
+    from meprop.experiments.reproduce import UsageError, select_rows
+
+    parser = build_parser()
+    for argv, words in [
+        (["pos", "--groups", "main", "--rows", "random-k"], "--rows random-k: matches no row"),
+        (["pos", "--groups", "nosuch"], "--groups nosuch: no such group"),
+        (["tta", "--epochs", "3"], "--epochs"),
+    ]:
+        with pytest.raises(UsageError, match=words):
+            select_rows(parser.parse_args(["reproduce", *argv]))

@@ -31,7 +31,7 @@ from .train import TrainConfig
 
 __all__ = [
     "Row", "GRIDS", "PAPER", "mnist_grid", "pos_grid", "parse_grid", "lm_grid", "run_grid",
-    "with_seeds",
+    "with_seeds", "select_rows", "UsageError",
 ]  # fmt: skip
 
 
@@ -425,15 +425,23 @@ def run_grid(
     return dirs
 
 
-def _reproduce(args: argparse.Namespace) -> None:
+class UsageError(ValueError):
+    """A ``reproduce`` flag that selects nothing or does not apply; the message names it."""
+
+
+def select_rows(args: argparse.Namespace) -> list[Row]:
+    """The rows that ``meprop reproduce`` runs for its parsed flags (task, --quick, --dataset,
+    --groups, --rows, --epochs, --seeds, --seed-groups); ``UsageError`` where a flag selects no
+    row or does not apply."""
     rows = GRIDS[args.task](quick=args.quick, dataset=args.dataset)
     if args.groups:
         known = sorted({r.group for r in rows})
         bad = [g for g in args.groups if g not in known]
         if bad:
-            msg = f"--groups {','.join(bad)}: no such group; the {args.task} grid has {','.join(known)}"
-            print(f"meprop reproduce: error: {msg}", file=sys.stderr)
-            raise SystemExit(2)
+            raise UsageError(
+                f"--groups {','.join(bad)}: no such group; the {args.task} grid has "
+                f"{','.join(known)}"
+            )
         rows = [r for r in rows if r.group in args.groups]
     if args.rows:
         # a whole label (labels may contain commas: "..., mlp.fc only"), else comma-separated
@@ -442,22 +450,27 @@ def _reproduce(args: argparse.Namespace) -> None:
         parts = [t for t in args.rows.split(",") if t]
         rows = exact or [r for r in rows if any(part in r.label for part in parts)]
         if not rows:
-            msg = f"--rows {args.rows}: matches no row label of the {args.task} grid"
-            print(f"meprop reproduce: error: {msg}", file=sys.stderr)
-            raise SystemExit(2)
+            raise UsageError(f"--rows {args.rows}: matches no row label of the {args.task} grid")
     if args.epochs is not None:
         if args.task == "tta":
-            msg = (
+            raise UsageError(
                 "--epochs: the tta groups set each recipe's epochs (a time to accuracy is "
                 "judged within them); leave it out"
             )
-            print(f"meprop reproduce: error: {msg}", file=sys.stderr)
-            raise SystemExit(2)
         rows = [replace(r, config=replace(r.config, epochs=args.epochs)) for r in rows]
     if args.task == "tta" and not args.seeds:
         args.seeds = [1, 2, 3]  # a time to accuracy is judged over seeds, never one
     if args.seeds:
         rows = with_seeds(rows, args.seeds, args.seed_groups)
+    return rows
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    try:
+        rows = select_rows(args)
+    except UsageError as e:
+        print(f"meprop reproduce: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     out = args.out or Path("results") / (f"{args.task}-quick" if args.quick else args.task)
     mesimp = any(r.config.method == "mesimp" for r in rows)
     control = " (+1 dense size control per meSimp run)" if mesimp else ""

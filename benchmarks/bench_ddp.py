@@ -122,11 +122,12 @@ def build(variant: str, opts: dict, world: int):
     if world == 1:
         return model, model, opt, None
     if not opts["gbps"]:
-        net = mdist.wrap(model, compact=hook, gradient_as_bucket_view=view)
+        compact = (opts["compact"] or True) if hook else False  # (CompactState's options)
+        net = mdist.wrap(model, compact=compact, gradient_as_bucket_view=view)
         return model, net, opt, net.compact_state
     # the simulated link wraps the hook
     net = mdist.wrap(model, compact=False, gradient_as_bucket_view=view)
-    state = CompactState(model) if hook else None
+    state = CompactState(model, **opts["compact"]) if hook else None
     inner = compact_allreduce_hook if hook else default_hooks.allreduce_hook
     bytes_of = _hook_bytes if hook else _plain_bytes
     net.register_comm_hook(None, simulated_link(inner, state, opts["gbps"], world, bytes_of))
@@ -208,12 +209,21 @@ def main(argv=None) -> int:
     ap.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
     ap.add_argument("--variants", default=",".join(VARIANTS), help="a comma-separated subset")
     ap.add_argument("--gbps", type=float, default=0.0, help="SIMULATED link speed (0: none)")
+    ap.add_argument(
+        "--min-union-bytes", type=int, default=None,
+        help="the hook's CompactState.min_union_bytes (default: its own): pack the union of "
+        "the ranks' rows from this weight size",
+    )  # fmt: skip
+    ap.add_argument("--dense-fraction", type=float, default=None,
+                    help="the hook's CompactState.dense_fraction (default: its own)")  # fmt: skip
     ap.add_argument("--data-dir", default=None)
     args = ap.parse_args(argv)
     keys = ("width", "k", "mode", "scope", "batch_size", "steps", "warmup", "repeats")
     opts = {k: getattr(args, k) for k in keys}
     opts |= {"examples": args.examples, "data_dir": args.data_dir, "gbps": args.gbps}
     opts |= {"optimizer": args.optimizer, "variants": args.variants.split(",")}
+    compact = {"min_union_bytes": args.min_union_bytes, "dense_fraction": args.dense_fraction}
+    opts["compact"] = {k: v for k, v in compact.items() if v is not None}
     unknown = set(opts["variants"]) - set(VARIANTS)
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}: choose from {', '.join(VARIANTS)}")
@@ -223,6 +233,7 @@ def main(argv=None) -> int:
         f"{torch.__version__}, MLP 784-{args.width}-{args.width}-10, meProp k={args.k} "
         f"{args.mode} (scope {args.scope}), {args.optimizer}, global batch {args.batch_size}, gloo"
         + (f", SIMULATED link {args.gbps:g} Gbit/s (sleep per all-reduce)" if args.gbps else "")
+        + "".join(f", hook {k}={v}" for k, v in opts["compact"].items())
     )
     writer = csv.writer(sys.stdout)
     fields = None

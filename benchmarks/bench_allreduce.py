@@ -2,8 +2,8 @@
 what a data-parallel step pays per collective, before any model.
 
 Each size (bytes of float32) is all-reduced ``--calls`` times in a row by every rank after a
-barrier; a rank's figure is the 10th percentile and the median of the per-call times (rank
-0 prints them). The sizes default to those of docs/distributed.md: 2 KB (the column scores a
+barrier; a rank's figure is the QUANTILE (10th percentile, as every benchmark here) and the
+median of the per-call times (rank 0 prints them, and the load average before). The sizes default to those of docs/distributed.md: 2 KB (the column scores a
 unified ``scope="global"`` layer of 500 sums in backward), 127 KB (the paper's MLP's kept rows
 with the hook, unified k=20) and 2.6 MB (its whole gradient).
 
@@ -19,7 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from _timing import cpu_name
+from _timing import QUANTILE, cpu_name, load_average
 from meprop.experiments.launch import spawn
 
 
@@ -37,7 +37,7 @@ def work(sizes: list[int], calls: int) -> None:
             times.append(time.perf_counter() - t)
         times.sort()
         if rank == 0:
-            p10, med = times[len(times) // 10], statistics.median(times)
+            p10, med = times[int(QUANTILE * (len(times) - 1))], statistics.median(times)
             print(f"{size:>10,} bytes  p10 {1e6 * p10:9.0f} us  median {1e6 * med:9.0f} us  "
                   f"({size / med / 1e9:.2f} GB/s at the median)", flush=True)  # fmt: skip
 
@@ -49,7 +49,8 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=200, help="timed all-reduces per size")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
-    print(f"{cpu_name()}; torch {torch.__version__}; gloo, {args.nproc} processes x 1 thread")
+    print(f"{cpu_name()}; torch {torch.__version__}; gloo, {args.nproc} processes x 1 thread; "
+          f"load {load_average()}")  # fmt: skip
     spawn(work, args.nproc, (sizes, args.calls), threads=1)
 
 

@@ -18,8 +18,10 @@ training), and so are rows with one seed (no interval).
 
 from __future__ import annotations
 
+import statistics
+
 from .runs import Run, replicates
-from .stats import paired
+from .stats import mean_interval
 
 __all__ = ["WINDOW", "dev_slope", "convergence_section"]
 
@@ -46,10 +48,7 @@ def dev_slope(run: Run) -> float | None:
     pts = [(x, y) for x, y in curve if x >= start - 1e-9]
     if len(pts) < 3:
         return None
-    mx = sum(x for x, _ in pts) / len(pts)
-    my = sum(y for _, y in pts) / len(pts)
-    sxx = sum((x - mx) ** 2 for x, _ in pts)
-    return sum((x - mx) * (y - my) for x, y in pts) / sxx
+    return statistics.linear_regression(*zip(*pts, strict=True)).slope
 
 
 def convergence_section(runs: list[Run]) -> list[str]:
@@ -62,10 +61,10 @@ def convergence_section(runs: list[Run]) -> list[str]:
     for (group, label), reps in rows.items():
         if labels.count(label) > 1:  # (the cnn report's models: one group each)
             label = f"{group}: {label}"
-        slopes = {r.seed: s for r in reps if (s := dev_slope(r)) is not None}
+        slopes = [s for r in reps if (s := dev_slope(r)) is not None]
         if len(slopes) < 2:
             continue
-        p = paired(slopes, dict.fromkeys(slopes, 0.0))
+        p = mean_interval(slopes)
         lower = reps[0].lower_is_better
         better, worse = (p.hi < 0, p.lo > 0) if lower else (p.lo > 0, p.hi < 0)
         verdict = "still improving" if better else "getting worse" if worse else "no clear trend"

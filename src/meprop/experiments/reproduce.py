@@ -458,11 +458,9 @@ def select_rows(args: argparse.Namespace) -> list[Row]:
                 "judged within them); leave it out"
             )
         rows = [replace(r, config=replace(r.config, epochs=args.epochs)) for r in rows]
-    if args.task == "tta" and not args.seeds:
-        args.seeds = [1, 2, 3]  # a time to accuracy is judged over seeds, never one
-    if args.seeds:
-        rows = with_seeds(rows, args.seeds, args.seed_groups)
-    return rows
+    # (a time to accuracy is judged over seeds, never one)
+    seeds = args.seeds or ([1, 2, 3] if args.task == "tta" else None)
+    return with_seeds(rows, seeds, args.seed_groups) if seeds else rows
 
 
 def _reproduce(args: argparse.Namespace) -> None:

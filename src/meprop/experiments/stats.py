@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Summary", "summarize", "Paired", "paired", "T975"]
+__all__ = ["Summary", "summarize", "Paired", "paired", "mean_interval", "T975"]
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom (1..30); above: 1.96 is within
 # 2.5% of the exact value from 31 on.
@@ -102,7 +102,17 @@ def paired(a: dict, b: dict) -> Paired | None:
     seeds = sorted(set(a) & set(b))
     if not seeds:
         return None
-    d = [a[s] - b[s] for s in seeds]
-    s = summarize(d)
+    return mean_interval([a[s] - b[s] for s in seeds])
+
+
+def mean_interval(values: Sequence[float]) -> Paired:
+    """The mean of ``values`` with its 95% t-interval (infinite for one value), as a ``Paired``
+    whose verdict says whether the mean is above 0: the one-sample case of ``paired``.
+
+    Example:
+        >>> round(mean_interval([0.1, 0.2, 0.3]).lo, 3)
+        -0.048
+    """
+    s = summarize(values)
     half = _t(s.n - 1) * s.sd / math.sqrt(s.n) if s.n > 1 else math.inf
     return Paired(s.mean, s.mean - half, s.mean + half, s.n)

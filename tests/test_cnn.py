@@ -35,9 +35,28 @@ def test_k_is_the_widest_convolutions_and_the_share_everywhere():
     assert type(lenet[-1]) is nn.Linear and not isinstance(lenet[-1], SparseLinear)
 
 
+def test_adaptive_k_bounds_each_layer_by_its_share_and_numbers_depths_over_the_net():
+    from meprop import AdaptiveK
+
+    adapt = AdaptiveK(min_k=3, rule="tinyprop", damping=0.5)
+    net = cnn.sparsify(cnn.build_cnn("lenet", 10, 0.0), MePropConfig(k=4, adapt=adapt))
+    layers = cnn.sparsified_layers(net)
+    # k (the bound) is each layer's share; min_k at most it (conv1's share of 6 is 2 < 3)
+    assert [(m.config.k, m.config.adapt.min_k) for m in layers] == [(2, 2), (4, 3), (30, 3),
+                                                                    (21, 3)]  # fmt: skip
+    assert all(m.config.adapt.rule == "tinyprop" for m in layers)
+    # TinyProp's damping ** depth: 0 at the last sparsified layer, 3 at conv1
+    assert [m.k_record.depth for m in layers] == [3, 2, 1, 0]
+    x = torch.randn(5, 784)
+    nn.functional.cross_entropy(net(x), torch.randint(0, 10, (5,))).backward()
+    for m in layers:  # each backward chose its k in [min_k, k]
+        assert m.config.adapt.min_k <= m.last_k <= m.config.k
+
+
 @pytest.mark.parametrize("method,extra", [("dense", []), ("meprop", ["--k", "4", "--mode",
                          "unified"]), ("meprop", ["--k", "4"]), ("meprop", []),
-                         ("meprop", ["--k", "4", "--memory", "0.8"])])  # fmt: skip
+                         ("meprop", ["--k", "4", "--memory", "0.8"]),
+                         ("meprop", ["--k", "4", "--adaptive", "mass", "--mode", "unified"])])  # fmt: skip
 def test_trainer_trains_lenet(tiny_mnist, tmp_path, method, extra):
     out = tmp_path / "run"
     args = ["train", "mnist", "--model", "lenet", "--method", method, "--data-dir",
@@ -102,8 +121,9 @@ def test_a_cnn_builds_at_the_widths_meSimp_left():
         (dict(task="pos", model="lenet"), "mnist task's network"),
         (dict(model="lenet", method="kdim"), "dense, meprop, random or mesimp, not kdim"),
         (dict(method="meprop", mode="per_position"), "takes --model lenet or resnet"),
-        (dict(model="resnet", method="meprop", adaptive="mass"), "leave --mode symmetric and"),
-        (dict(model="resnet", method="meprop", mode="symmetric"), "--mode symmetric"),
+        (dict(model="resnet", method="meprop", mode="symmetric"), "has no sign"),
+        (dict(model="lenet", method="meprop", mode="per_position", adaptive="mass"),
+         "adapt needs mode 'per_example' or 'unified'"),
         (dict(model="vgg"), "model must be one of"),
     ],
 )

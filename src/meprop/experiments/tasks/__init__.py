@@ -175,9 +175,9 @@ def _check_model(cfg) -> None:
             f"--model {cfg.model} takes --hidden as {own} widths {list(WIDTHS[cfg.model])} "
             f"(the layers meSimp shrinks), got {list(cfg.hidden)}"
         )
-    if cfg.method != "dense" and (cfg.mode == "symmetric" or cfg.adaptive):
+    if cfg.method != "dense" and cfg.mode == "symmetric":
         raise ConfigError(
-            f"--model {cfg.model}: its convolutions take --mode per_example or unified with a "
-            "fixed k (meprop.SparseConv2d; one --k share for layers of different widths): "
-            "leave --mode symmetric and --adaptive out"
+            f"--model {cfg.model}: its convolutions select output channels by their summed "
+            "|gradient|, which has no sign (meprop.SparseConv2d): use --mode per_example, "
+            "unified or per_position"
         )

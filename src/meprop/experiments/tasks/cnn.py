@@ -142,7 +142,8 @@ def layer_k(k: int, outputs: int, widest: int) -> int:
 
 def sparsify(model: nn.Module, config: MePropConfig) -> nn.Module:
     """meProp on ``sparsified_layers(model)``, each keeping the share of its outputs that
-    ``config.k`` is of the widest convolution's channels."""
+    ``config.k`` is of the widest convolution's channels (with adaptive k, that share is the
+    layer's upper bound, and ``min_k`` at most it)."""
     layers = sparsified_layers(model)
     widest = max(m.out_channels for m in layers if isinstance(m, nn.Conv2d))
     for m in layers:
@@ -150,5 +151,12 @@ def sparsify(model: nn.Module, config: MePropConfig) -> nn.Module:
         if mode == "per_position" and isinstance(m, nn.Linear):
             mode = "per_example"  # (a linear layer's row is its one position)
         k = layer_k(config.k, _outputs(m), widest)
-        sparsify_(m, dataclasses.replace(config, k=k, mode=mode))
+        adapt = config.adapt
+        if adapt is not None and adapt.min_k > k:  # (a narrow layer's share is below --min-k)
+            adapt = dataclasses.replace(adapt, min_k=k)
+        sparsify_(m, dataclasses.replace(config, k=k, mode=mode, adapt=adapt))
+    # adaptive k's depth (TinyProp's damping ** depth): counted over the whole net from its
+    # last sparsified layer (0), as one sparsify_ call over the model would number them
+    for depth, m in enumerate(reversed(layers)):
+        m.k_record.depth = depth
     return model

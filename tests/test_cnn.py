@@ -122,8 +122,10 @@ def test_a_cnn_builds_at_the_widths_meSimp_left():
         (dict(model="lenet", method="kdim"), "dense, meprop, random or mesimp, not kdim"),
         (dict(method="meprop", mode="per_position"), "takes --model lenet or resnet"),
         (dict(model="resnet", method="meprop", mode="symmetric"), "has no sign"),
-        (dict(model="lenet", method="meprop", mode="per_position", adaptive="mass"),
-         "adapt needs mode 'per_example' or 'unified'"),
+        (
+            dict(model="lenet", method="meprop", mode="per_position", adaptive="mass"),
+            "adapt needs mode 'per_example' or 'unified'",
+        ),
         (dict(model="vgg"), "model must be one of"),
     ],
 )

@@ -40,9 +40,10 @@ def test_grid_rows():
     rows = tta_grid()
     groups = {r.group for r in rows}
     assert groups == {"mnist-w500", "mnist-w1000", "mnist-w2000", "mnist-w500-levers",
-                      "mnist-w500-confirm", "mnist-w500-k20", "mnist-w500-more", "parse", "lm",
-                      "lm-time"}  # fmt: skip
-    for group in ("mnist-w500-levers", "mnist-w500-confirm", "mnist-w500-k20", "mnist-w500-more"):
+                      "mnist-w500-confirm", "mnist-w500-k20", "mnist-w500-more",
+                      "mnist-w500-mesimp", "parse", "lm", "lm-time"}  # fmt: skip
+    for group in ("mnist-w500-levers", "mnist-w500-confirm", "mnist-w500-k20", "mnist-w500-more",
+                  "mnist-w500-mesimp"):  # fmt: skip
         rows_of = [r for r in rows if r.group == group]
         assert rows_of[0].config.method == "dense" and rows_of[0].label == "dense"
         assert {(r.config.epochs, r.config.eval_every) for r in rows_of} == {(10, 110)}
@@ -56,6 +57,10 @@ def test_grid_rows():
     memory = more["meSimp unified k=160, cycle 5+5, LazyAdam, memory 0.8"]
     assert memory == replace(levers["meSimp unified k=160, cycle 5+5, LazyAdam"], memory=0.8)
     assert more["meProp unified mass 0.8, k <= 160, LazyAdam"].adaptive == "mass"
+    wider = {r.label: r.config for r in rows if r.group == "mnist-w500-mesimp"}
+    for k in (240, 320):  # the levers' meSimp recipe, keeping more of each layer
+        want = replace(levers["meSimp unified k=160, cycle 5+5, LazyAdam"], k=k)
+        assert wider[f"meSimp unified k={k}, cycle 5+5, LazyAdam"] == want
     for group, task in (("parse", "parse"), ("lm", "lm")):
         rows_of = [r for r in rows if r.group == group]
         assert rows_of[0].config.method == "dense" and {r.config.task for r in rows_of} == {task}

@@ -166,3 +166,28 @@ def test_reproduce_cnn_quick_pairs_each_row_with_dense(tiny_mnist, tmp_path):
         "meSimp per_example k=4 (1/4)",
     ):
         assert f"lenet: {label} >= dense" in report
+
+
+def test_a_resnet_row_is_timed_against_the_dense_resnet_not_lenet():
+    """The report's speedups: each row against the dense run of its own network (LeNet's dense
+    has wider layers, 120, than the ResNet's 64, and once hid the ResNet's)."""
+    from pathlib import Path
+
+    from meprop.experiments.runs import Run, reference
+
+    def run(model, method, widths, epochs):
+        config = dict(task="mnist", model=model, method=method, optimizer="adam", dropout=0.1,
+                      dataset="mnist", batch_size=50, train_limit=0, epochs=epochs,
+                      eval_every=0, lr=None)  # fmt: skip
+        return Run(Path(model + method), config, {"widths": widths}, [], model, method)
+
+    lenet = run("lenet", "dense", [6, 16, 120, 84], 10)
+    resnet = run("resnet", "dense", [16] * 5 + [32] * 5 + [64] * 5, 5)
+    sparse = run("resnet", "meprop", [16] * 5 + [32] * 5 + [64] * 5, 5)
+    old_mlp = run("mlp", "dense", [500, 500], 10)
+    del old_mlp.config["model"]  # (a run from before --model: the MLP)
+    runs = [lenet, resnet, sparse, old_mlp]
+    assert reference(sparse, runs) is resnet
+    assert reference(lenet, runs) is lenet
+    mlp_sparse = run("mlp", "meprop", [500, 500], 10)
+    assert reference(mlp_sparse, runs) is old_mlp

@@ -230,17 +230,22 @@ def replicates(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
 
 
 def reference(run: Run, runs: list[Run]) -> Run | None:
-    """The dense run this run's times are compared with (same optimizer, depth, dropout)."""
+    """The dense run this run's times are compared with (same network, optimizer, depth,
+    dropout)."""
+
+    def model(r: Run) -> tuple[str, str]:
+        return r.config["task"], r.config.get("model", "mlp")  # (runs before --model: the MLP)
 
     def key(r: Run):
         c = r.config
         return (
-            c["task"], c["optimizer"], len(r.summary["widths"]), c["dropout"], c["dataset"],
+            model(r), c["optimizer"], len(r.summary["widths"]), c["dropout"], c["dataset"],
             c.get("batch_size"), c.get("train_limit"), c.get("epochs"), c.get("eval_every"),
         )  # fmt: skip
 
-    # the full-size dense runs (not the dense nets trained at meSimp's widths)
-    dense = [r for r in runs if r.method == "dense" and r.config["task"] == run.config["task"]]
+    # the full-size dense runs of the same network (not the dense nets trained at meSimp's
+    # widths)
+    dense = [r for r in runs if r.method == "dense" and model(r) == model(run)]
     widest = max((max(r.summary["widths"]) for r in dense), default=0)
     dense = [r for r in dense if max(r.summary["widths"]) == widest]
     # (a dense row is compared with the main one at any lr: the tuning rows' lr is their point)

@@ -5,7 +5,11 @@ linear layer (its dx and dW products, plus selection for meProp), and of each LS
 backward through time is made of the gate linear maps and their elementwise glue).
 ``BackwardTimer`` measures it with hooks, without touching the layers: a layer's clock starts
 when the gradient of its output is ready and stops when its last gradient (input or weight)
-has been computed. CPU only: on a GPU these would be launch times (use CUDA events there).
+has been computed. The input gradient is the layer's own: the layer reads a view of its input
+(``view_as``, free), and the stop hook sits on that view, so an input that other modules read
+too (a ResNet block's input, read by its first convolution and its shortcut) stops the clock
+when this layer's share is done, not when every reader's is. CPU only: on a GPU these would be
+launch times (use CUDA events there).
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class BackwardTimer:
         self._end: dict[int, float] = {}
         self._handles = []
         for module in modules:
+            self._handles.append(module.register_forward_pre_hook(self._own_input))
             self._handles.append(module.register_forward_hook(self._on_forward))
             key = id(module)
             for p in module.parameters(recurse=False):
@@ -79,6 +84,16 @@ class BackwardTimer:
     def _stop(self, key: int) -> None:
         if key in self._start:
             self._end[key] = time.perf_counter()
+
+    @staticmethod
+    def _own_input(module, args):
+        """The layer reads a view of its input tensor: the gradient of the view is this layer's
+        input gradient alone (``_on_forward`` hooks it), where the input's own gradient waits
+        for every module that reads it. (A PackedSequence is left as it is.)"""
+        x = args[0] if args else None
+        if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
+            return (x.view_as(x), *args[1:])
+        return None
 
     def _on_forward(self, module, inputs, output) -> None:
         out = _tensor(output)

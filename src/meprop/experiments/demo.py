@@ -99,7 +99,8 @@ def _demo(args: argparse.Namespace) -> dict:
 
     from .grids import Row
     from .tasks import get_task
-    from .tta import EVALS_PER_EPOCH, build_tta_report, read_log, run_interleaved
+    from .tta import build_tta_report, read_log, run_interleaved
+    from .tta_rows import EVALS_PER_EPOCH
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="meprop-demo-"))
     if args.threads:

@@ -3,9 +3,10 @@ what a data-parallel step pays per collective, before any model.
 
 Each size (bytes of float32) is all-reduced ``--calls`` times in a row by every rank after a
 barrier; a rank's figure is the QUANTILE (10th percentile, as every benchmark here) and the
-median of the per-call times (rank 0 prints them, and the load average before). The sizes default to those of docs/distributed.md: 2 KB (the column scores a
-unified ``scope="global"`` layer of 500 sums in backward), 127 KB (the paper's MLP's kept rows
-with the hook, unified k=20) and 2.6 MB (its whole gradient).
+median of the per-call times (rank 0 prints them, and the load average before). The sizes
+default to those of docs/distributed.md: 2 KB (the column scores a unified
+``scope="global"`` layer of 500 sums in backward), 127 KB (the paper's MLP's kept rows with
+the hook, unified k=20) and 2.6 MB (its whole gradient).
 
     python benchmarks/bench_allreduce.py [--nproc 2] [--sizes 2000,126768,2592040]
 """

@@ -27,7 +27,7 @@ from .conv import SparseConv2d, check_conv_config
 from .lstm import SparseLSTM, to_dense_, to_sparse_
 from .nn import SparseLinear, base_class, swap_class
 
-__all__ = ["sparsify_", "densify_", "hidden_layers", "converted", "register_layer"]
+__all__ = ["sparsify_", "densify_", "hidden_layers", "converted", "register_layer", "number_depths"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -216,7 +216,7 @@ def sparsify_(model: nn.Module, config: MePropConfig, filter_fn: FilterFn | None
             handler.to_sparse(module, config)
         else:  # already a meProp layer: the new config only
             module.config = config
-    _number_depths(model)
+    number_depths(model)
     if not todo:
         warnings.warn(_nothing_converted(model, filter_fn), UserWarning, stacklevel=2)
     return model
@@ -268,9 +268,11 @@ def _nothing_converted(model: nn.Module, filter_fn: FilterFn | None) -> str:
     return msg + "; other layer types: meprop.convert.register_layer"
 
 
-def _number_depths(model: nn.Module) -> None:
+def number_depths(model: nn.Module) -> None:
     """Each meProp layer's depth for adaptive k (TinyProp's damping): its position counted from
-    the last one registered (0) towards the first (named_modules order)."""
+    the last one registered (0) towards the first (named_modules order). ``sparsify_`` calls it
+    on the model it converts; call it on the whole model after converting its layers one by one
+    (each with its own config), which numbers each call's layers alone."""
     layers = [m for m in model.modules() if isinstance(getattr(m, "k_record", None), KRecord)]
     for depth, layer in enumerate(reversed(layers)):
         layer.k_record.depth = depth

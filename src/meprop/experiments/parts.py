@@ -296,21 +296,27 @@ class BackwardClocks:
 
     def __init__(self, totals: dict[str, float], hidden_layers) -> None:
         self.totals, self.hidden_layers = totals, hidden_layers
-        self.timers: dict[str, BackwardTimer] = {}
+        self.timer: BackwardTimer | None = None
+        self.groups: dict[str, list[int]] = {}  # total's name -> the ids of its modules
 
     def rebind(self, model: nn.Module) -> None:
-        """Hook onto the model's current Parameters (the timers' hooks sit on them)."""
+        """Hook onto the model's current Parameters (the timer's hooks sit on them): one timer
+        over both sets, each module hooked once."""
         self.close()
-        self.timers = {
-            "linear_backward": BackwardTimer(linear_maps(model)),
-            "hidden_backward": BackwardTimer(self.hidden_layers(model)),
+        groups = {
+            "linear_backward": linear_maps(model),
+            "hidden_backward": self.hidden_layers(model),
         }
+        self.groups = {key: [id(m) for m in mods] for key, mods in groups.items()}
+        self.timer = BackwardTimer([m for mods in groups.values() for m in mods])
 
     def lap(self) -> None:
         """After each backward."""
-        for key, timer in self.timers.items():
-            self.totals[key] += timer.lap()
+        self.timer.lap()
+        last = self.timer.last
+        for key, ids in self.groups.items():
+            self.totals[key] += sum(last.get(i, 0.0) for i in ids)
 
     def close(self) -> None:
-        for timer in self.timers.values():
-            timer.remove()
+        if self.timer is not None:
+            self.timer.remove()

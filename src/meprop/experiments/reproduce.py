@@ -231,10 +231,11 @@ GRIDS["meact"] = meact_grid
 
 
 def tta_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
-    """Time to accuracy: dense and meProp recipes side by side (``meprop.experiments.tta``)."""
-    from . import tta
+    """Time to accuracy: dense and meProp recipes side by side (``meprop.experiments.tta``;
+    the rows: ``tta_rows``)."""
+    from .tta_rows import tta_grid as rows
 
-    return tta.tta_grid(quick=quick, dataset=dataset)
+    return rows(quick=quick, dataset=dataset)
 
 
 GRIDS["tta"] = tta_grid

@@ -62,17 +62,19 @@ class BackwardTimer:
     """Sums, over training steps, the seconds spent in the backward of the given modules.
 
     Usage: ``timer = BackwardTimer(linear_maps(model))``; after each ``loss.backward()`` call
-    ``timer.lap()``; ``timer.seconds`` holds the total; ``timer.remove()`` detaches the hooks.
-    Hooks sit on the modules and on their Parameters: after meSimp replaces Parameters, build
-    a new timer.
+    ``timer.lap()``; ``timer.seconds`` holds the total, ``timer.last`` the last lap's seconds
+    per module (by ``id``: sums over a subset of the modules need no second timer);
+    ``timer.remove()`` detaches the hooks. Hooks sit on the modules and on their Parameters:
+    after meSimp replaces Parameters, build a new timer.
     """
 
     def __init__(self, modules) -> None:
         self.seconds = 0.0
+        self.last: dict[int, float] = {}
         self._start: dict[int, float] = {}
         self._end: dict[int, float] = {}
         self._handles = []
-        for module in modules:
+        for module in {id(m): m for m in modules}.values():  # each module hooked once
             self._handles.append(module.register_forward_pre_hook(self._own_input))
             self._handles.append(module.register_forward_hook(self._on_forward))
             key = id(module)
@@ -113,8 +115,10 @@ class BackwardTimer:
             x.register_hook(stop)
 
     def lap(self) -> float:
-        """Close one backward pass: add its seconds to the total and return them."""
-        s = sum(self._end[k] - t for k, t in self._start.items() if k in self._end)
+        """Close one backward pass: add its seconds to the total and return them (``last``:
+        per module)."""
+        self.last = {k: self._end[k] - t for k, t in self._start.items() if k in self._end}
+        s = sum(self.last.values())
         self._start.clear()
         self._end.clear()
         self.seconds += s

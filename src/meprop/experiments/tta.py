@@ -22,8 +22,8 @@ Rules that make the comparison fair and the crossing robust:
   it on every seed, and each recipe is compared with dense on the same seed). Evaluations run
   ten times per epoch on MNIST, four on the parser, every 25 steps on the LM.
 
-The rows (``tta_grid``, in ``tta_rows``) are grouped by task, width and question: the
-groups of ``meprop.experiments.tta_rows``; ``--groups`` picks them.
+The rows (``tta_grid``) live in ``meprop.experiments.tta_rows``, one group per task, width
+and question; ``--groups`` picks them.
 ``build_tta_report`` writes ``report.md`` and one plot per group.
 """
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from meprop import MePropConfig, Pair, sparsify_
+from meprop.convert import number_depths
 
 __all__ = ["MODELS", "build_cnn", "sparsify", "sparsified_layers", "layer_k"]
 
@@ -155,8 +156,5 @@ def sparsify(model: nn.Module, config: MePropConfig) -> nn.Module:
         if adapt is not None and adapt.min_k > k:  # (a narrow layer's share is below --min-k)
             adapt = dataclasses.replace(adapt, min_k=k)
         sparsify_(m, dataclasses.replace(config, k=k, mode=mode, adapt=adapt))
-    # adaptive k's depth (TinyProp's damping ** depth): counted over the whole net from its
-    # last sparsified layer (0), as one sparsify_ call over the model would number them
-    for depth, m in enumerate(reversed(layers)):
-        m.k_record.depth = depth
+    number_depths(model)  # adaptive k's depths over the whole net, not per layer's call
     return model

@@ -12,7 +12,8 @@ Each mode (unified, per_example, random) runs with ``backend="auto"`` (what a la
 default: the fastest implementation for the shape, timed on first use and cached; the "auto
 ran" column names it) and with each implementation forced: ``torch`` (the backward on the
 kept channels compacted: "compact") and ``masked`` (the masked g through the full backward:
-"masked"). ``auto`` also has ``torch-cl``, the compacted backward with dx on channels_last
+"masked"), and with the C++ kernel on the kept channels (``MEPROP_BACKEND=native``:
+"direct"). ``auto`` also has ``torch-cl``, the compacted backward with dx on channels_last
 tensors. ``per_position`` (k channels at each output position) has nothing to compact: its
 backward is always the masked one, with the selection by the C++ kernel (auto) or by
 torch.topk over the channels (masked). All give the same gradients. The header names the CPU
@@ -36,7 +37,7 @@ from torch import nn
 
 from _timing import backward_timer, best_of_rounds, cpu_name, environment, load_average
 from meprop import MePropConfig, SparseConv2d
-from meprop.kernels import dispatch
+from meprop.kernels import dispatch, native
 
 # (name, batch, in, out, kernel, size, padding, k, input needs a gradient)
 SHAPES = [
@@ -47,13 +48,33 @@ SHAPES = [
     ("1x1", 32, 256, 256, 1, 16, 0, 32, True),
 ]
 MODES = ("unified", "per_example", "random", "per_position")
-BACKENDS = ("auto", "torch", "masked")
+BACKENDS = ("auto", "torch", "masked", "direct")
 
 
 def backends(mode: str) -> tuple[str, ...]:
     """per_position has nothing to compact: its backward is the masked one, with the selection
-    by the C++ kernel (auto) or by torch.topk (masked)."""
-    return ("auto", "masked") if mode == "per_position" else BACKENDS
+    by the C++ kernel (auto) or by torch.topk (masked). direct: the C++ kernel on the kept
+    channels, where it is built (every shape here is stride 1, dilation 1, groups 1)."""
+    if mode == "per_position":
+        return ("auto", "masked")
+    return BACKENDS if native.available() else BACKENDS[:-1]
+
+
+def pinned_native(step):
+    """``step`` with MEPROP_BACKEND=native while it runs: the layer's auto runs the C++ kernel."""
+
+    def call() -> float:
+        old = os.environ.get("MEPROP_BACKEND")
+        os.environ["MEPROP_BACKEND"] = "native"
+        try:
+            return step()
+        finally:
+            if old is None:
+                del os.environ["MEPROP_BACKEND"]
+            else:
+                os.environ["MEPROP_BACKEND"] = old
+
+    return call
 
 
 def auto_ran(mode: str, x: torch.Tensor, layer: nn.Module) -> str:
@@ -72,7 +93,7 @@ def run(threads: int, args) -> list[list]:
     print(f"\n## {threads} thread{'s' if threads > 1 else ''} (load average {load_average()})\n")
     header = ["shape", "batch", "in->out", "kernel", "HxW", "k", "mode", "dense_ms"]
     header += ["auto_ms", "dense/auto", "auto ran", "compact_ms", "dense/compact"]
-    header += ["masked_ms", "dense/masked"]
+    header += ["masked_ms", "dense/masked", "direct_ms", "dense/direct"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     rows = []
@@ -87,20 +108,26 @@ def run(threads: int, args) -> list[list]:
         layers = {}
         for mode in args.modes:
             for backend in backends(mode):
-                cfg = MePropConfig(k=k, mode=mode, backend=backend)
+                cfg = MePropConfig(
+                    k=k, mode=mode, backend="auto" if backend == "direct" else backend
+                )
                 layer = SparseConv2d(c_in, c_out, kernel, padding=pad, config=cfg)
                 layer.load_state_dict(dense.state_dict())
                 layers[(mode, backend)] = layer
-                steps[(mode, backend)] = backward_timer(layer, x, g)
+                if backend == "direct":
+                    steps[(mode, backend)] = pinned_native(backward_timer(layer, x, g))
+                else:
+                    steps[(mode, backend)] = backward_timer(layer, x, g)
         best = best_of_rounds(steps, args.rounds, args.min_time, self_timed=True)
         d = best["dense"]
         for mode in args.modes:
-            a, c, m = (best.get((mode, b)) for b in BACKENDS)
+            a, c, m, r = (best.get((mode, b)) for b in BACKENDS)
             row = [name, batch, f"{c_in}->{c_out}", f"{kernel}x{kernel}", f"{size}x{size}", k, mode]
             row += [f"{1e3 * d:.2f}", f"{1e3 * a:.2f}", f"{d / a:.2f}x"]
             row += [auto_ran(mode, x, layers[(mode, "auto")])]
             row += ["-", "-"] if c is None else [f"{1e3 * c:.2f}", f"{d / c:.2f}x"]
             row += [f"{1e3 * m:.2f}", f"{d / m:.2f}x"]
+            row += ["-", "-"] if r is None else [f"{1e3 * r:.2f}", f"{d / r:.2f}x"]
             rows.append([threads, *row])
             print("| " + " | ".join(map(str, row)) + " |", flush=True)
     return rows
@@ -146,7 +173,8 @@ def main(argv=None) -> int:
             w = csv.writer(f)
             w.writerow(["threads", "shape", "batch", "in->out", "kernel", "HxW", "k", "mode"]
                        + ["dense_ms", "auto_ms", "dense/auto", "auto ran", "compact_ms"]
-                       + ["dense/compact", "masked_ms", "dense/masked"])  # fmt: skip
+                       + ["dense/compact", "masked_ms", "dense/masked", "direct_ms"]
+                       + ["dense/direct"])  # fmt: skip
             w.writerows(rows)
     return 0
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from meprop import AdaptiveK, MePropConfig, SparseConv2d, conv, converted, densify_, sparsify_
 from meprop.conv import random_channels
-from meprop.kernels import dispatch
+from meprop.kernels import dispatch, native
 from meprop.reference import reference_conv2d_backward, reference_conv2d_memory_backward
 
 pytestmark = [
@@ -81,11 +81,16 @@ def check(dense, sparse, x, g, mode, draw, tol=None, sparse_bias=False):
         torch.testing.assert_close(sparse.bias.grad, rb, **tol)
 
 
-@pytest.fixture(params=["torch", "torch-cl", "masked"])
+@pytest.fixture(params=["torch", "torch-cl", "masked", "direct"])
 def impl(request, monkeypatch):
-    """Each implementation: a config's backend, or (torch-cl, which auto alone runs) pinned."""
+    """Each implementation: a config's backend, or (torch-cl, which auto alone runs) pinned;
+    direct (the C++ kernel, auto's where it serves) through MEPROP_BACKEND=native, which runs
+    it where it serves (stride 1, dilation 1, groups 1) and the compacted form elsewhere."""
     if request.param == "torch-cl":
         monkeypatch.setattr(conv, "_pick", lambda cfg, sel, args: "torch-cl")
+        return "auto"
+    if request.param == "direct":
+        monkeypatch.setenv("MEPROP_BACKEND", "native")
         return "auto"
     return request.param
 
@@ -303,15 +308,70 @@ def test_tuned_auto_backend_matches_reference(tmp_path, monkeypatch):
         _, g, draw = run(sparse, x)
         check(dense, sparse, x, g, mode, draw)
     assert tuner.measured == 2
+    direct = {"direct"} if native.available() else set()
     for entry in tuner.choices().values():
-        assert set(entry["us"]) == {"torch", "torch-cl", "masked"}
+        assert set(entry["us"]) == {"torch", "torch-cl", "masked"} | direct
     # a large convolution keeping an eighth of its channels: only the compacted forms timed
     layer = SparseConv2d(64, 64, 3, padding=1, config=MePropConfig(k=8, mode="unified"))
     x = torch.randn(4, 64, 32, 32, requires_grad=True)
     layer(x).sum().backward()
-    assert tuner.measured == 3 and list(tuner.memo.values())[-1] in ("torch", "torch-cl")
+    assert tuner.measured == 3
+    assert list(tuner.memo.values())[-1] in {"torch", "torch-cl"} | direct
     (entry,) = [e for cls, e in tuner.choices().items() if "/co7/" in cls]
-    assert set(entry["us"]) == {"torch", "torch-cl"}
+    assert set(entry["us"]) == {"torch", "torch-cl"} | direct
+    # a stride-2 convolution: no direct kernel to time
+    layer = SparseConv2d(5, 7, 3, stride=2, config=MePropConfig(k=2, mode="unified"))
+    layer(torch.randn(3, 5, 9, 9, requires_grad=True)).sum().backward()
+    (entry,) = [e for cls, e in tuner.choices().items() if "/s2x2/" in cls]
+    assert set(entry["us"]) == {"torch", "torch-cl", "masked"}
+
+
+@pytest.mark.skipif(not native.available(), reason="meprop's C++ kernels are not built here")
+@pytest.mark.parametrize("setting", ["plain", "same", "valid", "no_bias", "reflect", "circular"])
+@pytest.mark.parametrize("mode", ["unified", "per_example", "random"])
+def test_direct_kernel_runs_where_it_serves(setting, mode, monkeypatch):
+    """MEPROP_BACKEND=native runs the C++ kernel on every stride-1, dilation-1, groups-1
+    setting (padding modes are padded before it), with the reference's gradients."""
+    monkeypatch.setenv("MEPROP_BACKEND", "native")
+    calls = []
+    real = native.conv_rows
+    monkeypatch.setattr(native, "conv_rows", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for dtype in (torch.float32, torch.float64):
+        dense, sparse, x = make(setting, MePropConfig(k=K, mode=mode), dtype=dtype, batch=4)
+        _, g, draw = run(sparse, x)
+        check(dense, sparse, x, g, mode, draw)
+    assert len(calls) == 2
+    dense, sparse, x = make("stride2_pad1", MePropConfig(k=K, mode=mode))
+    run(sparse, x)
+    assert len(calls) == 2  # (stride 2: the compacted form)
+
+
+@pytest.mark.skipif(not native.available(), reason="meprop's C++ kernels are not built here")
+def test_direct_kernel_first_layer_adaptive_k_and_bad_indices(monkeypatch):
+    """No input gradient (a first layer); per-example adaptive k (the slots an example does
+    not keep are skipped: as the masked backward, which the reference tests check); an index
+    out of range is an IndexError naming it."""
+    monkeypatch.setenv("MEPROP_BACKEND", "native")
+    dense, sparse, x = make("plain", MePropConfig(k=K, mode="per_example"), batch=5)
+    x = x.detach()
+    y = sparse(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    _, rw, _ = reference_conv2d_backward(dense, x.clone().requires_grad_(), g, K, "per_example")
+    torch.testing.assert_close(sparse.weight.grad, rw)
+    adapt = AdaptiveK(min_k=1, rule="mass", share=0.5)
+    dense, sparse, x = make("plain", MePropConfig(k=5, mode="per_example", adapt=adapt), batch=6)
+    masked = copy.deepcopy(sparse)
+    masked.config = MePropConfig(k=5, mode="per_example", adapt=adapt, backend="masked")
+    x2 = x.detach().clone().requires_grad_()
+    _, g, _ = run(sparse, x)
+    masked(x2).backward(g)
+    assert sparse.last_k < 5  # (some examples kept fewer than 5)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(sparse.weight.grad, masked.weight.grad)
+    xs, ws, gs = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.randn(2, 4, 4, 4)
+    with pytest.raises(IndexError, match=r"1 value\(s\) of idx outside \[0, 4\)"):
+        native.conv_rows(gs, xs, ws, torch.tensor([0, 4]), (0, 0), True, True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -515,3 +575,29 @@ def test_create_graph_and_torch_func_give_the_masked_gradient(mode):
     gx.pow(2).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     torch.testing.assert_close(grad(lambda xx: layer(xx).pow(2).sum())(x.detach()), dx)
+
+
+@pytest.mark.skipif(not native.available(), reason="meprop's C++ kernels are not built here")
+@pytest.mark.parametrize("per_example", [False, True])
+def test_direct_kernel_with_threads(per_example):
+    """Two threads split the examples, each summing its own dW: the reference's gradients."""
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64)  # (float32 sums in another order than the reference)
+    x, w = torch.randn(7, 8, 15, 13, **f64), torch.randn(10, 8, 3, 3, **f64)
+    g = torch.randn(7, 10, 15, 13, **f64)  # padding 1: the input's size
+    idx = torch.stack([torch.randperm(10)[:4] for _ in range(7)]) if per_example else None
+    idx = torch.tensor([1, 2, 5, 9]) if idx is None else idx
+    mask = torch.zeros(7, 10, dtype=torch.bool)
+    mask.scatter_(1, idx if per_example else idx.expand(7, 4), True)
+    ref = torch.ops.aten.convolution_backward(
+        g * mask[:, :, None, None], x, w, None, (1, 1), (1, 1), (1, 1), False, (0, 0), 1,
+        (True, True, False),
+    )  # fmt: skip
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        dx, dw = native.conv_rows(g, x, w, idx, (1, 1), True, True)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(dx, ref[0])
+    torch.testing.assert_close(dw, ref[1])

@@ -31,19 +31,22 @@ The selection itself (the channels kept, in the forms the products read) is
 (what ``meprop.reference.reference_conv2d_backward`` computes); only where the work is done
 differs.
 ``backend`` picks how: ``"torch"`` the compacted convolutions above, ``"masked"`` the masked g
-through the full convolution backward, ``"auto"`` the faster of the two for the call's shape,
-timed on first use and cached (``meprop.kernels.dispatch``; ``MEPROP_AUTOTUNE=0``: compacted;
-large layers keeping at most a quarter of their channels: compacted untimed).
+through the full convolution backward, ``"auto"`` the fastest for the call's shape of those
+and, for stride-1, dilation-1, groups-1 convolutions, a C++ kernel that runs each example's
+kept channels over whole padded images without a patch matrix (``native.conv_rows``; pinned
+with ``MEPROP_BACKEND=native``), timed on first use and cached (``meprop.kernels.dispatch``;
+``MEPROP_AUTOTUNE=0``: compacted; large layers keeping at most a quarter of their channels:
+the masked form is not timed).
 
 Groups: with ``groups > 1`` (depthwise included) the selected channels are compacted too, each
 one its own group over the input channels of its original group (gathered from x), so the
 gradients stay exact for the masked g.
 
 meSimp (``meprop.simplify``) removes whole filters from the usage record and slices the next
-layer's input channels (groups=1 only). Not done here: compiled kernels for the products
-(the ``native``, ``numba`` and ``triton`` backends are refused), and adaptive k and memory
-under torch.compile, which are refused by name, as is ``sparse_grad=True`` under
-DistributedDataParallel.
+layer's input channels (groups=1 only). Not done here: the ``native``, ``numba`` and
+``triton`` backends as a config's ``backend`` (refused: ``auto`` runs the C++ kernel where it
+serves), and adaptive k and memory under torch.compile, which are refused by name, as is
+``sparse_grad=True`` under DistributedDataParallel.
 
 Memorized back-propagation (``memory``): as ``SparseLinear``'s, with the memory a
 (C_out, H', W') tensor (the mean over the batch of what the channel selection dropped, times
@@ -70,6 +73,7 @@ from .config import MePropConfig
 from .conv_select import (
     ChannelSelection,
     channel_mask,
+    native_serves,
     position_keep,
     random_channels,
     rows_written,
@@ -77,7 +81,7 @@ from .conv_select import (
     untimeable,
 )
 from .grads import weight_grad
-from .kernels import dispatch
+from .kernels import dispatch, native
 from .nn import config_repr
 from .ops import ROWS_ATTR, apply_autocast, builds_graph
 
@@ -207,10 +211,37 @@ def _impl_compact_cl(g, x, weight, sel, geo, need_dx, need_dw):
     return _impl_compact(g, x, weight, sel, geo, need_dx, need_dw, dx_cl=True)
 
 
+def _direct_serves(sel: ChannelSelection, g: Tensor, x: Tensor, weight: Tensor, geo) -> bool:
+    """Whether ``_impl_direct`` can run this call: channel lists (unified, per example), a
+    stride-1, dilation-1, groups-1 convolution, float32/float64 CPU tensors, eager, with the C++
+    kernels built."""
+    return (
+        sel.kind in ("cols", "rows")
+        and geo.stride == (1, 1) and geo.dilation == (1, 1) and geo.groups == 1
+        and x.dtype == weight.dtype == g.dtype and native_serves(g)
+    )  # fmt: skip
+
+
+def _impl_direct(g, x, weight, sel, geo, need_dx, need_dw):
+    """Each example's kept channels through the C++ kernel (``native.conv_rows``): every
+    product runs over a whole padded image as one flat vector, at K / C_out of the dense work,
+    with no patch matrix (what PyTorch's backward spends most of its time on at LeNet's sizes).
+    Results in x's layout."""
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    keep = sel.keep if sel.kind == "rows" else None
+    dx, dw = native.conv_rows(g, x, weight, sel.index, geo.padding, need_dx, need_dw, keep)
+    if dx is not None and cl:
+        dx = dx.contiguous(memory_format=torch.channels_last)
+    return dx, dw
+
+
 # torch: compacted; torch-cl: compacted, dx on channels_last tensors; masked: the masked g
-# through the full backward. The config's backend names the first or the last; auto times
-# them (see _pick).
-IMPLEMENTATIONS = {"torch": _impl_compact, "torch-cl": _impl_compact_cl, "masked": _impl_masked}
+# through the full backward; direct: the C++ kernel on the kept channels. The config's
+# backend names torch or masked; auto times them (see _pick).
+IMPLEMENTATIONS = {
+    "torch": _impl_compact, "torch-cl": _impl_compact_cl, "masked": _impl_masked,
+    "direct": _impl_direct,
+}  # fmt: skip
 
 # auto runs a compacted backward (not the masked one) where it keeps at most a quarter of the
 # channels of a convolution of at least this many multiply-adds per product (LeNet's layers:
@@ -221,9 +252,10 @@ COMPACT_MACS = 10**8
 def _pick(cfg: MePropConfig, sel: ChannelSelection, args: tuple) -> str:
     """The implementation for this call: the config's backend (``torch``: compacted, ``masked``:
     masked), or for ``auto`` the fastest on this call's tensors of the compacted forms
-    (``torch``, ``torch-cl``) and, except on large layers keeping few channels
-    (``COMPACT_MACS``), the masked one: timed once per shape class and cached per machine (as
-    ``meprop.ops`` chooses for linear layers)."""
+    (``torch``, ``torch-cl``), the C++ kernel (``direct``) where it serves and, except on
+    large layers keeping few channels (``COMPACT_MACS``), the masked one: timed once per shape
+    class and cached per machine (as ``meprop.ops`` chooses for linear layers).
+    ``$MEPROP_BACKEND`` pins one (``native``: the C++ kernel where it serves)."""
     if sel.kind == "mask":
         return "masked"  # (a different channel set at each position: nothing to compact)
     if cfg.backend != "auto":
@@ -231,6 +263,11 @@ def _pick(cfg: MePropConfig, sel: ChannelSelection, args: tuple) -> str:
     if sel.kind == "all" or torch.compiler.is_compiling() or untimeable(args[0]):
         return "torch"
     g, x, weight, _, geo, need_dx, need_dw = args
+    pin = dispatch.pinned()
+    if pin is not None:  # (checked on every call: a pin set later applies at once)
+        if pin == "native" and _direct_serves(sel, g, x, weight, geo):
+            return "direct"
+        return pin if pin in ("torch", "masked") else "torch"  # (numba, triton: no conv form)
     kk = sel.index.shape[-1]
     sig = (
         "conv2d", sel.kind, sel.keep is None, g.dtype, g.shape, x.shape, weight.shape, geo, kk,
@@ -240,23 +277,19 @@ def _pick(cfg: MePropConfig, sel: ChannelSelection, args: tuple) -> str:
     name = tuner.memo.get(sig)
     if name is not None:
         return name
-    pin = dispatch.pinned()
     batch, c_out, ho, wo = g.shape
     kh, kw = weight.shape[2:]
     macs = batch * ho * wo * c_out * weight.shape[1] * kh * kw  # of each dense product
-    if pin in IMPLEMENTATIONS:
-        name = pin
-    elif pin is not None or not dispatch.tuning_enabled() or not g.is_cpu:
+    if not dispatch.tuning_enabled() or not g.is_cpu:
         name = "torch"
     else:
         # Compaction does k / C_out of a large convolution's work: 3-6x less time in every
         # measurement (docs/conv.md), where a timing on a busy machine could pick the masked
-        # backward; there only the two compacted forms are timed.
+        # backward; there only the compacted forms are timed.
         compact = 4 * kk <= c_out and macs >= COMPACT_MACS
-        if not need_dx:  # (torch-cl differs in dx only)
-            names = ("torch",) if compact else ("torch", "masked")
-        else:
-            names = ("torch", "torch-cl") if compact else ("torch", "torch-cl", "masked")
+        names = ("torch",) + (("torch-cl",) if need_dx else ())  # (torch-cl differs in dx)
+        names += () if compact else ("masked",)
+        names += ("direct",) if _direct_serves(sel, g, x, weight, geo) else ()
         o = dispatch._octave
         needs = f"{'x' if need_dx else ''}{'w' if need_dw else ''}"
         cls = (

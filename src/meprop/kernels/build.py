@@ -328,6 +328,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "zero_rows": ([p, i, p, i, c, c], None),
         "top_columns": ([p, i, i, i, p], None),
         "channel_topk_mask": ([p, i, i, i, i, p, c], None),
+        "conv_rows": ([p, p, p, p, i, p] + [i] * 10 + [p, p, c], i),
         "row_adam": ([p, p, p, i, p, i, p] + [None] * 7 + [c], None),
     }
     for name, (args, res) in sigs.items():

@@ -31,6 +31,9 @@
 #include <vector>
 
 #include <unistd.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -1036,6 +1039,116 @@ void unified(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64
   gemm_rows<F>(k, m, d, gc, 1, k, nullptr, x, dw_mode == 3 ? nullptr : cols, dw, nt);
 }
 
+// ------------------------------------------------------------------------------------------
+// Convolution backward on each example's kept channels (SparseConv2d's "direct" form)
+//
+// x (B, Ci, H, W), w (Co, Ci, KH, KW), g (B, Co, OH, OW), stride 1, dilation 1, groups 1,
+// zero padding (ph, pw): OH = H + 2 ph - KH + 1, OW = W + 2 pw - KW + 1. Example b keeps the
+// channels idx[b * bstride + j], j < K (bstride 0: the same K for every example, unified),
+// keep (B, K) or null: slot j counts only where keep[b * K + j] (adaptive k). Computes
+//
+//     dx[b, i] = sum_j sum_(kh, kw) w[c_j, i, kh, kw] * g[b, c_j] shifted by (kh, kw)
+//     dw[c, i, kh, kw] = sum over (b, j) with c_j = c of sum_p g[b, c, p] x[b, i, p + (kh, kw)]
+//
+// i.e. the dense backward of g masked to the kept channels, at K / Co of its work. Where the
+// kept channels are few and the images small (LeNet's 5x5 layers: rows of 10-28 numbers),
+// PyTorch's im2col GEMM spends most of its time building the patch matrix; here every product
+// runs over a whole image as one flat vector: the input is laid out padded (Hp, Wp) and each
+// kept gradient map copied to rows of Wp numbers, zero beyond OW, so tap (kh, kw) is the
+// offset kh * Wp + kw in the flat image and the zeros cancel the positions that wrap into the
+// next row. Each dw entry is a dot product of length OH * Wp, each dx tap an axpy.
+// Threads split the examples; each sums its own dw, added up at the end.
+template <class F>
+i64 conv_rows(const F* x, const F* w, const F* g, const i64* idx, i64 bstride, const uint8_t* keep,
+              i64 B, i64 Ci, i64 H, i64 W, i64 Co, i64 KH, i64 KW, i64 ph, i64 pw, i64 K, F* dx,
+              F* dw, int nt) {
+  using FV = typename Vec<F>::type;
+  constexpr i64 Ln = Vec<F>::lanes;
+  i64 bad = count_bad(idx, bstride ? B * K : K, Co);
+  if (bad) return -bad;
+  const i64 Hp = H + 2 * ph, Wp = W + 2 * pw, OH = Hp - KH + 1, OW = Wp - KW + 1;
+  const i64 len = (OH * Wp + Ln - 1) / Ln * Ln;  // flat length of a product, whole vectors
+  const i64 span = len + (KH - 1) * Wp + KW - 1 + Ln;  // a padded image and its reach
+  const i64 taps = KH * KW, wsize = Co * Ci * taps;
+  nt = threads_for(nt, B);
+  std::vector<F> dw_parts(dw ? size_t(std::max(nt - 1, 0)) * wsize : 0);
+  if (dw) zero(dw, wsize);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    int t = 0, tn = 1;
+#if defined(_OPENMP)
+    t = omp_get_thread_num();
+    tn = omp_get_num_threads();
+#endif
+    F* dwt = !dw ? nullptr : t == 0 ? dw : dw_parts.data() + (t - 1) * wsize;
+    if (dwt && t > 0) zero(dwt, wsize);
+    std::vector<F> xp(dw ? Ci * span : 0), gp(K * len), dxp(dx ? Ci * span : 0);
+    std::vector<i64> chans(K);
+    for (i64 b = t; b < B; b += tn) {
+      const i64* ib = idx + b * bstride;
+      i64 nk = 0;  // the kept slots of example b, their gradient maps padded to rows of Wp
+      for (i64 j = 0; j < K; j++) {
+        if (keep && !keep[b * K + j]) continue;
+        const F* src = g + (b * Co + ib[j]) * OH * OW;
+        F* dst = gp.data() + nk * len;
+        zero(dst, len);
+        for (i64 r = 0; r < OH; r++) std::memcpy(dst + r * Wp, src + r * OW, OW * sizeof(F));
+        chans[nk++] = ib[j];
+      }
+      if (dw) {
+        zero(xp.data(), Ci * span);
+        for (i64 i = 0; i < Ci; i++)
+          for (i64 r = 0; r < H; r++)
+            std::memcpy(xp.data() + i * span + (r + ph) * Wp + pw, x + ((b * Ci + i) * H + r) * W,
+                        W * sizeof(F));
+        for (i64 j = 0; j < nk; j++) {
+          const F* gj = gp.data() + j * len;
+          F* dwc = dwt + chans[j] * Ci * taps;
+          for (i64 i = 0; i < Ci; i++)
+            for (i64 kh = 0; kh < KH; kh++)
+              for (i64 kw = 0; kw < KW; kw++) {
+                const F* xs = xp.data() + i * span + kh * Wp + kw;
+                FV a0 = FV{} , a1 = FV{};
+                i64 p = 0;
+                for (; p + 2 * Ln <= len; p += 2 * Ln) {
+                  a0 += vload(gj + p) * vload(xs + p);
+                  a1 += vload(gj + p + Ln) * vload(xs + p + Ln);
+                }
+                if (p < len) a0 += vload(gj + p) * vload(xs + p);
+                a0 += a1;
+                F sum = 0;
+                for (i64 l = 0; l < Ln; l++) sum += a0[l];
+                dwc[(i * KH + kh) * KW + kw] += sum;
+              }
+        }
+      }
+      if (dx) {
+        zero(dxp.data(), Ci * span);
+        for (i64 i = 0; i < Ci; i++) {
+          F* di = dxp.data() + i * span;
+          for (i64 j = 0; j < nk; j++) {
+            const F* gj = gp.data() + j * len;
+            const F* wj = w + (chans[j] * Ci + i) * taps;
+            for (i64 kh = 0; kh < KH; kh++)
+              for (i64 kw = 0; kw < KW; kw++) {
+                const FV wv = FV{} + wj[kh * KW + kw];
+                F* d = di + kh * Wp + kw;
+                for (i64 p = 0; p < len; p += Ln) vstore(d + p, vload(d + p) + wv * vload(gj + p));
+              }
+          }
+          for (i64 r = 0; r < H; r++)
+            std::memcpy(dx + ((b * Ci + i) * H + r) * W, di + (r + ph) * Wp + pw, W * sizeof(F));
+        }
+      }
+    }
+  }
+  for (int t = 1; t < nt && dw; t++) {
+    const F* part = dw_parts.data() + (t - 1) * wsize;
+    for (i64 e = 0; e < wsize; e++) dw[e] += part[e];
+  }
+  return 0;
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------
@@ -1096,6 +1209,13 @@ void unified(const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64
                                               i64 nr, const F* g, F lr, F b1, F b2, F eps,    \
                                               F wd, F bc1, F bc2_sqrt, int nt) {              \
     row_adam<F>(p, m, v, d, rows, nr, g, lr, b1, b2, eps, wd, bc1, bc2_sqrt, nt);              \
+  }                                                                                            \
+  MEPROP_EXPORT i64 meprop_conv_rows_##SUFFIX(                                                \
+      const F* x, const F* w, const F* g, const i64* idx, i64 bstride, const uint8_t* keep,     \
+      i64 b, i64 ci, i64 h, i64 wd, i64 co, i64 kh, i64 kw, i64 ph, i64 pw, i64 k, F* dx, F* dw, \
+      int nt) {                                                                                \
+    return conv_rows<F>(x, w, g, idx, bstride, keep, b, ci, h, wd, co, kh, kw, ph, pw, k, dx,  \
+                        dw, nt);                                                               \
   }                                                                                            \
   MEPROP_EXPORT void meprop_unified_##SUFFIX(                                                  \
       const F* g, i64 m, i64 n, i64 k, const F* x, const F* w, i64 d, i64* cols, F* gc, F* dx,   \

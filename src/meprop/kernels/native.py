@@ -56,6 +56,7 @@ __all__ = [
     "rows_outer_dense",
     "top_columns",
     "channel_topk_mask",
+    "conv_rows",
     "per_example_backward",
     "unified_backward",
     "row_adam",
@@ -209,6 +210,54 @@ def channel_topk_mask(g: Tensor, k: int) -> Tensor:
             g.data_ptr(), b, c, h * w, k, keep.data_ptr(), nt
         )
     return keep
+
+
+def conv_rows(
+    g: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    idx: Tensor,
+    padding: tuple[int, int],
+    need_dx: bool,
+    need_dw: bool,
+    keep: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """A stride-1, dilation-1, groups-1 convolution's backward from each example's kept output
+    channels only (``SparseConv2d``'s "direct" form): ``g`` (B, C_out, H', W'), ``x`` (B, C_in,
+    H, W), ``weight`` (C_out, C_in, kh, kw), all contiguous of one float dtype; ``idx`` (K,)
+    the channels every example keeps (unified) or (B, K) each example's; ``keep`` (B, K) bool or
+    None: which slots count (adaptive k). Returns (dx or None, dW or None), equal up to
+    summation order to the dense backward of g masked to those channels."""
+    g, x, weight = (check_float(n, t) for n, t in (("g", g), ("x", x), ("weight", weight)))
+    if not (g.dtype == x.dtype == weight.dtype):
+        raise ValueError(f"g, x and weight must share a dtype, got {g.dtype}, {x.dtype}, "
+                         f"{weight.dtype}")  # fmt: skip
+    b, ci, h, w = x.shape
+    co, ci_w, kh, kw = weight.shape
+    ph, pw = padding
+    want = (b, co, h + 2 * ph - kh + 1, w + 2 * pw - kw + 1)
+    if ci_w != ci or tuple(g.shape) != want:
+        raise ValueError(
+            f"shapes do not fit a stride-1 convolution with padding {padding}: x {tuple(x.shape)}"
+            f", weight {tuple(weight.shape)}, g {tuple(g.shape)} (expected {want})"
+        )
+    idx = idx.contiguous()
+    kk = idx.shape[-1]
+    keep_u8 = None if keep is None else keep.contiguous().view(torch.uint8)
+    dx = torch.empty(x.shape, dtype=x.dtype) if need_dx else None
+    dw = torch.empty(weight.shape, dtype=x.dtype) if need_dw else None
+    if b and (need_dx or need_dw):
+        nt = _threads(2 * b * kk * ci * kh * kw * want[2] * want[3], _PAR_MIN_FMAS)
+        r = build.kernel("conv_rows", g.dtype)(
+            x.data_ptr(), weight.data_ptr(), g.data_ptr(), idx.data_ptr(),
+            kk if idx.dim() == 2 else 0, _ptr(keep_u8), b, ci, h, w, co, kh, kw, ph, pw, kk,
+            _ptr(dx), _ptr(dw), nt,
+        )  # fmt: skip
+        if r < 0:
+            raise_bad(-r, co)
+    elif need_dw:
+        dw.zero_()
+    return dx, dw
 
 
 # --------------------------------------------------------------------------------------------

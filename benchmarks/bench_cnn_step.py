@@ -6,7 +6,9 @@ meProp on every convolution and hidden linear layer at k = 1/8 and 1/16 of the c
 per_position at 1/8 (its selection by the C++ kernel, by torch.topk, and with memory 0.8; the
 linear layers per_example, as the task converts them); a batch of MNIST-shaped images
 (random: the time does not depend on the values). Every side gets the trainer's optimizer
-(``make_optimizer``: fused Adam). Timed side by side in one run, every variant in turn in
+(``make_optimizer``: fused Adam). ``--compacted``: also unified and per_example at 1/8 with
+every convolution's backward on PyTorch's compacted form (no direct C++ kernel; the linear
+layers as always), to measure what the kernel adds. Timed side by side in one run, every variant in turn in
 ``--rounds`` rounds, each keeping its fastest (``_timing.py``). Prints milliseconds per step
 and the ratio dense / variant.
 
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from _timing import best_of_rounds, cpu_name, environment, load_average
-from meprop import MePropConfig
+from meprop import MePropConfig, conv
 from meprop.experiments.tasks import cnn
 from meprop.experiments.train import make_optimizer
 
@@ -49,6 +51,24 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     return step
 
 
+def compacted(step):
+    """``step`` with every SparseConv2d backward on the compacted PyTorch form while it runs
+    (``meprop.conv._pick`` replaced: the linear layers' dispatch is untouched)."""
+
+    def call():
+        real = conv._pick
+        conv._pick = lambda cfg, sel, args: (
+            "torch" if sel.kind in ("cols", "rows") else real(cfg, sel, args)
+        )
+        try:
+            step()
+        finally:
+            conv._pick = real
+
+    call()  # (its warm-up)
+    return call
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--models", default="lenet,resnet")
@@ -56,6 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-time", type=float, default=0.5)
+    ap.add_argument("--compacted", action="store_true", help="also 1/8 without the direct kernel")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,7 +95,11 @@ def main(argv=None) -> int:
             for mode in ("unified", "per_example"):
                 model = cnn.sparsify(copy.deepcopy(base), MePropConfig(k=k, mode=mode))
                 variants[f"{mode} {share}|{k}"] = make_step(model, x, y)
-        k = widest // 8  # per_position at 1/8 (PER_POSITION's three forms)
+        k = widest // 8
+        for mode in ("unified", "per_example") if args.compacted else ():
+            model = cnn.sparsify(copy.deepcopy(base), MePropConfig(k=k, mode=mode))
+            variants[f"{mode} 1/8, compacted convolutions|{k}"] = compacted(make_step(model, x, y))
+        # per_position at 1/8 (PER_POSITION's three forms)
         for label, kw in PER_POSITION.items():
             model = cnn.sparsify(copy.deepcopy(base), MePropConfig(k=k, **kw))
             variants[f"{label} 1/8|{k}"] = make_step(model, x, y)

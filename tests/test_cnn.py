@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from meprop import MePropConfig, SparseConv2d, SparseLinear
+from meprop.experiments.bn_stats import recompute_batchnorm
 from meprop.experiments.cli import main
 from meprop.experiments.rundir import run_identity
 from meprop.experiments.tasks import cnn
@@ -127,6 +128,8 @@ def test_a_cnn_builds_at_the_widths_meSimp_left():
             "adapt needs mode 'per_example' or 'unified'",
         ),
         (dict(model="vgg"), "model must be one of"),
+        (dict(model="lenet", bn_batches=4), "only --model resnet has BatchNorm"),
+        (dict(model="resnet", bn_batches=-1), "bn_batches must be >= 0"),
     ],
 )
 def test_cnn_settings_refused(kw, words):
@@ -191,3 +194,41 @@ def test_a_resnet_row_is_timed_against_the_dense_resnet_not_lenet():
     assert reference(lenet, runs) is lenet
     mlp_sparse = run("mlp", "meprop", [500, 500], 10)
     assert reference(mlp_sparse, runs) is old_mlp
+
+
+def test_recompute_batchnorm_averages_the_batches_and_leaves_rng_and_modes_alone():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3)
+    net = nn.Sequential(conv, nn.BatchNorm2d(3), nn.ReLU(), nn.Dropout(0.5), nn.Flatten())
+    batches = [torch.randn(4, 2, 6, 6) + i for i in range(3)]
+    net.train()
+    net[3].eval()  # a mixed state, restored as it was
+    rng = torch.get_rng_state()
+    assert recompute_batchnorm(net, iter(batches)) == 3
+    assert torch.equal(torch.get_rng_state(), rng)  # (dropout drew nothing)
+    assert net.training and net[1].training and not net[3].training
+    assert net[1].momentum == 0.1
+    with torch.no_grad():
+        outs = [conv(x) for x in batches]
+    means = torch.stack([o.mean((0, 2, 3)) for o in outs]).mean(0)
+    variances = torch.stack([o.var((0, 2, 3)) for o in outs]).mean(0)  # unbiased, as BN keeps
+    torch.testing.assert_close(net[1].running_mean, means)
+    torch.testing.assert_close(net[1].running_var, variances)
+    with pytest.raises(ValueError, match="Sequential has no BatchNorm layer"):
+        recompute_batchnorm(nn.Sequential(nn.Linear(2, 2)), [torch.randn(1, 2)])
+
+
+def test_trainer_recomputes_batchnorm_before_each_evaluation(tiny_mnist, tmp_path):
+    """--bn-batches: the ResNet's BatchNorm statistics come from N training batches with the
+    evaluated weights (timed as bn_stats, within training's time); the identity of runs
+    without it is unchanged."""
+    out = tmp_path / "run"
+    args = ["train", "mnist", "--model", "resnet", "--method", "meprop", "--k", "8",
+            "--bn-batches", "2", "--data-dir", str(tiny_mnist), "--out", str(out), *TINY]  # fmt: skip
+    assert main(args) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    times = log[-1]["times"]
+    assert 0 < times["bn_stats"] < times["train"]
+    assert json.loads((out / "config.json").read_text())["bn_batches"] == 2
+    assert "bn_batches" not in run_identity(TrainConfig(model="resnet"))["settings"]
+    assert run_identity(TrainConfig(model="resnet", bn_batches=2))["settings"]["bn_batches"] == 2

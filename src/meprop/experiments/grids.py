@@ -84,6 +84,7 @@ def row_name(cfg: TrainConfig) -> str:
             adaptive_part(cfg),
             f"mem{cfg.memory:g}" if cfg.memory else "",
             f"wu{cfg.warmup}" if cfg.warmup else "",
+            f"pbn{cfg.bn_batches}" if cfg.bn_batches else "",
         ]
         if part
     )

@@ -246,7 +246,9 @@ def cnn_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
     small ResNet (``tasks.cnn``), dense against meProp unified and per_example at k = 1/8 and
     1/16 of the channels, random-k at 1/8, per_position at 1/8 (k channels at each output
     position; the linear layers per example) without and with memory 0.8, and meSimp
-    per_example at 1/4 (the paper's MNIST meSimp keeps 160 of 500). (``--k`` counts the widest
+    per_example at 1/4 (the paper's MNIST meSimp keeps 160 of 500); the ResNet also dense and
+    meProp at 1/8 with precise BN (``bn_batches``: BatchNorm statistics recomputed over
+    ``PRECISE_BN`` training batches before each evaluation). (``--k`` counts the widest
     convolution's channels: LeNet's 16, the ResNet's 64.) ``--quick``: LeNet, 2000 images, 2
     epochs."""
     rows: list[Row] = []
@@ -268,11 +270,19 @@ def cnn_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
               k=widest // 8, mode="per_position", memory=0.8)  # fmt: skip
         g.add(model, f"meSimp per_example k={widest // 4} (1/4)", method="mesimp",
               k=widest // 4, prune_rate=0.1)  # fmt: skip
+        if model == "resnet":  # BatchNorm statistics recomputed before each evaluation
+            pbn = dict(bn_batches=PRECISE_BN)
+            g.add(model, "dense, precise BN", method="dense", **pbn)
+            for mode in ("unified", "per_example"):
+                g.add(model, f"meProp {mode} k={widest // 8} (1/8), precise BN",
+                      method="meprop", k=widest // 8, mode=mode, **pbn)  # fmt: skip
         rows += g.list()  # (row names start with the model: lenet-..., resnet-...)
     return rows
 
 
 GRIDS["cnn"] = cnn_grid
+# training batches (of 50: 5,000 images) the ResNet's precise-BN rows recompute BatchNorm from
+PRECISE_BN = 100
 
 
 def _size_control(row: Row, summary: dict) -> Row:

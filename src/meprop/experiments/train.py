@@ -48,6 +48,7 @@ from meprop import LazyAdam, checkpoint, distributed
 from meprop.convert import sparsify_
 from meprop.meact import MeAct
 
+from .bn_stats import recompute_batchnorm
 from .errors import Diverged
 from .parts import (
     BackwardClocks,
@@ -421,6 +422,11 @@ class Trainer:
         """Dev and train scores with the parts' fields, logged (rank 0); best.pt when the dev
         score is the best so far (model selection as in the paper)."""
         task, state = self.task, self.state
+        if self.cfg.bn_batches:  # precise BN (bn_stats): part of training's time
+            lap = time.perf_counter()
+            with self.sw("bn_stats"):
+                recompute_batchnorm(self.model, self._bn_inputs())
+            self.sw.totals["train"] += time.perf_counter() - lap
         with self.sw("eval"):
             dev = task.evaluate(self.model, "dev")
             train_score = task.evaluate(self.model, "train_eval")
@@ -441,6 +447,14 @@ class Trainer:
             state["best_score"], state["best_epoch"] = score, epoch_float
             self.dist.save(self.best_path, self.model, state=dict(state), run=self.identity)
         return record
+
+    def _bn_inputs(self):
+        """The first ``bn_batches`` training batches' inputs in an order drawn for this step
+        (the same on a resume; the training batches' generator is not touched)."""
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + self.state["step"]) % 2**63)
+        batches = self.task.batches("train", cfg.batch_size, gen)
+        return (batch[0] for batch, _ in zip(batches, range(cfg.bn_batches), strict=False))
 
     def _checkpoint(self, epoch: int, done: int) -> None:
         """last.pt, which a resume continues from, after each evaluation (with --eval-every

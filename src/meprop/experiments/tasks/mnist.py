@@ -36,6 +36,12 @@ class MnistSettings:
         "(conv1, conv2, fc1, fc2) or 6 for resnet (the blocks' first convolutions))",
         cnn.MODELS,
     )
+    bn_batches: int = setting(
+        0,
+        "mnist task, --model resnet: before each evaluation recompute the BatchNorm running "
+        "statistics over this many training batches with the weights evaluated (precise BN; "
+        "0: training's running averages). Its seconds count as training time",
+    )
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "cube": Cube}

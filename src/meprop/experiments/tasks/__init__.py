@@ -52,7 +52,7 @@ ADAM_LR: dict[str, float] = {"lm": 4e-3}
 # k=80 with LazyAdam, the previous recipe, 0.98x); with seeds 6-8 of the confirm group, 8 seeds
 # pooled, 0.98x / 0.86x [0.63, 1.17] / 0.77x dense's time to best - 0.5 / 0.2 / 0.1 point, in
 # about dense's steps (0.95x to best - 0.2), test -0.06 [-0.17, +0.06]. (At width 2000, k=320 of
-# 2000 with LazyAdam: 0.46x [0.26, 0.81].) Other tasks: the fields' defaults (k=20,
+# 2000 with LazyAdam: 0.46x [0.39, 0.54], 6 seeds.) Other tasks: the fields' defaults (k=20,
 # per_example).
 # Parser: per_example k=20 without memory (the fields' defaults), the tta grid's parse group (5
 # seeds: 0.56x [0.44, 0.72] of dense's time to dense's best - 0.2, test +0.35 [+0.02, +0.69];

@@ -232,3 +232,32 @@ def test_trainer_recomputes_batchnorm_before_each_evaluation(tiny_mnist, tmp_pat
     assert json.loads((out / "config.json").read_text())["bn_batches"] == 2
     assert "bn_batches" not in run_identity(TrainConfig(model="resnet"))["settings"]
     assert run_identity(TrainConfig(model="resnet", bn_batches=2))["settings"]["bn_batches"] == 2
+
+
+def test_precise_bn_rows_pair_with_the_dense_run_evaluated_alike():
+    """The cnn claims: a row with --bn-batches against dense with it, the others against
+    plain dense (two dense rows in one group are never pooled)."""
+    from pathlib import Path
+
+    from meprop.experiments.claims import claims
+    from meprop.experiments.runs import Run
+
+    def run(label, method, bn, seed, test):
+        config = dict(method=method, k=8, seed=seed, bn_batches=bn, mode="unified")
+        summary = {"metric": "accuracy", "test_accuracy": test}
+        return Run(Path("."), config, summary, [], "resnet", label)
+
+    runs = []
+    for seed, base in ((1, 0.90), (2, 0.91), (3, 0.92)):
+        runs += [
+            run("dense", "dense", 0, seed, base + 0.05),
+            run("meProp", "meprop", 0, seed, base),
+        ]
+        runs += [run("dense, precise BN", "dense", 100, seed, base + 0.06)]
+        runs += [run("meProp, precise BN", "meprop", 100, seed, base + 0.055)]
+    found = {name: p for name, p, _ in claims(runs)}
+    plain, precise = (
+        found["resnet: meProp >= dense"],
+        found["resnet: meProp, precise BN >= dense, precise BN"],
+    )
+    assert plain.mean == pytest.approx(-5.0) and precise.mean == pytest.approx(-0.5)

@@ -68,14 +68,24 @@ CNN_GROUPS = ("lenet", "resnet")  # the cnn grid's (meprop reproduce cnn)
 
 
 def _cnn_claims(c: _Claims) -> None:
-    """The cnn grid: every meProp and random-k row of a network against its dense run."""
+    """The cnn grid: every meProp and random-k row of a network against its dense run (with
+    precise BN, ``bn_batches``, against the dense run evaluated the same way)."""
     for group in CNN_GROUPS:
-        dense = c.scores(lambda r, group=group: r.group == group and r.method == "dense")
-        for label in sorted({r.label for r in c.runs if r.group == group and r.method != "dense"}):
+        labels = {
+            (r.label, r.config.get("bn_batches", 0))
+            for r in c.runs
+            if r.group == group and r.method != "dense"
+        }
+        for label, bn in sorted(labels):
+            dense = c.scores(
+                lambda r, group=group, bn=bn: r.group == group and r.method == "dense"
+                and r.config.get("bn_batches", 0) == bn
+            )  # fmt: skip
             rows = c.scores(
                 lambda r, group=group, label=label: r.group == group and r.label == label
             )
-            c.add(f"{group}: {label} {c.ge} dense", rows, dense, f"{label} - dense")
+            against = "dense, precise BN" if bn else "dense"
+            c.add(f"{group}: {label} {c.ge} {against}", rows, dense, f"{label} - {against}")
 
 
 def _main_opt(r: Run) -> bool:

@@ -130,3 +130,30 @@ ENV = (
 def environment() -> str:
     env = {v: os.environ[v] for v in ENV if v in os.environ}
     return f"# environment: {env or 'defaults'}"
+
+
+def conv_forced(step: Callable[[], object], impl: str) -> Callable[[], object]:
+    """``step`` with every SparseConv2d backward that selects channel lists (unified, per
+    example) on implementation ``impl`` of ``meprop.conv.IMPLEMENTATIONS`` while it runs
+    (``direct``: where it serves, else the layer's own choice); the linear layers' dispatch is
+    untouched. Returns what ``step`` returns."""
+    from meprop import conv
+
+    def call():
+        real = conv._pick
+
+        def pick(cfg, sel, args):
+            g, x, weight, _, geo = args[:5]
+            if sel.kind not in ("cols", "rows"):
+                return real(cfg, sel, args)
+            if impl == "direct" and not conv._direct_serves(sel, g, x, weight, geo):
+                return real(cfg, sel, args)
+            return impl
+
+        conv._pick = pick
+        try:
+            return step()
+        finally:
+            conv._pick = real
+
+    return call

@@ -24,8 +24,8 @@ import sys
 import torch
 from torch import nn
 
-from _timing import best_of_rounds, cpu_name, environment, load_average
-from meprop import MePropConfig, conv
+from _timing import best_of_rounds, conv_forced, cpu_name, environment, load_average
+from meprop import MePropConfig
 from meprop.experiments.tasks import cnn
 from meprop.experiments.train import make_optimizer
 
@@ -49,24 +49,6 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     for _ in range(3):  # warm-up: the dispatch's timing, the optimizer state
         step()
     return step
-
-
-def compacted(step):
-    """``step`` with every SparseConv2d backward on the compacted PyTorch form while it runs
-    (``meprop.conv._pick`` replaced: the linear layers' dispatch is untouched)."""
-
-    def call():
-        real = conv._pick
-        conv._pick = lambda cfg, sel, args: (
-            "torch" if sel.kind in ("cols", "rows") else real(cfg, sel, args)
-        )
-        try:
-            step()
-        finally:
-            conv._pick = real
-
-    call()  # (its warm-up)
-    return call
 
 
 def main(argv=None) -> int:
@@ -98,7 +80,9 @@ def main(argv=None) -> int:
         k = widest // 8
         for mode in ("unified", "per_example") if args.compacted else ():
             model = cnn.sparsify(copy.deepcopy(base), MePropConfig(k=k, mode=mode))
-            variants[f"{mode} 1/8, compacted convolutions|{k}"] = compacted(make_step(model, x, y))
+            step = conv_forced(make_step(model, x, y), "torch")
+            step()  # (its warm-up)
+            variants[f"{mode} 1/8, compacted convolutions|{k}"] = step
         # per_position at 1/8 (PER_POSITION's three forms)
         for label, kw in PER_POSITION.items():
             model = cnn.sparsify(copy.deepcopy(base), MePropConfig(k=k, **kw))

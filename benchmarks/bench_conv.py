@@ -12,8 +12,8 @@ Each mode (unified, per_example, random) runs with ``backend="auto"`` (what a la
 default: the fastest implementation for the shape, timed on first use and cached; the "auto
 ran" column names it) and with each implementation forced: ``torch`` (the backward on the
 kept channels compacted: "compact") and ``masked`` (the masked g through the full backward:
-"masked"), and with the C++ kernel on the kept channels (``MEPROP_BACKEND=native``:
-"direct"). ``auto`` also has ``torch-cl``, the compacted backward with dx on channels_last
+"masked"), and with the C++ kernel on the kept channels ("direct", where ``auto`` would
+time it). ``auto`` also has ``torch-cl``, the compacted backward with dx on channels_last
 tensors. ``per_position`` (k channels at each output position) has nothing to compact: its
 backward is always the masked one, with the selection by the C++ kernel (auto) or by
 torch.topk over the channels (masked). All give the same gradients. The header names the CPU
@@ -35,7 +35,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from _timing import backward_timer, best_of_rounds, cpu_name, environment, load_average
+from _timing import (
+    backward_timer,
+    best_of_rounds,
+    conv_forced,
+    cpu_name,
+    environment,
+    load_average,
+)
 from meprop import MePropConfig, SparseConv2d
 from meprop.kernels import dispatch, native
 
@@ -58,23 +65,6 @@ def backends(mode: str) -> tuple[str, ...]:
     if mode == "per_position":
         return ("auto", "masked")
     return BACKENDS if native.available() else BACKENDS[:-1]
-
-
-def pinned_native(step):
-    """``step`` with MEPROP_BACKEND=native while it runs: the layer's auto runs the C++ kernel."""
-
-    def call() -> float:
-        old = os.environ.get("MEPROP_BACKEND")
-        os.environ["MEPROP_BACKEND"] = "native"
-        try:
-            return step()
-        finally:
-            if old is None:
-                del os.environ["MEPROP_BACKEND"]
-            else:
-                os.environ["MEPROP_BACKEND"] = old
-
-    return call
 
 
 def auto_ran(mode: str, x: torch.Tensor, layer: nn.Module) -> str:
@@ -115,7 +105,7 @@ def run(threads: int, args) -> list[list]:
                 layer.load_state_dict(dense.state_dict())
                 layers[(mode, backend)] = layer
                 if backend == "direct":
-                    steps[(mode, backend)] = pinned_native(backward_timer(layer, x, g))
+                    steps[(mode, backend)] = conv_forced(backward_timer(layer, x, g), "direct")
                 else:
                     steps[(mode, backend)] = backward_timer(layer, x, g)
         best = best_of_rounds(steps, args.rounds, args.min_time, self_timed=True)

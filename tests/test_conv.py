@@ -90,9 +90,16 @@ def impl(request, monkeypatch):
         monkeypatch.setattr(conv, "_pick", lambda cfg, sel, args: "torch-cl")
         return "auto"
     if request.param == "direct":
-        monkeypatch.setenv("MEPROP_BACKEND", "native")
+        pin_native(monkeypatch)
         return "auto"
     return request.param
+
+
+def pin_native(monkeypatch):
+    """MEPROP_BACKEND=native with a fresh tuner (the pin is read where a signature is first
+    seen: earlier tests' remembered choices would hide it)."""
+    monkeypatch.setenv("MEPROP_BACKEND", "native")
+    monkeypatch.setattr(dispatch, "_TUNER", dispatch.Tuner())
 
 
 @pytest.mark.parametrize("mode", ["unified", "per_example", "random", "per_position"])
@@ -332,7 +339,7 @@ def test_tuned_auto_backend_matches_reference(tmp_path, monkeypatch):
 def test_direct_kernel_runs_where_it_serves(setting, mode, monkeypatch):
     """MEPROP_BACKEND=native runs the C++ kernel on every stride-1, dilation-1, groups-1
     setting (padding modes are padded before it), with the reference's gradients."""
-    monkeypatch.setenv("MEPROP_BACKEND", "native")
+    pin_native(monkeypatch)
     calls = []
     real = native.conv_rows
     monkeypatch.setattr(native, "conv_rows", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -351,7 +358,7 @@ def test_direct_kernel_first_layer_adaptive_k_and_bad_indices(monkeypatch):
     """No input gradient (a first layer); per-example adaptive k (the slots an example does
     not keep are skipped: as the masked backward, which the reference tests check); an index
     out of range is an IndexError naming it."""
-    monkeypatch.setenv("MEPROP_BACKEND", "native")
+    pin_native(monkeypatch)
     dense, sparse, x = make("plain", MePropConfig(k=K, mode="per_example"), batch=5)
     x = x.detach()
     y = sparse(x)

@@ -263,11 +263,6 @@ def _pick(cfg: MePropConfig, sel: ChannelSelection, args: tuple) -> str:
     if sel.kind == "all" or torch.compiler.is_compiling() or untimeable(args[0]):
         return "torch"
     g, x, weight, _, geo, need_dx, need_dw = args
-    pin = dispatch.pinned()
-    if pin is not None:  # (checked on every call: a pin set later applies at once)
-        if pin == "native" and _direct_serves(sel, g, x, weight, geo):
-            return "direct"
-        return pin if pin in ("torch", "masked") else "torch"  # (numba, triton: no conv form)
     kk = sel.index.shape[-1]
     sig = (
         "conv2d", sel.kind, sel.keep is None, g.dtype, g.shape, x.shape, weight.shape, geo, kk,
@@ -277,10 +272,17 @@ def _pick(cfg: MePropConfig, sel: ChannelSelection, args: tuple) -> str:
     name = tuner.memo.get(sig)
     if name is not None:
         return name
+    # (MEPROP_BACKEND and MEPROP_AUTOTUNE are read when a signature is first seen, as for
+    # linear layers; native pins the C++ kernel where it serves; numba, triton: no conv form)
+    pin = dispatch.pinned()
     batch, c_out, ho, wo = g.shape
     kh, kw = weight.shape[2:]
     macs = batch * ho * wo * c_out * weight.shape[1] * kh * kw  # of each dense product
-    if not dispatch.tuning_enabled() or not g.is_cpu:
+    if pin == "native" and _direct_serves(sel, g, x, weight, geo):
+        name = "direct"
+    elif pin in ("torch", "masked"):
+        name = pin
+    elif pin is not None or not dispatch.tuning_enabled() or not g.is_cpu:
         name = "torch"
     else:
         # Compaction does k / C_out of a large convolution's work: 3-6x less time in every

@@ -22,11 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["recompute_batchnorm", "has_batchnorm"]
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, _BatchNorm) for m in model.modules())
+__all__ = ["recompute_batchnorm"]
 
 
 @torch.no_grad()

@@ -241,6 +241,10 @@ def tta_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
 GRIDS["tta"] = tta_grid
 
 
+# training batches (of 50: 5,000 images) the ResNet's precise-BN rows recompute BatchNorm from
+PRECISE_BN = 100
+
+
 def cnn_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
     """Convolutional networks on MNIST (or Fashion-MNIST, ``--dataset fashion``): LeNet-5 and a
     small ResNet (``tasks.cnn``), dense against meProp unified and per_example at k = 1/8 and
@@ -281,8 +285,6 @@ def cnn_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
 
 
 GRIDS["cnn"] = cnn_grid
-# training batches (of 50: 5,000 images) the ResNet's precise-BN rows recompute BatchNorm from
-PRECISE_BN = 100
 
 
 def _size_control(row: Row, summary: dict) -> Row:

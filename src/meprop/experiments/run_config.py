@@ -138,7 +138,7 @@ class TrainConfig(
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("layers", "eval_every", "train_limit", "prune_interval", "seed",
-                     "meact_start", "meact_cap"):  # fmt: skip
+                     "meact_start", "meact_cap", "bn_batches"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.seed >= 2**63:

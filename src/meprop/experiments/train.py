@@ -423,10 +423,10 @@ class Trainer:
         score is the best so far (model selection as in the paper)."""
         task, state = self.task, self.state
         if self.cfg.bn_batches:  # precise BN (bn_stats): part of training's time
-            lap = time.perf_counter()
+            before = self.sw.totals["bn_stats"]
             with self.sw("bn_stats"):
                 recompute_batchnorm(self.model, self._bn_inputs())
-            self.sw.totals["train"] += time.perf_counter() - lap
+            self.sw.totals["train"] += self.sw.totals["bn_stats"] - before
         with self.sw("eval"):
             dev = task.evaluate(self.model, "dev")
             train_score = task.evaluate(self.model, "train_eval")

@@ -152,8 +152,6 @@ def _check_model(cfg) -> None:
 
     if cfg.model not in MODELS:
         raise ConfigError(f"model must be one of {MODELS}, got {cfg.model!r}")
-    if cfg.bn_batches < 0:
-        raise ConfigError(f"bn_batches must be >= 0, got {cfg.bn_batches}")
     if cfg.bn_batches and cfg.model != "resnet":
         raise ConfigError(
             f"--bn-batches recomputes BatchNorm statistics: only --model resnet has BatchNorm "

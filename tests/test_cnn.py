@@ -36,6 +36,43 @@ def test_k_is_the_widest_convolutions_and_the_share_everywhere():
     assert type(lenet[-1]) is nn.Linear and not isinstance(lenet[-1], SparseLinear)
 
 
+def test_inner_only_sparsifies_each_blocks_first_convolution_alone():
+    net = cnn.sparsify(cnn.build_cnn("resnet", 10, 0.0), MePropConfig(k=8), inner_only=True)
+    sparse = {n for n, m in net.named_modules() if isinstance(m, SparseConv2d)}
+    blocks = [n for n, m in net.named_modules() if isinstance(m, cnn.BasicBlock)]
+    assert sparse == {f"{b}.conv1" for b in blocks} and len(sparse) == 6
+    # the same share as without it (k counts the widest convolution's 64 channels)
+    assert [m.config.k for m in cnn.sparsified_layers(net, inner_only=True)] == [2, 2, 4, 4, 8, 8]
+    x = torch.randn(3, 784)
+    nn.functional.cross_entropy(net(x), torch.randint(0, 10, (3,))).backward()
+    assert all(p.grad is not None for p in net.parameters())
+    with pytest.raises(ValueError, match="no residual blocks"):
+        cnn.sparsified_layers(cnn.build_cnn("lenet", 10, 0.0), inner_only=True)
+
+
+def test_trainer_puts_meprop_on_the_inner_convolutions_only(tiny_mnist, tmp_path):
+    """--inner-only through the task and the trainer: meProp on the 6 blocks' first
+    convolutions, the row name says it; runs without it keep their identity."""
+    from meprop.experiments.tasks import get_task
+
+    cfg = TrainConfig(model="resnet", k=8, inner_only=True)
+    task = get_task(cfg, tiny_mnist)
+    net = task.build_model(cfg.widths(), cfg)
+    task.sparsify(net, cfg.meprop_config())
+    convs = [n for n, m in net.named_modules() if isinstance(m, SparseConv2d)]
+    assert len(convs) == 6 and all(n.endswith(".conv1") for n in convs)
+    assert task.hidden_layers(net) == [net.get_submodule(n) for n in convs]
+    out = tmp_path / "run"
+    args = ["train", "mnist", "--model", "resnet", "--method", "meprop", "--k", "8",
+            "--inner-only", "--data-dir", str(tiny_mnist), "--out", str(out), *TINY]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads((out / "config.json").read_text())["inner_only"] is True
+    from meprop.experiments.grids import row_name
+
+    assert row_name(TrainConfig(model="resnet", k=8, inner_only=True)).endswith("-inner")
+    assert "inner_only" not in run_identity(TrainConfig(model="resnet"))["settings"]
+
+
 def test_adaptive_k_bounds_each_layer_by_its_share_and_numbers_depths_over_the_net():
     from meprop import AdaptiveK
 
@@ -130,6 +167,8 @@ def test_a_cnn_builds_at_the_widths_meSimp_left():
         (dict(model="vgg"), "model must be one of"),
         (dict(model="lenet", bn_batches=4), "only --model resnet has BatchNorm"),
         (dict(model="resnet", bn_batches=-1), "bn_batches must be >= 0"),
+        (dict(model="lenet", method="meprop", inner_only=True), "needs --model resnet"),
+        (dict(model="resnet", method="dense", inner_only=True), "and a sparse method"),
     ],
 )
 def test_cnn_settings_refused(kw, words):

@@ -81,6 +81,7 @@ def row_name(cfg: TrainConfig) -> str:
             f"lr{cfg.lr:g}" if cfg.lr else "",
             "attn" if cfg.sparse_attention else "",
             "fc" if cfg.fc_only else "",
+            "inner" if cfg.inner_only else "",
             adaptive_part(cfg),
             f"mem{cfg.memory:g}" if cfg.memory else "",
             f"wu{cfg.warmup}" if cfg.warmup else "",

@@ -252,7 +252,8 @@ def cnn_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
     position; the linear layers per example) without and with memory 0.8, and meSimp
     per_example at 1/4 (the paper's MNIST meSimp keeps 160 of 500); the ResNet also dense and
     meProp at 1/8 with precise BN (``bn_batches``: BatchNorm statistics recomputed over
-    ``PRECISE_BN`` training batches before each evaluation). (``--k`` counts the widest
+    ``PRECISE_BN`` training batches before each evaluation), and meProp on the blocks' first
+    convolutions only (``inner_only``) at 1/8 and 1/16. (``--k`` counts the widest
     convolution's channels: LeNet's 16, the ResNet's 64.) ``--quick``: LeNet, 2000 images, 2
     epochs."""
     rows: list[Row] = []
@@ -280,6 +281,12 @@ def cnn_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
             for mode in ("unified", "per_example"):
                 g.add(model, f"meProp {mode} k={widest // 8} (1/8), precise BN",
                       method="meprop", k=widest // 8, mode=mode, **pbn)  # fmt: skip
+            # meProp on each block's first convolution only (inner_only): the residual sum's
+            # writers (stem, second convolutions, shortcuts) dense
+            for share, k, mode in (("1/8", 8, "unified"), ("1/8", 8, "per_example"),
+                                   ("1/16", 4, "unified")):  # fmt: skip
+                g.add(model, f"meProp {mode} k={k} ({share}), inner convs, precise BN",
+                      method="meprop", k=k, mode=mode, inner_only=True, **pbn)  # fmt: skip
         rows += g.list()  # (row names start with the model: lenet-..., resnet-...)
     return rows
 

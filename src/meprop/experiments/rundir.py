@@ -90,7 +90,7 @@ def repair_log(path: Path, step: int) -> list[str]:
 EXTENDABLE = ("epochs",)
 #: Settings added after run identities were: at their default they are left out of a run's
 #: identity, so the checkpoints of earlier runs still match their config.json.
-ADDED = {"model": "mlp", "bn_batches": 0}
+ADDED = {"model": "mlp", "bn_batches": 0, "inner_only": False}
 
 
 def run_identity(cfg: TrainConfig) -> dict[str, Any]:

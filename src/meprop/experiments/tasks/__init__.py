@@ -157,6 +157,11 @@ def _check_model(cfg) -> None:
             f"--bn-batches recomputes BatchNorm statistics: only --model resnet has BatchNorm "
             f"layers, not --model {cfg.model}"
         )
+    if cfg.inner_only and (cfg.model != "resnet" or cfg.method == "dense"):
+        raise ConfigError(
+            f"--inner-only puts meProp on a ResNet's blocks' first convolutions only: it needs "
+            f"--model resnet and a sparse method, got --model {cfg.model} --method {cfg.method}"
+        )
     if cfg.model == "mlp":
         if cfg.method != "dense" and cfg.mode == "per_position":
             raise ConfigError(

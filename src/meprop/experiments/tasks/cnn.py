@@ -9,7 +9,8 @@ goes on them.
 
 meProp (``sparsify``) goes on every convolution and hidden linear layer, the head stays dense
 (``--mode per_position``: the convolutions select per position, the linear layers per
-example).
+example); ``--inner-only`` (ResNet): on each block's first convolution alone, whose output
+feeds the block's second convolution and not the residual sum.
 meSimp (``--method mesimp``) removes LeNet's filters and hidden units (each layer's consumer
 found along the chain) and, in the ResNet, the filters of each block's first convolution
 (with its BatchNorm and the second convolution's input channels: ``ResNet.simplify_pairs``);
@@ -125,8 +126,15 @@ def build_cnn(model: str, classes: int, dropout: float, widths=None) -> nn.Seque
     return build_resnet(classes, dropout, inner=widths)
 
 
-def sparsified_layers(model: nn.Module) -> list[nn.Module]:
-    """The layers meProp goes on: every convolution and every linear layer but the head."""
+def sparsified_layers(model: nn.Module, inner_only: bool = False) -> list[nn.Module]:
+    """The layers meProp goes on: every convolution and every linear layer but the head
+    (``inner_only``: a ResNet's blocks' first convolutions alone)."""
+    if inner_only:
+        blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+        if not blocks:
+            raise ValueError("inner_only picks a ResNet's blocks' first convolutions: this "
+                             "model has no residual blocks (use it with --model resnet)")  # fmt: skip
+        return [b.conv1 for b in blocks]
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return convs + linears[:-1]
@@ -141,11 +149,11 @@ def layer_k(k: int, outputs: int, widest: int) -> int:
     return max(1, round(k * outputs / widest))
 
 
-def sparsify(model: nn.Module, config: MePropConfig) -> nn.Module:
-    """meProp on ``sparsified_layers(model)``, each keeping the share of its outputs that
-    ``config.k`` is of the widest convolution's channels (with adaptive k, that share is the
-    layer's upper bound, and ``min_k`` at most it)."""
-    layers = sparsified_layers(model)
+def sparsify(model: nn.Module, config: MePropConfig, inner_only: bool = False) -> nn.Module:
+    """meProp on ``sparsified_layers(model, inner_only)``, each keeping the share of its
+    outputs that ``config.k`` is of the widest convolution's channels (with adaptive k, that
+    share is the layer's upper bound, and ``min_k`` at most it)."""
+    layers = sparsified_layers(model, inner_only)
     widest = max(m.out_channels for m in layers if isinstance(m, nn.Conv2d))
     for m in layers:
         mode = config.mode

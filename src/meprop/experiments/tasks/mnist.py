@@ -42,6 +42,13 @@ class MnistSettings:
         "statistics over this many training batches with the weights evaluated (precise BN; "
         "0: training's running averages). Its seconds count as training time",
     )
+    inner_only: bool = setting(
+        False,
+        "mnist task, --model resnet: meProp on each residual block's first convolution only; "
+        "the stem, the blocks' second convolutions and the shortcuts, whose outputs are added "
+        "into the residual sum, stay dense (selecting in both convolutions of a block slows "
+        "training most: docs/conv.md)",
+    )
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "cube": Cube}
@@ -88,6 +95,7 @@ class MnistTask:
         self.d_in = train.images.shape[1]
         self.classes = data.num_classes
         self.cnn = cfg.model != "mlp"  # a convolutional network (tasks.cnn), not the MLP
+        self.inner_only = bool(getattr(cfg, "inner_only", False))  # (ResNet: blocks' conv1)
 
     def build_model(self, widths: list[int], cfg) -> nn.Sequential:
         if self.cnn:  # (widths of the CNN's own count only: --hidden W1,W2,W3,W4 for lenet)
@@ -98,7 +106,7 @@ class MnistTask:
     def sparsify(self, model, config):
         """meProp on the hidden layers (a CNN: ``tasks.cnn.sparsify``, k per layer)."""
         if self.cnn:
-            return cnn.sparsify(model, config)
+            return cnn.sparsify(model, config, inner_only=self.inner_only)
         return sparsify_(model, config, filter_fn=self.sparsify_filter(model))
 
     def sparsify_filter(self, model):
@@ -106,7 +114,7 @@ class MnistTask:
 
     def hidden_layers(self, model) -> list[nn.Module]:
         if self.cnn:
-            return cnn.sparsified_layers(model)
+            return cnn.sparsified_layers(model, inner_only=self.inner_only)
         linears = [m for m in model if isinstance(m, nn.Linear)]
         return linears[:-1]
 

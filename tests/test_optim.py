@@ -119,6 +119,30 @@ def test_uncoalesced_gradients_sum_their_repeated_rows(path):
     torch.testing.assert_close(p, q)
 
 
+def test_unsorted_rows_are_sorted_first_and_the_row_kernel_refuses_them_untouched():
+    torch.manual_seed(5)
+    p = torch.nn.Parameter(torch.randn(10, 4))
+    q = torch.nn.Parameter(p.detach().clone())
+    p.grad = torch.sparse_coo_tensor(
+        torch.tensor([[5, 1, 7]]), torch.randn(3, 4), (10, 4), check_invariants=True
+    )
+    q.grad = p.grad.coalesce()
+    LazyAdam([p], lr=0.1).step()
+    LazyAdam([q], lr=0.1).step()
+    torch.testing.assert_close(p, q)
+    if not native.available():
+        return
+    w, m, v = torch.randn(10, 4), torch.zeros(10, 4), torch.zeros(10, 4)
+    before = w.clone()
+    for rows in ([5, 1], [1, 1], [3, 10], [-1, 2]):  # unsorted, repeated, out of range
+        ok = native.row_adam(w, m, v, torch.tensor(rows), torch.ones(2, 4), 4, 0.1,
+                             (0.9, 0.999), 1e-8, 0.0, 1)  # fmt: skip
+        assert not ok and torch.equal(w, before) and not m.any() and not v.any()
+    assert native.row_adam(w, m, v, torch.tensor([1, 5]), torch.ones(2, 4), 4, 0.1,
+                           (0.9, 0.999), 1e-8, 0.0, 1)  # fmt: skip
+    assert int((w != before).any(1).sum()) == 2
+
+
 def test_strided_parameters_and_other_dtypes_take_the_torch_path():
     torch.manual_seed(4)
     base = torch.randn(6, 9)

@@ -88,6 +88,7 @@ class LazyAdam(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             fused: dict[torch.dtype, list[Tensor]] = {}  # dense CPU gradients: torch's kernel
+            rows, steps = [], []  # the rest (row-sparse gradients): the row kernel
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -98,11 +99,16 @@ class LazyAdam(torch.optim.Optimizer):
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                state["step"] += 1
+                steps.append(state["step"])
                 if _FUSED and _fusable(p):
                     fused.setdefault(p.dtype, []).append(p)
                 else:
-                    _update(p, state, group)
+                    rows.append(p)
+            if not steps:
+                continue
+            torch._foreach_add_(steps, 1)  # (one call: per-tensor adds cost more than a row step)
+            for p in rows:
+                _update(p, self.state[p], group)
             for params in fused.values():  # (one call per dtype: the kernel takes one)
                 self._fused_dense(params, group)
         return loss
@@ -135,12 +141,6 @@ def _update(p: Tensor, state: dict, group: dict) -> None:
                 f"{tuple(p.shape)}: use a dense gradient for it"
             )
         rows = g._indices()[0]
-        # autograd hands a fresh gradient over marked uncoalesced; its rows, sorted and
-        # distinct as meProp writes them, make it coalesced already (no sort, no copy)
-        if not g.is_coalesced() and not bool((rows[1:] > rows[:-1]).all()):
-            g = g.coalesce()
-            rows = g._indices()[0]
-        g = g._values()
     else:
         rows = None
     # (n, d) views: a row of the parameter is a row of the views (a 1-d parameter: one row of
@@ -150,8 +150,19 @@ def _update(p: Tensor, state: dict, group: dict) -> None:
     m, v = state["exp_avg"], state["exp_avg_sq"]
     step = float(state["step"])  # (a CPU tensor: no device sync)
     args = (group["lr"], group["betas"], group["eps"], group["weight_decay"], step)
-    if _native_ok(p, m, v, g):
-        # (the kernel reads pointers and sizes only: no views to build)
+    native_ok = _native_ok(p, m, v, g)
+    if rows is not None:
+        # autograd hands a fresh gradient over marked uncoalesced; its rows, sorted and
+        # distinct as meProp writes them, make it coalesced already (no sort, no copy): the
+        # row kernel checks that itself and refuses other rows, which are coalesced then
+        values = g._values().contiguous()
+        if native_ok and native.row_adam(p, m, v, rows.contiguous(), values, shape[1], *args):
+            return
+        if not g.is_coalesced() and not bool((rows[1:] > rows[:-1]).all()):
+            g = g.coalesce()
+            rows = g._indices()[0]
+        g = g._values()
+    if native_ok:  # (the kernel reads pointers and sizes only: no views to build)
         rows = None if rows is None else rows.contiguous()
         native.row_adam(p, m, v, rows, g.contiguous(), shape[1], *args)
     else:

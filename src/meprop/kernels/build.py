@@ -329,7 +329,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "top_columns": ([p, i, i, i, p], None),
         "channel_topk_mask": ([p, i, i, i, i, p, c], None),
         "conv_rows": ([p, p, p, p, i, p] + [i] * 10 + [p, p, c], i),
-        "row_adam": ([p, p, p, i, p, i, p] + [None] * 7 + [c], None),
+        "row_adam": ([p, p, p, i, i, p, i, p] + [None] * 7 + [c], i),
     }
     for name, (args, res) in sigs.items():
         for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):

@@ -693,8 +693,14 @@ void zero_rows(F* out, i64 d, const i64* rows, i64 nr, bool stream, int nt) {
 // are g (nr, d) in that order. The lazy optimizer (meprop.LazyAdam) calls it with the rows that
 // meProp kept; a dense gradient is every row. Memory-bound: each entry is read and written once.
 template <class F>
-void row_adam(F* p, F* m, F* v, i64 d, const i64* rows, i64 nr, const F* g, F lr, F b1, F b2,
-              F eps, F wd, F bc1, F bc2_sqrt, int nt) {
+i64 row_adam(F* p, F* m, F* v, i64 n, i64 d, const i64* rows, i64 nr, const F* g, F lr, F b1,
+             F b2, F eps, F wd, F bc1, F bc2_sqrt, int nt) {
+  // rows must be strictly increasing and in [0, n) (a coalesced gradient's, as meProp writes
+  // them): checked before anything is written; -1 where they are not (the caller coalesces)
+  if (rows) {
+    for (i64 q = 0; q < nr; q++)
+      if (rows[q] < 0 || rows[q] >= n || (q && rows[q] <= rows[q - 1])) return -1;
+  }
   // (one division per entry: the denominator's 1/bc2_sqrt as a product; torch's divides, a
   // difference of an ulp)
   const F step = lr / bc1, a1 = F(1) - b1, a2 = F(1) - b2, inv_bc2 = F(1) / bc2_sqrt;
@@ -716,6 +722,7 @@ void row_adam(F* p, F* m, F* v, i64 d, const i64* rows, i64 nr, const F* g, F lr
       pr[c] -= step * mc / (std::sqrt(vc) * inv_bc2 + eps);
     }
   }
+  return nr;
 }
 
 // Row-compact dW: rows (R,) sorted, out (R, d); both sized >= R by the caller. Returns R.
@@ -1205,10 +1212,10 @@ i64 conv_rows(const F* x, const F* w, const F* g, const i64* idx, i64 bstride, c
                                                int stream, int nt) {                           \
     zero_rows<F>(out, d, rows, nr, stream != 0, nt);                                           \
   }                                                                                            \
-  MEPROP_EXPORT void meprop_row_adam_##SUFFIX(F* p, F* m, F* v, i64 d, const i64* rows,    \
-                                              i64 nr, const F* g, F lr, F b1, F b2, F eps,    \
-                                              F wd, F bc1, F bc2_sqrt, int nt) {              \
-    row_adam<F>(p, m, v, d, rows, nr, g, lr, b1, b2, eps, wd, bc1, bc2_sqrt, nt);              \
+  MEPROP_EXPORT i64 meprop_row_adam_##SUFFIX(F* p, F* m, F* v, i64 n, i64 d, const i64* rows, \
+                                             i64 nr, const F* g, F lr, F b1, F b2, F eps,     \
+                                             F wd, F bc1, F bc2_sqrt, int nt) {               \
+    return row_adam<F>(p, m, v, n, d, rows, nr, g, lr, b1, b2, eps, wd, bc1, bc2_sqrt, nt);    \
   }                                                                                            \
   MEPROP_EXPORT i64 meprop_conv_rows_##SUFFIX(                                                \
       const F* x, const F* w, const F* g, const i64* idx, i64 bstride, const uint8_t* keep,     \

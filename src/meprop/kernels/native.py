@@ -414,16 +414,34 @@ def row_adam(
     eps: float,
     weight_decay: float,
     step: int,
-) -> None:
+) -> bool:
     """Adam's step ``step`` (1, 2, ...) in place on the rows ``rows`` (R,) of ``p``, ``m`` and
     ``v`` (contiguous, one float dtype, read as rows of ``d`` entries), whose gradient is ``g``
     (R rows of d, contiguous); ``rows`` None: every row. The formula is torch.optim.Adam's
-    (``weight_decay`` adds ``weight_decay * p`` to the gradient)."""
+    (``weight_decay`` adds ``weight_decay * p`` to the gradient). Returns False, having written
+    nothing, where ``rows`` are not strictly increasing row numbers of ``p`` (coalesce first)."""
     b1, b2 = betas
     bc1 = 1.0 - b1**step
     bc2_sqrt = (1.0 - b2**step) ** 0.5
     nr = g.numel() // d
-    build.kernel("row_adam", p.dtype)(
-        p.data_ptr(), m.data_ptr(), v.data_ptr(), d, _ptr(rows), nr, g.data_ptr(), lr, b1, b2,
-        eps, weight_decay, bc1, bc2_sqrt, _threads(nr * d, _PAR_MIN_ADAM),
-    )  # fmt: skip
+    return (
+        build.kernel("row_adam", p.dtype)(
+            p.data_ptr(),
+            m.data_ptr(),
+            v.data_ptr(),
+            p.numel() // d,
+            d,
+            _ptr(rows),
+            nr,
+            g.data_ptr(),
+            lr,
+            b1,
+            b2,
+            eps,
+            weight_decay,
+            bc1,
+            bc2_sqrt,
+            _threads(nr * d, _PAR_MIN_ADAM),
+        )  # fmt: skip
+        >= 0
+    )

@@ -6,7 +6,8 @@ meProp on every convolution and hidden linear layer at k = 1/8 and 1/16 of the c
 per_position at 1/8 (its selection by the C++ kernel, by torch.topk, and with memory 0.8; the
 linear layers per_example, as the task converts them); a batch of MNIST-shaped images
 (random: the time does not depend on the values). Every side gets the trainer's optimizer
-(``make_optimizer``: fused Adam). ``--compacted``: also unified and per_example at 1/8 with
+(``make_optimizer``: fused Adam). The ResNet also with meProp on each block's first convolution only (the task's
+``--inner-only``), at 1/8 and 1/16. ``--compacted``: also unified and per_example at 1/8 with
 every convolution's backward on PyTorch's compacted form (no direct C++ kernel; the linear
 layers as always), to measure what the kernel adds. Timed side by side in one run, every variant in turn in
 ``--rounds`` rounds, each keeping its fastest (``_timing.py``). Prints milliseconds per step
@@ -77,6 +78,12 @@ def main(argv=None) -> int:
             for mode in ("unified", "per_example"):
                 model = cnn.sparsify(copy.deepcopy(base), MePropConfig(k=k, mode=mode))
                 variants[f"{mode} {share}|{k}"] = make_step(model, x, y)
+        # the ResNet with meProp on each block's first convolution only (--inner-only)
+        for share, k in (("1/8", widest // 8), ("1/16", widest // 16)) if name == "resnet" else ():
+            for mode in ("unified", "per_example"):
+                config = MePropConfig(k=k, mode=mode)
+                model = cnn.sparsify(copy.deepcopy(base), config, inner_only=True)
+                variants[f"{mode} {share}, inner convolutions|{k}"] = make_step(model, x, y)
         k = widest // 8
         for mode in ("unified", "per_example") if args.compacted else ():
             model = cnn.sparsify(copy.deepcopy(base), MePropConfig(k=k, mode=mode))

@@ -64,7 +64,8 @@ def test_trainer_puts_meprop_on_the_inner_convolutions_only(tiny_mnist, tmp_path
     assert task.hidden_layers(net) == [net.get_submodule(n) for n in convs]
     out = tmp_path / "run"
     args = ["train", "mnist", "--model", "resnet", "--method", "meprop", "--k", "8",
-            "--inner-only", "--data-dir", str(tiny_mnist), "--out", str(out), *TINY]  # fmt: skip
+            "--inner-only", "--backend", "torch", "--data-dir", str(tiny_mnist), "--out", str(out),
+            *TINY]  # fmt: skip
     assert main(args) == 0
     assert json.loads((out / "config.json").read_text())["inner_only"] is True
     from meprop.experiments.grids import row_name

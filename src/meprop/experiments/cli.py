@@ -195,9 +195,9 @@ def register_train(subparsers) -> None:
         "--epochs 20. With --method meprop and none of --k, --mode, --memory, --warmup, "
         "--adaptive, --optimizer, --sparse-grad, the mnist task runs unified k=160 with "
         "--optimizer lazy_adam --sparse-grad: in the time-to-accuracy grid "
-        "(docs/results/tta/report.md) the soonest meProp recipe at width 500 (8 seeds: 0.86x "
-        "dense's time to its best - 0.2 point, interval 0.63-1.17x), with a test accuracy level "
-        "with dense's; the parse "
+        "(docs/results/tta/report.md) the soonest meProp recipe at width 500 (seeds 6-16: "
+        "0.73x dense's time to its best - 0.2 point, interval 0.57-0.94x), with a test accuracy "
+        "level with dense's; the parse "
         "task per_example k=20 (0.56x dense's time to its accuracy in the "
         "grid's parse group, 5 seeds).",
     )

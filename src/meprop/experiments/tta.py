@@ -212,8 +212,8 @@ def build_tta_report(paths: list[Path], out: Path) -> Path:
     for r in runs:  # the log as trained, resumed steps replaced
         r.log = read_log(r.path / "log.jsonl")
     groups: dict[str, list] = {}
-    for (group, _), reps in replicates(runs).items():
-        groups.setdefault(group, []).append(reps)
+    for (group, _), reps in replicates(runs).items():  # (a row's seeds in numeric order)
+        groups.setdefault(group, []).append(sorted(reps, key=lambda r: r.seed))
     lines = [
         "# Time to accuracy",
         "",

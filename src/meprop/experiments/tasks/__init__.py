@@ -51,7 +51,8 @@ ADAM_LR: dict[str, float] = {"lm": 4e-3}
 # (5 seeds) the soonest to dense's best - 0.2 point (0.73x [0.48, 1.09] of dense's time; unified
 # k=80 with LazyAdam, the previous recipe, 0.98x); with seeds 6-8 of the confirm group, 8 seeds
 # pooled, 0.98x / 0.86x [0.63, 1.17] / 0.77x dense's time to best - 0.5 / 0.2 / 0.1 point, in
-# about dense's steps (0.95x to best - 0.2), test -0.06 [-0.17, +0.06]. (At width 2000, k=320 of
+# about dense's steps (0.95x to best - 0.2), test -0.06 [-0.17, +0.06], at load 4; seeds 9-16 at
+# low load: 0.61x [0.50, 0.76], test -0.07 [-0.19, +0.06]. (At width 2000, k=320 of
 # 2000 with LazyAdam: 0.46x [0.39, 0.54], 6 seeds.) Other tasks: the fields' defaults (k=20,
 # per_example).
 # Parser: per_example k=20 without memory (the fields' defaults), the tta grid's parse group (5

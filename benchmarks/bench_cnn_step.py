@@ -81,8 +81,9 @@ def main(argv=None) -> int:
         # the ResNet with meProp on each block's first convolution only (--inner-only)
         for share, k in (("1/8", widest // 8), ("1/16", widest // 16)) if name == "resnet" else ():
             for mode in ("unified", "per_example"):
-                config = MePropConfig(k=k, mode=mode)
-                model = cnn.sparsify(copy.deepcopy(base), config, inner_only=True)
+                model = copy.deepcopy(base)
+                inner = cnn.sparsified_layers(model, inner_only=True)
+                cnn.sparsify(model, MePropConfig(k=k, mode=mode), inner)
                 variants[f"{mode} {share}, inner convolutions|{k}"] = make_step(model, x, y)
         k = widest // 8
         for mode in ("unified", "per_example") if args.compacted else ():

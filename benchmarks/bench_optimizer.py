@@ -91,10 +91,10 @@ def whole_model(args) -> None:
         for label in ("fused", "lazy"):
             ps = params()
             for i in (0, 2):  # the hidden weights: k of their 500 rows
-                rows = torch.randperm(500, generator=torch.Generator().manual_seed(i))[:k]
-                vals = ps[i].grad[rows.sort().values]
+                pick = torch.randperm(500, generator=torch.Generator().manual_seed(i))[:k]
+                rows = pick.sort().values
                 ps[i].grad = torch.sparse_coo_tensor(
-                    rows.sort().values[None], vals, ps[i].shape, check_invariants=True
+                    rows[None], ps[i].grad[rows], ps[i].shape, check_invariants=True
                 )
                 if label == "fused":
                     ps[i].grad = ps[i].grad.to_dense()

@@ -22,14 +22,12 @@ after a few hundred steps the running averages lag the weights.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from types import SimpleNamespace
 
 import torch
 
-from meprop import MePropConfig, SparseConv2d, sparsify_
-from meprop.convert import number_depths
+from meprop import MePropConfig, SparseConv2d
 from meprop.experiments.tasks import cnn
 from meprop.experiments.tasks.mnist import MnistTask
 from meprop.experiments.train import make_optimizer
@@ -93,9 +91,9 @@ def main(argv=None) -> int:
 
 
 def _sparsify(model: torch.nn.Module, config: MePropConfig, layers: str) -> None:
-    """meProp on the task's layers (``all``), or on a ResNet's blocks' first (``inner``) or
-    second (``second``) convolutions, or on all but the second (``not-second``); each layer
-    keeps the task's share of its channels."""
+    """meProp (``tasks.cnn.sparsify``: each layer the task's share of its channels) on the
+    task's layers (``all``), or on a ResNet's blocks' first (``inner``) or second (``second``)
+    convolutions, or on all but the second (``not-second``)."""
     if layers == "all":
         cnn.sparsify(model, config)
         return
@@ -103,15 +101,12 @@ def _sparsify(model: torch.nn.Module, config: MePropConfig, layers: str) -> None
         raise SystemExit(f"--layers takes all, inner, second or not-second, got {layers!r}")
     if not any(isinstance(m, cnn.BasicBlock) for m in model.modules()):
         raise SystemExit(f"--layers {layers} needs --model resnet (residual blocks)")
-    named = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
-    widest = max(m.out_channels for _, m in named)
-    for name, m in named:
-        second = name.endswith(".conv2")
-        if {"inner": name.endswith(".conv1"), "second": second, "not-second": not second}[layers]:
-            sparsify_(
-                m, dataclasses.replace(config, k=cnn.layer_k(config.k, m.out_channels, widest))
-            )
-    number_depths(model)
+    if layers == "inner":  # (the task's --inner-only)
+        picked = cnn.sparsified_layers(model, inner_only=True)
+    else:  # the blocks' second convolutions, or every convolution but those
+        convs = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+        picked = [m for n, m in convs if n.endswith(".conv2") == (layers == "second")]
+    cnn.sparsify(model, config, picked)
 
 
 @torch.no_grad()

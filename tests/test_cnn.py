@@ -37,7 +37,8 @@ def test_k_is_the_widest_convolutions_and_the_share_everywhere():
 
 
 def test_inner_only_sparsifies_each_blocks_first_convolution_alone():
-    net = cnn.sparsify(cnn.build_cnn("resnet", 10, 0.0), MePropConfig(k=8), inner_only=True)
+    net = cnn.build_cnn("resnet", 10, 0.0)
+    cnn.sparsify(net, MePropConfig(k=8), cnn.sparsified_layers(net, inner_only=True))
     sparse = {n for n, m in net.named_modules() if isinstance(m, SparseConv2d)}
     blocks = [n for n, m in net.named_modules() if isinstance(m, cnn.BasicBlock)]
     assert sparse == {f"{b}.conv1" for b in blocks} and len(sparse) == 6

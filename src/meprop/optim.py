@@ -88,7 +88,7 @@ class LazyAdam(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             fused: dict[torch.dtype, list[Tensor]] = {}  # dense CPU gradients: torch's kernel
-            rows, steps = [], []  # the rest (row-sparse gradients): the row kernel
+            others, steps = [], []  # the rest (row-sparse gradients): the row kernel
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -103,11 +103,11 @@ class LazyAdam(torch.optim.Optimizer):
                 if _FUSED and _fusable(p):
                     fused.setdefault(p.dtype, []).append(p)
                 else:
-                    rows.append(p)
+                    others.append(p)
             if not steps:
                 continue
             torch._foreach_add_(steps, 1)  # (one call: per-tensor adds cost more than a row step)
-            for p in rows:
+            for p in others:
                 _update(p, self.state[p], group)
             for params in fused.values():  # (one call per dtype: the kernel takes one)
                 self._fused_dense(params, group)
@@ -153,15 +153,17 @@ def _update(p: Tensor, state: dict, group: dict) -> None:
     native_ok = _native_ok(p, m, v, g)
     if rows is not None:
         # autograd hands a fresh gradient over marked uncoalesced; its rows, sorted and
-        # distinct as meProp writes them, make it coalesced already (no sort, no copy): the
-        # row kernel checks that itself and refuses other rows, which are coalesced then
-        values = g._values().contiguous()
-        if native_ok and native.row_adam(p, m, v, rows.contiguous(), values, shape[1], *args):
-            return
-        if not g.is_coalesced() and not bool((rows[1:] > rows[:-1]).all()):
+        # distinct as meProp writes them, make it coalesced already (no sort, no copy). The
+        # row kernel checks that itself and refuses other rows untouched; the PyTorch path
+        # checks here. Rows that are not: coalesced first.
+        if native_ok:
+            values = g._values().contiguous()
+            if native.row_adam(p, m, v, rows.contiguous(), values, shape[1], *args):
+                return
             g = g.coalesce()
-            rows = g._indices()[0]
-        g = g._values()
+        elif not g.is_coalesced() and not bool((rows[1:] > rows[:-1]).all()):
+            g = g.coalesce()
+        rows, g = g._indices()[0], g._values()
     if native_ok:  # (the kernel reads pointers and sizes only: no views to build)
         rows = None if rows is None else rows.contiguous()
         native.row_adam(p, m, v, rows, g.contiguous(), shape[1], *args)

@@ -283,8 +283,9 @@ def cnn_grid(quick: bool = False, dataset: str = "mnist") -> list[Row]:
                       method="meprop", k=widest // 8, mode=mode, **pbn)  # fmt: skip
             # meProp on each block's first convolution only (inner_only): the residual sum's
             # writers (stem, second convolutions, shortcuts) dense
-            for share, k, mode in (("1/8", 8, "unified"), ("1/8", 8, "per_example"),
-                                   ("1/16", 4, "unified")):  # fmt: skip
+            for share, k, mode in (("1/8", widest // 8, "unified"),
+                                   ("1/8", widest // 8, "per_example"),
+                                   ("1/16", widest // 16, "unified")):  # fmt: skip
                 g.add(model, f"meProp {mode} k={k} ({share}), inner convs, precise BN",
                       method="meprop", k=k, mode=mode, inner_only=True, **pbn)  # fmt: skip
         rows += g.list()  # (row names start with the model: lenet-..., resnet-...)

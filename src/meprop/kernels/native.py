@@ -424,24 +424,9 @@ def row_adam(
     bc1 = 1.0 - b1**step
     bc2_sqrt = (1.0 - b2**step) ** 0.5
     nr = g.numel() // d
-    return (
-        build.kernel("row_adam", p.dtype)(
-            p.data_ptr(),
-            m.data_ptr(),
-            v.data_ptr(),
-            p.numel() // d,
-            d,
-            _ptr(rows),
-            nr,
-            g.data_ptr(),
-            lr,
-            b1,
-            b2,
-            eps,
-            weight_decay,
-            bc1,
-            bc2_sqrt,
-            _threads(nr * d, _PAR_MIN_ADAM),
-        )  # fmt: skip
-        >= 0
-    )
+    status = build.kernel("row_adam", p.dtype)(
+        p.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel() // d, d, _ptr(rows), nr,
+        g.data_ptr(), lr, b1, b2, eps, weight_decay, bc1, bc2_sqrt,
+        _threads(nr * d, _PAR_MIN_ADAM),
+    )  # fmt: skip
+    return status >= 0

@@ -149,11 +149,11 @@ def layer_k(k: int, outputs: int, widest: int) -> int:
     return max(1, round(k * outputs / widest))
 
 
-def sparsify(model: nn.Module, config: MePropConfig, inner_only: bool = False) -> nn.Module:
-    """meProp on ``sparsified_layers(model, inner_only)``, each keeping the share of its
-    outputs that ``config.k`` is of the widest convolution's channels (with adaptive k, that
-    share is the layer's upper bound, and ``min_k`` at most it)."""
-    layers = sparsified_layers(model, inner_only)
+def sparsify(model: nn.Module, config: MePropConfig, layers=None) -> nn.Module:
+    """meProp on ``layers`` (default ``sparsified_layers(model)``), each keeping the share of
+    its outputs that ``config.k`` is of the widest convolution's channels among them (with
+    adaptive k, that share is the layer's upper bound, and ``min_k`` at most it)."""
+    layers = sparsified_layers(model) if layers is None else layers
     widest = max(m.out_channels for m in layers if isinstance(m, nn.Conv2d))
     for m in layers:
         mode = config.mode

@@ -106,7 +106,7 @@ class MnistTask:
     def sparsify(self, model, config):
         """meProp on the hidden layers (a CNN: ``tasks.cnn.sparsify``, k per layer)."""
         if self.cnn:
-            return cnn.sparsify(model, config, inner_only=self.inner_only)
+            return cnn.sparsify(model, config, self.hidden_layers(model))
         return sparsify_(model, config, filter_fn=self.sparsify_filter(model))
 
     def sparsify_filter(self, model):
